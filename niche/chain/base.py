@@ -1,0 +1,99 @@
+"""The one interface both chains implement. Miners and validators only ever see this."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+class ChainError(RuntimeError):
+    """A chain operation failed in a way the operator can act on; the message says how."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Neuron:
+    uid: int
+    hotkey: str
+    coldkey: str
+    stake: float
+    validator_permit: bool
+    endpoint: Optional[Endpoint]
+    last_update: int
+    incentive: float = 0.0
+
+
+@dataclass(frozen=True)
+class Metagraph:
+    netuid: int
+    block: int
+    neurons: tuple[Neuron, ...] = field(default_factory=tuple)
+
+    def by_hotkey(self, hotkey: str) -> Optional[Neuron]:
+        return next((n for n in self.neurons if n.hotkey == hotkey), None)
+
+    def by_uid(self, uid: int) -> Optional[Neuron]:
+        return next((n for n in self.neurons if n.uid == uid), None)
+
+    @property
+    def total_stake(self) -> float:
+        return sum(n.stake for n in self.neurons)
+
+
+@dataclass(frozen=True)
+class WeightsResult:
+    success: bool
+    message: str
+    block: int
+
+
+class Chain(ABC):
+    """A subnet's view of the chain. Implementations raise ChainError with actionable text."""
+
+    network: str
+
+    @abstractmethod
+    def metagraph(self, netuid: int) -> Metagraph: ...
+
+    @abstractmethod
+    def current_block(self) -> int: ...
+
+    @abstractmethod
+    def tempo(self, netuid: int) -> int: ...
+
+    @abstractmethod
+    def subnet_exists(self, netuid: int) -> bool: ...
+
+    @abstractmethod
+    def weights_rate_limit(self, netuid: int) -> int:
+        """Blocks that must pass between two set_weights calls of the same hotkey."""
+
+    @abstractmethod
+    def serve(self, netuid: int, wallet, ip: str, port: int) -> None:
+        """Publish this hotkey's endpoint so validators can reach it."""
+
+    @abstractmethod
+    def set_weights(
+        self,
+        netuid: int,
+        wallet,
+        uids: Sequence[int],
+        weights: Sequence[float],
+        version_key: int,
+    ) -> WeightsResult: ...
+
+    @abstractmethod
+    def register(self, netuid: int, wallet, stake: float = 0.0) -> int:
+        """Register the wallet's hotkey; returns its uid (already registered: its uid)."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass

@@ -1,0 +1,56 @@
+"""`niche`: one command line for every job. Flags follow bittensor's dotted convention.
+
+Each subcommand lives in niche/commands/<name>.py with `register(subparsers)`; they are
+imported lazily so `niche --help` starts fast and a broken optional piece names itself.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from niche import __version__
+
+COMMAND_MODULES = ("models", "generate", "verify", "chain", "miner", "validator", "localnet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="niche",
+        description="Node for an image-generation subnet: run a miner, a validator, "
+        "or the whole subnet on one machine (`niche localnet`).",
+    )
+    parser.add_argument("--version", action="version", version=f"niche {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"niche.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("niche.commands"):
+                continue  # not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from niche.errors import NicheError
+
+    try:
+        return int(args.func(args) or 0)
+    except NicheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

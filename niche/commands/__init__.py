@@ -1,0 +1,1 @@
+"""`niche` subcommands, one module each, each exposing register(subparsers)."""

@@ -1,0 +1,1 @@
+"""Miner: the signed HTTP server (axon) over the engine."""

@@ -1,0 +1,1 @@
+"""Model families, loading, conditioning and the deterministic engine."""

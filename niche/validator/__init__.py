@@ -1,0 +1,1 @@
+"""Validator: challenges, querying, verification, scoring, weights."""

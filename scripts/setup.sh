@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up niche on a fresh machine: a virtual environment in .venv with everything installed.
+# Idempotent: run it again and it only installs what is missing.
+#   NICHE_TORCH=cuda bash scripts/setup.sh   keeps pip's default (CUDA) torch for GPU boxes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if [ "${NICHE_TORCH:-cpu}" = "cpu" ]; then
+        echo "[setup] installing the CPU build of torch first (no CUDA download)"
+        $PIP install --quiet "torch==2.13.0" || $PIP install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+    else
+        echo "[setup] installing pip's default torch build"
+        $PIP install --quiet torch
+    fi
+fi
+if ! .venv/bin/python -c "import niche, diffusers, bittensor, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.niche-installed ]; then
+    echo "[setup] installing niche and its dev extra"
+    $PIP install --quiet -e ".[dev]"
+    touch .venv/.niche-installed
+fi
+if ! command -v pm2 >/dev/null 2>&1 && [ ! -x node_modules/.bin/pm2 ] && command -v npm >/dev/null 2>&1; then
+    echo "[setup] installing pm2 from npm into ./node_modules"
+    npm install --silent --no-audit --no-fund pm2@5 >/dev/null 2>&1 || echo "[setup] pm2 install failed; pm2 tests will be skipped"
+fi
+echo "[setup] done: activate with 'source .venv/bin/activate'"
