@@ -1,0 +1,214 @@
+"""Rewards, moving averages and weights. Pure functions over plain data: no I/O here.
+
+reward(answer) = 0                                   no answer, error, invalid image,
+                                                     duplicate answer, failed audit
+               = base + (1 - base) * speed           otherwise, with
+speed          = w * (1 - latency / timeout)         absolute: how much of the deadline is left
+               + (1 - w) * (fastest / latency)       relative: against the fastest valid answer
+                                                     of the same workload (model, pipeline,
+                                                     size, steps) this round
+score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
+failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
+                  `exclusion_rounds` rounds.
+weights        = per model m: share[m] * score[uid] / sum(score of m's uids); the share of a
+                 model with no scoring uid goes to the other models in proportion; normalised.
+See docs/scoring.md for why these numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+OK = "ok"
+
+# Reasons recorded for a zero reward that the validator itself decides (the client's
+# QueryResult statuses - timeout, http_error, bad_image, ... - are recorded as they come).
+AUDIT_FAILED = "audit_failed"
+EXCLUDED = "excluded"
+NO_MODEL = "no_supported_model"
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    alpha: float = 0.1
+    """EMA weight of the newest round: ~1/alpha rounds of memory."""
+    base: float = 0.2
+    """Reward of a valid answer that arrives just before the deadline: serving at all counts."""
+    speed_weight: float = 0.5
+    """Split of the speed term between the absolute (timeout) and relative (fastest) parts."""
+    exclusion_rounds: int = 50
+    """Rounds a hotkey that failed an audit is excluded: what a caught cheat loses."""
+    model_shares: Mapping[str, float] = field(
+        default_factory=lambda: {"flux-schnell": 0.5, "kolors": 0.5})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        if not 0.0 <= self.base <= 1.0 or not 0.0 <= self.speed_weight <= 1.0:
+            raise ValueError("base and speed_weight must be in [0, 1]")
+        if self.exclusion_rounds < 0:
+            raise ValueError("exclusion_rounds must be >= 0")
+        if any(v < 0 for v in self.model_shares.values()):
+            raise ValueError("model shares must be >= 0")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one miner in one round, as scoring sees it."""
+
+    uid: int
+    hotkey: str
+    model: Optional[str]
+    workload: tuple = ()
+    status: str = OK
+    reason: str = ""
+    latency: Optional[float] = None
+    timeout: float = 30.0
+    audited: bool = False
+    audit_passed: Optional[bool] = None
+    similarity: Optional[float] = None
+
+    @property
+    def valid(self) -> bool:
+        """Answered in time with a well-formed image and not caught cheating."""
+        return (self.status == OK and self.latency is not None
+                and self.audit_passed is not False)
+
+
+def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringConfig) -> float:
+    """Strictly decreasing in latency on (0, timeout]; base at the deadline (fastest>latency
+    cannot happen), 1 for an instant answer."""
+    if timeout <= 0:
+        return 0.0
+    latency = max(latency, 1e-6)
+    if latency > timeout:
+        return 0.0
+    absolute = 1.0 - latency / timeout
+    relative = min(1.0, max(fastest, 1e-6) / latency)
+    speed = cfg.speed_weight * absolute + (1.0 - cfg.speed_weight) * relative
+    return cfg.base + (1.0 - cfg.base) * speed
+
+
+def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, float]:
+    """Reward in [0, 1] per uid for one round."""
+    fastest: dict[tuple, float] = {}
+    for o in outcomes:
+        if o.valid:
+            key = (o.model, o.workload)
+            fastest[key] = min(fastest.get(key, float("inf")), float(o.latency))
+    rewards = {}
+    for o in outcomes:
+        if not o.valid:
+            rewards[o.uid] = 0.0
+        else:
+            rewards[o.uid] = speed_reward(float(o.latency), o.timeout,
+                                          fastest[(o.model, o.workload)], cfg)
+    return rewards
+
+
+@dataclass
+class UidScore:
+    hotkey: str
+    score: float = 0.0
+    model: Optional[str] = None
+
+
+@dataclass
+class ScoreBook:
+    """Moving scores per uid plus hotkey exclusions; the validator's memory between rounds."""
+
+    cfg: ScoringConfig = field(default_factory=ScoringConfig)
+    uids: dict[int, UidScore] = field(default_factory=dict)
+    excluded_until: dict[str, int] = field(default_factory=dict)
+    """hotkey -> first round in which it may be queried again."""
+
+    def is_excluded(self, hotkey: str, round_index: int) -> bool:
+        return self.excluded_until.get(hotkey, -1) > round_index
+
+    def sync_hotkeys(self, hotkeys: Mapping[int, str]) -> list[int]:
+        """Forget uids that left and reset uids whose hotkey changed (a new miner earns its
+        own score). Returns the uids that were reset."""
+        reset = []
+        for uid in list(self.uids):
+            if uid not in hotkeys:
+                del self.uids[uid]
+        for uid, hotkey in hotkeys.items():
+            entry = self.uids.get(uid)
+            if entry is None or entry.hotkey != hotkey:
+                if entry is not None:
+                    reset.append(uid)
+                self.uids[uid] = UidScore(hotkey=hotkey)
+        return reset
+
+    def apply(self, round_index: int, outcomes: Iterable[Outcome],
+              rewards: Mapping[int, float]) -> None:
+        a = self.cfg.alpha
+        for o in outcomes:
+            entry = self.uids.get(o.uid)
+            if entry is None or entry.hotkey != o.hotkey:
+                entry = self.uids[o.uid] = UidScore(hotkey=o.hotkey)
+            if o.model:
+                entry.model = o.model
+            if o.audit_passed is False:
+                entry.score = 0.0
+                self.excluded_until[o.hotkey] = round_index + 1 + self.cfg.exclusion_rounds
+                continue
+            entry.score = (1.0 - a) * entry.score + a * float(rewards.get(o.uid, 0.0))
+        for hotkey in [h for h, until in self.excluded_until.items() if until <= round_index]:
+            del self.excluded_until[hotkey]
+
+    def scores(self) -> dict[int, float]:
+        return {uid: e.score for uid, e in self.uids.items()}
+
+    def models(self) -> dict[int, Optional[str]]:
+        return {uid: e.model for uid, e in self.uids.items()}
+
+
+def compute_weights(scores: Mapping[int, float], models: Mapping[int, Optional[str]],
+                    shares: Mapping[str, float]) -> dict[int, float]:
+    """Per-model emission shares, then normalised; empty when no uid has earned anything."""
+    per_model: dict[str, dict[int, float]] = {}
+    for uid, score in scores.items():
+        model = models.get(uid)
+        if model in shares and score > 0.0:
+            per_model.setdefault(model, {})[uid] = float(score)
+    live = {m: shares[m] for m in per_model if shares[m] > 0}
+    total_share = sum(live.values())
+    if total_share <= 0:
+        return {}
+    weights: dict[int, float] = {}
+    for model, share in live.items():
+        group = per_model[model]
+        mass = sum(group.values())
+        for uid, score in group.items():
+            weights[uid] = (share / total_share) * score / mass
+    norm = sum(weights.values())
+    return {uid: w / norm for uid, w in sorted(weights.items())}
+
+
+def choose_audits(rng: np.random.Generator, candidates: Sequence[int],
+                  fraction: float) -> list[int]:
+    """Pick round(fraction * n) of the candidates (stochastic rounding, so the expected
+    number is exactly fraction * n) uniformly, AFTER the answers are in: a miner cannot
+    know whether its answer will be regenerated."""
+    n = len(candidates)
+    if n == 0 or fraction <= 0:
+        return []
+    if fraction >= 1:
+        return list(candidates)
+    expected = fraction * n
+    k = int(expected) + int(rng.random() < expected - int(expected))
+    if k == 0:
+        return []
+    picked = rng.choice(n, size=k, replace=False)
+    return [candidates[int(i)] for i in sorted(picked)]
+
+
+def weights_due(current_block: int, last_set_block: Optional[int], epoch_length: int,
+                rate_limit: int) -> bool:
+    """Set weights once per epoch, never faster than the chain's rate limit allows."""
+    if last_set_block is None:
+        return True
+    return current_block - last_set_block >= max(int(epoch_length), int(rate_limit), 1)

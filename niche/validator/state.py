@@ -1,0 +1,304 @@
+"""The validator's memory in one SQLite file: scores, exclusions, per-uid history with
+reasons, recent answer fingerprints and the last weights.
+
+Each round is written in ONE transaction (WAL journal), so a validator killed at any moment
+restarts from the last complete round; a read-only, full or corrupt file is reported in one
+actionable line and the existing content is never half-overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from niche.errors import NicheError
+from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4E494348  # "NICH": marks the file as ours
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uids (
+    uid INTEGER PRIMARY KEY, hotkey TEXT NOT NULL, score REAL NOT NULL, model TEXT);
+CREATE TABLE IF NOT EXISTS exclusions (hotkey TEXT PRIMARY KEY, until_round INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, uid INTEGER NOT NULL,
+    hotkey TEXT NOT NULL, model TEXT, status TEXT NOT NULL, reason TEXT NOT NULL,
+    latency REAL, reward REAL NOT NULL, audited INTEGER NOT NULL, audit_passed INTEGER,
+    similarity REAL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS history_uid ON history (uid, round);
+CREATE TABLE IF NOT EXISTS answers (
+    sha256 TEXT NOT NULL, phash INTEGER NOT NULL, uid INTEGER NOT NULL, round INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS answers_sha ON answers (sha256);
+CREATE INDEX IF NOT EXISTS answers_round ON answers (round);
+CREATE TABLE IF NOT EXISTS weights (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, block INTEGER NOT NULL,
+    uids TEXT NOT NULL, weights TEXT NOT NULL, success INTEGER NOT NULL, message TEXT NOT NULL,
+    ts REAL NOT NULL);
+"""
+
+
+class StateError(NicheError):
+    """The state file cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Fingerprint of one accepted image, kept to catch replays of earlier answers."""
+
+    sha256: str
+    phash: int
+    uid: int
+    round: int
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    round: int
+    block: int
+    weights: dict[int, float]
+    success: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One history line: what one uid got in one round, and why."""
+
+    round: int
+    uid: int
+    hotkey: str
+    model: Optional[str]
+    status: str
+    reason: str
+    latency: Optional[float]
+    reward: float
+    audited: bool
+    audit_passed: Optional[bool]
+    similarity: Optional[float]
+
+
+def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
+    text = str(exc).lower()
+    if "readonly" in text or "read-only" in text:
+        hint = "the file or its folder is read-only; fix permissions or pass another " \
+               "--neuron.state_path"
+    elif "disk is full" in text or "disk i/o" in text:
+        hint = "the disk is full or failing; free space (the file still holds the last " \
+               "complete round)"
+    elif "not a database" in text or "malformed" in text or "corrupt" in text:
+        hint = "the file is not a valid niche state database; move it aside to start fresh"
+    elif "locked" in text or "busy" in text:
+        hint = "another process holds the file; run one validator per state file"
+    elif "unable to open" in text:
+        hint = "cannot open the file; check that its folder exists and is writable"
+    else:
+        hint = "sqlite error"
+    return StateError(f"validator state {path}: {doing} failed: {exc} ({hint})")
+
+
+class ValidatorState:
+    """Open (creating if needed) and check a state file. One writer per file."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path).expanduser()
+        self._check_access()
+        try:
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise _explain(exc, self.path, "open") from exc
+        try:
+            self._init()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise _explain(exc, self.path, "open") from exc
+        except StateError:
+            self._conn.close()
+            raise
+
+    def _check_access(self) -> None:
+        folder = self.path.parent
+        if not folder.exists():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"validator state {self.path}: cannot create folder "
+                                 f"{folder}: {exc.strerror}") from exc
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise StateError(f"validator state {self.path}: the file is read-only; fix its "
+                             "permissions or pass another --neuron.state_path")
+        if not os.access(folder, os.W_OK):
+            raise StateError(f"validator state {self.path}: folder {folder} is read-only "
+                             "(SQLite needs to write its journal there); pass another "
+                             "--neuron.state_path")
+
+    def _init(self) -> None:
+        c = self._conn
+        # Reading the header first turns "not a database" into a clear error before any write.
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and app_id != APPLICATION_ID:
+            raise StateError(f"validator state {self.path}: the file is an SQLite database "
+                             "but not a niche validator state; move it aside or pass another "
+                             "--neuron.state_path")
+        check = c.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise StateError(f"validator state {self.path}: integrity check failed ({check}); "
+                             "move the file aside to start fresh")
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=FULL")
+        c.execute("PRAGMA foreign_keys=ON")
+        if not tables:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                    c.execute(stmt)
+                c.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                c.execute("INSERT INTO meta VALUES ('round', '0')")
+                c.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        version = int(self._meta("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise StateError(f"validator state {self.path}: schema version {version} was written "
+                             f"by a newer niche (this one reads {SCHEMA_VERSION}); upgrade niche")
+        if version < 1:
+            raise StateError(f"validator state {self.path}: no schema version; move it aside")
+
+    def _meta(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def schema_version(self) -> int:
+        return int(self._meta("schema_version", "0"))
+
+    @property
+    def round_index(self) -> int:
+        """Rounds completed and persisted so far (the next round has this index)."""
+        return int(self._meta("round", "0"))
+
+    def load_book(self, cfg: ScoringConfig) -> ScoreBook:
+        try:
+            book = ScoreBook(cfg=cfg)
+            for uid, hotkey, score, model in self._conn.execute(
+                    "SELECT uid, hotkey, score, model FROM uids"):
+                book.uids[int(uid)] = UidScore(hotkey=hotkey, score=float(score), model=model)
+            for hotkey, until in self._conn.execute("SELECT hotkey, until_round FROM exclusions"):
+                book.excluded_until[hotkey] = int(until)
+            return book
+        except sqlite3.Error as exc:
+            raise _explain(exc, self.path, "reading scores") from exc
+
+    def recent_answers(self, since_round: int) -> list[Answer]:
+        rows = self._conn.execute(
+            "SELECT sha256, phash, uid, round FROM answers WHERE round >= ?", (since_round,))
+        return [Answer(s, int(p) & ((1 << 64) - 1), int(u), int(r)) for s, p, u, r in rows]
+
+    def last_weights(self) -> Optional[WeightsRecord]:
+        row = self._conn.execute(
+            "SELECT round, block, uids, weights, success, message FROM weights "
+            "WHERE success=1 ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        uids, weights = json.loads(row[2]), json.loads(row[3])
+        return WeightsRecord(int(row[0]), int(row[1]), dict(zip(uids, weights)), bool(row[4]),
+                             row[5])
+
+    def history(self, uid: Optional[int] = None, limit: int = 100) -> list[RoundRow]:
+        sql = ("SELECT round, uid, hotkey, model, status, reason, latency, reward, audited, "
+               "audit_passed, similarity FROM history")
+        args: tuple = ()
+        if uid is not None:
+            sql += " WHERE uid=?"
+            args = (uid,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = self._conn.execute(sql, args + (limit,)).fetchall()
+        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]),
+                         None if r[9] is None else bool(r[9]), r[10]) for r in rows]
+
+    # ------------------------------------------------------------------ writing
+    def save_round(self, round_index: int, book: ScoreBook, outcomes: Sequence[Outcome],
+                   rewards: dict[int, float], answers: Iterable[Answer] = (),
+                   keep_answer_rounds: int = 1000, keep_history_rounds: int = 10000) -> None:
+        """Persist a finished round atomically; afterwards `round_index` is round_index + 1."""
+        now = time.time()
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("DELETE FROM uids")
+                c.executemany("INSERT INTO uids VALUES (?, ?, ?, ?)",
+                              [(uid, e.hotkey, e.score, e.model) for uid, e in book.uids.items()])
+                c.execute("DELETE FROM exclusions")
+                c.executemany("INSERT INTO exclusions VALUES (?, ?)",
+                              list(book.excluded_until.items()))
+                c.executemany(
+                    "INSERT INTO history (round, uid, hotkey, model, status, reason, latency, "
+                    "reward, audited, audit_passed, similarity, ts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(round_index, o.uid, o.hotkey, o.model, o.status, o.reason, o.latency,
+                      float(rewards.get(o.uid, 0.0)), int(o.audited),
+                      None if o.audit_passed is None else int(o.audit_passed), o.similarity, now)
+                     for o in outcomes])
+                c.executemany("INSERT INTO answers VALUES (?, ?, ?, ?)",
+                              [(a.sha256, _signed64(a.phash), a.uid, a.round) for a in answers])
+                c.execute("DELETE FROM answers WHERE round < ?",
+                          (round_index - keep_answer_rounds,))
+                c.execute("DELETE FROM history WHERE round < ?",
+                          (round_index - keep_history_rounds,))
+                c.execute("UPDATE meta SET value=? WHERE key='round'", (str(round_index + 1),))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _explain(exc, self.path, f"saving round {round_index}") from exc
+
+    def record_weights(self, round_index: int, block: int, weights: dict[int, float],
+                       success: bool, message: str) -> None:
+        try:
+            with_tx(self._conn, lambda c: c.execute(
+                "INSERT INTO weights (round, block, uids, weights, success, message, ts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (round_index, block, json.dumps(list(weights)), json.dumps(list(weights.values())),
+                 int(success), message, time.time())))
+        except sqlite3.Error as exc:
+            raise _explain(exc, self.path, "recording weights") from exc
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
+
+    def __enter__(self) -> "ValidatorState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def with_tx(conn: sqlite3.Connection, body) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _signed64(value: int) -> int:
+    """SQLite integers are signed 64-bit; store a 64-bit hash in that range."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= (1 << 63) else value
