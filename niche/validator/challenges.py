@@ -1,0 +1,205 @@
+"""Fresh challenges every round, one per miner, that nobody can answer from a cache.
+
+Each miner gets its OWN prompt and seed (no two miners share a prompt+seed in a round), so
+an operator with many hotkeys must compute every answer. Within a round, the miners of one
+model share the workload shape (size, steps), so their latencies are comparable and the
+validator can regenerate them in one batch. Conditioning images are made by the validator
+itself: a text-to-image source, then its canny edges / depth map / the image itself.
+
+Everything random comes from the per-round `np.random.Generator` handed in (derived from the
+validator's seed and the round index): a round is reproducible by its validator and by
+nobody else. No global RNG anywhere.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from niche.protocol import MAX_SEED, GenerateRequest, GenerationParams, PipelineKind
+from niche.validator.prompts import PromptSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a validator may ask of one model: allowed shapes and its challenge defaults."""
+
+    model: str
+    pipelines: tuple[PipelineKind, ...]
+    sizes: tuple[tuple[int, int], ...]
+    steps: tuple[int, ...]
+    guidance: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """A miner to challenge: its uid/hotkey and what its Info says it serves."""
+
+    uid: int
+    hotkey: str
+    model: str
+    pipelines: tuple[PipelineKind, ...] = (PipelineKind.TXT2IMG,)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    uid: int
+    hotkey: str
+    request_id: str
+    params: GenerationParams
+    """Fully explicit: size, steps and guidance set, so regeneration needs no defaults."""
+    timeout: float
+    image: Optional[Image.Image] = field(default=None, compare=False, repr=False)
+    image_b64: Optional[str] = field(default=None, compare=False, repr=False)
+
+    @property
+    def workload(self) -> tuple:
+        p = self.params
+        return (p.pipeline.value, p.width, p.height, p.steps)
+
+    def request(self) -> GenerateRequest:
+        return GenerateRequest(request_id=self.request_id, params=self.params,
+                               image=self.image_b64, timeout=self.timeout)
+
+
+class Conditioner(Protocol):
+    """Makes the conditioning image for `pipeline` at the given size."""
+
+    def __call__(self, model: str, pipeline: PipelineKind, width: int, height: int,
+                 rng: np.random.Generator) -> Image.Image: ...
+
+
+def encode_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def round_rng(validator_seed: int, round_index: int) -> np.random.Generator:
+    """The one source of randomness for a round."""
+    return np.random.default_rng([int(validator_seed) & (2**64 - 1), int(round_index)])
+
+
+class ChallengeFactory:
+    def __init__(self, plans: dict[str, ModelPlan], prompts: Optional[PromptSource] = None,
+                 conditioner: Optional[Conditioner] = None):
+        self.plans = plans
+        self.prompts = prompts or PromptSource()
+        self.conditioner = conditioner
+
+    def make_round(self, rng: np.random.Generator, targets: Sequence[Target]) -> list[Challenge]:
+        """One challenge per target whose model this validator knows (others are skipped)."""
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for model in sorted({t.model for t in targets if t.model in self.plans}):
+            plan = self.plans[model]
+            width, height = plan.sizes[int(rng.integers(len(plan.sizes)))]
+            shapes[model] = (width, height, plan.steps[int(rng.integers(len(plan.steps)))])
+        used_pairs: set[tuple[str, int]] = set()
+        used_prompts: set[str] = set()
+        used_seeds: set[int] = set()
+        conditions: dict[tuple[str, PipelineKind], tuple[Image.Image, str]] = {}
+        challenges = []
+        for target in sorted(targets, key=lambda t: t.uid):
+            plan = self.plans.get(target.model)
+            if plan is None:
+                continue
+            offered = [p for p in plan.pipelines
+                       if p in target.pipelines and (not p.needs_image or self.conditioner)]
+            if not offered:
+                continue
+            pipeline = offered[int(rng.integers(len(offered)))]
+            prompt = self._unique_prompt(rng, used_prompts)
+            seed = int(rng.integers(0, MAX_SEED, endpoint=True))
+            while seed in used_seeds or (prompt, seed) in used_pairs:
+                seed = int(rng.integers(0, MAX_SEED, endpoint=True))
+            used_prompts.add(prompt)
+            used_seeds.add(seed)
+            used_pairs.add((prompt, seed))
+            width, height, steps = shapes[target.model]
+            params = GenerationParams(model=target.model, pipeline=pipeline, prompt=prompt,
+                                      seed=seed, steps=steps, guidance=plan.guidance,
+                                      width=width, height=height)
+            image = b64 = None
+            if pipeline.needs_image:
+                key = (target.model, pipeline)
+                if key not in conditions:
+                    cond = self.conditioner(target.model, pipeline, width, height, rng)
+                    conditions[key] = (cond, encode_png(cond))
+                image, b64 = conditions[key]
+            request_id = rng.bytes(12).hex()
+            challenges.append(Challenge(target.uid, target.hotkey, request_id, params,
+                                        plan.timeout, image, b64))
+        return challenges
+
+    def _unique_prompt(self, rng: np.random.Generator, used: set[str]) -> str:
+        prompt = self.prompts.draw(rng)
+        for _ in range(50):  # a short prompt file may run out; the seed still differs
+            if prompt not in used:
+                break
+            prompt = self.prompts.draw(rng)
+        return prompt
+
+
+def plan_from_spec(spec, timeout: Optional[float] = None) -> ModelPlan:
+    """Build a ModelPlan from the engine's ModelSpec (defaults + allowed sets)."""
+    defaults = getattr(spec, "defaults", None)
+
+    def default(name, fallback=None):
+        if defaults is not None:
+            value = defaults.get(name) if isinstance(defaults, dict) else getattr(
+                defaults, name, None)
+            if value is not None:
+                return value
+        return getattr(spec, name, fallback)
+
+    sizes = getattr(spec, "allowed_sizes", None) or [(default("width"), default("height"))]
+    steps = getattr(spec, "allowed_steps", None) or [default("steps")]
+    pipelines = tuple(PipelineKind(p) for p in getattr(spec, "pipelines", ("txt2img",)))
+    return ModelPlan(
+        model=spec.name if hasattr(spec, "name") else spec.model,
+        pipelines=pipelines,
+        sizes=tuple((int(w), int(h)) for w, h in sizes),
+        steps=tuple(int(s) for s in steps),
+        guidance=float(default("guidance", 0.0)),
+        timeout=float(timeout if timeout is not None else default("timeout", 30.0)),
+    )
+
+
+def engine_conditioner(engine, source_model: Optional[str] = None,
+                       prompts: Optional[PromptSource] = None) -> Conditioner:
+    """Conditioning images from the validator's own engine: a txt2img source image (fresh
+    prompt and seed), then canny edges, a depth map, or the image itself for IP-Adapter."""
+    prompts = prompts or PromptSource()
+
+    def make(model: str, pipeline: PipelineKind, width: int, height: int,
+             rng: np.random.Generator) -> Image.Image:
+        from niche.models import conditioning
+
+        params = GenerationParams(model=source_model or model, pipeline=PipelineKind.TXT2IMG,
+                                  prompt=prompts.draw(rng),
+                                  seed=int(rng.integers(0, MAX_SEED, endpoint=True)),
+                                  width=width, height=height)
+        source = engine.generate(engine.resolve(params))
+        return _derive(conditioning, engine, model, pipeline, source)
+
+    return make
+
+
+def _derive(conditioning, engine, model: str, pipeline: PipelineKind,
+            source: Image.Image) -> Image.Image:
+    if pipeline is PipelineKind.CONTROLNET_CANNY:
+        return conditioning.canny(source)
+    if pipeline is PipelineKind.CONTROLNET_DEPTH:
+        return conditioning.depth(source, engine=engine, model=model)
+    return source
+
+
+ConditionerFn = Callable[..., Image.Image]
