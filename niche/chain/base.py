@@ -5,9 +5,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from niche.errors import NicheError
 
-class ChainError(RuntimeError):
-    """A chain operation failed in a way the operator can act on; the message says how."""
+
+class ChainError(NicheError, RuntimeError):
+    """A chain operation failed in a way the operator can act on; the message says how.
+
+    A NicheError, so the CLI prints it on one line without a traceback."""
 
 
 @dataclass(frozen=True)
