@@ -16,7 +16,7 @@ import base64
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -149,27 +149,18 @@ class ChallengeFactory:
 
 
 def plan_from_spec(spec, timeout: Optional[float] = None) -> ModelPlan:
-    """Build a ModelPlan from the engine's ModelSpec (defaults + allowed sets)."""
-    defaults = getattr(spec, "defaults", None)
-
-    def default(name, fallback=None):
-        if defaults is not None:
-            value = defaults.get(name) if isinstance(defaults, dict) else getattr(
-                defaults, name, None)
-            if value is not None:
-                return value
-        return getattr(spec, name, fallback)
-
-    sizes = getattr(spec, "allowed_sizes", None) or [(default("width"), default("height"))]
-    steps = getattr(spec, "allowed_steps", None) or [default("steps")]
-    pipelines = tuple(PipelineKind(p) for p in getattr(spec, "pipelines", ("txt2img",)))
+    """A ModelPlan from the engine's ModelSpec: its allowed sizes/steps when the spec lists
+    them (limits.allowed_sizes / allowed_steps), else its challenge defaults."""
+    d, limits = spec.defaults, spec.limits
+    sizes = limits.allowed_sizes or [(d.width, d.height)]
+    steps = limits.allowed_steps or [d.steps]
     return ModelPlan(
-        model=spec.name if hasattr(spec, "name") else spec.model,
-        pipelines=pipelines,
+        model=spec.name,
+        pipelines=tuple(PipelineKind(p) for p in spec.pipelines),
         sizes=tuple((int(w), int(h)) for w, h in sizes),
         steps=tuple(int(s) for s in steps),
-        guidance=float(default("guidance", 0.0)),
-        timeout=float(timeout if timeout is not None else default("timeout", 30.0)),
+        guidance=float(d.guidance),
+        timeout=float(timeout if timeout is not None else d.timeout),
     )
 
 
@@ -201,5 +192,3 @@ def _derive(conditioning, engine, model: str, pipeline: PipelineKind,
         return conditioning.depth(source, engine=engine, model=model)
     return source
 
-
-ConditionerFn = Callable[..., Image.Image]

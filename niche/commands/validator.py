@@ -1,0 +1,119 @@
+"""`niche validator`: run the validator loop (flags in bittensor's dotted convention)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+DEFAULT_STATE = "~/.niche/validator/state.sqlite"
+
+
+def _pairs(values, flag: str, cast=float) -> dict:
+    from niche.errors import ConfigError
+
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag}: expected MODEL=VALUE, got {item!r}")
+        try:
+            out[key] = cast(value)
+        except ValueError:
+            raise ConfigError(f"{flag}: {value!r} is not a number") from None
+    return out
+
+
+def add_validator_args(parser: argparse.ArgumentParser) -> None:
+    from niche.chain.cli_args import add_chain_args, add_wallet_args
+
+    add_chain_args(parser)
+    add_wallet_args(parser)
+    n = parser.add_argument_group("neuron")
+    n.add_argument("--neuron.sample_size", dest="sample_size", type=int, default=64,
+                   help="most miners queried per round (default 64)")
+    n.add_argument("--neuron.timeout", dest="timeout", type=float, default=None,
+                   help="seconds a miner has to answer (default: the model's, e.g. 24 s "
+                        "FLUX.1-schnell, 32 s Kolors)")
+    n.add_argument("--neuron.epoch_length", dest="epoch_length", type=int, default=100,
+                   help="blocks between weight settings (default 100; never below the "
+                        "chain's rate limit)")
+    n.add_argument("--neuron.audit_fraction", dest="audit_fraction", type=float, default=0.1,
+                   help="fraction of valid answers regenerated and compared (default 0.1)")
+    n.add_argument("--neuron.rounds", dest="rounds", type=int, default=None,
+                   help="stop after this many rounds (default: run until stopped)")
+    n.add_argument("--neuron.round_interval", dest="round_interval", type=float, default=12.0,
+                   help="seconds between round starts (default 12)")
+    n.add_argument("--neuron.state_path", dest="state_path", default=DEFAULT_STATE,
+                   help=f"SQLite state file (default {DEFAULT_STATE})")
+    n.add_argument("--neuron.seed", dest="seed", type=int, default=None,
+                   help="challenge seed (default: a fresh secret one; set it only for tests)")
+    n.add_argument("--neuron.exclusion_rounds", dest="exclusion_rounds", type=int, default=50,
+                   help="rounds a hotkey that failed an audit is not queried (default 50)")
+    n.add_argument("--neuron.alpha", dest="alpha", type=float, default=0.1,
+                   help="EMA weight of the newest round (default 0.1)")
+    n.add_argument("--neuron.emission_share", dest="emission_share", nargs="*",
+                   metavar="MODEL=SHARE", help="per-model emission shares (default equal)")
+    n.add_argument("--neuron.prompts_file", dest="prompts_file", type=Path, default=None,
+                   help="one prompt per line instead of the built-in prompt grammar")
+    n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
+                   metavar="MODEL=T", help="similarity an audited image needs, per model "
+                                           "(default 0.9; see docs/scoring.md)")
+    m = parser.add_argument_group("models")
+    m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
+                   help="models this validator challenges (default: flux-schnell kolors)")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--model-path", dest="model_path", type=Path, default=None,
+                     help="folder holding <model>/ checkpoints (default: hub ids)")
+    src.add_argument("--tiny", action="store_true",
+                     help="use the tiny random-weight checkpoints (tests, localnet)")
+    m.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="regeneration dtype (default: the model's)")
+    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "validator", help="run a validator",
+        description="Challenge miners with fresh requests, audit a random fraction by "
+                    "regenerating, score speed x correctness, set weights.")
+    add_validator_args(parser)
+    parser.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    from niche.errors import ConfigError
+    from niche.validator.scoring import ScoringConfig
+    from niche.validator.service import ValidatorConfig
+    from niche.validator.verify import VerifyConfig
+
+    if args.netuid is None:
+        raise ConfigError("--netuid is required")
+    shares = _pairs(args.emission_share, "--neuron.emission_share") or {
+        m: 1.0 / len(args.models) for m in args.models}
+    unknown = sorted(set(shares) - set(args.models))
+    if unknown:
+        raise ConfigError(f"--neuron.emission_share names models not in --models: {unknown}")
+    try:
+        scoring = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
+                                model_shares=shares)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return ValidatorConfig(
+        netuid=args.netuid, models=tuple(args.models),
+        state_path=Path(args.state_path).expanduser(), sample_size=args.sample_size,
+        timeout=args.timeout, epoch_length=args.epoch_length,
+        audit_fraction=args.audit_fraction, rounds=args.rounds,
+        round_interval=args.round_interval, seed=args.seed, prompts_file=args.prompts_file,
+        scoring=scoring,
+        verify=VerifyConfig(thresholds=_pairs(args.verify_threshold, "--verify.threshold")))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(args)
+    from niche.validator.service import open_validator
+
+    with open_validator(config, args) as validator:
+        return validator.run()

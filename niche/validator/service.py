@@ -1,0 +1,415 @@
+"""The validator loop. One round:
+
+metagraph -> Info of each sampled miner -> one fresh challenge per miner -> query_many
+(concurrent, deadline, latency on our clock) -> cheap checks on every answer (size, mode,
+duplicates) -> audit a random fraction (chosen after the answers are in) by regenerating
+-> rewards + EMA -> persist the round (one transaction) -> set weights when the epoch and
+the chain's rate limit allow.
+
+SIGTERM / SIGINT stop the loop after the current round is persisted (exit 0); a SIGKILL
+loses at most the round in flight, never the state file.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from niche.chain.base import Chain, ChainError, Metagraph, Neuron
+from niche.errors import ConfigError
+from niche.protocol import PipelineKind
+from niche.validator import scoring
+from niche.validator.challenges import (Challenge, ChallengeFactory, ModelPlan, Target,
+                                        engine_conditioner, plan_from_spec, round_rng)
+from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
+from niche.validator.prompts import PromptSource
+from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
+from niche.validator.state import Answer, ValidatorState
+from niche.validator.verify import Verifier, VerifyConfig
+
+log = logging.getLogger("niche.validator")
+
+
+@dataclass
+class ValidatorConfig:
+    netuid: int
+    models: Sequence[str] = ("flux-schnell", "kolors")
+    state_path: Path = Path("~/.niche/validator/state.sqlite")
+    sample_size: int = 64
+    """Most miners queried per round (a random sample when there are more)."""
+    timeout: Optional[float] = None
+    """Seconds a miner has to answer; None = each model's own challenge timeout."""
+    epoch_length: int = 100
+    """Blocks between two weight settings (never below the chain's rate limit)."""
+    audit_fraction: float = 0.1
+    rounds: Optional[int] = None
+    """Stop after this many rounds (None: run until signalled)."""
+    round_interval: float = 12.0
+    """Seconds from the start of one round to the start of the next."""
+    seed: Optional[int] = None
+    """Challenge seed; None = a fresh secret one per process (recommended on a real net)."""
+    info_timeout: float = 5.0
+    answer_memory_rounds: int = 1000
+    prompts_file: Optional[Path] = None
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    version_key: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ConfigError("--neuron.audit_fraction must be in [0, 1]")
+        if self.sample_size < 1:
+            raise ConfigError("--neuron.sample_size must be >= 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("--neuron.timeout must be > 0")
+        if self.epoch_length < 1:
+            raise ConfigError("--neuron.epoch_length must be >= 1")
+        if self.rounds is not None and self.rounds < 0:
+            raise ConfigError("--neuron.rounds must be >= 0")
+        if self.round_interval < 0:
+            raise ConfigError("--neuron.round_interval must be >= 0")
+
+
+@dataclass
+class RoundReport:
+    round: int
+    block: int
+    outcomes: list[Outcome]
+    rewards: dict[int, float]
+    weights: Optional[dict[int, float]] = None
+    weights_message: str = ""
+    seconds: float = 0.0
+
+
+def _field(obj: Any, *names: str, default=None):
+    for name in names:
+        if isinstance(obj, dict) and name in obj:
+            return obj[name]
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def _status(result: Any) -> str:
+    status = _field(result, "status", default="error")
+    return str(getattr(status, "value", status))
+
+
+class Validator:
+    """Owns one round at a time; all collaborators are passed in (tests build real ones)."""
+
+    def __init__(self, config: ValidatorConfig, chain: Chain, wallet, engine, client,
+                 state: ValidatorState):
+        self.config = config
+        self.chain = chain
+        self.wallet = wallet
+        self.engine = engine
+        self.client = client
+        self.state = state
+        self.hotkey = wallet.hotkey.ss58_address
+        self.seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self._audit_rng = np.random.default_rng(secrets.randbits(128))
+        self.book: ScoreBook = state.load_book(config.scoring)
+        start = state.round_index
+        self.answers = AnswerIndex(state.recent_answers(start - config.answer_memory_rounds))
+        last = state.last_weights()
+        self.last_weights_block: Optional[int] = last.block if last else None
+        self.plans = self._plans()
+        prompts = (PromptSource.from_file(config.prompts_file) if config.prompts_file
+                   else PromptSource())
+        needs_image = any(p.needs_image for plan in self.plans.values() for p in plan.pipelines)
+        conditioner = engine_conditioner(engine, prompts=prompts) if needs_image else None
+        self.factory = ChallengeFactory(self.plans, prompts, conditioner)
+        self.verifier = Verifier(engine, config.verify)
+        self._stop = threading.Event()
+
+    def _plans(self) -> dict[str, ModelPlan]:
+        plans = {}
+        for model in self.config.models:
+            plans[model] = plan_from_spec(self.engine.spec(model), timeout=self.config.timeout)
+        return plans
+
+    # ------------------------------------------------------------------ the loop
+    def stop(self, *_: Any) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: finishing the current round")
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run rounds until `rounds` is reached or a signal arrives. Returns the exit code."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self.stop)
+        self._check_registered()
+        done = 0
+        try:
+            while not self._stop.is_set():
+                if self.config.rounds is not None and done >= self.config.rounds:
+                    break
+                started = time.monotonic()
+                report = asyncio.run(self.run_round())
+                log.info(self.format_report(report))
+                done += 1
+                if self.config.rounds is not None and done >= self.config.rounds:
+                    break
+                wait = self.config.round_interval - (time.monotonic() - started)
+                if wait > 0:
+                    self._stop.wait(wait)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("validator stopped after %d round(s); state in %s", done, self.state.path)
+        return 0
+
+    def _check_registered(self) -> None:
+        metagraph = self.chain.metagraph(self.config.netuid)
+        if metagraph.by_hotkey(self.hotkey) is None:
+            raise ChainError(f"validator hotkey {self.hotkey} is not registered on subnet "
+                             f"{self.config.netuid}: register it first (`niche chain register`)")
+
+    # ------------------------------------------------------------------ one round
+    async def run_round(self) -> RoundReport:
+        started = time.monotonic()
+        round_index = self.state.round_index
+        metagraph = self.chain.metagraph(self.config.netuid)
+        rng = round_rng(self.seed, round_index)
+        reset = self.book.sync_hotkeys({n.uid: n.hotkey for n in metagraph.neurons})
+        if reset:
+            log.info("round %d: new hotkeys on uids %s start from zero", round_index, reset)
+        outcomes: dict[int, Outcome] = {}
+        candidates = self._sample(metagraph, rng, round_index, outcomes)
+        targets = await self._targets(candidates, outcomes)
+        challenges = self.factory.make_round(rng, targets)
+        for target in targets:
+            if target.uid not in {c.uid for c in challenges}:
+                outcomes[target.uid] = Outcome(target.uid, target.hotkey, target.model,
+                                               status=scoring.NO_MODEL,
+                                               reason="no pipeline this validator can ask")
+        answered = await self._query(challenges, candidates)
+        fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
+        self._audit(challenges, answered, outcomes)
+        final = list(outcomes.values())
+        rewards = scoring.round_rewards(final, self.config.scoring)
+        self.book.apply(round_index, final, rewards)
+        self.answers.prune(round_index - self.config.answer_memory_rounds)
+        self.state.save_round(round_index, self.book, final, rewards, fresh,
+                              keep_answer_rounds=self.config.answer_memory_rounds)
+        report = RoundReport(round_index, metagraph.block, final, rewards,
+                             seconds=time.monotonic() - started)
+        self._maybe_set_weights(report)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _sample(self, metagraph: Metagraph, rng: np.random.Generator, round_index: int,
+                outcomes: dict[int, Outcome]) -> list[Neuron]:
+        pool = []
+        for n in metagraph.neurons:
+            if n.hotkey == self.hotkey or n.endpoint is None:
+                continue
+            if self.book.is_excluded(n.hotkey, round_index):
+                outcomes[n.uid] = Outcome(n.uid, n.hotkey, self.book.uids.get(
+                    n.uid, scoring.UidScore(n.hotkey)).model, status=scoring.EXCLUDED,
+                    reason=f"failed an audit; excluded until round "
+                           f"{self.book.excluded_until[n.hotkey]}")
+                continue
+            pool.append(n)
+        if len(pool) > self.config.sample_size:
+            picked = rng.choice(len(pool), size=self.config.sample_size, replace=False)
+            pool = [pool[int(i)] for i in sorted(picked)]
+        return pool
+
+    async def _targets(self, neurons: list[Neuron], outcomes: dict[int, Outcome]
+                       ) -> list[Target]:
+        """Ask each miner what it serves; a miner serving none of our models scores 0."""
+        infos = await self.client.info_many(neurons, timeout=self.config.info_timeout)
+        targets = []
+        for neuron, info in zip(neurons, infos):
+            served = _field(info, "info", default=None) if not hasattr(info, "models") else info
+            if served is None or not hasattr(served, "models"):
+                outcomes[neuron.uid] = Outcome(
+                    neuron.uid, neuron.hotkey, None, status=_status(info) if info else "error",
+                    reason=str(_field(info, "reason", "detail", "error", default="no info")))
+                continue
+            offered = {m.model: tuple(m.pipelines) for m in served.models}
+            model = next((m for m in self.config.models if m in offered), None)
+            if model is None:
+                outcomes[neuron.uid] = Outcome(
+                    neuron.uid, neuron.hotkey, None, status=scoring.NO_MODEL,
+                    reason=f"serves {sorted(offered)}, none of {list(self.config.models)}")
+                continue
+            targets.append(Target(neuron.uid, neuron.hotkey, model,
+                                  offered[model] or (PipelineKind.TXT2IMG,)))
+        return targets
+
+    async def _query(self, challenges: list[Challenge], neurons: list[Neuron]
+                     ) -> dict[int, tuple[Challenge, Any]]:
+        by_uid = {n.uid: n for n in neurons}
+        pairs = [(by_uid[c.uid], c.request()) for c in challenges]
+        results = await self.client.query_many(pairs)
+        return {c.uid: (c, r) for c, r in zip(challenges, results)}
+
+    def _cheap_checks(self, challenges: list[Challenge],
+                      answered: dict[int, tuple[Challenge, Any]],
+                      outcomes: dict[int, Outcome], round_index: int) -> list[Answer]:
+        """Every answer: status from the client, then size/mode, then duplicates."""
+        fresh: list[Answer] = []
+        seen_this_round: dict[str, int] = {}
+        for c in challenges:
+            _, result = answered[c.uid]
+            status = _status(result)
+            latency = _field(result, "latency", "latency_s", default=None)
+            reason = str(_field(result, "reason", "detail", "error", default="") or "")
+            base = dict(uid=c.uid, hotkey=c.hotkey, model=c.params.model, workload=c.workload,
+                        latency=latency, timeout=c.timeout)
+            image = _field(result, "image", default=None)
+            if status != OK or image is None:
+                outcomes[c.uid] = Outcome(status=status if status != OK else "bad_image",
+                                          reason=reason or "no image", **base)
+                continue
+            problem = shape_problem(image, c.params.width, c.params.height)
+            if problem:
+                outcomes[c.uid] = Outcome(status=problem.split(":")[0], reason=problem, **base)
+                continue
+            fp = fingerprint(image)
+            earlier = self.answers.match(fp)
+            twin = seen_this_round.get(fp.sha256)
+            if earlier is not None or twin is not None:
+                what = (f"same image as uid {earlier.uid} in round {earlier.round}"
+                        if earlier is not None else f"same image as uid {twin} this round")
+                outcomes[c.uid] = Outcome(status=DUPLICATE, reason=what, **base)
+            else:
+                outcomes[c.uid] = Outcome(status=OK, **base)
+            seen_this_round[fp.sha256] = c.uid
+            answer = Answer(fp.sha256, fp.phash, c.uid, round_index)
+            self.answers.add(answer)
+            fresh.append(answer)
+        return fresh
+
+    def _audit(self, challenges: list[Challenge], answered: dict[int, tuple[Challenge, Any]],
+               outcomes: dict[int, Outcome]) -> None:
+        valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
+        picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
+        if not picked:
+            return
+        items = []
+        for uid in picked:
+            c, result = answered[uid]
+            items.append((c.params, c.image, _field(result, "image")))
+        verdicts = self.verifier.verify(items)
+        for uid, verdict in zip(picked, verdicts):
+            o = outcomes[uid]
+            reason = "" if verdict.passed else (
+                f"{scoring.AUDIT_FAILED}: similarity {verdict.similarity:.3f} < "
+                f"{verdict.threshold:.3f}{' ' + verdict.error if verdict.error else ''}")
+            outcomes[uid] = Outcome(o.uid, o.hotkey, o.model, o.workload, o.status, reason,
+                                    o.latency, o.timeout, audited=True,
+                                    audit_passed=verdict.passed,
+                                    similarity=round(verdict.similarity, 4))
+
+    def _maybe_set_weights(self, report: RoundReport) -> None:
+        netuid = self.config.netuid
+        block = self.chain.current_block()
+        rate_limit = self.chain.weights_rate_limit(netuid)
+        if not scoring.weights_due(block, self.last_weights_block, self.config.epoch_length,
+                                   rate_limit):
+            wait = max(self.config.epoch_length, rate_limit) - (block - self.last_weights_block)
+            report.weights_message = f"next weights in {wait} blocks"
+            return
+        weights = scoring.compute_weights(self.book.scores(), self.book.models(),
+                                          self.config.scoring.model_shares)
+        if not weights:
+            report.weights_message = "no miner has earned weight yet"
+            return
+        try:
+            result = self.chain.set_weights(netuid, self.wallet, list(weights),
+                                            list(weights.values()), self.config.version_key)
+        except ChainError as exc:
+            report.weights_message = f"set_weights failed: {exc}"
+            log.warning("round %d: %s", report.round, report.weights_message)
+            return
+        self.state.record_weights(report.round, result.block, weights, result.success,
+                                  result.message)
+        report.weights = weights if result.success else None
+        report.weights_message = result.message
+        if result.success:
+            self.last_weights_block = result.block
+
+    # ------------------------------------------------------------------ logging
+    def format_report(self, report: RoundReport) -> str:
+        scores = self.book.scores()
+        audited = [o for o in report.outcomes if o.audited]
+        lines = [
+            f"round {report.round} block {report.block}: {len(report.outcomes)} miners, "
+            f"{sum(o.status == OK for o in report.outcomes)} valid, {len(audited)} audited "
+            f"({sum(bool(o.audit_passed) for o in audited)} passed), "
+            f"{report.seconds:.1f}s; weights: {report.weights_message or '-'}",
+            f"  {'uid':>4} {'model':<13} {'pipeline':<17} {'status':<17} {'latency':>8} "
+            f"{'audit':<5} {'sim':>6} {'reward':>7} {'score':>6}  reason",
+        ]
+        for o in sorted(report.outcomes, key=lambda o: o.uid):
+            audit = "-" if not o.audited else ("pass" if o.audit_passed else "FAIL")
+            lines.append(
+                f"  {o.uid:>4} {(o.model or '-'):<13} "
+                f"{(o.workload[0] if o.workload else '-'):<17} {o.status[:17]:<17} "
+                f"{'-' if o.latency is None else f'{o.latency:.2f}s':>8} {audit:<5} "
+                f"{'-' if o.similarity is None else f'{o.similarity:.3f}':>6} "
+                f"{report.rewards.get(o.uid, 0.0):>7.3f} {scores.get(o.uid, 0.0):>6.3f}  "
+                f"{o.reason[:80]}")
+        return "\n".join(lines)
+
+
+def version_key() -> int:
+    """niche's version as the integer the chain compares (0.1.0 -> 100)."""
+    from niche import __version__
+
+    parts = [int(p) if p.isdigit() else 0 for p in __version__.split(".")[:3]]
+    parts += [0] * (3 - len(parts))
+    return parts[0] * 10000 + parts[1] * 100 + parts[2]
+
+
+@contextmanager
+def open_validator(config: ValidatorConfig, args):
+    """Build every collaborator from command-line args; close them all afterwards."""
+    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.models.engine import Engine
+    from niche.validator.client import MinerClient
+
+    wallet = wallet_from_args(args)
+    chain = chain_from_args(args)
+    state = None
+    client = None
+    try:
+        state = ValidatorState(config.state_path)
+        if args.tiny:
+            from niche.models.tiny import ensure_tiny_models
+
+            model_root = ensure_tiny_models()
+        else:
+            model_root = args.model_path
+        engine = Engine(models=list(config.models), model_root=model_root,
+                        device=args.device, dtype=args.dtype)
+        client = MinerClient(wallet)
+        if not config.version_key:
+            config.version_key = version_key()
+        yield Validator(config, chain, wallet, engine, client, state)
+    finally:
+        if client is not None and hasattr(client, "close"):
+            try:
+                result = client.close()
+                if asyncio.iscoroutine(result):
+                    asyncio.run(result)
+            except Exception:  # closing must not hide the real error
+                pass
+        if state is not None:
+            state.close()
+        chain.close()
