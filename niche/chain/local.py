@@ -342,7 +342,8 @@ class LocalChain(Chain):
 
         Localnet has no TAO: `stake` is granted directly (a faucet). An already
         registered hotkey keeps its uid; a positive `stake` then replaces its stake.
-        A full subnet replaces the non-immune neuron with the lowest incentive.
+        A full subnet replaces the non-immune neuron with the lowest incentive
+        (validator-permit holders last, since they would earn dividends).
         """
         if not (stake >= 0 and math.isfinite(stake)):
             raise ChainError(f"stake must be a non-negative number, got {stake}")
@@ -375,8 +376,11 @@ class LocalChain(Chain):
             used = {u for u, _ in taken}
             free = next((u for u in range(params.max_uids) if u not in used), None)
             if free is None:
+                # Real chain: lowest emission goes. Here validators earn no incentive,
+                # so permit holders (they would earn dividends) go last.
+                permits = self._permits(db, params)
                 prunable = [
-                    (incentive.get(u, 0.0), reg, u) for u, reg in taken
+                    (u in permits, incentive.get(u, 0.0), reg, u) for u, reg in taken
                     if block - reg >= params.immunity_period
                 ]
                 if not prunable:
@@ -384,7 +388,7 @@ class LocalChain(Chain):
                         f"subnet {netuid} is full ({params.max_uids} uids) and every neuron is "
                         f"still immune: retry in a few blocks"
                     )
-                free = min(prunable)[2]
+                free = min(prunable)[3]
                 db.execute("DELETE FROM neurons WHERE netuid=? AND uid=?", (netuid, free))
             db.execute(
                 "INSERT INTO neurons (netuid, uid, hotkey, coldkey, stake, registered_block, "

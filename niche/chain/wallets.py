@@ -6,7 +6,6 @@ what to do instead.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,16 @@ def _is_interactive() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+def _password_in_env(keyfile) -> bool:
+    """bittensor keeps saved key passwords in the process environment (BT_PW_...)."""
+    from bittensor.sp_core import get_password_from_environment
+
+    try:
+        return bool(get_password_from_environment(keyfile.env_var_name()))
+    except Exception:  # noqa: BLE001 - an unreadable value is as good as none
+        return False
+
+
 def _check_key(keyfile, what: str, wallet_desc: str, create_hint: str,
                interactive: bool) -> None:
     if not keyfile.exists_on_device():
@@ -27,11 +36,11 @@ def _check_key(keyfile, what: str, wallet_desc: str, create_hint: str,
     if not keyfile.is_readable():
         raise ChainError(f"{what} file {keyfile.path} is not readable by this user: fix its "
                          "permissions")
-    if keyfile.is_encrypted() and not interactive and not os.environ.get(keyfile.env_var_name()):
+    if keyfile.is_encrypted() and not interactive and not _password_in_env(keyfile):
         raise ChainError(
             f"{what} {keyfile.path} is password-protected and this run is non-interactive: use "
-            f"an unencrypted {what} (regenerate it with `btcli wallet regen-hotkey "
-            f"--no-use-password` or create a new one), or export {keyfile.env_var_name()}"
+            f"an unencrypted {what} (regenerate it without a password, e.g. `btcli wallet "
+            f"regen-hotkey`, or create a new one), or run interactively"
         )
 
 
