@@ -1,0 +1,218 @@
+"""The one code path from a request to pixels, shared by the miner and the validator's audit.
+
+Deterministic by construction: every request is validated and completed (`resolve`) before any
+model runs; the seed goes into an explicit CPU `torch.Generator` that draws the initial noise
+(so a seed means the same on every device); the thread count is pinned; pipeline calls are
+serialised by a lock. Same request + same files + same machine setup = same bits.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import PIL.Image
+import torch
+
+from niche.errors import ConfigError, InvalidRequest
+from niche.models import conditioning
+from niche.models.registry import BatchItem, Family, family_class
+from niche.models.spec import DTYPES, ModelSpec, load_spec
+from niche.protocol import GenerationParams, ModelInfo, PipelineKind
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
+ImageArg = Optional[PIL.Image.Image]
+
+
+def default_threads() -> int:
+    env = os.environ.get("NICHE_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Engine:
+    """Loads the given models once and generates images from GenerationParams."""
+
+    def __init__(
+        self,
+        models: Sequence[str] = ("flux-schnell",),
+        model_root: Optional[Path] = None,
+        device: str = "cpu",
+        dtype: Optional[str] = "float32",
+        memory_mode: Optional[str] = None,
+        num_threads: Optional[int] = None,
+        *,
+        config_dir: Optional[Path] = None,
+        local_files_only: bool = False,
+    ):
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if memory_mode is not None and memory_mode not in MEMORY_MODES:
+            raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but torch sees no CUDA device")
+        if not models:
+            raise ConfigError("no models to serve")
+        self.device = device
+        self.num_threads = num_threads or default_threads()
+        torch.set_num_threads(self.num_threads)
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.model_root = Path(model_root) if model_root is not None else None
+        self._lock = threading.RLock()
+        self._specs: dict[str, ModelSpec] = {}
+        self._families: dict[str, Family] = {}
+        for name in models:
+            folder = self.model_root / name if self.model_root is not None else None
+            spec = load_spec(name, config_dir, folder)
+            family = family_class(spec.family)(
+                spec, folder, device, dtype or spec.dtype, memory_mode or spec.memory_mode,
+                local_files_only=local_files_only)
+            with torch.no_grad():
+                family.load()
+            self._specs[name] = spec
+            self._families[name] = family
+            log.info("loaded %s (%s) from %s on %s", name, family.dtype_name,
+                     folder or "hub", device)
+
+    # ---------------------------------------------------------------- what is served
+    def spec(self, model: str) -> ModelSpec:
+        try:
+            return self._specs[model]
+        except KeyError:
+            raise InvalidRequest(f"model '{model}' is not served here (serving: "
+                                 f"{', '.join(self._specs)})", field="model") from None
+
+    def served(self) -> list[ModelInfo]:
+        return [ModelInfo(model=name, pipelines=list(spec.pipelines))
+                for name, spec in self._specs.items()]
+
+    def family(self, model: str) -> Family:
+        self.spec(model)
+        return self._families[model]
+
+    # ---------------------------------------------------------------- validation
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        """Fill model defaults and check limits; raises InvalidRequest(field=...) early."""
+        spec = self.spec(params.model)
+        d, lim = spec.defaults, spec.limits
+        if params.pipeline not in spec.pipelines:
+            raise InvalidRequest(f"{params.model} does not serve pipeline '{params.pipeline.value}'"
+                                 f" (serves: {', '.join(p.value for p in spec.pipelines)})",
+                                 field="pipeline")
+        steps = d.steps if params.steps is None else params.steps
+        if not lim.min_steps <= steps <= lim.max_steps:
+            raise InvalidRequest(f"{steps} not in [{lim.min_steps}, {lim.max_steps}]",
+                                 field="steps")
+        if lim.allowed_steps and steps not in lim.allowed_steps:
+            raise InvalidRequest(f"{steps} not one of {lim.allowed_steps}", field="steps")
+        guidance = d.guidance if params.guidance is None else params.guidance
+        if guidance > lim.max_guidance:
+            raise InvalidRequest(f"{guidance} above {lim.max_guidance}", field="guidance")
+        width = d.width if params.width is None else params.width
+        height = d.height if params.height is None else params.height
+        for field, value in (("width", width), ("height", height)):
+            if value % lim.size_multiple:
+                raise InvalidRequest(f"{value} is not a multiple of {lim.size_multiple}",
+                                     field=field)
+            if not lim.min_size <= value <= lim.max_size:
+                raise InvalidRequest(f"{value} not in [{lim.min_size}, {lim.max_size}]",
+                                     field=field)
+        if lim.allowed_sizes and (width, height) not in [tuple(s) for s in lim.allowed_sizes]:
+            raise InvalidRequest(f"{width}x{height} not one of the allowed sizes", field="width")
+        is_cn = params.pipeline in (PipelineKind.CONTROLNET_CANNY, PipelineKind.CONTROLNET_DEPTH)
+        is_ip = params.pipeline is PipelineKind.IP_ADAPTER
+        if params.controlnet_scale is not None and not is_cn:
+            raise InvalidRequest("only for controlnet pipelines", field="controlnet_scale")
+        if params.ip_adapter_scale is not None and not is_ip:
+            raise InvalidRequest("only for the ip-adapter pipeline", field="ip_adapter_scale")
+        family = self._families[params.model]
+        limit = d.max_sequence_length
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(params, field)
+            if text and family.token_count(text) > limit:
+                raise InvalidRequest(f"longer than {limit} tokens", field=field)
+        negative = params.negative_prompt if family.uses_negative_prompt else ""
+        return params.model_copy(update=dict(
+            steps=steps, guidance=guidance, width=width, height=height,
+            negative_prompt=negative,
+            controlnet_scale=(d.controlnet_scale if params.controlnet_scale is None
+                              else params.controlnet_scale) if is_cn else None,
+            ip_adapter_scale=(d.ip_adapter_scale if params.ip_adapter_scale is None
+                              else params.ip_adapter_scale) if is_ip else None,
+        ))
+
+    def check_image(self, params: GenerationParams, image: ImageArg) -> None:
+        """The conditioning image must be there exactly when the pipeline needs one."""
+        if params.pipeline.needs_image and image is None:
+            raise InvalidRequest(f"pipeline {params.pipeline.value} needs a conditioning image",
+                                 field="image")
+        if not params.pipeline.needs_image and image is not None:
+            raise InvalidRequest("txt2img takes no conditioning image", field="image")
+        if image is not None:
+            if not isinstance(image, PIL.Image.Image):
+                raise InvalidRequest("not a PIL image", field="image")
+            w, h = image.size
+            if w < 1 or h < 1 or w * h > self.spec(params.model).limits.max_image_pixels:
+                raise InvalidRequest(f"{w}x{h} pixels is out of bounds", field="image")
+
+    def conditioning_image(self, params: GenerationParams, image: ImageArg) -> ImageArg:
+        """The pipeline-ready conditioning image at the request's size (params resolved)."""
+        if image is None:
+            return None
+        d = self.spec(params.model).defaults
+        w, h = params.width, params.height
+        if params.pipeline is PipelineKind.CONTROLNET_CANNY:
+            return conditioning.canny(image, w, h, d.canny_low, d.canny_high)
+        if params.pipeline is PipelineKind.CONTROLNET_DEPTH:
+            estimator = getattr(self._families[params.model], "depth_estimator", None)
+            with torch.no_grad():
+                return conditioning.depth(image, w, h, estimator)
+        return conditioning.reference(image, w, h)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, params: GenerationParams, image: ImageArg = None) -> PIL.Image.Image:
+        return self.generate_batch([(params, image)])[0]
+
+    def generate_batch(
+        self, requests: Sequence[tuple[GenerationParams, ImageArg]]
+    ) -> list[PIL.Image.Image]:
+        """Requests that differ only in prompt, negative prompt and seed (same conditioning
+        image) run as one pipeline call, one generator per item. All are validated first."""
+        resolved = []
+        for params, image in requests:
+            full = self.resolve(params)
+            self.check_image(full, image)
+            resolved.append((full, image))
+        groups: dict[tuple, list[int]] = {}
+        for i, (full, image) in enumerate(resolved):
+            groups.setdefault(_group_key(full, image), []).append(i)
+        results: list[Optional[PIL.Image.Image]] = [None] * len(resolved)
+        for indices in groups.values():
+            full, image = resolved[indices[0]]
+            items = [BatchItem(prompt=resolved[i][0].prompt,
+                               negative_prompt=resolved[i][0].negative_prompt,
+                               generator=torch.Generator("cpu").manual_seed(resolved[i][0].seed))
+                     for i in indices]
+            with self._lock, torch.no_grad():
+                cond = self.conditioning_image(full, image)
+                images = self._families[full.model].run(full, items, cond)
+            for i, img in zip(indices, images):
+                results[i] = img.convert("RGB")
+        return results  # type: ignore[return-value]
+
+
+def _group_key(params: GenerationParams, image: ImageArg) -> tuple:
+    base = params.model_copy(update=dict(prompt="-", negative_prompt="", seed=0))
+    digest = None
+    if image is not None:
+        digest = (image.mode, image.size, hashlib.sha256(image.tobytes()).hexdigest())
+    return (base.model_dump_json(), digest)

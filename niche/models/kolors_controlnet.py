@@ -1,0 +1,157 @@
+"""Kolors + ControlNet: diffusers ships no such pipeline, so this one extends KolorsPipeline.
+
+It reuses KolorsPipeline's prompt encoding, latents and time ids, and adds the ControlNet
+residuals the way StableDiffusionXLControlNetPipeline does (one ControlNet, no guess mode).
+Kolors ControlNets carry their own `encoder_hid_proj` (ChatGLM 4096 -> cross-attention width),
+which ControlNetModel.forward does not apply, so the pipeline projects the prompt embeddings
+for the ControlNet itself. The pipeline holds references to the base pipeline's modules: no
+weights are copied.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import PIL.Image
+import torch
+from diffusers import ControlNetModel, KolorsPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.kolors.pipeline_kolors import retrieve_timesteps
+from diffusers.pipelines.kolors.pipeline_output import KolorsPipelineOutput
+
+
+class KolorsControlNetPipeline(KolorsPipeline):
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->controlnet->vae"
+    _optional_components = ["image_encoder", "feature_extractor"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, controlnet: ControlNetModel, scheduler,
+                 image_encoder=None, feature_extractor=None,
+                 force_zeros_for_empty_prompt: bool = False):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         scheduler=scheduler, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.register_modules(controlnet=controlnet)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+
+    def prepare_control_image(self, image, width: int, height: int, batch_size: int,
+                              device, dtype, do_classifier_free_guidance: bool) -> torch.Tensor:
+        image = self.control_image_processor.preprocess(image, height=height, width=width)
+        image = image.to(dtype=torch.float32)
+        if image.shape[0] == 1:
+            image = image.repeat_interleave(batch_size, dim=0)
+        image = image.to(device=device, dtype=dtype)
+        if do_classifier_free_guidance:
+            image = torch.cat([image] * 2)
+        return image
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, list[str]],
+        image: Union[PIL.Image.Image, list[PIL.Image.Image], torch.Tensor],
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        negative_prompt: Optional[Union[str, list[str]]] = None,
+        controlnet_conditioning_scale: float = 0.8,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_sequence_length: int = 256,
+    ):
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
+            raise ValueError("need 0 <= control_guidance_start < control_guidance_end <= 1")
+        self.check_inputs(prompt, num_inference_steps, height, width, negative_prompt,
+                          max_sequence_length=max_sequence_length)
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = None
+        self._denoising_end = None
+        self._interrupt = False
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        device = self._execution_device
+        cfg = self.do_classifier_free_guidance
+
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        control = self.prepare_control_image(image, width, height, batch_size, device,
+                                             self.controlnet.dtype, cfg)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps,
+                                                            device)
+        latents = self.prepare_latents(batch_size, self.unet.config.in_channels, height, width,
+                                       prompt_embeds.dtype, device, generator, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        n = len(timesteps)
+        keep = [1.0 - float(i / n < control_guidance_start or (i + 1) / n > control_guidance_end)
+                for i in range(n)]
+
+        add_time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width),
+                                              dtype=prompt_embeds.dtype,
+                                              text_encoder_projection_dim=int(pooled.shape[-1]))
+        add_text_embeds = pooled
+        if cfg:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+            add_text_embeds = torch.cat([negative_pooled, add_text_embeds], dim=0)
+            add_time_ids = torch.cat([add_time_ids, add_time_ids], dim=0)
+        prompt_embeds = prompt_embeds.to(device)
+        add_text_embeds = add_text_embeds.to(device)
+        add_time_ids = add_time_ids.to(device).repeat(batch_size, 1)
+        added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+        # The ControlNet sees ChatGLM states through its own projection (Kolors' text_proj).
+        controlnet_states = prompt_embeds
+        if getattr(self.controlnet, "encoder_hid_proj", None) is not None:
+            controlnet_states = self.controlnet.encoder_hid_proj(
+                prompt_embeds.to(self.controlnet.dtype))
+
+        self._num_timesteps = n
+        with self.progress_bar(total=n) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                down_res, mid_res = None, None
+                cond_scale = controlnet_conditioning_scale * keep[i]
+                if cond_scale != 0.0:
+                    down_res, mid_res = self.controlnet(
+                        model_input, t, encoder_hidden_states=controlnet_states,
+                        controlnet_cond=control, conditioning_scale=cond_scale,
+                        added_cond_kwargs=added_cond_kwargs, return_dict=False,
+                    )
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added_cond_kwargs,
+                    down_block_additional_residuals=down_res,
+                    mid_block_additional_residual=mid_res, return_dict=False,
+                )[0]
+                if cfg:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
+                                              return_dict=False)[0]
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+            if needs_upcasting:
+                self.upcast_vae()
+                latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            if needs_upcasting:
+                self.vae.to(dtype=torch.float16)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return KolorsPipelineOutput(images=images)

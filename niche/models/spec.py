@@ -1,0 +1,122 @@
+"""Model specs: what a model family serves, its defaults and limits, where its weights live.
+
+Defaults ship as package data (niche/models/configs/*.yaml; configs/models/ in the repository
+links to them), so an installed wheel finds them. An operator can point `NICHE_MODELS_CONFIG_DIR`
+(or `config_dir=`) at another folder. A checkpoint folder may carry `niche_model.yaml` whose
+`defaults`/`limits` override the spec's (the tiny checkpoints use it for 64x64, few steps).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from niche.errors import ConfigError
+from niche.protocol import PipelineKind
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+OVERRIDE_FILE = "niche_model.yaml"
+MemoryMode = Literal["gpu", "model-offload", "sequential-offload"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentSource(_Cfg):
+    """One loadable piece: a hub repository, or `local` relative to the model's folder."""
+
+    hub: str
+    local: str = "."
+    variant: Optional[str] = None
+    revision: Optional[str] = None
+    weight_name: Optional[str] = None
+    image_encoder: Optional[str] = None
+
+
+class Defaults(_Cfg):
+    steps: int = Field(ge=1)
+    guidance: float = Field(ge=0.0)
+    width: int = Field(ge=16)
+    height: int = Field(ge=16)
+    timeout: float = Field(default=30.0, gt=0.0)
+    max_sequence_length: int = Field(default=256, ge=1)
+    controlnet_scale: float = 0.8
+    control_guidance_end: float = Field(default=0.9, gt=0.0, le=1.0)
+    ip_adapter_scale: float = 0.5
+    canny_low: int = 100
+    canny_high: int = 200
+
+
+class Limits(_Cfg):
+    min_size: int = Field(default=256, ge=16)
+    max_size: int = Field(default=2048, ge=16)
+    size_multiple: int = Field(default=16, ge=1)
+    min_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=50, ge=1)
+    max_guidance: float = Field(default=30.0, ge=0.0)
+    allowed_sizes: Optional[list[tuple[int, int]]] = None  # (width, height); None = any in range
+    allowed_steps: Optional[list[int]] = None
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+
+
+class ModelSpec(_Cfg):
+    name: str
+    family: Literal["flux", "kolors"]
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    memory_mode: MemoryMode = "gpu"
+    pipelines: list[PipelineKind]
+    components: dict[str, ComponentSource]
+    defaults: Defaults
+    limits: Limits = Limits()
+
+    def component(self, key: str) -> ComponentSource:
+        try:
+            return self.components[key]
+        except KeyError:
+            raise ConfigError(f"model {self.name}: no component '{key}' in its config") from None
+
+
+def config_dir(explicit: Optional[Path] = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("NICHE_MODELS_CONFIG_DIR")
+    return Path(env) if env else PACKAGE_CONFIG_DIR
+
+
+def available_models(directory: Optional[Path] = None) -> list[str]:
+    return sorted(p.stem for p in config_dir(directory).glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+def load_spec(name: str, directory: Optional[Path] = None,
+              model_dir: Optional[Path] = None) -> ModelSpec:
+    """The spec for `name`, with `model_dir/niche_model.yaml` overrides merged in when present."""
+    path = config_dir(directory) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model '{name}' (no {path})")
+    data = _read_yaml(path)
+    if model_dir is not None and (Path(model_dir) / OVERRIDE_FILE).is_file():
+        override = _read_yaml(Path(model_dir) / OVERRIDE_FILE)
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,595 @@
+"""Tiny random-weight checkpoints of the REAL architectures, in the hub repositories' layout.
+
+Tests, localnet and the validator run the real loading and generation code (diffusers
+`from_pretrained` on a folder) on these, so they must be small (a few MB) and fast (a 64x64
+image well under a second on CPU). Every component has one builder function returning the
+module; `_finish` then initialises every parameter from an explicit generator seeded by the
+component's name (no global RNG), puts it in eval mode and, when the tiny-training follow-up
+has left trained weights in niche/models/tiny_weights/<model>/<component>.safetensors, loads
+those instead. Two builds are byte-identical.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = "tiny-v1"
+MARKER = ".niche-tiny-complete"
+TRAINED_WEIGHTS_DIR = Path(__file__).parent / "tiny_weights"
+
+# A few dozen prompt-like lines: the vocabulary of every tiny tokenizer.
+# The shape/colour lines cover every word of the tiny-training prompts
+# (niche/models/training/data.py VOCABULARY): trained tiny weights depend on these tokens.
+CORPUS = """a photo of a cat sitting on a red chair in the sun
+a painting of a mountain lake at dawn, oil on canvas
+an astronaut riding a horse on the moon, digital art
+a bowl of fruit with apples, oranges and grapes on a wooden table
+a portrait of an old man with a white beard, studio lighting
+a futuristic city skyline at night with neon lights and flying cars
+a small house in a forest covered with snow, winter evening
+a dog running on the beach with waves and blue sky
+a close up of a flower with water drops, macro photography
+a dragon flying over a castle, fantasy illustration, highly detailed
+a cup of coffee next to a laptop on a desk by the window
+a street market in the rain, people with umbrellas, cinematic
+a black and white sketch of a bird on a branch
+a green field with yellow flowers and a tree under clouds
+a robot reading a book in a library, warm light
+an ancient temple in the jungle, mist, sunrise rays
+a sailing boat on a calm sea, watercolor, soft colors
+a bright kitchen with plants, modern interior design
+a girl with a hat walking in a park in autumn leaves
+a bridge over a river in an old town, evening glow
+a small red circle in the left on a blue background
+a medium green square in the right on a yellow gradient background
+a large blue triangle in the top on a white split background
+a small yellow ring in the bottom on a black background
+a medium white cross in the center on a orange background
+a large black stripe in the left on a purple gradient background
+a small orange circle in the right on a cyan split background
+a medium purple square in the top on a pink background
+a large cyan triangle in the bottom on a grey background
+a small pink ring in the center on a brown gradient background
+a medium grey cross in the left on a red split background
+a large brown stripe in the right on a green background
+close-up, 4k, 8k, high quality, masterpiece, best quality, realistic, blurry, low quality
+the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _init_parameters(module: torch.nn.Module, name: str) -> None:
+    """Overwrite every parameter and floating buffer deterministically: weights ~ N(0, 1/fan_in),
+    norm scales ~ 1, biases ~ small. Covers modules whose own init does nothing (ChatGLM's
+    `_init_weights`, its RMSNorm built with torch.empty) and ControlNet's zero convolutions."""
+    with torch.no_grad():
+        for pname, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            g = torch.Generator().manual_seed(_seed(f"{name}/{pname}"))
+            noise = torch.randn(param.shape, generator=g, dtype=torch.float32)
+            leaf = pname.rsplit(".", 1)[-1]
+            if param.ndim >= 2:
+                fan_in = param[0].numel()
+                value = noise / max(fan_in, 1) ** 0.5
+            elif leaf == "bias":
+                value = noise * 0.02
+            else:  # norm scales, scalar gains
+                value = 1.0 + noise * 0.02
+            param.copy_(value.to(param.dtype))
+
+
+def _trained_weights(model: str, component: str) -> Optional[Path]:
+    path = TRAINED_WEIGHTS_DIR / model / f"{component}.safetensors"
+    return path if path.is_file() else None
+
+
+def _finish(module: torch.nn.Module, model: str, component: str) -> torch.nn.Module:
+    """Initialise, or load trained tiny weights (the follow-up hook), then eval()."""
+    _init_parameters(module, f"{model}/{component}")
+    trained = _trained_weights(model, component)
+    if trained is not None:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(trained)), strict=True)
+        log.info("tiny %s/%s: trained weights from %s", model, component, trained)
+    module.eval()
+    return module
+
+
+def _no_global_rng(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Constructors draw from torch's global RNG; keep the caller's state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        return fn()
+
+
+# --------------------------------------------------------------------------- tokenizers
+def _words() -> list[str]:
+    seen: dict[str, None] = {}
+    for line in CORPUS.splitlines():
+        for w in line.replace(",", " , ").split():
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+def _byte_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def build_clip_tokenizer(out: Path) -> None:
+    """CLIP BPE from a local vocab.json/merges.txt: every byte symbol, plus merges of the
+    corpus words so common words are single tokens."""
+    symbols = list(_byte_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in sorted({w.lower() for w in _words() if w.isalpha()}):
+        current = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            nxt = ch + ("</w>" if i == len(word) - 1 else "")
+            merge = f"{current} {nxt}"
+            current = current + nxt
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(current, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    tok.model_max_length = 77
+    tok.save_pretrained(str(out))
+
+
+def build_t5_tokenizer(out: Path) -> None:
+    """T5 from a `tokenizers` Unigram over the corpus words and single characters."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    chars = sorted({c for c in CORPUS if not c.isspace()})
+    pieces += [(c, -5.0) for c in chars]
+    pieces += [("▁" + w, -3.0) for w in _words()]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = 512
+    tok.save_pretrained(str(out))
+
+
+def build_chatglm_tokenizer(out: Path) -> None:
+    """ChatGLM's sentencepiece model, trained here on the corpus (single thread: reproducible)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4),
+        model_writer=buf,
+        vocab_size=512,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer(vocab_file=str(out / "tokenizer.model"))
+    tok.save_pretrained(str(out))
+
+
+# --------------------------------------------------------------------------- flux components
+FLUX_T5_DIM = 32
+FLUX_CLIP_DIM = 32
+FLUX_LATENT_CHANNELS = 4
+
+
+def flux_transformer() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=FLUX_LATENT_CHANNELS * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_DIM,
+        pooled_projection_dim=FLUX_CLIP_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _vae(latent_channels: int, **extra) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=64,
+        **extra,
+    )
+
+
+def flux_vae() -> torch.nn.Module:
+    return _vae(
+        FLUX_LATENT_CHANNELS,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def flux_clip_text(vocab_size: int, eos_id: int, bos_id: int) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=FLUX_CLIP_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=FLUX_CLIP_DIM,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return CLIPTextModel(cfg)
+
+
+def flux_t5(vocab_size: int) -> torch.nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=FLUX_T5_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(cfg)
+
+
+def flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def build_flux(out: Path) -> None:
+    from diffusers import FluxPipeline
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    tmp = out / "_tok"
+    build_clip_tokenizer(tmp / "tokenizer")
+    build_t5_tokenizer(tmp / "tokenizer_2")
+    clip_tok = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    t5_tok = T5Tokenizer.from_pretrained(str(tmp / "tokenizer_2"))
+    m = "flux-schnell"
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=_finish(_no_global_rng(flux_vae), m, "vae"),
+        text_encoder=_finish(_no_global_rng(lambda: flux_clip_text(
+            len(clip_tok), clip_tok.eos_token_id, clip_tok.bos_token_id)), m, "text_encoder"),
+        tokenizer=clip_tok,
+        text_encoder_2=_finish(_no_global_rng(lambda: flux_t5(len(t5_tok))), m, "text_encoder_2"),
+        tokenizer_2=t5_tok,
+        transformer=_finish(_no_global_rng(flux_transformer), m, "transformer"),
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    shutil.rmtree(tmp)
+    _write_overrides(out, {
+        "defaults": {"steps": 4, "guidance": 0.0, "width": 64, "height": 64,
+                     "max_sequence_length": 64},
+        "limits": {"min_size": 32, "max_size": 128, "max_steps": 8},
+    })
+
+
+# --------------------------------------------------------------------------- kolors components
+GLM_DIM = 32
+KOLORS_CROSS_DIM = 64
+KOLORS_TIME_DIM = 8
+
+
+def kolors_text_encoder(vocab_size: int) -> torch.nn.Module:
+    from diffusers.pipelines.kolors import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    padded = (vocab_size + 15) // 16 * 16
+    cfg = ChatGLMConfig(
+        num_layers=2,
+        padded_vocab_size=padded,
+        hidden_size=GLM_DIM,
+        ffn_hidden_size=64,
+        kv_channels=16,
+        num_attention_heads=2,
+        seq_length=256,
+        multi_query_attention=True,
+        multi_query_group_num=1,
+        original_rope=True,
+        rmsnorm=True,
+        add_qkv_bias=True,
+        post_layer_norm=True,
+        torch_dtype="float32",
+    )
+    return ChatGLMModel(cfg)
+
+
+def kolors_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        norm_num_groups=8,
+        cross_attention_dim=KOLORS_CROSS_DIM,
+        encoder_hid_dim=GLM_DIM,
+        encoder_hid_dim_type="text_proj",
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=KOLORS_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * KOLORS_TIME_DIM + GLM_DIM,
+    )
+
+
+def kolors_vae() -> torch.nn.Module:
+    return _vae(4, scaling_factor=0.13025, force_upcast=True)
+
+
+def kolors_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014,
+        beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+    )
+
+
+def kolors_controlnet(unet: torch.nn.Module) -> torch.nn.Module:
+    """ControlNetModel.from_unet keeps the UNet's text_proj; its conditioning embedding
+    downsamples by 8 (four stages), matching the VAE."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+
+
+IMAGE_ENCODER_SIZE = 32
+CLIP_VISION_DIM = 32
+IP_HIDDEN = 64  # IP-Adapter Plus resampler: heads = width // 64
+
+
+def kolors_image_encoder() -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        hidden_size=CLIP_VISION_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, image_size=IMAGE_ENCODER_SIZE, patch_size=8,
+        projection_dim=CLIP_VISION_DIM,
+    )
+    return CLIPVisionModelWithProjection(cfg)
+
+
+def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict[str, torch.Tensor]:
+    """IP-Adapter Plus weights in the original file layout (image_proj.* resampler with four
+    blocks, ip_adapter.<k>.to_{k,v}_ip per cross-attention, k = 1, 3, 5...)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "image_proj.latents": (1, num_queries, IP_HIDDEN),
+        "image_proj.proj_in.weight": (IP_HIDDEN, CLIP_VISION_DIM),
+        "image_proj.proj_in.bias": (IP_HIDDEN,),
+        "image_proj.proj_out.weight": (KOLORS_CROSS_DIM, IP_HIDDEN),
+        "image_proj.proj_out.bias": (KOLORS_CROSS_DIM,),
+        "image_proj.norm_out.weight": (KOLORS_CROSS_DIM,),
+        "image_proj.norm_out.bias": (KOLORS_CROSS_DIM,),
+    }
+    for i in range(4):
+        p = f"image_proj.layers.{i}"
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            shapes[f"{p}.{norm}.weight"] = (IP_HIDDEN,)
+            shapes[f"{p}.{norm}.bias"] = (IP_HIDDEN,)
+        shapes[f"{p}.0.to_q.weight"] = (64, IP_HIDDEN)
+        shapes[f"{p}.0.to_kv.weight"] = (128, IP_HIDDEN)
+        shapes[f"{p}.0.to_out.weight"] = (IP_HIDDEN, 64)
+        shapes[f"{p}.1.1.weight"] = (IP_HIDDEN * 4, IP_HIDDEN)
+        shapes[f"{p}.1.3.weight"] = (IP_HIDDEN, IP_HIDDEN * 4)
+    key_id = 1
+    for name, _ in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            continue
+        attn = unet.get_submodule(name[: -len(".processor")])
+        shapes[f"ip_adapter.{key_id}.to_k_ip.weight"] = tuple(attn.to_k.weight.shape)
+        shapes[f"ip_adapter.{key_id}.to_v_ip.weight"] = tuple(attn.to_v.weight.shape)
+        key_id += 2
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        g = torch.Generator().manual_seed(_seed(f"kolors/ip_adapter/{key}"))
+        if len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[key] = torch.randn(shape, generator=g) / fan_in**0.5
+        elif key.endswith("bias"):
+            state[key] = torch.randn(shape, generator=g) * 0.02
+        else:
+            state[key] = 1.0 + torch.randn(shape, generator=g) * 0.02
+    trained = _trained_weights("kolors", "ip_adapter")
+    if trained is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(trained))
+    return state
+
+
+def build_kolors(out: Path) -> None:
+    from diffusers import KolorsPipeline
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor
+
+    m = "kolors"
+    tmp = out / "_tok"
+    build_chatglm_tokenizer(tmp)
+    tok = ChatGLMTokenizer.from_pretrained(str(tmp))
+    unet = _finish(_no_global_rng(kolors_unet), m, "unet")
+    pipe = KolorsPipeline(
+        vae=_finish(_no_global_rng(kolors_vae), m, "vae"),
+        text_encoder=_finish(_no_global_rng(lambda: kolors_text_encoder(len(tok))), m, "text_encoder"),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=kolors_scheduler(),
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    shutil.rmtree(tmp)
+    for kind in ("canny", "depth"):
+        cn = _finish(_no_global_rng(lambda: kolors_controlnet(unet)), m, f"controlnet-{kind}")
+        cn.save_pretrained(str(out / f"controlnet-{kind}"), safe_serialization=True)
+    ip_dir = out / "ip-adapter"
+    encoder = _finish(_no_global_rng(kolors_image_encoder), m, "image_encoder")
+    encoder.save_pretrained(str(ip_dir / "image_encoder"), safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_ENCODER_SIZE},
+        crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
+    ).save_pretrained(str(ip_dir / "image_encoder"))
+    save_file(kolors_ip_adapter_state(unet), str(ip_dir / "ip_adapter_plus_general.safetensors"),
+              metadata={"format": "pt"})
+    build_depth(out / "depth-estimator")
+    _write_overrides(out, {
+        "defaults": {"steps": 8, "guidance": 5.0, "width": 64, "height": 64},
+        "limits": {"min_size": 32, "max_size": 128, "max_steps": 16},
+    })
+
+
+# --------------------------------------------------------------------------- depth model
+def depth_model() -> torch.nn.Module:
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+        image_size=28, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    cfg = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=16, patch_size=14,
+        neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, head_hidden_size=8,
+        reassemble_factors=[4, 2, 1, 0.5], depth_estimation_type="relative",
+    )
+    return DepthAnythingForDepthEstimation(cfg)
+
+
+def build_depth(out: Path) -> None:
+    from transformers import DPTImageProcessor
+
+    model = _finish(_no_global_rng(depth_model), "kolors", "depth")
+    model.save_pretrained(str(out), safe_serialization=True)
+    DPTImageProcessor(
+        do_resize=True, size={"height": 28, "width": 28}, keep_aspect_ratio=False,
+        ensure_multiple_of=14, do_rescale=True, do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(str(out))
+
+
+# --------------------------------------------------------------------------- entry points
+def _write_overrides(out: Path, data: dict) -> None:
+    import yaml
+
+    text = "# Tiny checkpoint: small sizes and few steps so tests and localnet are fast.\n"
+    (out / "niche_model.yaml").write_text(text + yaml.safe_dump(data, sort_keys=True))
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"flux-schnell": build_flux, "kolors": build_kolors}
+
+
+def build_tiny_models(out: Path, models: Optional[list[str]] = None) -> Path:
+    """Write every tiny checkpoint under out/<model>/ (overwrites). Returns out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(False), torch.no_grad():
+        for name in models or list(BUILDERS):
+            target = out / name
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            BUILDERS[name](target)
+    (out / MARKER).write_text(TINY_VERSION + "\n")
+    return out
+
+
+def default_tiny_dir() -> Path:
+    env = os.environ.get("NICHE_TINY_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "niche" / TINY_VERSION
+
+
+def ensure_tiny_models(root: Optional[Path] = None) -> Path:
+    """Build the tiny checkpoints once and return their root. The build goes to a temporary
+    sibling folder renamed into place, so a concurrent or interrupted build is never used."""
+    root = Path(root) if root else default_tiny_dir()
+    if (root / MARKER).is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-build-", dir=root.parent))
+    try:
+        build_tiny_models(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / MARKER).is_file():  # an incomplete leftover: replace it
+                shutil.rmtree(root, ignore_errors=True)
+                os.rename(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
