@@ -1,0 +1,62 @@
+"""`niche localnet`: the whole subnet on this machine, then a scoreboard."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_WORKDIR = "~/.niche/localnet"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "localnet", help="run a local chain, miners and validators on this machine",
+        description="Build tiny checkpoints if missing, create a local chain file and "
+        "wallets, register everything with stake, start miners and validators as separate "
+        "processes on 127.0.0.1, then print a scoreboard. Ctrl-C stops every child.")
+    parser.add_argument("--miners", type=int, default=3, help="number of miners (default 3)")
+    parser.add_argument("--validators", type=int, default=1, help="number of validators (1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="validator rounds, then stop by itself and exit 0 "
+                             "(default: run until Ctrl-C)")
+    parser.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
+                        help="models, assigned to miners in turn (default flux-schnell kolors)")
+    parser.add_argument("--cheat", action="append", default=[], metavar="BEHAVIOUR",
+                        choices=["other-seed", "fewer-steps"],
+                        help="make one more of the miners dishonest (other-seed or "
+                             "fewer-steps; repeatable) to watch the validator catch it")
+    parser.add_argument("--audit-fraction", type=float, default=1.0,
+                        help="share of answers the validator regenerates (default 1.0)")
+    parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR).expanduser(),
+                        help=f"chain file, wallets, state and logs (default {DEFAULT_WORKDIR})")
+    parser.add_argument("--netuid", type=int, default=1, help="local subnet id (default 1)")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="folder of checkpoints (default: the tiny ones, built if missing)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the chain and state in --workdir instead of starting fresh")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only prepare (chain, wallets, ports) and print the plan; "
+                             "used by configs/pm2/localnet.config.js")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from niche.localnet.plan import prepare
+
+    plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
+                   models=args.models, cheats=args.cheat, rounds=args.rounds,
+                   netuid=args.netuid, model_root=args.model_path, fresh=not args.keep,
+                   audit_fraction=args.audit_fraction)
+    if args.prepare_only:
+        print(plan.to_json() if args.json else f"prepared {plan.workdir}")
+        return 0
+    from niche.localnet.run import run as run_plan
+    from niche.localnet.scoreboard import collect, render
+
+    print(f"localnet: chain {plan.chain_path}, netuid {plan.netuid}, models {plan.model_root}",
+          flush=True)
+    code = run_plan(plan, say=lambda line: print(line, flush=True))
+    rows, facts = collect(plan)
+    print(f"\nscoreboard after {facts['rounds']} round(s):")
+    print(render(rows, facts))
+    return code

@@ -1,0 +1,162 @@
+"""Prepare a local subnet: tiny checkpoints, a chain file, wallets with stake, free ports.
+
+The result is a `LocalnetPlan`: the exact `niche ...` command of every process. `niche
+localnet` runs it under its own supervisor; configs/pm2/localnet.config.js runs the same
+plan under pm2 (it calls `niche localnet prepare --json`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from niche.errors import ConfigError
+from niche.localnet.supervisor import free_port
+
+CHEATS = ("other-seed", "fewer-steps")
+"""Dishonest miner behaviours a newcomer can add to watch the validator catch them."""
+
+DEFAULT_NETUID = 1
+MINER_STAKE = 10.0
+VALIDATOR_STAKE = 1000.0
+
+
+@dataclass
+class ProcessPlan:
+    name: str
+    role: str  # "miner" | "validator"
+    hotkey_name: str
+    hotkey: str
+    args: list[str]  # after `niche`
+    model: Optional[str] = None
+    port: Optional[int] = None
+    cheat: Optional[str] = None
+    state_path: Optional[str] = None
+    log_path: Optional[str] = None
+
+
+@dataclass
+class LocalnetPlan:
+    workdir: str
+    chain_path: str
+    netuid: int
+    wallet_path: str
+    model_root: str
+    rounds: Optional[int]
+    processes: list[ProcessPlan] = field(default_factory=list)
+
+    def role(self, role: str) -> list[ProcessPlan]:
+        return [p for p in self.processes if p.role == role]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _chain_and_wallet_args(plan_chain: str, netuid: int, wallet_path: Path, name: str,
+                           hotkey: str) -> list[str]:
+    return [
+        "--netuid", str(netuid),
+        "--subtensor.network", "localnet", "--localnet.path", plan_chain,
+        "--wallet.name", name, "--wallet.hotkey", hotkey, "--wallet.path", str(wallet_path),
+    ]
+
+
+def prepare(
+    workdir: Path,
+    *,
+    miners: int = 3,
+    validators: int = 1,
+    models: Sequence[str] = ("flux-schnell", "kolors"),
+    cheats: Sequence[str] = (),
+    rounds: Optional[int] = 2,
+    netuid: int = DEFAULT_NETUID,
+    model_root: Optional[Path] = None,
+    fresh: bool = True,
+    block_time: float = 1.0,
+    sample_size: Optional[int] = None,
+    audit_fraction: float = 1.0,
+    round_interval: float = 2.0,
+) -> LocalnetPlan:
+    """Create (or, with fresh=False, reuse) everything a local subnet needs under workdir."""
+    from niche.chain.local import LocalChain
+    from niche.chain.wallets import create_wallet
+    from niche.models.spec import available_models
+    from niche.models.tiny import ensure_tiny_models
+
+    if miners < 1 or validators < 1:
+        raise ConfigError("localnet needs at least one miner and one validator")
+    unknown = sorted(set(models) - set(available_models()))
+    if unknown:
+        raise ConfigError(f"--models: unknown {unknown}; known: {available_models()}")
+    bad = sorted(set(cheats) - set(CHEATS))
+    if bad:
+        raise ConfigError(f"--cheat: unknown {bad}; choose from {list(CHEATS)}")
+
+    workdir = Path(workdir).expanduser().resolve()
+    if fresh and workdir.exists():
+        for child in ("chain.sqlite", "chain.sqlite-wal", "chain.sqlite-shm", "state", "logs"):
+            target = workdir / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(model_root) if model_root else ensure_tiny_models()
+    chain_path = workdir / "chain.sqlite"
+    wallet_path = workdir / "wallets"
+
+    chain = LocalChain(chain_path, create=True, block_time=block_time)
+    try:
+        chain.create_subnet(netuid, tempo=10, weights_rate_limit=1, exist_ok=True,
+                            max_validators=max(1, validators),
+                            min_validator_stake=VALIDATOR_STAKE / 2)
+        plan = LocalnetPlan(str(workdir), str(chain_path), netuid, str(wallet_path), str(root),
+                            rounds)
+        allow: list[str] = []
+        for index in range(validators):
+            name = f"validator{index + 1}"
+            wallet = create_wallet("localnet", name, wallet_path)
+            chain.register(netuid, wallet, stake=VALIDATOR_STAKE)
+            allow.append(wallet.hotkey.ss58_address)
+            state = workdir / "state" / f"{name}.sqlite"
+            args = ["validator", *_chain_and_wallet_args(str(chain_path), netuid, wallet_path,
+                                                          "localnet", name),
+                    "--models", *models, "--model-path", str(root),
+                    "--neuron.state_path", str(state),
+                    "--neuron.epoch_length", "1",
+                    "--neuron.audit_fraction", str(audit_fraction),
+                    "--neuron.round_interval", str(round_interval),
+                    "--neuron.seed", str(1000 + index)]
+            if sample_size:
+                args += ["--neuron.sample_size", str(sample_size)]
+            if rounds:
+                args += ["--neuron.rounds", str(rounds)]
+            plan.processes.append(ProcessPlan(name, "validator", name, wallet.hotkey.ss58_address,
+                                              args, state_path=str(state),
+                                              log_path=str(workdir / "logs" / f"{name}.log")))
+        cheat_list = list(cheats)
+        for index in range(miners):
+            name = f"miner{index + 1}"
+            model = models[index % len(models)]
+            # Cheaters take the last slots so miner1.. stay honest references.
+            cheat = cheat_list[index - (miners - len(cheat_list))] \
+                if index >= miners - len(cheat_list) else None
+            wallet = create_wallet("localnet", name, wallet_path)
+            chain.register(netuid, wallet, stake=MINER_STAKE)
+            port = free_port()
+            args = ["miner", *_chain_and_wallet_args(str(chain_path), netuid, wallet_path,
+                                                      "localnet", name),
+                    "--axon.ip", "127.0.0.1", "--axon.port", str(port),
+                    "--model", model, "--model-path", str(root),
+                    "--blacklist.allow_hotkeys", *allow]
+            if cheat:
+                args += ["--localnet.cheat", cheat]
+            plan.processes.append(ProcessPlan(name, "miner", name, wallet.hotkey.ss58_address,
+                                              args, model=model, port=port, cheat=cheat,
+                                              log_path=str(workdir / "logs" / f"{name}.log")))
+    finally:
+        chain.close()
+    (workdir / "plan.json").write_text(plan.to_json())
+    return plan

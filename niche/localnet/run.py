@@ -1,0 +1,116 @@
+"""Run a prepared local subnet: miners first (until they answer /healthz), then validators;
+show progress; stop everything on completion, Ctrl-C or the death of any child."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import httpx
+
+from niche.errors import NicheError
+from niche.localnet.plan import LocalnetPlan, ProcessPlan
+from niche.localnet.supervisor import Child, ChildFailed, Supervisor
+
+
+class LocalnetFailed(NicheError):
+    exit_code = 3
+
+
+def niche_command() -> list[str]:
+    """How to start `niche` in a child: the console script next to this Python, else -m."""
+    script = Path(sys.executable).with_name("niche")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("niche")
+    return [found] if found else [sys.executable, "-m", "niche.cli"]
+
+
+def _child(proc: ProcessPlan, log_dir: Path) -> Child:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return Child(name=proc.name, argv=niche_command() + proc.args,
+                 log_path=Path(proc.log_path or log_dir / f"{proc.name}.log"),
+                 expected_to_exit=proc.role == "validator", env=env)
+
+
+def _wait_healthy(sup: Supervisor, miners: list[ProcessPlan], timeout: float,
+                  say: Callable[[str], None]) -> None:
+    pending = {m.name: f"http://127.0.0.1:{m.port}/healthz" for m in miners}
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while pending:
+            sup.check()
+            for name, url in list(pending.items()):
+                try:
+                    if client.get(url).status_code == 200:
+                        del pending[name]
+                        say(f"{name} is up")
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise LocalnetFailed(f"miners not healthy after {timeout:.0f}s: "
+                                     f"{', '.join(sorted(pending))} (see their logs)")
+            time.sleep(0.5)
+
+
+def _rounds_done(validator: ProcessPlan) -> int:
+    import sqlite3
+
+    if not validator.state_path or not Path(validator.state_path).exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{validator.state_path}?mode=ro", uri=True, timeout=1) as db:
+            row = db.execute("SELECT value FROM meta WHERE key='round'").fetchone()
+        return int(row[0]) if row else 0
+    except (sqlite3.Error, ValueError):
+        return 0
+
+
+def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
+        startup_timeout: float = 180.0, duration: Optional[float] = None) -> int:
+    """Run until every validator finished its rounds (or `duration` seconds, or Ctrl-C)."""
+    log_dir = Path(plan.workdir) / "logs"
+    started = time.monotonic()
+    interrupted = False
+
+    def on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: stop children, exit.
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with Supervisor() as sup:
+            miners, validators = plan.role("miner"), plan.role("validator")
+            for proc in miners:
+                sup.start(_child(proc, log_dir))
+                say(f"started {proc.name} ({proc.model}{', ' + proc.cheat if proc.cheat else ''}) "
+                    f"on 127.0.0.1:{proc.port}, log {proc.log_path}")
+            _wait_healthy(sup, miners, startup_timeout, say)
+            for proc in validators:
+                sup.start(_child(proc, log_dir))
+                say(f"started {proc.name}, log {proc.log_path}")
+            last = None
+            while True:
+                sup.check()
+                done = [_rounds_done(v) for v in validators]
+                if done != last:
+                    goal = f"/{plan.rounds}" if plan.rounds else ""
+                    say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
+                        f"{v.name} {d}{goal}" for v, d in zip(validators, done)))
+                    last = done
+                if plan.rounds and not sup.running(only_expected_to_exit=True):
+                    break
+                if duration is not None and time.monotonic() - started > duration:
+                    break
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: stopped every child process")
+    except ChildFailed as exc:
+        raise LocalnetFailed(f"{exc} (stopped the other processes)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 130 if interrupted else 0

@@ -1,0 +1,146 @@
+"""Start, watch and stop the child processes of a local subnet.
+
+Children run in their own process group so a stop reaches everything they spawned, and on
+Linux they also receive SIGTERM if localnet itself dies, so nothing is ever orphaned.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        with open(path, "r", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines))
+    except OSError:
+        return ""
+
+
+@dataclass
+class Child:
+    """One process of the local subnet; its output goes to `log_path`."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    expected_to_exit: bool = False
+    env: Optional[dict[str, str]] = None
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env=self.env,
+            )
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process else None
+
+    def poll(self) -> Optional[int]:
+        return self.process.poll() if self.process else None
+
+    def signal_group(self, sig: int, even_if_exited: bool = False) -> None:
+        if self.process and (even_if_exited or self.process.poll() is None):
+            try:
+                os.killpg(self.process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class ChildFailed(RuntimeError):
+    def __init__(self, child: Child, code: int):
+        self.child, self.code = child, code
+        super().__init__(
+            f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+            f"{tail(child.log_path)}"
+        )
+
+
+class Supervisor:
+    """Owns the children: start in order, watch for deaths, stop all on any exit path."""
+
+    def __init__(self, stop_timeout: float = 15.0):
+        self.children: list[Child] = []
+        self.stop_timeout = stop_timeout
+
+    def start(self, child: Child) -> Child:
+        child.start()
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise ChildFailed for the first child that died when it should not have."""
+        for child in self.children:
+            code = child.poll()
+            if code is None:
+                continue
+            if not child.expected_to_exit or code != 0:
+                raise ChildFailed(child, code)
+
+    def running(self, only_expected_to_exit: bool = False) -> list[Child]:
+        return [
+            c
+            for c in self.children
+            if c.poll() is None and (c.expected_to_exit or not only_expected_to_exit)
+        ]
+
+    def stop_all(self) -> None:
+        """SIGTERM every process group, wait, then SIGKILL what is left."""
+        for child in reversed(self.children):
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.signal_group(signal.SIGKILL)
+                child.process.wait(timeout=5)
+        # Grandchildren in a group whose leader already exited.
+        for child in self.children:
+            child.signal_group(signal.SIGKILL, even_if_exited=True)
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
