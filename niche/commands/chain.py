@@ -148,7 +148,8 @@ def _wallet_create(args: argparse.Namespace) -> int:
     from niche.chain.wallets import create_wallet
 
     wallet = create_wallet(args.wallet_name, args.wallet_hotkey, args.wallet_path)
-    print(f"wallet {args.wallet_name}/{args.wallet_hotkey} in {Path(args.wallet_path).expanduser()}:"
+    where = Path(args.wallet_path).expanduser()
+    print(f"wallet {args.wallet_name}/{args.wallet_hotkey} in {where}:"
           f" coldkey {wallet.coldkeypub.ss58_address}, hotkey {wallet.hotkey.ss58_address}"
           " (unencrypted: for localnet only)")
     return 0
