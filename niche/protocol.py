@@ -97,6 +97,8 @@ class ErrorResponse(BaseModel):
 
     reason: str
     detail: str = ""
+    field: Optional[str] = None
+    """The request field at fault, when one is (e.g. "image", "params.width")."""
 
 
 def response_signing_message(request_id: str, image_sha256: str) -> bytes:

@@ -1,0 +1,155 @@
+"""Who sent a request, and who made an image: thin wrappers over `bittensor.http_auth`.
+
+Requests carry btauth/1 headers (sr25519 over method, path, sha256 of the raw body, a
+nanosecond nonce, sender and receiver). The miner refuses a request with no such headers,
+one bound to another receiver, a stale or replayed nonce, or a bad signature. Responses carry
+the miner hotkey's signature over `response_signing_message(request_id, image_sha256)`, so a
+validator can prove which hotkey answered with which image.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from bittensor import http_auth
+from bittensor.sp_core import CRYPTO_SR25519
+from bittensor.sp_core import verify as _sr_verify
+
+from niche.protocol import response_signing_message
+
+AUTH_HEADERS = (
+    http_auth.HEADER_VERSION, http_auth.HEADER_HOTKEY, http_auth.HEADER_NONCE,
+    http_auth.HEADER_SIGNATURE, http_auth.HEADER_RECEIVER, http_auth.HEADER_CRYPTO,
+)
+_AUTH_LOWER = tuple(h.lower() for h in AUTH_HEADERS)
+
+
+class AuthFailure(Exception):
+    """Authentication refused: `status` is the HTTP code, `reason` a stable word."""
+
+    def __init__(self, status: int, reason: str, detail: str = ""):
+        self.status, self.reason, self.detail = status, reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+_REASONS: dict[type, tuple[int, str]] = {
+    http_auth.WrongReceiver: (403, "wrong_receiver"),
+    http_auth.StaleRequest: (401, "stale_request"),
+    http_auth.ReplayedRequest: (401, "replayed_request"),
+    http_auth.BadSignature: (401, "bad_signature"),
+    http_auth.MalformedAuth: (401, "malformed_auth"),
+}
+
+
+class NonceStoreFull(Exception):
+    pass
+
+
+class BoundedNonceStore:
+    """Replay store with a time window AND a size bound (http_auth's default has no bound).
+
+    Entries expire after `retention` seconds (>= the freshness window, so an expired entry can
+    only be replayed once it is stale anyway). When `max_entries` live entries exist, new
+    nonces are refused (the miner answers 503) rather than forgetting live ones, which would
+    reopen replay."""
+
+    def __init__(self, retention: float = 30.0, max_entries: int = 100_000,
+                 clock=time.monotonic):
+        self.retention = retention
+        self.max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_store(self, hotkey_ss58: str, nonce_ns: int) -> bool:
+        key = (hotkey_ss58, int(nonce_ns))
+        now = self._clock()
+        with self._lock:
+            while self._seen:
+                oldest_key, expiry = next(iter(self._seen.items()))
+                if expiry > now:
+                    break
+                del self._seen[oldest_key]
+            if key in self._seen:
+                return False
+            if len(self._seen) >= self.max_entries:
+                raise NonceStoreFull("replay store is full")
+            self._seen[key] = now + self.retention
+            return True
+
+
+def has_auth_headers(headers: Mapping[str, str]) -> bool:
+    return any(k.lower() in _AUTH_LOWER for k in headers.keys())
+
+
+def claimed_hotkey(headers: Mapping[str, str]) -> Optional[str]:
+    """The sender hotkey a request CLAIMS (unverified): lets cheap checks run first."""
+    for key, value in headers.items():
+        if key.lower() == http_auth.HEADER_HOTKEY.lower():
+            return value
+    return None
+
+
+def sign_request(wallet, *, method: str, path: str, body: bytes,
+                 receiver: str) -> dict[str, str]:
+    """btauth/1 headers for one request to the hotkey `receiver`."""
+    return http_auth.sign(wallet, method=method, path=path, body=body, receiver_ss58=receiver)
+
+
+@dataclass
+class RequestVerifier:
+    """Verifies incoming requests for the miner hotkey `self_hotkey`."""
+
+    self_hotkey: str
+    max_age: float = http_auth.DEFAULT_MAX_AGE
+    allowed_skew: float = http_auth.DEFAULT_ALLOWED_SKEW
+    nonce_store: Optional[BoundedNonceStore] = None
+
+    def __post_init__(self) -> None:
+        if self.nonce_store is None:
+            self.nonce_store = BoundedNonceStore(retention=self.max_age + self.allowed_skew + 5)
+
+    def verify(self, headers: Mapping[str, str], body: bytes, *, method: str,
+               path: str) -> str:
+        """The authenticated caller hotkey, or AuthFailure."""
+        if not has_auth_headers(headers):
+            raise AuthFailure(401, "unsigned", "sign requests with bittensor.http_auth "
+                              "(btauth/1 headers)")
+        try:
+            caller = http_auth.verify(
+                dict(headers), body, method=method, path=path,
+                self_hotkey_ss58=self.self_hotkey, max_age=self.max_age,
+                allowed_skew=self.allowed_skew, require_receiver=True,
+                nonce_store=self.nonce_store,
+            )
+        except NonceStoreFull:
+            raise AuthFailure(503, "busy", "replay store full; retry later") from None
+        except http_auth.AuthError as exc:
+            for cls, (status, reason) in _REASONS.items():
+                if isinstance(exc, cls):
+                    raise AuthFailure(status, reason, str(exc)) from None
+            raise AuthFailure(401, "unauthorized", str(exc)) from None
+        return caller.hotkey_ss58
+
+
+# ----------------------------------------------------------------------------- responses
+def sign_response(keypair, request_id: str, image_sha256: str) -> str:
+    """Hex signature of the miner hotkey over the response message."""
+    return "0x" + bytes(keypair.sign(response_signing_message(request_id, image_sha256))).hex()
+
+
+def verify_response(hotkey_ss58: str, request_id: str, image_sha256: str,
+                    signature: str) -> bool:
+    """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256)."""
+    try:
+        raw = bytes.fromhex(signature.removeprefix("0x"))
+        return bool(_sr_verify(response_signing_message(request_id, image_sha256), raw,
+                               hotkey_ss58, CRYPTO_SR25519))
+    except (ValueError, TypeError):
+        return False

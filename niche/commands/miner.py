@@ -1,0 +1,153 @@
+"""`niche miner`: serve models to validators over signed HTTP (flags in bittensor's dotted
+convention). Everything heavy is imported inside `run`, so `niche --help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+DEFAULT_PORT = 8091
+
+
+def add_miner_args(parser: argparse.ArgumentParser) -> None:
+    from niche.chain.cli_args import add_chain_args, add_wallet_args
+
+    add_chain_args(parser, netuid_required=True)
+    add_wallet_args(parser)
+    axon = parser.add_argument_group("axon")
+    axon.add_argument("--axon.ip", dest="axon_ip", default="0.0.0.0",
+                      help="interface to listen on (default 0.0.0.0)")
+    axon.add_argument("--axon.port", dest="axon_port", type=int, default=DEFAULT_PORT,
+                      help=f"port to listen on (default {DEFAULT_PORT})")
+    axon.add_argument("--axon.external_ip", dest="axon_external_ip", default=None,
+                      help="IP published on chain (required when --axon.ip is 0.0.0.0/::)")
+    m = parser.add_argument_group("models")
+    m.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
+                   help="model(s) to serve (default flux-schnell)")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--model-path", dest="model_path", type=Path, default=None,
+                     help="folder holding <model>/ checkpoints (default: hub ids)")
+    src.add_argument("--tiny", action="store_true",
+                     help="serve the tiny random-weight checkpoints (tests, localnet)")
+    m.add_argument("--device", default="auto",
+                   help="torch device (default auto: cuda when available, else cpu)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the model's)")
+    m.add_argument("--memory-mode", dest="memory_mode", default=None,
+                   choices=["gpu", "model-offload", "sequential-offload"],
+                   help="GPU memory strategy (default: the model's)")
+    m.add_argument("--num-threads", dest="num_threads", type=int, default=None,
+                   help="torch CPU threads (default: min(4, cores))")
+    b = parser.add_argument_group("blacklist")
+    b.add_argument("--blacklist.min_stake", dest="min_stake", type=float, default=0.0,
+                   help="refuse callers with less stake (default 0)")
+    b.add_argument("--blacklist.allow_hotkeys", dest="allow_hotkeys", nargs="*", default=[],
+                   metavar="SS58", help="hotkeys always served (skip registration/permit/"
+                                        "stake checks)")
+    b.add_argument("--blacklist.allow_non_validators", dest="allow_non_validators",
+                   action="store_true", help="serve registered callers without a validator "
+                                             "permit (development only)")
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--limits.requests_per_minute", dest="requests_per_minute", type=float,
+                     default=60.0, help="per-hotkey token bucket (default 60; 0 disables)")
+    lim.add_argument("--limits.stake_proportional", dest="stake_proportional",
+                     action="store_true", help="share requests_per_minute among validators "
+                                               "by stake instead of per hotkey")
+    lim.add_argument("--queue.max_size", dest="queue_max_size", type=int, default=16,
+                     help="requests waiting for the GPU before 503 (default 16)")
+    lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
+                     default=60.0, help="seconds between metagraph refreshes (default 60)")
+    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "miner", help="run a miner",
+        description="Serve image generation to validators: signed requests only, "
+                    "blacklist by registration/permit/stake, stake-priority queue.")
+    add_miner_args(parser)
+    parser.set_defaults(func=run)
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_from_args(args: argparse.Namespace):
+    from niche.errors import ConfigError
+    from niche.miner.service import MinerConfig
+
+    if not 0 < args.axon_port < 65536:
+        raise ConfigError(f"--axon.port must be in 1..65535, got {args.axon_port}")
+    for flag, value in (("--axon.ip", args.axon_ip),
+                        ("--axon.external_ip", args.axon_external_ip)):
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(f"{flag}: {value!r} is not an IP address") from None
+    if args.axon_external_ip is None and ipaddress.ip_address(args.axon_ip).is_unspecified:
+        raise ConfigError("--axon.ip is a wildcard address: pass --axon.external_ip with the "
+                          "IP validators should use")
+    if args.queue_max_size < 0:
+        raise ConfigError("--queue.max_size must be >= 0")
+    if args.requests_per_minute < 0:
+        raise ConfigError("--limits.requests_per_minute must be >= 0")
+    return MinerConfig(
+        netuid=args.netuid, min_stake=args.min_stake,
+        allow_hotkeys=tuple(args.allow_hotkeys or ()),
+        allow_non_validators=args.allow_non_validators,
+        requests_per_minute=args.requests_per_minute,
+        stake_proportional_rate=args.stake_proportional,
+        max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.debug)
+    log = logging.getLogger("niche.miner")
+    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.miner.server import bind_socket, serve
+
+    config = config_from_args(args)
+    wallet = wallet_from_args(args)
+    chain = chain_from_args(args)
+    from niche.miner.service import MinerService
+
+    # Cheap checks first: registration and the port, before minutes of model loading.
+    mg = chain.metagraph(args.netuid)
+    if mg.by_hotkey(wallet.hotkey.ss58_address) is None:
+        from niche.chain.base import ChainError
+
+        raise ChainError(
+            f"miner hotkey {wallet.hotkey.ss58_address} is not registered on subnet "
+            f"{args.netuid}: register it first (`niche chain register ...` on localnet, "
+            "`btcli subnets register` on a real network)")
+    bind_socket(args.axon_ip, args.axon_port).close()
+    from niche.models.engine import Engine
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_root = args.model_path
+    if args.tiny:
+        from niche.models.tiny import ensure_tiny_models
+
+        model_root = ensure_tiny_models()
+    log.info("loading %s on %s", ", ".join(args.models), device)
+    engine = Engine(models=list(args.models), model_root=model_root, device=device,
+                    dtype=args.dtype, memory_mode=args.memory_mode,
+                    num_threads=args.num_threads)
+    service = MinerService(engine, wallet, config, chain=chain)
+    service.check_registered()
+    log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
+             service.check_registered().uid, ", ".join(args.models))
+    serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    return 0

@@ -1,0 +1,180 @@
+"""Images across the wire: deterministic encoding, and decoding that a stranger cannot abuse.
+
+Every image a miner or validator receives comes from someone it does not trust. Decoding is
+therefore bounded at each step, cheapest first: base64 length, strict base64 alphabet, byte
+count, container format, header dimensions (read WITHOUT decoding pixels), then the pixel
+decode itself under Pillow's decompression-bomb guard turned into an error. Any failure is an
+`InvalidRequest(field=...)` with a message a caller can act on.
+
+Encoding is lossless and byte-for-byte deterministic (a fresh image with no metadata, fixed
+encoder settings), so the sha256 of an answer identifies its pixels and cannot be altered by
+EXIF/ICC/text chunks.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from niche.errors import InvalidRequest
+from niche.protocol import MAX_IMAGE_B64_CHARS
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")
+ENCODE_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Hard caps for one decoded image. Defaults fit a 4096x4096 conditioning image."""
+
+    max_b64_chars: int = MAX_IMAGE_B64_CHARS
+    max_bytes: int = MAX_IMAGE_B64_CHARS * 3 // 4
+    max_pixels: int = 4096 * 4096
+    max_side: int = 4096
+    formats: tuple[str, ...] = ALLOWED_FORMATS
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def image_sha256(data: bytes) -> str:
+    """Lowercase hex sha256 of encoded image bytes (what a miner signs)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- encode
+def _clean_rgb(image: Image.Image) -> Image.Image:
+    """A metadata-free RGB copy: nothing but pixels reaches the encoder."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return Image.frombytes("RGB", rgb.size, rgb.tobytes())
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """Lossless, deterministic bytes of `image` as RGB: PNG (default) or lossless WebP."""
+    fmt = fmt.upper()
+    if fmt not in ENCODE_FORMATS:
+        raise InvalidRequest(f"cannot encode {fmt}; use one of {', '.join(ENCODE_FORMATS)}",
+                             field="format")
+    clean = _clean_rgb(image)
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        clean.save(buf, format="PNG", optimize=False, compress_level=6)
+    else:
+        clean.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
+    return buf.getvalue()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    return encode_image(image, "PNG")
+
+
+def to_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_b64(image: Image.Image, fmt: str = "PNG") -> tuple[str, str]:
+    """(base64 text, sha256 of the encoded bytes)."""
+    data = encode_image(image, fmt)
+    return to_b64(data), image_sha256(data)
+
+
+# ----------------------------------------------------------------------------- decode
+def b64_to_bytes(text: str, *, field: str = "image",
+                 limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """Strict base64 (standard alphabet, padding required, no whitespace) under the caps."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"expected a base64 string, got {type(text).__name__}", field=field)
+    if not text:
+        raise InvalidRequest("empty image", field=field)
+    if len(text) > limits.max_b64_chars:
+        raise InvalidRequest(f"{len(text)} base64 characters, more than {limits.max_b64_chars}",
+                             field=field)
+    if len(text) % 4:
+        raise InvalidRequest("malformed base64: length is not a multiple of 4", field=field)
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise InvalidRequest("malformed base64", field=field) from None
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest(f"{len(data)} bytes, more than {limits.max_bytes}", field=field)
+    return data
+
+
+def bytes_to_image(data: bytes, *, field: str = "image",
+                   limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode encoded bytes to an RGB image, checking format and header size before pixels."""
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest(f"{len(data)} bytes, more than {limits.max_bytes}", field=field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # formats= restricts which decoders Pillow even tries; open() reads the header only.
+            img = Image.open(io.BytesIO(data), formats=list(limits.formats))
+            fmt = (img.format or "").upper()
+            if fmt not in limits.formats:
+                raise InvalidRequest(f"format {fmt or '?'} not accepted (use "
+                                     f"{', '.join(limits.formats)})", field=field)
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise InvalidRequest(f"empty image {width}x{height}", field=field)
+            if width > limits.max_side or height > limits.max_side:
+                raise InvalidRequest(f"{width}x{height} exceeds {limits.max_side} px per side",
+                                     field=field)
+            if width * height > limits.max_pixels:
+                raise InvalidRequest(f"{width}x{height} exceeds {limits.max_pixels} pixels",
+                                     field=field)
+            if getattr(img, "n_frames", 1) != 1:
+                raise InvalidRequest("animated images are not accepted", field=field)
+            img.load()
+            rgb = _to_rgb(img, field)
+    except InvalidRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequest("decompression bomb refused", field=field) from None
+    except UnidentifiedImageError:
+        raise InvalidRequest(f"not an image in an accepted format "
+                             f"({', '.join(limits.formats)})", field=field) from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise InvalidRequest(f"corrupt image: {type(exc).__name__}", field=field) from None
+    return rgb
+
+
+def _to_rgb(img: Image.Image, field: str) -> Image.Image:
+    """RGB with no metadata. Transparency is dropped (the pipelines take RGB)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = img.point(lambda v: v / 256 if mode.startswith("I;16") else v).convert("L")
+    elif mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    try:
+        return _clean_rgb(img)
+    except (ValueError, OSError) as exc:
+        raise InvalidRequest(f"unsupported image mode {mode}: {exc}", field=field) from None
+
+
+def decode_image(text: str, *, field: str = "image",
+                 limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """base64 text -> RGB PIL image, or InvalidRequest(field=...)."""
+    return bytes_to_image(b64_to_bytes(text, field=field, limits=limits), field=field,
+                          limits=limits)
+
+
+def load_image_file(path: str | Path, *, limits: ImageLimits = DEFAULT_LIMITS,
+                    field: str = "image") -> Image.Image:
+    """Read an image file for the CLI with the same caps as the wire."""
+    path = Path(path).expanduser()
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise InvalidRequest(f"{path} is {size} bytes, more than {limits.max_bytes}",
+                                 field=field)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
+    return bytes_to_image(data, field=field, limits=limits)

@@ -1,0 +1,31 @@
+"""Prometheus metrics of one miner app, in its own registry (two apps in a process never mix)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class MinerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("niche_miner_requests", "Generate requests by HTTP status",
+                                ["status"], registry=self.registry)
+        self.refusals = Counter("niche_miner_refusals", "Refused requests by reason",
+                                ["reason"], registry=self.registry)
+        self.queue_depth = Gauge("niche_miner_queue_depth", "Requests waiting for the GPU",
+                                 registry=self.registry)
+        self.busy = Gauge("niche_miner_busy", "1 while a generation runs",
+                          registry=self.registry)
+        self.generation_seconds = Histogram(
+            "niche_miner_generation_seconds", "Seconds per generation (engine only)",
+            ["model"], buckets=GENERATION_BUCKETS, registry=self.registry)
+        self.queue_seconds = Histogram(
+            "niche_miner_queue_seconds", "Seconds a request waited for the GPU",
+            buckets=GENERATION_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

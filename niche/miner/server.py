@@ -1,0 +1,254 @@
+"""The miner's HTTP face (our "axon"): FastAPI app + uvicorn, policy in MinerService.
+
+Endpoints:
+  POST /v1/generate  signed (btauth/1), GenerateRequest -> GenerateResponse | ErrorResponse
+  GET  /v1/info      unsigned: what this miner serves (public by nature, cheap, no GPU)
+  GET  /healthz      unsigned liveness: {"ok": true, "busy": ..., "queue": ...}
+  GET  /metrics      unsigned Prometheus text (bind it to a private interface or firewall it)
+  GET  /openapi.json the one schema of the wire format
+
+The generate handler reads the raw body itself (capped, 413) because the signature covers
+the exact bytes; FastAPI never parses it before authentication.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Iterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from niche import __version__
+from niche.auth import AuthFailure
+from niche.errors import NicheError
+from niche.miner.limits import Refusal
+from niche.miner.service import MinerService, short
+from niche.protocol import ErrorResponse, GenerateRequest, GenerateResponse, InfoResponse
+
+log = logging.getLogger("niche.miner")
+
+GENERATE_PATH = "/v1/generate"
+INFO_PATH = "/v1/info"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLarge(f"content-length {declared} > {limit}")
+        except ValueError:
+            raise BodyTooLarge("bad content-length") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, reason: str, detail: str = "", field: Optional[str] = None
+           ) -> JSONResponse:
+    body = ErrorResponse(reason=reason, detail=detail, field=field)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+
+def _request_target(request: Request) -> str:
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    target = raw.decode("latin-1")
+    query = request.scope.get("query_string") or b""
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> FastAPI:
+    """The miner app for `service`. `refresh_metagraph` starts the background refresh task
+    (when the service has a chain)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = None
+        if refresh_metagraph and service.chain is not None:
+            task = asyncio.create_task(service.refresh_loop())
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    app = FastAPI(title="niche miner", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.service = service
+    metrics = service.metrics
+    error_responses = {code: {"model": ErrorResponse} for code in
+                       (400, 401, 403, 413, 422, 429, 500, 503)}
+
+    @app.post(
+        GENERATE_PATH, response_model=GenerateResponse, responses=error_responses,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
+    )
+    async def generate(request: Request):
+        started = time.monotonic()
+        caller, status, reason = "-", 500, "internal_error"
+        try:
+            try:
+                body = await read_body(request, service.config.max_body_bytes)
+            except BodyTooLarge as exc:
+                raise Refusal(413, "body_too_large", str(exc)) from None
+            caller_key, neuron = service.authenticate(
+                request.headers, body, method=request.method, path=_request_target(request))
+            caller = short(caller_key)
+            service.rate_check(caller_key, neuron)
+            parsed = service.parse(body)
+            answer = await service.generate(parsed, neuron)
+            status, reason = 200, "ok"
+            return JSONResponse(answer.model_dump(mode="json"))
+        except (Refusal, AuthFailure) as exc:
+            status, reason = exc.status, exc.reason
+            if exc.status >= 500:
+                log.warning("request from %s failed: %s", caller, exc)
+            return _error(exc.status, exc.reason, exc.detail, getattr(exc, "field", None))
+        except Exception as exc:  # never let a request take the miner down
+            log.exception("unexpected error serving %s", caller)
+            return _error(500, "internal_error", type(exc).__name__)
+        finally:
+            metrics.requests.labels(str(status)).inc()
+            if status != 200:
+                metrics.refusals.labels(reason).inc()
+            metrics.queue_depth.set(service.gate.depth)
+            log.info("generate caller=%s status=%d %s %.2fs", caller, status,
+                     reason if status != 200 else "", time.monotonic() - started)
+
+    @app.get(INFO_PATH, response_model=InfoResponse)
+    async def info():
+        return JSONResponse(service.info().model_dump(mode="json"))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True, "busy": service.gate.busy, "queue": service.gate.depth,
+                "hotkey": service.hotkey}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.queue_depth.set(service.gate.depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    default_openapi = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = default_openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        request_schema = GenerateRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}")
+        for name, sub in request_schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components["GenerateRequest"] = request_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+# ----------------------------------------------------------------------------- running
+def bind_socket(ip: str, port: int) -> socket.socket:
+    """A listening socket on ip:port, or a one-line NicheError (port in use, bad address)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ip, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise NicheError(f"port {port} on {ip} is already in use: stop the other process "
+                             "or pick another --axon.port") from None
+        raise NicheError(f"cannot listen on {ip}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app: FastAPI):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_keep_alive=30, limit_concurrency=1024)
+    return uvicorn.Server(config)
+
+
+def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[str] = None
+          ) -> None:
+    """Bind, publish the endpoint on chain, then serve until SIGINT/SIGTERM."""
+    sock = bind_socket(ip, port)
+    actual_port = sock.getsockname()[1]
+    public_ip = external_ip or ip
+    try:
+        service.announce(public_ip, actual_port)
+        server = _uvicorn_server(create_app(service))
+        log.info("miner %s listening on %s:%d (published %s:%d)", service.hotkey, ip,
+                 actual_port, public_ip, actual_port)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        service.close()
+        log.info("miner stopped")
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a daemon thread on 127.0.0.1 (tests, localnet tools)."""
+
+    def __init__(self, app: FastAPI, ip: str = "127.0.0.1", port: int = 0):
+        self.sock = bind_socket(ip, port)
+        self.ip = ip
+        self.port = self.sock.getsockname()[1]
+        self.server = _uvicorn_server(app)
+        self.thread = threading.Thread(target=self.server.run,
+                                       kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("miner server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(app: FastAPI) -> Iterator[BackgroundServer]:
+    with BackgroundServer(app) as server:
+        yield server

@@ -1,0 +1,278 @@
+"""The miner's policy, independent of HTTP: who may call, in which order, and how an image
+is made, encoded and signed.
+
+Order of checks on a generate request (cheapest and least trusting first; the HTTP layer
+has already capped the body size):
+  1. btauth headers present (401), claimed hotkey allowed by the metagraph snapshot (403),
+  2. signature, receiver, freshness, replay (401/403),
+  3. per-hotkey rate limit (429),
+  4. protocol version, schema, engine.resolve, image decode (400/422) - before queueing,
+  5. stake-priority queue admission (429/503), generation in the GPU worker thread (500 on
+     any failure), PNG encode, sha256, response signature.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from pydantic import ValidationError
+
+from niche import __version__
+from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, \
+    sign_response
+from niche.chain.base import ChainError, Metagraph, Neuron
+from niche.errors import InvalidRequest
+from niche.imaging import ImageLimits, decode_image, encode_b64
+from niche.miner.limits import PriorityGate, RateLimiter, Refusal
+from niche.miner.metrics import MinerMetrics
+from niche.protocol import (MAX_IMAGE_B64_CHARS, PROTOCOL_VERSION, GenerateRequest,
+                            GenerateResponse, InfoResponse)
+
+log = logging.getLogger("niche.miner")
+
+
+@dataclass
+class MinerConfig:
+    netuid: int
+    min_stake: float = 0.0
+    """Callers with less stake are refused (403 low_stake)."""
+    allow_hotkeys: tuple[str, ...] = ()
+    """Hotkeys always let through the blacklist (registration, permit, stake not checked)."""
+    allow_non_validators: bool = False
+    """Dev only: serve registered hotkeys without a validator permit."""
+    requests_per_minute: float = 60.0
+    """Per-hotkey token bucket; 0 disables. With stake_proportional_rate, the total shared by
+    stake among permitted validators."""
+    stake_proportional_rate: bool = False
+    max_queue: int = 16
+    max_body_bytes: int = MAX_IMAGE_B64_CHARS + 64 * 1024
+    metagraph_refresh: float = 60.0
+    auth_max_age: float = 10.0
+    auth_allowed_skew: float = 2.0
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    initial_estimate: Optional[float] = None
+    """Generation seconds assumed before any is measured (None: admit until measured)."""
+    max_concurrent_decodes: int = 2
+
+
+class MinerService:
+    """Engine + wallet + chain view + limits. One per process and GPU."""
+
+    def __init__(self, engine, wallet, config: MinerConfig, chain=None,
+                 metagraph: Optional[Metagraph] = None, *, clock=time.monotonic):
+        self.engine = engine
+        self.wallet = wallet
+        self.keypair = wallet.hotkey
+        self.hotkey: str = self.keypair.ss58_address
+        self.config = config
+        self.chain = chain
+        self.clock = clock
+        self.verifier = RequestVerifier(self.hotkey, max_age=config.auth_max_age,
+                                        allowed_skew=config.auth_allowed_skew)
+        self.limiter = RateLimiter(config.requests_per_minute,
+                                   stake_proportional=config.stake_proportional_rate)
+        self.gate = PriorityGate(config.max_queue, initial_estimate=config.initial_estimate,
+                                 clock=clock)
+        self.metrics = MinerMetrics()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
+        self._decode_slots: Optional[asyncio.Semaphore] = None
+        self._neurons: dict[str, Neuron] = {}
+        self._validator_stake = 0.0
+        self.metagraph: Optional[Metagraph] = None
+        if metagraph is not None:
+            self.set_metagraph(metagraph)
+        elif chain is not None:
+            self.refresh_metagraph()
+
+    # ------------------------------------------------------------------ chain view
+    def set_metagraph(self, metagraph: Metagraph) -> None:
+        self.metagraph = metagraph
+        self._neurons = {n.hotkey: n for n in metagraph.neurons}
+        self._validator_stake = sum(n.stake for n in metagraph.neurons if n.validator_permit)
+
+    def refresh_metagraph(self) -> Metagraph:
+        if self.chain is None:
+            raise ChainError("no chain to read the metagraph from")
+        metagraph = self.chain.metagraph(self.config.netuid)
+        self.set_metagraph(metagraph)
+        return metagraph
+
+    def check_registered(self) -> Neuron:
+        """This miner's own neuron, or a ChainError telling the operator to register."""
+        neuron = self._neurons.get(self.hotkey)
+        if neuron is None:
+            raise ChainError(
+                f"miner hotkey {self.hotkey} is not registered on subnet {self.config.netuid}: "
+                "register it first (`niche chain register ...` on localnet, `btcli subnets "
+                "register` on a real network)")
+        return neuron
+
+    def announce(self, ip: str, port: int) -> None:
+        """Publish this miner's endpoint on chain (registers nothing)."""
+        if self.chain is None:
+            return
+        self.chain.serve(self.config.netuid, self.wallet, ip, port)
+        log.info("endpoint %s:%d served on subnet %d for hotkey %s", ip, port,
+                 self.config.netuid, self.hotkey)
+
+    async def refresh_loop(self) -> None:
+        """Background task: keep the metagraph snapshot fresh; a failed read keeps the old."""
+        while True:
+            await asyncio.sleep(self.config.metagraph_refresh)
+            try:
+                mg = await asyncio.to_thread(self.refresh_metagraph)
+                log.debug("metagraph refreshed: block %d, %d neurons", mg.block,
+                          len(mg.neurons))
+            except Exception as exc:  # the miner keeps serving with the last snapshot
+                log.warning("metagraph refresh failed (keeping the last snapshot): %s", exc)
+
+    # ------------------------------------------------------------------ who may call
+    def caller_policy(self, hotkey: str) -> Neuron | None:
+        """The caller's neuron if it may use this miner, else Refusal(403)."""
+        neuron = self._neurons.get(hotkey)
+        if hotkey in self.config.allow_hotkeys:
+            return neuron
+        if neuron is None:
+            raise Refusal(403, "not_registered",
+                          f"hotkey is not registered on subnet {self.config.netuid}")
+        if not neuron.validator_permit and not self.config.allow_non_validators:
+            raise Refusal(403, "no_validator_permit", "caller has no validator permit")
+        if neuron.stake < self.config.min_stake:
+            raise Refusal(403, "low_stake",
+                          f"stake {neuron.stake:g} below the minimum {self.config.min_stake:g}")
+        return neuron
+
+    def authenticate(self, headers: Mapping[str, str], body: bytes, *, method: str,
+                     path: str) -> tuple[str, Optional[Neuron]]:
+        """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
+        if not has_auth_headers(headers):
+            raise AuthFailure(401, "unsigned", "sign requests with bittensor.http_auth")
+        claimed = claimed_hotkey(headers) or ""
+        self.caller_policy(claimed)  # cheap: no signature work for strangers
+        hotkey = self.verifier.verify(headers, body, method=method, path=path)
+        return hotkey, self.caller_policy(hotkey)
+
+    def rate_check(self, hotkey: str, neuron: Optional[Neuron]) -> None:
+        share = 1.0
+        if neuron is not None and self._validator_stake > 0:
+            share = neuron.stake / self._validator_stake
+        if not self.limiter.allow(hotkey, share):
+            raise Refusal(429, "rate_limited",
+                          f"more than {self.limiter.rate_for(share):g} requests per minute")
+
+    # ------------------------------------------------------------------ requests
+    @staticmethod
+    def parse(body: bytes) -> GenerateRequest:
+        """Raw body -> GenerateRequest; protocol version checked before the schema."""
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise Refusal(400, "malformed_json", "body is not JSON") from None
+        if not isinstance(data, dict):
+            raise Refusal(400, "malformed_json", "body must be a JSON object")
+        version = data.get("protocol_version", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION or isinstance(version, bool):
+            raise Refusal(400, "unsupported_protocol_version",
+                          f"this miner speaks protocol {PROTOCOL_VERSION}, got {version!r}",
+                          field="protocol_version")
+        try:
+            return GenerateRequest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise Refusal(422, "invalid_request", f"{where}: {first.get('msg', '')}"
+                          + (f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1
+                             else ""), field=where or None) from None
+
+    def _image_limits(self, model: str) -> ImageLimits:
+        limits = self.config.image_limits
+        try:
+            spec_pixels = self.engine.spec(model).limits.max_image_pixels
+        except Exception:
+            return limits
+        if spec_pixels < limits.max_pixels:
+            limits = ImageLimits(limits.max_b64_chars, limits.max_bytes, spec_pixels,
+                                 limits.max_side, limits.formats)
+        return limits
+
+    def _prepare_sync(self, request: GenerateRequest):
+        params = self.engine.resolve(request.params)
+        image = None
+        if request.image is not None:
+            image = decode_image(request.image, field="image",
+                                 limits=self._image_limits(params.model))
+        check = getattr(self.engine, "check_image", None)
+        if check is not None:
+            check(params, image)
+        elif params.pipeline.needs_image and image is None:
+            raise InvalidRequest(f"pipeline {params.pipeline.value} needs a conditioning "
+                                 "image", field="image")
+        return params, image
+
+    async def prepare(self, request: GenerateRequest):
+        """Resolve params and decode the image (in a thread, a few at a time)."""
+        if self._decode_slots is None:
+            self._decode_slots = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        async with self._decode_slots:
+            try:
+                return await asyncio.to_thread(self._prepare_sync, request)
+            except InvalidRequest as exc:
+                reason = "invalid_image" if exc.field == "image" else "invalid_request"
+                raise Refusal(400, reason, str(exc), field=exc.field) from None
+
+    def _work(self, params, image, request_id: str):
+        """GPU worker thread: generate, encode, hash, sign."""
+        started = time.perf_counter()
+        result = self.engine.generate(params, image)
+        seconds = time.perf_counter() - started
+        b64, digest = encode_b64(result, "PNG")
+        return seconds, b64, digest, sign_response(self.keypair, request_id, digest)
+
+    async def generate(self, request: GenerateRequest, neuron: Optional[Neuron]
+                       ) -> GenerateResponse:
+        params, image = await self.prepare(request)
+        stake = neuron.stake if neuron is not None else 0.0
+        deadline = self.clock() + request.timeout
+        waited = await self.gate.acquire(stake, deadline)
+        self.metrics.queue_seconds.observe(waited)
+        self.metrics.busy.set(1)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._work, params, image,
+                                      request.request_id)
+
+        def _finished(f: asyncio.Future) -> None:
+            ok = not f.cancelled() and f.exception() is None
+            self.gate.release(f.result()[0] if ok else None)
+            self.metrics.busy.set(1 if self.gate.busy else 0)
+
+        future.add_done_callback(_finished)
+        try:
+            seconds, b64, digest, signature = await asyncio.shield(future)
+        except Exception as exc:
+            log.exception("generation failed for %s", request.request_id)
+            raise Refusal(500, "generation_failed", type(exc).__name__) from None
+        self.metrics.generation_seconds.labels(params.model).observe(seconds)
+        return GenerateResponse(
+            request_id=request.request_id, model=params.model, image=b64, image_sha256=digest,
+            miner_hotkey=self.hotkey, signature=signature,
+            generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
+            miner_version=__version__)
+
+    def info(self) -> InfoResponse:
+        est = self.gate.estimate()
+        return InfoResponse(hotkey=self.hotkey, models=self.engine.served(),
+                            capacity_per_minute=(60.0 / est) if est else 0.0,
+                            miner_version=__version__)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def short(hotkey: Any) -> str:
+    text = str(hotkey or "-")
+    return text if len(text) <= 10 else f"{text[:5]}..{text[-3:]}"

@@ -1,0 +1,352 @@
+"""The validator's async client (our "dendrite"): signed requests to many miners at once.
+
+Every answer is treated as hostile until proven otherwise: the body is streamed under a
+byte cap, parsed with pydantic, checked for protocol version, request id and miner hotkey
+echo, its image decoded under imaging's caps, its sha256 recomputed from the returned bytes
+and the miner's signature over (request_id, sha256) verified against the hotkey we asked.
+A miner's bad answer is a status in its QueryResult, never an exception. Latency is measured
+on the caller's clock (the miner's own timing fields are informational only).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Optional, Sequence, Union
+
+import httpx
+from PIL import Image
+from pydantic import ValidationError
+
+from niche.auth import sign_request, verify_response
+from niche.errors import InvalidRequest
+from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, image_sha256
+from niche.protocol import (PROTOCOL_VERSION, ErrorResponse, GenerateRequest, GenerateResponse,
+                            InfoResponse)
+
+GENERATE_PATH = "/v1/generate"
+INFO_PATH = "/v1/info"
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_INFO_BYTES = 256 * 1024
+
+
+class QueryStatus(str, Enum):
+    OK = "ok"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+    NO_ENDPOINT = "no_endpoint"
+    HTTP_ERROR = "http_error"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    INVALID_RESPONSE = "invalid_response"
+    PROTOCOL_MISMATCH = "protocol_mismatch"
+    WRONG_REQUEST_ID = "wrong_request_id"
+    WRONG_HOTKEY = "wrong_hotkey"
+    HASH_MISMATCH = "hash_mismatch"
+    BAD_SIGNATURE = "bad_signature"
+    INVALID_IMAGE = "invalid_image"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class MinerTarget:
+    uid: int
+    hotkey: str
+    url: Optional[str]
+
+
+@dataclass
+class QueryResult:
+    uid: int
+    hotkey: str
+    status: QueryStatus
+    latency: Optional[float] = None
+    """Seconds from send to last body byte, on the caller's clock (None if never sent)."""
+    reason: str = ""
+    http_status: Optional[int] = None
+    request_id: Optional[str] = None
+    response: Optional[GenerateResponse] = None
+    image: Optional[Image.Image] = None
+    image_bytes: Optional[bytes] = None
+    error: Optional[ErrorResponse] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is QueryStatus.OK
+
+
+@dataclass
+class InfoResult:
+    uid: int
+    hotkey: str
+    status: QueryStatus
+    info: Optional[InfoResponse] = None
+    latency: Optional[float] = None
+    reason: str = ""
+    http_status: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is QueryStatus.OK
+
+
+TargetLike = Union[MinerTarget, tuple, Any]
+
+
+def as_target(obj: TargetLike) -> MinerTarget:
+    """MinerTarget from a MinerTarget, a (uid, hotkey, url) tuple or a chain Neuron."""
+    if isinstance(obj, MinerTarget):
+        return obj
+    if isinstance(obj, tuple) and len(obj) == 3:
+        uid, hotkey, url = obj
+        return MinerTarget(int(uid), str(hotkey), url)
+    endpoint = getattr(obj, "endpoint", None)
+    return MinerTarget(int(obj.uid), str(obj.hotkey), endpoint.url if endpoint else None)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Undecodable(Exception):
+    pass
+
+
+class MinerClient:
+    """Signs with `wallet`'s hotkey. Safe to use from several event loops in turn (a fresh
+    httpx.AsyncClient per batch), so `asyncio.run` per round works."""
+
+    def __init__(self, wallet, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+                 max_connections: int = 256, image_limits: Optional[ImageLimits] = None,
+                 grace: float = 2.0):
+        self.wallet = wallet
+        self.max_response_bytes = max_response_bytes
+        self.max_connections = max_connections
+        self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192)
+        self.grace = grace
+        """Seconds added to a request's own timeout for the network and encoding."""
+
+    def _http(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_connections,
+                              max_keepalive_connections=min(64, self.max_connections))
+        return httpx.AsyncClient(limits=limits, timeout=None, follow_redirects=False,
+                                 trust_env=False)
+
+    def close(self) -> None:
+        """Nothing to release: connections live only for one batch."""
+
+    async def _fetch(self, http: httpx.AsyncClient, method: str, url: str, path: str,
+                     body: bytes, receiver: str, cap: int) -> tuple[int, bytes]:
+        headers = sign_request(self.wallet, method=method, path=path, body=body,
+                               receiver=receiver)
+        headers["Content-Type"] = "application/json"
+        headers["Accept-Encoding"] = "identity"  # count the bytes that arrive; no zip bombs
+        async with http.stream(method, url.rstrip("/") + path, content=body or None,
+                               headers=headers) as resp:
+            encoding = resp.headers.get("content-encoding", "identity").lower()
+            if encoding != "identity":
+                raise _Undecodable(f"content-encoding {encoding} not accepted")
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > cap:
+                raise _TooLarge(f"content-length {declared} > {cap}")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_raw():
+                size += len(chunk)
+                if size > cap:
+                    raise _TooLarge(f"more than {cap} bytes")
+                chunks.append(chunk)
+            return resp.status_code, b"".join(chunks)
+
+    # ------------------------------------------------------------------ generate
+    async def query(self, target: TargetLike, request: GenerateRequest, *,
+                    timeout: Optional[float] = None,
+                    http: Optional[httpx.AsyncClient] = None) -> QueryResult:
+        """One signed generate request; never raises for the miner's behaviour."""
+        t = as_target(target)
+        result = QueryResult(t.uid, t.hotkey, QueryStatus.ERROR, request_id=request.request_id)
+        if not t.url:
+            result.status, result.reason = QueryStatus.NO_ENDPOINT, "no endpoint on chain"
+            return result
+        limit = timeout if timeout is not None else request.timeout + self.grace
+        body = request.model_dump_json(exclude_none=True).encode()
+        own = http is None
+        http = http or self._http()
+        started = time.monotonic()
+        try:
+            status, raw = await asyncio.wait_for(
+                self._fetch(http, "POST", t.url, GENERATE_PATH, body, t.hotkey,
+                            self.max_response_bytes), timeout=max(0.001, limit))
+            result.latency = time.monotonic() - started
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            result.latency = time.monotonic() - started
+            result.status, result.reason = QueryStatus.TIMEOUT, f"no answer within {limit:.1f}s"
+            return result
+        except _TooLarge as exc:
+            result.latency = time.monotonic() - started
+            result.status, result.reason = QueryStatus.RESPONSE_TOO_LARGE, str(exc)
+            return result
+        except _Undecodable as exc:
+            result.latency = time.monotonic() - started
+            result.status, result.reason = QueryStatus.INVALID_RESPONSE, str(exc)
+            return result
+        except httpx.HTTPError as exc:
+            result.latency = time.monotonic() - started
+            result.status = QueryStatus.UNREACHABLE
+            result.reason = f"{type(exc).__name__}: {exc}"[:300]
+            return result
+        except Exception as exc:  # signing problems, odd URLs: still a result
+            result.status, result.reason = QueryStatus.ERROR, f"{type(exc).__name__}: {exc}"
+            return result
+        finally:
+            if own:
+                await http.aclose()
+        result.http_status = status
+        if status != 200:
+            result.status = QueryStatus.HTTP_ERROR
+            try:
+                result.error = ErrorResponse.model_validate_json(raw)
+                result.reason = f"{status} {result.error.reason}: {result.error.detail}"[:300]
+            except (ValidationError, ValueError):
+                result.reason = f"HTTP {status}"
+            return result
+        # Decoding a big PNG is CPU work: keep it off the event loop.
+        await asyncio.to_thread(self._check_answer, result, request, raw)
+        return result
+
+    def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes) -> None:
+        def fail(status: QueryStatus, reason: str) -> None:
+            result.status, result.reason = status, reason[:300]
+
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return fail(QueryStatus.INVALID_RESPONSE, "body is not JSON")
+        if isinstance(data, dict) and data.get("protocol_version", PROTOCOL_VERSION) \
+                != PROTOCOL_VERSION:
+            return fail(QueryStatus.PROTOCOL_MISMATCH,
+                        f"protocol {data.get('protocol_version')!r}, expected {PROTOCOL_VERSION}")
+        try:
+            answer = GenerateResponse.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            return fail(QueryStatus.INVALID_RESPONSE, f"{where}: {first.get('msg')}")
+        if answer.request_id != request.request_id:
+            return fail(QueryStatus.WRONG_REQUEST_ID,
+                        f"answered {answer.request_id!r}, asked {request.request_id!r}")
+        if answer.miner_hotkey != result.hotkey:
+            return fail(QueryStatus.WRONG_HOTKEY, f"answer claims hotkey {answer.miner_hotkey}")
+        if answer.model != request.params.model:
+            return fail(QueryStatus.INVALID_RESPONSE,
+                        f"answered with model {answer.model!r}, asked {request.params.model!r}")
+        try:
+            data_bytes = b64_to_bytes(answer.image, field="image", limits=self.image_limits)
+        except InvalidRequest as exc:
+            return fail(QueryStatus.INVALID_IMAGE, str(exc))
+        digest = image_sha256(data_bytes)
+        if digest != answer.image_sha256:
+            return fail(QueryStatus.HASH_MISMATCH, "image_sha256 does not match the image bytes")
+        if not verify_response(result.hotkey, answer.request_id, digest, answer.signature):
+            return fail(QueryStatus.BAD_SIGNATURE,
+                        "response signature does not verify against the miner hotkey")
+        try:
+            image = bytes_to_image(data_bytes, field="image", limits=self.image_limits)
+        except InvalidRequest as exc:
+            return fail(QueryStatus.INVALID_IMAGE, str(exc))
+        result.response, result.image, result.image_bytes = answer, image, data_bytes
+        result.status, result.reason = QueryStatus.OK, ""
+
+    async def query_many(
+        self,
+        targets: Sequence[Any],
+        request_factory: Optional[Callable[[MinerTarget], GenerateRequest]] = None,
+        deadline: Optional[float] = None,
+    ) -> list[QueryResult]:
+        """Query every target concurrently; results in the order of `targets`.
+
+        Either `targets` are (target, GenerateRequest) pairs, or targets alone with
+        `request_factory(target) -> GenerateRequest`. A target is a MinerTarget, a
+        (uid, hotkey, url) tuple or a chain Neuron. `deadline`: seconds from now after which
+        every unanswered query is a timeout (None: each request's timeout + grace)."""
+        jobs: list[tuple[MinerTarget, GenerateRequest]] = []
+        for item in targets:
+            if request_factory is None:
+                target, request = item
+                jobs.append((as_target(target), request))
+            else:
+                t = as_target(item)
+                jobs.append((t, request_factory(t)))
+        if not jobs:
+            return []
+        async with self._http() as http:
+            coros = [self.query(t, r, http=http,
+                                timeout=None if deadline is None else
+                                min(deadline, r.timeout + self.grace))
+                     for t, r in jobs]
+            return list(await asyncio.gather(*coros))
+
+    # ------------------------------------------------------------------ info
+    async def info(self, url: Optional[str], hotkey: str, *, uid: int = -1,
+                   timeout: float = 5.0, http: Optional[httpx.AsyncClient] = None
+                   ) -> InfoResult:
+        """GET /v1/info (signed, though miners may serve it unsigned); never raises."""
+        result = InfoResult(uid, hotkey, QueryStatus.ERROR)
+        if not url:
+            result.status, result.reason = QueryStatus.NO_ENDPOINT, "no endpoint on chain"
+            return result
+        own = http is None
+        http = http or self._http()
+        started = time.monotonic()
+        try:
+            status, raw = await asyncio.wait_for(
+                self._fetch(http, "GET", url, INFO_PATH, b"", hotkey, DEFAULT_MAX_INFO_BYTES),
+                timeout=timeout)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            result.status, result.reason = QueryStatus.TIMEOUT, f"no info within {timeout}s"
+            return result
+        except _TooLarge as exc:
+            result.status, result.reason = QueryStatus.RESPONSE_TOO_LARGE, str(exc)
+            return result
+        except httpx.HTTPError as exc:
+            result.status = QueryStatus.UNREACHABLE
+            result.reason = f"{type(exc).__name__}: {exc}"[:300]
+            return result
+        except Exception as exc:
+            result.reason = f"{type(exc).__name__}: {exc}"[:300]
+            return result
+        finally:
+            result.latency = time.monotonic() - started
+            if own:
+                await http.aclose()
+        result.http_status = status
+        if status != 200:
+            result.status, result.reason = QueryStatus.HTTP_ERROR, f"HTTP {status}"
+            return result
+        try:
+            info = InfoResponse.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            result.status, result.reason = QueryStatus.INVALID_RESPONSE, str(exc)[:300]
+            return result
+        if info.protocol_version != PROTOCOL_VERSION:
+            result.status = QueryStatus.PROTOCOL_MISMATCH
+            result.reason = f"protocol {info.protocol_version}, expected {PROTOCOL_VERSION}"
+            return result
+        if info.hotkey != hotkey:
+            result.status, result.reason = QueryStatus.WRONG_HOTKEY, "info from another hotkey"
+            return result
+        result.status, result.info = QueryStatus.OK, info
+        return result
+
+    async def info_many(self, targets: Sequence[Any], *, timeout: float = 5.0
+                        ) -> list[InfoResult]:
+        """info() for each target (MinerTarget, (uid, hotkey, url) or Neuron), concurrently."""
+        ts = [as_target(t) for t in targets]
+        if not ts:
+            return []
+        async with self._http() as http:
+            return list(await asyncio.gather(*[
+                self.info(t.url, t.hotkey, uid=t.uid, timeout=timeout, http=http) for t in ts]))
