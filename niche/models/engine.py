@@ -8,11 +8,12 @@ serialised by a lock. Same request + same files + same machine setup = same bits
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import PIL.Image
 import torch
@@ -29,11 +30,22 @@ MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
 ImageArg = Optional[PIL.Image.Image]
 
 
-def default_threads() -> int:
+def default_threads(hint: Optional[int] = None) -> int:
+    """$NICHE_NUM_THREADS, else the checkpoints' hint (tiny ones say 1: extra threads only
+    add contention at that size), else min(4, cores). Bits match only at equal counts."""
     env = os.environ.get("NICHE_NUM_THREADS")
     if env:
         return max(1, int(env))
+    if hint:
+        return hint
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    """Lossless PNG with no metadata (no timestamp): the same pixels give the same bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
 
 
 class Engine:
@@ -50,6 +62,7 @@ class Engine:
         *,
         config_dir: Optional[Path] = None,
         local_files_only: bool = False,
+        model_paths: Optional[Mapping[str, Path]] = None,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -60,28 +73,33 @@ class Engine:
         if not models:
             raise ConfigError("no models to serve")
         self.device = device
-        self.num_threads = num_threads or default_threads()
+        self.model_root = Path(model_root) if model_root is not None else None
+        folders: dict[str, Optional[Path]] = {}
+        self._specs: dict[str, ModelSpec] = {}
+        for name in models:
+            folder = self.model_root / name if self.model_root is not None else None
+            if model_paths and name in model_paths:
+                folder = Path(model_paths[name])
+            folders[name] = folder
+            self._specs[name] = load_spec(name, config_dir, folder)
+        hints = [s.cpu_threads for s in self._specs.values() if s.cpu_threads]
+        self.num_threads = num_threads or default_threads(min(hints) if hints else None)
         torch.set_num_threads(self.num_threads)
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.model_root = Path(model_root) if model_root is not None else None
         self._lock = threading.RLock()
-        self._specs: dict[str, ModelSpec] = {}
         self._families: dict[str, Family] = {}
-        for name in models:
-            folder = self.model_root / name if self.model_root is not None else None
-            spec = load_spec(name, config_dir, folder)
+        for name, spec in self._specs.items():
             family = family_class(spec.family)(
-                spec, folder, device, dtype or spec.dtype, memory_mode or spec.memory_mode,
+                spec, folders[name], device, dtype or spec.dtype, memory_mode or spec.memory_mode,
                 local_files_only=local_files_only)
             with torch.no_grad():
                 family.load()
-            self._specs[name] = spec
             self._families[name] = family
-            log.info("loaded %s (%s) from %s on %s", name, family.dtype_name,
-                     folder or "hub", device)
+            log.info("loaded %s (%s) from %s on %s, %d threads", name, family.dtype_name,
+                     folders[name] or "hub", device, self.num_threads)
 
     # ---------------------------------------------------------------- what is served
     def spec(self, model: str) -> ModelSpec:

@@ -69,6 +69,7 @@ class ModelSpec(_Cfg):
     family: Literal["flux", "kolors"]
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     memory_mode: MemoryMode = "gpu"
+    cpu_threads: Optional[int] = Field(default=None, ge=1)  # torch threads hint on CPU
     pipelines: list[PipelineKind]
     components: dict[str, ComponentSource]
     defaults: Defaults

@@ -325,6 +325,7 @@ def build_flux(out: Path) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
     shutil.rmtree(tmp)
     _write_overrides(out, {
+        "cpu_threads": 1,
         "defaults": {"steps": 4, "guidance": 0.0, "width": 64, "height": 64,
                      "max_sequence_length": 64},
         "limits": {"min_size": 32, "max_size": 128, "max_steps": 8},
@@ -506,6 +507,7 @@ def build_kolors(out: Path) -> None:
               metadata={"format": "pt"})
     build_depth(out / "depth-estimator")
     _write_overrides(out, {
+        "cpu_threads": 1,
         "defaults": {"steps": 8, "guidance": 5.0, "width": 64, "height": 64},
         "limits": {"min_size": 32, "max_size": 128, "max_steps": 16},
     })
@@ -562,7 +564,7 @@ def build_tiny_models(out: Path, models: Optional[list[str]] = None) -> Path:
                 shutil.rmtree(target)
             target.mkdir(parents=True)
             BUILDERS[name](target)
-    (out / MARKER).write_text(TINY_VERSION + "\n")
+    (out / MARKER).write_text(build_id() + "\n")
     return out
 
 
@@ -573,22 +575,49 @@ def default_tiny_dir() -> Path:
     return Path.home() / ".cache" / "niche" / TINY_VERSION
 
 
+def build_id() -> str:
+    """Fingerprint of what a build would write: this builder's source and any trained tiny
+    weights. A cache whose marker holds another id is stale and gets rebuilt."""
+    import hashlib
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    if TRAINED_WEIGHTS_DIR.is_dir():
+        for f in sorted(TRAINED_WEIGHTS_DIR.rglob("*.safetensors")):
+            h.update(str(f.relative_to(TRAINED_WEIGHTS_DIR)).encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return f"{TINY_VERSION}:{h.hexdigest()[:16]}"
+
+
+def _is_current(root: Path) -> bool:
+    marker = root / MARKER
+    return marker.is_file() and marker.read_text().strip() == build_id()
+
+
 def ensure_tiny_models(root: Optional[Path] = None) -> Path:
     """Build the tiny checkpoints once and return their root. The build goes to a temporary
-    sibling folder renamed into place, so a concurrent or interrupted build is never used."""
+    sibling folder renamed into place, so a concurrent or interrupted build is never used; a
+    cache built by another version of this builder (or other trained weights) is replaced."""
     root = Path(root) if root else default_tiny_dir()
-    if (root / MARKER).is_file():
+    if _is_current(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-build-", dir=root.parent))
     try:
         build_tiny_models(tmp)
+        if _is_current(root):  # another process finished first
+            return root
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
+            try:
+                os.rename(root, old / "stale")
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, root)
         except OSError:
-            if not (root / MARKER).is_file():  # an incomplete leftover: replace it
-                shutil.rmtree(root, ignore_errors=True)
-                os.rename(tmp, root)
+            if not _is_current(root):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""`niche generate`: one image from the engine, saved as a lossless PNG, summary as JSON."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from niche.errors import InvalidRequest
+
+PIPELINES = ("txt2img", "controlnet-canny", "controlnet-depth", "ip-adapter")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate one image with the engine",
+                              description="Generate one image deterministically and print a "
+                              "one-line JSON summary (model, pipeline, seed, seconds, sha256).")
+    p.add_argument("--model", required=True)
+    p.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--image", type=Path, default=None, help="conditioning image file")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--controlnet-scale", type=float, default=None)
+    p.add_argument("--ip-adapter-scale", type=float, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--memory-mode", choices=("gpu", "model-offload", "sequential-offload"),
+                   default=None, help="default: the model config's")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default min(4, cores))")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-path", type=Path, default=None,
+                     help="folder holding the model's checkpoint in the hub layout")
+    src.add_argument("--tiny", action="store_true", help="use the tiny checkpoints (built once)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.set_defaults(func=_generate)
+
+
+def _params(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from niche.protocol import GenerationParams
+
+    fields = dict(model=args.model, pipeline=args.pipeline, prompt=args.prompt,
+                  negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                  guidance=args.guidance, width=args.width, height=args.height,
+                  controlnet_scale=args.controlnet_scale, ip_adapter_scale=args.ip_adapter_scale)
+    try:
+        return GenerationParams(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else None
+        raise InvalidRequest(err["msg"], field=field) from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from niche.models.engine import Engine
+    from niche.models.images import open_image_file
+
+    params = _params(args)
+    image = open_image_file(args.image) if args.image else None
+    root, paths = None, None
+    if args.tiny:
+        from niche.models.tiny import ensure_tiny_models
+
+        root = ensure_tiny_models()
+    elif args.model_path:
+        paths = {args.model: args.model_path}
+    engine = Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
+                    dtype=args.dtype, memory_mode=args.memory_mode, num_threads=args.threads)
+    return _run(engine, args, params, image)
+
+
+def _run(engine, args, params, image) -> int:
+    from niche.models.engine import png_bytes
+
+    full = engine.resolve(params)
+    start = time.perf_counter()
+    result = engine.generate(full, image)
+    seconds = time.perf_counter() - start
+    data = png_bytes(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    print(json.dumps({"model": full.model, "pipeline": full.pipeline.value, "seed": full.seed,
+                      "steps": full.steps, "width": full.width, "height": full.height,
+                      "seconds": round(seconds, 4), "sha256": hashlib.sha256(data).hexdigest(),
+                      "out": str(args.out)}))
+    return 0

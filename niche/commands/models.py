@@ -1,0 +1,46 @@
+"""`niche models ...`: build the tiny checkpoints, list the configured models."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("models", help="model checkpoints: build tiny ones, list",
+                                   description="Model checkpoints and their configs.")
+    sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = sub.add_parser("build-tiny", help="write tiny random-weight checkpoints of the real "
+                       "architectures (default: the shared cache, built once)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder to (re)build into; default ~/.cache/niche/tiny-v1 or "
+                   "$NICHE_TINY_DIR, reused when complete")
+    p.set_defaults(func=_build_tiny)
+    p = sub.add_parser("list", help="configured models, pipelines, defaults and hub ids")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from niche.models.tiny import build_tiny_models, ensure_tiny_models
+
+    root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
+    print(root)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from niche.models.spec import available_models, load_spec
+
+    specs = [load_spec(name) for name in available_models()]
+    if args.json:
+        print(json.dumps([s.model_dump(mode="json") for s in specs], indent=2))
+        return 0
+    for s in specs:
+        d = s.defaults
+        print(f"{s.name}: {', '.join(p.value for p in s.pipelines)}")
+        print(f"  defaults: {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance}, "
+              f"timeout {d.timeout} s; dtype {s.dtype}, memory {s.memory_mode}")
+        for key, c in s.components.items():
+            print(f"  {key}: {c.hub}")
+    return 0
