@@ -96,10 +96,11 @@ def claimed_hotkey(headers: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-def sign_request(wallet, *, method: str, path: str, body: bytes,
-                 receiver: str) -> dict[str, str]:
-    """btauth/1 headers for one request to the hotkey `receiver`."""
-    return http_auth.sign(wallet, method=method, path=path, body=body, receiver_ss58=receiver)
+def sign_request(wallet, *, method: str, path: str, body: bytes, receiver: str,
+                 nonce_ns: Optional[int] = None) -> dict[str, str]:
+    """btauth/1 headers for one request to the hotkey `receiver` (sign each send afresh)."""
+    return http_auth.sign(wallet, method=method, path=path, body=body, receiver_ss58=receiver,
+                          nonce_ns=nonce_ns)
 
 
 @dataclass

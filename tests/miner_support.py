@@ -1,0 +1,134 @@
+"""Shared pieces of the miner / client tests: a real local chain with real wallets, a running
+miner on 127.0.0.1, and a small engine double for HTTP-layer tests.
+
+StubEngine is a TEST DOUBLE of the Engine contract (resolve / check_image / generate / served /
+spec): the HTTP-layer tests need to hold a generation open, fail one on purpose and count
+calls, which the real engine cannot do on demand. The real Engine on tiny checkpoints is
+exercised end to end in test_miner_e2e.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from types import SimpleNamespace
+from typing import Iterator, Optional
+
+import httpx
+from PIL import Image
+
+from niche.auth import sign_request
+from niche.chain.local import LocalChain
+from niche.chain.wallets import create_wallet
+from niche.errors import InvalidRequest
+from niche.miner.server import BackgroundServer, create_app
+from niche.miner.service import MinerConfig, MinerService
+from niche.protocol import GenerateRequest, GenerationParams, ModelInfo, PipelineKind
+
+NETUID = 1
+STAKES = {"hi": 100.0, "mid": 50.0, "lo": 10.0, "low": 2.0}
+MIN_STAKE = 5.0
+
+
+class StubEngine:
+    """Engine contract double: deterministic flat image per seed; 'explode' raises;
+    `hold()` makes the next generations wait until `release()`."""
+
+    model = "stub"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._hold: Optional[threading.Event] = None
+        self.running = threading.Event()
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        self._hold = threading.Event()
+        self.running.clear()
+
+    def release(self) -> None:
+        if self._hold is not None:
+            self._hold.set()
+        self._hold = None
+
+    def spec(self, model: str):
+        if model != self.model:
+            raise InvalidRequest(f"model '{model}' is not served here", field="model")
+        return SimpleNamespace(limits=SimpleNamespace(max_image_pixels=1024 * 1024))
+
+    def served(self) -> list[ModelInfo]:
+        return [ModelInfo(model=self.model,
+                          pipelines=[PipelineKind.TXT2IMG, PipelineKind.CONTROLNET_CANNY])]
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        self.spec(params.model)
+        if params.pipeline not in (PipelineKind.TXT2IMG, PipelineKind.CONTROLNET_CANNY):
+            raise InvalidRequest("pipeline not served", field="pipeline")
+        if params.width is not None and params.width > 256:
+            raise InvalidRequest(f"{params.width} not in [16, 256]", field="width")
+        return params.model_copy(update=dict(steps=params.steps or 2, guidance=0.0,
+                                             width=params.width or 32,
+                                             height=params.height or 32))
+
+    def check_image(self, params: GenerationParams, image) -> None:
+        if params.pipeline.needs_image and image is None:
+            raise InvalidRequest("needs a conditioning image", field="image")
+        if not params.pipeline.needs_image and image is not None:
+            raise InvalidRequest("txt2img takes no conditioning image", field="image")
+
+    def generate(self, params: GenerationParams, image=None) -> Image.Image:
+        with self._lock:
+            self.calls.append(params.prompt)
+        hold = self._hold
+        self.running.set()
+        if hold is not None:
+            hold.wait(20)
+        if params.prompt == "explode":
+            raise RuntimeError("boom")
+        s = params.seed
+        return Image.new("RGB", (params.width, params.height), (s % 256, s // 256 % 256, 7))
+
+
+def make_request(prompt: str = "a cat", seed: int = 1, *, model: str = "stub",
+                 timeout: float = 20.0, image: Optional[str] = None, **params) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        params=GenerationParams(model=model, prompt=prompt, seed=seed, **params),
+        image=image, timeout=timeout)
+
+
+def build_net(root) -> SimpleNamespace:
+    """A LocalChain file with a subnet, a registered miner and callers of known stake."""
+    wallets = {name: create_wallet(name, "hot", root / "wallets")
+               for name in ("miner", *STAKES, "nopermit", "stranger")}
+    chain = LocalChain(root / "chain.db", create=True)
+    chain.create_subnet(NETUID, max_validators=8, min_validator_stake=1.0)
+    chain.register(NETUID, wallets["miner"])
+    for name, stake in STAKES.items():
+        chain.register(NETUID, wallets[name], stake=stake)
+    chain.register(NETUID, wallets["nopermit"])
+    return SimpleNamespace(chain=chain, wallets=wallets, root=root,
+                           miner_hotkey=wallets["miner"].hotkey.ss58_address)
+
+
+@contextlib.contextmanager
+def running_miner(net, engine, **config) -> Iterator[SimpleNamespace]:
+    config.setdefault("min_stake", MIN_STAKE)
+    config.setdefault("requests_per_minute", 0)
+    service = MinerService(engine, net.wallets["miner"], MinerConfig(netuid=NETUID, **config),
+                           chain=net.chain)
+    server = BackgroundServer(create_app(service)).start()
+    try:
+        yield SimpleNamespace(service=service, server=server, url=server.url,
+                              hotkey=service.hotkey, engine=engine)
+    finally:
+        server.stop()
+        service.close()
+
+
+def signed_post(miner, wallet, body: bytes, *, receiver: Optional[str] = None,
+                path: str = "/v1/generate", **sign_kw) -> httpx.Response:
+    headers = sign_request(wallet, method="POST", path=path, body=body,
+                           receiver=receiver or miner.hotkey, **sign_kw) if wallet else {}
+    return httpx.post(miner.url + path, content=body,
+                      headers={**headers, "Content-Type": "application/json"}, timeout=30)

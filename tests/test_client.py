@@ -1,0 +1,161 @@
+"""The validator's client against miners that misbehave in every way we can think of.
+
+A fake miner (a real FastAPI app on 127.0.0.1) answers according to the request's prompt;
+by default it answers correctly and signs with a real miner wallet, so each case breaks one
+thing only. The client must report a status per miner and never raise.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from miner_support import make_request
+from niche.auth import sign_response
+from niche.chain.base import Endpoint, Neuron
+from niche.chain.wallets import create_wallet
+from niche.imaging import encode_b64, image_sha256
+from niche.miner.server import BackgroundServer
+from niche.protocol import ErrorResponse, GenerateResponse, InfoResponse, ModelInfo
+from niche.validator.client import MinerClient, MinerTarget, QueryStatus
+
+
+@pytest.fixture(scope="module")
+def wallets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clientwallets")
+    return {n: create_wallet(n, "hot", root) for n in ("validator", "miner", "other")}
+
+
+def fake_miner_app(miner_wallet, other_wallet) -> FastAPI:
+    app = FastAPI()
+    hotkey = miner_wallet.hotkey.ss58_address
+
+    @app.get("/v1/info")
+    async def info():
+        return JSONResponse(InfoResponse(hotkey=hotkey, models=[ModelInfo(
+            model="stub", pipelines=["txt2img"])], capacity_per_minute=1,
+            miner_version="x").model_dump(mode="json"))
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        req = json.loads(await request.body())
+        how, rid = req["params"]["prompt"], req["request_id"]
+        b64, digest = encode_b64(Image.new("RGB", (32, 32), (9, 9, 9)))
+        answer = dict(request_id=rid, model=req["params"]["model"], image=b64,
+                      image_sha256=digest, miner_hotkey=hotkey,
+                      signature=sign_response(miner_wallet.hotkey, rid, digest),
+                      generation_seconds=0.1, queue_seconds=0.0, miner_version="x")
+        if how == "garbage":
+            return Response(b"\x00not json", media_type="application/json")
+        if how == "schema":
+            answer.pop("image")
+        if how == "wrong_sig":
+            answer["signature"] = sign_response(other_wallet.hotkey, rid, digest)
+        if how == "wrong_hash":
+            fake = "0" * 64
+            answer["image_sha256"] = fake
+            answer["signature"] = sign_response(miner_wallet.hotkey, rid, fake)
+        if how == "wrong_id":
+            answer["request_id"] = "x" * 16
+        if how == "proto":
+            answer["protocol_version"] = 2
+        if how == "wrong_hotkey":
+            answer["miner_hotkey"] = other_wallet.hotkey.ss58_address
+        if how == "wrong_model":
+            answer["model"] = "other"
+        if how == "bad_image":
+            import base64
+
+            data = b"this is not a png at all"
+            answer["image"] = base64.b64encode(data).decode()
+            answer["image_sha256"] = image_sha256(data)
+            answer["signature"] = sign_response(miner_wallet.hotkey, rid, image_sha256(data))
+        if how == "huge":
+            answer["miner_version"] = "v" * 2_000_000
+        if how == "error503":
+            return JSONResponse(ErrorResponse(reason="queue_full", detail="busy").model_dump(),
+                                status_code=503)
+        if how == "gzip":
+            return Response(gzip.compress(json.dumps(answer).encode()),
+                            media_type="application/json", headers={"Content-Encoding": "gzip"})
+        if how == "slow":
+            await asyncio.sleep(3)
+        return JSONResponse(answer)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake(wallets):
+    with BackgroundServer(fake_miner_app(wallets["miner"], wallets["other"])) as server:
+        yield server
+
+
+CASES = {
+    "good": QueryStatus.OK,
+    "garbage": QueryStatus.INVALID_RESPONSE,
+    "schema": QueryStatus.INVALID_RESPONSE,
+    "wrong_sig": QueryStatus.BAD_SIGNATURE,
+    "wrong_hash": QueryStatus.HASH_MISMATCH,
+    "wrong_id": QueryStatus.WRONG_REQUEST_ID,
+    "proto": QueryStatus.PROTOCOL_MISMATCH,
+    "wrong_hotkey": QueryStatus.WRONG_HOTKEY,
+    "wrong_model": QueryStatus.INVALID_RESPONSE,
+    "bad_image": QueryStatus.INVALID_IMAGE,
+    "huge": QueryStatus.RESPONSE_TOO_LARGE,
+    "error503": QueryStatus.HTTP_ERROR,
+    "gzip": QueryStatus.INVALID_RESPONSE,
+}
+
+
+def test_every_kind_of_bad_answer_is_a_status_not_an_exception(wallets, fake):
+    client = MinerClient(wallets["validator"], max_response_bytes=1_000_000)
+    miner = wallets["miner"].hotkey.ss58_address
+    pairs = [((uid, miner, fake.url), make_request(how))
+             for uid, how in enumerate(CASES)]
+    pairs.append(((98, miner, "http://127.0.0.1:9"), make_request("good")))  # closed port
+    pairs.append((Neuron(99, miner, "c", 1.0, False, None, 0), make_request("good")))
+    results = asyncio.run(client.query_many(pairs))
+    got = {how: r.status for how, r in zip(CASES, results)}
+    assert got == CASES, {k: (v, r.reason) for (k, v), r in zip(got.items(), results)}
+    assert results[-2].status is QueryStatus.UNREACHABLE
+    assert results[-1].status is QueryStatus.NO_ENDPOINT
+    good = results[0]
+    assert good.image.size == (32, 32) and good.response.request_id == pairs[0][1].request_id
+    assert good.latency is not None and good.latency < 5
+    assert [r.uid for r in results] == list(range(len(CASES))) + [98, 99]
+    err = results[list(CASES).index("error503")]
+    assert err.http_status == 503 and err.error.reason == "queue_full"
+
+
+def test_timeouts_are_per_miner_and_measured_on_our_clock(wallets, fake):
+    client = MinerClient(wallets["validator"])
+    miner = wallets["miner"].hotkey.ss58_address
+    targets = [MinerTarget(1, miner, fake.url), MinerTarget(2, miner, fake.url)]
+    prompts = {1: "slow", 2: "good"}
+    started = time.monotonic()
+    results = asyncio.run(client.query_many(
+        targets, request_factory=lambda t: make_request(prompts[t.uid]), deadline=1.0))
+    took = time.monotonic() - started
+    assert [r.status for r in results] == [QueryStatus.TIMEOUT, QueryStatus.OK]
+    assert 0.9 <= results[0].latency < 2.0 and took < 2.5  # the slow one did not hold us
+
+
+def test_info_checks_the_hotkey(wallets, fake):
+    client = MinerClient(wallets["validator"])
+    miner, other = (wallets[n].hotkey.ss58_address for n in ("miner", "other"))
+    ok, wrong, none = asyncio.run(client.info_many([
+        Neuron(1, miner, "c", 0.0, False, Endpoint("127.0.0.1", fake.port), 0),
+        (2, other, fake.url),
+        (3, miner, None),
+    ]))
+    assert ok.ok and ok.info.models[0].model == "stub" and ok.uid == 1
+    assert wrong.status is QueryStatus.WRONG_HOTKEY
+    assert none.status is QueryStatus.NO_ENDPOINT
+    client.close()

@@ -1,0 +1,166 @@
+"""The stake-priority queue: unit tests on a hand-driven clock, then the same over HTTP."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+from niche.miner.limits import PriorityGate, RateLimiter, Refusal
+from niche.protocol import ErrorResponse
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_gate_serves_highest_stake_first():
+    async def scenario():
+        clock = Clock()
+        gate = PriorityGate(max_queue=8, clock=clock)
+        order: list[str] = []
+        assert await gate.acquire(1.0, clock.t + 100) == 0.0  # runs at once
+
+        async def wait(name, stake):
+            await gate.acquire(stake, clock.t + 100)
+            order.append(name)
+            gate.release(1.0)
+
+        tasks = [asyncio.create_task(wait(n, s))
+                 for n, s in (("lo", 1), ("hi", 100), ("mid", 50), ("hi2", 100))]
+        await asyncio.sleep(0)
+        assert gate.depth == 4 and gate.busy
+        gate.release(1.0)
+        await asyncio.gather(*tasks)
+        assert order == ["hi", "hi2", "mid", "lo"]  # stake, then arrival
+        assert not gate.busy and gate.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_gate_refuses_what_cannot_finish_in_time_and_when_full():
+    async def scenario():
+        clock = Clock()
+        gate = PriorityGate(max_queue=1, clock=clock)
+        gate.record(4.0)  # generations take ~4 s
+        with pytest.raises(Refusal) as exc:
+            await gate.acquire(10, clock.t + 3)  # idle, but 4 s > 3 s timeout
+        assert exc.value.status == 429 and exc.value.reason == "cannot_finish_in_time"
+        await gate.acquire(10, clock.t + 30)  # running now
+        clock.t += 1  # ~3 s left on the running one
+        with pytest.raises(Refusal) as exc:
+            await gate.acquire(10, clock.t + 6.5)  # 3 s wait + 4 s run > 6.5 s
+        assert exc.value.reason == "cannot_start_in_time"
+        waiter = asyncio.create_task(gate.acquire(10, clock.t + 7.5))  # 7 s fits
+        await asyncio.sleep(0)
+        assert gate.depth == 1
+        with pytest.raises(Refusal) as exc:
+            await gate.acquire(10, clock.t + 100)
+        assert exc.value.status == 503 and exc.value.reason == "queue_full"
+        # a higher stake arriving later waits only for the running job: admitted
+        clock.t += 2.5
+        gate.max_queue = 2
+        hi = asyncio.create_task(gate.acquire(1000, clock.t + 100))
+        await asyncio.sleep(0)
+        gate.release(4.0)
+        await hi
+        clock.t += 4  # hi ran 4 s: the waiter can no longer finish by its deadline
+        with pytest.raises(Refusal) as exc:
+            gate.release(4.0)
+            await waiter
+        assert exc.value.reason == "deadline_passed"
+        assert not gate.busy
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_waiter_does_not_leak_the_slot():
+    async def scenario():
+        clock = Clock()
+        gate = PriorityGate(clock=clock)
+        await gate.acquire(1, clock.t + 100)
+        waiter = asyncio.create_task(gate.acquire(5, clock.t + 100))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        gate.release(1.0)
+        assert not gate.busy and gate.depth == 0
+        await asyncio.wait_for(gate.acquire(1, clock.t + 100), 1)
+
+    asyncio.run(scenario())
+
+
+def test_rate_limiter_token_bucket_and_stake_share():
+    clock = Clock()
+    limiter = RateLimiter(60, burst=2, clock=clock)  # 1 per second, bucket of 2
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b")
+    clock.t += 1.0
+    assert limiter.allow("a") and not limiter.allow("a")
+    share = RateLimiter(120, stake_proportional=True, clock=clock)
+    assert share.rate_for(0.5) == 60 and share.rate_for(0.0) == 1.0
+    assert RateLimiter(0).allow("x")  # disabled
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    net = build_net(tmp_path_factory.mktemp("queuenet"))
+    yield net
+    net.chain.close()
+
+
+def test_busy_gpu_serves_biggest_stake_first_over_http(net):
+    """One generation holds the GPU; lo, mid, hi arrive in that order; hi runs first."""
+    engine = StubEngine()
+    with running_miner(net, engine) as m:
+        engine.hold()
+        results: dict[str, int] = {}
+
+        def send(name: str, prompt: str) -> None:
+            resp = signed_post(m, net.wallets[name], make_request(prompt).model_dump_json(
+                exclude_none=True).encode())
+            results[prompt] = resp.status_code
+
+        threads = [threading.Thread(target=send, args=("hi", "first"))]
+        threads[0].start()
+        assert engine.running.wait(10)
+        for name in ("lo", "mid", "hi"):
+            t = threading.Thread(target=send, args=(name, f"by-{name}"))
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + 10
+            while m.service.gate.depth < len(threads) - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert m.service.gate.depth == 3
+        engine.release()
+        for t in threads:
+            t.join(20)
+    assert engine.calls == ["first", "by-hi", "by-mid", "by-lo"]
+    assert set(results.values()) == {200}
+
+
+def test_request_that_cannot_start_in_time_is_refused_at_once(net):
+    engine = StubEngine()
+    with running_miner(net, engine) as m:
+        m.service.gate.record(2.0)  # recent generations took 2 s
+        engine.hold()
+        holder = threading.Thread(target=signed_post, args=(
+            m, net.wallets["hi"], make_request("long").model_dump_json().encode()))
+        holder.start()
+        assert engine.running.wait(10)
+        started = time.monotonic()
+        resp = signed_post(m, net.wallets["hi"],
+                           make_request(timeout=2.5).model_dump_json().encode())
+        took = time.monotonic() - started
+        engine.release()
+        holder.join(20)
+    assert resp.status_code == 429, resp.text
+    assert ErrorResponse.model_validate(resp.json()).reason == "cannot_start_in_time"
+    assert took < 1.5  # refused at once, not after waiting
