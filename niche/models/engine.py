@@ -63,6 +63,8 @@ class Engine:
         config_dir: Optional[Path] = None,
         local_files_only: bool = False,
         model_paths: Optional[Mapping[str, Path]] = None,
+        fuse_batches: bool = False,
+        pipelines: Optional[Mapping[str, Sequence[str]]] = None,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -73,6 +75,7 @@ class Engine:
         if not models:
             raise ConfigError("no models to serve")
         self.device = device
+        self.fuse_batches = fuse_batches
         self.model_root = Path(model_root) if model_root is not None else None
         folders: dict[str, Optional[Path]] = {}
         self._specs: dict[str, ModelSpec] = {}
@@ -81,7 +84,10 @@ class Engine:
             if model_paths and name in model_paths:
                 folder = Path(model_paths[name])
             folders[name] = folder
-            self._specs[name] = load_spec(name, config_dir, folder)
+            spec = load_spec(name, config_dir, folder)
+            if pipelines and name in pipelines:
+                spec = _restrict(spec, pipelines[name])
+            self._specs[name] = spec
         hints = [s.cpu_threads for s in self._specs.values() if s.cpu_threads]
         self.num_threads = num_threads or default_threads(min(hints) if hints else None)
         torch.set_num_threads(self.num_threads)
@@ -184,8 +190,8 @@ class Engine:
 
     def conditioning_image(self, params: GenerationParams, image: ImageArg) -> ImageArg:
         """The pipeline-ready conditioning image at the request's size (params resolved)."""
-        if image is None:
-            return None
+        if image is None or params.controlnet_scale == 0.0 or params.ip_adapter_scale == 0.0:
+            return None  # scale 0 runs the plain txt2img pipeline: no conditioning to compute
         d = self.spec(params.model).defaults
         w, h = params.width, params.height
         if params.pipeline is PipelineKind.CONTROLNET_CANNY:
@@ -201,10 +207,15 @@ class Engine:
         return self.generate_batch([(params, image)])[0]
 
     def generate_batch(
-        self, requests: Sequence[tuple[GenerationParams, ImageArg]]
+        self, requests: Sequence[tuple[GenerationParams, ImageArg]],
+        fuse: Optional[bool] = None,
     ) -> list[PIL.Image.Image]:
-        """Requests that differ only in prompt, negative prompt and seed (same conditioning
-        image) run as one pipeline call, one generator per item. All are validated first."""
+        """All requests are validated first. With `fuse` (default: the engine's fuse_batches),
+        requests that differ only in prompt, negative prompt and seed (same conditioning image)
+        run as one pipeline call with one generator per item: faster, but batched kernels round
+        differently, so a fused item is NOT bit-identical to the same request run alone.
+        Unfused, each item is exactly `generate(params, image)`."""
+        fuse = self.fuse_batches if fuse is None else fuse
         resolved = []
         for params, image in requests:
             full = self.resolve(params)
@@ -212,7 +223,8 @@ class Engine:
             resolved.append((full, image))
         groups: dict[tuple, list[int]] = {}
         for i, (full, image) in enumerate(resolved):
-            groups.setdefault(_group_key(full, image), []).append(i)
+            key = _group_key(full, image) if fuse else (i,)
+            groups.setdefault(key, []).append(i)
         results: list[Optional[PIL.Image.Image]] = [None] * len(resolved)
         for indices in groups.values():
             full, image = resolved[indices[0]]
@@ -226,6 +238,20 @@ class Engine:
             for i, img in zip(indices, images):
                 results[i] = img.convert("RGB")
         return results  # type: ignore[return-value]
+
+
+def _restrict(spec: ModelSpec, wanted: Sequence[str]) -> ModelSpec:
+    """Serve (and load) only some of a model's pipelines."""
+    kinds = []
+    for w in wanted:
+        try:
+            kind = PipelineKind(w)
+        except ValueError:
+            raise ConfigError(f"unknown pipeline '{w}'") from None
+        if kind not in spec.pipelines:
+            raise ConfigError(f"{spec.name} has no pipeline '{w}'")
+        kinds.append(kind)
+    return spec.model_copy(update={"pipelines": kinds})
 
 
 def _group_key(params: GenerationParams, image: ImageArg) -> tuple:

@@ -156,3 +156,25 @@ class KolorsFamily(Family):
     def shared_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.base.unet, "text_encoder": self.base.text_encoder,
                 "vae": self.base.vae}
+
+    def pipelines(self) -> dict[PipelineKind, object]:
+        out: dict[PipelineKind, object] = {PipelineKind.TXT2IMG: self.base}
+        out.update(self.controlnet_pipes)
+        if self.ip_pipe is not None:
+            out[PipelineKind.IP_ADAPTER] = self.ip_pipe
+        return out
+
+    def own_modules(self) -> dict[str, torch.nn.Module]:
+        """Weights that belong to one adapter pipeline, not to the shared base."""
+        own: dict[str, torch.nn.Module] = {
+            CONTROLNETS[k]: p.controlnet for k, p in self.controlnet_pipes.items()}
+        if self.ip_pipe is not None:
+            own["image_encoder"] = self.ip_pipe.image_encoder
+            ip = self._wiring["ip"]
+            own["ip_image_proj"] = ip.encoder_hid_proj
+            layers = torch.nn.ModuleList(p for p in ip.processors.values()
+                                         if isinstance(p, torch.nn.Module))
+            own["ip_attn"] = layers
+        if self.depth_estimator is not None:
+            own["depth_estimator"] = self.depth_estimator.model
+        return own

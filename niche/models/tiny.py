@@ -96,10 +96,14 @@ def _trained_weights(model: str, component: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def _finish(module: torch.nn.Module, model: str, component: str) -> torch.nn.Module:
-    """Initialise, or load trained tiny weights (the follow-up hook), then eval()."""
+def _finish(module: torch.nn.Module, model: str, component: str,
+            adjust: Optional[Callable[[torch.nn.Module], None]] = None) -> torch.nn.Module:
+    """Initialise (then `adjust`), or load trained tiny weights (the follow-up hook); eval()."""
     _init_parameters(module, f"{model}/{component}")
     trained = _trained_weights(model, component)
+    if trained is None and adjust is not None:
+        with torch.no_grad():
+            adjust(module)
     if trained is not None:
         from safetensors.torch import load_file
 
@@ -408,6 +412,15 @@ def kolors_controlnet(unet: torch.nn.Module) -> torch.nn.Module:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
 
 
+CONTROL_GAIN = 60.0
+
+
+def _strong_control(controlnet: torch.nn.Module) -> None:
+    """At random init the control image's path (conditioning embedding) is weak next to the
+    latents: amplify its last conv so the conditioning image, not just its presence, steers."""
+    controlnet.controlnet_cond_embedding.conv_out.weight.mul_(CONTROL_GAIN)
+
+
 IMAGE_ENCODER_SIZE = 32
 CLIP_VISION_DIM = 32
 IP_HIDDEN = 64  # IP-Adapter Plus resampler: heads = width // 64
@@ -494,7 +507,8 @@ def build_kolors(out: Path) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
     shutil.rmtree(tmp)
     for kind in ("canny", "depth"):
-        cn = _finish(_no_global_rng(lambda: kolors_controlnet(unet)), m, f"controlnet-{kind}")
+        cn = _finish(_no_global_rng(lambda: kolors_controlnet(unet)), m, f"controlnet-{kind}",
+                     adjust=_strong_control)
         cn.save_pretrained(str(out / f"controlnet-{kind}"), safe_serialization=True)
     ip_dir = out / "ip-adapter"
     encoder = _finish(_no_global_rng(kolors_image_encoder), m, "image_encoder")

@@ -1,0 +1,23 @@
+"""Shared fixtures. Heavy ones are session-scoped: the tiny checkpoints are built once per
+machine (cached in ~/.cache/niche/tiny-v1 or $NICHE_TINY_DIR) and loaded once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_root() -> Path:
+    """Root of the tiny real-architecture checkpoints: tiny_root/<model>/ per model."""
+    from niche.models.tiny import ensure_tiny_models
+
+    return ensure_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_root):
+    """An Engine serving every model and pipeline from the tiny checkpoints, on CPU."""
+    from niche.models.engine import Engine
+
+    return Engine(models=["flux-schnell", "kolors"], model_root=tiny_root, device="cpu")
