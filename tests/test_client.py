@@ -22,7 +22,7 @@ from niche.chain.base import Endpoint, Neuron
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64, image_sha256
 from niche.miner.server import BackgroundServer
-from niche.protocol import ErrorResponse, GenerateResponse, InfoResponse, ModelInfo
+from niche.protocol import ErrorResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import signal
 import socket
 import threading
 import time
@@ -131,8 +132,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             if status != 200:
                 metrics.refusals.labels(reason).inc()
             metrics.queue_depth.set(service.gate.depth)
-            log.info("generate caller=%s status=%d %s %.2fs", caller, status,
-                     reason if status != 200 else "", time.monotonic() - started)
+            log.info("generate caller=%s status=%d%s %.2fs", caller, status,
+                     f" {reason}" if status != 200 else "", time.monotonic() - started)
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info():
@@ -189,9 +190,35 @@ def bind_socket(ip: str, port: int) -> socket.socket:
 def _uvicorn_server(app: FastAPI):
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # serve() owns the signals: exit 0 after a clean stop
+            yield
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_keep_alive=30, limit_concurrency=1024)
-    return uvicorn.Server(config)
+    return _Server(config)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish in-flight requests and stop; a second SIGINT forces it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(sig, _frame) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True
+        log.info("%s received: stopping", signal.Signals(sig).name)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[str] = None
@@ -205,7 +232,8 @@ def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[st
         server = _uvicorn_server(create_app(service))
         log.info("miner %s listening on %s:%d (published %s:%d)", service.hotkey, ip,
                  actual_port, public_ip, actual_port)
-        server.run(sockets=[sock])
+        with _stop_on_signals(server):
+            server.run(sockets=[sock])
     finally:
         sock.close()
         service.close()
