@@ -105,7 +105,7 @@ class ChallengeFactory:
         used_pairs: set[tuple[str, int]] = set()
         used_prompts: set[str] = set()
         used_seeds: set[int] = set()
-        conditions: dict[tuple[str, PipelineKind], tuple[Image.Image, str]] = {}
+        conditions: dict[str, tuple[Image.Image, str]] = {}  # one source image per model
         challenges = []
         for target in sorted(targets, key=lambda t: t.uid):
             plan = self.plans.get(target.model)
@@ -129,11 +129,10 @@ class ChallengeFactory:
                                       width=width, height=height)
             image = b64 = None
             if pipeline.needs_image:
-                key = (target.model, pipeline)
-                if key not in conditions:
+                if target.model not in conditions:
                     cond = self.conditioner(target.model, pipeline, width, height, rng)
-                    conditions[key] = (cond, encode_png(cond))
-                image, b64 = conditions[key]
+                    conditions[target.model] = (cond, encode_png(cond))
+                image, b64 = conditions[target.model]
             request_id = rng.bytes(12).hex()
             challenges.append(Challenge(target.uid, target.hotkey, request_id, params,
                                         plan.timeout, image, b64))
@@ -166,29 +165,18 @@ def plan_from_spec(spec, timeout: Optional[float] = None) -> ModelPlan:
 
 def engine_conditioner(engine, source_model: Optional[str] = None,
                        prompts: Optional[PromptSource] = None) -> Conditioner:
-    """Conditioning images from the validator's own engine: a txt2img source image (fresh
-    prompt and seed), then canny edges, a depth map, or the image itself for IP-Adapter."""
+    """Conditioning images from the validator's own engine: a txt2img source image with a
+    fresh prompt and seed. The engine on both sides derives the control signal from it with
+    niche.models.conditioning (canny edges, a depth map, or the fitted image itself as the
+    IP-Adapter reference), so miner and validator condition on identical pixels."""
     prompts = prompts or PromptSource()
 
     def make(model: str, pipeline: PipelineKind, width: int, height: int,
              rng: np.random.Generator) -> Image.Image:
-        from niche.models import conditioning
-
         params = GenerationParams(model=source_model or model, pipeline=PipelineKind.TXT2IMG,
                                   prompt=prompts.draw(rng),
                                   seed=int(rng.integers(0, MAX_SEED, endpoint=True)),
                                   width=width, height=height)
-        source = engine.generate(engine.resolve(params))
-        return _derive(conditioning, engine, model, pipeline, source)
+        return engine.generate(engine.resolve(params))
 
     return make
-
-
-def _derive(conditioning, engine, model: str, pipeline: PipelineKind,
-            source: Image.Image) -> Image.Image:
-    if pipeline is PipelineKind.CONTROLNET_CANNY:
-        return conditioning.canny(source)
-    if pipeline is PipelineKind.CONTROLNET_DEPTH:
-        return conditioning.depth(source, engine=engine, model=model)
-    return source
-

@@ -29,7 +29,11 @@ from niche.protocol import GenerationParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = 0.99
+DEFAULT_THRESHOLDS = {"flux-schnell": 0.99, "kolors": 0.99}
+"""Calibrated on the tiny checkpoints (bench/calibrate_verify.py, docs/scoring.md): lowest
+honest variant 0.994 (bfloat16), highest cheat 0.987 (fewer steps). Recalibrate with
+production weights and hardware (`--model-path`) before trusting them on a real network."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class VerifyConfig:
     when the engine declares one, else `default_threshold`."""
 
     default_threshold: float = DEFAULT_THRESHOLD
-    thresholds: Mapping[str, float] = field(default_factory=dict)
+    thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     max_batch: int = 8
 
 
@@ -140,43 +144,42 @@ class Verifier:
 
     def references(self, requests: Sequence[tuple[GenerationParams, Optional[Image.Image]]]
                    ) -> list[Image.Image]:
-        """Regenerate every request; requests with the same batch key run together."""
+        """Regenerate every request. Requests that can share a pipeline call (same model,
+        pipeline, size, steps, guidance, scales, conditioning image) are batched by the
+        engine; `max_batch` bounds each call's memory."""
         resolved = [(self.engine.resolve(p), img) for p, img in requests]
         groups: dict[tuple, list[int]] = {}
-        for index, (params, _) in enumerate(resolved):
-            groups.setdefault(_batch_key(params), []).append(index)
+        for index, (params, img) in enumerate(resolved):
+            groups.setdefault(_batch_key(params, img), []).append(index)
         out: list[Optional[Image.Image]] = [None] * len(resolved)
+        step = max(1, self.config.max_batch)
         for indices in groups.values():
-            for start in range(0, len(indices), max(1, self.config.max_batch)):
-                chunk = indices[start:start + self.config.max_batch]
-                if len(chunk) == 1:
-                    params, img = resolved[chunk[0]]
-                    images = [self.engine.generate(params, img)]
-                else:
-                    images = self.engine.generate_batch([resolved[i] for i in chunk])
+            for start in range(0, len(indices), step):
+                chunk = indices[start:start + step]
+                images = self.engine.generate_batch([resolved[i] for i in chunk])
                 for i, image in zip(chunk, images):
                     out[i] = image
-        return [img for img in out if img is not None]
+        return out  # type: ignore[return-value]
+
+    def judge(self, model: str, reference: Image.Image, candidate: Image.Image) -> Verdict:
+        """Compare one candidate to its reference; never raises for a bad candidate."""
+        t = self.threshold(model)
+        try:
+            c = compare(reference, candidate)
+        except Exception as exc:  # an unreadable candidate fails, with the reason
+            return Verdict(False, 0.0, t, None, f"compare failed: {exc}")
+        return Verdict(c.similarity >= t, c.similarity, t, c)
 
     def verify(self, items: Sequence[tuple[GenerationParams, Optional[Image.Image], Image.Image]]
                ) -> list[Verdict]:
-        """items: (params, conditioning image, candidate). Never raises for a bad candidate;
-        a regeneration failure is the validator's problem and propagates."""
+        """items: (params, conditioning image, candidate). A regeneration failure is the
+        validator's problem and propagates; a bad candidate is a failed verdict."""
         refs = self.references([(p, img) for p, img, _ in items])
-        verdicts = []
-        for (params, _, candidate), ref in zip(items, refs):
-            t = self.threshold(params.model)
-            try:
-                c = compare(ref, candidate)
-            except Exception as exc:  # a candidate that cannot be read fails, with a reason
-                verdicts.append(Verdict(False, 0.0, t, None, f"compare failed: {exc}"))
-                continue
-            verdicts.append(Verdict(c.similarity >= t, c.similarity, t, c))
-        return verdicts
+        return [self.judge(params.model, ref, candidate)
+                for (params, _, candidate), ref in zip(items, refs)]
 
 
-def _batch_key(params: GenerationParams) -> tuple:
-    """Requests that can share one batched call: everything but prompt, seed, and image."""
+def _batch_key(params: GenerationParams, image: Optional[Image.Image]) -> tuple:
+    """Everything but prompt, negative prompt and seed: those vary inside one batch."""
     return (params.model, params.pipeline, params.steps, params.guidance, params.width,
-            params.height, params.controlnet_scale, params.ip_adapter_scale,
-            params.negative_prompt)
+            params.height, params.controlnet_scale, params.ip_adapter_scale, id(image))

@@ -1,0 +1,217 @@
+"""Calibrate the verification metric: which threshold lets honest hardware through and
+stops cheats? Prints, per model, the similarity of each variant to the float32 reference
+and the chosen threshold with its margin.
+
+honest: bfloat16, another thread count, batched instead of single, the math SDPA kernel
+        instead of the default one, lossless re-encoding (PNG / WebP lossless)
+cheats: another seed, fewer steps, half size upscaled, another model, another prompt,
+        another conditioning image, blurred, noised, JPEG q=30, an earlier challenge's image
+
+    .venv/bin/python bench/calibrate_verify.py [--tiny | --model-path DIR] [--requests 3]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from niche.protocol import GenerationParams, PipelineKind
+from niche.validator.verify import compare
+
+
+def reencode(image: Image.Image, fmt: str, **kw) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def noised(image: Image.Image, sigma: float, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(image, dtype=np.float64) + rng.normal(0.0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def with_threads(n: int, fn: Callable[[], Image.Image]) -> Image.Image:
+    """torch's thread count is process-wide: set it around one call, then restore it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def with_math_attention(fn: Callable[[], Image.Image]) -> Image.Image:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return fn()
+
+
+PROMPTS = ("a red fox in a snowy forest, watercolor",
+           "an old lighthouse at dusk, oil painting",
+           "a bowl of ramen on a wooden table, studio photograph",
+           "a sailboat on a calm sea, soft colors")
+
+
+def calibrate_model(model: str, engines: dict, requests: int, other_model: Optional[str],
+                    pipeline: PipelineKind, conditioner) -> list[tuple[str, str, list]]:
+    """Returns rows (kind, case, [Comparison per request])."""
+    base, bf16 = engines["float32"], engines["bfloat16"]
+    ref_threads, other_threads = engines["threads"]
+    spec = base.spec(model)
+    d = spec.defaults
+    rows: dict[tuple[str, str], list] = {}
+
+    def add(kind, case, ref, img):
+        rows.setdefault((kind, case), []).append(compare(ref, img))
+
+    for i in range(requests):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        cond = alt_cond = None
+        if pipeline.needs_image:
+            cond = conditioner(model, pipeline, d.width, d.height, 1000 + i)
+            alt_cond = conditioner(model, pipeline, d.width, d.height, 2000 + i)
+        params = base.resolve(GenerationParams(model=model, pipeline=pipeline, prompt=prompt,
+                                               seed=12345 + i))
+        ref = base.generate(params, cond)
+
+        def variant(**changes) -> GenerationParams:
+            return base.resolve(params.model_copy(update=changes))
+
+        add("honest", "bfloat16", ref, bf16.generate(params, cond))
+        add("honest", f"{other_threads} threads instead of {ref_threads}", ref,
+            with_threads(other_threads, lambda: base.generate(params, cond)))
+        other = variant(seed=params.seed + 7, prompt=PROMPTS[(i + 1) % len(PROMPTS)])
+        add("honest", "batched (2) vs single", ref,
+            base.generate_batch([(params, cond), (other, cond)])[0])
+        add("honest", "math SDPA kernel", ref,
+            with_math_attention(lambda: base.generate(params, cond)))
+        add("honest", "PNG re-encode", ref, reencode(ref, "PNG"))
+        add("honest", "WebP lossless re-encode", ref, reencode(ref, "WEBP", lossless=True))
+
+        add("cheat", "other seed", ref, base.generate(variant(seed=params.seed + 1), cond))
+        if params.steps > 1:
+            add("cheat", f"fewer steps ({params.steps // 2} of {params.steps})", ref,
+                base.generate(variant(steps=max(1, params.steps // 2)), cond))
+        lim = spec.limits
+        half_w, half_h = params.width // 2, params.height // 2
+        if min(half_w, half_h) >= lim.min_size and half_w % lim.size_multiple == 0:
+            small = base.generate(variant(width=half_w, height=half_h),
+                                  cond.resize((half_w, half_h)) if cond else None)
+            add("cheat", "half size, upscaled", ref,
+                small.resize((params.width, params.height), Image.Resampling.BICUBIC))
+        if other_model:
+            om = base.resolve(GenerationParams(model=other_model, prompt=prompt,
+                                               seed=params.seed, width=params.width,
+                                               height=params.height))
+            add("cheat", f"other model ({other_model})", ref, base.generate(om))
+        add("cheat", "other prompt", ref,
+            base.generate(variant(prompt=PROMPTS[(i + 2) % len(PROMPTS)]), cond))
+        if alt_cond is not None:
+            add("cheat", "other conditioning image", ref, base.generate(params, alt_cond))
+        add("cheat", "blurred (r=1)", ref, ref.filter(ImageFilter.GaussianBlur(1.0)))
+        add("cheat", "blurred (r=0.5)", ref, ref.filter(ImageFilter.GaussianBlur(0.5)))
+        add("cheat", "noised (sigma=8)", ref, noised(ref, 8.0, i))
+        add("cheat", "JPEG q=30", ref, reencode(ref, "JPEG", quality=30))
+        add("cheat", "JPEG q=75", ref, reencode(ref, "JPEG", quality=75))
+        add("cheat", "earlier challenge's image", ref,
+            base.generate(variant(seed=params.seed + 99,
+                                  prompt=PROMPTS[(i + 3) % len(PROMPTS)]), cond))
+    return [(k, c, v) for (k, c), v in rows.items()]
+
+
+def choose_threshold(rows) -> tuple[float, float, float]:
+    """(threshold, lowest honest, highest cheat): midway when they separate; otherwise just
+    under the lowest honest value (honest miners must never fail)."""
+    honest = min(c.similarity for k, _, cs in rows if k == "honest" for c in cs)
+    cheat = max(c.similarity for k, _, cs in rows if k == "cheat" for c in cs)
+    if honest > cheat:
+        return (honest + cheat) / 2, honest, cheat
+    return max(0.0, honest - 0.005), honest, cheat
+
+
+def print_matrix(model: str, pipeline: PipelineKind, rows) -> float:
+    threshold, honest, cheat = choose_threshold(rows)
+    print(f"\n== {model} / {pipeline.value}: similarity to the float32 reference "
+          f"(min over requests; components at that request)")
+    print(f"{'kind':<7}{'case':<34}{'sim':>7}{'ssim':>7}{'detail':>8}{'energy':>8}"
+          f"{'psnr':>7}  verdict")
+    for kind, case, comps in rows:
+        worst = min(comps, key=lambda c: c.similarity) if kind == "honest" else max(
+            comps, key=lambda c: c.similarity)
+        verdict = "pass" if worst.similarity >= threshold else "FAIL"
+        ok = (verdict == "pass") == (kind == "honest")
+        print(f"{kind:<7}{case:<34}{worst.similarity:>7.3f}{worst.ssim:>7.3f}"
+              f"{worst.detail_correlation:>8.3f}{worst.energy_ratio:>8.3f}{worst.psnr:>7.1f}  "
+              f"{verdict}{'' if ok else '  <-- WRONG'}")
+    margin = honest - cheat
+    print(f"threshold {threshold:.3f}: lowest honest {honest:.3f}, highest cheat {cheat:.3f}, "
+          f"margin {margin:+.3f}{'' if margin > 0 else '  (NOT SEPARABLE on these weights)'}")
+    return threshold
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--tiny", action="store_true", default=True)
+    src.add_argument("--model-path", type=Path, default=None)
+    parser.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"])
+    parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="thread count of the reference")
+    parser.add_argument("--pipelines", nargs="+", default=None,
+                        help="kolors pipelines to calibrate (default: txt2img controlnet-canny)")
+    args = parser.parse_args()
+    import torch
+
+    from niche.models.engine import Engine
+
+    if args.model_path:
+        root = args.model_path
+    else:
+        from niche.models.tiny import ensure_tiny_models
+
+        root = ensure_tiny_models()
+    started = time.time()
+    engines = {
+        "float32": Engine(models=args.models, model_root=root, dtype="float32",
+                          num_threads=args.threads),
+        "bfloat16": Engine(models=args.models, model_root=root, dtype="bfloat16",
+                           num_threads=args.threads),
+    }
+    torch.set_num_threads(args.threads)  # each Engine pins the process-wide count on creation
+    engines["threads"] = (args.threads, 1 if args.threads != 1 else 2)
+    print(f"torch {torch.__version__}, reference threads={args.threads}, model root {root}")
+
+    from niche.validator.challenges import engine_conditioner
+
+    def conditioner(model, pipeline, w, h, seed):
+        make = engine_conditioner(engines["float32"])
+        return make(model, pipeline, w, h, np.random.default_rng(seed))
+
+    chosen = {}
+    for model in args.models:
+        others = [m for m in args.models if m != model]
+        pipelines = [PipelineKind.TXT2IMG]
+        if model == "kolors":
+            pipelines = [PipelineKind(p) for p in (args.pipelines or
+                                                   ["txt2img", "controlnet-canny"])]
+        for pipeline in pipelines:
+            rows = calibrate_model(model, engines, args.requests, others[0] if others else None,
+                                   pipeline, conditioner)
+            chosen[(model, pipeline.value)] = print_matrix(model, pipeline, rows)
+    print("\nchosen thresholds: " + ", ".join(f"{m}/{p}={t:.3f}" for (m, p), t in chosen.items()))
+    print(f"({time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
