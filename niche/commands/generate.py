@@ -59,6 +59,9 @@ def _params(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from niche.models.quiet import quiet_libraries
+
+    quiet_libraries()
     from niche.models.engine import Engine
     from niche.models.images import open_image_file
 

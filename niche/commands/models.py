@@ -22,6 +22,9 @@ def register(subparsers) -> None:
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
+    from niche.models.quiet import quiet_libraries
+
+    quiet_libraries()
     from niche.models.tiny import build_tiny_models, ensure_tiny_models
 
     root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
