@@ -172,3 +172,42 @@ def test_load_image_file(tmp_path):
         load_image_file(tmp_path / "missing.png")
     with pytest.raises(InvalidRequest, match="bytes"):
         load_image_file(path, limits=ImageLimits(max_bytes=10))
+
+
+def test_arbitrary_bytes_and_text_only_ever_raise_invalid_request():
+    """Fuzz: whatever arrives, decoding returns an RGB image or raises InvalidRequest."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    png = saved(gradient(16, 16), "PNG")
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(
+        st.binary(max_size=512),
+        # mutate a valid PNG: flip bytes in header and body
+        st.lists(st.tuples(st.integers(0, len(png) - 1), st.integers(0, 255)), max_size=6)
+        .map(lambda edits: bytes(_edit(png, edits))),
+    ))
+    def check_bytes(data):
+        try:
+            assert bytes_to_image(data).mode == "RGB"
+        except InvalidRequest:
+            pass
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.text(max_size=64))
+    def check_text(text):
+        try:
+            decode_image(text)
+        except InvalidRequest:
+            pass
+
+    check_bytes()
+    check_text()
+
+
+def _edit(data: bytes, edits) -> bytearray:
+    out = bytearray(data)
+    for index, value in edits:
+        out[index] = value
+    return out

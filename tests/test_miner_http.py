@@ -259,3 +259,45 @@ def test_metagraph_refresh_picks_up_stake_changes(net):
 def test_port_in_use_is_one_line_error(miner):
     with pytest.raises(NicheError, match="already in use"):
         bind_socket("127.0.0.1", miner.server.port)
+
+
+def test_fuzzed_bodies_get_4xx_never_5xx(net, miner):
+    """Signed junk of every shape: always a 4xx ErrorResponse, never a crash or a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    valid = json.loads(body_of(make_request()))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                        st.floats(allow_nan=False), st.text(max_size=20))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                          max_leaves=8)
+
+    def mutate(field_path, value):
+        data = json.loads(json.dumps(valid))
+        target = data
+        for key in field_path[:-1]:
+            target = target[key]
+        target[field_path[-1]] = value
+        return json.dumps(data).encode()
+
+    fields = st.sampled_from([("protocol_version",), ("request_id",), ("params",),
+                              ("timeout",), ("image",), ("params", "model"),
+                              ("params", "seed"), ("params", "pipeline"),
+                              ("params", "width"), ("params", "prompt")])
+    bodies = st.one_of(st.binary(max_size=200),
+                       values.map(lambda v: json.dumps(v).encode()),
+                       st.builds(mutate, fields, values))
+    seen = set()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def check(body):
+        resp = signed_post(miner, net.wallets["hi"], body)
+        if resp.status_code != 200:
+            assert 400 <= resp.status_code < 500, (body, resp.text)
+            seen.add(error(resp).reason)
+
+    check()
+    assert seen & {"malformed_json", "invalid_request"}
+    assert httpx.get(miner.url + "/healthz").json()["ok"]

@@ -115,7 +115,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 request.headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
             service.rate_check(caller_key, neuron)
-            parsed = service.parse(body)
+            parsed = await asyncio.to_thread(service.parse, body)  # up to ~24 MB of JSON
             answer = await service.generate(parsed, neuron)
             status, reason = 200, "ok"
             return JSONResponse(answer.model_dump(mode="json"))

@@ -152,7 +152,9 @@ class MinerService:
         """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
         if not has_auth_headers(headers):
             raise AuthFailure(401, "unsigned", "sign requests with bittensor.http_auth")
-        claimed = claimed_hotkey(headers) or ""
+        claimed = claimed_hotkey(headers)
+        if not claimed:
+            raise AuthFailure(401, "malformed_auth", "missing X-Bittensor-Hotkey")
         self.caller_policy(claimed)  # cheap: no signature work for strangers
         hotkey = self.verifier.verify(headers, body, method=method, path=path)
         return hotkey, self.caller_policy(hotkey)
