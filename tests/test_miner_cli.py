@@ -102,3 +102,12 @@ def test_miner_process_serves_endpoint_and_stops_cleanly(net, tmp_path):
     assert f"endpoint 127.0.0.1:{port} served on subnet {NETUID}" in text
     assert "generate caller=" in text and "status=200" in text
     assert "miner stopped" in text
+
+
+def test_cheat_flag_is_localnet_only(net, capsys):
+    args = argv(net, "miner", free_port(), "--localnet.cheat", "other-seed")
+    args[args.index("localnet")] = "finney"
+    assert main(args) == 2
+    assert "only runs on --subtensor.network localnet" in capsys.readouterr().err
+    assert main(argv(net, "miner", free_port(), "--localnet.cheat", "nonsense")) == 2
+    assert "choose from" in capsys.readouterr().err

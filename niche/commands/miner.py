@@ -58,6 +58,10 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                      help="requests waiting for the GPU before 503 (default 16)")
     lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
                      default=60.0, help="seconds between metagraph refreshes (default 60)")
+    parser.add_argument("--localnet.cheat", dest="localnet_cheat", default=None,
+                        metavar="CHEAT", help="localnet demo only: answer with a cheaper/wrong "
+                                              "computation (other-seed, fewer-steps) so the "
+                                              "validator can be watched catching it")
     parser.add_argument("--logging.debug", dest="debug", action="store_true")
 
 
@@ -98,6 +102,13 @@ def config_from_args(args: argparse.Namespace):
         raise ConfigError("--queue.max_size must be >= 0")
     if args.requests_per_minute < 0:
         raise ConfigError("--limits.requests_per_minute must be >= 0")
+    if args.localnet_cheat is not None:
+        from niche.localnet.cheats import CHEATS
+
+        if args.subtensor_network != "localnet":
+            raise ConfigError("--localnet.cheat only runs on --subtensor.network localnet")
+        if args.localnet_cheat not in CHEATS:
+            raise ConfigError(f"--localnet.cheat: choose from {', '.join(CHEATS)}")
     return MinerConfig(
         netuid=args.netuid, min_stake=args.min_stake,
         allow_hotkeys=tuple(args.allow_hotkeys or ()),
@@ -145,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(models=list(args.models), model_root=model_root, device=device,
                     dtype=args.dtype, memory_mode=args.memory_mode,
                     num_threads=args.num_threads)
+    if args.localnet_cheat:
+        from niche.localnet.cheats import CheatingEngine
+
+        log.warning("localnet cheat %r: answers are NOT what they claim", args.localnet_cheat)
+        engine = CheatingEngine(engine, args.localnet_cheat)
     service = MinerService(engine, wallet, config, chain=chain)
     service.check_registered()
     log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
