@@ -16,11 +16,12 @@ import base64
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
+from niche.errors import InvalidRequest
 from niche.protocol import MAX_SEED, GenerateRequest, GenerationParams, PipelineKind
 from niche.validator.prompts import PromptSource
 
@@ -90,10 +91,14 @@ def round_rng(validator_seed: int, round_index: int) -> np.random.Generator:
 
 class ChallengeFactory:
     def __init__(self, plans: dict[str, ModelPlan], prompts: Optional[PromptSource] = None,
-                 conditioner: Optional[Conditioner] = None):
+                 conditioner: Optional[Conditioner] = None,
+                 resolve: Optional[Callable[[GenerationParams], GenerationParams]] = None):
+        """`resolve` (the engine's) completes and checks each request, so a challenge never
+        asks for what the model refuses (e.g. a prompt over its token limit: redrawn)."""
         self.plans = plans
         self.prompts = prompts or PromptSource()
         self.conditioner = conditioner
+        self.resolve = resolve
 
     def make_round(self, rng: np.random.Generator, targets: Sequence[Target]) -> list[Challenge]:
         """One challenge per target whose model this validator knows (others are skipped)."""
@@ -116,17 +121,33 @@ class ChallengeFactory:
             if not offered:
                 continue
             pipeline = offered[int(rng.integers(len(offered)))]
-            prompt = self._unique_prompt(rng, used_prompts)
-            seed = int(rng.integers(0, MAX_SEED, endpoint=True))
-            while seed in used_seeds or (prompt, seed) in used_pairs:
-                seed = int(rng.integers(0, MAX_SEED, endpoint=True))
-            used_prompts.add(prompt)
-            used_seeds.add(seed)
-            used_pairs.add((prompt, seed))
             width, height, steps = shapes[target.model]
-            params = GenerationParams(model=target.model, pipeline=pipeline, prompt=prompt,
-                                      seed=seed, steps=steps, guidance=plan.guidance,
-                                      width=width, height=height)
+            params = None
+            for _ in range(20):
+                prompt = self._unique_prompt(rng, used_prompts)
+                seed = int(rng.integers(0, MAX_SEED, endpoint=True))
+                while seed in used_seeds or (prompt, seed) in used_pairs:
+                    seed = int(rng.integers(0, MAX_SEED, endpoint=True))
+                params = GenerationParams(model=target.model, pipeline=pipeline, prompt=prompt,
+                                          seed=seed, steps=steps, guidance=plan.guidance,
+                                          width=width, height=height)
+                if self.resolve is None:
+                    break
+                try:
+                    params = self.resolve(params)
+                    break
+                except InvalidRequest as exc:
+                    if exc.field != "prompt":
+                        raise
+                    used_prompts.add(prompt)  # too long for this model: draw another
+                    params = None
+            if params is None:
+                log.warning("no valid prompt for %s after 20 draws; uid %d skipped",
+                            target.model, target.uid)
+                continue
+            used_prompts.add(params.prompt)
+            used_seeds.add(params.seed)
+            used_pairs.add((params.prompt, params.seed))
             image = b64 = None
             if pipeline.needs_image:
                 if target.model not in conditions:
@@ -173,10 +194,17 @@ def engine_conditioner(engine, source_model: Optional[str] = None,
 
     def make(model: str, pipeline: PipelineKind, width: int, height: int,
              rng: np.random.Generator) -> Image.Image:
-        params = GenerationParams(model=source_model or model, pipeline=PipelineKind.TXT2IMG,
-                                  prompt=prompts.draw(rng),
-                                  seed=int(rng.integers(0, MAX_SEED, endpoint=True)),
-                                  width=width, height=height)
-        return engine.generate(engine.resolve(params))
+        seed = int(rng.integers(0, MAX_SEED, endpoint=True))
+        for attempt in range(20):
+            params = GenerationParams(model=source_model or model,
+                                      pipeline=PipelineKind.TXT2IMG, prompt=prompts.draw(rng),
+                                      seed=seed, width=width, height=height)
+            try:
+                params = engine.resolve(params)
+                break
+            except InvalidRequest as exc:
+                if exc.field != "prompt" or attempt == 19:
+                    raise
+        return engine.generate(params)
 
     return make

@@ -128,7 +128,7 @@ class Validator:
                    else PromptSource())
         needs_image = any(p.needs_image for plan in self.plans.values() for p in plan.pipelines)
         conditioner = engine_conditioner(engine, prompts=prompts) if needs_image else None
-        self.factory = ChallengeFactory(self.plans, prompts, conditioner)
+        self.factory = ChallengeFactory(self.plans, prompts, conditioner, engine.resolve)
         self.verifier = Verifier(engine, config.verify)
         self._stop = threading.Event()
 
@@ -275,6 +275,10 @@ class Validator:
             if status != OK or image is None:
                 outcomes[c.uid] = Outcome(status=status if status != OK else "bad_image",
                                           reason=reason or "no image", **base)
+                continue
+            if latency is not None and latency > c.timeout:
+                outcomes[c.uid] = Outcome(status="timeout", reason=(
+                    f"answered in {latency:.1f}s, after the {c.timeout:.0f}s deadline"), **base)
                 continue
             problem = shape_problem(image, c.params.width, c.params.height)
             if problem:
