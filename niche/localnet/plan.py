@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 from niche.errors import ConfigError
 from niche.localnet.supervisor import free_port
 
-CHEATS = ("other-seed", "fewer-steps")
-"""Dishonest miner behaviours a newcomer can add to watch the validator catch them."""
+from niche.localnet.cheats import CHEATS
 
 DEFAULT_NETUID = 1
 MINER_STAKE = 10.0

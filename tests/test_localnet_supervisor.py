@@ -1,0 +1,117 @@
+"""The localnet supervisor: children in their own groups, deaths reported, nothing orphaned."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from niche.localnet.supervisor import Child, ChildFailed, Supervisor, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_dead_child_is_named_with_its_log_and_the_rest_stop(tmp_path):
+    sup = Supervisor(stop_timeout=5)
+    sleeper = sup.start(Child("miner1", _python("import time; time.sleep(60)"),
+                              tmp_path / "miner1.log"))
+    sup.start(Child("miner2", _python("print('cuda out of memory'); raise SystemExit(7)"),
+                    tmp_path / "miner2.log"))
+    deadline = time.monotonic() + 20
+    with pytest.raises(ChildFailed) as caught:
+        while time.monotonic() < deadline:
+            sup.check()
+            time.sleep(0.1)
+    assert caught.value.child.name == "miner2" and caught.value.code == 7
+    assert "cuda out of memory" in str(caught.value)
+    sup.stop_all()
+    assert not _alive(sleeper.pid)
+
+
+def test_expected_exit_zero_is_not_a_failure(tmp_path):
+    with Supervisor(stop_timeout=5) as sup:
+        done = sup.start(Child("validator1", _python("pass"), tmp_path / "v.log",
+                               expected_to_exit=True))
+        done.process.wait(timeout=20)
+        sup.check()  # exit 0 of a child that is meant to finish: no error
+        assert sup.running(only_expected_to_exit=True) == []
+
+
+def test_stop_reaches_grandchildren(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+        open({str(pid_file)!r}, 'w').write(str(p.pid))
+        time.sleep(60)
+    """
+    with Supervisor(stop_timeout=5) as sup:
+        sup.start(Child("miner1", _python(code), tmp_path / "m.log"))
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "grandchild never started"
+            time.sleep(0.1)
+        grandchild = int(pid_file.read_text())
+        assert _alive(grandchild)
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def test_children_die_with_a_killed_parent(tmp_path):
+    """localnet itself SIGKILLed: its children get SIGTERM from the kernel (no orphans)."""
+    pid_file = tmp_path / "child.pid"
+    parent = f"""
+        import time
+        from pathlib import Path
+        from niche.localnet.supervisor import Child, Supervisor
+        sup = Supervisor()
+        c = sup.start(Child('miner1', ['sleep', '60'], Path({str(tmp_path / 'm.log')!r})))
+        Path({str(pid_file)!r}).write_text(str(c.pid))
+        time.sleep(60)
+    """
+    proc = subprocess.Popen(_python(parent))
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "child never started"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        proc.kill()
