@@ -49,7 +49,7 @@ def collect(plan: LocalnetPlan) -> tuple[list[ScoreRow], dict]:
     rounds_done, scores, rows_by_uid = 0, {}, {}
     if validator.state_path and Path(validator.state_path).exists():
         with ValidatorState(validator.state_path) as state:
-            rounds_done = state.round_index()
+            rounds_done = state.round_index
             book = state.load_book(ScoringConfig())
             scores = {uid: entry.score for uid, entry in book.uids.items()}
             for row in state.history(limit=100000):
