@@ -101,8 +101,13 @@ class Engine:
             family = family_class(spec.family)(
                 spec, folders[name], device, dtype or spec.dtype, memory_mode or spec.memory_mode,
                 local_files_only=local_files_only)
-            with torch.no_grad():
-                family.load()
+            try:
+                with torch.no_grad():
+                    family.load()
+            except (OSError, ValueError) as exc:  # missing files, no network, bad configs
+                where = folders[name] or "the hub (ids in its config)"
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise ConfigError(f"cannot load model {name} from {where}: {first}") from exc
             self._families[name] = family
             log.info("loaded %s (%s) from %s on %s, %d threads", name, family.dtype_name,
                      folders[name] or "hub", device, self.num_threads)

@@ -32,6 +32,11 @@ class _UNetWiring:
         self.encoder_hid_proj = unet.encoder_hid_proj
         self.encoder_hid_dim_type = unet.config.encoder_hid_dim_type
 
+    def to(self, device, dtype) -> None:
+        for module in [self.encoder_hid_proj, *self.processors.values()]:
+            if isinstance(module, torch.nn.Module):
+                module.to(device=device, dtype=dtype)
+
     def apply(self, unet) -> None:
         # The projection first: its attention layers count among the UNet's processors.
         unet.encoder_hid_proj = self.encoder_hid_proj
@@ -67,8 +72,16 @@ class KolorsFamily(Family):
 
             dpath, dkw = self.source("depth-estimator")
             self.depth_estimator = DepthEstimator(dpath, device=self.device, **dkw)
-        for pipe in [self.base, *self.controlnet_pipes.values(), *( [self.ip_pipe] if self.ip_pipe else [])]:
-            self.place(pipe)
+        pipes = list(self.pipelines().values())
+        if self.device.type == "cpu" or self.memory_mode == "gpu":
+            for pipe in pipes:
+                self.place(pipe)
+            if "ip" in self._wiring:  # detached from the UNet while in base wiring
+                self._wiring["ip"].to(self.device, self.dtype)
+        else:  # offload hooks belong to one pipeline: re-installed when another one runs
+            for pipe in pipes:
+                pipe.set_progress_bar_config(disable=True)
+            self.place(self.base)
         self._placed = self.base
 
     def _load_ip_adapter(self, shared: dict) -> None:
