@@ -1,0 +1,155 @@
+"""`niche localnet` end to end: real processes, real HTTP on 127.0.0.1, a real chain file."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+NICHE = [str(Path(sys.executable).with_name("niche"))]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (our children carry the workdir in argv)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_gone(text: str, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _start(args: list[str], env_root: Path) -> subprocess.Popen:
+    env = dict(os.environ, NICHE_TINY_DIR=str(env_root))
+    return subprocess.Popen(NICHE + ["localnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    raise AssertionError(f"never saw {pattern!r}; output:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_localnet_runs_rounds_catches_a_cheat_and_prints_chain_weights(tmp_path, tiny_root):
+    from niche.chain.local import LocalChain
+
+    workdir = tmp_path / "ln"
+    started = time.monotonic()
+    proc = _start(["--miners", "3", "--rounds", "2", "--cheat", "fewer-steps",
+                   "--workdir", str(workdir)], tiny_root)
+    out, _ = proc.communicate(timeout=400)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, out
+    print(f"localnet --miners 3 --rounds 2 took {elapsed:.0f}s")
+    assert "scoreboard after 2 round(s)" in out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\d+)\s+(miner\d)\s+\S+\s+(\S+)\s+(\S+)\s+(\d+)/(\d+)\s+\S+\s+"
+                     r"([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
+        if m:
+            rows[m.group(2)] = dict(uid=int(m.group(1)), model=m.group(3), behaviour=m.group(4),
+                                    verified=int(m.group(5)), audited=int(m.group(6)),
+                                    score=float(m.group(7)), weight=float(m.group(8)))
+    assert set(rows) == {"miner1", "miner2", "miner3"}, out
+    assert rows["miner3"]["behaviour"] == "fewer-steps"
+    assert rows["miner3"]["weight"] == 0.0 and rows["miner3"]["verified"] == 0
+    for honest in ("miner1", "miner2"):
+        assert rows[honest]["weight"] > 0 and rows[honest]["verified"] >= 1
+
+    chain = LocalChain(workdir / "chain.sqlite")
+    try:
+        last = chain.weights_history(1)[-1]
+    finally:
+        chain.close()
+    on_chain = dict(zip(last["uids"], last["weights"]))
+    for row in rows.values():
+        assert abs(on_chain.get(row["uid"], 0.0) - row["weight"]) < 5e-4
+    assert _wait_gone(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_localnet_names_a_dead_child_and_stops_the_rest(tmp_path, tiny_root):
+    workdir = tmp_path / "ln"
+    proc = _start(["--miners", "1", "--models", "flux-schnell", "--workdir", str(workdir)],
+                  tiny_root)
+    try:
+        _read_until(proc, r"rounds done: validator1 1", timeout=240)
+        miners = [pid for pid in _processes_mentioning(str(workdir))
+                  if "miner1" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                  and "--axon.port" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        assert miners, "miner1 process not found"
+        os.kill(miners[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, out
+    assert "miner1 exited with code -9" in out
+    assert "stopped the other processes" in out
+    assert _wait_gone(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_localnet_ctrl_c_stops_every_child(tmp_path, tiny_root):
+    workdir = tmp_path / "ln"
+    proc = _start(["--miners", "1", "--models", "flux-schnell", "--workdir", str(workdir)],
+                  tiny_root)
+    try:
+        _read_until(proc, r"miner1 is up", timeout=240)
+        assert _processes_mentioning(str(workdir))
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert _wait_gone(str(workdir)) == []
+
+
+def test_localnet_refuses_a_corrupt_chain_file(tmp_path, tiny_root, capsys):
+    from niche.cli import main
+
+    workdir = tmp_path / "ln"
+    workdir.mkdir()
+    (workdir / "chain.sqlite").write_bytes(b"this is not sqlite" * 100)
+    code = main(["localnet", "--keep", "--workdir", str(workdir), "--model-path", str(tiny_root),
+                 "--prepare-only"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "chain.sqlite" in err and "Traceback" not in err
+
+
+def test_localnet_rejects_unknown_models_and_cheats(tmp_path, tiny_root, capsys):
+    from niche.cli import main
+
+    assert main(["localnet", "--models", "sdxl", "--workdir", str(tmp_path),
+                 "--model-path", str(tiny_root), "--prepare-only"]) == 2
+    assert "unknown ['sdxl']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["localnet", "--cheat", "bribe", "--workdir", str(tmp_path)])
