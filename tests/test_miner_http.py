@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 
 import httpx
@@ -187,9 +188,28 @@ def test_body_too_big_is_refused_with_413(net, miner):
         for _ in range(20):
             yield b"y" * 100_000
 
-    resp = httpx.post(miner.url + "/v1/generate", content=chunks(),
-                      headers={"X-Bittensor-Version": "1"})
+    claimed = {"X-Bittensor-Version": "1",
+               "X-Bittensor-Hotkey": net.wallets["hi"].hotkey.ss58_address}
+    resp = httpx.post(miner.url + "/v1/generate", content=chunks(), headers=claimed)
     assert resp.status_code == 413
+    # strangers are refused from their headers alone: the body is never read
+    resp = httpx.post(miner.url + "/v1/generate", content=chunks())
+    assert resp.status_code == 401 and error(resp).reason == "unsigned"
+
+
+def test_requests_in_flight_are_bounded(net):
+    engine = StubEngine()
+    with running_miner(net, engine, max_inflight=1) as m:
+        engine.hold()
+        holder = threading.Thread(target=signed_post, args=(
+            m, net.wallets["hi"], body_of(make_request("held"))))
+        holder.start()
+        assert engine.running.wait(10)
+        resp = signed_post(m, net.wallets["mid"], body_of(make_request()))
+        engine.release()
+        holder.join(20)
+        assert resp.status_code == 503 and error(resp).reason == "busy"
+        assert signed_post(m, net.wallets["mid"], body_of(make_request())).status_code == 200
 
 
 def test_generation_failure_is_500_and_the_miner_lives_on(net, miner):

@@ -95,6 +95,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                   docs_url=None, redoc_url=None)
     app.state.service = service
     metrics = service.metrics
+    inflight = [0]  # generate requests between admission and answer (event-loop only)
     error_responses = {code: {"model": ErrorResponse} for code in
                        (400, 401, 403, 413, 422, 429, 500, 503)}
 
@@ -106,7 +107,13 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     async def generate(request: Request):
         started = time.monotonic()
         caller, status, reason = "-", 500, "internal_error"
+        admitted = False
         try:
+            service.precheck(request.headers)
+            if inflight[0] >= service.config.max_inflight:
+                raise Refusal(503, "busy", f"{inflight[0]} requests in flight; retry later")
+            inflight[0] += 1
+            admitted = True
             try:
                 body = await read_body(request, service.config.max_body_bytes)
             except BodyTooLarge as exc:
@@ -128,6 +135,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             log.exception("unexpected error serving %s", caller)
             return _error(500, "internal_error", type(exc).__name__)
         finally:
+            if admitted:
+                inflight[0] -= 1
             metrics.requests.labels(str(status)).inc()
             if status != 200:
                 metrics.refusals.labels(reason).inc()

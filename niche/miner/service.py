@@ -1,10 +1,11 @@
 """The miner's policy, independent of HTTP: who may call, in which order, and how an image
 is made, encoded and signed.
 
-Order of checks on a generate request (cheapest and least trusting first; the HTTP layer
-has already capped the body size):
-  1. btauth headers present (401), claimed hotkey allowed by the metagraph snapshot (403),
-  2. signature, receiver, freshness, replay (401/403),
+Order of checks on a generate request (cheapest and least trusting first):
+  1. from the headers, before the body is read: btauth headers present (401), claimed hotkey
+     allowed by the metagraph snapshot (403); then the HTTP layer bounds requests in flight
+     (503) and the body size (413),
+  2. signature over the exact body, receiver, freshness, replay (401/403),
   3. per-hotkey rate limit (429),
   4. protocol version, schema, engine.resolve, image decode (400/422) - before queueing,
   5. stake-priority queue admission (429/503), generation in the GPU worker thread (500 on
@@ -58,6 +59,9 @@ class MinerConfig:
     initial_estimate: Optional[float] = None
     """Generation seconds assumed before any is measured (None: admit until measured)."""
     max_concurrent_decodes: int = 2
+    max_inflight: int = 48
+    """Generate requests held at once (reading, checking, queued, running); more get 503
+    before their body is read, so memory stays under max_inflight x max_body_bytes."""
 
 
 class MinerService:
@@ -147,15 +151,20 @@ class MinerService:
                           f"stake {neuron.stake:g} below the minimum {self.config.min_stake:g}")
         return neuron
 
-    def authenticate(self, headers: Mapping[str, str], body: bytes, *, method: str,
-                     path: str) -> tuple[str, Optional[Neuron]]:
-        """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
+    def precheck(self, headers: Mapping[str, str]) -> None:
+        """Before the body is read: signed at all, and the CLAIMED hotkey may call us.
+        Strangers cost us neither a body upload nor signature work."""
         if not has_auth_headers(headers):
             raise AuthFailure(401, "unsigned", "sign requests with bittensor.http_auth")
         claimed = claimed_hotkey(headers)
         if not claimed:
             raise AuthFailure(401, "malformed_auth", "missing X-Bittensor-Hotkey")
-        self.caller_policy(claimed)  # cheap: no signature work for strangers
+        self.caller_policy(claimed)
+
+    def authenticate(self, headers: Mapping[str, str], body: bytes, *, method: str,
+                     path: str) -> tuple[str, Optional[Neuron]]:
+        """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
+        self.precheck(headers)
         hotkey = self.verifier.verify(headers, body, method=method, path=path)
         return hotkey, self.caller_policy(hotkey)
 
