@@ -14,21 +14,9 @@ from niche.validator.client import MinerClient, QueryStatus
 
 
 @pytest.fixture(scope="module")
-def tiny(request):
-    """The engine engineer's session fixture when conftest has it, else build/cache here."""
-    try:
-        return request.getfixturevalue("tiny_root")
-    except pytest.FixtureLookupError:
-        from niche.models.tiny import ensure_tiny_models
-
-        return ensure_tiny_models()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    from niche.models.engine import Engine
-
-    return Engine(models=["flux-schnell", "kolors"], model_root=tiny, device="cpu")
+def engine(tiny_engine):
+    """The engine engineer's session Engine (flux-schnell + kolors on tiny checkpoints)."""
+    return tiny_engine
 
 
 @pytest.fixture(scope="module")
