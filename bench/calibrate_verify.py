@@ -142,7 +142,7 @@ def choose_threshold(rows) -> tuple[float, float, float]:
 def print_matrix(model: str, pipeline: PipelineKind, rows) -> float:
     threshold, honest, cheat = choose_threshold(rows)
     print(f"\n== {model} / {pipeline.value}: similarity to the float32 reference "
-          f"(min over requests; components at that request)")
+          f"(worst case over requests: lowest honest, highest cheat)")
     print(f"{'kind':<7}{'case':<34}{'sim':>7}{'ssim':>7}{'detail':>8}{'energy':>8}"
           f"{'psnr':>7}  verdict")
     for kind, case, comps in rows:

@@ -25,8 +25,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
-from niche.errors import ConfigError
-from niche.protocol import PipelineKind
+from niche.errors import ConfigError, InvalidRequest
+from niche.protocol import GenerationParams, PipelineKind
 from niche.validator import scoring
 from niche.validator.challenges import (Challenge, ChallengeFactory, ModelPlan, Target,
                                         engine_conditioner, plan_from_spec, round_rng)
@@ -133,9 +133,20 @@ class Validator:
         self._stop = threading.Event()
 
     def _plans(self) -> dict[str, ModelPlan]:
+        """One plan per model, each allowed shape checked against the engine at start-up so
+        a misconfigured model fails now, in one line, not in the middle of a round."""
         plans = {}
         for model in self.config.models:
-            plans[model] = plan_from_spec(self.engine.spec(model), timeout=self.config.timeout)
+            plan = plan_from_spec(self.engine.spec(model), timeout=self.config.timeout)
+            for (width, height), steps in ((size, s) for size in plan.sizes for s in plan.steps):
+                try:
+                    self.engine.resolve(GenerationParams(
+                        model=model, prompt="a", seed=0, width=width, height=height,
+                        steps=steps, guidance=plan.guidance))
+                except InvalidRequest as exc:
+                    raise ConfigError(f"model {model}: its challenge shape {width}x{height}, "
+                                      f"{steps} steps is refused by the engine ({exc})") from None
+            plans[model] = plan
         return plans
 
     # ------------------------------------------------------------------ the loop
@@ -157,7 +168,13 @@ class Validator:
                 if self.config.rounds is not None and done >= self.config.rounds:
                     break
                 started = time.monotonic()
-                report = asyncio.run(self.run_round())
+                try:
+                    report = asyncio.run(self.run_round())
+                except ChainError as exc:  # the chain is down or busy: nothing was persisted
+                    log.warning("round %d not run: %s; retrying in %.0fs",
+                                self.state.round_index, exc, self.config.round_interval)
+                    self._stop.wait(max(self.config.round_interval, 1.0))
+                    continue
                 log.info(self.format_report(report))
                 done += 1
                 if self.config.rounds is not None and done >= self.config.rounds:
@@ -309,7 +326,12 @@ class Validator:
         for uid in picked:
             c, result = answered[uid]
             items.append((c.params, c.image, _field(result, "image")))
-        verdicts = self.verifier.verify(items)
+        try:
+            verdicts = self.verifier.verify(items)
+        except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
+            log.error("audit regeneration failed, answers left unaudited this round: %s: %s",
+                      type(exc).__name__, exc)
+            return
         for uid, verdict in zip(picked, verdicts):
             o = outcomes[uid]
             reason = "" if verdict.passed else (
