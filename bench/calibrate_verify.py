@@ -33,7 +33,8 @@ def reencode(image: Image.Image, fmt: str, **kw) -> Image.Image:
 
 def noised(image: Image.Image, sigma: float, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
-    arr = np.asarray(image, dtype=np.float64) + rng.normal(0.0, sigma, (image.height, image.width, 3))
+    arr = np.asarray(image, dtype=np.float64) + rng.normal(
+        0.0, sigma, (image.height, image.width, 3))
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 

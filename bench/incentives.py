@@ -15,8 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from niche.validator.scoring import (AUDIT_FAILED, OK, Outcome, ScoreBook, ScoringConfig,
-                                     choose_audits, compute_weights, round_rewards)
+from niche.validator.scoring import (
+    AUDIT_FAILED,
+    OK,
+    Outcome,
+    ScoreBook,
+    ScoringConfig,
+    choose_audits,
+    compute_weights,
+    round_rewards,
+)
 
 TIMEOUT = 24.0  # FLUX.1-schnell challenge timeout
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from niche.validator.scoring import (OK, Outcome, ScoreBook, ScoringConfig, choose_audits,
-                                     compute_weights, round_rewards, speed_reward, weights_due)
+from niche.validator.scoring import (
+    OK,
+    Outcome,
+    ScoreBook,
+    ScoringConfig,
+    choose_audits,
+    compute_weights,
+    round_rewards,
+    speed_reward,
+    weights_due,
+)
 
 CFG = ScoringConfig(model_shares={"flux-schnell": 0.5, "kolors": 0.5})
 W = ("txt2img", 64, 64, 4)

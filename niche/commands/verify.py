@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from niche.errors import InvalidRequest
     from niche.models.engine import Engine, png_bytes
     from niche.models.images import open_image_file
-    from niche.validator.verify import DEFAULT_THRESHOLDS, VerifyConfig, Verifier
+    from niche.validator.verify import DEFAULT_THRESHOLDS, Verifier, VerifyConfig
 
     params = _params(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:

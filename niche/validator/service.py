@@ -28,8 +28,15 @@ from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.validator import scoring
-from niche.validator.challenges import (Challenge, ChallengeFactory, ModelPlan, Target,
-                                        engine_conditioner, plan_from_spec, round_rng)
+from niche.validator.challenges import (
+    Challenge,
+    ChallengeFactory,
+    ModelPlan,
+    Target,
+    engine_conditioner,
+    plan_from_spec,
+    round_rng,
+)
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
