@@ -422,6 +422,12 @@ def open_validator(config: ValidatorConfig, args):
     state = None
     client = None
     try:
+        if not chain.subnet_exists(config.netuid):
+            raise ChainError(f"subnet {config.netuid} does not exist on {chain.network}")
+        hotkey = wallet.hotkey.ss58_address
+        if chain.metagraph(config.netuid).by_hotkey(hotkey) is None:  # before loading models
+            raise ChainError(f"validator hotkey {hotkey} is not registered on subnet "
+                             f"{config.netuid}: register it first (`niche chain register`)")
         state = ValidatorState(config.state_path)
         if args.tiny:
             from niche.models.tiny import ensure_tiny_models

@@ -1,0 +1,64 @@
+"""`niche validator` flags and start-up refusals: one line, no traceback, no model loaded."""
+from __future__ import annotations
+
+import pytest
+
+from niche.chain.local import LocalChain
+from niche.chain.wallets import create_wallet
+from niche.cli import build_parser, main
+from niche.commands.validator import build_config
+
+
+def parse(*extra):
+    return build_parser().parse_args(["validator", "--netuid", "3", *extra])
+
+
+def test_flags_build_the_config(tmp_path):
+    args = parse("--neuron.sample_size", "8", "--neuron.timeout", "5", "--neuron.epoch_length",
+                 "30", "--neuron.audit_fraction", "0.25", "--neuron.rounds", "2",
+                 "--neuron.round_interval", "1.5", "--neuron.state_path",
+                 str(tmp_path / "s.db"), "--models", "kolors", "flux-schnell",
+                 "--neuron.emission_share", "kolors=0.7", "flux-schnell=0.3",
+                 "--verify.threshold", "kolors=0.95", "--tiny", "--dtype", "bfloat16",
+                 "--wallet.name", "v", "--wallet.hotkey", "h", "--subtensor.network",
+                 "localnet", "--localnet.path", str(tmp_path / "c.db"))
+    cfg = build_config(args)
+    assert (cfg.netuid, cfg.sample_size, cfg.timeout, cfg.epoch_length) == (3, 8, 5.0, 30)
+    assert (cfg.audit_fraction, cfg.rounds, cfg.round_interval) == (0.25, 2, 1.5)
+    assert cfg.models == ("kolors", "flux-schnell")
+    assert dict(cfg.scoring.model_shares) == {"kolors": 0.7, "flux-schnell": 0.3}
+    assert cfg.verify.thresholds["kolors"] == 0.95
+    assert (args.wallet_name, args.wallet_hotkey, args.subtensor_network) == ("v", "h",
+                                                                             "localnet")
+    assert args.tiny and args.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--neuron.audit_fraction", "1.5"], "audit_fraction"),
+    (["--neuron.emission_share", "sdxl=1"], "not in --models"),
+    (["--neuron.emission_share", "kolors"], "MODEL=VALUE"),
+    (["--verify.threshold", "kolors=high"], "not a number"),
+    (["--neuron.sample_size", "0"], "sample_size"),
+])
+def test_bad_flags_are_one_line_errors(extra, message, capsys):
+    assert main(["validator", "--netuid", "1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys):
+    create_wallet("v", "h", tmp_path / "w")
+    chain = LocalChain(tmp_path / "c.db", create=True)
+    chain.create_subnet(1)
+    chain.close()
+    code = main(["validator", "--netuid", "1", "--subtensor.network", "localnet",
+                 "--localnet.path", str(tmp_path / "c.db"), "--wallet.name", "v",
+                 "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
+                 "--neuron.state_path", str(tmp_path / "s.db"), "--tiny"])
+    err = capsys.readouterr().err
+    assert code != 0 and "not registered on subnet 1" in err
+    assert main(["validator", "--netuid", "9", "--subtensor.network", "localnet",
+                 "--localnet.path", str(tmp_path / "c.db"), "--wallet.name", "v",
+                 "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
+                 "--neuron.state_path", str(tmp_path / "s.db"), "--tiny"]) != 0
+    assert "subnet 9 does not exist" in capsys.readouterr().err
