@@ -48,21 +48,25 @@ def worker(job: dict) -> dict:
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
-    import numpy as np
-    import PIL.Image
     # Code, not weights: import everything any job uses so the baseline holds it too.
     import cv2  # noqa: F401
+    import numpy as np
+    import PIL.Image
     import torch  # noqa: F401
     from diffusers import ControlNetModel, FluxPipeline, KolorsPipeline  # noqa: F401
-    from transformers import (AutoImageProcessor, AutoModelForDepthEstimation,  # noqa: F401
-                              CLIPImageProcessor, CLIPVisionModelWithProjection,
-                              DepthAnythingForDepthEstimation, DPTImageProcessor)
+    from transformers import (  # noqa: F401
+        AutoImageProcessor,
+        AutoModelForDepthEstimation,
+        CLIPImageProcessor,
+        CLIPVisionModelWithProjection,
+        DepthAnythingForDepthEstimation,
+        DPTImageProcessor,
+    )
 
-    import niche.models.conditioning  # noqa: F401
-    import niche.models.flux  # noqa: F401
-    import niche.models.kolors  # noqa: F401
+    import niche.models.conditioning
+    import niche.models.flux
+    import niche.models.kolors
     import niche.models.kolors_controlnet  # noqa: F401
-
     from niche.models.engine import Engine
     from niche.models.footprint import pipeline_modules, unique_bytes
     from niche.protocol import GenerationParams
@@ -111,7 +115,7 @@ def worker(job: dict) -> dict:
 
 def run_worker(job: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"worker {job} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -96,7 +96,7 @@ def test_kolors_pipelines_share_one_set_of_weights(tiny_engine):
     pipes = fam.pipelines()
     assert set(pipes) == set(PipelineKind)
     base = pipes[PipelineKind.TXT2IMG]
-    for kind, pipe in pipes.items():
+    for pipe in pipes.values():
         for name in ("unet", "text_encoder", "vae"):
             mod = getattr(pipe, name)
             assert mod is getattr(base, name)

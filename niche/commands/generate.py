@@ -46,10 +46,10 @@ def _params(args: argparse.Namespace):
 
     from niche.protocol import GenerationParams
 
-    fields = dict(model=args.model, pipeline=args.pipeline, prompt=args.prompt,
-                  negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, width=args.width, height=args.height,
-                  controlnet_scale=args.controlnet_scale, ip_adapter_scale=args.ip_adapter_scale)
+    fields = {"model": args.model, "pipeline": args.pipeline, "prompt": args.prompt,
+                  "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
+                  "guidance": args.guidance, "width": args.width, "height": args.height,
+                  "controlnet_scale": args.controlnet_scale, "ip_adapter_scale": args.ip_adapter_scale}
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:

@@ -16,6 +16,19 @@ def register(subparsers) -> None:
                    help="folder to (re)build into; default ~/.cache/niche/tiny-v1 or "
                    "$NICHE_TINY_DIR, reused when complete")
     p.set_defaults(func=_build_tiny)
+    p = sub.add_parser("train-tiny", help="train the tiny checkpoints briefly on CPU "
+                       "(procedural shapes) and write the committed fixtures")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for <model>/<component>.safetensors; default "
+                   "niche/models/tiny_weights (what build-tiny loads)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time cap for the whole run (split over the stages)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: repeatable)")
+    p.add_argument("--only", nargs="*", default=None, metavar="STAGE",
+                   help="train only these stages (e.g. kolors/controlnet); others are loaded "
+                   "from --out")
+    p.set_defaults(func=_train_tiny)
     p = sub.add_parser("list", help="configured models, pipelines, defaults and hub ids")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_list)
@@ -29,6 +42,19 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
     root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
     print(root)
+    return 0
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from niche.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    from niche.models.training.run import DEFAULT_OUT, train_tiny
+
+    record = train_tiny(args.out or DEFAULT_OUT, minutes=args.minutes, seed=args.seed,
+                        threads=args.threads, only=args.only)
+    print(f"trained {len(record['stages'])} stages in {record['seconds']} s -> "
+          f"{args.out or DEFAULT_OUT}")
     return 0
 
 

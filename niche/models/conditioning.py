@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -48,7 +47,7 @@ def canny(image: PIL.Image.Image, width: int, height: int, low: int = 100,
 class DepthEstimator:
     """A transformers depth model (DPT / Depth Anything); relative depth, near = bright."""
 
-    def __init__(self, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  **kwargs):
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -67,7 +66,7 @@ class DepthEstimator:
 
 
 def depth(image: PIL.Image.Image, width: int, height: int,
-          estimator: Optional[DepthEstimator] = None) -> PIL.Image.Image:
+          estimator: DepthEstimator | None = None) -> PIL.Image.Image:
     """A depth map for ControlNet-depth. With an estimator the image is a photo and its depth
     is predicted; without one the image is taken as a depth map already (grayscale)."""
     fitted = fit(image, width, height)

@@ -12,8 +12,9 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import PIL.Image
 import torch
@@ -27,10 +28,10 @@ from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
-ImageArg = Optional[PIL.Image.Image]
+ImageArg = Optional[PIL.Image.Image]  # noqa: UP045 (runtime alias)
 
 
-def default_threads(hint: Optional[int] = None) -> int:
+def default_threads(hint: int | None = None) -> int:
     """$NICHE_NUM_THREADS, else the checkpoints' hint (tiny ones say 1: extra threads only
     add contention at that size), else min(4, cores). Bits match only at equal counts."""
     env = os.environ.get("NICHE_NUM_THREADS")
@@ -54,17 +55,17 @@ class Engine:
     def __init__(
         self,
         models: Sequence[str] = ("flux-schnell",),
-        model_root: Optional[Path] = None,
+        model_root: Path | None = None,
         device: str = "cpu",
-        dtype: Optional[str] = "float32",
-        memory_mode: Optional[str] = None,
-        num_threads: Optional[int] = None,
+        dtype: str | None = "float32",
+        memory_mode: str | None = None,
+        num_threads: int | None = None,
         *,
-        config_dir: Optional[Path] = None,
+        config_dir: Path | None = None,
         local_files_only: bool = False,
-        model_paths: Optional[Mapping[str, Path]] = None,
+        model_paths: Mapping[str, Path] | None = None,
         fuse_batches: bool = False,
-        pipelines: Optional[Mapping[str, Sequence[str]]] = None,
+        pipelines: Mapping[str, Sequence[str]] | None = None,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -77,7 +78,7 @@ class Engine:
         self.device = device
         self.fuse_batches = fuse_batches
         self.model_root = Path(model_root) if model_root is not None else None
-        folders: dict[str, Optional[Path]] = {}
+        folders: dict[str, Path | None] = {}
         self._specs: dict[str, ModelSpec] = {}
         for name in models:
             folder = self.model_root / name if self.model_root is not None else None
@@ -170,14 +171,14 @@ class Engine:
             if text and family.token_count(text) > limit:
                 raise InvalidRequest(f"longer than {limit} tokens", field=field)
         negative = params.negative_prompt if family.uses_negative_prompt else ""
-        return params.model_copy(update=dict(
-            steps=steps, guidance=guidance, width=width, height=height,
-            negative_prompt=negative,
-            controlnet_scale=(d.controlnet_scale if params.controlnet_scale is None
+        return params.model_copy(update={
+            "steps": steps, "guidance": guidance, "width": width, "height": height,
+            "negative_prompt": negative,
+            "controlnet_scale": (d.controlnet_scale if params.controlnet_scale is None
                               else params.controlnet_scale) if is_cn else None,
-            ip_adapter_scale=(d.ip_adapter_scale if params.ip_adapter_scale is None
+            "ip_adapter_scale": (d.ip_adapter_scale if params.ip_adapter_scale is None
                               else params.ip_adapter_scale) if is_ip else None,
-        ))
+        })
 
     def check_image(self, params: GenerationParams, image: ImageArg) -> None:
         """The conditioning image must be there exactly when the pipeline needs one."""
@@ -213,7 +214,7 @@ class Engine:
 
     def generate_batch(
         self, requests: Sequence[tuple[GenerationParams, ImageArg]],
-        fuse: Optional[bool] = None,
+        fuse: bool | None = None,
     ) -> list[PIL.Image.Image]:
         """All requests are validated first. With `fuse` (default: the engine's fuse_batches),
         requests that differ only in prompt, negative prompt and seed (same conditioning image)
@@ -230,7 +231,7 @@ class Engine:
         for i, (full, image) in enumerate(resolved):
             key = _group_key(full, image) if fuse else (i,)
             groups.setdefault(key, []).append(i)
-        results: list[Optional[PIL.Image.Image]] = [None] * len(resolved)
+        results: list[PIL.Image.Image | None] = [None] * len(resolved)
         for indices in groups.values():
             full, image = resolved[indices[0]]
             items = [BatchItem(prompt=resolved[i][0].prompt,
@@ -260,7 +261,7 @@ def _restrict(spec: ModelSpec, wanted: Sequence[str]) -> ModelSpec:
 
 
 def _group_key(params: GenerationParams, image: ImageArg) -> tuple:
-    base = params.model_copy(update=dict(prompt="-", negative_prompt="", seed=0))
+    base = params.model_copy(update={"prompt": "-", "negative_prompt": "", "seed": 0})
     digest = None
     if image is not None:
         digest = (image.mode, image.size, hashlib.sha256(image.tobytes()).hexdigest())

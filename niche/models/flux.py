@@ -1,8 +1,6 @@
 """FLUX.1-schnell text-to-image through diffusers' FluxPipeline."""
 from __future__ import annotations
 
-from typing import Optional
-
 import PIL.Image
 import torch
 
@@ -31,7 +29,7 @@ class FluxFamily(Family):
         return latents
 
     def run(self, params: GenerationParams, items: list[BatchItem],
-            image: Optional[PIL.Image.Image]) -> list[PIL.Image.Image]:
+            image: PIL.Image.Image | None) -> list[PIL.Image.Image]:
         noise = torch.cat([self.initial_noise(params, it.generator) for it in items])
         out = self.pipe(
             prompt=[it.prompt for it in items],

@@ -4,7 +4,7 @@ Used by the tests (the Kolors pipelines must share one UNet/ChatGLM/VAE) and ben
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -10,7 +10,6 @@ engine's lock, before each call: no weights are copied, and txt2img is untouched
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import PIL.Image
 import torch
@@ -61,7 +60,7 @@ class KolorsFamily(Family):
             cpath, ckw = self.source(key)
             controlnet = ControlNetModel.from_pretrained(cpath, dtype=self.dtype, **ckw)
             self.controlnet_pipes[kind] = KolorsControlNetPipeline(controlnet=controlnet, **shared)
-        self.ip_pipe: Optional[KolorsPipeline] = None
+        self.ip_pipe: KolorsPipeline | None = None
         self._wiring: dict[str, _UNetWiring] = {}
         if PipelineKind.IP_ADAPTER in self.spec.pipelines:
             self._load_ip_adapter(shared)
@@ -126,20 +125,20 @@ class KolorsFamily(Family):
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     def run(self, params: GenerationParams, items: list[BatchItem],
-            image: Optional[PIL.Image.Image]) -> list[PIL.Image.Image]:
+            image: PIL.Image.Image | None) -> list[PIL.Image.Image]:
         noise = torch.cat([self.initial_noise(params, it.generator) for it in items])
-        common = dict(
-            prompt=[it.prompt for it in items],
-            negative_prompt=[it.negative_prompt for it in items],
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance,
-            width=params.width,
-            height=params.height,
-            latents=noise.to(self.noise_device, self.dtype),
-            generator=[it.generator for it in items],
-            max_sequence_length=self.spec.defaults.max_sequence_length,
-            output_type="pil",
-        )
+        common = {
+            "prompt": [it.prompt for it in items],
+            "negative_prompt": [it.negative_prompt for it in items],
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance,
+            "width": params.width,
+            "height": params.height,
+            "latents": noise.to(self.noise_device, self.dtype),
+            "generator": [it.generator for it in items],
+            "max_sequence_length": self.spec.defaults.max_sequence_length,
+            "output_type": "pil",
+        }
         kind = params.pipeline
         # Scale 0 means "no adapter": run the base pipeline, which makes it exactly txt2img.
         if kind in CONTROLNETS and params.controlnet_scale == 0.0:

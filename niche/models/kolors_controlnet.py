@@ -9,7 +9,7 @@ weights are copied.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import ClassVar
 
 import PIL.Image
 import torch
@@ -21,7 +21,7 @@ from diffusers.pipelines.kolors.pipeline_output import KolorsPipelineOutput
 
 class KolorsControlNetPipeline(KolorsPipeline):
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->controlnet->vae"
-    _optional_components = ["image_encoder", "feature_extractor"]
+    _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, controlnet: ControlNetModel, scheduler,
                  image_encoder=None, feature_extractor=None,
@@ -48,18 +48,18 @@ class KolorsControlNetPipeline(KolorsPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, list[str]],
-        image: Union[PIL.Image.Image, list[PIL.Image.Image], torch.Tensor],
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        prompt: str | list[str],
+        image: PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        negative_prompt: Optional[Union[str, list[str]]] = None,
+        negative_prompt: str | list[str] | None = None,
         controlnet_conditioning_scale: float = 0.8,
         control_guidance_start: float = 0.0,
         control_guidance_end: float = 1.0,
-        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,

@@ -10,7 +10,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import PIL.Image
 import torch
@@ -36,7 +36,7 @@ class BatchItem:
 class Family(ABC):
     uses_negative_prompt = True  # False: the engine blanks it in resolve (no effect on pixels)
 
-    def __init__(self, spec: ModelSpec, folder: Optional[Path], device: str, dtype: str,
+    def __init__(self, spec: ModelSpec, folder: Path | None, device: str, dtype: str,
                  memory_mode: MemoryMode, local_files_only: bool = False):
         self.spec = spec
         self.folder = Path(folder) if folder is not None else None
@@ -91,7 +91,7 @@ class Family(ABC):
 
     @abstractmethod
     def run(self, params: GenerationParams, items: list[BatchItem],
-            image: Optional[PIL.Image.Image]) -> list[PIL.Image.Image]:
+            image: PIL.Image.Image | None) -> list[PIL.Image.Image]:
         """One pipeline call for items sharing `params` (prompt/seed aside)."""
 
     def shared_modules(self) -> dict[str, torch.nn.Module]:

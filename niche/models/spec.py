@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,10 +32,10 @@ class ComponentSource(_Cfg):
 
     hub: str
     local: str = "."
-    variant: Optional[str] = None
-    revision: Optional[str] = None
-    weight_name: Optional[str] = None
-    image_encoder: Optional[str] = None
+    variant: str | None = None
+    revision: str | None = None
+    weight_name: str | None = None
+    image_encoder: str | None = None
 
 
 class Defaults(_Cfg):
@@ -59,8 +59,8 @@ class Limits(_Cfg):
     min_steps: int = Field(default=1, ge=1)
     max_steps: int = Field(default=50, ge=1)
     max_guidance: float = Field(default=30.0, ge=0.0)
-    allowed_sizes: Optional[list[tuple[int, int]]] = None  # (width, height); None = any in range
-    allowed_steps: Optional[list[int]] = None
+    allowed_sizes: list[tuple[int, int]] | None = None  # (width, height); None = any in range
+    allowed_steps: list[int] | None = None
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
 
@@ -69,7 +69,7 @@ class ModelSpec(_Cfg):
     family: Literal["flux", "kolors"]
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     memory_mode: MemoryMode = "gpu"
-    cpu_threads: Optional[int] = Field(default=None, ge=1)  # torch threads hint on CPU
+    cpu_threads: int | None = Field(default=None, ge=1)  # torch threads hint on CPU
     pipelines: list[PipelineKind]
     components: dict[str, ComponentSource]
     defaults: Defaults
@@ -82,14 +82,14 @@ class ModelSpec(_Cfg):
             raise ConfigError(f"model {self.name}: no component '{key}' in its config") from None
 
 
-def config_dir(explicit: Optional[Path] = None) -> Path:
+def config_dir(explicit: Path | None = None) -> Path:
     if explicit:
         return Path(explicit)
     env = os.environ.get("NICHE_MODELS_CONFIG_DIR")
     return Path(env) if env else PACKAGE_CONFIG_DIR
 
 
-def available_models(directory: Optional[Path] = None) -> list[str]:
+def available_models(directory: Path | None = None) -> list[str]:
     return sorted(p.stem for p in config_dir(directory).glob("*.yaml"))
 
 
@@ -103,8 +103,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_spec(name: str, directory: Optional[Path] = None,
-              model_dir: Optional[Path] = None) -> ModelSpec:
+def load_spec(name: str, directory: Path | None = None,
+              model_dir: Path | None = None) -> ModelSpec:
     """The spec for `name`, with `model_dir/niche_model.yaml` overrides merged in when present."""
     path = config_dir(directory) / f"{name}.yaml"
     if not path.is_file():

@@ -16,8 +16,8 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -91,13 +91,13 @@ def _init_parameters(module: torch.nn.Module, name: str) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def _trained_weights(model: str, component: str) -> Optional[Path]:
+def _trained_weights(model: str, component: str) -> Path | None:
     path = TRAINED_WEIGHTS_DIR / model / f"{component}.safetensors"
     return path if path.is_file() else None
 
 
 def _finish(module: torch.nn.Module, model: str, component: str,
-            adjust: Optional[Callable[[torch.nn.Module], None]] = None) -> torch.nn.Module:
+            adjust: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Initialise (then `adjust`), or load trained tiny weights (the follow-up hook); eval()."""
     _init_parameters(module, f"{model}/{component}")
     trained = _trained_weights(model, component)
@@ -460,7 +460,7 @@ def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict
         shapes[f"{p}.1.1.weight"] = (IP_HIDDEN * 4, IP_HIDDEN)
         shapes[f"{p}.1.3.weight"] = (IP_HIDDEN, IP_HIDDEN * 4)
     key_id = 1
-    for name, _ in unet.attn_processors.items():
+    for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
             continue
         attn = unet.get_submodule(name[: -len(".processor")])
@@ -567,7 +567,7 @@ def _write_overrides(out: Path, data: dict) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {"flux-schnell": build_flux, "kolors": build_kolors}
 
 
-def build_tiny_models(out: Path, models: Optional[list[str]] = None) -> Path:
+def build_tiny_models(out: Path, models: list[str] | None = None) -> Path:
     """Write every tiny checkpoint under out/<model>/ (overwrites). Returns out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -607,7 +607,7 @@ def _is_current(root: Path) -> bool:
     return marker.is_file() and marker.read_text().strip() == build_id()
 
 
-def ensure_tiny_models(root: Optional[Path] = None) -> Path:
+def ensure_tiny_models(root: Path | None = None) -> Path:
     """Build the tiny checkpoints once and return their root. The build goes to a temporary
     sibling folder renamed into place, so a concurrent or interrupted build is never used; a
     cache built by another version of this builder (or other trained weights) is replaced."""
