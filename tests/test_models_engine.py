@@ -154,3 +154,29 @@ def test_png_bytes_are_stable():
     assert hashlib.sha256(png_bytes(img)).hexdigest() == hashlib.sha256(png_bytes(
         img.copy())).hexdigest()
     assert PIL.Image.open(__import__("io").BytesIO(png_bytes(img))).info == {}
+
+
+@pytest.mark.slow
+def test_sharing_shows_in_resident_memory(tiny_root):
+    """Fresh processes (bench/engine.py workers): loading every Kolors pipeline adds, beyond
+    the adapters' own weights, much less resident memory than three more unshared copies."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    job = {"kind": "memory", "model": "kolors", "root": str(tiny_root), "device": "cpu"}
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [{**job, "pipelines": ["txt2img"]},
+            {**job, "pipelines": [p.value for p in PipelineKind]},
+            {"kind": "unshared", "root": str(tiny_root)}]
+    with ThreadPoolExecutor(3) as pool:  # RSS is per process: running side by side is fine
+        alone, together, unshared = pool.map(bench.run_worker, jobs)
+    shared_extra = together["rss_loaded"] - together["weights_own"] - alone["rss_loaded"]
+    unshared_extra = unshared["rss_loaded"] - alone["rss_loaded"]
+    print(f"extra resident bytes: shared pipelines {shared_extra}, 3 unshared copies "
+          f"{unshared_extra}")
+    assert shared_extra < 0.75 * unshared_extra

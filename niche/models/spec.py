@@ -74,6 +74,7 @@ class ModelSpec(_Cfg):
     components: dict[str, ComponentSource]
     defaults: Defaults
     limits: Limits = Limits()
+    verify_threshold: float | None = None  # validator's similarity bar; None: its default
 
     def component(self, key: str) -> ComponentSource:
         try:
