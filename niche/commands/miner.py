@@ -75,11 +75,9 @@ def register(subparsers) -> None:
 
 
 def setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from niche.logging_setup import setup_logging as setup
+
+    setup(debug)
 
 
 def config_from_args(args: argparse.Namespace):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 DEFAULT_STATE = "~/.niche/validator/state.sqlite"
@@ -110,8 +109,9 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from niche.logging_setup import setup_logging
+
+    setup_logging(args.debug)
     config = build_config(args)
     from niche.validator.service import open_validator
 
