@@ -95,6 +95,8 @@ class RoundReport:
     weights: Optional[dict[int, float]] = None
     weights_message: str = ""
     seconds: float = 0.0
+    scores: dict[int, float] = field(default_factory=dict)
+    """EMA scores right after this round."""
 
 
 def _field(obj: Any, *names: str, default=None):
@@ -138,6 +140,8 @@ class Validator:
         self.factory = ChallengeFactory(self.plans, prompts, conditioner, engine.resolve)
         self.verifier = Verifier(engine, config.verify)
         self._stop = threading.Event()
+        self.reports: list[RoundReport] = []
+        """The last few rounds' reports (newest last), for status pages and tests."""
 
     def _plans(self) -> dict[str, ModelPlan]:
         """One plan per model, each allowed shape checked against the engine at start-up so
@@ -183,6 +187,7 @@ class Validator:
                     self._stop.wait(max(self.config.round_interval, 1.0))
                     continue
                 log.info(self.format_report(report))
+                self.reports = (self.reports + [report])[-10:]
                 done += 1
                 if self.config.rounds is not None and done >= self.config.rounds:
                     break
@@ -229,7 +234,7 @@ class Validator:
         self.state.save_round(round_index, self.book, final, rewards, fresh,
                               keep_answer_rounds=self.config.answer_memory_rounds)
         report = RoundReport(round_index, metagraph.block, final, rewards,
-                             seconds=time.monotonic() - started)
+                             seconds=time.monotonic() - started, scores=self.book.scores())
         self._maybe_set_weights(report)
         report.seconds = time.monotonic() - started
         return report
@@ -379,7 +384,7 @@ class Validator:
 
     # ------------------------------------------------------------------ logging
     def format_report(self, report: RoundReport) -> str:
-        scores = self.book.scores()
+        scores = report.scores
         audited = [o for o in report.outcomes if o.audited]
         lines = [
             f"round {report.round} block {report.block}: {len(report.outcomes)} miners, "
