@@ -59,6 +59,7 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
     book = ScoreBook(cfg=cfg)
     share = {s.name: 0.0 for s in STRATEGIES}
     caught = {s.name: 0 for s in STRATEGIES}
+    duplicates = {s.name: 0 for s in STRATEGIES}
     regenerations = 0
     answers = 0
     measured = 0
@@ -75,6 +76,7 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
             latency = (0.3 if cheats and s.cheat_rate < 1 else s.latency) * float(
                 rng.lognormal(0.0, 0.15))
             if s.replays:  # the duplicate check needs no regeneration and never misses
+                duplicates[s.name] += 1
                 outcomes.append(Outcome(uid, hotkey, "flux-schnell", status="duplicate_answer",
                                         reason="duplicate_answer", latency=latency,
                                         timeout=TIMEOUT))
@@ -105,6 +107,7 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
     return {
         "share": {k: v / max(measured, 1) for k, v in share.items()},
         "caught": caught,
+        "duplicates": duplicates,
         "regen_per_answer": regenerations / max(answers, 1),
     }
 
@@ -123,11 +126,11 @@ def main() -> None:
     print(f"rounds={args.rounds} audit_fraction={args.audit_fraction} alpha={cfg.alpha} "
           f"exclusion_rounds={cfg.exclusion_rounds} timeout={TIMEOUT}s")
     print(f"{'strategy':<14}{'miners':>7}{'latency_s':>10}{'share':>9}{'per_miner':>11}"
-          f"{'caught':>8}")
+          f"{'audit_fails':>12}{'dup_fails':>10}")
     for s in STRATEGIES:
         share = result["share"][s.name]
         print(f"{s.name:<14}{s.count:>7}{s.latency:>10.2f}{share:>9.3f}{share / s.count:>11.3f}"
-              f"{result['caught'][s.name]:>8}")
+              f"{result['caught'][s.name]:>12}{result['duplicates'][s.name]:>10}")
     print(f"regenerations per scored answer: {result['regen_per_answer']:.3f}")
     print("\naudit-fraction sweep (per-miner share):")
     names = [s.name for s in STRATEGIES]
