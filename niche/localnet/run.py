@@ -57,17 +57,38 @@ def _wait_healthy(sup: Supervisor, miners: list[ProcessPlan], timeout: float,
             time.sleep(0.5)
 
 
-def _rounds_done(validator: ProcessPlan) -> int:
+def _read_state(validator: ProcessPlan, sql: str, args: tuple = ()) -> list[tuple]:
+    """Read the validator's state file without ever taking a write lock on it."""
     import sqlite3
 
     if not validator.state_path or not Path(validator.state_path).exists():
-        return 0
+        return []
     try:
         with sqlite3.connect(f"file:{validator.state_path}?mode=ro", uri=True, timeout=1) as db:
-            row = db.execute("SELECT value FROM meta WHERE key='round'").fetchone()
-        return int(row[0]) if row else 0
-    except (sqlite3.Error, ValueError):
+            return db.execute(sql, args).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def _rounds_done(validator: ProcessPlan) -> int:
+    rows = _read_state(validator, "SELECT value FROM meta WHERE key='round'")
+    try:
+        return int(rows[0][0]) if rows else 0
+    except ValueError:
         return 0
+
+
+def round_summary(validator: ProcessPlan, round_index: int, names: dict[str, str]) -> str:
+    """One line per finished round: answers, audits, and every zero with its reason."""
+    rows = _read_state(validator, "SELECT hotkey, status, reason, audited, audit_passed "
+                       "FROM history WHERE round=?", (round_index,))
+    ok = sum(1 for r in rows if r[1] == "ok")
+    audited = sum(1 for r in rows if r[3])
+    failed = [f"{names.get(r[0], r[0][:8])}: {r[2] or r[1]}" for r in rows
+              if r[1] != "ok" or r[4] == 0]
+    line = f"{validator.name} round {round_index + 1}: {ok}/{len(rows)} answered, " \
+           f"{audited} audited"
+    return line + (f"; zero for {'; '.join(failed)}" if failed else "; all passed")
 
 
 def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
@@ -92,12 +113,18 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
             for proc in validators:
                 sup.start(_child(proc, log_dir))
                 say(f"started {proc.name}, log {proc.log_path}")
-            last = None
+            names = {p.hotkey: p.name for p in plan.processes}
+            last = [0] * len(validators)
+            goal = f"/{plan.rounds}" if plan.rounds else ""
+            say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
+                f"{v.name} 0{goal}" for v in validators))
             while True:
                 sup.check()
                 done = [_rounds_done(v) for v in validators]
                 if done != last:
-                    goal = f"/{plan.rounds}" if plan.rounds else ""
+                    for validator, before, now in zip(validators, last, done):
+                        for index in range(before, now):
+                            say("  " + round_summary(validator, index, names))
                     say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
                         f"{v.name} {d}{goal}" for v, d in zip(validators, done)))
                     last = done
