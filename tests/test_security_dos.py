@@ -110,3 +110,49 @@ def test_declared_huge_body_is_refused_from_the_headers(net):
         assert time.monotonic() - started < 2
         sock.close()
         assert httpx.get(m.url + "/healthz").json()["ok"]
+
+
+@pytest.mark.xfail(strict=True, reason="defect: the validator decodes any answer up to "
+                   "8192x8192 px whatever size it asked for (fix pending)")
+def test_validator_refuses_an_image_bomb_answer_before_decoding(tmp_path):
+    """A miner answers a 64x64 challenge with a 7.8 KB PNG of 8000x8000 pixels (192 MB once
+    decoded; 64 miners doing it at once would take a validator down). The client checks the
+    header dimensions against what it asked for and never decodes the pixels."""
+    import asyncio
+    import base64
+    import io
+    import json
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from PIL import Image
+
+    from niche.auth import sign_response
+    from niche.chain.wallets import create_wallet
+    from niche.imaging import image_sha256
+    from niche.miner.server import BackgroundServer
+    from niche.validator.client import MinerClient, QueryStatus
+
+    miner, validator = (create_wallet(n, "hot", tmp_path) for n in ("m", "v"))
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")
+    bomb = buf.getvalue()
+    assert len(bomb) < 10_000
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        req = json.loads(await request.body())
+        rid, digest = req["request_id"], image_sha256(bomb)
+        return JSONResponse(dict(
+            request_id=rid, model=req["params"]["model"], image=base64.b64encode(bomb).decode(),
+            image_sha256=digest, miner_hotkey=miner.hotkey.ss58_address,
+            signature=sign_response(miner.hotkey, rid, digest), generation_seconds=0.1,
+            miner_version="x"))
+
+    with BackgroundServer(app) as server:
+        result = asyncio.run(MinerClient(validator).query(
+            (0, miner.hotkey.ss58_address, server.url),
+            make_request(model="flux-schnell", width=64, height=64)))
+    assert result.status is QueryStatus.INVALID_IMAGE, (result.status, result.reason)
+    assert "8000x8000" in result.reason and result.image is None
