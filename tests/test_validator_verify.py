@@ -151,3 +151,14 @@ def test_verify_command(tiny_root, tmp_path, capsys):
     assert out["match"] is False and out["similarity"] < 0.5 and out["threshold"] == 0.5
     assert main(common + [str(tmp_path / "missing.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_thresholds_per_model_and_pipeline(tiny_engine):
+    from niche.validator.verify import DEFAULT_THRESHOLD, VerifyConfig
+
+    v = Verifier(tiny_engine, VerifyConfig(thresholds={"kolors": 0.95,
+                                                       "kolors/controlnet-canny": 0.97}))
+    assert v.threshold("kolors") == 0.95
+    assert v.threshold("kolors", PipelineKind.CONTROLNET_CANNY) == 0.97
+    assert v.threshold("kolors", "ip-adapter") == 0.95
+    assert v.threshold("flux-schnell") == DEFAULT_THRESHOLD

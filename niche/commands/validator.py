@@ -55,8 +55,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--neuron.prompts_file", dest="prompts_file", type=Path, default=None,
                    help="one prompt per line instead of the built-in prompt grammar")
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
-                   metavar="MODEL=T", help="similarity an audited image needs, per model "
-                                           "(default 0.9; see docs/scoring.md)")
+                   metavar="MODEL[/PIPELINE]=T",
+                   help="similarity an audited image needs, per model or model/pipeline "
+                        "(default 0.99; see docs/scoring.md)")
     m = parser.add_argument_group("models")
     m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                    help="models this validator challenges (default: flux-schnell kolors)")

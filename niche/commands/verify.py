@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_reference:
         args.save_reference.parent.mkdir(parents=True, exist_ok=True)
         args.save_reference.write_bytes(png_bytes(reference))
-    verdict = verifier.judge(full.model, reference, candidate)
+    verdict = verifier.judge(full.model, reference, candidate, full.pipeline)
     print(json.dumps({
         "similarity": round(verdict.similarity, 6), "threshold": verdict.threshold,
         "match": verdict.passed,

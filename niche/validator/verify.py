@@ -119,8 +119,7 @@ class Verdict:
 
 @dataclass
 class VerifyConfig:
-    """Thresholds per model; a model not listed uses its ModelSpec's `verify_threshold`
-    when the engine declares one, else `default_threshold`."""
+    """Thresholds per `model` or per `model/pipeline`; see Verifier.threshold."""
 
     default_threshold: float = DEFAULT_THRESHOLD
     thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
@@ -135,7 +134,12 @@ class Verifier:
         self.engine = engine
         self.config = config or VerifyConfig()
 
-    def threshold(self, model: str) -> float:
+    def threshold(self, model: str, pipeline: Optional[str] = None) -> float:
+        """`model/pipeline` (e.g. kolors/controlnet-canny) first, then `model`, then the
+        ModelSpec's `verify_threshold` if the engine declares one, then the default."""
+        pipeline = getattr(pipeline, "value", pipeline)
+        if pipeline and f"{model}/{pipeline}" in self.config.thresholds:
+            return float(self.config.thresholds[f"{model}/{pipeline}"])
         if model in self.config.thresholds:
             return float(self.config.thresholds[model])
         try:
@@ -163,9 +167,10 @@ class Verifier:
                     out[i] = image
         return out  # type: ignore[return-value]
 
-    def judge(self, model: str, reference: Image.Image, candidate: Image.Image) -> Verdict:
+    def judge(self, model: str, reference: Image.Image, candidate: Image.Image,
+              pipeline: Optional[str] = None) -> Verdict:
         """Compare one candidate to its reference; never raises for a bad candidate."""
-        t = self.threshold(model)
+        t = self.threshold(model, pipeline)
         try:
             c = compare(reference, candidate)
         except Exception as exc:  # an unreadable candidate fails, with the reason
@@ -177,7 +182,7 @@ class Verifier:
         """items: (params, conditioning image, candidate). A regeneration failure is the
         validator's problem and propagates; a bad candidate is a failed verdict."""
         refs = self.references([(p, img) for p, img, _ in items])
-        return [self.judge(params.model, ref, candidate)
+        return [self.judge(params.model, ref, candidate, params.pipeline)
                 for (params, _, candidate), ref in zip(items, refs)]
 
 
