@@ -1,6 +1,7 @@
 """The validator's state file: atomic rounds, survival of SIGKILL, clear errors."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -164,19 +165,37 @@ def test_newer_schema_is_refused(tmp_path):
         ValidatorState(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+@contextlib.contextmanager
+def read_only(path):
+    """chmod 444; as root (who ignores modes) the immutable attribute instead."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("running as root and chattr +i is not available: cannot make a file "
+                    "read-only for root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def test_read_only_file_is_refused(tmp_path):
     path = tmp_path / "state.db"
     with ValidatorState(path) as state:
         play_round(state, state.load_book(CFG), 0)
     before = path.read_bytes()
-    path.chmod(0o444)
-    try:
+    with read_only(path):
         with pytest.raises(StateError, match="read-only"):
             ValidatorState(path)
-    finally:
-        path.chmod(0o644)
     assert path.read_bytes() == before
+    with ValidatorState(path) as state:  # untouched and usable again
+        assert state.round_index == 1
 
 
 def test_sqlite_errors_become_actionable_messages(tmp_path):
