@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 from bittensor import http_auth
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
 
@@ -123,8 +125,6 @@ def test_validator_refuses_an_image_bomb_answer_before_decoding(tmp_path):
     import io
     import json
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
     from PIL import Image
 
     from niche.auth import sign_response
