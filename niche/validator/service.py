@@ -388,7 +388,7 @@ class Validator:
         audited = [o for o in report.outcomes if o.audited]
         lines = [
             f"round {report.round} block {report.block}: {len(report.outcomes)} miners, "
-            f"{sum(o.status == OK for o in report.outcomes)} valid, {len(audited)} audited "
+            f"{sum(o.valid for o in report.outcomes)} valid, {len(audited)} audited "
             f"({sum(bool(o.audit_passed) for o in audited)} passed), "
             f"{report.seconds:.1f}s; weights: {report.weights_message or '-'}",
             f"  {'uid':>4} {'model':<13} {'pipeline':<17} {'status':<17} {'latency':>8} "
