@@ -1,0 +1,159 @@
+"""`niche models train-tiny`: train every tiny checkpoint briefly on CPU and write the fixtures.
+
+Order matters: each VAE first (so latents mean something), then the diffusion model on its
+latents, then the depth estimator, the ControlNets and the IP-Adapter on the frozen UNet.
+Everything is seeded from one base seed with explicit generators and a fixed thread count,
+so the same command on the same software gives the same weights. ``--minutes`` caps wall time
+per stage proportionally (a guard for busy machines); a capped run is recorded as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from niche.models.training.fresh import fresh_checkpoints, save_component, write_manifest
+
+DATASET = 2048  # procedural samples encoded once per model
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tiny_weights"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+
+
+STAGES = (
+    Stage("flux-schnell/vae", 800),
+    Stage("flux-schnell/transformer", 3000),
+    Stage("kolors/vae", 800),
+    Stage("kolors/depth", 300),
+    Stage("kolors/unet", 3000),
+    Stage("kolors/controlnet-canny", 800),
+    Stage("kolors/controlnet-depth", 800),
+    Stage("kolors/ip_adapter", 800),
+)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int = 0,
+               threads: int = 2, only: list[str] | None = None, scale: float = 1.0) -> dict:
+    """Train the stages (all, or those whose name starts with one of ``only``) into ``out``.
+
+    ``scale`` multiplies every stage's step count (quick experiments)."""
+    from diffusers import FluxPipeline, KolorsPipeline
+
+    from niche.models.conditioning import DepthEstimator, canny, depth
+    from niche.models.spec import load_spec
+    from niche.models.training import cache, flux, ip_adapter, kolors, vae
+    from niche.models.training import depth as depth_training
+
+    torch.set_num_threads(threads)
+    stages = [s for s in STAGES if not only or any(s.name.startswith(o) for o in only)]
+    total = sum(s.steps for s in stages)
+    budget = {s.name: (minutes * 60 * s.steps / total if minutes else None) for s in stages}
+    steps = {s.name: max(1, int(s.steps * scale)) for s in stages}
+    index = {s.name: i for i, s in enumerate(STAGES)}
+    record: dict = {"seed": seed, "threads": threads, "minutes": minutes, "scale": scale,
+                    "command": "niche models train-tiny " + " ".join(sys.argv[3:]),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "stages": {}, "files": {}}
+    import diffusers
+
+    record["diffusers"] = diffusers.__version__
+    started = time.monotonic()
+    names = {s.name for s in stages}
+    models = sorted({n.split("/")[0] for n in names})
+
+    def run(name: str, fn) -> None:
+        result = fn(seed=seed * 1000 + index[name], steps=steps[name], seconds=budget[name])
+        record["stages"][name] = asdict(result) | {"planned_steps": steps[name]}
+
+    def save(module, model: str, component: str) -> None:
+        path = save_component(module, out, model, component)
+        record["files"][f"{model}/{component}.safetensors"] = _sha256(path)
+
+    with torch.inference_mode(False), fresh_checkpoints(models, out if only else None) as root:
+        if "flux-schnell" in models:
+            m = "flux-schnell"
+            pipe = FluxPipeline.from_pretrained(str(root / m))
+            msl = load_spec(m, None, root / m).defaults.max_sequence_length
+            if f"{m}/vae" in names:
+                run(f"{m}/vae", lambda **kw: vae.train_vae(pipe.vae, **kw))
+            if f"{m}/transformer" in names:
+                with torch.no_grad():
+                    ds = cache.encode(pipe, "flux", n=DATASET, seed=seed * 1000 + 99, size=64,
+                                      max_sequence_length=msl)
+                run(f"{m}/transformer", lambda **kw: flux.train_flux(pipe, ds, **kw))
+            for comp in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+                if f"{m}/vae" in names or f"{m}/transformer" in names:
+                    save(getattr(pipe, comp), m, comp)
+            del pipe
+        if "kolors" in models:
+            m = "kolors"
+            pipe = KolorsPipeline.from_pretrained(str(root / m))
+            defaults = load_spec(m, None, root / m).defaults
+            msl = defaults.max_sequence_length
+            if f"{m}/vae" in names:
+                run(f"{m}/vae", lambda **kw: vae.train_vae(pipe.vae, **kw))
+            estimator = DepthEstimator(root / m / "depth-estimator")
+            if f"{m}/depth" in names:
+                run(f"{m}/depth", lambda **kw: depth_training.train_depth(estimator, **kw))
+                save(estimator.model, m, "depth")
+            with torch.no_grad():
+                ds = cache.encode(pipe, "kolors", n=DATASET, seed=seed * 1000 + 98, size=64,
+                                  max_sequence_length=msl)
+            if f"{m}/unet" in names:
+                run(f"{m}/unet", lambda **kw: kolors.train_unet(pipe, ds, **kw))
+            for comp in ("vae", "unet", "text_encoder"):
+                if f"{m}/vae" in names or f"{m}/unet" in names:
+                    save(getattr(pipe, comp), m, comp)
+            from diffusers import ControlNetModel
+
+            makers = {"canny": lambda im, w, h: canny(im, w, h, defaults.canny_low,
+                                                      defaults.canny_high),
+                      "depth": lambda im, w, h: depth(im, w, h, estimator)}
+            for kind, maker in makers.items():
+                name = f"{m}/controlnet-{kind}"
+                if name not in names:
+                    continue
+                cn = ControlNetModel.from_pretrained(str(root / m / f"controlnet-{kind}"))
+                with torch.no_grad():
+                    cache.add_control(ds, kind, maker)
+                run(name, lambda cn=cn, kind=kind, **kw: kolors.train_controlnet(
+                    pipe, cn, ds, kind, **kw))
+                save(cn, m, f"controlnet-{kind}")
+            if f"{m}/ip_adapter" in names:
+                state, encoder = {}, None
+
+                def train_ip(**kw):
+                    nonlocal state, encoder
+                    result, state, encoder = ip_adapter.train_ip_adapter(
+                        pipe, ds, root / m / "ip-adapter", scale=defaults.ip_adapter_scale, **kw)
+                    return result
+
+                run(f"{m}/ip_adapter", train_ip)
+                save(state, m, "ip_adapter")
+                save(encoder, m, "image_encoder")
+    record["seconds"] = round(time.monotonic() - started, 1)
+    manifest = Path(out) / "manifest.json"
+    if only and manifest.is_file():  # a partial run: keep the other stages' records
+        import json
+
+        old = json.loads(manifest.read_text())
+        old["stages"].update(record["stages"])
+        old["files"].update(record["files"])
+        old.setdefault("partial_runs", []).append({k: record[k] for k in ("command", "seconds")})
+        record = old
+    write_manifest(out, record)
+    return record
