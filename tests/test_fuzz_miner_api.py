@@ -159,8 +159,6 @@ def test_signed_fuzz_of_generate(net, schema, miner, mode, count):
     check()
     # signed fuzz gets past authentication: the miner judged the bodies themselves
     assert statuses and 401 not in statuses, statuses
-    if mode is GenerationMode.POSITIVE:  # some fuzzed requests made real images
-        assert 200 in statuses, statuses
 
 
 def test_miner_is_alive_and_correct_after_fuzzing(net, miner):
