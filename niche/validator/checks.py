@@ -68,6 +68,7 @@ class AnswerIndex:
         self._by_sha: dict[str, Answer] = {}
         self._phashes: list[int] = []
         self._answers: list[Answer] = []
+        self._array: Optional[np.ndarray] = None  # _phashes as uint64, rebuilt lazily
         for answer in answers:
             self.add(answer)
 
@@ -78,6 +79,7 @@ class AnswerIndex:
         self._by_sha.setdefault(answer.sha256, answer)
         self._phashes.append(answer.phash)
         self._answers.append(answer)
+        self._array = None
 
     def match(self, fp: Fingerprint) -> Optional[Answer]:
         """An earlier answer this one copies (exactly or perceptually), else None."""
@@ -86,8 +88,9 @@ class AnswerIndex:
             return exact
         if not self._phashes:
             return None
-        hashes = np.array(self._phashes, dtype=np.uint64)
-        xor = np.bitwise_xor(hashes, np.uint64(fp.phash))
+        if self._array is None:
+            self._array = np.array(self._phashes, dtype=np.uint64)
+        xor = np.bitwise_xor(self._array, np.uint64(fp.phash))
         distances = np.bitwise_count(xor) if hasattr(np, "bitwise_count") else np.array(
             [int(x).bit_count() for x in xor])
         best = int(np.argmin(distances))
@@ -97,8 +100,11 @@ class AnswerIndex:
 
     def prune(self, min_round: int) -> None:
         keep = [a for a in self._answers if a.round >= min_round]
+        if len(keep) == len(self._answers):
+            return
         self._by_sha.clear()
         self._phashes.clear()
         self._answers.clear()
+        self._array = None
         for answer in keep:
             self.add(answer)
