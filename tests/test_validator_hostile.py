@@ -10,7 +10,6 @@ import io
 import json
 import time
 
-import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image
