@@ -1,13 +1,22 @@
-"""Engine benchmark on the tiny checkpoints (CPU unless --device says otherwise).
+"""Engine benchmark (CPU unless --device says otherwise).
 
-For every model x pipeline, in its own subprocess (clean RSS): load only that pipeline,
-warm up once, then time --repeat images; print seconds per image and peak RSS. Then the
-Kolors weight-sharing ratio: memory of all Kolors pipelines loaded together, less the
-adapters' own weights (controlnets, image encoder, IP layers, depth model), divided by Kolors
-text-to-image alone; as exact unique-storage bytes and as resident memory above an
-imports-only baseline process.
+tiny (the cached tiny checkpoints): for every model x pipeline, in its own subprocess (clean
+RSS): load only that pipeline, warm up once, then time --repeat images; print seconds per image
+and peak RSS. Then the Kolors weight-sharing ratio: memory of all Kolors pipelines loaded
+together, less the adapters' own weights (controlnets, image encoder, IP layers, depth model),
+divided by Kolors text-to-image alone; as exact unique-storage bytes and as resident memory above
+an imports-only baseline process. At this scale (1.5 MiB of base weights) the resident ratio
+measures per-pipeline Python objects, not weights.
 
-    .venv/bin/python bench/engine.py [--repeat 5] [--device cpu] [--root DIR]
+medium (Kolors built with tiny.KOLORS_MEDIUM into a temp folder: ~290 MiB of base weights):
+the same ratio where weights dominate. Fresh processes, run side by side: (a) txt2img alone,
+(b) all four Kolors pipelines on one set of weights, (c) the four pipelines loaded unshared
+(four engines); each loads, then makes one image per pipeline; peak RSS (VmHWM) and RSS at the
+end (after GC). On CPU the float32 safetensors weights stay mmapped: they become resident when
+a generation touches them, which is why every process here generates before it is measured.
+
+    .venv/bin/python bench/engine.py [--scale tiny|medium|both] [--repeat 5] [--device cpu]
+                                     [--root DIR] [--medium-root DIR]
 """
 from __future__ import annotations
 
@@ -40,7 +49,34 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, = VmHWM
+
+
+def rss_file_bytes() -> int:
+    """File-backed resident bytes (RssFile): safetensors weights stay mmapped on CPU."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+KOLORS_PIPELINES = ["txt2img", "controlnet-canny", "controlnet-depth", "ip-adapter"]
+
+
+def _draw_each(engine, model: str, pipelines: list[str]) -> None:
+    """One image per pipeline (a conditioning image where the pipeline needs one)."""
+    import numpy as np
+    import PIL.Image
+
+    from niche.protocol import GenerationParams
+
+    image = PIL.Image.fromarray(
+        (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8))
+    for pipeline in pipelines:
+        engine.generate(GenerationParams(model=model, pipeline=pipeline, seed=0,
+                                         prompt="a photo of a cat on a red chair"),
+                        None if pipeline == "txt2img" else image)
 
 
 def worker(job: dict) -> dict:
@@ -73,6 +109,14 @@ def worker(job: dict) -> dict:
 
     if job["kind"] == "baseline":
         return {"rss": rss_bytes()}
+    if job["kind"] == "unshared-engines":  # the contrast: every Kolors pipeline on its own copy
+        engines = [Engine(models=["kolors"], model_root=job["root"], device=job["device"],
+                          pipelines={"kolors": [p]}) for p in KOLORS_PIPELINES]
+        own = [m for e in engines for m in e.family("kolors").own_modules().values()]
+        for engine, pipeline in zip(engines, KOLORS_PIPELINES):
+            _draw_each(engine, "kolors", [pipeline])
+        return {"weights_own": unique_bytes(own), "peak_rss": peak_rss_bytes(),
+                "rss_after": rss_bytes(), "rss_file": rss_file_bytes()}
     if job["kind"] == "unshared":  # the contrast: four independent Kolors base pipelines
         import pathlib
 
@@ -92,6 +136,10 @@ def worker(job: dict) -> dict:
         out["weights_own"] = unique_bytes(own)
         out["weights_base"] = unique_bytes(pipeline_modules(fam.base))
     if job["kind"] == "memory":
+        if job.get("generate"):  # one image per loaded pipeline, then peak and resident
+            _draw_each(engine, job["model"], pipes)
+            out.update(peak_rss=peak_rss_bytes(), rss_after=rss_bytes(),
+                       rss_file=rss_file_bytes())
         return out
     pipeline = pipes[0]
     image = None
@@ -121,24 +169,9 @@ def run_worker(job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--root", default=None, help="model root (default: the tiny checkpoints)")
-    ap.add_argument("--memory-only", action="store_true", help="skip the timings")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
-    root = args.root
-    if root is None:
-        from niche.models.tiny import ensure_tiny_models
-
-        root = str(ensure_tiny_models())
+def tiny_section(args, root: str) -> None:
     mib = 1024 * 1024
-    print(f"engine bench: root={root} device={args.device} repeat={args.repeat} "
+    print(f"engine bench (tiny): root={root} device={args.device} repeat={args.repeat} "
           f"cpus={os.cpu_count()}")
     print(f"{'model':<14}{'pipeline':<18}{'size':>8}{'steps':>6}{'s/image':>10}"
           f"{'peak RSS MiB':>14}")
@@ -150,9 +183,8 @@ def main() -> None:
     base = run_worker({"kind": "baseline"})["rss"]
     alone = run_worker({"kind": "memory", "model": "kolors", "pipelines": ["txt2img"],
                         "root": root, "device": args.device})
-    together = run_worker({"kind": "memory", "model": "kolors",
-                           "pipelines": ["txt2img", "controlnet-canny", "controlnet-depth",
-                                         "ip-adapter"], "root": root, "device": args.device})
+    together = run_worker({"kind": "memory", "model": "kolors", "pipelines": KOLORS_PIPELINES,
+                           "root": root, "device": args.device})
     unshared = run_worker({"kind": "unshared", "root": root})
     w_ratio = (together["weights_all"] - together["weights_own"]) / alone["weights_base"]
     naive = (4 * alone["weights_base"] + together["weights_own"]) / alone["weights_base"]
@@ -165,9 +197,95 @@ def main() -> None:
           f"(target <= 1.15; four unshared copies would be {naive:.2f} incl. adapters)")
     print(f"kolors sharing ratio (resident memory above a {base / mib:.0f} MiB imports-only "
           f"process, adapters apart): {rss_ratio:.3f} (txt2img {alone['rss_loaded'] / mib:.0f}"
-          f" MiB, all {together['rss_loaded'] / mib:.0f} MiB)")
+          f" MiB, all {together['rss_loaded'] / mib:.0f} MiB; at this scale: Python objects)")
     print(f"contrast: four unshared Kolors base pipelines, resident memory above baseline / "
           f"one: {(unshared['rss_loaded'] - base) / (alone['rss_loaded'] - base):.3f}")
+
+
+def medium_section(args, root: str | None) -> None:
+    """The Kolors memory ratio of issue 3 on checkpoints where weights dominate."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    mib = 1024 * 1024
+    with tempfile.TemporaryDirectory(prefix="niche-medium-") as tmp:
+        if root is None:
+            from niche.models.tiny import build_tiny_models
+
+            start = time.perf_counter()
+            root = str(build_tiny_models(Path(tmp), scale="medium"))
+            built = f"built in {time.perf_counter() - start:.0f} s"
+        else:
+            built = "prebuilt"
+        disk = sum(p.stat().st_size for p in (Path(root) / "kolors").rglob("*.safetensors"))
+        job = {"kind": "memory", "model": "kolors", "root": root, "device": args.device,
+               "generate": True}
+        jobs = [{"kind": "baseline"}, {**job, "pipelines": ["txt2img"]},
+                {**job, "pipelines": KOLORS_PIPELINES},
+                {"kind": "unshared-engines", "root": root, "device": args.device}]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # RSS is per process: side by side is fine
+            base, alone, together, unshared = pool.map(run_worker, jobs)
+    base = base["rss"]
+    own, own_c = together["weights_own"], unshared["weights_own"]
+    print(f"engine bench (medium kolors, {disk / mib:.0f} MiB of safetensors, {built}): "
+          f"fresh processes side by side, one image per pipeline, peak RSS (VmHWM); "
+          f"cpus={os.cpu_count()} device={args.device}")
+    print(f"kolors weights: txt2img {alone['weights_base'] / mib:.1f} MiB; adapters' own "
+          f"(2 ControlNets, IP-Adapter projection + attention, CLIP image encoder, depth "
+          f"model) {own / mib:.1f} MiB; imports-only process {base / mib:.0f} MiB")
+    print(f"{'MiB':<40}{'peak RSS':>10}{'RSS at end':>12}{'of it mmapped':>15}"
+          f"{'adapters own':>14}")
+    for name, r, o in (("(a) txt2img alone", alone, 0),
+                       ("(b) all four pipelines, shared weights", together, own),
+                       ("(c) all four pipelines, unshared", unshared, own_c)):
+        print(f"{name:<40}{r['peak_rss'] / mib:>10.0f}{r['rss_after'] / mib:>12.0f}"
+              f"{r['rss_file'] / mib:>15.0f}{o / mib:>14.1f}")
+
+    def ratios(key: str, r: dict, o: int) -> tuple[float, float, float]:
+        x, y = alone[key], r[key]
+        return y / x, (y - o) / x, (y - base - o) / (x - base)
+
+    peak, end = ratios("peak_rss", together, own), ratios("rss_after", together, own)
+    worst = max(peak[1], end[1])
+    verdict = "met" if worst <= 1.15 else "NOT met"
+    print(f"kolors memory ratio, all pipelines / txt2img alone: peak RSS {peak[0]:.3f}, at end "
+          f"{end[0]:.3f}; adapters' own weights apart: peak {peak[1]:.3f}, at end {end[1]:.3f} "
+          f"(target <= 1.15: {verdict}); the same above the imports-only process: peak "
+          f"{peak[2]:.3f}, at end {end[2]:.3f}")
+    cpeak, cend = ratios("peak_rss", unshared, own_c), ratios("rss_after", unshared, own_c)
+    print(f"contrast, four pipelines unshared / txt2img alone: peak {cpeak[0]:.3f}, at end "
+          f"{cend[0]:.3f}; adapters apart: peak {cpeak[1]:.3f}, at end {cend[1]:.3f}; above "
+          f"imports, adapters apart: peak {cpeak[2]:.3f}, at end {cend[2]:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", choices=["tiny", "medium", "both"], default="both",
+                    help="tiny: timings + sharing on the tiny checkpoints; medium: the Kolors "
+                         "memory ratio on medium-size checkpoints; both (default)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--root", default=None, help="model root (default: the tiny checkpoints)")
+    ap.add_argument("--medium-root", default=None,
+                    help="a prebuilt medium root (default: built into a temp folder)")
+    ap.add_argument("--memory-only", action="store_true", help="skip the timings")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    start = time.perf_counter()
+    if args.scale in ("tiny", "both"):
+        root = args.root
+        if root is None:
+            from niche.models.tiny import ensure_tiny_models
+
+            root = str(ensure_tiny_models())
+        tiny_section(args, root)
+    if args.scale in ("medium", "both"):
+        medium_section(args, args.medium_root)
+    print(f"bench took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ def _finish(module: torch.nn.Module, model: str, component: str,
     return module
 
 
+def _merged(overrides: dict, **defaults) -> dict:
+    """A component's tiny config with another scale's overrides on top."""
+    return {**defaults, **overrides}
+
+
 def _no_global_rng(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Constructors draw from torch's global RNG; keep the caller's state untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -342,12 +347,13 @@ KOLORS_CROSS_DIM = 64
 KOLORS_TIME_DIM = 8
 
 
-def kolors_text_encoder(vocab_size: int) -> torch.nn.Module:
+def kolors_text_encoder(vocab_size: int, **config) -> torch.nn.Module:
+    """`config` overrides the tiny dimensions (the medium scale)."""
     from diffusers.pipelines.kolors import ChatGLMModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
 
     padded = (vocab_size + 15) // 16 * 16
-    cfg = ChatGLMConfig(
+    cfg = ChatGLMConfig(**_merged(config,
         num_layers=2,
         padded_vocab_size=padded,
         hidden_size=GLM_DIM,
@@ -362,14 +368,15 @@ def kolors_text_encoder(vocab_size: int) -> torch.nn.Module:
         add_qkv_bias=True,
         post_layer_norm=True,
         torch_dtype="float32",
-    )
+    ))
     return ChatGLMModel(cfg)
 
 
-def kolors_unet() -> torch.nn.Module:
+def kolors_unet(**config) -> torch.nn.Module:
+    """`config` overrides the tiny dimensions (the medium scale)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(**_merged(config,
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -387,7 +394,7 @@ def kolors_unet() -> torch.nn.Module:
         addition_embed_type="text_time",
         addition_time_embed_dim=KOLORS_TIME_DIM,
         projection_class_embeddings_input_dim=6 * KOLORS_TIME_DIM + GLM_DIM,
-    )
+    ))
 
 
 def kolors_vae() -> torch.nn.Module:
@@ -404,12 +411,13 @@ def kolors_scheduler():
     )
 
 
-def kolors_controlnet(unet: torch.nn.Module) -> torch.nn.Module:
+def kolors_controlnet(unet: torch.nn.Module,
+                      conditioning: tuple[int, ...] = (4, 8, 8, 8)) -> torch.nn.Module:
     """ControlNetModel.from_unet keeps the UNet's text_proj; its conditioning embedding
     downsamples by 8 (four stages), matching the VAE."""
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning)
 
 
 CONTROL_GAIN = 60.0
@@ -426,39 +434,45 @@ CLIP_VISION_DIM = 32
 IP_HIDDEN = 64  # IP-Adapter Plus resampler: heads = width // 64
 
 
-def kolors_image_encoder() -> torch.nn.Module:
+def kolors_image_encoder(**config) -> torch.nn.Module:
+    """`config` overrides the tiny dimensions (the medium scale)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    cfg = CLIPVisionConfig(
+    cfg = CLIPVisionConfig(**_merged(config,
         hidden_size=CLIP_VISION_DIM, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, image_size=IMAGE_ENCODER_SIZE, patch_size=8,
         projection_dim=CLIP_VISION_DIM,
-    )
+    ))
     return CLIPVisionModelWithProjection(cfg)
 
 
-def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict[str, torch.Tensor]:
+def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4, *,
+                            clip_dim: int = CLIP_VISION_DIM, hidden: int = IP_HIDDEN,
+                            model: str = "kolors") -> dict[str, torch.Tensor]:
     """IP-Adapter Plus weights in the original file layout (image_proj.* resampler with four
-    blocks, ip_adapter.<k>.to_{k,v}_ip per cross-attention, k = 1, 3, 5...)."""
+    blocks, ip_adapter.<k>.to_{k,v}_ip per cross-attention, k = 1, 3, 5...).
+    `clip_dim`: the image encoder's width; `hidden`: the resampler's (64 per head)."""
+    cross = unet.config.cross_attention_dim
+    inner = hidden // 64 * 64  # heads x 64, as diffusers' converter reads it from to_q
     shapes: dict[str, tuple[int, ...]] = {
-        "image_proj.latents": (1, num_queries, IP_HIDDEN),
-        "image_proj.proj_in.weight": (IP_HIDDEN, CLIP_VISION_DIM),
-        "image_proj.proj_in.bias": (IP_HIDDEN,),
-        "image_proj.proj_out.weight": (KOLORS_CROSS_DIM, IP_HIDDEN),
-        "image_proj.proj_out.bias": (KOLORS_CROSS_DIM,),
-        "image_proj.norm_out.weight": (KOLORS_CROSS_DIM,),
-        "image_proj.norm_out.bias": (KOLORS_CROSS_DIM,),
+        "image_proj.latents": (1, num_queries, hidden),
+        "image_proj.proj_in.weight": (hidden, clip_dim),
+        "image_proj.proj_in.bias": (hidden,),
+        "image_proj.proj_out.weight": (cross, hidden),
+        "image_proj.proj_out.bias": (cross,),
+        "image_proj.norm_out.weight": (cross,),
+        "image_proj.norm_out.bias": (cross,),
     }
     for i in range(4):
         p = f"image_proj.layers.{i}"
         for norm in ("0.norm1", "0.norm2", "1.0"):
-            shapes[f"{p}.{norm}.weight"] = (IP_HIDDEN,)
-            shapes[f"{p}.{norm}.bias"] = (IP_HIDDEN,)
-        shapes[f"{p}.0.to_q.weight"] = (64, IP_HIDDEN)
-        shapes[f"{p}.0.to_kv.weight"] = (128, IP_HIDDEN)
-        shapes[f"{p}.0.to_out.weight"] = (IP_HIDDEN, 64)
-        shapes[f"{p}.1.1.weight"] = (IP_HIDDEN * 4, IP_HIDDEN)
-        shapes[f"{p}.1.3.weight"] = (IP_HIDDEN, IP_HIDDEN * 4)
+            shapes[f"{p}.{norm}.weight"] = (hidden,)
+            shapes[f"{p}.{norm}.bias"] = (hidden,)
+        shapes[f"{p}.0.to_q.weight"] = (inner, hidden)
+        shapes[f"{p}.0.to_kv.weight"] = (2 * inner, hidden)
+        shapes[f"{p}.0.to_out.weight"] = (hidden, inner)
+        shapes[f"{p}.1.1.weight"] = (hidden * 4, hidden)
+        shapes[f"{p}.1.3.weight"] = (hidden, hidden * 4)
     key_id = 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -469,7 +483,7 @@ def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict
         key_id += 2
     state: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
-        g = torch.Generator().manual_seed(_seed(f"kolors/ip_adapter/{key}"))
+        g = torch.Generator().manual_seed(_seed(f"{model}/ip_adapter/{key}"))
         if len(shape) >= 2:
             fan_in = int(torch.tensor(shape[1:]).prod())
             state[key] = torch.randn(shape, generator=g) / fan_in**0.5
@@ -477,7 +491,7 @@ def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict
             state[key] = torch.randn(shape, generator=g) * 0.02
         else:
             state[key] = 1.0 + torch.randn(shape, generator=g) * 0.02
-    trained = _trained_weights("kolors", "ip_adapter")
+    trained = _trained_weights(model, "ip_adapter")
     if trained is not None:
         from safetensors.torch import load_file
 
@@ -485,20 +499,67 @@ def kolors_ip_adapter_state(unet: torch.nn.Module, num_queries: int = 4) -> dict
     return state
 
 
-def build_kolors(out: Path) -> None:
+# Medium scale, for bench/engine.py's Kolors memory ratio: the same architectures with float32
+# weights of a few hundred MB (UNet and ChatGLM ~150 MB each), so that per-pipeline Python
+# objects (a few MiB) no longer outweigh the weights as they do at tiny scale. Random (seeds
+# under "kolors-medium": trained tiny weights never apply), built into a temp folder, never cached.
+MEDIUM_GLM_DIM = 1024
+MEDIUM_TIME_DIM = 128
+MEDIUM_CLIP_DIM = 256
+KOLORS_MEDIUM: dict = {
+    "text_encoder": {"num_layers": 4, "hidden_size": MEDIUM_GLM_DIM, "ffn_hidden_size": 2048,
+                     "kv_channels": 64, "num_attention_heads": 16, "multi_query_group_num": 2},
+    "unet": {
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (64, 128, 256), "layers_per_block": 2,
+        "attention_head_dim": (1, 2, 4),  # diffusers reads these as head counts (64 wide)
+        "transformer_layers_per_block": (1, 1, 2), "norm_num_groups": 32,
+        "cross_attention_dim": 512, "encoder_hid_dim": MEDIUM_GLM_DIM,
+        "addition_time_embed_dim": MEDIUM_TIME_DIM,
+        "projection_class_embeddings_input_dim": 6 * MEDIUM_TIME_DIM + MEDIUM_GLM_DIM},
+    "vae": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1,
+            "norm_num_groups": 32},
+    "controlnet": (16, 32, 96, 256),
+    "image_encoder": {"hidden_size": MEDIUM_CLIP_DIM, "intermediate_size": 1024,
+                      "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64,
+                      "patch_size": 16, "projection_dim": MEDIUM_CLIP_DIM},
+    "ip_adapter": {"clip_dim": MEDIUM_CLIP_DIM, "hidden": 256, "num_queries": 16},
+    "overrides": {"cpu_threads": 1,  # the bench runs its workers side by side
+                  "defaults": {"steps": 2, "guidance": 5.0, "width": 64, "height": 64,
+                               "max_sequence_length": 64},
+                  "limits": {"min_size": 32, "max_size": 128, "max_steps": 8}},
+}
+SCALES = ("tiny", "medium")
+
+
+def kolors_vae_medium() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=64,
+        scaling_factor=0.13025, force_upcast=True, **KOLORS_MEDIUM["vae"])
+
+
+def build_kolors(out: Path, scale: str = "tiny") -> None:
+    """`scale`: "tiny" (the cached test checkpoints) or "medium" (KOLORS_MEDIUM)."""
     from diffusers import KolorsPipeline
     from diffusers.pipelines.kolors import ChatGLMTokenizer
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
-    m = "kolors"
+    medium = scale == "medium"
+    dims = KOLORS_MEDIUM if medium else {}
+    m = "kolors-medium" if medium else "kolors"
     tmp = out / "_tok"
     build_chatglm_tokenizer(tmp)
     tok = ChatGLMTokenizer.from_pretrained(str(tmp))
-    unet = _finish(_no_global_rng(kolors_unet), m, "unet")
+    unet = _finish(_no_global_rng(lambda: kolors_unet(**dims.get("unet", {}))), m, "unet")
     pipe = KolorsPipeline(
-        vae=_finish(_no_global_rng(kolors_vae), m, "vae"),
-        text_encoder=_finish(_no_global_rng(lambda: kolors_text_encoder(len(tok))), m, "text_encoder"),
+        vae=_finish(_no_global_rng(kolors_vae_medium if medium else kolors_vae), m, "vae"),
+        text_encoder=_finish(_no_global_rng(lambda: kolors_text_encoder(
+            len(tok), **dims.get("text_encoder", {}))), m, "text_encoder"),
         tokenizer=tok,
         unet=unet,
         scheduler=kolors_scheduler(),
@@ -507,20 +568,23 @@ def build_kolors(out: Path) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
     shutil.rmtree(tmp)
     for kind in ("canny", "depth"):
-        cn = _finish(_no_global_rng(lambda: kolors_controlnet(unet)), m, f"controlnet-{kind}",
-                     adjust=_strong_control)
+        cn = _finish(_no_global_rng(lambda: kolors_controlnet(
+            unet, *[dims["controlnet"]] if medium else [])), m, f"controlnet-{kind}",
+            adjust=_strong_control)
         cn.save_pretrained(str(out / f"controlnet-{kind}"), safe_serialization=True)
     ip_dir = out / "ip-adapter"
-    encoder = _finish(_no_global_rng(kolors_image_encoder), m, "image_encoder")
+    encoder = _finish(_no_global_rng(lambda: kolors_image_encoder(
+        **dims.get("image_encoder", {}))), m, "image_encoder")
     encoder.save_pretrained(str(ip_dir / "image_encoder"), safe_serialization=True)
+    enc_size = encoder.config.image_size
     CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_ENCODER_SIZE},
-        crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE},
+        size={"shortest_edge": enc_size},
+        crop_size={"height": enc_size, "width": enc_size},
     ).save_pretrained(str(ip_dir / "image_encoder"))
-    save_file(kolors_ip_adapter_state(unet), str(ip_dir / "ip_adapter_plus_general.safetensors"),
-              metadata={"format": "pt"})
+    save_file(kolors_ip_adapter_state(unet, **dims.get("ip_adapter", {}), model=m),
+              str(ip_dir / "ip_adapter_plus_general.safetensors"), metadata={"format": "pt"})
     build_depth(out / "depth-estimator")
-    _write_overrides(out, {
+    _write_overrides(out, dims["overrides"] if medium else {
         "cpu_threads": 1,
         "defaults": {"steps": 8, "guidance": 5.0, "width": 64, "height": 64},
         "limits": {"min_size": 32, "max_size": 128, "max_steps": 16},
@@ -567,18 +631,28 @@ def _write_overrides(out: Path, data: dict) -> None:
 BUILDERS: dict[str, Callable[[Path], None]] = {"flux-schnell": build_flux, "kolors": build_kolors}
 
 
-def build_tiny_models(out: Path, models: list[str] | None = None) -> Path:
-    """Write every tiny checkpoint under out/<model>/ (overwrites). Returns out."""
+def build_tiny_models(out: Path, models: list[str] | None = None, scale: str = "tiny") -> Path:
+    """Write every tiny checkpoint under out/<model>/ (overwrites). Returns out.
+    scale="medium": Kolors only (the default then), a few hundred MB (KOLORS_MEDIUM); its
+    marker never matches build_id(), so ensure_tiny_models never takes it for a tiny cache."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, not {scale!r}")
+    medium = scale == "medium"
+    if medium and set(models or ["kolors"]) != {"kolors"}:
+        raise ValueError("the medium scale exists for kolors only")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad():
-        for name in models or list(BUILDERS):
+        for name in models or (["kolors"] if medium else list(BUILDERS)):
             target = out / name
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
-            BUILDERS[name](target)
-    (out / MARKER).write_text(build_id() + "\n")
+            if medium:
+                build_kolors(target, scale)
+            else:
+                BUILDERS[name](target)
+    (out / MARKER).write_text(build_id() + (":medium" if medium else "") + "\n")
     return out
 
 
