@@ -16,29 +16,40 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate one image with the engine",
                               description="Generate one image deterministically and print a "
                               "one-line JSON summary (model, pipeline, seed, seconds, sha256).")
-    p.add_argument("--model", required=True)
-    p.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, required=True)
+    add_request_args(p)
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.set_defaults(func=_generate)
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """The flags that describe one generation request; `niche verify` takes the same."""
+    p.add_argument("--model", required=True, help="model name: flux-schnell or kolors")
+    p.add_argument("--pipeline", default="txt2img", choices=PIPELINES,
+                   help="how to draw (default txt2img); the others need --image")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what not to draw (Kolors only)")
+    p.add_argument("--seed", type=int, required=True, help="0..2**32-1; same seed, same image")
     p.add_argument("--image", type=Path, default=None, help="conditioning image file")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--controlnet-scale", type=float, default=None)
-    p.add_argument("--ip-adapter-scale", type=float, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: model's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: model's)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default: model's)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: model's)")
+    p.add_argument("--controlnet-scale", type=float, default=None,
+                   help="ControlNet conditioning scale (default 0.8; 0 = txt2img)")
+    p.add_argument("--ip-adapter-scale", type=float, default=None,
+                   help="IP-Adapter scale (default: model's; 0 = txt2img)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--memory-mode", choices=("gpu", "model-offload", "sequential-offload"),
                    default=None, help="default: the model config's")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default min(4, cores))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default min(4, cores))")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model-path", type=Path, default=None,
                      help="folder holding the model's checkpoint in the hub layout")
     src.add_argument("--tiny", action="store_true", help="use the tiny checkpoints (built once)")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.set_defaults(func=_generate)
 
 
 def _params(args: argparse.Namespace):

@@ -9,8 +9,6 @@ import argparse
 import json
 from pathlib import Path
 
-PIPELINES = ("txt2img", "controlnet-canny", "controlnet-depth", "ip-adapter")
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,25 +16,9 @@ def register(subparsers) -> None:
         description="Regenerate the request with the engine and compare the candidate image "
                     "with the validator's metric (SSIM, detail correlation, detail energy at "
                     "full resolution). Same request flags as `niche generate`.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--image", type=Path, default=None, help="conditioning image file")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--controlnet-scale", type=float, default=None)
-    p.add_argument("--ip-adapter-scale", type=float, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-path", type=Path, default=None,
-                     help="folder holding the model's checkpoint in the hub layout")
-    src.add_argument("--tiny", action="store_true", help="use the tiny checkpoints")
+    from niche.commands.generate import add_request_args
+
+    add_request_args(p)
     p.add_argument("--candidate", type=Path, required=True, help="the image to check")
     p.add_argument("--threshold", type=float, default=None,
                    help="similarity needed to match (default: the validator's for the model)")
@@ -65,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.model_path:
         paths = {args.model: args.model_path}
     engine = Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
-                    dtype=args.dtype, num_threads=args.threads)
+                    dtype=args.dtype, memory_mode=args.memory_mode,
+                    num_threads=args.threads)
     thresholds = dict(DEFAULT_THRESHOLDS)
     if args.threshold is not None:
         thresholds[args.model] = args.threshold
