@@ -41,7 +41,8 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
                    help="IP-Adapter scale (default: model's; 0 = txt2img)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu or cuda[:N]")
     p.add_argument("--memory-mode", choices=("gpu", "model-offload", "sequential-offload"),
                    default=None, help="default: the model config's")
     p.add_argument("--threads", type=int, default=None,

@@ -138,13 +138,9 @@ def run(args: argparse.Namespace) -> int:
             f"{args.netuid}: register it first (`niche chain register ...` on localnet, "
             "`btcli subnets register` on a real network)")
     bind_socket(args.axon_ip, args.axon_port).close()
-    from niche.models.engine import Engine
+    from niche.models.engine import Engine, resolve_device
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     model_root = args.model_path
     if args.tiny:
         from niche.models.tiny import ensure_tiny_models

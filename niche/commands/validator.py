@@ -66,7 +66,8 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                      help="folder holding <model>/ checkpoints (default: hub ids)")
     src.add_argument("--tiny", action="store_true",
                      help="use the tiny random-weight checkpoints (tests, localnet)")
-    m.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    m.add_argument("--device", default="auto",
+                   help="torch device (default auto: cuda when available, else cpu)")
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="regeneration dtype (default: the model's)")
     parser.add_argument("--logging.debug", dest="debug", action="store_true")

@@ -42,6 +42,13 @@ def default_threads(hint: int | None = None) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is what an operator means on a GPU box, and it still runs on a laptop."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def png_bytes(image: PIL.Image.Image) -> bytes:
     """Lossless PNG with no metadata (no timestamp): the same pixels give the same bytes."""
     buf = io.BytesIO()
@@ -71,6 +78,7 @@ class Engine:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if memory_mode is not None and memory_mode not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}")
+        device = resolve_device(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("device cuda requested but torch sees no CUDA device")
         if not models:
