@@ -20,6 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="niche",
         description="Node for an image-generation subnet: run a miner, a validator, "
         "or the whole subnet on one machine (`niche localnet`).",
+        epilog="examples:\n"
+        "  niche localnet --miners 3 --rounds 2          the whole subnet on this machine\n"
+        "  niche generate --tiny --model kolors --prompt 'a red circle' --seed 7 --out a.png\n"
+        "  niche miner --netuid 23 --wallet.name miner --subtensor.network finney "
+        "--axon.port 8091 --model flux-schnell\n"
+        "  niche validator --netuid 23 --wallet.name validator --subtensor.network finney\n"
+        "\n`niche COMMAND --help` lists every flag of a command; docs/ has the guides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"niche {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
