@@ -16,7 +16,7 @@ end (after GC). On CPU the float32 safetensors weights stay mmapped: they become
 a generation touches them, which is why every process here generates before it is measured.
 
     .venv/bin/python bench/engine.py [--scale tiny|medium|both] [--repeat 5] [--device cpu]
-                                     [--root DIR] [--medium-root DIR]
+                                     [--root DIR] [--medium-root DIR] [--sequential]
 """
 from __future__ import annotations
 
@@ -52,13 +52,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB, = VmHWM
 
 
+def _proc_bytes(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return 0
+
+
 def rss_file_bytes() -> int:
     """File-backed resident bytes (RssFile): safetensors weights stay mmapped on CPU."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_bytes("/proc/self/status", "RssFile")
+
+
+def pss_bytes() -> int:
+    """Proportional set size: RSS counts a file page once per mapping (four unshared loads of
+    one file: four times); PSS counts it once, split among the processes mapping it."""
+    return _proc_bytes("/proc/self/smaps_rollup", "Pss")
 
 
 KOLORS_PIPELINES = ["txt2img", "controlnet-canny", "controlnet-depth", "ip-adapter"]
@@ -116,7 +129,7 @@ def worker(job: dict) -> dict:
         for engine, pipeline in zip(engines, KOLORS_PIPELINES):
             _draw_each(engine, "kolors", [pipeline])
         return {"weights_own": unique_bytes(own), "peak_rss": peak_rss_bytes(),
-                "rss_after": rss_bytes(), "rss_file": rss_file_bytes()}
+                "rss_after": rss_bytes(), "rss_file": rss_file_bytes(), "pss": pss_bytes()}
     if job["kind"] == "unshared":  # the contrast: four independent Kolors base pipelines
         import pathlib
 
@@ -139,7 +152,7 @@ def worker(job: dict) -> dict:
         if job.get("generate"):  # one image per loaded pipeline, then peak and resident
             _draw_each(engine, job["model"], pipes)
             out.update(peak_rss=peak_rss_bytes(), rss_after=rss_bytes(),
-                       rss_file=rss_file_bytes())
+                       rss_file=rss_file_bytes(), pss=pss_bytes())
         return out
     pipeline = pipes[0]
     image = None
@@ -224,8 +237,11 @@ def medium_section(args, root: str | None) -> None:
         jobs = [{"kind": "baseline"}, {**job, "pipelines": ["txt2img"]},
                 {**job, "pipelines": KOLORS_PIPELINES},
                 {"kind": "unshared-engines", "root": root, "device": args.device}]
-        with ThreadPoolExecutor(len(jobs)) as pool:  # RSS is per process: side by side is fine
-            base, alone, together, unshared = pool.map(run_worker, jobs)
+        if args.sequential:  # one at a time: each process's PSS is its own
+            base, alone, together, unshared = map(run_worker, jobs)
+        else:
+            with ThreadPoolExecutor(len(jobs)) as pool:  # RSS is per process: side by side
+                base, alone, together, unshared = pool.map(run_worker, jobs)
     base = base["rss"]
     own, own_c = together["weights_own"], unshared["weights_own"]
     print(f"engine bench (medium kolors, {disk / mib:.0f} MiB of safetensors, {built}): "
@@ -257,6 +273,12 @@ def medium_section(args, root: str | None) -> None:
     print(f"contrast, four pipelines unshared / txt2img alone: peak {cpeak[0]:.3f}, at end "
           f"{cend[0]:.3f}; adapters apart: peak {cpeak[1]:.3f}, at end {cend[1]:.3f}; above "
           f"imports, adapters apart: peak {cpeak[2]:.3f}, at end {cend[2]:.3f}")
+    if args.sequential:
+        print(f"PSS at end (a file page counted once): (a) {alone['pss'] / mib:.0f}, (b) "
+              f"{together['pss'] / mib:.0f}, (c) {unshared['pss'] / mib:.0f} MiB; (b - own)/a "
+              f"{(together['pss'] - own) / alone['pss']:.3f}, (c - own)/a "
+              f"{(unshared['pss'] - own_c) / alone['pss']:.3f}: on CPU, unshared loads of one "
+              f"mmapped file share its pages; on a GPU (weights copied) they would not")
 
 
 def main() -> None:
@@ -270,6 +292,8 @@ def main() -> None:
     ap.add_argument("--medium-root", default=None,
                     help="a prebuilt medium root (default: built into a temp folder)")
     ap.add_argument("--memory-only", action="store_true", help="skip the timings")
+    ap.add_argument("--sequential", action="store_true",
+                    help="medium: run the workers one at a time and also print PSS (slower)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -94,3 +94,32 @@ def test_building_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     tiny._finish(tiny._no_global_rng(tiny.flux_transformer), "flux-schnell", "transformer")
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_medium_scale_is_the_same_architecture_with_weights_that_dominate():
+    """bench/engine.py's Kolors memory ratio runs on the medium scale: the same real modules,
+    UNet and ChatGLM ~150 MB each in float32, dims that fit together (text_proj, text_time,
+    the IP-Adapter Plus resampler). Built on the meta device to stay fast; the bench builds,
+    loads and draws with the real thing."""
+    medium = tiny.KOLORS_MEDIUM
+    with torch.device("meta"):
+        unet = tiny.kolors_unet(**medium["unet"])
+        glm = tiny.kolors_text_encoder(512, **medium["text_encoder"])
+        controlnet = tiny.kolors_controlnet(unet, medium["controlnet"])
+
+    def mb(module):
+        return sum(p.numel() for p in module.parameters()) * 4 / 1e6
+
+    assert 100 < mb(unet) < 250 and 100 < mb(glm) < 250 and mb(controlnet) > 30
+    width = glm.config.hidden_size
+    assert unet.config.encoder_hid_dim == controlnet.config.encoder_hid_dim == width
+    assert unet.config.addition_embed_type == "text_time"
+    assert unet.config.projection_class_embeddings_input_dim == \
+        6 * unet.config.addition_time_embed_dim + width
+    state = tiny.kolors_ip_adapter_state(unet, **medium["ip_adapter"], model="kolors-medium")
+    proj = unet._convert_ip_adapter_image_proj_to_diffusers(
+        {k.removeprefix("image_proj."): v for k, v in state.items()
+         if k.startswith("image_proj.")}, low_cpu_mem_usage=False)  # strict: shapes must fit
+    tokens = proj(torch.randn(1, 5, medium["image_encoder"]["hidden_size"]))
+    assert tokens.shape == (1, medium["ip_adapter"]["num_queries"],
+                            unet.config.cross_attention_dim)
