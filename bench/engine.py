@@ -9,14 +9,14 @@ an imports-only baseline process. At this scale (1.5 MiB of base weights) the re
 measures per-pipeline Python objects, not weights.
 
 medium (Kolors built with tiny.KOLORS_MEDIUM into a temp folder: ~290 MiB of base weights):
-the same ratio where weights dominate. Fresh processes, run side by side: (a) txt2img alone,
+the same ratio where weights dominate. Fresh processes, one at a time: (a) txt2img alone,
 (b) all four Kolors pipelines on one set of weights, (c) the four pipelines loaded unshared
-(four engines); each loads, then makes one image per pipeline; peak RSS (VmHWM) and RSS at the
-end (after GC). On CPU the float32 safetensors weights stay mmapped: they become resident when
+(four engines); each loads, then makes one image per pipeline; peak RSS (VmHWM), RSS at the
+end (after GC) and PSS at the end. On CPU the float32 safetensors weights stay mmapped: they become resident when
 a generation touches them, which is why every process here generates before it is measured.
 
     .venv/bin/python bench/engine.py [--scale tiny|medium|both] [--repeat 5] [--device cpu]
-                                     [--root DIR] [--medium-root DIR] [--sequential]
+                                     [--root DIR] [--medium-root DIR]
 """
 from __future__ import annotations
 
@@ -218,7 +218,6 @@ def tiny_section(args, root: str) -> None:
 def medium_section(args, root: str | None) -> None:
     """The Kolors memory ratio of issue 3 on checkpoints where weights dominate."""
     import tempfile
-    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     mib = 1024 * 1024
@@ -237,15 +236,12 @@ def medium_section(args, root: str | None) -> None:
         jobs = [{"kind": "baseline"}, {**job, "pipelines": ["txt2img"]},
                 {**job, "pipelines": KOLORS_PIPELINES},
                 {"kind": "unshared-engines", "root": root, "device": args.device}]
-        if args.sequential:  # one at a time: each process's PSS is its own
-            base, alone, together, unshared = map(run_worker, jobs)
-        else:
-            with ThreadPoolExecutor(len(jobs)) as pool:  # RSS is per process: side by side
-                base, alone, together, unshared = pool.map(run_worker, jobs)
+        # One at a time (side by side saves nothing on 2 cores, and would split PSS).
+        base, alone, together, unshared = map(run_worker, jobs)
     base = base["rss"]
     own, own_c = together["weights_own"], unshared["weights_own"]
     print(f"engine bench (medium kolors, {disk / mib:.0f} MiB of safetensors, {built}): "
-          f"fresh processes side by side, one image per pipeline, peak RSS (VmHWM); "
+          f"fresh processes one after another, one image per pipeline; "
           f"cpus={os.cpu_count()} device={args.device}")
     print(f"kolors weights: txt2img {alone['weights_base'] / mib:.1f} MiB; adapters' own "
           f"(2 ControlNets, IP-Adapter projection + attention, CLIP image encoder, depth "
@@ -273,12 +269,11 @@ def medium_section(args, root: str | None) -> None:
     print(f"contrast, four pipelines unshared / txt2img alone: peak {cpeak[0]:.3f}, at end "
           f"{cend[0]:.3f}; adapters apart: peak {cpeak[1]:.3f}, at end {cend[1]:.3f}; above "
           f"imports, adapters apart: peak {cpeak[2]:.3f}, at end {cend[2]:.3f}")
-    if args.sequential:
-        print(f"PSS at end (a file page counted once): (a) {alone['pss'] / mib:.0f}, (b) "
-              f"{together['pss'] / mib:.0f}, (c) {unshared['pss'] / mib:.0f} MiB; (b - own)/a "
-              f"{(together['pss'] - own) / alone['pss']:.3f}, (c - own)/a "
-              f"{(unshared['pss'] - own_c) / alone['pss']:.3f}: on CPU, unshared loads of one "
-              f"mmapped file share its pages; on a GPU (weights copied) they would not")
+    print(f"PSS at end (a file page counted once): (a) {alone['pss'] / mib:.0f}, (b) "
+          f"{together['pss'] / mib:.0f}, (c) {unshared['pss'] / mib:.0f} MiB; (b - own)/a "
+          f"{(together['pss'] - own) / alone['pss']:.3f}, (c - own)/a "
+          f"{(unshared['pss'] - own_c) / alone['pss']:.3f}: on CPU, unshared loads of one "
+          f"mmapped file share its pages; on a GPU (weights copied) they would not")
 
 
 def main() -> None:
@@ -292,8 +287,6 @@ def main() -> None:
     ap.add_argument("--medium-root", default=None,
                     help="a prebuilt medium root (default: built into a temp folder)")
     ap.add_argument("--memory-only", action="store_true", help="skip the timings")
-    ap.add_argument("--sequential", action="store_true",
-                    help="medium: run the workers one at a time and also print PSS (slower)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
