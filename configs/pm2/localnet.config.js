@@ -7,12 +7,9 @@
 const { execFileSync } = require("child_process");
 const path = require("path");
 const os = require("os");
+const { env, niche, nicheApp } = require("./common");
 
-const env = (name, fallback) => process.env[name] || fallback;
-const root = path.resolve(__dirname, "..", "..");
-const niche = env("NICHE_BIN", path.join(root, ".venv", "bin", "niche"));
 const workdir = env("LOCALNET_DIR", path.join(os.homedir(), ".niche", "localnet-pm2"));
-
 const prepareArgs = [
   "localnet", "--prepare-only", "--json",
   "--workdir", workdir,
@@ -23,20 +20,12 @@ if (process.env.LOCALNET_ROUNDS) prepareArgs.push("--rounds", process.env.LOCALN
 const plan = JSON.parse(execFileSync(niche, prepareArgs, { encoding: "utf8" }));
 
 module.exports = {
-  apps: plan.processes.map((proc) => ({
+  apps: plan.processes.map((proc) => nicheApp({
     name: `localnet-${proc.name}`,
-    script: niche,
     args: proc.args,
-    interpreter: "none",
-    cwd: root,
+    logDir: path.join(workdir, "logs"),
     // A validator with a round budget finishes by itself; everything else stays up.
     autorestart: !(proc.role === "validator" && plan.rounds),
-    max_restarts: 5,
-    restart_delay: 3000,
-    kill_timeout: 20000,
-    out_file: path.join(workdir, "logs", `pm2-${proc.name}.out.log`),
-    error_file: path.join(workdir, "logs", `pm2-${proc.name}.err.log`),
-    time: true,
-    env: { PYTHONUNBUFFERED: "1" },
+    killTimeout: 20000,
   })),
 };

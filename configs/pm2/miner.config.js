@@ -2,11 +2,7 @@
 //   NETUID=23 WALLET_NAME=miner WALLET_HOTKEY=default MODEL=flux-schnell AXON_PORT=8091 \
 //     pm2 start configs/pm2/miner.config.js
 // Every setting has an environment variable; `niche miner --help` documents the flags.
-const env = (name, fallback) => process.env[name] || fallback;
-const path = require("path");
-const root = path.resolve(__dirname, "..", "..");
-const niche = env("NICHE_BIN", path.join(root, ".venv", "bin", "niche"));
-const name = `niche-miner-${env("WALLET_NAME", "default")}-${env("WALLET_HOTKEY", "default")}`;
+const { env, nicheApp } = require("./common");
 
 const args = [
   "miner",
@@ -25,22 +21,8 @@ if (process.env.MODEL_PATH) args.push("--model-path", process.env.MODEL_PATH);
 if (process.env.WALLET_PATH) args.push("--wallet.path", process.env.WALLET_PATH);
 
 module.exports = {
-  apps: [
-    {
-      name,
-      script: niche,
-      args,
-      interpreter: "none",
-      cwd: root,
-      autorestart: true,
-      max_restarts: 50,
-      min_uptime: "60s",
-      restart_delay: 10000,
-      kill_timeout: 30000,
-      out_file: path.join(root, "logs", `${name}.out.log`),
-      error_file: path.join(root, "logs", `${name}.err.log`),
-      time: true,
-      env: { PYTHONUNBUFFERED: "1" },
-    },
-  ],
+  apps: [nicheApp({
+    name: `niche-miner-${env("WALLET_NAME", "default")}-${env("WALLET_HOTKEY", "default")}`,
+    args,
+  })],
 };

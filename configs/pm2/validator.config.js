@@ -1,12 +1,10 @@
 // pm2 ecosystem for a niche validator on a real network.
 //   NETUID=23 WALLET_NAME=validator WALLET_HOTKEY=default pm2 start configs/pm2/validator.config.js
 // Every setting has an environment variable; `niche validator --help` documents the flags.
-const env = (name, fallback) => process.env[name] || fallback;
 const path = require("path");
-const root = path.resolve(__dirname, "..", "..");
-const niche = env("NICHE_BIN", path.join(root, ".venv", "bin", "niche"));
-const name = `niche-validator-${env("WALLET_NAME", "default")}-${env("WALLET_HOTKEY", "default")}`;
+const { env, root, nicheApp } = require("./common");
 
+const name = `niche-validator-${env("WALLET_NAME", "default")}-${env("WALLET_HOTKEY", "default")}`;
 const args = [
   "validator",
   "--netuid", env("NETUID", "23"),
@@ -22,23 +20,5 @@ const args = [
 if (process.env.MODEL_PATH) args.push("--model-path", process.env.MODEL_PATH);
 if (process.env.WALLET_PATH) args.push("--wallet.path", process.env.WALLET_PATH);
 
-module.exports = {
-  apps: [
-    {
-      name,
-      script: niche,
-      args,
-      interpreter: "none",
-      cwd: root,
-      autorestart: true,
-      max_restarts: 50,
-      min_uptime: "60s",
-      restart_delay: 10000,
-      kill_timeout: 60000,
-      out_file: path.join(root, "logs", `${name}.out.log`),
-      error_file: path.join(root, "logs", `${name}.err.log`),
-      time: true,
-      env: { PYTHONUNBUFFERED: "1" },
-    },
-  ],
-};
+// A validator saves its round on SIGTERM: give it time.
+module.exports = { apps: [nicheApp({ name, args, killTimeout: 60000 })] };
