@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-from pathlib import Path
 
 DEFAULT_PORT = 8091
 
@@ -25,20 +24,9 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
     m.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
                    help="model(s) to serve (default flux-schnell)")
-    src = m.add_mutually_exclusive_group()
-    src.add_argument("--model-path", dest="model_path", type=Path, default=None,
-                     help="folder holding <model>/ checkpoints (default: hub ids)")
-    src.add_argument("--tiny", action="store_true",
-                     help="serve the tiny random-weight checkpoints (tests, localnet)")
-    m.add_argument("--device", default="auto",
-                   help="torch device (default auto: cuda when available, else cpu)")
-    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: the model's)")
-    m.add_argument("--memory-mode", dest="memory_mode", default=None,
-                   choices=["gpu", "model-offload", "sequential-offload"],
-                   help="GPU memory strategy (default: the model's)")
-    m.add_argument("--num-threads", dest="num_threads", type=int, default=None,
-                   help="torch CPU threads (default: min(4, cores))")
+    from niche.commands.engine_args import add_engine_args
+
+    add_engine_args(m)
     b = parser.add_argument_group("blacklist")
     b.add_argument("--blacklist.min_stake", dest="min_stake", type=float, default=0.0,
                    help="refuse callers with less stake (default 0)")
@@ -141,11 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from niche.models.engine import Engine, resolve_device
 
     device = resolve_device(args.device)
-    model_root = args.model_path
-    if args.tiny:
-        from niche.models.tiny import ensure_tiny_models
+    from niche.commands.engine_args import model_root_from_args
 
-        model_root = ensure_tiny_models()
+    model_root = model_root_from_args(args)
     log.info("loading %s on %s", ", ".join(args.models), device)
     engine = Engine(models=list(args.models), model_root=model_root, device=device,
                     dtype=args.dtype, memory_mode=args.memory_mode,

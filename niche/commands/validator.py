@@ -61,15 +61,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
     m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                    help="models this validator challenges (default: flux-schnell kolors)")
-    src = m.add_mutually_exclusive_group()
-    src.add_argument("--model-path", dest="model_path", type=Path, default=None,
-                     help="folder holding <model>/ checkpoints (default: hub ids)")
-    src.add_argument("--tiny", action="store_true",
-                     help="use the tiny random-weight checkpoints (tests, localnet)")
-    m.add_argument("--device", default="auto",
-                   help="torch device (default auto: cuda when available, else cpu)")
-    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="regeneration dtype (default: the model's)")
+    from niche.commands.engine_args import add_engine_args
+
+    add_engine_args(m)
     parser.add_argument("--logging.debug", dest="debug", action="store_true")
 
 

@@ -434,14 +434,11 @@ def open_validator(config: ValidatorConfig, args):
             raise ChainError(f"validator hotkey {hotkey} is not registered on subnet "
                              f"{config.netuid}: register it first (`niche chain register`)")
         state = ValidatorState(config.state_path)
-        if args.tiny:
-            from niche.models.tiny import ensure_tiny_models
+        from niche.commands.engine_args import model_root_from_args
 
-            model_root = ensure_tiny_models()
-        else:
-            model_root = args.model_path
-        engine = Engine(models=list(config.models), model_root=model_root,
-                        device=args.device, dtype=args.dtype)
+        engine = Engine(models=list(config.models), model_root=model_root_from_args(args),
+                        device=args.device, dtype=args.dtype, memory_mode=args.memory_mode,
+                        num_threads=args.num_threads)
         client = MinerClient(wallet)
         if not config.version_key:
             config.version_key = version_key()
