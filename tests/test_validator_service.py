@@ -199,6 +199,7 @@ def _rounds_consistent(state_path: Path) -> int:
     return done
 
 
+@pytest.mark.slow
 def test_process_sigkill_then_resume_then_sigterm(net, tiny_engine, tmp_path):
     """The `niche validator` process: SIGKILL mid-loop leaves the state file intact; a restart
     continues at the next round; SIGTERM finishes the round in flight and exits 0."""
