@@ -28,10 +28,16 @@ def psnr(a: PIL.Image.Image, b: PIL.Image.Image) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
-def scene_image(seed: int, size: int = 64) -> tuple[str, PIL.Image.Image]:
-    """A full prompt and its rendered scene (the conditioning / reference image)."""
-    scene = data.sample_scene(np.random.default_rng(seed))
-    return data.describe(scene), PIL.Image.fromarray(data.render(scene, size))
+def scene_image(shape: str, colour: str, background: str, position: str = "center",
+                size: str = "large", px: int = 64) -> PIL.Image.Image:
+    """A rendered scene (conditioning / reference image); strong luminance contrast so that
+    Canny (thresholds 100/200) finds its edges."""
+    lo, hi = data.SIZES[size]
+    cx, cy = data.POSITIONS[position]
+    scene = data.Scene(shape=shape, colour=colour, background=background, style="plain",
+                       size=(lo + hi) / 2, cx=cx, cy=cy, size_word=size, position_word=position,
+                       depth=0.9)
+    return PIL.Image.fromarray(data.render(scene, px))
 
 
 @dataclass(frozen=True)
@@ -40,28 +46,39 @@ class Case:
     pipeline: str
     prompt: str
     other_prompt: str
-    image_seed: int | None = None  # scene drawn as conditioning image (None: txt2img)
-    other_image_seed: int | None = None
+    image: tuple[str, ...] | None = None  # scene_image(*image): the conditioning image
+    other_image: tuple[str, ...] | None = None
     seed: int = 0
 
 
+TXT2IMG = [
+    ("a red circle on a blue background", "a yellow square on a black background"),
+    ("a large white triangle in the left on a green background",
+     "a small purple ring in the right on a orange background"),
+    ("a small yellow cross on a purple gradient background",
+     "a large cyan stripe on a brown background"),
+]
+CONDITIONED = [
+    ("a white triangle in the left on a black background",
+     "a yellow ring in the right on a purple background",
+     ("triangle", "white", "black", "left"), ("ring", "yellow", "purple", "right")),
+    ("a yellow circle on a blue background", "a black cross in the top on a white background",
+     ("circle", "yellow", "blue", "center"), ("cross", "black", "white", "top")),
+    ("a black square in the right on a orange background",
+     "a white stripe in the bottom on a green background",
+     ("square", "black", "orange", "right"), ("stripe", "white", "green", "bottom")),
+]
+
+
 def default_cases(quick: bool = False) -> list[Case]:
-    prompts = [
-        ("a red circle on a blue background", "a yellow square on a black background"),
-        ("a large white triangle in the left on a green background",
-         "a small purple ring in the right on a orange background"),
-        ("a small yellow cross on a purple gradient background",
-         "a large cyan stripe on a brown background"),
-    ]
-    if quick:
-        prompts = prompts[:1]
+    n = 1 if quick else len(TXT2IMG)
     cases = []
-    for p, o in prompts:
+    for p, o in TXT2IMG[:n]:
         cases.append(Case("flux-schnell", "txt2img", p, o))
         cases.append(Case("kolors", "txt2img", p, o))
-    for i, (p, o) in enumerate(prompts):
+    for p, o, im, other in CONDITIONED[:n]:
         for pipe in ("controlnet-canny", "controlnet-depth", "ip-adapter"):
-            cases.append(Case("kolors", pipe, p, o, image_seed=100 + i, other_image_seed=200 + i))
+            cases.append(Case("kolors", pipe, p, o, image=im, other_image=other))
     return cases
 
 
@@ -96,9 +113,9 @@ def _params(case: Case, **over):
 def measure(engine32, engine16, case: Case) -> tuple[Row, PIL.Image.Image]:
     """PSNR of every variant of ``case`` against its float32 reference; returns the reference."""
     image = other = None
-    if case.image_seed is not None:
-        image = scene_image(case.image_seed)[1]
-        other = scene_image(case.other_image_seed)[1]
+    if case.image is not None:
+        image = scene_image(*case.image)
+        other = scene_image(*case.other_image)
     base = engine32.resolve(_params(case))
     ref = engine32.generate(base, image)
     row = Row(case)

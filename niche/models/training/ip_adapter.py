@@ -21,7 +21,7 @@ from niche.models.training.common import LoopResult, run_loop
 from niche.models.training.kolors import noisy, time_ids
 
 WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
-EMPTY_PROMPT_RATE = 0.5
+EMPTY_PROMPT_RATE = 0.2
 
 
 def _ip_pipe(pipe, ip_dir: Path):

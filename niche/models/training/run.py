@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,15 +33,27 @@ class Stage:
 
 
 STAGES = (
-    Stage("flux-schnell/vae", 800),
-    Stage("flux-schnell/transformer", 3000),
-    Stage("kolors/vae", 800),
+    Stage("flux-schnell/vae", 1600),
+    Stage("flux-schnell/transformer", 6000),
     Stage("kolors/depth", 300),
-    Stage("kolors/unet", 3000),
-    Stage("kolors/controlnet-canny", 800),
-    Stage("kolors/controlnet-depth", 800),
-    Stage("kolors/ip_adapter", 800),
+    Stage("kolors/unet", 4000),
+    Stage("kolors/controlnet-canny", 2000),
+    Stage("kolors/controlnet-depth", 2000),
+    Stage("kolors/ip_adapter", 1000),
 )
+
+
+def _kept_weights(out: Path, names: set[str]) -> Path:
+    """A copy of ``out`` without the components the selected stages train: those restart from
+    tiny.py's init (a partial run retrains a stage, it does not continue it)."""
+    retrained = set(names)  # stage names are <model>/<component>
+    keep = Path(tempfile.mkdtemp(prefix="niche-keep-"))
+    for f in Path(out).rglob("*.safetensors"):
+        rel = f.relative_to(out).with_suffix("").as_posix()
+        if rel not in retrained:
+            (keep / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, keep / f.relative_to(out))
+    return keep
 
 
 def _sha256(path: Path) -> str:
@@ -47,7 +61,7 @@ def _sha256(path: Path) -> str:
 
 
 def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int = 0,
-               threads: int = 2, only: list[str] | None = None, scale: float = 1.0) -> dict:
+               threads: int = 1, only: list[str] | None = None, scale: float = 1.0) -> dict:
     """Train the stages (all, or those whose name starts with one of ``only``) into ``out``.
 
     ``scale`` multiplies every stage's step count (quick experiments)."""
@@ -73,7 +87,7 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
     record["diffusers"] = diffusers.__version__
     started = time.monotonic()
     names = {s.name for s in stages}
-    models = sorted({n.split("/")[0] for n in names})
+    models = ["flux-schnell", "kolors"]  # Kolors reuses the FLUX VAE: build both
 
     def run(name: str, fn) -> None:
         result = fn(seed=seed * 1000 + index[name], steps=steps[name], seconds=budget[name])
@@ -83,7 +97,8 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
         path = save_component(module, out, model, component)
         record["files"][f"{model}/{component}.safetensors"] = _sha256(path)
 
-    with torch.inference_mode(False), fresh_checkpoints(models, out if only else None) as root:
+    keep = _kept_weights(out, names) if only else None
+    with torch.inference_mode(False), fresh_checkpoints(models, keep) as root:
         if "flux-schnell" in models:
             m = "flux-schnell"
             pipe = FluxPipeline.from_pretrained(str(root / m))
@@ -104,19 +119,30 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
             pipe = KolorsPipeline.from_pretrained(str(root / m))
             defaults = load_spec(m, None, root / m).defaults
             msl = defaults.max_sequence_length
-            if f"{m}/vae" in names:
-                run(f"{m}/vae", lambda **kw: vae.train_vae(pipe.vae, **kw))
+            if f"{m}/unet" in names:  # FLUX's trained VAE, re-expressed for Kolors' factors
+                from diffusers import AutoencoderKL
+
+                src = out / "flux-schnell" / "vae.safetensors"
+                flux_vae = AutoencoderKL.from_pretrained(str(root / "flux-schnell" / "vae"))
+                from safetensors.torch import load_file
+
+                flux_vae.load_state_dict(load_file(str(src)))
+                vae.transplant(flux_vae, pipe.vae)
             estimator = DepthEstimator(root / m / "depth-estimator")
             if f"{m}/depth" in names:
                 run(f"{m}/depth", lambda **kw: depth_training.train_depth(estimator, **kw))
                 save(estimator.model, m, "depth")
-            with torch.no_grad():
-                ds = cache.encode(pipe, "kolors", n=DATASET, seed=seed * 1000 + 98, size=64,
-                                  max_sequence_length=msl)
+            if not names & {f"{m}/{c}" for c in ("unet", "controlnet-canny",
+                                                   "controlnet-depth", "ip_adapter")}:
+                ds = None  # nothing below needs samples
+            else:
+                with torch.no_grad():
+                    ds = cache.encode(pipe, "kolors", n=DATASET, seed=seed * 1000 + 98,
+                                      size=64, max_sequence_length=msl)
             if f"{m}/unet" in names:
                 run(f"{m}/unet", lambda **kw: kolors.train_unet(pipe, ds, **kw))
             for comp in ("vae", "unet", "text_encoder"):
-                if f"{m}/vae" in names or f"{m}/unet" in names:
+                if f"{m}/unet" in names:
                     save(getattr(pipe, comp), m, comp)
             from diffusers import ControlNetModel
 
@@ -146,6 +172,8 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
                 save(state, m, "ip_adapter")
                 save(encoder, m, "image_encoder")
     record["seconds"] = round(time.monotonic() - started, 1)
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
     manifest = Path(out) / "manifest.json"
     if only and manifest.is_file():  # a partial run: keep the other stages' records
         import json

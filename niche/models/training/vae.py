@@ -67,3 +67,34 @@ def reconstruction_psnr(vae, *, seed: int, size: int = 64, n: int = 32) -> float
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = float(((recon - x) / 2).pow(2).mean())
     return 10 * float(np.log10(1.0 / max(mse, 1e-12)))
+
+
+@torch.no_grad()
+def transplant(src, dst) -> None:
+    """Give ``dst`` (a VAE with 1x1 quant convs, e.g. Kolors') the trained ``src`` (e.g. FLUX's,
+    same blocks, no quant convs), re-expressing its latents for ``dst``'s config factors.
+
+    dst latents z' = a z + b are chosen so (z' - shift') * scale' == (z - shift) * scale; the
+    affine map lives in quant_conv (moments: mean * a + b, logvar + 2 ln a) and its inverse in
+    post_quant_conv. Both are 1x1 convolutions, so the reparametrisation is exact: training one
+    tiny VAE serves both models (half the CPU time)."""
+    import math
+
+    state = {k: v for k, v in src.state_dict().items()
+             if not k.startswith(("quant_conv.", "post_quant_conv."))}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("quant_conv.", "post_quant_conv."))
+                                  for k in missing), (missing, unexpected)
+    s_shift = float(getattr(src.config, "shift_factor", None) or 0.0)
+    d_shift = float(getattr(dst.config, "shift_factor", None) or 0.0)
+    a = float(src.config.scaling_factor) / float(dst.config.scaling_factor)
+    b = d_shift - s_shift * a
+    c = dst.config.latent_channels
+    eye = torch.eye(c)
+    qw = torch.zeros(2 * c, 2 * c)
+    qw[:c, :c] = a * eye
+    qw[c:, c:] = eye
+    dst.quant_conv.weight.copy_(qw[:, :, None, None])
+    dst.quant_conv.bias.copy_(torch.cat([torch.full((c,), b), torch.full((c,), 2 * math.log(a))]))
+    dst.post_quant_conv.weight.copy_((eye / a)[:, :, None, None])
+    dst.post_quant_conv.bias.copy_(torch.full((c,), -b / a))
