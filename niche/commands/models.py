@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time cap for the whole run (split over the stages)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: repeatable)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (fixed: repeatable; one is fastest on busy cores)")
     p.add_argument("--only", nargs="*", default=None, metavar="STAGE",
                    help="train only these stages (e.g. kolors/controlnet); others are loaded "
                    "from --out")
