@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from niche.protocol import GenerationParams, PipelineKind
-from niche.validator.verify import Verifier, compare
+from niche.validator.verify import DEFAULT_THRESHOLDS, Verifier, compare
 
 PROMPT = "a red fox in a snowy forest, watercolor"
 
@@ -145,7 +145,7 @@ def test_verify_command(tiny_root, tmp_path, capsys):
               "--seed", "7", "--candidate"]
     assert main(common + [str(good)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["match"] is True and out["similarity"] == 1.0 and out["threshold"] == 0.99
+    assert out["match"] is True and out["similarity"] == 1.0 and out["threshold"] == DEFAULT_THRESHOLDS["flux-schnell"]
     assert main(common + [str(bad), "--threshold", "0.5"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["match"] is False and out["similarity"] < 0.5 and out["threshold"] == 0.5
@@ -162,3 +162,22 @@ def test_thresholds_per_model_and_pipeline(tiny_engine):
     assert v.threshold("kolors", PipelineKind.CONTROLNET_CANNY) == 0.97
     assert v.threshold("kolors", "ip-adapter") == 0.95
     assert v.threshold("flux-schnell") == DEFAULT_THRESHOLD
+
+
+def test_operator_thresholds_layer_on_the_calibrated_defaults():
+    from niche.validator.verify import VerifyConfig
+
+    class NoSpec:
+        def spec(self, model):
+            raise KeyError(model)
+
+    calibrated = Verifier(NoSpec(), VerifyConfig.with_overrides({}))
+    assert calibrated.threshold("kolors", "controlnet-canny") == \
+        DEFAULT_THRESHOLDS["kolors/controlnet-canny"]
+    assert calibrated.threshold("flux-schnell", "txt2img") == DEFAULT_THRESHOLDS["flux-schnell"]
+    whole = Verifier(NoSpec(), VerifyConfig.with_overrides({"kolors": 0.5}))
+    assert whole.threshold("kolors", "controlnet-canny") == 0.5  # model-wide beats per-pipeline
+    assert whole.threshold("flux-schnell") == DEFAULT_THRESHOLDS["flux-schnell"]
+    one = Verifier(NoSpec(), VerifyConfig.with_overrides({"kolors/ip-adapter": 0.7}))
+    assert one.threshold("kolors", "ip-adapter") == 0.7
+    assert one.threshold("kolors", "txt2img") == DEFAULT_THRESHOLDS["kolors"]

@@ -57,7 +57,7 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
                    metavar="MODEL[/PIPELINE]=T",
                    help="similarity an audited image needs, per model or model/pipeline "
-                        "(default 0.99; see docs/scoring.md)")
+                        "(default: calibrated per model and pipeline; see docs/scoring.md)")
     m = parser.add_argument_group("models")
     m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                    help="models this validator challenges (default: flux-schnell kolors)")
@@ -101,7 +101,8 @@ def build_config(args: argparse.Namespace):
         audit_fraction=args.audit_fraction, rounds=args.rounds,
         round_interval=args.round_interval, seed=args.seed, prompts_file=args.prompts_file,
         scoring=scoring,
-        verify=VerifyConfig(thresholds=_pairs(args.verify_threshold, "--verify.threshold")))
+        verify=VerifyConfig.with_overrides(
+            _pairs(args.verify_threshold, "--verify.threshold")))
 
 
 def run(args: argparse.Namespace) -> int:

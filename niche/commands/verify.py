@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from niche.errors import InvalidRequest
     from niche.models.engine import Engine, png_bytes
     from niche.models.images import open_image_file
-    from niche.validator.verify import DEFAULT_THRESHOLDS, Verifier, VerifyConfig
+    from niche.validator.verify import Verifier, VerifyConfig
 
     params = _params(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -49,10 +49,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
                     dtype=args.dtype, memory_mode=args.memory_mode,
                     num_threads=args.threads)
-    thresholds = dict(DEFAULT_THRESHOLDS)
-    if args.threshold is not None:
-        thresholds[args.model] = args.threshold
-    verifier = Verifier(engine, VerifyConfig(thresholds=thresholds))
+    overrides = {args.model: args.threshold} if args.threshold is not None else {}
+    verifier = Verifier(engine, VerifyConfig.with_overrides(overrides))
     full = engine.resolve(params)
     reference = verifier.references([(full, image)])[0]
     if args.save_reference:

@@ -32,10 +32,19 @@ from niche.protocol import GenerationParams
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.99
-DEFAULT_THRESHOLDS = {"flux-schnell": 0.99, "kolors": 0.99}
-"""Calibrated on the tiny checkpoints (bench/calibrate_verify.py, docs/scoring.md): lowest
-honest variant 0.994 (bfloat16), highest cheat 0.987 (fewer steps). Recalibrate with
-production weights and hardware (`--model-path`) before trusting them on a real network."""
+DEFAULT_THRESHOLDS = {
+    "flux-schnell": 0.962,
+    "kolors": 0.948,
+    "kolors/controlnet-canny": 0.962,
+    "kolors/controlnet-depth": 0.951,
+    "kolors/ip-adapter": 0.929,
+}
+"""Calibrated on the trained tiny checkpoints (bench/calibrate_verify.py, docs/scoring.md):
+each sits between the lowest honest variant (bfloat16 against a float32 reference, 0.953 to
+0.972) and the highest cheat (fewer steps 0.888 to 0.923, blurred r=0.5 0.951 on FLUX). The
+canny ControlNet's other-conditioning-image cheat (0.973) is not separable on the tiny
+weights. Recalibrate with production weights and hardware (`--model-path`) before trusting
+them on a real network."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,16 @@ class VerifyConfig:
     default_threshold: float = DEFAULT_THRESHOLD
     thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     max_batch: int = 8
+
+    @classmethod
+    def with_overrides(cls, overrides: Mapping[str, float], **kwargs) -> "VerifyConfig":
+        """The calibrated defaults with an operator's `--verify.threshold` on top: a
+        model-wide override (`kolors=0.97`) replaces that model's per-pipeline defaults too."""
+        whole_models = {key for key in overrides if "/" not in key}
+        merged = {key: value for key, value in DEFAULT_THRESHOLDS.items()
+                  if key.split("/")[0] not in whole_models}
+        merged.update(overrides)
+        return cls(thresholds=merged, **kwargs)
 
 
 class Verifier:
