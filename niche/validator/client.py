@@ -10,6 +10,7 @@ on the caller's clock (the miner's own timing fields are informational only).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -139,6 +140,20 @@ class MinerClient:
     def close(self) -> None:
         """Nothing to release: connections live only for one batch."""
 
+    def _answer_bounds(self, request: GenerateRequest) -> tuple[int, ImageLimits]:
+        """Response byte cap and decode limits for an answer to `request`: at most twice the
+        asked width and height (a wrong size is still scored as such), and bytes for such an
+        image even if incompressible. Without them every miner could make the validator
+        hold 32 MB, and decode 8192x8192 pixels (192 MB), per answer."""
+        width, height = request.params.width, request.params.height
+        if not (width and height):
+            return self.max_response_bytes, self.image_limits
+        side = min(self.image_limits.max_side, 2 * max(width, height))
+        pixels = min(self.image_limits.max_pixels, 4 * width * height)
+        limits = dataclasses.replace(self.image_limits, max_side=side, max_pixels=pixels)
+        encoded = pixels * 3 * 11 // 10 + 64 * 1024  # PNG / WebP of noise, plus headers
+        return min(self.max_response_bytes, encoded * 4 // 3 + 64 * 1024), limits
+
     async def _fetch(self, http: httpx.AsyncClient, method: str, url: str, path: str,
                      body: bytes, receiver: str, cap: int) -> tuple[int, bytes]:
         headers = sign_request(self.wallet, method=method, path=path, body=body,
@@ -172,14 +187,15 @@ class MinerClient:
             result.status, result.reason = QueryStatus.NO_ENDPOINT, "no endpoint on chain"
             return result
         limit = timeout if timeout is not None else request.timeout + self.grace
+        cap, _ = self._answer_bounds(request)
         body = request.model_dump_json(exclude_none=True).encode()
         own = http is None
         http = http or self._http()
         started = time.monotonic()
         try:
             status, raw = await asyncio.wait_for(
-                self._fetch(http, "POST", t.url, GENERATE_PATH, body, t.hotkey,
-                            self.max_response_bytes), timeout=max(0.001, limit))
+                self._fetch(http, "POST", t.url, GENERATE_PATH, body, t.hotkey, cap),
+                timeout=max(0.001, limit))
             result.latency = time.monotonic() - started
         except (asyncio.TimeoutError, httpx.TimeoutException):
             result.latency = time.monotonic() - started
@@ -221,6 +237,8 @@ class MinerClient:
         def fail(status: QueryStatus, reason: str) -> None:
             result.status, result.reason = status, reason[:300]
 
+        _, limits = self._answer_bounds(request)
+
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -244,7 +262,7 @@ class MinerClient:
             return fail(QueryStatus.INVALID_RESPONSE,
                         f"answered with model {answer.model!r}, asked {request.params.model!r}")
         try:
-            data_bytes = b64_to_bytes(answer.image, field="image", limits=self.image_limits)
+            data_bytes = b64_to_bytes(answer.image, field="image", limits=limits)
         except InvalidRequest as exc:
             return fail(QueryStatus.INVALID_IMAGE, str(exc))
         digest = image_sha256(data_bytes)
@@ -254,7 +272,7 @@ class MinerClient:
             return fail(QueryStatus.BAD_SIGNATURE,
                         "response signature does not verify against the miner hotkey")
         try:
-            image = bytes_to_image(data_bytes, field="image", limits=self.image_limits)
+            image = bytes_to_image(data_bytes, field="image", limits=limits)
         except InvalidRequest as exc:
             return fail(QueryStatus.INVALID_IMAGE, str(exc))
         result.response, result.image, result.image_bytes = answer, image, data_bytes
