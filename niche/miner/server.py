@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Iterator, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from niche import __version__
 from niche.auth import AuthFailure
@@ -96,8 +96,9 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     app.state.service = service
     metrics = service.metrics
     inflight = [0]  # generate requests between admission and answer (event-loop only)
+    inflight_by_peer: dict[str, int] = {}
     error_responses = {code: {"model": ErrorResponse} for code in
-                       (400, 401, 403, 413, 422, 429, 500, 503)}
+                       (400, 401, 403, 408, 413, 422, 429, 500, 503)}
 
     @app.post(
         GENERATE_PATH, response_model=GenerateResponse, responses=error_responses,
@@ -108,16 +109,26 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         started = time.monotonic()
         caller, status, reason = "-", 500, "internal_error"
         admitted = False
+        peer = request.client.host if request.client else "-"
         try:
             service.precheck(request.headers)
             if inflight[0] >= service.config.max_inflight:
                 raise Refusal(503, "busy", f"{inflight[0]} requests in flight; retry later")
+            per_peer = service.config.max_inflight_per_ip
+            if per_peer and inflight_by_peer.get(peer, 0) >= per_peer:
+                raise Refusal(503, "busy", f"{per_peer} requests in flight from {peer}; "
+                              "retry later")
             inflight[0] += 1
+            inflight_by_peer[peer] = inflight_by_peer.get(peer, 0) + 1
             admitted = True
             try:
-                body = await read_body(request, service.config.max_body_bytes)
+                body = await asyncio.wait_for(read_body(request, service.config.max_body_bytes),
+                                              service.config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
+            except asyncio.TimeoutError:
+                raise Refusal(408, "body_timeout", f"body not received within "
+                              f"{service.config.body_timeout:g}s") from None
             caller_key, neuron = service.authenticate(
                 request.headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
@@ -137,6 +148,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         finally:
             if admitted:
                 inflight[0] -= 1
+                if inflight_by_peer.get(peer, 0) > 1:
+                    inflight_by_peer[peer] -= 1
+                else:
+                    inflight_by_peer.pop(peer, None)
             metrics.requests.labels(str(status)).inc()
             if status != 200:
                 metrics.refusals.labels(reason).inc()
@@ -153,7 +168,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         return {"ok": True, "busy": service.gate.busy, "queue": service.gate.depth,
                 "hotkey": service.hotkey}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, as served
     async def prometheus():
         metrics.queue_depth.set(service.gate.depth)
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -196,6 +211,43 @@ def bind_socket(ip: str, port: int) -> socket.socket:
     return sock
 
 
+def _h11_with_header_deadline(seconds: float):
+    """uvicorn's h11 protocol plus a deadline for each request's headers: without it a peer
+    that never finishes its headers holds a connection (and a limit_concurrency slot) for
+    ever, and 1024 such peers make every caller get 503."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            self._deadline = None
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 def _uvicorn_server(app: FastAPI):
     import uvicorn
 
@@ -204,8 +256,11 @@ def _uvicorn_server(app: FastAPI):
         def capture_signals(self):  # serve() owns the signals: exit 0 after a clean stop
             yield
 
+    service = getattr(app.state, "service", None)
+    header_timeout = getattr(getattr(service, "config", None), "header_timeout", 15.0)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=30, limit_concurrency=1024)
+                            timeout_keep_alive=30, limit_concurrency=1024,
+                            http=_h11_with_header_deadline(header_timeout))
     return _Server(config)
 
 

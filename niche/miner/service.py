@@ -62,6 +62,15 @@ class MinerConfig:
     max_inflight: int = 48
     """Generate requests held at once (reading, checking, queued, running); more get 503
     before their body is read, so memory stays under max_inflight x max_body_bytes."""
+    max_inflight_per_ip: int = 8
+    """Of those, at most this many from one peer address (0: no per-address bound), so one
+    host claiming a validator's hotkey cannot hold every slot."""
+    header_timeout: float = 15.0
+    """Seconds a connection may take to send a request's headers (also the idle limit between
+    keep-alive requests); uvicorn alone would hold a half-sent request for ever."""
+    body_timeout: float = 30.0
+    """Seconds to receive a request body once its headers passed; a slower body gets 408
+    (the claimed hotkey is only proven by the signature over the complete body)."""
 
 
 class MinerService:
