@@ -158,8 +158,6 @@ def test_adapter_retries_with_backoff_then_recovers(net):
 
 
 # ----------------------------------------------------------------------------- validator
-@pytest.mark.xfail(strict=True, reason="defect: a chain failure while setting weights, after "
-                   "the round was persisted, is taken for a round not run (extra round)")
 def test_validator_rides_out_a_chain_outage(net, tiny_engine, tmp_path, caplog):
     """Round 0 is persisted, then the node drops for longer than the adapter's retries (the
     weights step of round 0 and the first try of round 1 fail): the validator logs it, waits,

@@ -182,9 +182,10 @@ class Validator:
                 try:
                     report = asyncio.run(self.run_round())
                 except ChainError as exc:  # the chain is down or busy: nothing was persisted
+                    wait = max(self.config.round_interval, 1.0)
                     log.warning("round %d not run: %s; retrying in %.0fs",
-                                self.state.round_index, exc, self.config.round_interval)
-                    self._stop.wait(max(self.config.round_interval, 1.0))
+                                self.state.round_index, exc, wait)
+                    self._stop.wait(wait)
                     continue
                 log.info(self.format_report(report))
                 self.reports = (self.reports + [report])[-10:]
@@ -356,8 +357,13 @@ class Validator:
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid
-        block = self.chain.current_block()
-        rate_limit = self.chain.weights_rate_limit(netuid)
+        try:  # the round is already persisted: a chain outage here only delays the weights
+            block = self.chain.current_block()
+            rate_limit = self.chain.weights_rate_limit(netuid)
+        except ChainError as exc:
+            report.weights_message = f"weights not set, chain unreachable: {exc}"
+            log.warning("round %d: %s", report.round, report.weights_message)
+            return
         if not scoring.weights_due(block, self.last_weights_block, self.config.epoch_length,
                                    rate_limit):
             wait = max(self.config.epoch_length, rate_limit) - (block - self.last_weights_block)
