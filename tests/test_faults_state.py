@@ -93,8 +93,6 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=60, cwd=REPO)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: after SQLite's automatic rollback on a failed "
-                   "write, ROLLBACK raises and hides the disk error")
 def test_disk_full_is_a_clear_error_and_keeps_every_complete_round(tmp_path):
     path = tmp_path / "state.db"
     done = _run(DISK_FULL, str(path))

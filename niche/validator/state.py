@@ -164,7 +164,7 @@ class ValidatorState:
                 c.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                _rollback(c)
                 raise
         version = int(self._meta("schema_version", "0"))
         if version > SCHEMA_VERSION:
@@ -259,7 +259,7 @@ class ValidatorState:
                 c.execute("UPDATE meta SET value=? WHERE key='round'", (str(round_index + 1),))
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                _rollback(c)
                 raise
         except sqlite3.Error as exc:
             raise _explain(exc, self.path, f"saving round {round_index}") from exc
@@ -294,8 +294,15 @@ def with_tx(conn: sqlite3.Connection, body) -> None:
         body(conn)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: on a full disk or I/O error SQLite has
+    already rolled back, and a second ROLLBACK would raise and hide the real error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _signed64(value: int) -> int:
