@@ -211,8 +211,6 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(net):
         httpx.get(miner.url + "/healthz", timeout=2)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: SIGTERM during model loading kills the miner "
-                   "by signal (exit -15), no log line (fix pending)")
 def test_sigterm_during_startup_exits_0(net):
     """pm2 stop (SIGTERM) while the models are still loading: a clean exit 0, not death by
     signal."""

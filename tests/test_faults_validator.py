@@ -11,15 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from miner_support import NETUID, build_net
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: SIGTERM while loading kills the validator by "
-                   "signal (fix pending)")
 def test_validator_sigterm_during_startup_exits_0(tmp_path):
     net = build_net(tmp_path)
     net.chain.close()
