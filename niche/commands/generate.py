@@ -74,11 +74,17 @@ def _generate(args: argparse.Namespace) -> int:
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
-    from niche.models.engine import Engine
     from niche.models.images import open_image_file
 
     params = _params(args)
     image = open_image_file(args.image) if args.image else None
+    return _run(engine_from_request_args(args), args, params, image)
+
+
+def engine_from_request_args(args: argparse.Namespace):
+    """The one-model engine that `niche generate` and `niche verify` run the request on."""
+    from niche.models.engine import Engine
+
     root, paths = None, None
     if args.tiny:
         from niche.models.tiny import ensure_tiny_models
@@ -86,9 +92,8 @@ def _generate(args: argparse.Namespace) -> int:
         root = ensure_tiny_models()
     elif args.model_path:
         paths = {args.model: args.model_path}
-    engine = Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
-                    dtype=args.dtype, memory_mode=args.memory_mode, num_threads=args.threads)
-    return _run(engine, args, params, image)
+    return Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
+                  dtype=args.dtype, memory_mode=args.memory_mode, num_threads=args.threads)
 
 
 def _run(engine, args, params, image) -> int:

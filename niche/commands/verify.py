@@ -28,9 +28,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from niche.commands.generate import _params
+    from niche.commands.generate import _params, engine_from_request_args
     from niche.errors import InvalidRequest
-    from niche.models.engine import Engine, png_bytes
+    from niche.models.engine import png_bytes
     from niche.models.images import open_image_file
     from niche.validator.verify import Verifier, VerifyConfig
 
@@ -39,16 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest("must be in [0, 1]", field="threshold")
     candidate = open_image_file(args.candidate)  # bounded decode: a bomb is refused
     image = open_image_file(args.image) if args.image else None
-    root, paths = None, None
-    if args.tiny:
-        from niche.models.tiny import ensure_tiny_models
-
-        root = ensure_tiny_models()
-    elif args.model_path:
-        paths = {args.model: args.model_path}
-    engine = Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
-                    dtype=args.dtype, memory_mode=args.memory_mode,
-                    num_threads=args.threads)
+    engine = engine_from_request_args(args)
     overrides = {args.model: args.threshold} if args.threshold is not None else {}
     verifier = Verifier(engine, VerifyConfig.with_overrides(overrides))
     full = engine.resolve(params)
