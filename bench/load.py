@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
                         help="miner's per-hotkey rate limit (default 0: off, to load the "
                              "serving path; set e.g. 60 to see 429s)")
     parser.add_argument("--warmup", type=int, default=20, help="requests before measuring")
+    parser.add_argument("--sample-every", type=float, default=10.0,
+                        help="seconds between RSS samples (default 10)")
     parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     args = parser.parse_args(argv)
     if args.model_path is None:
@@ -260,9 +263,20 @@ def main(argv=None) -> int:
                     raise SystemExit(f"warm-up request failed: {r.status} {r.reason}")
             rss_start = rss_mib(proc.pid)
             tally = Tally()
+            samples: list[tuple[float, float]] = []
+            sampling = threading.Event()
+
+            def sample() -> None:  # RSS every few seconds: growth vs a plateau
+                while not sampling.wait(args.sample_every):
+                    samples.append((time.monotonic() - t0, rss_mib(proc.pid)))
+
             t0 = time.monotonic()
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             asyncio.run(drive(args, url, miner_hotkey, callers, t0 + args.seconds, tally))
             elapsed = time.monotonic() - t0
+            sampling.set()
+            sampler.join(5)
             rss_end = rss_mib(proc.pid)
             health = httpx.get(url + "/healthz", timeout=5).json()
             proc.send_signal(signal.SIGTERM)
@@ -273,6 +287,8 @@ def main(argv=None) -> int:
                 proc.wait(10)
 
     growth = (rss_end - rss_start) / rss_start * 100
+    half = [mib for t, mib in samples if t >= elapsed / 2]
+    second_half = (max(half) - min(half)) if half else float("nan")
     total = tally.answered + tally.refused + tally.lost + tally.invalid
     figures = {
         "seconds": round(elapsed, 1), "clients": args.clients, "junk_clients": args.junk_clients,
@@ -286,6 +302,8 @@ def main(argv=None) -> int:
         "junk_accepted": tally.junk_accepted, "junk_lost": tally.junk_lost,
         "rss_ready_mib": round(rss_ready, 1), "rss_start_mib": round(rss_start, 1),
         "rss_end_mib": round(rss_end, 1), "rss_growth_pct": round(growth, 2),
+        "rss_samples_mib": [round(mib, 1) for _, mib in samples],
+        "rss_second_half_range_mib": round(second_half, 1),
         "startup_s": round(ready_s, 1), "healthz_after": health.get("ok"),
         "exit_code_after_sigterm": exit_code, "reasons": tally.reasons,
     }
@@ -298,7 +316,9 @@ def main(argv=None) -> int:
     print(f"  junk      {tally.junk_sent} sent: {tally.junk_refused} refused, "
           f"{tally.junk_accepted} accepted, {tally.junk_lost} lost")
     print(f"  memory    RSS {rss_ready:.0f} MiB ready, {rss_start:.0f} MiB after warm-up, "
-          f"{rss_end:.0f} MiB at end ({growth:+.1f}%)")
+          f"{rss_end:.0f} MiB at end ({growth:+.1f}%); every {args.sample_every:g}s: "
+          + " ".join(f"{mib:.0f}" for _, mib in samples)
+          + f" (second half spans {second_half:.1f} MiB)")
     print(f"  after     healthz ok={health.get('ok')}, SIGTERM exit code {exit_code}")
     if tally.reasons:
         print("  reasons   " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.reasons.items())))
