@@ -106,25 +106,9 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """SIGTERM while starting (loading models can take minutes) is a clean exit 0 too; the
-    running neuron installs its own handlers, which finish the work in hand."""
-    import logging
-    import signal
-    import threading
+    from niche.commands.startup import run_exiting_cleanly_on_sigterm
 
-    if threading.current_thread() is not threading.main_thread():
-        return _run(args)
-
-    def stop_while_starting(signum, _frame) -> None:
-        logging.getLogger("niche.validator").info("%s received while starting: exiting",
-                                              signal.Signals(signum).name)
-        raise SystemExit(0)
-
-    previous = signal.signal(signal.SIGTERM, stop_while_starting)
-    try:
-        return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_exiting_cleanly_on_sigterm(_run, args, "niche.validator")
 
 
 def _run(args: argparse.Namespace) -> int:
