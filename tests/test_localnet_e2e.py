@@ -14,8 +14,8 @@ import pytest
 NICHE = [str(Path(sys.executable).with_name("niche"))]
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (our children carry the workdir in argv)."""
+def _processes_mentioning(*texts: str) -> list[int]:
+    """PIDs whose command line contains every text (our children carry the workdir in argv)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -25,7 +25,7 @@ def _processes_mentioning(text: str) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        if all(text in cmdline for text in texts) and state != "Z":
             found.append(int(entry.name))
     return found
 
@@ -101,9 +101,7 @@ def test_localnet_names_a_dead_child_and_stops_the_rest(tmp_path, tiny_root):
                   tiny_root)
     try:
         _read_until(proc, r"rounds done: validator1 1", timeout=240)
-        miners = [pid for pid in _processes_mentioning(str(workdir))
-                  if "miner1" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                  and "--axon.port" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+        miners = _processes_mentioning(str(workdir), "miner1", "--axon.port")
         assert miners, "miner1 process not found"
         os.kill(miners[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
