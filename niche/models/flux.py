@@ -15,6 +15,7 @@ class FluxFamily(Family):
 
         path, kwargs = self.source("base")
         self.pipe = FluxPipeline.from_pretrained(path, dtype=self.dtype, **kwargs)
+        self.keep_sampling_in_float32(self.pipe.transformer, self.pipe.vae)
         self.place(self.pipe)
 
     def token_count(self, text: str) -> int:
@@ -37,7 +38,7 @@ class FluxFamily(Family):
             guidance_scale=params.guidance,
             width=params.width,
             height=params.height,
-            latents=noise.to(self.noise_device, self.dtype),
+            latents=self.initial_latents(noise),
             generator=[it.generator for it in items],
             max_sequence_length=self.spec.defaults.max_sequence_length,
             output_type="pil",

@@ -64,6 +64,8 @@ class KolorsFamily(Family):
         self._wiring: dict[str, _UNetWiring] = {}
         if PipelineKind.IP_ADAPTER in self.spec.pipelines:
             self._load_ip_adapter(shared)
+        self.keep_sampling_in_float32(
+            self.base.unet, self.base.vae, [p.controlnet for p in self.controlnet_pipes.values()])
         self.depth_estimator = None
         if PipelineKind.CONTROLNET_DEPTH in self.spec.pipelines and \
                 "depth-estimator" in self.spec.components:
@@ -134,7 +136,7 @@ class KolorsFamily(Family):
             "guidance_scale": params.guidance,
             "width": params.width,
             "height": params.height,
-            "latents": noise.to(self.noise_device, self.dtype),
+            "latents": self.initial_latents(noise),
             "generator": [it.generator for it in items],
             "max_sequence_length": self.spec.defaults.max_sequence_length,
             "output_type": "pil",

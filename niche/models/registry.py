@@ -81,6 +81,19 @@ class Family(ABC):
         """Where pipelines run; initial noise is always drawn on CPU then moved here."""
         return self.device
 
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """The float32 CPU noise as the pipeline's starting latents: float32 on the pipeline's
+        device (the sampler state stays float32 whatever the networks' dtype: precision.py)."""
+        return noise.to(self.noise_device, torch.float32)
+
+    def keep_sampling_in_float32(self, denoiser: torch.nn.Module, vae: torch.nn.Module,
+                                 side_networks: list[torch.nn.Module] = ()) -> None:
+        """Half-precision networks, float32 loop state (niche.models.precision)."""
+        if self.dtype != torch.float32:
+            from niche.models.precision import float32_sampling
+
+            float32_sampling(denoiser, vae, list(side_networks))
+
     # ------------------------------------------------------------------ the interface
     @abstractmethod
     def load(self) -> None: ...

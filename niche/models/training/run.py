@@ -37,8 +37,8 @@ STAGES = (
     Stage("flux-schnell/transformer", 6000),
     Stage("kolors/depth", 300),
     Stage("kolors/unet", 4000),
-    Stage("kolors/controlnet-canny", 2000),
-    Stage("kolors/controlnet-depth", 2000),
+    Stage("kolors/controlnet-canny", 4000),  # 2000 steps: other control image 20-26 dB
+    Stage("kolors/controlnet-depth", 4000),
     Stage("kolors/ip_adapter", 1000),
 )
 
