@@ -62,7 +62,8 @@ def _sha256(path: Path) -> str:
 
 def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int = 0,
                threads: int = 1, only: list[str] | None = None, scale: float = 1.0) -> dict:
-    """Train the stages (all, or those whose name starts with one of ``only``) into ``out``.
+    """Train the stages (all, or those whose name starts with one of ``only``) into ``out``;
+    returns this run's record (a partial run's is also merged into the manifest).
 
     ``scale`` multiplies every stage's step count (quick experiments)."""
     from diffusers import FluxPipeline, KolorsPipeline
@@ -182,6 +183,7 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
         old["stages"].update(record["stages"])
         old["files"].update(record["files"])
         old.setdefault("partial_runs", []).append({k: record[k] for k in ("command", "seconds")})
-        record = old
+        write_manifest(out, old)
+        return record  # this run's stages, not the merged history
     write_manifest(out, record)
     return record
