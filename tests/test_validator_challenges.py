@@ -117,3 +117,26 @@ def test_duplicate_answers_are_caught_exact_and_perceptual():
     assert hamming(dhash(_picture(5)), dhash(_picture(5))) == 0
     index.prune(min_round=1)
     assert len(index) == 0 and index.match(fingerprint(first)) is None
+
+
+def test_canny_challenges_have_edges_to_follow(tiny_engine, monkeypatch):
+    """Half the tiny Kolors txt2img images have no Canny edge: the conditioner redraws them,
+    so a miner answering with another conditioning image cannot match an empty edge map.
+    (More draws than the default make reaching the bar certain on the tiny model.)"""
+    from niche.protocol import GenerationParams
+    from niche.validator import challenges
+    from niche.validator.challenges import MIN_CANNY_EDGE_FRACTION, engine_conditioner
+
+    monkeypatch.setattr(challenges, "SOURCE_DRAWS", 20)
+    make = engine_conditioner(tiny_engine)
+    params = tiny_engine.resolve(GenerationParams(
+        model="kolors", pipeline=PipelineKind.CONTROLNET_CANNY, prompt="edges", seed=0))
+    fractions = []
+    for seed in range(6):
+        image = make("kolors", PipelineKind.CONTROLNET_CANNY, 64, 64, np.random.default_rng(seed))
+        edges = np.asarray(tiny_engine.conditioning_image(params, image).convert("L")) > 0
+        fractions.append(float(edges.mean()))
+    assert min(fractions) >= MIN_CANNY_EDGE_FRACTION, fractions
+    # the source draw itself is untouched for the other pipelines (one txt2img image)
+    depth = make("kolors", PipelineKind.CONTROLNET_DEPTH, 64, 64, np.random.default_rng(0))
+    assert depth.size == (64, 64)

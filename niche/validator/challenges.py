@@ -184,16 +184,25 @@ def plan_from_spec(spec, timeout: Optional[float] = None) -> ModelPlan:
     )
 
 
+#: a canny challenge whose source image has fewer edge pixels than this fraction is redrawn:
+#: an empty edge map conditions on nothing, so a miner answering with another conditioning
+#: image (or none) would match the reference (measured on the tiny Kolors: half its 64x64
+#: txt2img images have no Canny edge at thresholds 100/200)
+MIN_CANNY_EDGE_FRACTION = 0.01
+SOURCE_DRAWS = 8
+
+
 def engine_conditioner(engine, source_model: Optional[str] = None,
                        prompts: Optional[PromptSource] = None) -> Conditioner:
     """Conditioning images from the validator's own engine: a txt2img source image with a
     fresh prompt and seed. The engine on both sides derives the control signal from it with
     niche.models.conditioning (canny edges, a depth map, or the fitted image itself as the
-    IP-Adapter reference), so miner and validator condition on identical pixels."""
+    IP-Adapter reference), so miner and validator condition on identical pixels. For canny
+    the source is redrawn (up to SOURCE_DRAWS times, keeping the most edges) until its edge
+    map is not nearly empty."""
     prompts = prompts or PromptSource()
 
-    def make(model: str, pipeline: PipelineKind, width: int, height: int,
-             rng: np.random.Generator) -> Image.Image:
+    def source(model: str, width: int, height: int, rng: np.random.Generator) -> Image.Image:
         seed = int(rng.integers(0, MAX_SEED, endpoint=True))
         for attempt in range(20):
             params = GenerationParams(model=source_model or model,
@@ -206,5 +215,30 @@ def engine_conditioner(engine, source_model: Optional[str] = None,
                 if exc.field != "prompt" or attempt == 19:
                     raise
         return engine.generate(params)
+
+    def edge_fraction(model: str, image: Image.Image, width: int, height: int) -> float:
+        params = engine.resolve(GenerationParams(
+            model=model, pipeline=PipelineKind.CONTROLNET_CANNY, prompt="edges", seed=0,
+            width=width, height=height))
+        edges = np.asarray(engine.conditioning_image(params, image).convert("L"))
+        return float((edges > 0).mean())
+
+    def make(model: str, pipeline: PipelineKind, width: int, height: int,
+             rng: np.random.Generator) -> Image.Image:
+        image = source(model, width, height, rng)
+        if pipeline is not PipelineKind.CONTROLNET_CANNY:
+            return image
+        best, best_edges = image, edge_fraction(model, image, width, height)
+        for _ in range(SOURCE_DRAWS - 1):
+            if best_edges >= MIN_CANNY_EDGE_FRACTION:
+                break
+            image = source(model, width, height, rng)
+            edges = edge_fraction(model, image, width, height)
+            if edges > best_edges:
+                best, best_edges = image, edges
+        if best_edges < MIN_CANNY_EDGE_FRACTION:
+            log.warning("canny challenge: best of %d source images has %.2f%% edge pixels",
+                        SOURCE_DRAWS, 100 * best_edges)
+        return best
 
     return make

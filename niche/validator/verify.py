@@ -34,17 +34,17 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.99
 DEFAULT_THRESHOLDS = {
     "flux-schnell": 0.962,
-    "kolors": 0.948,
-    "kolors/controlnet-canny": 0.962,
-    "kolors/controlnet-depth": 0.951,
-    "kolors/ip-adapter": 0.929,
+    "kolors": 0.961,
+    "kolors/controlnet-canny": 0.965,
+    "kolors/controlnet-depth": 0.963,
+    "kolors/ip-adapter": 0.971,
 }
 """Calibrated on the trained tiny checkpoints (bench/calibrate_verify.py, docs/scoring.md):
-each sits between the lowest honest variant (bfloat16 against a float32 reference, 0.953 to
-0.972) and the highest cheat (fewer steps 0.888 to 0.923, blurred r=0.5 0.951 on FLUX). The
-canny ControlNet's other-conditioning-image cheat (0.973) is not separable on the tiny
-weights. Recalibrate with production weights and hardware (`--model-path`) before trusting
-them on a real network."""
+each sits between the lowest honest variant (bfloat16 against a float32 reference, 0.963 to
+0.985) and the highest cheat (fewer steps 0.908 to 0.925; blurred r=0.5 0.951 to 0.963, a
+cheat that saves no work). The canny ControlNet's other-conditioning-image cheat (0.972) is
+not separable on the tiny weights. Recalibrate with production weights and hardware
+(`--model-path`) before trusting them on a real network."""
 
 
 @dataclass(frozen=True)
