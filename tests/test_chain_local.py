@@ -273,3 +273,22 @@ def test_two_processes_write_one_file(tmp_path):
     assert len({n.hotkey for n in mg.neurons}) == 8
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert all(n.endpoint and n.endpoint.port == 9049 for n in mg.neurons)
+
+
+def test_a_locked_file_is_a_chain_error_and_leaves_the_chain_usable(chain, wallets, tmp_path):
+    """Another process holding the write lock past the busy timeout: callers get ChainError
+    (which the miner and validator retry), not a raw sqlite3 error, and nothing is left held."""
+    v = wallets["val"]
+    chain.register(1, v, stake=100)
+    chain._db.execute("PRAGMA busy_timeout = 50")  # the default waits 10 s
+    holder = sqlite3.connect(str(tmp_path / "chain.db"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ChainError, match="unavailable.*locked"):
+            chain.register(1, wallets["m1"])
+        assert [n.uid for n in chain.metagraph(1).neurons] == [0]  # WAL: readers go on
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert chain.register(1, wallets["m1"]) == 1  # the lock and the connection are free again
+    assert [n.uid for n in chain.metagraph(1).neurons] == [0, 1]

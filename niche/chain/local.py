@@ -21,6 +21,7 @@ import math
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -237,18 +238,37 @@ class LocalChain(Chain):
                 f"{self.path} has a damaged meta table: " + _RECREATE.format(path=self.path)
             ) from exc
 
+    @contextmanager
+    def _sqlite_errors(self):
+        """A locked or failing file is a chain error (callers retry those), not a crash."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise ChainError(f"local chain {self.path} unavailable: {exc}") from exc
+
     class _Tx:
         def __init__(self, chain: "LocalChain"):
             self.chain = chain
 
         def __enter__(self):
             self.chain._lock.acquire()
-            self.chain._db.execute("BEGIN IMMEDIATE")
+            try:
+                with self.chain._sqlite_errors():
+                    self.chain._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.chain._lock.release()
+                raise
             return self.chain._db
 
         def __exit__(self, exc_type, exc, tb):
             try:
-                self.chain._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                with self.chain._sqlite_errors():
+                    try:
+                        self.chain._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                    except sqlite3.OperationalError:
+                        if self.chain._db.in_transaction:
+                            self.chain._db.execute("ROLLBACK")
+                        raise
             finally:
                 self.chain._lock.release()
             return False
@@ -258,7 +278,7 @@ class LocalChain(Chain):
         return LocalChain._Tx(self)
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             cur = self._db.execute(sql, args)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
@@ -569,7 +589,7 @@ class LocalChain(Chain):
     def metagraph(self, netuid: int) -> Metagraph:
         params = self.subnet(netuid)
         block = self.current_block()
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             self._db.execute("BEGIN")  # one consistent snapshot for all reads below
             try:
                 permits = self._permits(self._db, params)
