@@ -86,8 +86,10 @@ def miners(chain, wallets, engines):
             service.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def net(tmp_path_factory):
+    """A fresh chain per test: the tests set weights and serve endpoints, so a shared one
+    made them depend on their order."""
     root = tmp_path_factory.mktemp("valnet")
     names = ("validator", "honest", "kolors", "cheat", "replay", "dead")
     wallets = {n: create_wallet(n, "hot", root / "wallets") for n in names}
