@@ -19,6 +19,28 @@ def test_cast_reaches_nested_outputs_and_leaves_integers():
     assert cast[2]["ids"].dtype == torch.int64
 
 
+def test_inputs_are_cast_but_timesteps_keep_their_dtype():
+    from niche.models.precision import cast_inputs_to_own_dtype, return_float32
+
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x, timestep):
+            seen.update(x=x.dtype, timestep=timestep.dtype)
+            return self.linear(x)
+
+    net = Net().to(torch.bfloat16)
+    cast_inputs_to_own_dtype(net)
+    return_float32(net)
+    out = net(torch.ones(2, 4), timestep=torch.tensor([823.0]))
+    assert seen == {"x": torch.bfloat16, "timestep": torch.float32}  # bfloat16 823 is 824
+    assert out.dtype == torch.float32
+
+
 @pytest.fixture(scope="module")
 def bf16_kolors(tiny_root):
     from niche.models.engine import Engine
