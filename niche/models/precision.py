@@ -60,20 +60,13 @@ def return_float32(module: torch.nn.Module) -> None:
 
 def float32_sampling(denoiser: torch.nn.Module, vae: torch.nn.Module,
                      side_networks: list[torch.nn.Module] = ()) -> None:
-    """Install the casts on one pipeline's networks (idempotent per module).
+    """Install the casts on one pipeline's networks (once, when the family loads them).
 
     ``side_networks`` (ControlNets) feed the denoiser: they only need their inputs cast, their
     residuals go through the denoiser's own input cast."""
     for module in (denoiser, *side_networks):
-        _once(module, cast_inputs_to_own_dtype)
-    _once(denoiser, return_float32)
+        cast_inputs_to_own_dtype(module)
+    return_float32(denoiser)
     for part in (getattr(vae, "post_quant_conv", None), vae.decoder):
         if part is not None:
-            _once(part, cast_inputs_to_own_dtype)
-
-
-def _once(module: torch.nn.Module, install) -> None:
-    done = module.__dict__.setdefault("_niche_precision_hooks", set())
-    if install.__name__ not in done:
-        install(module)
-        done.add(install.__name__)
+            cast_inputs_to_own_dtype(part)

@@ -216,24 +216,24 @@ def engine_conditioner(engine, source_model: Optional[str] = None,
                     raise
         return engine.generate(params)
 
-    def edge_fraction(model: str, image: Image.Image, width: int, height: int) -> float:
-        params = engine.resolve(GenerationParams(
-            model=model, pipeline=PipelineKind.CONTROLNET_CANNY, prompt="edges", seed=0,
-            width=width, height=height))
-        edges = np.asarray(engine.conditioning_image(params, image).convert("L"))
-        return float((edges > 0).mean())
-
     def make(model: str, pipeline: PipelineKind, width: int, height: int,
              rng: np.random.Generator) -> Image.Image:
         image = source(model, width, height, rng)
         if pipeline is not PipelineKind.CONTROLNET_CANNY:
             return image
-        best, best_edges = image, edge_fraction(model, image, width, height)
+        canny = engine.resolve(GenerationParams(  # only its size and Canny thresholds count
+            model=model, pipeline=pipeline, prompt="edges", seed=0, width=width, height=height))
+
+        def edge_fraction(image: Image.Image) -> float:
+            edges = np.asarray(engine.conditioning_image(canny, image).convert("L"))
+            return float((edges > 0).mean())
+
+        best, best_edges = image, edge_fraction(image)
         for _ in range(SOURCE_DRAWS - 1):
             if best_edges >= MIN_CANNY_EDGE_FRACTION:
                 break
             image = source(model, width, height, rng)
-            edges = edge_fraction(model, image, width, height)
+            edges = edge_fraction(image)
             if edges > best_edges:
                 best, best_edges = image, edges
         if best_edges < MIN_CANNY_EDGE_FRACTION:
