@@ -229,8 +229,9 @@ def flux_transformer() -> torch.nn.Module:
         patch_size=1,
         in_channels=FLUX_LATENT_CHANNELS * 4,
         # two double-stream and two single-stream blocks, 64 wide: one of each at 32 wide learned
-        # colours but not layouts (contact sheet: "a red circle on a blue background" drew grey
-        # and purple texture, even after 24000 steps); this one draws a red blob on blue
+        # colours but not layouts (contact sheet: "a red circle on a blue background" drew purple
+        # and grey texture, even after 24000 steps on 8192 scenes); this one draws a red blob on
+        # blue (docs/tiny-models.md)
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=16,

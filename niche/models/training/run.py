@@ -23,7 +23,8 @@ import torch
 from niche.models.training.fresh import fresh_checkpoints, save_component, write_manifest
 
 #: procedural samples encoded once per model: FLUX's 64-wide transformer, 16000 steps of 16,
-#: was measured on 8192 (encoding them takes seconds); Kolors' stages were tuned on 2048
+#: was measured on 8192 (encoding them takes seconds); Kolors' stages were tuned on 2048 (8192
+#: ignored the control images on some prompts: docs/tiny-models.md)
 DATASET = {"flux-schnell": 8192, "kolors": 2048}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tiny_weights"
 
