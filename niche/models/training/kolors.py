@@ -54,9 +54,8 @@ def loss_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
     return w / w.mean()
 
 
-def weighted_mse(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
-    w = loss_weights(alphas_cumprod, cap)[t]
+def weighted_mse(eps: torch.Tensor, noise: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w``: one weight per sample (``loss_weights(...)[t]``)."""
     return (w[:, None, None, None] * (eps - noise) ** 2).mean()
 
 
@@ -80,6 +79,7 @@ def train_unet(
     unet = pipe.unet
     unet.requires_grad_(True).train()
     ids = time_ids(batch_size, ds.images.shape[1])
+    weights = loss_weights(pipe.scheduler.alphas_cumprod, UNET_WEIGHT_CAP)
 
     def step(_: int) -> torch.Tensor:
         idx = rng.integers(0, len(ds), batch_size)
@@ -87,7 +87,7 @@ def train_unet(
         xt, t, noise = noisy(pipe, ds, idx, gen)
         eps = unet(xt, t, encoder_hidden_states=embeds,
                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-        return weighted_mse(eps, noise, t, pipe.scheduler.alphas_cumprod, UNET_WEIGHT_CAP)
+        return weighted_mse(eps, noise, weights[t])
 
     result = run_loop("kolors-unet", unet.parameters(), step, steps, lr, seconds)
     unet.eval().requires_grad_(False)
