@@ -8,20 +8,9 @@ import pytest
 
 from niche.models.training.fidelity import default_cases, measure
 
-# Measured with the committed weights (bench/tiny_fidelity.py): these requests miss a bar.
-# strict: the test fails as soon as one of them passes, so the list cannot go stale.
-KNOWN_MISSES = {
-    ("kolors", "controlnet-canny", "a yellow circle on a blue background"):
-        "bfloat16 34.2 dB (< 35)",
-    ("kolors", "controlnet-depth", "a yellow circle on a blue background"):
-        "bfloat16 33.3 dB (< 35)",
-}
-
 
 def _param(case):
-    reason = KNOWN_MISSES.get((case.model, case.pipeline, case.prompt))
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(case, marks=marks, id=f"{case.model}-{case.pipeline}-{case.prompt[:24]}")
+    return pytest.param(case, id=f"{case.model}-{case.pipeline}-{case.prompt[:24]}")
 
 
 # every request of the bench (15; about 10 s on two cores), not only one per pipeline

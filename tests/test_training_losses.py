@@ -24,3 +24,29 @@ def test_weighted_mse_weights_each_sample():
     eps, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     assert float(weighted_mse(eps, noise, torch.tensor([1.0, 1.0]))) == 1.0
     assert float(weighted_mse(eps, noise, torch.tensor([3.0, 0.0]))) == 1.5
+
+
+def test_v_weights_give_the_same_objective_as_epsilon_weights():
+    """The same prediction costs the same (up to one constant) in either parametrisation, so
+    switching the tiny Kolors to v-prediction changes how rounding reaches the image, not
+    what the UNet is asked to learn."""
+    from diffusers import EulerDiscreteScheduler
+
+    abar = EulerDiscreteScheduler(num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014,
+                                  beta_schedule="scaled_linear").alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 200, 700, 1099])
+    x0, eps, eps_hat = (torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+                        for _ in range(3))
+    a, s = abar[t].sqrt()[:, None, None, None], (1 - abar[t]).sqrt()[:, None, None, None]
+    xt = a * x0 + s * eps
+    x0_hat = (xt - s * eps_hat) / a  # what the epsilon prediction implies
+    v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
+    for cap in (None, 100.0):
+        w_eps, w_v = loss_weights(abar, cap).double(), loss_weights(abar, cap, True).double()
+        per_eps = w_eps[t] * ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3))
+        per_v = w_v[t] * ((v_hat - v) ** 2).mean(dim=(1, 2, 3))
+        ratio = per_v / per_eps
+        assert torch.allclose(ratio, ratio[0].expand(4), rtol=1e-4), (cap, ratio)
+    plain = loss_weights(abar, None)
+    assert torch.equal(plain, torch.ones_like(plain))  # no cap: the plain epsilon loss

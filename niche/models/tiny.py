@@ -408,11 +408,20 @@ def kolors_vae() -> torch.nn.Module:
 
 
 def kolors_scheduler():
+    """Kolors' own EulerDiscrete settings, except that the tiny UNet predicts v, not epsilon.
+
+    Why: an epsilon UNet's output error reaches the denoised estimate multiplied by sigma (29 at
+    the first step), so its bfloat16 rounding at high noise decided the picture's error; a v
+    UNet's error reaches it with a factor of at most 1. Trained to the same objective
+    (training/kolors.py: loss_weights), bfloat16 vs float32 rose from a mean of 37.3 dB
+    (two requests under 35) to 40-42 dB (docs/tiny-models.md). Production Kolors checkpoints
+    bring their own scheduler config (epsilon), and the pipelines read it from there.
+    """
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
         num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014,
-        beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+        beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
         timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
     )
 
@@ -590,12 +599,12 @@ def build_kolors(out: Path, scale: str = "tiny") -> None:
     save_file(kolors_ip_adapter_state(unet, **dims.get("ip_adapter", {}), model=m),
               str(ip_dir / "ip_adapter_plus_general.safetensors"), metadata={"format": "pt"})
     build_depth(out / "depth-estimator")
-    # 10 steps and guidance 4 rather than 8 and 5: fewer rounding errors accumulate and less
-    # guidance amplifies them (bfloat16 vs float32, mean of 12 requests: 34.8 -> 37.3 dB), and
-    # the briefly trained UNet saturates at 5; half the steps stays >= 10 dB below (docs/tiny-models.md)
+    # 8 steps at guidance 4: less guidance amplifies less rounding (bfloat16 vs float32, mean
+    # of 12 requests: guidance 5 39.7 dB, 4 41.5), and 10 steps came too close to 5 (half
+    # steps 7.7 dB below bfloat16 on one request; 8 steps: >= 12.6); docs/tiny-models.md
     _write_overrides(out, dims["overrides"] if medium else {
         "cpu_threads": 1,
-        "defaults": {"steps": 10, "guidance": 4.0, "width": 64, "height": 64},
+        "defaults": {"steps": 8, "guidance": 4.0, "width": 64, "height": 64},
         "limits": {"min_size": 32, "max_size": 128, "max_steps": 20},
     })
 

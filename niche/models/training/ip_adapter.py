@@ -18,7 +18,7 @@ import torch
 
 from niche.models.training.cache import Encoded
 from niche.models.training.common import LoopResult, run_loop
-from niche.models.training.kolors import noisy, time_ids
+from niche.models.training.kolors import loss_weights, noisy, predicts_v, time_ids, weighted_mse
 
 WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
 EMPTY_PROMPT_RATE = 0.2
@@ -96,15 +96,16 @@ def train_ip_adapter(
         p.requires_grad_(True)
     unet.encoder_hid_proj.train()
     ids = time_ids(batch_size, ds.images.shape[1])
+    weights = loss_weights(pipe.scheduler.alphas_cumprod, None, predicts_v(pipe.scheduler))
 
     def step(_: int) -> torch.Tensor:
         idx = rng.integers(0, len(ds), batch_size)
         embeds, pooled = ds.text(idx, rng, EMPTY_PROMPT_RATE)
-        xt, t, noise = noisy(ip, ds, idx, gen)
+        xt, t, target = noisy(ip, ds, idx, gen)
         added = {"text_embeds": pooled, "time_ids": ids,
                  "image_embeds": [feats[torch.from_numpy(idx)][:, None]]}
-        eps = unet(xt, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-        return torch.nn.functional.mse_loss(eps, noise)
+        out = unet(xt, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        return weighted_mse(out, target, weights[t])  # the plain epsilon loss
 
     result = run_loop("ip-adapter", params, step, steps, lr, seconds)
     unet.encoder_hid_proj.eval()
