@@ -130,12 +130,12 @@ def test_served_lists_models_and_pipelines(tiny_engine):
                       "kolors": ["txt2img", "controlnet-canny", "controlnet-depth",
                                  "ip-adapter"]}
     spec = tiny_engine.spec("kolors")
-    assert (spec.defaults.width, spec.defaults.steps) == (64, 10)
+    assert (spec.defaults.width, spec.defaults.steps) == (64, 8)
 
 
 def test_resolve_fills_defaults(tiny_engine):
     full = tiny_engine.resolve(req("kolors", "controlnet-canny", negative_prompt="blurry"))
-    assert (full.steps, full.guidance, full.width, full.height) == (10, 4.0, 64, 64)
+    assert (full.steps, full.guidance, full.width, full.height) == (8, 4.0, 64, 64)
     assert full.controlnet_scale == 0.8 and full.ip_adapter_scale is None
     assert full.negative_prompt == "blurry"
     flux = tiny_engine.resolve(req("flux-schnell", negative_prompt="blurry"))
