@@ -34,17 +34,16 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.99
 DEFAULT_THRESHOLDS = {
     "flux-schnell": 0.956,
-    "kolors": 0.961,
-    "kolors/controlnet-canny": 0.965,
-    "kolors/controlnet-depth": 0.963,
-    "kolors/ip-adapter": 0.971,
+    "kolors": 0.971,
+    "kolors/controlnet-canny": 0.975,
+    "kolors/controlnet-depth": 0.980,
+    "kolors/ip-adapter": 0.972,
 }
 """Calibrated on the trained tiny checkpoints (bench/calibrate_verify.py, docs/scoring.md):
-each sits between the lowest honest variant (bfloat16 against a float32 reference, 0.963 to
-0.985) and the highest cheat (fewer steps 0.902 to 0.925; blurred r=0.5 0.933 to 0.963, a
-cheat that saves no work). The canny ControlNet's other-conditioning-image cheat (0.972) is
-not separable on the tiny weights. Recalibrate with production weights and hardware
-(`--model-path`) before trusting them on a real network."""
+each sits midway between the lowest honest variant (bfloat16 against a float32 reference,
+0.979 to 0.993) and the highest cheat (fewer steps 0.902 to 0.967; another conditioning
+image 0.903 to 0.963), margins +0.025 to +0.046. Recalibrate with production weights and
+hardware (`--model-path`) before trusting them on a real network."""
 
 
 @dataclass(frozen=True)
