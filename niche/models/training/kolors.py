@@ -15,6 +15,7 @@ ControlNets are trained with the UNet frozen, on the exact control maps the engi
 inference (niche.models.conditioning: canny, or the tiny depth model), half of them with an
 empty prompt, on a lightly high-noise-weighted loss (``CONTROL_WEIGHT_CAP``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -153,7 +154,8 @@ def train_controlnet(
     controlnet.requires_grad_(True).train()
     ids = time_ids(batch_size, ds.images.shape[1])
     _balance_control(pipe, controlnet, ds, key, gen)
-    weights = loss_weights(pipe.scheduler.alphas_cumprod, CONTROL_WEIGHT_CAP, predicts_v(pipe.scheduler))
+    weights = loss_weights(pipe.scheduler.alphas_cumprod, CONTROL_WEIGHT_CAP,
+                           predicts_v(pipe.scheduler))
 
     def step(_: int) -> torch.Tensor:
         idx = rng.integers(0, len(ds), batch_size)
