@@ -1,7 +1,8 @@
 """The tiny checkpoints (with the committed trained weights) react to their inputs like real
 models: another prompt, seed or conditioning image changes the image a lot (< 25 dB), half the
 steps changes it at least 10 dB more than bfloat16 rounding, bfloat16 stays close (> 35 dB).
-Three requests per model x pipeline, as in bench/tiny_fidelity.py (which also writes a contact sheet)."""
+Three requests per model x pipeline, as in bench/tiny_fidelity.py (which also writes a contact
+sheet)."""
 from __future__ import annotations
 
 import pytest
