@@ -1,7 +1,9 @@
-"""The Kolors UNet's loss weighting (niche.models.training.kolors.loss_weights): v-prediction's
-1/abar_t, capped, mean 1, so high-noise steps, where the prompt decides the picture, count."""
+"""The Kolors training losses (niche.models.training.kolors): the loss weighting (v-prediction's
+1/abar_t, capped, mean 1, so high-noise steps, where the prompt decides the picture, count), its
+same objective in either parametrisation, and the targets the pipeline's scheduler expects."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from niche.models.training.kolors import loss_weights, weighted_mse
@@ -50,3 +52,50 @@ def test_v_weights_give_the_same_objective_as_epsilon_weights():
         assert torch.allclose(ratio, ratio[0].expand(4), rtol=1e-4), (cap, ratio)
     plain = loss_weights(abar, None)
     assert torch.equal(plain, torch.ones_like(plain))  # no cap: the plain epsilon loss
+
+
+class _Latents:
+    """Only what ``noisy`` reads of an encoded data set: fixed clean latents."""
+
+    def __init__(self, x0: torch.Tensor):
+        self.x0 = x0
+
+    def latents(self, idx, gen, shift, scale):
+        return self.x0[torch.as_tensor(idx)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noisy_targets_what_the_scheduler_turns_back_into_the_clean_latent(prediction_type):
+    """The training target is what the pipeline's EulerDiscrete step expects of the UNet: fed
+    the target as the model output at x_t, the scheduler's own x0 estimate is the clean latent."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler
+
+    from niche.models.training.kolors import noisy
+
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1100, beta_start=0.00085,
+                                       beta_end=0.014, beta_schedule="scaled_linear",
+                                       prediction_type=prediction_type)
+    pipe = SimpleNamespace(scheduler=scheduler,
+                           vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)))
+    x0 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    xt, t, target = noisy(pipe, _Latents(x0), np.arange(8), torch.Generator().manual_seed(2))
+    abar = scheduler.alphas_cumprod[t][:, None, None, None]
+    sigma = ((1 - abar) / abar).sqrt()
+    sample = xt * (sigma**2 + 1).sqrt()  # EulerDiscrete's unscaled sample at this sigma
+    if prediction_type == "epsilon":
+        estimate = sample - sigma * target
+    else:
+        estimate = target * (-sigma / (sigma**2 + 1).sqrt()) + sample / (sigma**2 + 1)
+    assert torch.allclose(estimate, x0, atol=1e-4)
+
+
+def test_training_refuses_a_parametrisation_it_does_not_implement():
+    from diffusers import EulerDiscreteScheduler
+
+    from niche.models.training.kolors import predicts_v
+
+    with pytest.raises(ValueError, match="sample"):
+        predicts_v(EulerDiscreteScheduler(prediction_type="sample"))

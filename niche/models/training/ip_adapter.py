@@ -18,7 +18,7 @@ import torch
 
 from niche.models.training.cache import Encoded
 from niche.models.training.common import LoopResult, run_loop
-from niche.models.training.kolors import loss_weights, noisy, predicts_v, time_ids, weighted_mse
+from niche.models.training.kolors import noisy, scheduler_loss_weights, time_ids, weighted_mse
 
 WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
 EMPTY_PROMPT_RATE = 0.2
@@ -96,7 +96,7 @@ def train_ip_adapter(
         p.requires_grad_(True)
     unet.encoder_hid_proj.train()
     ids = time_ids(batch_size, ds.images.shape[1])
-    weights = loss_weights(pipe.scheduler.alphas_cumprod, None, predicts_v(pipe.scheduler))
+    weights = scheduler_loss_weights(pipe.scheduler, None)
 
     def step(_: int) -> torch.Tensor:
         idx = rng.integers(0, len(ds), batch_size)
