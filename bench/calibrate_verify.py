@@ -178,7 +178,7 @@ def main() -> int:
     if args.model_path:
         root = args.model_path
     else:
-        from niche.models.tiny import ensure_tiny_models
+        from niche.devnet.tiny import ensure_tiny_models
 
         root = ensure_tiny_models()
     started = time.time()

@@ -113,11 +113,11 @@ def worker(job: dict) -> dict:
     )
 
     import niche.models.conditioning
-    import niche.models.flux
-    import niche.models.kolors
-    import niche.models.kolors_controlnet  # noqa: F401
+    import niche.models.families.flux
+    import niche.models.families.kolors
+    import niche.models.families.kolors_controlnet  # noqa: F401
     from niche.models.engine import Engine
-    from niche.models.footprint import pipeline_modules, unique_bytes
+    from niche.devnet.footprint import pipeline_modules, unique_bytes
     from niche.protocol import GenerationParams
 
     if job["kind"] == "baseline":
@@ -223,7 +223,7 @@ def medium_section(args, root: str | None) -> None:
     mib = 1024 * 1024
     with tempfile.TemporaryDirectory(prefix="niche-medium-") as tmp:
         if root is None:
-            from niche.models.tiny import build_tiny_models
+            from niche.devnet.tiny import build_tiny_models
 
             start = time.perf_counter()
             root = str(build_tiny_models(Path(tmp), scale="medium"))
@@ -296,7 +296,7 @@ def main() -> None:
     if args.scale in ("tiny", "both"):
         root = args.root
         if root is None:
-            from niche.models.tiny import ensure_tiny_models
+            from niche.devnet.tiny import ensure_tiny_models
 
             root = str(ensure_tiny_models())
         tiny_section(args, root)

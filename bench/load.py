@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     args = parser.parse_args(argv)
     if args.model_path is None:
-        from niche.models.tiny import ensure_tiny_models
+        from niche.devnet.tiny import ensure_tiny_models
 
         args.model_path = ensure_tiny_models()
 

@@ -43,8 +43,8 @@ def main() -> int:
     quiet_libraries()
     import PIL.Image
 
-    from niche.models.tiny import build_tiny_models
-    from niche.models.training.fidelity import contact_sheet, default_cases, engines, measure
+    from niche.devnet.tiny import build_tiny_models
+    from niche.devnet.training.fidelity import contact_sheet, default_cases, engines, measure
 
     tmp = None
     root = args.root

@@ -70,10 +70,6 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def encode_png(image: Image.Image) -> bytes:
-    return encode_image(image, "PNG")
-
-
 def to_b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -175,6 +171,8 @@ def load_image_file(path: str | Path, *, limits: ImageLimits = DEFAULT_LIMITS,
             raise InvalidRequest(f"{path} is {size} bytes, more than {limits.max_bytes}",
                                  field=field)
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidRequest(f"cannot read {path}: no such file", field=field) from None
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
     return bytes_to_image(data, field=field, limits=limits)

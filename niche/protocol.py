@@ -8,10 +8,15 @@ from __future__ import annotations
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a peer speaking another version is refused."""
+
+GENERATE_PATH = "/v1/generate"
+"""Signed POST: GenerateRequest -> GenerateResponse."""
+INFO_PATH = "/v1/info"
+"""Unsigned GET: InfoResponse (what a miner serves)."""
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -104,3 +109,12 @@ class ErrorResponse(BaseModel):
 def response_signing_message(request_id: str, image_sha256: str) -> bytes:
     """What a miner signs for each answer: nothing binds an image to its miner without it."""
     return f"niche-response/v{PROTOCOL_VERSION}:{request_id}:{image_sha256}".encode()
+
+
+def first_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """(dotted location, message) of the first problem pydantic found, plus how many more:
+    one line a caller can act on instead of pydantic's multi-line dump."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = exc.error_count() - 1
+    return where, str(first.get("msg", "")) + (f" (+{more} more)" if more > 0 else "")

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
     """Root of the tiny real-architecture checkpoints: tiny_root/<model>/ per model."""
-    from niche.models.tiny import ensure_tiny_models
+    from niche.devnet.tiny import ensure_tiny_models
 
     return ensure_tiny_models()
 

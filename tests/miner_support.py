@@ -21,7 +21,8 @@ from niche.auth import sign_request
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.errors import InvalidRequest
-from niche.miner.server import BackgroundServer, create_app
+from niche.devnet.servers import BackgroundServer
+from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.protocol import GenerateRequest, GenerationParams, ModelInfo, PipelineKind
 

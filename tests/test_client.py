@@ -21,7 +21,7 @@ from niche.auth import sign_response
 from niche.chain.base import Endpoint, Neuron
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64, image_sha256
-from niche.miner.server import BackgroundServer
+from niche.devnet.servers import BackgroundServer
 from niche.protocol import ErrorResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 

@@ -19,7 +19,8 @@ import pytest
 
 from miner_support import MIN_STAKE, NETUID, StubEngine, build_net, make_request, signed_post
 from niche.chain.subtensor import SubtensorChain
-from niche.miner.server import BackgroundServer, create_app
+from niche.devnet.servers import BackgroundServer
+from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 
 

@@ -133,7 +133,8 @@ def test_miner_killed_mid_request_round_moves_on(net, tiny_engine, tmp_path):
     is scored, and the round is persisted."""
     from test_faults_chain import _FluxOnly
     from niche.chain.wallets import create_wallet
-    from niche.miner.server import BackgroundServer, create_app
+    from niche.devnet.servers import BackgroundServer
+    from niche.miner.server import create_app
     from niche.miner.service import MinerConfig, MinerService
     from niche.validator.service import Validator, ValidatorConfig
     from niche.validator.state import ValidatorState

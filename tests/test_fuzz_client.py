@@ -21,7 +21,7 @@ from miner_support import make_request
 from niche.auth import sign_response
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64
-from niche.miner.server import BackgroundServer
+from niche.devnet.servers import BackgroundServer
 from niche.validator.client import MinerClient, QueryStatus
 
 json_values = st.recursive(

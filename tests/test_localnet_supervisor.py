@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from niche.localnet.supervisor import Child, ChildFailed, Supervisor, free_port
+from niche.devnet.localnet.supervisor import Child, ChildFailed, Supervisor, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -93,7 +93,7 @@ def test_children_die_with_a_killed_parent(tmp_path):
     parent = f"""
         import time
         from pathlib import Path
-        from niche.localnet.supervisor import Child, Supervisor
+        from niche.devnet.localnet.supervisor import Child, Supervisor
         sup = Supervisor()
         c = sup.start(Child('miner1', ['sleep', '60'], Path({str(tmp_path / 'm.log')!r})))
         Path({str(pid_file)!r}).write_text(str(c.pid))

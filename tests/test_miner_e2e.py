@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from miner_support import build_net, make_request, running_miner
-from niche.imaging import encode_b64, encode_png, image_sha256
+from niche.imaging import encode_b64, encode_image, image_sha256
 from niche.validator.client import MinerClient, QueryStatus
 
 
@@ -47,7 +47,7 @@ def test_real_engine_behind_the_miner(net, engine):
         assert res.image.size == (64, 64) and res.image.mode == "RGB"
         # the same request regenerated here gives the very same bytes the miner signed
         local = engine.generate(engine.resolve(req.params), cond if req.image else None)
-        assert image_sha256(encode_png(local)) == res.response.image_sha256
+        assert image_sha256(encode_image(local)) == res.response.image_sha256
     assert bad.status is QueryStatus.HTTP_ERROR and bad.http_status == 400
     assert bad.error.field == "image"
     assert 'niche_miner_generation_seconds_count{model="kolors"} 1.0' in metrics

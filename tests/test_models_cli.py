@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from niche.cli import main
-from niche.models.engine import png_bytes
+from niche.imaging import encode_image as png_bytes
 from niche.protocol import GenerationParams
 
 
@@ -40,7 +40,7 @@ def test_generate_with_image_and_model_path(tiny_root, tmp_path, capsys):
     Image.new("RGB", (70, 50), (200, 30, 30)).save(src)
     out = tmp_path / "edges.png"
     rc = main(["generate", "--model", "kolors", "--pipeline", "controlnet-canny",
-               "--model-path", str(tiny_root / "kolors"), "--image", str(src),
+               "--model-dir", f"kolors={tiny_root / 'kolors'}", "--image", str(src),
                "--prompt", "a red square", "--seed", "3", "--controlnet-scale", "0.5",
                "--out", str(out)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -92,3 +92,27 @@ def test_repo_configs_are_the_packaged_ones():
     for name in ("flux-schnell", "kolors"):
         assert (repo / "configs/models" / f"{name}.yaml").read_text() == (
             repo / "niche/models/configs" / f"{name}.yaml").read_text()
+
+
+def test_model_path_is_a_folder_of_models_everywhere(tiny_root, tmp_path, capsys):
+    """--model-path means the same for generate as for miner and validator: <DIR>/<model>/."""
+    out = tmp_path / "a.png"
+    rc = main(["generate", "--model", "flux-schnell", "--model-path", str(tiny_root),
+               "--prompt", "a red fox", "--seed", "7", "--num-threads", "1", "--out", str(out)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["width"] == 64
+    again = tmp_path / "b.png"
+    rc = main(["generate", "--model", "flux-schnell", "--tiny", "--prompt", "a red fox",
+               "--seed", "7", "--threads", "1", "--out", str(again)])  # the old spelling
+    assert rc == 0 and again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("value,message", [
+    ("kolors", "expected MODEL=PATH"),
+    ("flux-schnell=/nowhere", "not loaded"),
+])
+def test_bad_model_dir_is_one_line(tmp_path, capsys, value, message):
+    rc = main(["generate", "--model", "kolors", "--tiny", "--model-dir", value,
+               "--prompt", "a cat", "--seed", "1", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from niche.models.engine import png_bytes
+from niche.imaging import encode_image as png_bytes
 from niche.protocol import GenerationParams, PipelineKind
 
 ALL = [("flux-schnell", "txt2img"), ("kolors", "txt2img"), ("kolors", "controlnet-canny"),
@@ -90,7 +90,7 @@ def test_adapters_leave_txt2img_untouched(tiny_engine):
 
 
 def test_kolors_pipelines_share_one_set_of_weights(tiny_engine):
-    from niche.models.footprint import pipeline_modules, unique_bytes
+    from niche.devnet.footprint import pipeline_modules, unique_bytes
 
     fam = tiny_engine.family("kolors")
     pipes = fam.pipelines()

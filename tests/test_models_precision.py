@@ -63,7 +63,7 @@ def test_bfloat16_networks_see_float32_latents_from_the_sampler(bf16_kolors, pip
     try:
         image = None
         if pipeline != "txt2img":
-            from niche.models.training.fidelity import scene_image
+            from niche.devnet.training.fidelity import scene_image
 
             image = scene_image("circle", "white", "black")
         params = GenerationParams(model="kolors", pipeline=pipeline, prompt="a red circle", seed=3)

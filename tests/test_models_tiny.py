@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from niche.cli import main
-from niche.models import tiny
+from niche.devnet import tiny
 
 
 def files(root: Path) -> dict[str, bytes]:

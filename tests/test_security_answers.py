@@ -24,7 +24,7 @@ from niche.auth import sign_response, verify_response
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64, image_sha256
-from niche.miner.server import BackgroundServer
+from niche.devnet.servers import BackgroundServer
 from niche.protocol import InfoResponse, ModelInfo, PipelineKind
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig

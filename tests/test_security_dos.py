@@ -148,7 +148,7 @@ def test_validator_refuses_an_image_bomb_answer_before_decoding(tmp_path):
     from niche.auth import sign_response
     from niche.chain.wallets import create_wallet
     from niche.imaging import image_sha256
-    from niche.miner.server import BackgroundServer
+    from niche.devnet.servers import BackgroundServer
     from niche.validator.client import MinerClient, QueryStatus
 
     miner, validator = (create_wallet(n, "hot", tmp_path) for n in ("m", "v"))
@@ -182,7 +182,7 @@ def test_validator_caps_an_answer_by_the_size_it_asked_for(tmp_path):
     from niche.auth import sign_response
     from niche.chain.wallets import create_wallet
     from niche.imaging import encode_b64
-    from niche.miner.server import BackgroundServer
+    from niche.devnet.servers import BackgroundServer
     from niche.validator.client import MinerClient, QueryStatus
     from PIL import Image
 

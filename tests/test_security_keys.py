@@ -14,7 +14,8 @@ import os
 from miner_support import NETUID, StubEngine, make_request
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet, load_wallet
-from niche.miner.server import BackgroundServer, create_app
+from niche.devnet.servers import BackgroundServer
+from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.validator.client import MinerClient, QueryStatus
 

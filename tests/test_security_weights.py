@@ -22,7 +22,8 @@ import pytest
 from miner_support import NETUID, build_net
 from test_chain_subtensor import FakeStorage
 from test_faults_chain import LocalBackedSDK, _FluxOnly, adapter
-from niche.miner.server import BackgroundServer, create_app
+from niche.devnet.servers import BackgroundServer
+from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig

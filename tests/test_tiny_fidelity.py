@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from niche.models.training.fidelity import default_cases, measure
+from niche.devnet.training.fidelity import default_cases, measure
 
 
 def _param(case):
@@ -26,7 +26,7 @@ def bf16_engine(tiny_root):
 
 
 def test_trained_weights_are_committed():
-    from niche.models.tiny import TRAINED_WEIGHTS_DIR
+    from niche.devnet.tiny import TRAINED_WEIGHTS_DIR
 
     files = {p.relative_to(TRAINED_WEIGHTS_DIR).as_posix()
              for p in TRAINED_WEIGHTS_DIR.rglob("*.safetensors")}

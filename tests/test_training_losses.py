@@ -1,4 +1,4 @@
-"""The Kolors training losses (niche.models.training.kolors): the loss weighting (v-prediction's
+"""The Kolors training losses (niche.devnet.training.kolors): the loss weighting (v-prediction's
 1/abar_t, capped, mean 1, so high-noise steps, where the prompt decides the picture, count), its
 same objective in either parametrisation, and the targets the pipeline's scheduler expects."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from niche.models.training.kolors import loss_weights, weighted_mse
+from niche.devnet.training.kolors import loss_weights, weighted_mse
 
 
 def test_weights_grow_with_noise_up_to_the_cap_and_average_one():
@@ -73,7 +73,7 @@ def test_noisy_targets_what_the_scheduler_turns_back_into_the_clean_latent(predi
     import numpy as np
     from diffusers import EulerDiscreteScheduler
 
-    from niche.models.training.kolors import noisy
+    from niche.devnet.training.kolors import noisy
 
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1100, beta_start=0.00085,
                                        beta_end=0.014, beta_schedule="scaled_linear",
@@ -95,7 +95,7 @@ def test_noisy_targets_what_the_scheduler_turns_back_into_the_clean_latent(predi
 def test_training_refuses_a_parametrisation_it_does_not_implement():
     from diffusers import EulerDiscreteScheduler
 
-    from niche.models.training.kolors import predicts_v
+    from niche.devnet.training.kolors import predicts_v
 
     with pytest.raises(ValueError, match="sample"):
         predicts_v(EulerDiscreteScheduler(prediction_type="sample"))

@@ -17,7 +17,7 @@ from PIL import Image
 from niche.auth import sign_response
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
-from niche.miner.server import BackgroundServer
+from niche.devnet.servers import BackgroundServer
 from niche.protocol import InfoResponse, ModelInfo, PipelineKind
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig

@@ -20,7 +20,8 @@ import pytest
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
-from niche.miner.server import BackgroundServer, create_app
+from niche.devnet.servers import BackgroundServer
+from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.validator.client import MinerClient
 from niche.validator.scoring import ScoringConfig

@@ -134,7 +134,8 @@ def test_conditioned_pipeline_audit(tiny_engine, verifier):
 
 def test_verify_command(tiny_root, tmp_path, capsys):
     from niche.cli import main
-    from niche.models.engine import Engine, png_bytes
+    from niche.imaging import encode_image as png_bytes
+    from niche.models.engine import Engine
 
     engine = Engine(models=["flux-schnell"], model_root=tiny_root)
     params = engine.resolve(GenerationParams(model="flux-schnell", prompt="a red fox", seed=7))

@@ -45,6 +45,17 @@ class Metagraph:
     def by_hotkey(self, hotkey: str) -> Optional[Neuron]:
         return next((n for n in self.neurons if n.hotkey == hotkey), None)
 
+    def require(self, hotkey: str, role: str) -> Neuron:
+        """The neuron of `hotkey`, or a ChainError telling the `role` (miner, validator)'s
+        operator how to register: the one start-up check both neurons make."""
+        neuron = self.by_hotkey(hotkey)
+        if neuron is None:
+            raise ChainError(
+                f"{role} hotkey {hotkey} is not registered on subnet {self.netuid}: register "
+                "it first (`niche chain register ...` on localnet, `btcli subnets register` "
+                "on a real network)")
+        return neuron
+
     def by_uid(self, uid: int) -> Optional[Neuron]:
         return next((n for n in self.neurons if n.uid == uid), None)
 

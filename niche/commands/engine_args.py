@@ -1,33 +1,79 @@
-"""Engine flags shared by the long-running processes (miner, validator): both load the same
-models the same way, and on CPU the thread count must match for bit-identical images."""
+"""Engine flags, one definition for every command that loads models (generate, verify, miner,
+validator): on CPU miners and validators must agree on threads for bit-identical images, so
+the flags must mean the same thing everywhere.
+
+`--model-path DIR` is always a folder holding one `<model>/` checkpoint folder per model;
+`--model-dir MODEL=PATH` points one model at its own folder (a hub snapshot, say).
+"""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from niche.errors import ConfigError
+from niche.models.spec import DTYPES, MEMORY_MODES
+
+if TYPE_CHECKING:
+    from niche.models.engine import Engine
 
 
-def add_engine_args(group: argparse._ArgumentGroup) -> None:
-    """--model-path | --tiny, --device, --dtype, --memory-mode, --num-threads."""
+
+def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | None = None
+                    ) -> None:
+    """--model-path | --tiny, --model-dir, --device, --dtype, --memory-mode, --num-threads."""
     src = group.add_mutually_exclusive_group()
     src.add_argument("--model-path", dest="model_path", type=Path, default=None,
-                     help="folder holding <model>/ checkpoints (default: hub ids)")
+                     help="folder holding one <model>/ checkpoint folder per model "
+                          "(default: hub ids)")
     src.add_argument("--tiny", action="store_true",
-                     help="use the tiny random-weight checkpoints (tests, localnet)")
+                     help="use the tiny real-architecture checkpoints (built once; tests, "
+                          "localnet)")
+    group.add_argument("--model-dir", dest="model_dirs", action="append", default=[],
+                       metavar="MODEL=PATH",
+                       help="one model's own checkpoint folder (repeatable); overrides "
+                            "--model-path for that model")
     group.add_argument("--device", default="auto",
-                       help="torch device (default auto: cuda when available, else cpu)")
-    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="weights dtype (default: the model's)")
-    group.add_argument("--memory-mode", dest="memory_mode", default=None,
-                       choices=["gpu", "model-offload", "sequential-offload"],
+                       help="torch device: auto (cuda when available, else cpu), cpu, cuda[:N]")
+    dtype_default = default_dtype or "the model's"
+    group.add_argument("--dtype", default=default_dtype, choices=DTYPES,
+                       help=f"weights dtype (default: {dtype_default})")
+    group.add_argument("--memory-mode", dest="memory_mode", default=None, choices=MEMORY_MODES,
                        help="GPU memory strategy (default: the model's)")
     group.add_argument("--num-threads", dest="num_threads", type=int, default=None,
                        help="torch CPU threads (default: the checkpoint's hint, else "
                             "min(4, cores)); miners and validators must agree on CPU")
+    group.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
+
+
+def model_dirs_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    """`--model-dir MODEL=PATH` pairs as a mapping; a malformed pair is a one-line error."""
+    dirs: dict[str, Path] = {}
+    for item in args.model_dirs or ():
+        model, sep, path = item.partition("=")
+        if not sep or not model or not path:
+            raise ConfigError(f"--model-dir: expected MODEL=PATH, got {item!r}")
+        dirs[model] = Path(path).expanduser()
+    return dirs
 
 
 def model_root_from_args(args: argparse.Namespace) -> Path | None:
     if args.tiny:
-        from niche.models.tiny import ensure_tiny_models
+        from niche.devnet.tiny import ensure_tiny_models
 
         return ensure_tiny_models()
     return args.model_path
+
+
+def engine_from_args(args: argparse.Namespace, models: Sequence[str]) -> Engine:
+    """The engine the flags describe, serving `models`."""
+    from niche.models.engine import Engine
+
+    dirs = model_dirs_from_args(args)
+    unknown = sorted(set(dirs) - set(models))
+    if unknown:
+        raise ConfigError(f"--model-dir names models that are not loaded: {unknown}")
+    return Engine(models=list(models), model_root=model_root_from_args(args),
+                  model_paths=dirs or None, device=args.device, dtype=args.dtype,
+                  memory_mode=args.memory_mode, num_threads=args.num_threads)

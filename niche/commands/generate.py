@@ -39,24 +39,15 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
                    help="ControlNet conditioning scale (default 0.8; 0 = txt2img)")
     p.add_argument("--ip-adapter-scale", type=float, default=None,
                    help="IP-Adapter scale (default: model's; 0 = txt2img)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="compute dtype (default float32)")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda when available, else cpu), cpu or cuda[:N]")
-    p.add_argument("--memory-mode", choices=("gpu", "model-offload", "sequential-offload"),
-                   default=None, help="default: the model config's")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default min(4, cores))")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-path", type=Path, default=None,
-                     help="folder holding the model's checkpoint in the hub layout")
-    src.add_argument("--tiny", action="store_true", help="use the tiny checkpoints (built once)")
+    from niche.commands.engine_args import add_engine_args
+
+    add_engine_args(p.add_argument_group("engine"), default_dtype="float32")
 
 
 def _params(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from niche.protocol import GenerationParams
+    from niche.protocol import GenerationParams, first_validation_error
 
     fields = {"model": args.model, "pipeline": args.pipeline, "prompt": args.prompt,
                   "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
@@ -65,45 +56,36 @@ def _params(args: argparse.Namespace):
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err.get("loc") else None
-        raise InvalidRequest(err["msg"], field=field) from None
+        where, message = first_validation_error(exc)
+        raise InvalidRequest(message, field=where or None) from None
 
 
 def _generate(args: argparse.Namespace) -> int:
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
-    from niche.models.images import open_image_file
+    from niche.imaging import load_image_file
 
     params = _params(args)
-    image = open_image_file(args.image) if args.image else None
+    image = load_image_file(args.image) if args.image else None
     return _run(engine_from_request_args(args), args, params, image)
 
 
-def engine_from_request_args(args: argparse.Namespace):
+def engine_from_request_args(args: argparse.Namespace) -> Engine:
     """The one-model engine that `niche generate` and `niche verify` run the request on."""
-    from niche.models.engine import Engine
+    from niche.commands.engine_args import engine_from_args
 
-    root, paths = None, None
-    if args.tiny:
-        from niche.models.tiny import ensure_tiny_models
-
-        root = ensure_tiny_models()
-    elif args.model_path:
-        paths = {args.model: args.model_path}
-    return Engine(models=[args.model], model_root=root, model_paths=paths, device=args.device,
-                  dtype=args.dtype, memory_mode=args.memory_mode, num_threads=args.threads)
+    return engine_from_args(args, [args.model])
 
 
 def _run(engine, args, params, image) -> int:
-    from niche.models.engine import png_bytes
+    from niche.imaging import encode_image
 
     full = engine.resolve(params)
     start = time.perf_counter()
     result = engine.generate(full, image)
     seconds = time.perf_counter() - start
-    data = png_bytes(result)
+    data = encode_image(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(json.dumps({"model": full.model, "pipeline": full.pipeline.value, "seed": full.seed,

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from niche.localnet.plan import prepare
+    from niche.devnet.localnet.plan import prepare
 
     plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
                    models=args.models, cheats=args.cheat, rounds=args.rounds,
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare_only:
         print(plan.to_json() if args.json else f"prepared {plan.workdir}")
         return 0
-    from niche.localnet.run import run as run_plan
-    from niche.localnet.scoreboard import collect, render
+    from niche.devnet.localnet.run import run as run_plan
+    from niche.devnet.localnet.scoreboard import collect, render
 
     print(f"localnet: chain {plan.chain_path}, netuid {plan.netuid}, models {plan.model_root}",
           flush=True)

@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
     if args.requests_per_minute < 0:
         raise ConfigError("--limits.requests_per_minute must be >= 0")
     if args.localnet_cheat is not None:
-        from niche.localnet.cheats import CHEATS
+        from niche.devnet.localnet.cheats import CHEATS
 
         if args.subtensor_network != "localnet":
             raise ConfigError("--localnet.cheat only runs on --subtensor.network localnet")
@@ -123,14 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     from niche.miner.service import MinerService
 
     # Cheap checks first: registration and the port, before minutes of model loading.
-    mg = chain.metagraph(args.netuid)
-    if mg.by_hotkey(wallet.hotkey.ss58_address) is None:
-        from niche.chain.base import ChainError
-
-        raise ChainError(
-            f"miner hotkey {wallet.hotkey.ss58_address} is not registered on subnet "
-            f"{args.netuid}: register it first (`niche chain register ...` on localnet, "
-            "`btcli subnets register` on a real network)")
+    chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
     bind_socket(args.axon_ip, args.axon_port).close()
     from niche.models.engine import Engine, resolve_device
 
@@ -143,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
                     dtype=args.dtype, memory_mode=args.memory_mode,
                     num_threads=args.num_threads)
     if args.localnet_cheat:
-        from niche.localnet.cheats import CheatingEngine
+        from niche.devnet.localnet.cheats import CheatingEngine
 
         log.warning("localnet cheat %r: answers are NOT what they claim", args.localnet_cheat)
         engine = CheatingEngine(engine, args.localnet_cheat)

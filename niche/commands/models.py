@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                        "(procedural shapes) and write the committed fixtures")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for <model>/<component>.safetensors; default "
-                   "niche/models/tiny_weights (what build-tiny loads)")
+                   "niche/devnet/tiny_weights (what build-tiny loads)")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time cap for the whole run (split over the stages)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +39,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
-    from niche.models.tiny import build_tiny_models, ensure_tiny_models
+    from niche.devnet.tiny import build_tiny_models, ensure_tiny_models
 
     root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
     print(root)
@@ -50,7 +50,7 @@ def _train_tiny(args: argparse.Namespace) -> int:
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
-    from niche.models.training.run import DEFAULT_OUT, train_tiny
+    from niche.devnet.training.run import DEFAULT_OUT, train_tiny
 
     record = train_tiny(args.out or DEFAULT_OUT, minutes=args.minutes, seed=args.seed,
                         threads=args.threads, only=args.only)

@@ -116,7 +116,25 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging(args.debug)
     config = build_config(args)
-    from niche.validator.service import open_validator
+    from niche.chain.base import ChainError
+    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.commands.engine_args import engine_from_args
+    from niche.validator.client import MinerClient
+    from niche.validator.service import Validator, version_key
+    from niche.validator.state import ValidatorState
 
-    with open_validator(config, args) as validator:
-        return validator.run()
+    wallet = wallet_from_args(args)
+    chain = chain_from_args(args)
+    try:
+        # Cheap checks first: the subnet and the registration, before minutes of loading.
+        if not chain.subnet_exists(config.netuid):
+            raise ChainError(f"subnet {config.netuid} does not exist on {chain.network}")
+        chain.metagraph(config.netuid).require(wallet.hotkey.ss58_address, "validator")
+        if not config.version_key:
+            config.version_key = version_key()
+        engine = engine_from_args(args, config.models)
+        with ValidatorState(config.state_path) as state:
+            validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
+            return validator.run()
+    finally:
+        chain.close()

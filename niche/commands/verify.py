@@ -30,15 +30,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from niche.commands.generate import _params, engine_from_request_args
     from niche.errors import InvalidRequest
-    from niche.models.engine import png_bytes
-    from niche.models.images import open_image_file
+    from niche.imaging import encode_image
+    from niche.imaging import load_image_file
     from niche.validator.verify import Verifier, VerifyConfig
 
     params = _params(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise InvalidRequest("must be in [0, 1]", field="threshold")
-    candidate = open_image_file(args.candidate)  # bounded decode: a bomb is refused
-    image = open_image_file(args.image) if args.image else None
+    candidate = load_image_file(args.candidate)  # bounded decode: a bomb is refused
+    image = load_image_file(args.image) if args.image else None
     engine = engine_from_request_args(args)
     overrides = {args.model: args.threshold} if args.threshold is not None else {}
     verifier = Verifier(engine, VerifyConfig.with_overrides(overrides))
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     reference = verifier.references([(full, image)])[0]
     if args.save_reference:
         args.save_reference.parent.mkdir(parents=True, exist_ok=True)
-        args.save_reference.write_bytes(png_bytes(reference))
+        args.save_reference.write_bytes(encode_image(reference))
     verdict = verifier.judge(full.model, reference, candidate, full.pipeline)
     print(json.dumps({
         "similarity": round(verdict.similarity, 6), "threshold": verdict.threshold,

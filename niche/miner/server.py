@@ -29,36 +29,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from niche import __version__
 from niche.auth import AuthFailure
 from niche.errors import NicheError
+from niche.transport import BodyTooLarge, read_capped
 from niche.miner.limits import Refusal
 from niche.miner.service import MinerService, short
-from niche.protocol import ErrorResponse, GenerateRequest, GenerateResponse, InfoResponse
+from niche.protocol import (
+    GENERATE_PATH,
+    INFO_PATH,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    InfoResponse,
+)
 
 log = logging.getLogger("niche.miner")
 
-GENERATE_PATH = "/v1/generate"
-INFO_PATH = "/v1/info"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise BodyTooLarge(f"content-length {declared} > {limit}")
-        except ValueError:
-            raise BodyTooLarge("bad content-length") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _error(status: int, reason: str, detail: str = "", field: Optional[str] = None
@@ -122,7 +106,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             inflight_by_peer[peer] = inflight_by_peer.get(peer, 0) + 1
             admitted = True
             try:
-                body = await asyncio.wait_for(read_body(request, service.config.max_body_bytes),
+                body = await asyncio.wait_for(read_capped(request.stream(), service.config.max_body_bytes,
+                                request.headers.get("content-length")),
                                               service.config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
@@ -248,7 +233,7 @@ def _h11_with_header_deadline(seconds: float):
     return Protocol
 
 
-def _uvicorn_server(app: FastAPI):
+def uvicorn_server(app: FastAPI):
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -293,7 +278,7 @@ def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[st
     public_ip = external_ip or ip
     try:
         service.announce(public_ip, actual_port)
-        server = _uvicorn_server(create_app(service))
+        server = uvicorn_server(create_app(service))
         log.info("miner %s listening on %s:%d (published %s:%d)", service.hotkey, ip,
                  actual_port, public_ip, actual_port)
         with _stop_on_signals(server):
@@ -302,45 +287,3 @@ def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[st
         sock.close()
         service.close()
         log.info("miner stopped")
-
-
-class BackgroundServer:
-    """Run an app with uvicorn in a daemon thread on 127.0.0.1 (tests, localnet tools)."""
-
-    def __init__(self, app: FastAPI, ip: str = "127.0.0.1", port: int = 0):
-        self.sock = bind_socket(ip, port)
-        self.ip = ip
-        self.port = self.sock.getsockname()[1]
-        self.server = _uvicorn_server(app)
-        self.thread = threading.Thread(target=self.server.run,
-                                       kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.ip}:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("miner server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-    def __enter__(self) -> "BackgroundServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[BackgroundServer]:
-    with BackgroundServer(app) as server:
-        yield server

@@ -19,20 +19,31 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from pydantic import ValidationError
 
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, \
     sign_response
-from niche.chain.base import ChainError, Metagraph, Neuron
+from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
-from niche.protocol import (MAX_IMAGE_B64_CHARS, PROTOCOL_VERSION, GenerateRequest,
-                            GenerateResponse, InfoResponse)
+from niche.protocol import (
+    MAX_IMAGE_B64_CHARS,
+    PROTOCOL_VERSION,
+    GenerateRequest,
+    GenerateResponse,
+    InfoResponse,
+    first_validation_error,
+)
+
+if TYPE_CHECKING:
+    from bittensor import Wallet
+
+    from niche.models.engine import ImageEngine
 
 log = logging.getLogger("niche.miner")
 
@@ -76,8 +87,9 @@ class MinerConfig:
 class MinerService:
     """Engine + wallet + chain view + limits. One per process and GPU."""
 
-    def __init__(self, engine, wallet, config: MinerConfig, chain=None,
-                 metagraph: Optional[Metagraph] = None, *, clock=time.monotonic):
+    def __init__(self, engine: ImageEngine, wallet: Wallet, config: MinerConfig,
+                 chain: Chain | None = None, metagraph: Optional[Metagraph] = None, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.wallet = wallet
         self.keypair = wallet.hotkey
@@ -117,13 +129,10 @@ class MinerService:
 
     def check_registered(self) -> Neuron:
         """This miner's own neuron, or a ChainError telling the operator to register."""
-        neuron = self._neurons.get(self.hotkey)
-        if neuron is None:
-            raise ChainError(
-                f"miner hotkey {self.hotkey} is not registered on subnet {self.config.netuid}: "
-                "register it first (`niche chain register ...` on localnet, `btcli subnets "
-                "register` on a real network)")
-        return neuron
+        if self.metagraph is None:
+            raise ChainError("no metagraph read yet: cannot tell whether this miner is "
+                             "registered")
+        return self.metagraph.require(self.hotkey, "miner")
 
     def announce(self, ip: str, port: int) -> None:
         """Publish this miner's endpoint on chain (registers nothing)."""
@@ -203,18 +212,13 @@ class MinerService:
         try:
             return GenerateRequest.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise Refusal(422, "invalid_request", f"{where}: {first.get('msg', '')}"
-                          + (f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1
-                             else ""), field=where or None) from None
+            where, message = first_validation_error(exc)
+            raise Refusal(422, "invalid_request", f"{where}: {message}",
+                          field=where or None) from None
 
     def _image_limits(self, model: str) -> ImageLimits:
         limits = self.config.image_limits
-        try:
-            spec_pixels = self.engine.spec(model).limits.max_image_pixels
-        except Exception:
-            return limits
+        spec_pixels = self.engine.spec(model).limits.max_image_pixels
         if spec_pixels < limits.max_pixels:
             limits = ImageLimits(limits.max_b64_chars, limits.max_bytes, spec_pixels,
                                  limits.max_side, limits.formats)
@@ -226,12 +230,7 @@ class MinerService:
         if request.image is not None:
             image = decode_image(request.image, field="image",
                                  limits=self._image_limits(params.model))
-        check = getattr(self.engine, "check_image", None)
-        if check is not None:
-            check(params, image)
-        elif params.pipeline.needs_image and image is None:
-            raise InvalidRequest(f"pipeline {params.pipeline.value} needs a conditioning "
-                                 "image", field="image")
+        self.engine.check_image(params, image)
         return params, image
 
     async def prepare(self, request: GenerateRequest):

@@ -8,26 +8,24 @@ serialised by a lock. Same request + same files + same machine setup = same bits
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import PIL.Image
 import torch
 
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
-from niche.models.registry import BatchItem, Family, family_class
-from niche.models.spec import DTYPES, ModelSpec, load_spec
+from niche.models.families import BatchItem, Family, family_class
+from niche.models.spec import DTYPES, MEMORY_MODES, ModelSpec, load_spec
 from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 
 log = logging.getLogger(__name__)
 
-MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
 ImageArg = Optional[PIL.Image.Image]  # noqa: UP045 (runtime alias)
 
 
@@ -49,11 +47,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def png_bytes(image: PIL.Image.Image) -> bytes:
-    """Lossless PNG with no metadata (no timestamp): the same pixels give the same bytes."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+class ImageEngine(Protocol):
+    """What the miner, the verifier and the validator need of an engine. `Engine` is the one
+    that serves; the localnet's cheating wrapper and test doubles stand in for it."""
+
+    def spec(self, model: str) -> ModelSpec: ...
+
+    def served(self) -> list[ModelInfo]: ...
+
+    def resolve(self, params: GenerationParams) -> GenerationParams: ...
+
+    def check_image(self, params: GenerationParams, image: ImageArg) -> None: ...
+
+    def generate(self, params: GenerationParams, image: ImageArg = None) -> PIL.Image.Image: ...
+
+    def generate_batch(self, requests: Sequence[tuple[GenerationParams, ImageArg]],
+                       fuse: bool | None = None) -> list[PIL.Image.Image]: ...
 
 
 class Engine:

@@ -21,6 +21,7 @@ PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
 OVERRIDE_FILE = "niche_model.yaml"
 MemoryMode = Literal["gpu", "model-offload", "sequential-offload"]
 DTYPES = ("float32", "bfloat16", "float16")
+MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
 
 
 class _Cfg(BaseModel):

@@ -12,8 +12,6 @@ nobody else. No global RNG anywhere.
 """
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -22,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from niche.errors import InvalidRequest
+from niche.imaging import encode_image, to_b64
 from niche.protocol import MAX_SEED, GenerateRequest, GenerationParams, PipelineKind
 from niche.validator.prompts import PromptSource
 
@@ -76,12 +75,6 @@ class Conditioner(Protocol):
 
     def __call__(self, model: str, pipeline: PipelineKind, width: int, height: int,
                  rng: np.random.Generator) -> Image.Image: ...
-
-
-def encode_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def round_rng(validator_seed: int, round_index: int) -> np.random.Generator:
@@ -152,7 +145,7 @@ class ChallengeFactory:
             if pipeline.needs_image:
                 if target.model not in conditions:
                     cond = self.conditioner(target.model, pipeline, width, height, rng)
-                    conditions[target.model] = (cond, encode_png(cond))
+                    conditions[target.model] = (cond, to_b64(encode_image(cond)))
                 image, b64 = conditions[target.model]
             request_id = rng.bytes(12).hex()
             challenges.append(Challenge(target.uid, target.hotkey, request_id, params,

@@ -24,11 +24,18 @@ from pydantic import ValidationError
 from niche.auth import sign_request, verify_response
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, image_sha256
-from niche.protocol import (PROTOCOL_VERSION, ErrorResponse, GenerateRequest, GenerateResponse,
-                            InfoResponse)
+from niche.transport import BodyTooLarge, read_capped
+from niche.protocol import (
+    GENERATE_PATH,
+    INFO_PATH,
+    PROTOCOL_VERSION,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    InfoResponse,
+    first_validation_error,
+)
 
-GENERATE_PATH = "/v1/generate"
-INFO_PATH = "/v1/info"
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_INFO_BYTES = 256 * 1024
 
@@ -109,10 +116,6 @@ def as_target(obj: TargetLike) -> MinerTarget:
     return MinerTarget(int(obj.uid), str(obj.hotkey), endpoint.url if endpoint else None)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _Undecodable(Exception):
     pass
 
@@ -165,16 +168,8 @@ class MinerClient:
             encoding = resp.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
                 raise _Undecodable(f"content-encoding {encoding} not accepted")
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > cap:
-                raise _TooLarge(f"content-length {declared} > {cap}")
-            chunks, size = [], 0
-            async for chunk in resp.aiter_raw():
-                size += len(chunk)
-                if size > cap:
-                    raise _TooLarge(f"more than {cap} bytes")
-                chunks.append(chunk)
-            return resp.status_code, b"".join(chunks)
+            body = await read_capped(resp.aiter_raw(), cap, resp.headers.get("content-length"))
+            return resp.status_code, body
 
     # ------------------------------------------------------------------ generate
     async def query(self, target: TargetLike, request: GenerateRequest, *,
@@ -201,7 +196,7 @@ class MinerClient:
             result.latency = time.monotonic() - started
             result.status, result.reason = QueryStatus.TIMEOUT, f"no answer within {limit:.1f}s"
             return result
-        except _TooLarge as exc:
+        except BodyTooLarge as exc:
             result.latency = time.monotonic() - started
             result.status, result.reason = QueryStatus.RESPONSE_TOO_LARGE, str(exc)
             return result
@@ -250,9 +245,8 @@ class MinerClient:
         try:
             answer = GenerateResponse.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            return fail(QueryStatus.INVALID_RESPONSE, f"{where}: {first.get('msg')}")
+            where, message = first_validation_error(exc)
+            return fail(QueryStatus.INVALID_RESPONSE, f"{where}: {message}")
         if answer.request_id != request.request_id:
             return fail(QueryStatus.WRONG_REQUEST_ID,
                         f"answered {answer.request_id!r}, asked {request.request_id!r}")
@@ -326,7 +320,7 @@ class MinerClient:
         except (asyncio.TimeoutError, httpx.TimeoutException):
             result.status, result.reason = QueryStatus.TIMEOUT, f"no info within {timeout}s"
             return result
-        except _TooLarge as exc:
+        except BodyTooLarge as exc:
             result.status, result.reason = QueryStatus.RESPONSE_TOO_LARGE, str(exc)
             return result
         except httpx.HTTPError as exc:

@@ -17,10 +17,9 @@ import secrets
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -37,11 +36,17 @@ from niche.validator.challenges import (
     plan_from_spec,
     round_rng,
 )
+from niche.validator.client import MinerClient, QueryResult
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
 from niche.validator.verify import Verifier, VerifyConfig
+
+if TYPE_CHECKING:
+    from bittensor import Wallet
+
+    from niche.models.engine import ImageEngine
 
 log = logging.getLogger("niche.validator")
 
@@ -99,25 +104,11 @@ class RoundReport:
     """EMA scores right after this round."""
 
 
-def _field(obj: Any, *names: str, default=None):
-    for name in names:
-        if isinstance(obj, dict) and name in obj:
-            return obj[name]
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
-def _status(result: Any) -> str:
-    status = _field(result, "status", default="error")
-    return str(getattr(status, "value", status))
-
-
 class Validator:
     """Owns one round at a time; all collaborators are passed in (tests build real ones)."""
 
-    def __init__(self, config: ValidatorConfig, chain: Chain, wallet, engine, client,
-                 state: ValidatorState):
+    def __init__(self, config: ValidatorConfig, chain: Chain, wallet: Wallet,
+                 engine: ImageEngine, client: MinerClient, state: ValidatorState):
         self.config = config
         self.chain = chain
         self.wallet = wallet
@@ -202,10 +193,7 @@ class Validator:
         return 0
 
     def _check_registered(self) -> None:
-        metagraph = self.chain.metagraph(self.config.netuid)
-        if metagraph.by_hotkey(self.hotkey) is None:
-            raise ChainError(f"validator hotkey {self.hotkey} is not registered on subnet "
-                             f"{self.config.netuid}: register it first (`niche chain register`)")
+        self.chain.metagraph(self.config.netuid).require(self.hotkey, "validator")
 
     # ------------------------------------------------------------------ one round
     async def run_round(self) -> RoundReport:
@@ -264,11 +252,11 @@ class Validator:
         infos = await self.client.info_many(neurons, timeout=self.config.info_timeout)
         targets = []
         for neuron, info in zip(neurons, infos):
-            served = _field(info, "info", default=None) if not hasattr(info, "models") else info
-            if served is None or not hasattr(served, "models"):
-                outcomes[neuron.uid] = Outcome(
-                    neuron.uid, neuron.hotkey, None, status=_status(info) if info else "error",
-                    reason=str(_field(info, "reason", "detail", "error", default="no info")))
+            served = info.info
+            if not info.ok or served is None:
+                outcomes[neuron.uid] = Outcome(neuron.uid, neuron.hotkey, None,
+                                               status=info.status.value,
+                                               reason=info.reason or "no info")
                 continue
             offered = {m.model: tuple(m.pipelines) for m in served.models}
             model = next((m for m in self.config.models if m in offered), None)
@@ -282,26 +270,24 @@ class Validator:
         return targets
 
     async def _query(self, challenges: list[Challenge], neurons: list[Neuron]
-                     ) -> dict[int, tuple[Challenge, Any]]:
+                     ) -> dict[int, tuple[Challenge, QueryResult]]:
         by_uid = {n.uid: n for n in neurons}
         pairs = [(by_uid[c.uid], c.request()) for c in challenges]
         results = await self.client.query_many(pairs)
         return {c.uid: (c, r) for c, r in zip(challenges, results)}
 
     def _cheap_checks(self, challenges: list[Challenge],
-                      answered: dict[int, tuple[Challenge, Any]],
+                      answered: dict[int, tuple[Challenge, QueryResult]],
                       outcomes: dict[int, Outcome], round_index: int) -> list[Answer]:
         """Every answer: status from the client, then size/mode, then duplicates."""
         fresh: list[Answer] = []
         seen_this_round: dict[str, int] = {}
         for c in challenges:
             _, result = answered[c.uid]
-            status = _status(result)
-            latency = _field(result, "latency", "latency_s", default=None)
-            reason = str(_field(result, "reason", "detail", "error", default="") or "")
+            status, latency, reason, image = (result.status.value, result.latency,
+                                              result.reason, result.image)
             base = dict(uid=c.uid, hotkey=c.hotkey, model=c.params.model, workload=c.workload,
                         latency=latency, timeout=c.timeout)
-            image = _field(result, "image", default=None)
             if status != OK or image is None:
                 outcomes[c.uid] = Outcome(status=status if status != OK else "bad_image",
                                           reason=reason or "no image", **base)
@@ -329,7 +315,8 @@ class Validator:
             fresh.append(answer)
         return fresh
 
-    def _audit(self, challenges: list[Challenge], answered: dict[int, tuple[Challenge, Any]],
+    def _audit(self, challenges: list[Challenge],
+               answered: dict[int, tuple[Challenge, QueryResult]],
                outcomes: dict[int, Outcome]) -> None:
         valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
         picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
@@ -338,7 +325,9 @@ class Validator:
         items = []
         for uid in picked:
             c, result = answered[uid]
-            items.append((c.params, c.image, _field(result, "image")))
+            if result.image is None:  # cannot happen: an OK outcome always has its image
+                raise RuntimeError(f"uid {uid}: audited answer without an image")
+            items.append((c.params, c.image, result.image))
         try:
             verdicts = self.verifier.verify(items)
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
@@ -419,44 +408,3 @@ def version_key() -> int:
     parts = [int(p) if p.isdigit() else 0 for p in __version__.split(".")[:3]]
     parts += [0] * (3 - len(parts))
     return parts[0] * 10000 + parts[1] * 100 + parts[2]
-
-
-@contextmanager
-def open_validator(config: ValidatorConfig, args):
-    """Build every collaborator from command-line args; close them all afterwards."""
-    from niche.chain.cli_args import chain_from_args, wallet_from_args
-    from niche.models.engine import Engine
-    from niche.validator.client import MinerClient
-
-    wallet = wallet_from_args(args)
-    chain = chain_from_args(args)
-    state = None
-    client = None
-    try:
-        if not chain.subnet_exists(config.netuid):
-            raise ChainError(f"subnet {config.netuid} does not exist on {chain.network}")
-        hotkey = wallet.hotkey.ss58_address
-        if chain.metagraph(config.netuid).by_hotkey(hotkey) is None:  # before loading models
-            raise ChainError(f"validator hotkey {hotkey} is not registered on subnet "
-                             f"{config.netuid}: register it first (`niche chain register`)")
-        state = ValidatorState(config.state_path)
-        from niche.commands.engine_args import model_root_from_args
-
-        engine = Engine(models=list(config.models), model_root=model_root_from_args(args),
-                        device=args.device, dtype=args.dtype, memory_mode=args.memory_mode,
-                        num_threads=args.num_threads)
-        client = MinerClient(wallet)
-        if not config.version_key:
-            config.version_key = version_key()
-        yield Validator(config, chain, wallet, engine, client, state)
-    finally:
-        if client is not None and hasattr(client, "close"):
-            try:
-                result = client.close()
-                if asyncio.iscoroutine(result):
-                    asyncio.run(result)
-            except Exception:  # closing must not hide the real error
-                pass
-        if state is not None:
-            state.close()
-        chain.close()

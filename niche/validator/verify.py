@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
+from niche.errors import InvalidRequest
 from niche.protocol import GenerationParams
+
+if TYPE_CHECKING:
+    from niche.models.engine import ImageEngine
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ class Verifier:
     """Regenerates references with the shared engine (batched where parameters allow) and
     compares each candidate to its reference."""
 
-    def __init__(self, engine, config: Optional[VerifyConfig] = None):
+    def __init__(self, engine: ImageEngine, config: Optional[VerifyConfig] = None):
         self.engine = engine
         self.config = config or VerifyConfig()
 
@@ -161,8 +165,8 @@ class Verifier:
         if model in self.config.thresholds:
             return float(self.config.thresholds[model])
         try:
-            value = getattr(self.engine.spec(model), "verify_threshold", None)
-        except Exception:  # an unknown model: the default applies
+            value = self.engine.spec(model).verify_threshold
+        except InvalidRequest:  # a model the engine does not serve: the default applies
             value = None
         return float(value) if value is not None else self.config.default_threshold
 

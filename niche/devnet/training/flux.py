@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from niche.models.training.cache import Encoded
-from niche.models.training.common import LoopResult, run_loop
+from niche.devnet.training.cache import Encoded
+from niche.devnet.training.common import LoopResult, run_loop
 
 
 def train_flux(

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import httpx
 
 from niche.errors import NicheError
-from niche.localnet.plan import LocalnetPlan, ProcessPlan
-from niche.localnet.supervisor import Child, ChildFailed, Supervisor
+from niche.devnet.localnet.plan import LocalnetPlan, ProcessPlan
+from niche.devnet.localnet.supervisor import Child, ChildFailed, Supervisor
 
 
 class LocalnetFailed(NicheError):

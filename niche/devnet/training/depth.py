@@ -11,8 +11,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from niche.models.training import data
-from niche.models.training.common import LoopResult, run_loop
+from niche.devnet.training import data
+from niche.devnet.training.common import LoopResult, run_loop
 
 
 def train_depth(estimator, *, seed: int, steps: int, batch_size: int = 32, size: int = 64,

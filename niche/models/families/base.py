@@ -1,4 +1,4 @@
-"""Model families: how each model's weights are loaded and how one pipeline call is made.
+"""The Family contract: how a model's weights are loaded and how one pipeline call is made.
 
 A family is built from a ModelSpec and a location (a local folder holding the hub layout, or
 None for hub ids). The engine owns validation, seeds and locking; a family only turns resolved
@@ -17,7 +17,7 @@ import torch
 
 from niche.errors import ConfigError
 from niche.models.spec import ComponentSource, MemoryMode, ModelSpec
-from niche.protocol import GenerationParams, PipelineKind
+from niche.protocol import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,3 @@ class Family(ABC):
 
     def shared_modules(self) -> dict[str, torch.nn.Module]:
         return {}
-
-
-def family_class(name: str) -> type[Family]:
-    if name == "flux":
-        from niche.models.flux import FluxFamily
-
-        return FluxFamily
-    if name == "kolors":
-        from niche.models.kolors import KolorsFamily
-
-        return KolorsFamily
-    raise ConfigError(f"unknown model family '{name}'")
-
-
-def served_pipelines(spec: ModelSpec) -> list[PipelineKind]:
-    return list(spec.pipelines)

@@ -7,7 +7,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Optional
 
-from niche.localnet.plan import LocalnetPlan
+from niche.devnet.localnet.plan import LocalnetPlan
 
 
 @dataclass(frozen=True)

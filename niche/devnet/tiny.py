@@ -5,7 +5,7 @@ Tests, localnet and the validator run the real loading and generation code (diff
 image well under a second on CPU). Every component has one builder function returning the
 module; `_finish` then initialises every parameter from an explicit generator seeded by the
 component's name (no global RNG), puts it in eval mode and, when the tiny-training follow-up
-has left trained weights in niche/models/tiny_weights/<model>/<component>.safetensors, loads
+has left trained weights in niche/devnet/tiny_weights/<model>/<component>.safetensors, loads
 those instead. Two builds are byte-identical.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ TRAINED_WEIGHTS_DIR = Path(__file__).parent / "tiny_weights"
 
 # A few dozen prompt-like lines: the vocabulary of every tiny tokenizer.
 # The shape/colour lines cover every word of the tiny-training prompts
-# (niche/models/training/data.py VOCABULARY): trained tiny weights depend on these tokens.
+# (niche/devnet/training/data.py VOCABULARY): trained tiny weights depend on these tokens.
 CORPUS = """a photo of a cat sitting on a red chair in the sun
 a painting of a mountain lake at dawn, oil on canvas
 an astronaut riding a horse on the moon, digital art

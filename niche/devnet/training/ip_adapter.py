@@ -16,9 +16,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from niche.models.training.cache import Encoded
-from niche.models.training.common import LoopResult, run_loop
-from niche.models.training.kolors import noisy, scheduler_loss_weights, time_ids, weighted_mse
+from niche.devnet.training.cache import Encoded
+from niche.devnet.training.common import LoopResult, run_loop
+from niche.devnet.training.kolors import noisy, scheduler_loss_weights, time_ids, weighted_mse
 
 WEIGHT_NAME = "ip_adapter_plus_general.safetensors"
 EMPTY_PROMPT_RATE = 0.2

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from niche.models.training import data
-from niche.models.training.common import LoopResult, run_loop, to_tensor
+from niche.devnet.training import data
+from niche.devnet.training.common import LoopResult, run_loop, to_tensor
 
 
 def train_vae(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import PIL.Image
 
-from niche.models.training import data
+from niche.devnet.training import data
 
 #: the thresholds of the issue ("done when")
 MAX_OTHER_DB = 25.0  # other prompt / seed / conditioning

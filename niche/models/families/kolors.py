@@ -14,7 +14,7 @@ import logging
 import PIL.Image
 import torch
 
-from niche.models.registry import BatchItem, Family
+from niche.models.families.base import BatchItem, Family
 from niche.protocol import GenerationParams, PipelineKind
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class KolorsFamily(Family):
     def load(self) -> None:
         from diffusers import ControlNetModel, KolorsPipeline
 
-        from niche.models.kolors_controlnet import KolorsControlNetPipeline
+        from niche.models.families.kolors_controlnet import KolorsControlNetPipeline
 
         path, kwargs = self.source("base")
         self.base = KolorsPipeline.from_pretrained(path, dtype=self.dtype, **kwargs)

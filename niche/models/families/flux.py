@@ -4,7 +4,7 @@ from __future__ import annotations
 import PIL.Image
 import torch
 
-from niche.models.registry import BatchItem, Family
+from niche.models.families.base import BatchItem, Family
 from niche.protocol import GenerationParams
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from niche.models.training.fresh import fresh_checkpoints, save_component, write_manifest
+from niche.devnet.training.fresh import fresh_checkpoints, save_component, write_manifest
 
 #: procedural samples encoded once per model: FLUX's 64-wide transformer, 16000 steps of 16,
 #: was measured on 8192 (encoding them takes seconds); Kolors' stages were tuned on 2048 (8192
@@ -73,8 +73,8 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
 
     from niche.models.conditioning import DepthEstimator, canny, depth
     from niche.models.spec import load_spec
-    from niche.models.training import cache, flux, ip_adapter, kolors, vae
-    from niche.models.training import depth as depth_training
+    from niche.devnet.training import cache, flux, ip_adapter, kolors, vae
+    from niche.devnet.training import depth as depth_training
 
     torch.set_num_threads(threads)
     stages = [s for s in STAGES if not only or any(s.name.startswith(o) for o in only)]

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from niche.errors import ConfigError
-from niche.localnet.supervisor import free_port
+from niche.devnet.localnet.supervisor import free_port
 
-from niche.localnet.cheats import CHEATS
+from niche.devnet.localnet.cheats import CHEATS
 
 DEFAULT_NETUID = 1
 MINER_STAKE = 10.0
@@ -82,7 +82,7 @@ def prepare(
     from niche.chain.local import LocalChain
     from niche.chain.wallets import create_wallet
     from niche.models.spec import available_models
-    from niche.models.tiny import ensure_tiny_models
+    from niche.devnet.tiny import ensure_tiny_models
 
     if miners < 1 or validators < 1:
         raise ConfigError("localnet needs at least one miner and one validator")

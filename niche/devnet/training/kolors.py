@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from niche.models.training.cache import Encoded
-from niche.models.training.common import LoopResult, run_loop
+from niche.devnet.training.cache import Encoded
+from niche.devnet.training.common import LoopResult, run_loop
 
 EMPTY_PROMPT_RATE = 0.1
 #: as in the ControlNet paper: half the prompts empty, so the control image has to carry the

@@ -15,8 +15,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from niche.models.training import data
-from niche.models.training.common import to_tensor
+from niche.devnet.training import data
+from niche.devnet.training.common import to_tensor
 
 EMPTY_PROMPT_RATE = 0.1
 

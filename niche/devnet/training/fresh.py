@@ -1,4 +1,4 @@
-"""Untrained tiny checkpoints, built by niche.models.tiny with its trained-weights hook off,
+"""Untrained tiny checkpoints, built by niche.devnet.tiny with its trained-weights hook off,
 and the writer of trained components into the hook's layout."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def fresh_checkpoints(models: list[str], weights_dir: Path | None = None):
     """Yield a folder with tiny checkpoints built by tiny.py: freshly initialised (no trained
     weights loaded) so a full training run always starts from the same deterministic init,
     or with the trained weights of ``weights_dir`` (continuing with some stages only)."""
-    from niche.models import tiny
+    from niche.devnet import tiny
 
     saved = tiny.TRAINED_WEIGHTS_DIR
     with tempfile.TemporaryDirectory(prefix="niche-train-") as tmp:
