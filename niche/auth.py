@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 from bittensor import http_auth
 from bittensor.sp_core import CRYPTO_SR25519
@@ -85,10 +85,10 @@ class BoundedNonceStore:
 
 
 def has_auth_headers(headers: Mapping[str, str]) -> bool:
-    return any(k.lower() in _AUTH_LOWER for k in headers.keys())
+    return any(k.lower() in _AUTH_LOWER for k in headers)
 
 
-def claimed_hotkey(headers: Mapping[str, str]) -> Optional[str]:
+def claimed_hotkey(headers: Mapping[str, str]) -> str | None:
     """The sender hotkey a request CLAIMS (unverified): lets cheap checks run first."""
     for key, value in headers.items():
         if key.lower() == http_auth.HEADER_HOTKEY.lower():
@@ -97,7 +97,7 @@ def claimed_hotkey(headers: Mapping[str, str]) -> Optional[str]:
 
 
 def sign_request(wallet, *, method: str, path: str, body: bytes, receiver: str,
-                 nonce_ns: Optional[int] = None) -> dict[str, str]:
+                 nonce_ns: int | None = None) -> dict[str, str]:
     """btauth/1 headers for one request to the hotkey `receiver` (sign each send afresh)."""
     return http_auth.sign(wallet, method=method, path=path, body=body, receiver_ss58=receiver,
                           nonce_ns=nonce_ns)
@@ -110,7 +110,7 @@ class RequestVerifier:
     self_hotkey: str
     max_age: float = http_auth.DEFAULT_MAX_AGE
     allowed_skew: float = http_auth.DEFAULT_ALLOWED_SKEW
-    nonce_store: Optional[BoundedNonceStore] = None
+    nonce_store: BoundedNonceStore | None = None
 
     def __post_init__(self) -> None:
         if self.nonce_store is None:

@@ -6,7 +6,6 @@ request before any model runs, and a validator validates an answer before scorin
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -48,12 +47,20 @@ class GenerationParams(_Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int = Field(ge=0, le=MAX_SEED)
-    steps: Optional[int] = Field(default=None, ge=1, le=200)
-    guidance: Optional[float] = Field(default=None, ge=0.0, le=30.0)
-    width: Optional[int] = Field(default=None, ge=16, le=4096)
-    height: Optional[int] = Field(default=None, ge=16, le=4096)
-    controlnet_scale: Optional[float] = Field(default=None, ge=0.0, le=4.0)
-    ip_adapter_scale: Optional[float] = Field(default=None, ge=0.0, le=4.0)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+    width: int | None = Field(default=None, ge=16, le=4096)
+    height: int | None = Field(default=None, ge=16, le=4096)
+    controlnet_scale: float | None = Field(default=None, ge=0.0, le=4.0)
+    ip_adapter_scale: float | None = Field(default=None, ge=0.0, le=4.0)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of params the engine has resolved (defaults filled in)."""
+        if self.width is None or self.height is None:
+            raise ValueError("unresolved params: width and height are only known after "
+                             "engine.resolve")
+        return self.width, self.height
 
 
 class GenerateRequest(_Strict):
@@ -62,7 +69,7 @@ class GenerateRequest(_Strict):
     protocol_version: int = PROTOCOL_VERSION
     request_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     params: GenerationParams
-    image: Optional[str] = Field(default=None, max_length=MAX_IMAGE_B64_CHARS)
+    image: str | None = Field(default=None, max_length=MAX_IMAGE_B64_CHARS)
     timeout: float = Field(default=30.0, gt=0.0, le=600.0)
 
 
@@ -102,7 +109,7 @@ class ErrorResponse(BaseModel):
 
     reason: str
     detail: str = ""
-    field: Optional[str] = None
+    field: str | None = None
     """The request field at fault, when one is (e.g. "image", "params.width")."""
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from niche.errors import NicheError
 
@@ -31,7 +31,7 @@ class Neuron:
     coldkey: str
     stake: float
     validator_permit: bool
-    endpoint: Optional[Endpoint]
+    endpoint: Endpoint | None
     last_update: int
     incentive: float = 0.0
 
@@ -42,7 +42,7 @@ class Metagraph:
     block: int
     neurons: tuple[Neuron, ...] = field(default_factory=tuple)
 
-    def by_hotkey(self, hotkey: str) -> Optional[Neuron]:
+    def by_hotkey(self, hotkey: str) -> Neuron | None:
         return next((n for n in self.neurons if n.hotkey == hotkey), None)
 
     def require(self, hotkey: str, role: str) -> Neuron:
@@ -56,7 +56,7 @@ class Metagraph:
                 "on a real network)")
         return neuron
 
-    def by_uid(self, uid: int) -> Optional[Neuron]:
+    def by_uid(self, uid: int) -> Neuron | None:
         return next((n for n in self.neurons if n.uid == uid), None)
 
     @property
@@ -110,5 +110,5 @@ class Chain(ABC):
     def register(self, netuid: int, wallet, stake: float = 0.0) -> int:
         """Register the wallet's hotkey; returns its uid (already registered: its uid)."""
 
-    def close(self) -> None:  # pragma: no cover - optional
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: most chains hold nothing to release
+        """Release connections; the default has none."""

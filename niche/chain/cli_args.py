@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 from niche.chain.wallets import DEFAULT_WALLET_PATH
 
@@ -16,7 +15,7 @@ def add_chain_args(
     parser: argparse.ArgumentParser,
     *,
     netuid_required: bool = False,
-    default_netuid: Optional[int] = None,
+    default_netuid: int | None = None,
     default_network: str = "finney",
 ) -> None:
     """--netuid, --subtensor.network, --subtensor.chain_endpoint, --localnet.path."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from niche.chain.base import Chain, ChainError
 from niche.chain.subtensor import SDK_NETWORKS
@@ -12,9 +11,9 @@ NETWORK_CHOICES = ("localnet",) + SDK_NETWORKS
 
 def connect(
     network: str,
-    localnet_path: Optional[Path | str] = None,
+    localnet_path: Path | str | None = None,
     *,
-    chain_endpoint: Optional[str] = None,
+    chain_endpoint: str | None = None,
 ) -> Chain:
     """`localnet` -> LocalChain on `localnet_path` (must exist); finney, test, local,
     archive, devnet or a ws(s):// URL -> SubtensorChain. `chain_endpoint` (a URL)

@@ -21,10 +21,10 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from niche.chain.base import Chain, ChainError, Endpoint, Metagraph, Neuron, WeightsResult
 
@@ -146,14 +146,15 @@ def yuma_incentive(
     share = [s / total_stake for s in stakes]
     ranks = []
     for j in range(n):
-        column = sorted(((row[j], s) for row, s in zip(weights, share)), reverse=True)
+        column = sorted(((row[j], s) for row, s in zip(weights, share, strict=False)), reverse=True)
         consensus, support = 0.0, 0.0
         for value, s in column:
             support += s
             if support >= kappa - 1e-12:
                 consensus = value
                 break
-        ranks.append(sum(s * min(row[j], consensus) for row, s in zip(weights, share)))
+        ranks.append(sum(s * min(row[j], consensus)
+                         for row, s in zip(weights, share, strict=False)))
     total = sum(ranks)
     return [r / total for r in ranks] if total > 0 else [0.0] * n
 
@@ -247,7 +248,7 @@ class LocalChain(Chain):
             raise ChainError(f"local chain {self.path} unavailable: {exc}") from exc
 
     class _Tx:
-        def __init__(self, chain: "LocalChain"):
+        def __init__(self, chain: LocalChain):
             self.chain = chain
 
         def __enter__(self):
@@ -273,7 +274,7 @@ class LocalChain(Chain):
                 self.chain._lock.release()
             return False
 
-    def _write(self) -> "LocalChain._Tx":
+    def _write(self) -> LocalChain._Tx:
         """A write transaction: takes SQLite's write lock up front so writers queue."""
         return LocalChain._Tx(self)
 
@@ -281,7 +282,7 @@ class LocalChain(Chain):
         with self._lock, self._sqlite_errors():
             cur = self._db.execute(sql, args)
             names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            return [dict(zip(names, row, strict=False)) for row in cur.fetchall()]
 
     def current_block(self) -> int:
         return max(0, int((self._clock() - self._genesis) / self.block_time))
@@ -294,7 +295,7 @@ class LocalChain(Chain):
 
     def create_subnet(
         self,
-        netuid: Optional[int] = None,
+        netuid: int | None = None,
         *,
         tempo: int = 20,
         weights_rate_limit: int = 5,
@@ -529,7 +530,7 @@ class LocalChain(Chain):
             )
         return WeightsResult(True, f"weights set for {len(uids)} uids at block {block}", block)
 
-    def weights_history(self, netuid: int, hotkey: Optional[str] = None) -> list[dict]:
+    def weights_history(self, netuid: int, hotkey: str | None = None) -> list[dict]:
         """Every recorded weight set on `netuid` (optionally one hotkey's), oldest first."""
         sql = "SELECT * FROM weight_sets WHERE netuid=?" + (" AND hotkey=?" if hotkey else "")
         rows = self._rows(sql + " ORDER BY id", (netuid, hotkey) if hotkey else (netuid,))
@@ -575,7 +576,7 @@ class LocalChain(Chain):
                 continue
             set_block, targets, values = latest[0], json.loads(latest[1]), json.loads(latest[2])
             row = [0.0] * len(neurons)
-            for target, value in zip(targets, values):
+            for target, value in zip(targets, values, strict=False):
                 # Weights set before a uid changed hands do not count for its new owner.
                 if target in index and registered[target] <= set_block:
                     row[index[target]] = value

@@ -12,9 +12,11 @@ fake of the SDK object through `sdk=` (see docs/chain.md).
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from niche.chain.base import Chain, ChainError, Endpoint, Metagraph, Neuron, WeightsResult
 
@@ -33,7 +35,7 @@ def _tao(value: Any) -> float:
     return float(getattr(value, "tao", value) or 0.0)
 
 
-def parse_axon(axon: Optional[str]) -> Optional[Endpoint]:
+def parse_axon(axon: str | None) -> Endpoint | None:
     """`ip:port` or `[v6]:port` from the SDK metagraph -> Endpoint (None when not served)."""
     if not axon:
         return None
@@ -54,7 +56,7 @@ class SubtensorChain(Chain):
         self,
         network: str = "finney",
         *,
-        chain_endpoint: Optional[str] = None,
+        chain_endpoint: str | None = None,
         sdk: Any = None,
         retries: int = 3,
         backoff_s: float = 0.5,
@@ -162,7 +164,7 @@ class SubtensorChain(Chain):
         )
         return Metagraph(netuid=netuid, block=int(mg.block), neurons=neurons)
 
-    def uid_of(self, netuid: int, hotkey: str) -> Optional[int]:
+    def uid_of(self, netuid: int, hotkey: str) -> int | None:
         uid = self._call(
             f"look up hotkey {hotkey} on subnet {netuid}",
             lambda: self._sdk.neurons.uid(hotkey, netuid),
@@ -264,7 +266,5 @@ class SubtensorChain(Chain):
     def close(self) -> None:
         close = getattr(self._sdk, "close", None)
         if close is not None:
-            try:
+            with contextlib.suppress(Exception):  # best-effort teardown
                 close()
-            except Exception:  # noqa: BLE001 - best-effort teardown
-                pass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 from niche.chain.base import ChainError
 
@@ -50,7 +49,7 @@ def load_wallet(
     path: str | Path = DEFAULT_WALLET_PATH,
     *,
     need_coldkey: bool = False,
-    interactive: Optional[bool] = None,
+    interactive: bool | None = None,
 ):
     """A `bt.Wallet` whose hotkey (and coldkey public key) are readable now.
 

@@ -90,11 +90,11 @@ def _register(args: argparse.Namespace) -> int:
             raise ChainError(f"subnet {args.netuid} does not exist on {args.subtensor_network}: "
                              "check --netuid")
         if not local:
-            existing = chain.uid_of(args.netuid, hotkey)  # type: ignore[attr-defined]
+            existing = chain.uid_of(args.netuid, hotkey)
             if existing is not None:
                 print(f"{hotkey} is already registered as uid {existing} on subnet {args.netuid}")
                 return 0
-            cost = chain.burn_cost(args.netuid)  # type: ignore[attr-defined]
+            cost = chain.burn_cost(args.netuid)
             print(f"would burn-register hotkey {hotkey} (wallet {args.wallet_name}/"
                   f"{args.wallet_hotkey}) on subnet {args.netuid} of {args.subtensor_network}, "
                   f"paying about {cost:.6f} TAO from coldkey {wallet.coldkeypub.ss58_address}")
@@ -140,7 +140,7 @@ def _metagraph(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     return 0
 
 

@@ -6,8 +6,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from niche.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from niche.models.engine import Engine
 
 PIPELINES = ("txt2img", "controlnet-canny", "controlnet-depth", "ip-adapter")
 
@@ -50,9 +54,10 @@ def _params(args: argparse.Namespace):
     from niche.protocol import GenerationParams, first_validation_error
 
     fields = {"model": args.model, "pipeline": args.pipeline, "prompt": args.prompt,
-                  "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
-                  "guidance": args.guidance, "width": args.width, "height": args.height,
-                  "controlnet_scale": args.controlnet_scale, "ip_adapter_scale": args.ip_adapter_scale}
+              "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps,
+              "guidance": args.guidance, "width": args.width, "height": args.height,
+              "controlnet_scale": args.controlnet_scale,
+              "ip_adapter_scale": args.ip_adapter_scale}
     try:
         return GenerationParams(**fields)
     except ValidationError as exc:

@@ -125,16 +125,11 @@ def _run(args: argparse.Namespace) -> int:
     # Cheap checks first: registration and the port, before minutes of model loading.
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
     bind_socket(args.axon_ip, args.axon_port).close()
-    from niche.models.engine import Engine, resolve_device
+    from niche.commands.engine_args import engine_from_args
+    from niche.models.engine import ImageEngine, resolve_device
 
-    device = resolve_device(args.device)
-    from niche.commands.engine_args import model_root_from_args
-
-    model_root = model_root_from_args(args)
-    log.info("loading %s on %s", ", ".join(args.models), device)
-    engine = Engine(models=list(args.models), model_root=model_root, device=device,
-                    dtype=args.dtype, memory_mode=args.memory_mode,
-                    num_threads=args.num_threads)
+    log.info("loading %s on %s", ", ".join(args.models), resolve_device(args.device))
+    engine: ImageEngine = engine_from_args(args, args.models)
     if args.localnet_cheat:
         from niche.devnet.localnet.cheats import CheatingEngine
 

@@ -5,7 +5,7 @@ import argparse
 import logging
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 def run_exiting_cleanly_on_sigterm(body: Callable[[argparse.Namespace], int],

@@ -30,8 +30,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from niche.commands.generate import _params, engine_from_request_args
     from niche.errors import InvalidRequest
-    from niche.imaging import encode_image
-    from niche.imaging import load_image_file
+    from niche.imaging import encode_image, load_image_file
     from niche.validator.verify import Verifier, VerifyConfig
 
     params = _params(args)

@@ -24,9 +24,5 @@ def unique_bytes(modules: Iterable[torch.nn.Module]) -> int:
     return sum(seen.values())
 
 
-def storage_ptrs(module: torch.nn.Module) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors([module])}
-
-
 def pipeline_modules(pipe) -> list[torch.nn.Module]:
     return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]

@@ -4,12 +4,13 @@ Tests, localnet and the validator run the real loading and generation code (diff
 `from_pretrained` on a folder) on these, so they must be small (a few MB) and fast (a 64x64
 image well under a second on CPU). Every component has one builder function returning the
 module; `_finish` then initialises every parameter from an explicit generator seeded by the
-component's name (no global RNG), puts it in eval mode and, when the tiny-training follow-up
-has left trained weights in niche/devnet/tiny_weights/<model>/<component>.safetensors, loads
+component's name (no global RNG), puts it in eval mode and, where trained weights exist in
+niche/devnet/tiny_weights/<model>/<component>.safetensors (`niche models train-tiny`), loads
 those instead. Two builds are byte-identical.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,7 +99,7 @@ def _trained_weights(model: str, component: str) -> Path | None:
 
 def _finish(module: torch.nn.Module, model: str, component: str,
             adjust: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
-    """Initialise (then `adjust`), or load trained tiny weights (the follow-up hook); eval()."""
+    """Initialise (then `adjust`), or load trained tiny weights (niche/devnet/training); eval()."""
     _init_parameters(module, f"{model}/{component}")
     trained = _trained_weights(model, component)
     if trained is None and adjust is not None:
@@ -143,7 +144,7 @@ def _byte_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=False)}
 
 
 def build_clip_tokenizer(out: Path) -> None:
@@ -228,10 +229,9 @@ def flux_transformer() -> torch.nn.Module:
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=FLUX_LATENT_CHANNELS * 4,
-        # two double-stream and two single-stream blocks, 64 wide: one of each at 32 wide learned
-        # colours but not layouts (contact sheet: "a red circle on a blue background" drew purple
-        # and grey texture, even after 24000 steps on 8192 scenes); this one draws a red blob on
-        # blue (docs/tiny-models.md)
+        # two double-stream and two single-stream blocks, 64 wide: the smallest size measured
+        # to learn layouts as well as colours (one block of each at 32 wide drew only colour
+        # texture however long it trained; docs/tiny-models.md)
         num_layers=2,
         num_single_layers=2,
         attention_head_dim=16,
@@ -714,10 +714,8 @@ def ensure_tiny_models(root: Path | None = None) -> Path:
             return root
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}-old-", dir=root.parent))
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.rename(root, old / "stale")
-            except FileNotFoundError:
-                pass
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, root)

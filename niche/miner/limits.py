@@ -18,15 +18,15 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
 class Refusal(Exception):
     """A request refused by policy: HTTP `status`, stable `reason`, human `detail`."""
 
     def __init__(self, status: int, reason: str, detail: str = "", *,
-                 field: Optional[str] = None):
+                 field: str | None = None):
         self.status, self.reason, self.detail, self.field = status, reason, detail, field
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
@@ -35,7 +35,7 @@ class Refusal(Exception):
 class RateLimiter:
     """Token buckets keyed by hotkey; at most `max_keys` buckets are remembered (LRU)."""
 
-    def __init__(self, requests_per_minute: float, *, burst: Optional[float] = None,
+    def __init__(self, requests_per_minute: float, *, burst: float | None = None,
                  stake_proportional: bool = False, max_keys: int = 10_000,
                  clock: Callable[[], float] = time.monotonic):
         self.rpm = float(requests_per_minute)
@@ -85,7 +85,7 @@ class PriorityGate:
     the caller must then call `release(seconds)` exactly once."""
 
     def __init__(self, max_queue: int = 16, *, history: int = 20,
-                 initial_estimate: Optional[float] = None,
+                 initial_estimate: float | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.max_queue = max_queue
         self.initial_estimate = initial_estimate
@@ -101,7 +101,7 @@ class PriorityGate:
         """Requests waiting (not counting the one running)."""
         return sum(1 for w in self._heap if not w.future.done())
 
-    def estimate(self) -> Optional[float]:
+    def estimate(self) -> float | None:
         """Typical generation seconds: median of recent ones (None before any is known)."""
         if self._durations:
             return statistics.median(self._durations)
@@ -159,7 +159,7 @@ class PriorityGate:
         self.busy = True
         self._running_since = self._clock()
 
-    def release(self, seconds: Optional[float]) -> None:
+    def release(self, seconds: float | None) -> None:
         """The running generation ended (`seconds` it took, None if it never ran)."""
         if seconds is not None:
             self.record(seconds)

@@ -20,8 +20,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
-from typing import Iterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -29,7 +30,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from niche import __version__
 from niche.auth import AuthFailure
 from niche.errors import NicheError
-from niche.transport import BodyTooLarge, read_capped
 from niche.miner.limits import Refusal
 from niche.miner.service import MinerService, short
 from niche.protocol import (
@@ -40,12 +40,13 @@ from niche.protocol import (
     GenerateResponse,
     InfoResponse,
 )
+from niche.transport import BodyTooLarge, read_capped
 
 log = logging.getLogger("niche.miner")
 
 
 
-def _error(status: int, reason: str, detail: str = "", field: Optional[str] = None
+def _error(status: int, reason: str, detail: str = "", field: str | None = None
            ) -> JSONResponse:
     body = ErrorResponse(reason=reason, detail=detail, field=field)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
@@ -81,7 +82,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     metrics = service.metrics
     inflight = [0]  # generate requests between admission and answer (event-loop only)
     inflight_by_peer: dict[str, int] = {}
-    error_responses = {code: {"model": ErrorResponse} for code in
+    error_responses: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in
                        (400, 401, 403, 408, 413, 422, 429, 500, 503)}
 
     @app.post(
@@ -106,9 +107,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             inflight_by_peer[peer] = inflight_by_peer.get(peer, 0) + 1
             admitted = True
             try:
-                body = await asyncio.wait_for(read_capped(request.stream(), service.config.max_body_bytes,
+                body = await asyncio.wait_for(
+                    read_capped(request.stream(), service.config.max_body_bytes,
                                 request.headers.get("content-length")),
-                                              service.config.body_timeout)
+                    service.config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
             except asyncio.TimeoutError:
@@ -217,7 +219,7 @@ def _h11_with_header_deadline(seconds: float):
             if idle and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 
@@ -270,7 +272,7 @@ def _stop_on_signals(server) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def serve(service: MinerService, ip: str, port: int, *, external_ip: Optional[str] = None
+def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None = None
           ) -> None:
     """Bind, publish the endpoint on chain, then serve until SIGINT/SIGTERM."""
     sock = bind_socket(ip, port)

@@ -17,15 +17,15 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from niche import __version__
-from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, \
-    sign_response
+from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
@@ -67,7 +67,7 @@ class MinerConfig:
     auth_max_age: float = 10.0
     auth_allowed_skew: float = 2.0
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    initial_estimate: Optional[float] = None
+    initial_estimate: float | None = None
     """Generation seconds assumed before any is measured (None: admit until measured)."""
     max_concurrent_decodes: int = 2
     max_inflight: int = 48
@@ -88,7 +88,7 @@ class MinerService:
     """Engine + wallet + chain view + limits. One per process and GPU."""
 
     def __init__(self, engine: ImageEngine, wallet: Wallet, config: MinerConfig,
-                 chain: Chain | None = None, metagraph: Optional[Metagraph] = None, *,
+                 chain: Chain | None = None, metagraph: Metagraph | None = None, *,
                  clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.wallet = wallet
@@ -105,10 +105,10 @@ class MinerService:
                                  clock=clock)
         self.metrics = MinerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
-        self._decode_slots: Optional[asyncio.Semaphore] = None
+        self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
-        self.metagraph: Optional[Metagraph] = None
+        self.metagraph: Metagraph | None = None
         if metagraph is not None:
             self.set_metagraph(metagraph)
         elif chain is not None:
@@ -180,13 +180,13 @@ class MinerService:
         self.caller_policy(claimed)
 
     def authenticate(self, headers: Mapping[str, str], body: bytes, *, method: str,
-                     path: str) -> tuple[str, Optional[Neuron]]:
+                     path: str) -> tuple[str, Neuron | None]:
         """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
         self.precheck(headers)
         hotkey = self.verifier.verify(headers, body, method=method, path=path)
         return hotkey, self.caller_policy(hotkey)
 
-    def rate_check(self, hotkey: str, neuron: Optional[Neuron]) -> None:
+    def rate_check(self, hotkey: str, neuron: Neuron | None) -> None:
         share = 1.0
         if neuron is not None and self._validator_stake > 0:
             share = neuron.stake / self._validator_stake
@@ -252,7 +252,7 @@ class MinerService:
         b64, digest = encode_b64(result, "PNG")
         return seconds, b64, digest, sign_response(self.keypair, request_id, digest)
 
-    async def generate(self, request: GenerateRequest, neuron: Optional[Neuron]
+    async def generate(self, request: GenerateRequest, neuron: Neuron | None
                        ) -> GenerateResponse:
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0

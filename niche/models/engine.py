@@ -21,7 +21,7 @@ import torch
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
-from niche.models.spec import DTYPES, MEMORY_MODES, ModelSpec, load_spec
+from niche.models.spec import DTYPES, MEMORY_MODES, MemoryMode, ModelSpec, load_spec
 from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Engine:
         model_root: Path | None = None,
         device: str = "cpu",
         dtype: str | None = "float32",
-        memory_mode: str | None = None,
+        memory_mode: MemoryMode | None = None,
         num_threads: int | None = None,
         *,
         config_dir: Path | None = None,
@@ -216,7 +216,7 @@ class Engine:
         if image is None or params.controlnet_scale == 0.0 or params.ip_adapter_scale == 0.0:
             return None  # scale 0 runs the plain txt2img pipeline: no conditioning to compute
         d = self.spec(params.model).defaults
-        w, h = params.width, params.height
+        w, h = params.size
         if params.pipeline is PipelineKind.CONTROLNET_CANNY:
             return conditioning.canny(image, w, h, d.canny_low, d.canny_high)
         if params.pipeline is PipelineKind.CONTROLNET_DEPTH:
@@ -258,7 +258,7 @@ class Engine:
             with self._lock, torch.no_grad():
                 cond = self.conditioning_image(full, image)
                 images = self._families[full.model].run(full, items, cond)
-            for i, img in zip(indices, images):
+            for i, img in zip(indices, images, strict=False):
                 results[i] = img.convert("RGB")
         return results  # type: ignore[return-value]
 

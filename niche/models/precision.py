@@ -12,6 +12,7 @@ miner is to a float32 validator, the tighter the verification threshold can be.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ def return_float32(module: torch.nn.Module) -> None:
 
 
 def float32_sampling(denoiser: torch.nn.Module, vae: torch.nn.Module,
-                     side_networks: list[torch.nn.Module] = ()) -> None:
+                     side_networks: Sequence[torch.nn.Module] = ()) -> None:
     """Install the casts on one pipeline's networks (once, when the family loads them).
 
     ``side_networks`` (ControlNets) feed the denoiser: they only need their inputs cast, their

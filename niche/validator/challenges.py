@@ -13,8 +13,9 @@ nobody else. No global RNG anywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -57,8 +58,8 @@ class Challenge:
     params: GenerationParams
     """Fully explicit: size, steps and guidance set, so regeneration needs no defaults."""
     timeout: float
-    image: Optional[Image.Image] = field(default=None, compare=False, repr=False)
-    image_b64: Optional[str] = field(default=None, compare=False, repr=False)
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    image_b64: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def workload(self) -> tuple:
@@ -83,9 +84,9 @@ def round_rng(validator_seed: int, round_index: int) -> np.random.Generator:
 
 
 class ChallengeFactory:
-    def __init__(self, plans: dict[str, ModelPlan], prompts: Optional[PromptSource] = None,
-                 conditioner: Optional[Conditioner] = None,
-                 resolve: Optional[Callable[[GenerationParams], GenerationParams]] = None):
+    def __init__(self, plans: dict[str, ModelPlan], prompts: PromptSource | None = None,
+                 conditioner: Conditioner | None = None,
+                 resolve: Callable[[GenerationParams], GenerationParams] | None = None):
         """`resolve` (the engine's) completes and checks each request, so a challenge never
         asks for what the model refuses (e.g. a prompt over its token limit: redrawn)."""
         self.plans = plans
@@ -97,9 +98,10 @@ class ChallengeFactory:
         """One challenge per target whose model this validator knows (others are skipped)."""
         shapes: dict[str, tuple[int, int, int]] = {}
         for model in sorted({t.model for t in targets if t.model in self.plans}):
-            plan = self.plans[model]
-            width, height = plan.sizes[int(rng.integers(len(plan.sizes)))]
-            shapes[model] = (width, height, plan.steps[int(rng.integers(len(plan.steps)))])
+            shape_plan = self.plans[model]
+            width, height = shape_plan.sizes[int(rng.integers(len(shape_plan.sizes)))]
+            steps = shape_plan.steps[int(rng.integers(len(shape_plan.steps)))]
+            shapes[model] = (width, height, steps)
         used_pairs: set[tuple[str, int]] = set()
         used_prompts: set[str] = set()
         used_seeds: set[int] = set()
@@ -142,7 +144,7 @@ class ChallengeFactory:
             used_seeds.add(params.seed)
             used_pairs.add((params.prompt, params.seed))
             image = b64 = None
-            if pipeline.needs_image:
+            if pipeline.needs_image and self.conditioner is not None:  # offered ensures it
                 if target.model not in conditions:
                     cond = self.conditioner(target.model, pipeline, width, height, rng)
                     conditions[target.model] = (cond, to_b64(encode_image(cond)))
@@ -161,7 +163,7 @@ class ChallengeFactory:
         return prompt
 
 
-def plan_from_spec(spec, timeout: Optional[float] = None) -> ModelPlan:
+def plan_from_spec(spec, timeout: float | None = None) -> ModelPlan:
     """A ModelPlan from the engine's ModelSpec: its allowed sizes/steps when the spec lists
     them (limits.allowed_sizes / allowed_steps), else its challenge defaults."""
     d, limits = spec.defaults, spec.limits
@@ -185,8 +187,8 @@ MIN_CANNY_EDGE_FRACTION = 0.01
 SOURCE_DRAWS = 8
 
 
-def engine_conditioner(engine, source_model: Optional[str] = None,
-                       prompts: Optional[PromptSource] = None) -> Conditioner:
+def engine_conditioner(engine, source_model: str | None = None,
+                       prompts: PromptSource | None = None) -> Conditioner:
     """Conditioning images from the validator's own engine: a txt2img source image with a
     fresh prompt and seed. The engine on both sides derives the control signal from it with
     niche.models.conditioning (canny edges, a depth map, or the fitted image itself as the

@@ -7,8 +7,8 @@ prompt and seed, so an honest answer never repeats.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -51,7 +51,7 @@ def hamming(a: int, b: int) -> int:
     return int((a ^ b).bit_count())
 
 
-def shape_problem(image: Image.Image, width: int, height: int) -> Optional[str]:
+def shape_problem(image: Image.Image, width: int, height: int) -> str | None:
     """A reason when the image is not what the challenge asked for, else None."""
     if image.mode != "RGB":
         return f"{WRONG_MODE}: {image.mode}, expected RGB"
@@ -68,7 +68,7 @@ class AnswerIndex:
         self._by_sha: dict[str, Answer] = {}
         self._phashes: list[int] = []
         self._answers: list[Answer] = []
-        self._array: Optional[np.ndarray] = None  # _phashes as uint64, rebuilt lazily
+        self._array: np.ndarray | None = None  # _phashes as uint64, rebuilt lazily
         for answer in answers:
             self.add(answer)
 
@@ -81,7 +81,7 @@ class AnswerIndex:
         self._answers.append(answer)
         self._array = None
 
-    def match(self, fp: Fingerprint) -> Optional[Answer]:
+    def match(self, fp: Fingerprint) -> Answer | None:
         """An earlier answer this one copies (exactly or perceptually), else None."""
         exact = self._by_sha.get(fp.sha256)
         if exact is not None:

@@ -13,9 +13,10 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -24,7 +25,6 @@ from pydantic import ValidationError
 from niche.auth import sign_request, verify_response
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, image_sha256
-from niche.transport import BodyTooLarge, read_capped
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
@@ -35,6 +35,7 @@ from niche.protocol import (
     InfoResponse,
     first_validation_error,
 )
+from niche.transport import BodyTooLarge, read_capped
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_INFO_BYTES = 256 * 1024
@@ -64,7 +65,7 @@ class QueryStatus(str, Enum):
 class MinerTarget:
     uid: int
     hotkey: str
-    url: Optional[str]
+    url: str | None
 
 
 @dataclass
@@ -72,15 +73,15 @@ class QueryResult:
     uid: int
     hotkey: str
     status: QueryStatus
-    latency: Optional[float] = None
+    latency: float | None = None
     """Seconds from send to last body byte, on the caller's clock (None if never sent)."""
     reason: str = ""
-    http_status: Optional[int] = None
-    request_id: Optional[str] = None
-    response: Optional[GenerateResponse] = None
-    image: Optional[Image.Image] = None
-    image_bytes: Optional[bytes] = None
-    error: Optional[ErrorResponse] = None
+    http_status: int | None = None
+    request_id: str | None = None
+    response: GenerateResponse | None = None
+    image: Image.Image | None = None
+    image_bytes: bytes | None = None
+    error: ErrorResponse | None = None
 
     @property
     def ok(self) -> bool:
@@ -92,17 +93,17 @@ class InfoResult:
     uid: int
     hotkey: str
     status: QueryStatus
-    info: Optional[InfoResponse] = None
-    latency: Optional[float] = None
+    info: InfoResponse | None = None
+    latency: float | None = None
     reason: str = ""
-    http_status: Optional[int] = None
+    http_status: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.status is QueryStatus.OK
 
 
-TargetLike = Union[MinerTarget, tuple, Any]
+TargetLike = MinerTarget | tuple | Any
 
 
 def as_target(obj: TargetLike) -> MinerTarget:
@@ -125,7 +126,7 @@ class MinerClient:
     httpx.AsyncClient per batch), so `asyncio.run` per round works."""
 
     def __init__(self, wallet, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-                 max_connections: int = 256, image_limits: Optional[ImageLimits] = None,
+                 max_connections: int = 256, image_limits: ImageLimits | None = None,
                  grace: float = 2.0):
         self.wallet = wallet
         self.max_response_bytes = max_response_bytes
@@ -173,8 +174,8 @@ class MinerClient:
 
     # ------------------------------------------------------------------ generate
     async def query(self, target: TargetLike, request: GenerateRequest, *,
-                    timeout: Optional[float] = None,
-                    http: Optional[httpx.AsyncClient] = None) -> QueryResult:
+                    timeout: float | None = None,
+                    http: httpx.AsyncClient | None = None) -> QueryResult:
         """One signed generate request; never raises for the miner's behaviour."""
         t = as_target(target)
         result = QueryResult(t.uid, t.hotkey, QueryStatus.ERROR, request_id=request.request_id)
@@ -275,8 +276,8 @@ class MinerClient:
     async def query_many(
         self,
         targets: Sequence[Any],
-        request_factory: Optional[Callable[[MinerTarget], GenerateRequest]] = None,
-        deadline: Optional[float] = None,
+        request_factory: Callable[[MinerTarget], GenerateRequest] | None = None,
+        deadline: float | None = None,
     ) -> list[QueryResult]:
         """Query every target concurrently; results in the order of `targets`.
 
@@ -302,8 +303,8 @@ class MinerClient:
             return list(await asyncio.gather(*coros))
 
     # ------------------------------------------------------------------ info
-    async def info(self, url: Optional[str], hotkey: str, *, uid: int = -1,
-                   timeout: float = 5.0, http: Optional[httpx.AsyncClient] = None
+    async def info(self, url: str | None, hotkey: str, *, uid: int = -1,
+                   timeout: float = 5.0, http: httpx.AsyncClient | None = None
                    ) -> InfoResult:
         """GET /v1/info (signed, though miners may serve it unsigned); never raises."""
         result = InfoResult(uid, hotkey, QueryStatus.ERROR)

@@ -6,8 +6,8 @@ An operator file (one prompt per line) can replace the grammar.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -77,11 +77,11 @@ class PromptSource:
     a round's prompts are reproducible by the validator and unpredictable to miners.
     """
 
-    def __init__(self, prompts: Optional[Sequence[str]] = None):
+    def __init__(self, prompts: Sequence[str] | None = None):
         self._prompts = tuple(prompts) if prompts else None
 
     @classmethod
-    def from_file(cls, path: Path) -> "PromptSource":
+    def from_file(cls, path: Path) -> PromptSource:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:

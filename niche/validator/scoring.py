@@ -16,8 +16,9 @@ See docs/scoring.md for why these numbers.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -60,15 +61,15 @@ class Outcome:
 
     uid: int
     hotkey: str
-    model: Optional[str]
+    model: str | None
     workload: tuple = ()
     status: str = OK
     reason: str = ""
-    latency: Optional[float] = None
+    latency: float | None = None
     timeout: float = 30.0
     audited: bool = False
-    audit_passed: Optional[bool] = None
-    similarity: Optional[float] = None
+    audit_passed: bool | None = None
+    similarity: float | None = None
 
     @property
     def valid(self) -> bool:
@@ -97,13 +98,13 @@ def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, 
     for o in outcomes:
         if o.valid:
             key = (o.model, o.workload)
-            fastest[key] = min(fastest.get(key, float("inf")), float(o.latency))
+            fastest[key] = min(fastest.get(key, float("inf")), cast(float, o.latency))
     rewards = {}
     for o in outcomes:
         if not o.valid:
             rewards[o.uid] = 0.0
         else:
-            rewards[o.uid] = speed_reward(float(o.latency), o.timeout,
+            rewards[o.uid] = speed_reward(cast(float, o.latency), o.timeout,
                                           fastest[(o.model, o.workload)], cfg)
     return rewards
 
@@ -112,7 +113,7 @@ def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, 
 class UidScore:
     hotkey: str
     score: float = 0.0
-    model: Optional[str] = None
+    model: str | None = None
 
 
 @dataclass
@@ -162,18 +163,18 @@ class ScoreBook:
     def scores(self) -> dict[int, float]:
         return {uid: e.score for uid, e in self.uids.items()}
 
-    def models(self) -> dict[int, Optional[str]]:
+    def models(self) -> dict[int, str | None]:
         return {uid: e.model for uid, e in self.uids.items()}
 
 
-def compute_weights(scores: Mapping[int, float], models: Mapping[int, Optional[str]],
+def compute_weights(scores: Mapping[int, float], models: Mapping[int, str | None],
                     shares: Mapping[str, float]) -> dict[int, float]:
     """Per-model emission shares, then normalised; empty when no uid has earned anything."""
     per_model: dict[str, dict[int, float]] = {}
     for uid, score in scores.items():
         model = models.get(uid)
         if model in shares and score > 0.0:
-            per_model.setdefault(model, {})[uid] = float(score)
+            per_model.setdefault(cast(str, model), {})[uid] = float(score)
     live = {m: shares[m] for m in per_model if shares[m] > 0}
     total_share = sum(live.values())
     if total_share <= 0:
@@ -206,7 +207,7 @@ def choose_audits(rng: np.random.Generator, candidates: Sequence[int],
     return [candidates[int(i)] for i in sorted(picked)]
 
 
-def weights_due(current_block: int, last_set_block: Optional[int], epoch_length: int,
+def weights_due(current_block: int, last_set_block: int | None, epoch_length: int,
                 rate_limit: int) -> bool:
     """Set weights once per epoch, never faster than the chain's rate limit allows."""
     if last_set_block is None:

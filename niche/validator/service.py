@@ -17,9 +17,10 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,8 +37,8 @@ from niche.validator.challenges import (
     plan_from_spec,
     round_rng,
 )
-from niche.validator.client import MinerClient, QueryResult
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
+from niche.validator.client import MinerClient, QueryResult
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -58,20 +59,20 @@ class ValidatorConfig:
     state_path: Path = Path("~/.niche/validator/state.sqlite")
     sample_size: int = 64
     """Most miners queried per round (a random sample when there are more)."""
-    timeout: Optional[float] = None
+    timeout: float | None = None
     """Seconds a miner has to answer; None = each model's own challenge timeout."""
     epoch_length: int = 100
     """Blocks between two weight settings (never below the chain's rate limit)."""
     audit_fraction: float = 0.1
-    rounds: Optional[int] = None
+    rounds: int | None = None
     """Stop after this many rounds (None: run until signalled)."""
     round_interval: float = 12.0
     """Seconds from the start of one round to the start of the next."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Challenge seed; None = a fresh secret one per process (recommended on a real net)."""
     info_timeout: float = 5.0
     answer_memory_rounds: int = 1000
-    prompts_file: Optional[Path] = None
+    prompts_file: Path | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     version_key: int = 0
@@ -97,7 +98,7 @@ class RoundReport:
     block: int
     outcomes: list[Outcome]
     rewards: dict[int, float]
-    weights: Optional[dict[int, float]] = None
+    weights: dict[int, float] | None = None
     weights_message: str = ""
     seconds: float = 0.0
     scores: dict[int, float] = field(default_factory=dict)
@@ -122,7 +123,7 @@ class Validator:
         start = state.round_index
         self.answers = AnswerIndex(state.recent_answers(start - config.answer_memory_rounds))
         last = state.last_weights()
-        self.last_weights_block: Optional[int] = last.block if last else None
+        self.last_weights_block: int | None = last.block if last else None
         self.plans = self._plans()
         prompts = (PromptSource.from_file(config.prompts_file) if config.prompts_file
                    else PromptSource())
@@ -251,7 +252,7 @@ class Validator:
         """Ask each miner what it serves; a miner serving none of our models scores 0."""
         infos = await self.client.info_many(neurons, timeout=self.config.info_timeout)
         targets = []
-        for neuron, info in zip(neurons, infos):
+        for neuron, info in zip(neurons, infos, strict=False):
             served = info.info
             if not info.ok or served is None:
                 outcomes[neuron.uid] = Outcome(neuron.uid, neuron.hotkey, None,
@@ -274,7 +275,7 @@ class Validator:
         by_uid = {n.uid: n for n in neurons}
         pairs = [(by_uid[c.uid], c.request()) for c in challenges]
         results = await self.client.query_many(pairs)
-        return {c.uid: (c, r) for c, r in zip(challenges, results)}
+        return {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
 
     def _cheap_checks(self, challenges: list[Challenge],
                       answered: dict[int, tuple[Challenge, QueryResult]],
@@ -286,19 +287,19 @@ class Validator:
             _, result = answered[c.uid]
             status, latency, reason, image = (result.status.value, result.latency,
                                               result.reason, result.image)
-            base = dict(uid=c.uid, hotkey=c.hotkey, model=c.params.model, workload=c.workload,
-                        latency=latency, timeout=c.timeout)
+            base = Outcome(uid=c.uid, hotkey=c.hotkey, model=c.params.model,
+                           workload=c.workload, latency=latency, timeout=c.timeout)
             if status != OK or image is None:
-                outcomes[c.uid] = Outcome(status=status if status != OK else "bad_image",
-                                          reason=reason or "no image", **base)
+                outcomes[c.uid] = replace(base, status=status if status != OK else "bad_image",
+                                          reason=reason or "no image")
                 continue
             if latency is not None and latency > c.timeout:
-                outcomes[c.uid] = Outcome(status="timeout", reason=(
-                    f"answered in {latency:.1f}s, after the {c.timeout:.0f}s deadline"), **base)
+                outcomes[c.uid] = replace(base, status="timeout", reason=(
+                    f"answered in {latency:.1f}s, after the {c.timeout:.0f}s deadline"))
                 continue
-            problem = shape_problem(image, c.params.width, c.params.height)
+            problem = shape_problem(image, *c.params.size)
             if problem:
-                outcomes[c.uid] = Outcome(status=problem.split(":")[0], reason=problem, **base)
+                outcomes[c.uid] = replace(base, status=problem.split(":")[0], reason=problem)
                 continue
             fp = fingerprint(image)
             earlier = self.answers.match(fp)
@@ -306,9 +307,9 @@ class Validator:
             if earlier is not None or twin is not None:
                 what = (f"same image as uid {earlier.uid} in round {earlier.round}"
                         if earlier is not None else f"same image as uid {twin} this round")
-                outcomes[c.uid] = Outcome(status=DUPLICATE, reason=what, **base)
+                outcomes[c.uid] = replace(base, status=DUPLICATE, reason=what)
             else:
-                outcomes[c.uid] = Outcome(status=OK, **base)
+                outcomes[c.uid] = base
             seen_this_round[fp.sha256] = c.uid
             answer = Answer(fp.sha256, fp.phash, c.uid, round_index)
             self.answers.add(answer)
@@ -334,7 +335,7 @@ class Validator:
             log.error("audit regeneration failed, answers left unaudited this round: %s: %s",
                       type(exc).__name__, exc)
             return
-        for uid, verdict in zip(picked, verdicts):
+        for uid, verdict in zip(picked, verdicts, strict=False):
             o = outcomes[uid]
             reason = "" if verdict.passed else (
                 f"{scoring.AUDIT_FAILED}: similarity {verdict.similarity:.3f} < "
@@ -355,7 +356,8 @@ class Validator:
             return
         if not scoring.weights_due(block, self.last_weights_block, self.config.epoch_length,
                                    rate_limit):
-            wait = max(self.config.epoch_length, rate_limit) - (block - self.last_weights_block)
+            last = self.last_weights_block if self.last_weights_block is not None else block
+            wait = max(self.config.epoch_length, rate_limit) - (block - last)
             report.weights_message = f"next weights in {wait} blocks"
             return
         weights = scoring.compute_weights(self.book.scores(), self.book.models(),

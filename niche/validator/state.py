@@ -7,13 +7,14 @@ actionable line and the existing content is never half-overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from niche.errors import NicheError
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
@@ -73,14 +74,14 @@ class RoundRow:
     round: int
     uid: int
     hotkey: str
-    model: Optional[str]
+    model: str | None
     status: str
     reason: str
-    latency: Optional[float]
+    latency: float | None
     reward: float
     audited: bool
-    audit_passed: Optional[bool]
-    similarity: Optional[float]
+    audit_passed: bool | None
+    similarity: float | None
 
 
 def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
@@ -166,26 +167,26 @@ class ValidatorState:
             except BaseException:
                 _rollback(c)
                 raise
-        version = int(self._meta("schema_version", "0"))
+        version = int(self._meta("schema_version") or "0")
         if version > SCHEMA_VERSION:
             raise StateError(f"validator state {self.path}: schema version {version} was written "
                              f"by a newer niche (this one reads {SCHEMA_VERSION}); upgrade niche")
         if version < 1:
             raise StateError(f"validator state {self.path}: no schema version; move it aside")
 
-    def _meta(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def _meta(self, key: str, default: str | None = None) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
 
     # ------------------------------------------------------------------ reading
     @property
     def schema_version(self) -> int:
-        return int(self._meta("schema_version", "0"))
+        return int(self._meta("schema_version") or "0")
 
     @property
     def round_index(self) -> int:
         """Rounds completed and persisted so far (the next round has this index)."""
-        return int(self._meta("round", "0"))
+        return int(self._meta("round") or "0")
 
     def load_book(self, cfg: ScoringConfig) -> ScoreBook:
         try:
@@ -204,17 +205,17 @@ class ValidatorState:
             "SELECT sha256, phash, uid, round FROM answers WHERE round >= ?", (since_round,))
         return [Answer(s, int(p) & ((1 << 64) - 1), int(u), int(r)) for s, p, u, r in rows]
 
-    def last_weights(self) -> Optional[WeightsRecord]:
+    def last_weights(self) -> WeightsRecord | None:
         row = self._conn.execute(
             "SELECT round, block, uids, weights, success, message FROM weights "
             "WHERE success=1 ORDER BY id DESC LIMIT 1").fetchone()
         if row is None:
             return None
         uids, weights = json.loads(row[2]), json.loads(row[3])
-        return WeightsRecord(int(row[0]), int(row[1]), dict(zip(uids, weights)), bool(row[4]),
-                             row[5])
+        return WeightsRecord(int(row[0]), int(row[1]), dict(zip(uids, weights, strict=False)),
+                             bool(row[4]), row[5])
 
-    def history(self, uid: Optional[int] = None, limit: int = 100) -> list[RoundRow]:
+    def history(self, uid: int | None = None, limit: int = 100) -> list[RoundRow]:
         sql = ("SELECT round, uid, hotkey, model, status, reason, latency, reward, audited, "
                "audit_passed, similarity FROM history")
         args: tuple = ()
@@ -276,12 +277,10 @@ class ValidatorState:
             raise _explain(exc, self.path, "recording weights") from exc
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self._conn.close()
-        except sqlite3.Error:
-            pass
 
-    def __enter__(self) -> "ValidatorState":
+    def __enter__(self) -> ValidatorState:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,8 +21,9 @@ figures in docs/scoring.md). PSNR is reported alongside for people, not used to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -125,7 +126,7 @@ class Verdict:
     passed: bool
     similarity: float
     threshold: float
-    details: Optional[Comparison] = None
+    details: Comparison | None = None
     error: str = ""
 
 
@@ -138,7 +139,7 @@ class VerifyConfig:
     max_batch: int = 8
 
     @classmethod
-    def with_overrides(cls, overrides: Mapping[str, float], **kwargs) -> "VerifyConfig":
+    def with_overrides(cls, overrides: Mapping[str, float], **kwargs) -> VerifyConfig:
         """The calibrated defaults with an operator's `--verify.threshold` on top: a
         model-wide override (`kolors=0.97`) replaces that model's per-pipeline defaults too."""
         whole_models = {key for key in overrides if "/" not in key}
@@ -152,11 +153,11 @@ class Verifier:
     """Regenerates references with the shared engine (batched where parameters allow) and
     compares each candidate to its reference."""
 
-    def __init__(self, engine: ImageEngine, config: Optional[VerifyConfig] = None):
+    def __init__(self, engine: ImageEngine, config: VerifyConfig | None = None):
         self.engine = engine
         self.config = config or VerifyConfig()
 
-    def threshold(self, model: str, pipeline: Optional[str] = None) -> float:
+    def threshold(self, model: str, pipeline: str | None = None) -> float:
         """`model/pipeline` (e.g. kolors/controlnet-canny) first, then `model`, then the
         ModelSpec's `verify_threshold` if the engine declares one, then the default."""
         pipeline = getattr(pipeline, "value", pipeline)
@@ -170,7 +171,7 @@ class Verifier:
             value = None
         return float(value) if value is not None else self.config.default_threshold
 
-    def references(self, requests: Sequence[tuple[GenerationParams, Optional[Image.Image]]]
+    def references(self, requests: Sequence[tuple[GenerationParams, Image.Image | None]]
                    ) -> list[Image.Image]:
         """Regenerate every request. Requests that can share a pipeline call (same model,
         pipeline, size, steps, guidance, scales, conditioning image) are batched by the
@@ -179,18 +180,18 @@ class Verifier:
         groups: dict[tuple, list[int]] = {}
         for index, (params, img) in enumerate(resolved):
             groups.setdefault(_batch_key(params, img), []).append(index)
-        out: list[Optional[Image.Image]] = [None] * len(resolved)
+        out: list[Image.Image | None] = [None] * len(resolved)
         step = max(1, self.config.max_batch)
         for indices in groups.values():
             for start in range(0, len(indices), step):
                 chunk = indices[start:start + step]
                 images = self.engine.generate_batch([resolved[i] for i in chunk])
-                for i, image in zip(chunk, images):
+                for i, image in zip(chunk, images, strict=False):
                     out[i] = image
         return out  # type: ignore[return-value]
 
     def judge(self, model: str, reference: Image.Image, candidate: Image.Image,
-              pipeline: Optional[str] = None) -> Verdict:
+              pipeline: str | None = None) -> Verdict:
         """Compare one candidate to its reference; never raises for a bad candidate."""
         t = self.threshold(model, pipeline)
         try:
@@ -199,16 +200,16 @@ class Verifier:
             return Verdict(False, 0.0, t, None, f"compare failed: {exc}")
         return Verdict(c.similarity >= t, c.similarity, t, c)
 
-    def verify(self, items: Sequence[tuple[GenerationParams, Optional[Image.Image], Image.Image]]
+    def verify(self, items: Sequence[tuple[GenerationParams, Image.Image | None, Image.Image]]
                ) -> list[Verdict]:
         """items: (params, conditioning image, candidate). A regeneration failure is the
         validator's problem and propagates; a bad candidate is a failed verdict."""
         refs = self.references([(p, img) for p, img, _ in items])
         return [self.judge(params.model, ref, candidate, params.pipeline)
-                for (params, _, candidate), ref in zip(items, refs)]
+                for (params, _, candidate), ref in zip(items, refs, strict=False)]
 
 
-def _batch_key(params: GenerationParams, image: Optional[Image.Image]) -> tuple:
+def _batch_key(params: GenerationParams, image: Image.Image | None) -> tuple:
     """Everything but prompt, negative prompt and seed: those vary inside one batch."""
     return (params.model, params.pipeline, params.steps, params.guidance, params.width,
             params.height, params.controlnet_scale, params.ip_adapter_scale, id(image))

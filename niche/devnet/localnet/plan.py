@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
-
-from niche.errors import ConfigError
-from niche.devnet.localnet.supervisor import free_port
 
 from niche.devnet.localnet.cheats import CHEATS
+from niche.devnet.localnet.supervisor import free_port
+from niche.errors import ConfigError
 
 DEFAULT_NETUID = 1
 MINER_STAKE = 10.0
@@ -29,11 +28,11 @@ class ProcessPlan:
     hotkey_name: str
     hotkey: str
     args: list[str]  # after `niche`
-    model: Optional[str] = None
-    port: Optional[int] = None
-    cheat: Optional[str] = None
-    state_path: Optional[str] = None
-    log_path: Optional[str] = None
+    model: str | None = None
+    port: int | None = None
+    cheat: str | None = None
+    state_path: str | None = None
+    log_path: str | None = None
 
 
 @dataclass
@@ -43,7 +42,7 @@ class LocalnetPlan:
     netuid: int
     wallet_path: str
     model_root: str
-    rounds: Optional[int]
+    rounds: int | None
     processes: list[ProcessPlan] = field(default_factory=list)
 
     def role(self, role: str) -> list[ProcessPlan]:
@@ -69,20 +68,20 @@ def prepare(
     validators: int = 1,
     models: Sequence[str] = ("flux-schnell", "kolors"),
     cheats: Sequence[str] = (),
-    rounds: Optional[int] = 2,
+    rounds: int | None = 2,
     netuid: int = DEFAULT_NETUID,
-    model_root: Optional[Path] = None,
+    model_root: Path | None = None,
     fresh: bool = True,
     block_time: float = 1.0,
-    sample_size: Optional[int] = None,
+    sample_size: int | None = None,
     audit_fraction: float = 1.0,
     round_interval: float = 2.0,
 ) -> LocalnetPlan:
     """Create (or, with fresh=False, reuse) everything a local subnet needs under workdir."""
     from niche.chain.local import LocalChain
     from niche.chain.wallets import create_wallet
-    from niche.models.spec import available_models
     from niche.devnet.tiny import ensure_tiny_models
+    from niche.models.spec import available_models
 
     if miners < 1 or validators < 1:
         raise ConfigError("localnet needs at least one miner and one validator")

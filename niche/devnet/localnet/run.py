@@ -7,14 +7,14 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
 
-from niche.errors import NicheError
 from niche.devnet.localnet.plan import LocalnetPlan, ProcessPlan
 from niche.devnet.localnet.supervisor import Child, ChildFailed, Supervisor
+from niche.errors import NicheError
 
 
 class LocalnetFailed(NicheError):
@@ -92,7 +92,7 @@ def round_summary(validator: ProcessPlan, round_index: int, names: dict[str, str
 
 
 def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
-        startup_timeout: float = 180.0, duration: Optional[float] = None) -> int:
+        startup_timeout: float = 180.0, duration: float | None = None) -> int:
     """Run until every validator finished its rounds (or `duration` seconds, or Ctrl-C)."""
     log_dir = Path(plan.workdir) / "logs"
     started = time.monotonic()
@@ -122,11 +122,11 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
                 sup.check()
                 done = [_rounds_done(v) for v in validators]
                 if done != last:
-                    for validator, before, now in zip(validators, last, done):
+                    for validator, before, now in zip(validators, last, done, strict=False):
                         for index in range(before, now):
                             say("  " + round_summary(validator, index, names))
                     say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
-                        f"{v.name} {d}{goal}" for v, d in zip(validators, done)))
+                        f"{v.name} {d}{goal}" for v, d in zip(validators, done, strict=False)))
                     last = done
                 if plan.rounds and not sup.running(only_expected_to_exit=True):
                     break

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Optional
 
 from niche.devnet.localnet.plan import LocalnetPlan
 
@@ -15,12 +14,12 @@ class ScoreRow:
     uid: int
     name: str
     hotkey: str
-    model: Optional[str]
-    cheat: Optional[str]
+    model: str | None
+    cheat: str | None
     answered: int
     verified: int
     audited: int
-    mean_latency: Optional[float]
+    mean_latency: float | None
     score: float
     weight: float
     incentive: float
@@ -43,10 +42,12 @@ def collect(plan: LocalnetPlan) -> tuple[list[ScoreRow], dict]:
     weight_block = None
     if history:
         last = history[-1]
-        chain_weights = dict(zip(last["uids"], last["weights"]))
+        chain_weights = dict(zip(last["uids"], last["weights"], strict=False))
         weight_block = last.get("block")
 
-    rounds_done, scores, rows_by_uid = 0, {}, {}
+    rounds_done = 0
+    scores: dict[int, float] = {}
+    rows_by_uid: dict[int, list] = {}
     if validator.state_path and Path(validator.state_path).exists():
         with ValidatorState(validator.state_path) as state:
             rounds_done = state.round_index

@@ -5,6 +5,7 @@ Linux they also receive SIGTERM if localnet itself dies, so nothing is ever orph
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -13,19 +14,17 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def tail(path: Path, lines: int = 15) -> str:
     try:
-        with open(path, "r", errors="replace") as handle:
+        with open(path, errors="replace") as handle:
             return "".join(deque(handle, maxlen=lines))
     except OSError:
         return ""
@@ -51,13 +50,12 @@ class Child:
     argv: Sequence[str]
     log_path: Path
     expected_to_exit: bool = False
-    env: Optional[dict[str, str]] = None
-    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+    env: dict[str, str] | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 list(self.argv),
                 stdout=log,
@@ -67,22 +65,18 @@ class Child:
                 preexec_fn=_die_with_parent,
                 env=self.env,
             )
-        finally:
-            log.close()
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return self.process.poll() if self.process else None
 
     def signal_group(self, sig: int, even_if_exited: bool = False) -> None:
         if self.process and (even_if_exited or self.process.poll() is None):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 class ChildFailed(RuntimeError):
@@ -139,7 +133,7 @@ class Supervisor:
         for child in self.children:
             child.signal_group(signal.SIGKILL, even_if_exited=True)
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -153,7 +153,8 @@ def render_canny(image: np.ndarray) -> np.ndarray:
     return np.stack([edges, edges, edges], axis=-1)
 
 
-def batch(rng: np.random.Generator, n: int, size: int = 64) -> tuple[list[Scene], list[str], np.ndarray]:
+def batch(rng: np.random.Generator, n: int, size: int = 64
+          ) -> tuple[list[Scene], list[str], np.ndarray]:
     """``n`` scenes, their (randomly abbreviated) prompts, and images (n, size, size, 3) uint8."""
     scenes = [sample_scene(rng) for _ in range(n)]
     prompts = [describe(s, rng) for s in scenes]

@@ -23,7 +23,7 @@ def train_depth(estimator, *, seed: int, steps: int, batch_size: int = 32, size:
     model.train()
 
     def step(_: int) -> torch.Tensor:
-        scenes, _, images = data.batch(rng, batch_size, size)
+        scenes, _prompts, images = data.batch(rng, batch_size, size)
         pixels = estimator.processor(images=[PIL.Image.fromarray(im) for im in images],
                                      return_tensors="pt")["pixel_values"]
         pred = model(pixel_values=pixels).predicted_depth

@@ -9,6 +9,7 @@ Used by bench/tiny_fidelity.py (full table + contact sheet) and tests/test_tiny_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -26,6 +27,10 @@ def psnr(a: PIL.Image.Image, b: PIL.Image.Image) -> float:
     y = np.asarray(b.convert("RGB"), dtype=np.float64)
     mse = float(((x - y) ** 2).mean())
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+SceneArgs = tuple[str, str, str, str]
+"""shape, colour, background, position: what scene_image draws."""
 
 
 def scene_image(shape: str, colour: str, background: str, position: str = "center",
@@ -46,8 +51,8 @@ class Case:
     pipeline: str
     prompt: str
     other_prompt: str
-    image: tuple[str, ...] | None = None  # scene_image(*image): the conditioning image
-    other_image: tuple[str, ...] | None = None
+    image: SceneArgs | None = None  # scene_image(*image): the conditioning image
+    other_image: SceneArgs | None = None
     seed: int = 0
 
 
@@ -104,8 +109,8 @@ class Row:
 def _params(case: Case, **over):
     from niche.protocol import GenerationParams
 
-    fields = {"model": case.model, "pipeline": case.pipeline, "prompt": case.prompt,
-              "seed": case.seed}
+    fields: dict[str, Any] = {"model": case.model, "pipeline": case.pipeline,
+                              "prompt": case.prompt, "seed": case.seed}
     fields.update(over)
     return GenerationParams(**fields)
 
@@ -113,15 +118,19 @@ def _params(case: Case, **over):
 def measure(engine32, engine16, case: Case) -> tuple[Row, PIL.Image.Image]:
     """PSNR of every variant of ``case`` against its float32 reference; returns the reference."""
     image = other = None
-    if case.image is not None:
+    if case.image is not None and case.other_image is not None:
         image = scene_image(*case.image)
         other = scene_image(*case.other_image)
     base = engine32.resolve(_params(case))
     ref = engine32.generate(base, image)
     row = Row(case)
-    row.db["other prompt"] = psnr(ref, engine32.generate(_params(case, prompt=case.other_prompt), image))
-    row.db["other seed"] = psnr(ref, engine32.generate(_params(case, seed=case.seed + 1), image))
-    row.db["half steps"] = psnr(ref, engine32.generate(_params(case, steps=max(1, base.steps // 2)), image))
+
+    def variant(**update) -> float:
+        return psnr(ref, engine32.generate(_params(case, **update), image))
+
+    row.db["other prompt"] = variant(prompt=case.other_prompt)
+    row.db["other seed"] = variant(seed=case.seed + 1)
+    row.db["half steps"] = variant(steps=max(1, base.steps // 2))
     if image is not None:
         row.db["other image"] = psnr(ref, engine32.generate(_params(case), other))
         scale = "ip_adapter_scale" if case.pipeline == "ip-adapter" else "controlnet_scale"
@@ -135,7 +144,8 @@ def engines(root, models: list[str], bf16: bool = True, threads: int = 1):
     from niche.models.engine import Engine
 
     e32 = Engine(models=models, model_root=root, dtype="float32", num_threads=threads)
-    e16 = Engine(models=models, model_root=root, dtype="bfloat16", num_threads=threads) if bf16 else None
+    e16 = (Engine(models=models, model_root=root, dtype="bfloat16", num_threads=threads)
+           if bf16 else None)
     return e32, e16
 
 

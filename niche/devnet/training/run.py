@@ -71,10 +71,10 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
     ``scale`` multiplies every stage's step count (quick experiments)."""
     from diffusers import FluxPipeline, KolorsPipeline
 
-    from niche.models.conditioning import DepthEstimator, canny, depth
-    from niche.models.spec import load_spec
     from niche.devnet.training import cache, flux, ip_adapter, kolors, vae
     from niche.devnet.training import depth as depth_training
+    from niche.models.conditioning import DepthEstimator, canny, depth
+    from niche.models.spec import load_spec
 
     torch.set_num_threads(threads)
     stages = [s for s in STAGES if not only or any(s.name.startswith(o) for o in only)]
@@ -164,7 +164,8 @@ def train_tiny(out: Path = DEFAULT_OUT, minutes: float | None = None, seed: int 
                     pipe, cn, ds, kind, **kw))
                 save(cn, m, f"controlnet-{kind}")
             if f"{m}/ip_adapter" in names:
-                state, encoder = {}, None
+                state: dict[str, torch.Tensor] = {}
+                encoder = None
 
                 def train_ip(**kw):
                     nonlocal state, encoder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class Family(ABC):
         return noise.to(self.noise_device, torch.float32)
 
     def keep_sampling_in_float32(self, denoiser: torch.nn.Module, vae: torch.nn.Module,
-                                 side_networks: list[torch.nn.Module] = ()) -> None:
+                                 side_networks: Sequence[torch.nn.Module] = ()) -> None:
         """Half-precision networks, float32 loop state (niche.models.precision)."""
         if self.dtype != torch.float32:
             from niche.models.precision import float32_sampling

@@ -10,12 +10,16 @@ engine's lock, before each call: no weights are copied, and txt2img is untouched
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
 
 from niche.models.families.base import BatchItem, Family
 from niche.protocol import GenerationParams, PipelineKind
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +175,8 @@ class KolorsFamily(Family):
         return {"unet": self.base.unet, "text_encoder": self.base.text_encoder,
                 "vae": self.base.vae}
 
-    def pipelines(self) -> dict[PipelineKind, object]:
-        out: dict[PipelineKind, object] = {PipelineKind.TXT2IMG: self.base}
+    def pipelines(self) -> dict[PipelineKind, DiffusionPipeline]:
+        out: dict[PipelineKind, DiffusionPipeline] = {PipelineKind.TXT2IMG: self.base}
         out.update(self.controlnet_pipes)
         if self.ip_pipe is not None:
             out[PipelineKind.IP_ADAPTER] = self.ip_pipe

@@ -1,7 +1,10 @@
 """Kolors + ControlNet: diffusers ships no such pipeline, so this one extends KolorsPipeline.
 
-It reuses KolorsPipeline's prompt encoding, latents and time ids, and adds the ControlNet
-residuals the way StableDiffusionXLControlNetPipeline does (one ControlNet, no guess mode).
+Adapted from diffusers 0.42: `KolorsPipeline.__call__` (prompt encoding, latents, time ids,
+the denoising loop and decoding) with the ControlNet residuals added the way
+`StableDiffusionXLControlNetPipeline.__call__` adds them (one ControlNet, no guess mode,
+control_guidance_start/end as a per-step keep mask). Left out: IP-Adapter inputs, callbacks,
+denoising_end, cross_attention_kwargs, num_images_per_prompt > 1.
 Kolors ControlNets carry their own `encoder_hid_proj` (ChatGLM 4096 -> cross-attention width),
 which ControlNetModel.forward does not apply, so the pipeline projects the prompt embeddings
 for the ControlNet itself. The pipeline holds references to the base pipeline's modules: no
@@ -20,6 +23,15 @@ from diffusers.pipelines.kolors.pipeline_output import KolorsPipelineOutput
 
 
 class KolorsControlNetPipeline(KolorsPipeline):
+    """Kolors text-to-image guided by one ControlNet (canny edges or a depth map).
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler, image_encoder, feature_extractor,
+            force_zeros_for_empty_prompt: as for `KolorsPipeline` (shared, not copied).
+        controlnet (`ControlNetModel`): built for the Kolors UNet (`ControlNetModel.from_unet`
+            keeps its `encoder_hid_proj`, which this pipeline applies to the prompt states).
+    """
+
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->controlnet->vae"
     _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
 
@@ -65,6 +77,35 @@ class KolorsControlNetPipeline(KolorsPipeline):
         return_dict: bool = True,
         max_sequence_length: int = 256,
     ):
+        r"""Generate images from prompts and a control image.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw; a list makes a batch.
+            image (`PIL.Image.Image`, a list of them, or `torch.Tensor`): the control signal
+                (an edge map or a depth map) at any size; resized to `width` x `height`.
+            height, width (`int`, *optional*): output size in pixels (default: the UNet's
+                sample size x the VAE scale factor).
+            num_inference_steps (`int`, defaults to 50): denoising steps.
+            guidance_scale (`float`, defaults to 5.0): classifier-free guidance weight; <= 1
+                runs the conditional branch alone.
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch.
+            controlnet_conditioning_scale (`float`, defaults to 0.8): weight of the
+                ControlNet residuals; 0 skips the ControlNet.
+            control_guidance_start, control_guidance_end (`float`, defaults to 0.0 and 1.0):
+                the fraction of the steps during which the ControlNet is applied.
+            generator (`torch.Generator` or a list, one per prompt, *optional*): seeds the
+                initial noise when `latents` is not given, and the scheduler's noise.
+            latents (`torch.Tensor`, *optional*): initial noise, already scaled by the caller
+                (`prepare_latents` multiplies by `init_noise_sigma` only when it draws them).
+            eta (`float`, defaults to 0.0): DDIM's eta, for schedulers that take it.
+            output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
+            return_dict (`bool`, defaults to True): a `KolorsPipelineOutput` or a tuple.
+            max_sequence_length (`int`, defaults to 256): ChatGLM tokens per prompt.
+
+        Returns:
+            `KolorsPipelineOutput` (or `(images,)`): the generated images.
+        """
+        # 1. Check inputs and set the call's state.
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
@@ -79,23 +120,28 @@ class KolorsControlNetPipeline(KolorsPipeline):
         device = self._execution_device
         cfg = self.do_classifier_free_guidance
 
+        # 2. Encode the prompts (ChatGLM hidden states and pooled output).
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
             max_sequence_length=max_sequence_length,
         )
+        # 3. Prepare the control image (CFG doubles it).
         control = self.prepare_control_image(image, width, height, batch_size, device,
                                              self.controlnet.dtype, cfg)
+        # 4. Timesteps, initial latents and the scheduler's extra arguments.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps,
                                                             device)
         latents = self.prepare_latents(batch_size, self.unet.config.in_channels, height, width,
                                        prompt_embeds.dtype, device, generator, latents)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
+        # 5. Which steps the ControlNet applies to.
         n = len(timesteps)
         keep = [1.0 - float(i / n < control_guidance_start or (i + 1) / n > control_guidance_end)
                 for i in range(n)]
 
+        # 6. SDXL-style added conditioning (pooled text, time ids), batched [uncond, cond].
         add_time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width),
                                               dtype=prompt_embeds.dtype,
                                               text_encoder_projection_dim=int(pooled.shape[-1]))
@@ -114,6 +160,7 @@ class KolorsControlNetPipeline(KolorsPipeline):
             controlnet_states = self.controlnet.encoder_hid_proj(
                 prompt_embeds.to(self.controlnet.dtype))
 
+        # 7. Denoising loop: ControlNet residuals, UNet, guidance, scheduler step.
         self._num_timesteps = n
         with self.progress_bar(total=n) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -140,6 +187,7 @@ class KolorsControlNetPipeline(KolorsPipeline):
                                               return_dict=False)[0]
                 progress_bar.update()
 
+        # 8. Decode the latents (upcasting a float16 VAE that asks for it).
         if output_type == "latent":
             images = latents
         else:
@@ -147,7 +195,8 @@ class KolorsControlNetPipeline(KolorsPipeline):
             if needs_upcasting:
                 self.upcast_vae()
                 latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            scaled = latents / self.vae.config.scaling_factor
+            decoded = self.vae.decode(scaled, return_dict=False)[0]
             if needs_upcasting:
                 self.vae.to(dtype=torch.float16)
             images = self.image_processor.postprocess(decoded, output_type=output_type)
