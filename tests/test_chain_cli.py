@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from niche.chain.cli_args import add_chain_args, add_wallet_args
+from niche.commands.chain_args import add_chain_args, add_wallet_args
 from niche.cli import main
 
 

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         "`--subtensor.network localnet --localnet.path FILE` uses the embedded chain.",
     )
     sub = parser.add_subparsers(dest="chain_command", metavar="ACTION", required=True)
-    from niche.chain.cli_args import add_chain_args, add_wallet_args
+    from niche.commands.chain_args import add_chain_args, add_wallet_args
 
     p = sub.add_parser("create-subnet", help="create a subnet in a localnet chain file "
                        "(creates the file if missing)")
@@ -79,7 +79,7 @@ def _create_subnet(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import chain_from_args, wallet_from_args
 
     local = args.subtensor_network == "localnet"
     chain = chain_from_args(args)
@@ -109,7 +109,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _metagraph(args: argparse.Namespace) -> int:
-    from niche.chain.cli_args import chain_from_args
+    from niche.commands.chain_args import chain_from_args
 
     chain = chain_from_args(args)
     try:

@@ -10,7 +10,7 @@ DEFAULT_PORT = 8091
 
 
 def add_miner_args(parser: argparse.ArgumentParser) -> None:
-    from niche.chain.cli_args import add_chain_args, add_wallet_args
+    from niche.commands.chain_args import add_chain_args, add_wallet_args
 
     add_chain_args(parser, netuid_required=True)
     add_wallet_args(parser)
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args.debug)
     log = logging.getLogger("niche.miner")
-    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.miner.server import bind_socket, serve
 
     config = config_from_args(args)

@@ -23,7 +23,7 @@ def _pairs(values, flag: str, cast=float) -> dict:
 
 
 def add_validator_args(parser: argparse.ArgumentParser) -> None:
-    from niche.chain.cli_args import add_chain_args, add_wallet_args
+    from niche.commands.chain_args import add_chain_args, add_wallet_args
 
     add_chain_args(parser)
     add_wallet_args(parser)
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.debug)
     config = build_config(args)
     from niche.chain.base import ChainError
-    from niche.chain.cli_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.commands.engine_args import engine_from_args
     from niche.validator.client import MinerClient
     from niche.validator.service import Validator, version_key
