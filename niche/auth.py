@@ -3,8 +3,8 @@
 Requests carry btauth/1 headers (sr25519 over method, path, sha256 of the raw body, a
 nanosecond nonce, sender and receiver). The miner refuses a request with no such headers,
 one bound to another receiver, a stale or replayed nonce, or a bad signature. Responses carry
-the miner hotkey's signature over `response_signing_message(request_id, image_sha256)`, so a
-validator can prove which hotkey answered with which image.
+the miner hotkey's signature over `response_signing_message(request_id, image_sha256,
+states_digest)`, so a validator can prove which hotkey answered with which image and states.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from bittensor import http_auth
 from bittensor.sp_core import CRYPTO_SR25519
 from bittensor.sp_core import verify as _sr_verify
 
-from niche.protocol import response_signing_message
+from niche.protocol import NO_STATES, response_signing_message
 
 AUTH_HEADERS = (
     http_auth.HEADER_VERSION, http_auth.HEADER_HOTKEY, http_auth.HEADER_NONCE,
@@ -140,17 +140,19 @@ class RequestVerifier:
 
 
 # ----------------------------------------------------------------------------- responses
-def sign_response(keypair, request_id: str, image_sha256: str) -> str:
+def sign_response(keypair, request_id: str, image_sha256: str,
+                  states_digest: str = NO_STATES) -> str:
     """Hex signature of the miner hotkey over the response message."""
-    return "0x" + bytes(keypair.sign(response_signing_message(request_id, image_sha256))).hex()
+    message = response_signing_message(request_id, image_sha256, states_digest)
+    return "0x" + bytes(keypair.sign(message)).hex()
 
 
 def verify_response(hotkey_ss58: str, request_id: str, image_sha256: str,
-                    signature: str) -> bool:
-    """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256)."""
+                    signature: str, states_digest: str = NO_STATES) -> bool:
+    """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256, states)."""
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
-        return bool(_sr_verify(response_signing_message(request_id, image_sha256), raw,
-                               hotkey_ss58, CRYPTO_SR25519))
+        message = response_signing_message(request_id, image_sha256, states_digest)
+        return bool(_sr_verify(message, raw, hotkey_ss58, CRYPTO_SR25519))
     except (ValueError, TypeError):
         return False

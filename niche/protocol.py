@@ -5,17 +5,28 @@ request before any model runs, and a validator validates an answer before scorin
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 1
-"""Bumped on any incompatible change; a peer speaking another version is refused."""
+PROTOCOL_VERSION = 2
+"""Bumped on any incompatible change; a peer speaking another version is refused.
+2: answers commit to their sampler states (`StatesCommitment`), fetched at /v1/states."""
 
 GENERATE_PATH = "/v1/generate"
 """Signed POST: GenerateRequest -> GenerateResponse."""
 INFO_PATH = "/v1/info"
 """Unsigned GET: InfoResponse (what a miner serves)."""
+STATES_PATH = "/v1/states"
+"""Signed POST: StatesRequest -> StatesResponse (states an answer committed to)."""
+
+MAX_STATES = 200
+"""Most denoising steps an answer can commit to (GenerationParams.steps' bound)."""
+MAX_STATES_PER_FETCH = 8
+MAX_STATE_ELEMENTS = 4 * 512 * 512
+"""Float32 values in one state: a 4096x4096 image's latent (FLUX packed 64 x 256^2)."""
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -73,9 +84,27 @@ class GenerateRequest(_Strict):
     timeout: float = Field(default=30.0, gt=0.0, le=600.0)
 
 
+class StatesCommitment(_Strict):
+    """What an answer commits to: the sha256 of each sampler state x_1..x_N (raw float32,
+    little-endian, C order, of `shape`), and the dtype the miner's networks ran in. The
+    validator picks which states to fetch only after the answer is in, so a miner cannot
+    compute just the states that will be checked."""
+
+    shape: list[int] = Field(min_length=1, max_length=6)
+    sha256: list[str] = Field(min_length=1, max_length=MAX_STATES)
+    compute_dtype: str = Field(pattern=r"^(float32|bfloat16|float16)$")
+
+    def digest(self) -> str:
+        """One hash over the whole commitment (what the answer signature covers)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True,
+                               separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class GenerateResponse(_Strict):
     """The miner's answer. `signature` is the miner hotkey's sr25519 signature (hex) over
-    `response_signing_message(request_id, sha256(image bytes))`, binding image to miner."""
+    `response_signing_message(request_id, sha256(image bytes), states.digest())`, binding
+    image and sampler states to miner."""
 
     protocol_version: int = PROTOCOL_VERSION
     request_id: str
@@ -87,6 +116,31 @@ class GenerateResponse(_Strict):
     generation_seconds: float = Field(ge=0.0)
     queue_seconds: float = Field(default=0.0, ge=0.0)
     miner_version: str
+    states: StatesCommitment | None = None
+    """None: an answer that can only be checked by regenerating it (see the validator)."""
+
+    def states_digest(self) -> str:
+        return self.states.digest() if self.states is not None else NO_STATES
+
+
+class StatesRequest(_Strict):
+    """POST /v1/states body: which committed states of an earlier answer to send (1..N)."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    request_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    indices: list[int] = Field(min_length=1, max_length=MAX_STATES_PER_FETCH)
+
+
+class StateBlob(_Strict):
+    index: int = Field(ge=1, le=MAX_STATES)
+    data: str = Field(max_length=(MAX_STATE_ELEMENTS * 4 * 4) // 3 + 8,
+                      description="base64 of the raw float32 little-endian state")
+
+
+class StatesResponse(_Strict):
+    protocol_version: int = PROTOCOL_VERSION
+    request_id: str
+    states: list[StateBlob] = Field(max_length=MAX_STATES_PER_FETCH)
 
 
 class ModelInfo(_Strict):
@@ -113,9 +167,16 @@ class ErrorResponse(BaseModel):
     """The request field at fault, when one is (e.g. "image", "params.width")."""
 
 
-def response_signing_message(request_id: str, image_sha256: str) -> bytes:
-    """What a miner signs for each answer: nothing binds an image to its miner without it."""
-    return f"niche-response/v{PROTOCOL_VERSION}:{request_id}:{image_sha256}".encode()
+NO_STATES = "-"
+"""The states digest signed by an answer that commits to no states."""
+
+
+def response_signing_message(request_id: str, image_sha256: str,
+                             states_digest: str = NO_STATES) -> bytes:
+    """What a miner signs for each answer: nothing binds an image and its computation to
+    its miner without it."""
+    return (f"niche-response/v{PROTOCOL_VERSION}:{request_id}:{image_sha256}:"
+            f"{states_digest}").encode()
 
 
 def first_validation_error(exc: ValidationError) -> tuple[str, str]:

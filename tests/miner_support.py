@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Iterator, Optional
 
 import httpx
+import torch
 from PIL import Image
 
 from niche.auth import sign_request
@@ -88,6 +89,17 @@ class StubEngine:
             raise RuntimeError("boom")
         s = params.seed
         return Image.new("RGB", (params.width, params.height), (s % 256, s // 256 % 256, 7))
+
+    def generate_with_states(self, params: GenerationParams, image=None
+                             ) -> tuple[Image.Image, list[torch.Tensor]]:
+        """The stub's image plus one small float32 state per step, derived from the seed."""
+        picture = self.generate(params, image)
+        gen = torch.Generator().manual_seed(params.seed)
+        states = [torch.randn((1, 4, 4, 4), generator=gen) for _ in range(params.steps or 2)]
+        return picture, states
+
+    def compute_dtype(self, model: str) -> str:
+        return "float32"
 
 
 def make_request(prompt: str = "a cat", seed: int = 1, *, model: str = "stub",

@@ -22,6 +22,12 @@ class MinerMetrics:
                                 ["status"], registry=self.registry)
         self.refusals = Counter("niche_miner_refusals", "Refused requests by reason",
                                 ["reason"], registry=self.registry)
+        self.state_fetches = Counter("niche_miner_state_fetches",
+                                     "Sampler-state fetches (audits) by HTTP status", ["status"],
+                                     registry=self.registry)
+        self.states_bytes = Gauge("niche_miner_states_bytes",
+                                  "Bytes of sampler states kept for audits",
+                                  registry=self.registry)
         self.queue_depth = Gauge("niche_miner_queue_depth", "Requests waiting for the GPU",
                                  registry=self.registry)
         self.busy = Gauge("niche_miner_busy", "1 while a generation runs",

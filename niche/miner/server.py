@@ -35,14 +35,19 @@ from niche.miner.service import MinerService, short
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
+    STATES_PATH,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     InfoResponse,
+    StatesResponse,
 )
 from niche.transport import BodyTooLarge, read_capped
 
 log = logging.getLogger("niche.miner")
+
+STATES_BODY_BYTES = 4096
+"""A StatesRequest is a request id and at most 8 indices."""
 
 
 
@@ -121,7 +126,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             caller = short(caller_key)
             service.rate_check(caller_key, neuron)
             parsed = await asyncio.to_thread(service.parse, body)  # up to ~24 MB of JSON
-            answer = await service.generate(parsed, neuron)
+            answer = await service.generate(parsed, neuron, caller_key)
             status, reason = 200, "ok"
             return JSONResponse(answer.model_dump(mode="json"))
         except (Refusal, AuthFailure) as exc:
@@ -146,6 +151,38 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             log.info("generate caller=%s status=%d%s %.2fs", caller, status,
                      f" {reason}" if status != 200 else "", time.monotonic() - started)
 
+    @app.post(STATES_PATH, response_model=StatesResponse, responses=error_responses)
+    async def states(request: Request):
+        """The committed sampler states of one of the caller's earlier answers (audits)."""
+        caller, status, reason = "-", 500, "internal_error"
+        try:
+            service.precheck(request.headers)
+            try:
+                body = await asyncio.wait_for(
+                    read_capped(request.stream(), STATES_BODY_BYTES,
+                                request.headers.get("content-length")),
+                    service.config.body_timeout)
+            except BodyTooLarge as exc:
+                raise Refusal(413, "body_too_large", str(exc)) from None
+            except asyncio.TimeoutError:
+                raise Refusal(408, "body_timeout", "body not received in time") from None
+            caller_key, _ = service.authenticate(
+                request.headers, body, method=request.method, path=_request_target(request))
+            caller = short(caller_key)
+            answer = await asyncio.to_thread(service.fetch_states, body, caller_key)
+            status, reason = 200, "ok"
+            return JSONResponse(answer.model_dump(mode="json"))
+        except (Refusal, AuthFailure) as exc:
+            status, reason = exc.status, exc.reason
+            return _error(exc.status, exc.reason, exc.detail, getattr(exc, "field", None))
+        except Exception as exc:  # never let a request take the miner down
+            log.exception("unexpected error serving states to %s", caller)
+            return _error(500, "internal_error", type(exc).__name__)
+        finally:
+            metrics.state_fetches.labels(str(status)).inc()
+            log.info("states caller=%s status=%d%s", caller, status,
+                     f" {reason}" if status != 200 else "")
+
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info():
         return JSONResponse(service.info().model_dump(mode="json"))
@@ -158,6 +195,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, as served
     async def prometheus():
         metrics.queue_depth.set(service.gate.depth)
+        metrics.states_bytes.set(service.states.bytes_held)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     default_openapi = app.openapi

@@ -14,15 +14,17 @@ Order of checks on a generate request (cheapest and least trusting first):
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
+import PIL.Image
+from pydantic import BaseModel, ValidationError
 
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
@@ -31,14 +33,21 @@ from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
+from niche.miner.state_store import StateStore
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
     PROTOCOL_VERSION,
     GenerateRequest,
     GenerateResponse,
+    GenerationParams,
     InfoResponse,
+    StateBlob,
+    StatesCommitment,
+    StatesRequest,
+    StatesResponse,
     first_validation_error,
 )
+from niche.states import commit
 
 if TYPE_CHECKING:
     from bittensor import Wallet
@@ -46,6 +55,8 @@ if TYPE_CHECKING:
     from niche.models.engine import ImageEngine
 
 log = logging.getLogger("niche.miner")
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass
@@ -82,6 +93,11 @@ class MinerConfig:
     body_timeout: float = 30.0
     """Seconds to receive a request body once its headers passed; a slower body gets 408
     (the claimed hotkey is only proven by the signature over the complete body)."""
+    states_max_bytes: int = 512 * 1024 * 1024
+    """Memory for the sampler states of recent answers, kept for the validators' audits
+    (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
+    states_ttl: float = 600.0
+    """Seconds an answer's states stay fetchable."""
 
 
 class MinerService:
@@ -105,6 +121,7 @@ class MinerService:
                                  clock=clock)
         self.metrics = MinerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
+        self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
         self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
@@ -198,6 +215,11 @@ class MinerService:
     @staticmethod
     def parse(body: bytes) -> GenerateRequest:
         """Raw body -> GenerateRequest; protocol version checked before the schema."""
+        return MinerService.parse_model(body, GenerateRequest)
+
+    @staticmethod
+    def parse_model(body: bytes, model: type[Body]) -> Body:
+        """Raw body -> `model`; protocol version checked before the schema."""
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -207,10 +229,11 @@ class MinerService:
         version = data.get("protocol_version", PROTOCOL_VERSION)
         if version != PROTOCOL_VERSION or isinstance(version, bool):
             raise Refusal(400, "unsupported_protocol_version",
-                          f"this miner speaks protocol {PROTOCOL_VERSION}, got {version!r}",
-                          field="protocol_version")
+                          f"this miner speaks protocol {PROTOCOL_VERSION}, got {version!r}: "
+                          "upgrade niche (answers commit to their sampler states since "
+                          "protocol 2)", field="protocol_version")
         try:
-            return GenerateRequest.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as exc:
             where, message = first_validation_error(exc)
             raise Refusal(422, "invalid_request", f"{where}: {message}",
@@ -244,16 +267,20 @@ class MinerService:
                 reason = "invalid_image" if exc.field == "image" else "invalid_request"
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
 
-    def _work(self, params, image, request_id: str):
-        """GPU worker thread: generate, encode, hash, sign."""
+    def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
+              caller: str) -> tuple[float, str, str, StatesCommitment, str]:
+        """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
-        result = self.engine.generate(params, image)
+        result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
         b64, digest = encode_b64(result, "PNG")
-        return seconds, b64, digest, sign_response(self.keypair, request_id, digest)
+        commitment = commit(states, self.engine.compute_dtype(params.model))
+        self.states.put(caller, request_id, states)
+        signature = sign_response(self.keypair, request_id, digest, commitment.digest())
+        return seconds, b64, digest, commitment, signature
 
-    async def generate(self, request: GenerateRequest, neuron: Neuron | None
-                       ) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, neuron: Neuron | None,
+                       caller: str) -> GenerateResponse:
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0
         deadline = self.clock() + request.timeout
@@ -262,7 +289,7 @@ class MinerService:
         self.metrics.busy.set(1)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id)
+                                      request.request_id, caller)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
@@ -271,7 +298,7 @@ class MinerService:
 
         future.add_done_callback(_finished)
         try:
-            seconds, b64, digest, signature = await asyncio.shield(future)
+            seconds, b64, digest, commitment, signature = await asyncio.shield(future)
         except Exception as exc:
             log.exception("generation failed for %s", request.request_id)
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
@@ -280,7 +307,22 @@ class MinerService:
             request_id=request.request_id, model=params.model, image=b64, image_sha256=digest,
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
-            miner_version=__version__)
+            miner_version=__version__, states=commitment)
+
+    def fetch_states(self, body: bytes, caller: str) -> StatesResponse:
+        """The states `caller` asks for of one of its own earlier answers."""
+        request = self.parse_model(body, StatesRequest)
+        kept = self.states.get(caller, request.request_id)
+        if kept is None:
+            raise Refusal(404, "unknown_request", "no states kept for this request (never "
+                          "answered for this caller, or expired)", field="request_id")
+        missing = [i for i in request.indices if not 1 <= i <= len(kept)]
+        if missing:
+            raise Refusal(400, "invalid_request", f"states {missing} not among 1..{len(kept)}",
+                          field="indices")
+        blobs = [StateBlob(index=i, data=base64.b64encode(kept[i - 1]).decode("ascii"))
+                 for i in sorted(set(request.indices))]
+        return StatesResponse(request_id=request.request_id, states=blobs)
 
     def info(self) -> InfoResponse:
         est = self.gate.estimate()

@@ -64,6 +64,11 @@ class ImageEngine(Protocol):
     def generate_batch(self, requests: Sequence[tuple[GenerationParams, ImageArg]],
                        fuse: bool | None = None) -> list[PIL.Image.Image]: ...
 
+    def generate_with_states(self, params: GenerationParams, image: ImageArg = None
+                             ) -> tuple[PIL.Image.Image, list[torch.Tensor]]: ...
+
+    def compute_dtype(self, model: str) -> str: ...
+
 
 class Engine:
     """Loads the given models once and generates images from GenerationParams."""
@@ -141,6 +146,10 @@ class Engine:
     def served(self) -> list[ModelInfo]:
         return [ModelInfo(model=name, pipelines=list(spec.pipelines))
                 for name, spec in self._specs.items()]
+
+    def compute_dtype(self, model: str) -> str:
+        """The dtype `model`'s networks run in (what an answer declares with its states)."""
+        return self.family(model).dtype_name
 
     def family(self, model: str) -> Family:
         self.spec(model)

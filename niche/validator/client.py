@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 import httpx
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -29,12 +30,17 @@ from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
     PROTOCOL_VERSION,
+    STATES_PATH,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     InfoResponse,
+    StatesCommitment,
+    StatesRequest,
+    StatesResponse,
     first_validation_error,
 )
+from niche.states import BadState, decode_state
 from niche.transport import BodyTooLarge, read_capped
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -263,15 +269,51 @@ class MinerClient:
         digest = image_sha256(data_bytes)
         if digest != answer.image_sha256:
             return fail(QueryStatus.HASH_MISMATCH, "image_sha256 does not match the image bytes")
-        if not verify_response(result.hotkey, answer.request_id, digest, answer.signature):
+        if not verify_response(result.hotkey, answer.request_id, digest, answer.signature,
+                               answer.states_digest()):
             return fail(QueryStatus.BAD_SIGNATURE,
                         "response signature does not verify against the miner hotkey")
         try:
             image = bytes_to_image(data_bytes, field="image", limits=limits)
         except InvalidRequest as exc:
             return fail(QueryStatus.INVALID_IMAGE, str(exc))
+        if answer.states is not None and request.params.steps is not None \
+                and len(answer.states.sha256) != request.params.steps:
+            return fail(QueryStatus.INVALID_RESPONSE,
+                        f"committed {len(answer.states.sha256)} states for "
+                        f"{request.params.steps} steps")
         result.response, result.image, result.image_bytes = answer, image, data_bytes
         result.status, result.reason = QueryStatus.OK, ""
+
+    # ------------------------------------------------------------------ states
+    async def fetch_states(self, target: TargetLike, request_id: str,
+                           commitment: StatesCommitment, indices: Sequence[int], *,
+                           timeout: float = 30.0) -> StatesFetch:
+        """The committed states `indices` (1..N) of an earlier answer, each checked against
+        its hash; never raises for the miner's behaviour (a failed fetch says why)."""
+        t = as_target(target)
+        wanted = sorted(set(indices))
+        if not t.url:
+            return StatesFetch({}, "no endpoint on chain")
+        body = StatesRequest(request_id=request_id, indices=wanted).model_dump_json().encode()
+        elements = 1
+        for size in commitment.shape:
+            elements *= size
+        cap = len(wanted) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
+        try:
+            async with self._http() as http:
+                status, raw = await asyncio.wait_for(
+                    self._fetch(http, "POST", t.url, STATES_PATH, body, t.hotkey, cap),
+                    timeout=max(0.001, timeout))
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            return StatesFetch({}, f"states not sent within {timeout:.0f}s")
+        except (BodyTooLarge, _Undecodable) as exc:
+            return StatesFetch({}, str(exc))
+        except Exception as exc:  # unreachable, signing problems: still an answer
+            return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:300])
+        if status != 200:
+            return StatesFetch({}, f"states request refused: HTTP {status}")
+        return await asyncio.to_thread(_read_states, raw, request_id, commitment, wanted)
 
     async def query_many(
         self,
@@ -363,3 +405,37 @@ class MinerClient:
         async with self._http() as http:
             return list(await asyncio.gather(*[
                 self.info(t.url, t.hotkey, uid=t.uid, timeout=timeout, http=http) for t in ts]))
+
+
+@dataclass
+class StatesFetch:
+    """States fetched for one answer (index -> float32 tensor), or why none can be used."""
+
+    states: dict[int, torch.Tensor]
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+def _read_states(raw: bytes, request_id: str, commitment: StatesCommitment,
+                 wanted: list[int]) -> StatesFetch:
+    try:
+        answer = StatesResponse.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
+        where, message = (first_validation_error(exc) if isinstance(exc, ValidationError)
+                          else ("", str(exc)))
+        return StatesFetch({}, f"invalid states response: {where} {message}"[:300])
+    if answer.request_id != request_id:
+        return StatesFetch({}, f"states for {answer.request_id!r}, asked {request_id!r}")
+    if sorted(blob.index for blob in answer.states) != wanted:
+        return StatesFetch({}, f"sent states {[b.index for b in answer.states]}, "
+                               f"asked {wanted}")
+    states = {}
+    for blob in answer.states:
+        try:
+            states[blob.index] = decode_state(blob.data, blob.index, commitment)
+        except BadState as exc:
+            return StatesFetch({}, str(exc))
+    return StatesFetch(states)
