@@ -265,7 +265,7 @@ class FakeEngine:
     def conditioning_image(self, params, image):
         index = image.getpixel((0, 0))[0] - 1
         pixels = np.zeros(1000, dtype=np.uint8)
-        pixels[: int(round(self.edge_fractions[index] * 1000))] = 255
+        pixels[: round(self.edge_fractions[index] * 1000)] = 255
         return Image.fromarray(pixels.reshape(25, 40), "L")
 
 

@@ -31,8 +31,8 @@ W96 = ("txt2img", 96, 64, 4)
 
 
 def cfg(**kw) -> ScoringConfig:
-    base = dict(alpha=0.1, base=0.2, speed_weight=0.5, exclusion_rounds=50,
-                model_shares={"flux-schnell": 0.5, "kolors": 0.5})
+    base = {"alpha": 0.1, "base": 0.2, "speed_weight": 0.5, "exclusion_rounds": 50,
+                "model_shares": {"flux-schnell": 0.5, "kolors": 0.5}}
     base.update(kw)
     return ScoringConfig(**base)
 
@@ -59,24 +59,24 @@ def test_wire_words_and_defaults_are_pinned():
     assert book.cfg == ScoringConfig() and book.uids == {} and book.excluded_until == {}
 
 
-@pytest.mark.parametrize("kw", [dict(alpha=1.0), dict(alpha=1e-9), dict(base=0.0),
-                                dict(base=1.0), dict(speed_weight=0.0),
-                                dict(speed_weight=1.0), dict(exclusion_rounds=0),
-                                dict(model_shares={"kolors": 0.0})])
+@pytest.mark.parametrize("kw", [{"alpha": 1.0}, {"alpha": 1e-9}, {"base": 0.0},
+                                {"base": 1.0}, {"speed_weight": 0.0},
+                                {"speed_weight": 1.0}, {"exclusion_rounds": 0},
+                                {"model_shares": {"kolors": 0.0}}])
 def test_config_accepts_its_boundaries(kw):
     ScoringConfig(**kw)
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(alpha=0.0), "alpha must be in \\(0, 1\\]"),
-    (dict(alpha=-0.5), "alpha must be in \\(0, 1\\]"),
-    (dict(alpha=1.0001), "alpha must be in \\(0, 1\\]"),
-    (dict(base=-0.01), "base and speed_weight must be in \\[0, 1\\]"),
-    (dict(base=1.01), "base and speed_weight must be in \\[0, 1\\]"),
-    (dict(speed_weight=-0.01), "base and speed_weight must be in \\[0, 1\\]"),
-    (dict(speed_weight=1.01), "base and speed_weight must be in \\[0, 1\\]"),
-    (dict(exclusion_rounds=-1), "exclusion_rounds must be >= 0"),
-    (dict(model_shares={"kolors": 0.5, "flux-schnell": -0.01}), "model shares must be >= 0"),
+    ({"alpha": 0.0}, "alpha must be in \\(0, 1\\]"),
+    ({"alpha": -0.5}, "alpha must be in \\(0, 1\\]"),
+    ({"alpha": 1.0001}, "alpha must be in \\(0, 1\\]"),
+    ({"base": -0.01}, "base and speed_weight must be in \\[0, 1\\]"),
+    ({"base": 1.01}, "base and speed_weight must be in \\[0, 1\\]"),
+    ({"speed_weight": -0.01}, "base and speed_weight must be in \\[0, 1\\]"),
+    ({"speed_weight": 1.01}, "base and speed_weight must be in \\[0, 1\\]"),
+    ({"exclusion_rounds": -1}, "exclusion_rounds must be >= 0"),
+    ({"model_shares": {"kolors": 0.5, "flux-schnell": -0.01}}, "model shares must be >= 0"),
 ])
 def test_config_refuses_out_of_range(kw, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
