@@ -206,3 +206,31 @@ def test_response_signature_round_trip_and_refusals():
     assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, "0xzz")
     assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, "0x" + "00" * 10)
     assert not verify_response("not-an-address", "req-1", "ab" * 32, sig)
+
+
+def test_an_unbound_request_is_refused():
+    """Signed for no receiver at all: replayable against every miner, so refused."""
+    v = RequestVerifier(BOB.ss58_address, nonce_store=BoundedNonceStore(clock=Clock()))
+    unbound = http_auth.sign(ALICE, method="POST", path="/generate", body=BODY)
+    assert "X-Bittensor-Receiver" not in unbound
+    status, reason, text = _refusal(v, unbound)
+    assert (status, reason) == (403, "wrong_receiver")
+    assert "receiver" in text.removeprefix("wrong_receiver: ")  # http_auth's reason carried
+
+
+def test_the_freshness_window_is_the_verifiers_own():
+    now = time.time_ns()
+    wide = RequestVerifier(BOB.ss58_address, max_age=60.0, allowed_skew=40.0)
+    assert wide.nonce_store.retention == 60.0 + 40.0 + 5
+    # 20 s old and 20 s ahead: outside http_auth's defaults (10 s, 2 s), inside these
+    for offset in (-20, 20):
+        headers = _signed(nonce_ns=now + offset * 10**9)
+        assert wide.verify(headers, BODY, method="POST", path="/generate") == \
+            ALICE.ss58_address
+    narrow = RequestVerifier(BOB.ss58_address, max_age=4.0, allowed_skew=0.5,
+                             nonce_store=BoundedNonceStore(clock=Clock()))
+    status, reason, text = _refusal(narrow, _signed(nonce_ns=now - 6 * 10**9))
+    assert (status, reason) == (401, "stale_request")
+    assert text == "stale_request: nonce is older than the 4s freshness window"
+    status, reason, text = _refusal(narrow, _signed(nonce_ns=now + 3 * 10**9))
+    assert text == "stale_request: nonce is more than 0.5s in the future"

@@ -18,7 +18,11 @@ class Clock:
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Each scenario finishes in milliseconds; the bound only turns a hang into a failure."""
+    async def bounded():
+        return await asyncio.wait_for(coro, 30)
+
+    return asyncio.run(bounded())
 
 
 # ----------------------------------------------------------------------------- Refusal
@@ -136,6 +140,10 @@ def test_gate_defaults_and_estimate():
     assert gate.estimate() == 2.0  # median of 1 and 3
     gate.record(-4.0)  # clamped to 0
     assert gate.estimate() == 1.0
+    sub = PriorityGate()
+    sub.record(0.25)
+    sub.record(-1.0)
+    assert sub.estimate() == 0.125  # median of 0.25 and 0 (not floored at a second)
 
 
 def test_estimate_remembers_the_last_twenty_by_default():
@@ -193,7 +201,7 @@ def test_idle_gate_admits_what_can_finish_exactly_at_its_deadline():
         assert await gate.acquire(1.0, 15.0) == 0.0
         assert gate.busy
         gate.release(2.0)
-        assert not gate.busy and gate.estimate() == 2.0
+        assert gate.busy is False and gate.estimate() == 2.0
 
     run(scenario())
 
@@ -345,5 +353,66 @@ def test_cancelled_waiter_is_skipped_and_a_grant_racing_a_cancel_passes_on():
         assert gate.busy
         gate.release(1.0)
         assert not gate.busy
+
+    run(scenario())
+
+
+def test_without_an_estimate_nothing_is_expected_to_wait():
+    clock = Clock(0.0)
+    gate = PriorityGate(clock=clock)
+
+    async def scenario():
+        await gate.acquire(1.0, 100.0)
+        assert gate.expected_wait(1.0) == 0.0  # busy, but no duration known yet
+        task = asyncio.ensure_future(gate.acquire(1.0, 0.5))  # 0.5 s left is enough
+        await asyncio.sleep(0)
+        assert gate.depth == 1
+        gate.release(None)
+        assert await task == 0.0
+        gate.release(None)
+        assert gate.busy is False
+
+    run(scenario())
+
+
+def test_equal_stakes_are_served_in_arrival_order():
+    clock = Clock(0.0)
+    gate = PriorityGate(initial_estimate=1.0, clock=clock)
+    order = []
+
+    async def waiter(name):
+        await gate.acquire(2.0, 1000.0)
+        order.append(name)
+
+    async def scenario():
+        await gate.acquire(2.0, 1000.0)
+        tasks = [asyncio.ensure_future(waiter(n)) for n in "abcde"]
+        await asyncio.sleep(0)
+        for _ in range(5):
+            gate.release(1.0)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        gate.release(1.0)
+        await asyncio.gather(*tasks)
+
+    run(scenario())
+    assert order == list("abcde")
+
+
+def test_cannot_start_message_with_under_a_second_left():
+    clock = Clock(0.0)
+    gate = PriorityGate(initial_estimate=0.2, clock=clock)
+
+    async def scenario():
+        await gate.acquire(1.0, 100.0)
+        with pytest.raises(Refusal) as info:
+            await gate.acquire(1.0, 0.3)  # 0.2 s remaining + 0.2 s of its own > 0.3 s
+        assert str(info.value) == ("cannot_start_in_time: expected start in 0.2s + ~0.2s "
+                                   "generation exceeds the 0.3s timeout")
+        clock.t = 1.0
+        with pytest.raises(Refusal) as info:
+            await gate.acquire(1.0, 0.5)  # already past its deadline
+        assert str(info.value).endswith("exceeds the 0.0s timeout")
+        gate.release(0.2)
 
     run(scenario())
