@@ -30,7 +30,8 @@ from niche.validator.prompts import PromptSource
 T2I, CANNY, DEPTH = PipelineKind.TXT2IMG, PipelineKind.CONTROLNET_CANNY, \
     PipelineKind.CONTROLNET_DEPTH
 PLAN = ModelPlan("kolors", (T2I, CANNY), ((64, 64),), (8,), 5.0, 32.0)
-PROMPTS = PromptSource([f"prompt {i}" for i in range(40)])
+PROMPT_LIST = [f"prompt {i}" for i in range(40)]
+PROMPTS = PromptSource(PROMPT_LIST)
 
 
 def factory(**kw):
@@ -109,7 +110,8 @@ def test_a_model_that_refuses_every_prompt_skips_the_uid_after_twenty_draws(capl
         out = factory(resolve=resolve).make_round(round_rng(3, 0), [Target(4, "hk4", "kolors")])
     assert out == []
     assert len(resolve.calls) == 20
-    assert "no valid prompt for kolors after 20 draws; uid 4 skipped" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "no valid prompt for kolors after 20 draws; uid 4 skipped"]
 
 
 def test_the_twentieth_draw_may_still_succeed():
@@ -249,7 +251,7 @@ class FakeEngine:
     def __init__(self, edge_fractions=(), refuse=0, refuse_field="prompt"):
         self.edge_fractions = list(edge_fractions)
         self.refuse, self.refuse_field = refuse, refuse_field
-        self.resolved, self.generated = [], []
+        self.resolved, self.generated, self.conditioned = [], [], []
 
     def resolve(self, params):
         self.resolved.append(params)
@@ -263,9 +265,10 @@ class FakeEngine:
         return Image.new("RGB", (params.width, params.height), (len(self.generated), 0, 0))
 
     def conditioning_image(self, params, image):
+        self.conditioned.append(params)
         index = image.getpixel((0, 0))[0] - 1
         pixels = np.zeros(1000, dtype=np.uint8)
-        pixels[: round(self.edge_fractions[index] * 1000)] = 255
+        pixels[: round(self.edge_fractions[index] * 1000)] = 1  # a faint edge is an edge
         return Image.fromarray(pixels.reshape(25, 40), "L")
 
 
@@ -278,6 +281,12 @@ def test_txt2img_source_for_non_canny_pipelines():
     assert (p.model, p.pipeline, p.width, p.height) == ("kolors", T2I, 64, 48)
     assert len(engine.resolved) == 3
     assert len({r.seed for r in engine.resolved}) == 1  # only the prompt is redrawn
+    assert all(r.prompt in PROMPT_LIST for r in engine.resolved)  # the prompts given
+    # the seed is the generator's first draw over the whole seed range [0, MAX_SEED]
+    assert p.seed == int(np.random.default_rng(0).integers(0, MAX_SEED + 1))
+    engine = FakeEngine()
+    engine_conditioner(engine)("kolors", DEPTH, 64, 48, np.random.default_rng(0))
+    assert engine.generated[0].prompt not in PROMPT_LIST  # the default grammar
     engine = FakeEngine()
     engine_conditioner(engine, source_model="flux-schnell", prompts=PROMPTS)(
         "kolors", PipelineKind.IP_ADAPTER, 32, 32, np.random.default_rng(0))
@@ -301,15 +310,18 @@ def test_source_gives_up_after_twenty_refused_prompts():
     assert len(engine.resolved) == 1
 
 
-def test_canny_source_with_enough_edges_is_kept():
+def test_canny_source_with_enough_edges_is_kept(caplog):
     assert ch.MIN_CANNY_EDGE_FRACTION == 0.01 and ch.SOURCE_DRAWS == 8
     engine = FakeEngine(edge_fractions=[0.01])
-    image = engine_conditioner(engine, prompts=PROMPTS)("kolors", CANNY, 64, 64,
-                                                        np.random.default_rng(0))
+    with caplog.at_level(logging.WARNING, logger="niche.validator.challenges"):
+        image = engine_conditioner(engine, prompts=PROMPTS)("kolors", CANNY, 64, 48,
+                                                            np.random.default_rng(0))
+    assert caplog.records == []  # exactly the minimum is enough: no warning
     assert image.getpixel((0, 0)) == (1, 0, 0) and len(engine.generated) == 1
     canny = [p for p in engine.resolved if p.pipeline is CANNY]
     assert len(canny) == 1
-    assert (canny[0].model, canny[0].width, canny[0].height) == ("kolors", 64, 64)
+    assert (canny[0].model, canny[0].width, canny[0].height) == ("kolors", 64, 48)
+    assert engine.conditioned == canny  # the edge map is computed with those parameters
 
 
 def test_canny_source_is_redrawn_until_it_has_edges():
@@ -327,7 +339,8 @@ def test_canny_keeps_the_best_of_eight_and_warns(caplog):
                                                             np.random.default_rng(0))
     assert len(engine.generated) == 8  # never the ninth
     assert image.getpixel((0, 0)) == (4, 0, 0)  # the first of the two 0.5 % ones
-    assert "canny challenge: best of 8 source images has 0.50% edge pixels" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "canny challenge: best of 8 source images has 0.50% edge pixels"]
 
 
 def test_canny_with_a_good_first_source_does_not_warn(caplog):
@@ -337,3 +350,65 @@ def test_canny_with_a_good_first_source_does_not_warn(caplog):
                                                     np.random.default_rng(0))
     assert len(engine.generated) == 2
     assert "canny challenge" not in caplog.text
+
+
+def test_a_refused_prompt_is_not_offered_again():
+    for seed in range(20):
+        resolve = Refuser({"bad"})
+        fac = ChallengeFactory({"kolors": PLAN}, prompts=PromptSource(["bad", "good"]),
+                               resolve=resolve)
+        (c,) = fac.make_round(round_rng(seed, 0), [Target(0, "a", "kolors")])
+        assert c.params.prompt == "good"
+        assert resolve.calls.count("bad") <= 1, seed
+
+
+def test_prompts_stay_distinct_while_the_file_has_unused_ones():
+    for seed in range(10):
+        fac = ChallengeFactory({"kolors": PLAN}, prompts=PromptSource(["a", "b", "c"]))
+        out = fac.make_round(round_rng(seed, 0), [Target(u, f"h{u}", "kolors")
+                                                  for u in range(3)])
+        assert sorted(c.params.prompt for c in out) == ["a", "b", "c"], seed
+
+
+def test_a_skipped_uid_does_not_end_the_round():
+    class FirstTwentyRefused(Refuser):
+        def __call__(self, params):
+            self.calls.append(params.prompt)
+            if len(self.calls) <= 20:
+                raise InvalidRequest("too long", field="prompt")
+            return params
+
+    out = factory(resolve=FirstTwentyRefused()).make_round(
+        round_rng(3, 0), [Target(1, "a", "kolors"), Target(2, "b", "kolors")])
+    assert [c.uid for c in out] == [2]
+
+
+class ScriptedPrompts:
+    def __init__(self, draws):
+        self.draws, self.count = list(draws), 0
+
+    def draw(self, rng):
+        self.count += 1
+        return self.draws.pop(0)
+
+
+def test_a_used_prompt_is_redrawn_fifty_times_then_reused():
+    prompts = ScriptedPrompts(["used"] * 52 + ["fresh"])
+    fac = ChallengeFactory({"kolors": PLAN}, prompts=prompts)
+    out = fac.make_round(round_rng(1, 0), [Target(0, "a", "kolors"), Target(1, "b", "kolors")])
+    assert [c.params.prompt for c in out] == ["used", "used"]
+    assert prompts.count == 1 + 51  # the first target's draw, then 1 + 50 for the second
+    assert out[0].params.seed != out[1].params.seed
+
+
+def test_the_conditioner_draws_from_the_rounds_generator():
+    seen = []
+
+    def conditioner(model, pipeline, width, height, rng):
+        seen.append(rng)
+        return Image.new("RGB", (width, height))
+
+    rng = round_rng(1, 0)
+    factory(conditioner=conditioner).make_round(rng, [Target(0, "a", "kolors",
+                                                             pipelines=(CANNY,))])
+    assert len(seen) == 1 and seen[0] is rng
