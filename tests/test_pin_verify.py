@@ -142,6 +142,29 @@ def test_compare_energy_score_is_the_square_root_of_the_smaller_ratio():
     assert c.similarity == pytest.approx(np.sqrt(c.energy_ratio), abs=1e-12)
 
 
+def test_compare_brightness_shift_is_limited_by_ssim():
+    arr = np.asarray(_smooth(15), dtype=np.int16) // 2 + 20
+    ref = Image.fromarray(arr.astype(np.uint8))
+    brighter = Image.fromarray(np.clip(arr + 25, 0, 255).astype(np.uint8))
+    assert arr.max() + 25 <= 255  # no clipping: the detail is untouched
+    c = compare(ref, brighter)
+    s = reference_ssim(ref, brighter)
+    assert c.detail_correlation == pytest.approx(1.0, abs=1e-9)
+    assert c.energy_ratio == pytest.approx(1.0, abs=1e-9)
+    assert c.ssim == pytest.approx(s, abs=1e-12) and s < 0.999
+    assert c.similarity == pytest.approx(s, abs=1e-12)
+
+
+def test_compare_converts_other_modes_to_rgb():
+    ref = _smooth(16)
+    rgba = ref.convert("RGBA")
+    grey = ref.convert("L")
+    c = compare(ref, rgba)
+    assert (c.similarity, c.psnr) == (pytest.approx(1.0, abs=1e-12), 100.0)
+    c = compare(grey.convert("RGB"), grey)
+    assert (c.similarity, c.psnr) == (pytest.approx(1.0, abs=1e-12), 100.0)
+
+
 def test_compare_anti_correlated_detail_scores_zero_not_negative():
     ref = _smooth(13)
     inverted = Image.fromarray(255 - np.asarray(ref))
@@ -203,11 +226,13 @@ def test_calibrated_thresholds_are_pinned():
 
 
 class SpecEngine:
+    """spec(model) for the model "other" only (an unknown model raises, as the engine does)."""
+
     def __init__(self, value="missing"):
         self.value = value
 
     def spec(self, model):
-        if self.value == "raise":
+        if self.value == "raise" or model != "other":
             raise KeyError(model)
         if self.value == "missing":
             return object()
@@ -228,6 +253,7 @@ def test_threshold_lookup_order():
     assert Verifier(SpecEngine("raise"), cfg).threshold("other") == 0.9
     assert isinstance(Verifier(SpecEngine(1), cfg).threshold("other"), float)
     assert Verifier(SpecEngine(), None).config == VerifyConfig()
+    assert Verifier(SpecEngine(0.6), cfg).threshold("third") == 0.9  # spec("third") raises
 
 
 # ----------------------------------------------------------------------------- judge
