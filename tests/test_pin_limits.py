@@ -416,3 +416,30 @@ def test_cannot_start_message_with_under_a_second_left():
         gate.release(0.2)
 
     run(scenario())
+
+
+def test_a_refused_waiter_cancelled_in_the_same_step_does_not_release_the_slot():
+    """release() refuses B (deadline passed) and grants C; B's task is cancelled before it
+    runs. B never held the slot, so handling its cancellation must not pass the slot on."""
+    clock = Clock(0.0)
+    gate = PriorityGate(initial_estimate=2.0, clock=clock)
+
+    async def scenario():
+        await gate.acquire(1.0, 100.0)
+        b = asyncio.ensure_future(gate.acquire(9.0, 6.0))
+        c = asyncio.ensure_future(gate.acquire(1.0, 100.0))
+        d = asyncio.ensure_future(gate.acquire(0.5, 100.0))
+        await asyncio.sleep(0)
+        clock.t = 5.0
+        gate.release(5.0)  # estimate 5: B cannot start by 6, C is granted
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert await c == 5.0
+        assert gate.busy is True and gate.depth == 1  # C runs, D still waits
+        assert not d.done()
+        gate.release(1.0)
+        assert await d == 5.0  # waited from t=0 to t=5 (the clock did not move since)
+        gate.release(1.0)
+
+    run(scenario())
