@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Mutation testing (mutmut 3) of the modules whose numbers the tests pin. Not part of CI: a
-# full run takes tens of minutes on 2 cores (figures in docs/testing.md).
+# Mutation testing (mutmut 3) of the modules whose numbers the tests pin. Not part of CI: all
+# five take about 8 minutes on 2 cores (per-module figures in docs/testing.md).
 #
 #   scripts/mutation.sh                 all five modules
 #   scripts/mutation.sh scoring auth    only these (scoring verify challenges auth limits)
