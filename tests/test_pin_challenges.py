@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from niche.errors import InvalidRequest
+from niche.imaging import encode_image, to_b64
 from niche.protocol import MAX_SEED, PipelineKind
 from niche.validator import challenges as ch
 from niche.validator.challenges import (
@@ -20,7 +21,6 @@ from niche.validator.challenges import (
     ChallengeFactory,
     ModelPlan,
     Target,
-    encode_png,
     engine_conditioner,
     plan_from_spec,
     round_rng,
@@ -61,6 +61,11 @@ def test_round_rng_masks_the_seed_to_64_bits():
     assert first(round_rng(-1, 0)) == first(np.random.default_rng([2**64 - 1, 0]))
     assert first(round_rng(2**64 + 7, 3)) == first(np.random.default_rng([7, 3]))
     assert first(round_rng(5, 2)) != first(round_rng(5, 3))
+
+
+def encode_png(image: Image.Image) -> str:
+    """What a challenge must carry: the one lossless encoder's bytes, in base64."""
+    return to_b64(encode_image(image))
 
 
 def test_encode_png_round_trips_pixels():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from niche.errors import InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.validator import verify as vf
 from niche.validator.verify import (
@@ -226,16 +227,17 @@ def test_calibrated_thresholds_are_pinned():
 
 
 class SpecEngine:
-    """spec(model) for the model "other" only (an unknown model raises, as the engine does)."""
+    """spec(model) for the model "other" only (an unknown model raises InvalidRequest, as
+    the engine does); "missing" is a spec that declares no threshold."""
 
     def __init__(self, value="missing"):
         self.value = value
 
     def spec(self, model):
         if self.value == "raise" or model != "other":
-            raise KeyError(model)
+            raise InvalidRequest(f"model '{model}' is not served here", field="model")
         if self.value == "missing":
-            return object()
+            return type("Spec", (), {"verify_threshold": None})()
         return type("Spec", (), {"verify_threshold": self.value})()
 
 
