@@ -14,7 +14,7 @@ const args = [
   "--models", ...env("MODELS", "flux-schnell kolors").split(/\s+/),
   "--device", env("DEVICE", "cuda"),
   "--neuron.sample_size", env("SAMPLE_SIZE", "32"),
-  "--neuron.audit_fraction", env("AUDIT_FRACTION", "0.25"),
+  "--neuron.audit_fraction", env("AUDIT_FRACTION", "1.0"),
   "--neuron.state_path", env("STATE_PATH", path.join(root, "state", `${name}.sqlite`)),
 ];
 if (process.env.MODEL_PATH) args.push("--model-path", process.env.MODEL_PATH);

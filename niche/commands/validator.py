@@ -36,8 +36,14 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--neuron.epoch_length", dest="epoch_length", type=int, default=100,
                    help="blocks between weight settings (default 100; never below the "
                         "chain's rate limit)")
-    n.add_argument("--neuron.audit_fraction", dest="audit_fraction", type=float, default=0.1,
-                   help="fraction of valid answers regenerated and compared (default 0.1)")
+    n.add_argument("--neuron.audit_fraction", dest="audit_fraction", type=float, default=1.0,
+                   help="fraction of valid answers audited by the step check (default 1: "
+                        "it costs a few steps, not a regeneration)")
+    n.add_argument("--neuron.audit_steps", dest="audit_steps", type=int, default=1,
+                   help="steps recomputed per audit besides step 0 (default 1)")
+    n.add_argument("--neuron.regenerate_fraction", dest="regenerate_fraction", type=float,
+                   default=0.0, help="share of audited answers also regenerated in full "
+                                     "(a backstop; default 0)")
     n.add_argument("--neuron.rounds", dest="rounds", type=int, default=None,
                    help="stop after this many rounds (default: run until stopped)")
     n.add_argument("--neuron.round_interval", dest="round_interval", type=float, default=12.0,
@@ -78,6 +84,7 @@ def register(subparsers) -> None:
 
 def build_config(args: argparse.Namespace):
     from niche.errors import ConfigError
+    from niche.validator.audit import AuditConfig
     from niche.validator.scoring import ScoringConfig
     from niche.validator.service import ValidatorConfig
     from niche.validator.verify import VerifyConfig
@@ -90,6 +97,11 @@ def build_config(args: argparse.Namespace):
     if unknown:
         raise ConfigError(f"--neuron.emission_share names models not in --models: {unknown}")
     try:
+        audit = AuditConfig(random_steps=args.audit_steps,
+                            regenerate_fraction=args.regenerate_fraction)
+    except ValueError as exc:
+        raise ConfigError(f"--neuron.audit_steps / --neuron.regenerate_fraction: {exc}") from None
+    try:
         scoring = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
                                 model_shares=shares)
     except ValueError as exc:
@@ -101,6 +113,7 @@ def build_config(args: argparse.Namespace):
         audit_fraction=args.audit_fraction, rounds=args.rounds,
         round_interval=args.round_interval, seed=args.seed, prompts_file=args.prompts_file,
         scoring=scoring,
+        audit=audit,
         verify=VerifyConfig.with_overrides(
             _pairs(args.verify_threshold, "--verify.threshold")))
 

@@ -69,6 +69,8 @@ class ImageEngine(Protocol):
 
     def compute_dtype(self, model: str) -> str: ...
 
+    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image: ...
+
 
 class Engine:
     """Loads the given models once and generates images from GenerationParams."""

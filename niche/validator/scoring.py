@@ -29,6 +29,7 @@ OK = "ok"
 AUDIT_FAILED = "audit_failed"
 EXCLUDED = "excluded"
 NO_MODEL = "no_supported_model"
+NO_STATES = "no_states"
 
 
 @dataclass(frozen=True)

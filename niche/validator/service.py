@@ -38,10 +38,12 @@ from niche.validator.challenges import (
     round_rng,
 )
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
-from niche.validator.client import MinerClient, QueryResult
+from niche.validator.audit import AuditConfig, Auditor
+from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
+from niche.validator.steps import StepChecker, StepThresholds
 from niche.validator.verify import Verifier, VerifyConfig
 
 if TYPE_CHECKING:
@@ -63,7 +65,8 @@ class ValidatorConfig:
     """Seconds a miner has to answer; None = each model's own challenge timeout."""
     epoch_length: int = 100
     """Blocks between two weight settings (never below the chain's rate limit)."""
-    audit_fraction: float = 0.1
+    audit_fraction: float = 1.0
+    """Share of valid answers audited (step check: a few steps' cost, so all by default)."""
     rounds: int | None = None
     """Stop after this many rounds (None: run until signalled)."""
     round_interval: float = 12.0
@@ -75,6 +78,8 @@ class ValidatorConfig:
     prompts_file: Path | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    step_thresholds: StepThresholds = field(default_factory=StepThresholds)
     version_key: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +136,8 @@ class Validator:
         conditioner = engine_conditioner(engine, prompts=prompts) if needs_image else None
         self.factory = ChallengeFactory(self.plans, prompts, conditioner, engine.resolve)
         self.verifier = Verifier(engine, config.verify)
+        self.auditor = Auditor(engine, self.verifier,
+                               StepChecker(engine, config.step_thresholds), client, config.audit)
         self._stop = threading.Event()
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
@@ -216,7 +223,7 @@ class Validator:
                                                reason="no pipeline this validator can ask")
         answered = await self._query(challenges, candidates)
         fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
-        self._audit(challenges, answered, outcomes)
+        await self._audit(challenges, answered, outcomes, candidates)
         final = list(outcomes.values())
         rewards = scoring.round_rewards(final, self.config.scoring)
         self.book.apply(round_index, final, rewards)
@@ -293,6 +300,10 @@ class Validator:
                 outcomes[c.uid] = replace(base, status=status if status != OK else "bad_image",
                                           reason=reason or "no image")
                 continue
+            if result.response is None or result.response.states is None:
+                outcomes[c.uid] = replace(base, status=scoring.NO_STATES, reason=(
+                    "the answer commits to no sampler states, so it cannot be audited"))
+                continue
             if latency is not None and latency > c.timeout:
                 outcomes[c.uid] = replace(base, status="timeout", reason=(
                     f"answered in {latency:.1f}s, after the {c.timeout:.0f}s deadline"))
@@ -316,34 +327,27 @@ class Validator:
             fresh.append(answer)
         return fresh
 
-    def _audit(self, challenges: list[Challenge],
-               answered: dict[int, tuple[Challenge, QueryResult]],
-               outcomes: dict[int, Outcome]) -> None:
+    async def _audit(self, challenges: list[Challenge],
+                     answered: dict[int, tuple[Challenge, QueryResult]],
+                     outcomes: dict[int, Outcome], neurons: list[Neuron]) -> None:
+        """Audit a random share of the valid answers, chosen now that all are in."""
         valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
         picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
         if not picked:
             return
-        items = []
-        for uid in picked:
-            c, result = answered[uid]
-            if result.image is None:  # cannot happen: an OK outcome always has its image
-                raise RuntimeError(f"uid {uid}: audited answer without an image")
-            items.append((c.params, c.image, result.image))
+        by_uid = {n.uid: as_target(n) for n in neurons}
+        items = [(*answered[uid], by_uid[uid]) for uid in picked]
         try:
-            verdicts = self.verifier.verify(items)
+            results = await self.auditor.audit(items, self._audit_rng)
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
-            log.error("audit regeneration failed, answers left unaudited this round: %s: %s",
-                      type(exc).__name__, exc)
+            log.error("audit failed on the validator's side, answers left unaudited this "
+                      "round: %s: %s", type(exc).__name__, exc)
             return
-        for uid, verdict in zip(picked, verdicts, strict=False):
+        for uid, result in zip(picked, results, strict=True):
             o = outcomes[uid]
-            reason = "" if verdict.passed else (
-                f"{scoring.AUDIT_FAILED}: similarity {verdict.similarity:.3f} < "
-                f"{verdict.threshold:.3f}{' ' + verdict.error if verdict.error else ''}")
-            outcomes[uid] = Outcome(o.uid, o.hotkey, o.model, o.workload, o.status, reason,
-                                    o.latency, o.timeout, audited=True,
-                                    audit_passed=verdict.passed,
-                                    similarity=round(verdict.similarity, 4))
+            reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
+            outcomes[uid] = replace(o, reason=reason, audited=True, audit_passed=result.passed,
+                                    similarity=round(result.similarity, 4))
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid

@@ -1,0 +1,142 @@
+"""Audits: was an answer computed the way its request says?
+
+An answer commits to its sampler states x_1..x_N. After all answers of a round are in, the
+validator picks, per audited answer, step 0 and `random_steps` other steps at random, fetches
+the states those steps need (x_k and x_k+1, and x_N), and
+
+1. recomputes each picked step from the miner's own x_k (step 0 from x_0, which the
+   validator draws from the seed itself) and compares with the miner's x_k+1
+   (`niche.validator.steps`: honest numeric noise is a few percent of a step's update at
+   most; a skipped, shortened, unguided or re-seeded computation is far off on some step);
+2. decodes x_N and compares the result with the returned image (post-processing of an
+   honest image, or an image that is not the decoded latent, fails here).
+
+A miner that cannot send what it committed to fails. A low-rate full regeneration
+(`regenerate_fraction`) stays as a backstop that does not rely on any of the above.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from niche.validator.challenges import Challenge
+from niche.validator.client import MinerClient, MinerTarget, QueryResult
+from niche.validator.steps import StepChecker, choose_steps
+from niche.validator.verify import Verifier
+
+if TYPE_CHECKING:
+    from niche.models.engine import ImageEngine
+
+log = logging.getLogger("niche.validator")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    random_steps: int = 1
+    """Steps recomputed besides step 0, drawn after the answer is in."""
+    regenerate_fraction: float = 0.0
+    """Share of audited answers also regenerated in full and compared (a backstop)."""
+    fetch_timeout: float = 30.0
+    """Seconds a miner has to send the states an audit asks for."""
+
+    def __post_init__(self) -> None:
+        if self.random_steps < 0:
+            raise ValueError("random_steps must be >= 0")
+        if not 0.0 <= self.regenerate_fraction <= 1.0:
+            raise ValueError("regenerate_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    passed: bool
+    similarity: float
+    """The decoded final state against the returned image (or the regeneration's)."""
+    reason: str = ""
+    step_errors: dict[int, float] | None = None
+
+
+def needed_states(steps: Sequence[int], n_steps: int) -> list[int]:
+    """State indices (1..N) that recomputing `steps` and decoding x_N need."""
+    wanted = {n_steps}
+    for k in steps:
+        wanted.update(i for i in (k, k + 1) if 1 <= i <= n_steps)
+    return sorted(wanted)
+
+
+class Auditor:
+    def __init__(self, engine: ImageEngine, verifier: Verifier, steps: StepChecker,
+                 client: MinerClient, config: AuditConfig | None = None):
+        self.engine = engine
+        self.verifier = verifier
+        self.steps = steps
+        self.client = client
+        self.config = config or AuditConfig()
+
+    async def audit(self, items: Sequence[tuple[Challenge, QueryResult, MinerTarget]],
+                    rng: np.random.Generator) -> list[AuditResult]:
+        """One result per item, in order. States are fetched concurrently; the recomputation
+        runs in a worker thread, one answer after another (the engine is one GPU)."""
+        plans = []
+        for challenge, _, _ in items:
+            n = int(challenge.params.steps or 0)
+            plans.append(choose_steps(rng, n, k=self.config.random_steps) if n else [])
+        fetches = await asyncio.gather(*[
+            self.client.fetch_states(target, challenge.request_id, result.response.states,
+                                     needed_states(plan, len(result.response.states.sha256)),
+                                     timeout=self.config.fetch_timeout)
+            for (challenge, result, target), plan in zip(items, plans, strict=True)
+            if result.response is not None and result.response.states is not None])
+        fetched = iter(fetches)
+        results: list[AuditResult] = []
+        for (challenge, result, _), plan in zip(items, plans, strict=True):
+            answer = result.response
+            if answer is None or answer.states is None or result.image is None:
+                results.append(AuditResult(False, 0.0, "answer committed to no states"))
+                continue
+            fetch = next(fetched)
+            if not fetch.ok:
+                results.append(AuditResult(False, 0.0, f"states: {fetch.reason}"))
+                continue
+            results.append(await asyncio.to_thread(
+                self._check, challenge, result.image, fetch.states, plan))
+        regenerate = [i for i, r in enumerate(results)
+                      if r.passed and rng.random() < self.config.regenerate_fraction]
+        if regenerate:
+            await asyncio.to_thread(self._regenerate, items, results, regenerate)
+        return results
+
+    def _check(self, challenge: Challenge, image: Image.Image,
+               states: dict, plan: list[int]) -> AuditResult:
+        params = challenge.params
+        verdict = self.steps.check(params, challenge.image, states, plan)
+        if not verdict.passed:
+            return AuditResult(False, 0.0, f"step check: {verdict.reason}", verdict.errors)
+        n = int(params.steps or 0)
+        decoded = self.engine.decode_state(params, states[n])
+        judged = self.verifier.judge(params.model, decoded, image, params.pipeline)
+        if not judged.passed:
+            return AuditResult(False, judged.similarity,
+                               f"the image is not the decoded final state: similarity "
+                               f"{judged.similarity:.3f} < {judged.threshold:.3f}",
+                               verdict.errors)
+        return AuditResult(True, judged.similarity, "", verdict.errors)
+
+    def _regenerate(self, items: Sequence[tuple[Challenge, QueryResult, MinerTarget]],
+                    results: list[AuditResult], indices: list[int]) -> None:
+        batch, kept = [], []
+        for i in indices:
+            challenge, result, _ = items[i]
+            if result.image is not None:  # always so: only answers with an image passed
+                batch.append((challenge.params, challenge.image, result.image))
+                kept.append(i)
+        for i, verdict in zip(kept, self.verifier.verify(batch), strict=True):
+            if not verdict.passed:
+                results[i] = AuditResult(False, verdict.similarity,
+                                         f"regeneration: similarity {verdict.similarity:.3f} "
+                                         f"< {verdict.threshold:.3f}", results[i].step_errors)
