@@ -21,3 +21,13 @@ def tiny_engine(tiny_root):
     from niche.models.engine import Engine
 
     return Engine(models=["flux-schnell", "kolors"], model_root=tiny_root, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_bf16(tiny_root):
+    """FLUX and Kolors text-to-image in bfloat16 on CPU (same thread count as tiny_engine):
+    an honest half-precision miner for the step check."""
+    from niche.models.engine import Engine
+
+    return Engine(models=["flux-schnell", "kolors"], model_root=tiny_root, device="cpu",
+                  dtype="bfloat16", pipelines={"kolors": ["txt2img"]})

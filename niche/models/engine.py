@@ -240,6 +240,13 @@ class Engine:
     def generate(self, params: GenerationParams, image: ImageArg = None) -> PIL.Image.Image:
         return self.generate_batch([(params, image)])[0]
 
+    def generate_with_states(self, params: GenerationParams, image: ImageArg = None
+                             ) -> tuple[PIL.Image.Image, list[torch.Tensor]]:
+        """`generate`'s image (the same bits) and the sampler states x_1..x_N after every
+        denoising step: float32 CPU tensors with batch dimension 1 in the family's latent
+        layout (FLUX: packed (1, tokens, 64); Kolors: (1, 4, h/8, w/8))."""
+        return self.generate_batch_with_states([(params, image)], fuse=False)[0]
+
     def generate_batch(
         self, requests: Sequence[tuple[GenerationParams, ImageArg]],
         fuse: bool | None = None,
@@ -249,6 +256,20 @@ class Engine:
         run as one pipeline call with one generator per item: faster, but batched kernels round
         differently, so a fused item is NOT bit-identical to the same request run alone.
         Unfused, each item is exactly `generate(params, image)`."""
+        return [img for img, _ in self._generate(requests, fuse, capture=False)]
+
+    def generate_batch_with_states(
+        self, requests: Sequence[tuple[GenerationParams, ImageArg]],
+        fuse: bool | None = None,
+    ) -> list[tuple[PIL.Image.Image, list[torch.Tensor]]]:
+        """`generate_batch` plus each item's states x_1..x_N (as `generate_with_states`). A
+        fused item's states are its own slice of the batch's, so, like its image, they are
+        not what the item run alone (or `recompute_step`) gives bit for bit."""
+        return self._generate(requests, fuse, capture=True)
+
+    def _generate(self, requests: Sequence[tuple[GenerationParams, ImageArg]],
+                  fuse: bool | None, capture: bool
+                  ) -> list[tuple[PIL.Image.Image, list[torch.Tensor]]]:
         fuse = self.fuse_batches if fuse is None else fuse
         resolved = []
         for params, image in requests:
@@ -259,19 +280,71 @@ class Engine:
         for i, (full, image) in enumerate(resolved):
             key = _group_key(full, image) if fuse else (i,)
             groups.setdefault(key, []).append(i)
-        results: list[PIL.Image.Image | None] = [None] * len(resolved)
+        results: list[tuple[PIL.Image.Image, list[torch.Tensor]] | None] = [None] * len(resolved)
         for indices in groups.values():
             full, image = resolved[indices[0]]
             items = [BatchItem(prompt=resolved[i][0].prompt,
                                negative_prompt=resolved[i][0].negative_prompt,
                                generator=torch.Generator("cpu").manual_seed(resolved[i][0].seed))
                      for i in indices]
+            states: list[list[torch.Tensor]] = [[] for _ in indices]
+
+            def record(step: int, latents: torch.Tensor, states=states) -> None:
+                for b, row in enumerate(states):
+                    row.append(latents[b:b + 1].detach().to("cpu", torch.float32).clone())
+
             with self._lock, torch.no_grad():
                 cond = self.conditioning_image(full, image)
-                images = self._families[full.model].run(full, items, cond)
-            for i, img in zip(indices, images, strict=False):
-                results[i] = img.convert("RGB")
+                images = self._families[full.model].run(full, items, cond,
+                                                        record if capture else None)
+            for b, (i, img) in enumerate(zip(indices, images, strict=False)):
+                results[i] = (img.convert("RGB"), states[b])
         return results  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- single steps
+    def initial_state(self, params: GenerationParams) -> torch.Tensor:
+        """x_0 of the request's chain, exactly as the pipeline starts from it (float32, CPU,
+        batch 1): drawn from the request's seed, so a validator needs nothing from the miner."""
+        full = self.resolve(params)
+        generator = torch.Generator("cpu").manual_seed(full.seed)
+        with self._lock, torch.no_grad():
+            return self._families[full.model].initial_state(full, generator)
+
+    def recompute_step(self, params: GenerationParams, image: ImageArg, step: int,
+                       state: torch.Tensor) -> torch.Tensor:
+        """x_{step+1} from x_step = `state` with the pipeline's own components, schedule,
+        conditioning and CFG batching; bit-exact against `generate_with_states` on the same
+        machine, dtype and thread count."""
+        return self.recompute_steps(params, image, {step: state})[step]
+
+    def recompute_steps(self, params: GenerationParams, image: ImageArg,
+                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """`recompute_step` for several steps {step: x_step}, encoding the prompt and the
+        conditioning once (what an audit costs: one encode, the steps, no full chain)."""
+        full = self.resolve(params)
+        self.check_image(full, image)
+        n = int(full.steps or 0)
+        shape = tuple(self.initial_state(full).shape)
+        for step, state in states.items():
+            if not 0 <= step < n:
+                raise InvalidRequest(f"step {step} not in [0, {n})", field="steps")
+            if not isinstance(state, torch.Tensor) or tuple(state.shape) != shape:
+                raise InvalidRequest(f"state for step {step} is not a tensor of shape {shape}",
+                                     field="states")
+        family = self._families[full.model]
+        with self._lock, torch.no_grad():
+            cond = self.conditioning_image(full, image)
+            context = family.step_context(full, full.prompt, full.negative_prompt, cond)
+            return {step: family.step(full, context, state.detach().to(torch.float32), step)
+                    for step, state in states.items()}
+
+    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
+        """The image the pipeline outputs from x_N = `state` (generate's bits for an honest
+        final state)."""
+        full = self.resolve(params)
+        with self._lock, torch.no_grad():
+            return self._families[full.model].decode(full, state.detach().to(torch.float32)
+                                                     ).convert("RGB")
 
 
 def _restrict(spec: ModelSpec, wanted: Sequence[str]) -> ModelSpec:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ class BatchItem:
     prompt: str
     negative_prompt: str
     generator: torch.Generator
+
+
+StepHook = Callable[[int, torch.Tensor], None]
+"""Called after every denoising step i (0-based) with the batch's sampler state x_{i+1}."""
 
 
 class Family(ABC):
@@ -105,8 +110,56 @@ class Family(ABC):
 
     @abstractmethod
     def run(self, params: GenerationParams, items: list[BatchItem],
-            image: PIL.Image.Image | None) -> list[PIL.Image.Image]:
-        """One pipeline call for items sharing `params` (prompt/seed aside)."""
+            image: PIL.Image.Image | None,
+            on_step: StepHook | None = None) -> list[PIL.Image.Image]:
+        """One pipeline call for items sharing `params` (prompt/seed aside). `on_step`, if
+        given, sees the batch's sampler state after every step (the pipeline's
+        `callback_on_step_end`); it must not change it."""
+
+    # ------------------------------------------------------------------ single steps
+    # One denoising step outside the pipeline's loop, for the step check: the same
+    # components, scheduler schedule, conditioning and batching as `run`, batch size 1, so
+    # that recomputing a step on the same machine and dtype is bit-exact.
+    @abstractmethod
+    def initial_state(self, params: GenerationParams,
+                      generator: torch.Generator) -> torch.Tensor:
+        """x_0, float32 on CPU, exactly as the pipeline starts its loop from it."""
+
+    @abstractmethod
+    def step_context(self, params: GenerationParams, prompt: str, negative_prompt: str,
+                     image: PIL.Image.Image | None) -> Any:
+        """Everything a step needs that does not depend on the state (text embeddings, the
+        control image, image embeddings), computed once for any number of steps."""
+
+    @abstractmethod
+    def step(self, params: GenerationParams, context: Any, state: torch.Tensor,
+             step: int) -> torch.Tensor:
+        """x_{step+1} (float32, CPU) from x_step = `state` (float32, batch 1)."""
+
+    @abstractmethod
+    def decode(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
+        """The image the pipeline outputs when its loop ends at `state` (x_N)."""
 
     def shared_modules(self) -> dict[str, torch.nn.Module]:
         return {}
+
+
+def recording_callback(on_step: StepHook | None) -> dict[str, Any]:
+    """Pipeline kwargs that pass the latents after each step to `on_step` (none if None)."""
+    if on_step is None:
+        return {}
+
+    def callback(pipe, i: int, t, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        on_step(i, tensors["latents"])
+        return {}  # nothing replaced: the loop goes on with its own latents
+
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
+def scheduler_at(scheduler, step: int):
+    """A copy of the pipeline's scheduler (already set to the call's schedule) positioned
+    at `step`: the pipeline's own one is left at the end of its last call, where
+    `scale_model_input` silently uses sigma 0."""
+    copy = deepcopy(scheduler)
+    copy._step_index = step
+    return copy

@@ -10,12 +10,20 @@ engine's lock, before each call: no weights are copied, and txt2img is untouched
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
 
-from niche.models.families.base import BatchItem, Family
+from niche.models.families.base import (
+    BatchItem,
+    Family,
+    StepHook,
+    recording_callback,
+    scheduler_at,
+)
 from niche.protocol import GenerationParams, PipelineKind
 
 if TYPE_CHECKING:
@@ -45,6 +53,20 @@ class _UNetWiring:
         unet.encoder_hid_proj = self.encoder_hid_proj
         unet.config.encoder_hid_dim_type = self.encoder_hid_dim_type
         unet.set_attn_processor(dict(self.processors))  # set_attn_processor pops from its dict
+
+
+@dataclass
+class KolorsStepContext:
+    """What every step of one request shares (the pipelines' steps 3-7 for one prompt)."""
+
+    kind: PipelineKind  # the pipeline that actually runs (scale 0 -> txt2img)
+    cfg: bool
+    prompt_embeds: torch.Tensor  # [uncond, cond] under CFG
+    added_cond_kwargs: dict[str, Any]
+    scheduler: Any  # a copy set to the request's schedule
+    controlnet_states: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+    keep: list[float] = field(default_factory=list)
 
 
 class KolorsFamily(Family):
@@ -130,8 +152,18 @@ class KolorsFamily(Family):
                  params.width // factor)
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
+    def running_kind(self, params: GenerationParams) -> PipelineKind:
+        """Scale 0 means "no adapter": the base pipeline runs, which makes it exactly txt2img."""
+        kind = params.pipeline
+        if kind in CONTROLNETS and params.controlnet_scale == 0.0:
+            return PipelineKind.TXT2IMG
+        if kind is PipelineKind.IP_ADAPTER and params.ip_adapter_scale == 0.0:
+            return PipelineKind.TXT2IMG
+        return kind
+
     def run(self, params: GenerationParams, items: list[BatchItem],
-            image: PIL.Image.Image | None) -> list[PIL.Image.Image]:
+            image: PIL.Image.Image | None,
+            on_step: StepHook | None = None) -> list[PIL.Image.Image]:
         noise = torch.cat([self.initial_noise(params, it.generator) for it in items])
         common = {
             "prompt": [it.prompt for it in items],
@@ -144,13 +176,9 @@ class KolorsFamily(Family):
             "generator": [it.generator for it in items],
             "max_sequence_length": self.spec.defaults.max_sequence_length,
             "output_type": "pil",
+            **recording_callback(on_step),
         }
-        kind = params.pipeline
-        # Scale 0 means "no adapter": run the base pipeline, which makes it exactly txt2img.
-        if kind in CONTROLNETS and params.controlnet_scale == 0.0:
-            kind = PipelineKind.TXT2IMG
-        if kind is PipelineKind.IP_ADAPTER and params.ip_adapter_scale == 0.0:
-            kind = PipelineKind.TXT2IMG
+        kind = self.running_kind(params)
         if kind is PipelineKind.TXT2IMG:
             self._set_mode("base")
             self._prepare_offload(self.base)
@@ -170,6 +198,124 @@ class KolorsFamily(Family):
             return list(self.ip_pipe(ip_adapter_image=image, **common).images)
         finally:
             self._set_mode("base")
+
+    # ------------------------------------------------------------------ single steps
+    def _schedule(self, params: GenerationParams):
+        """A copy of the shared scheduler set to the request's N steps, as retrieve_timesteps
+        sets the pipeline's own (the three pipelines share one scheduler)."""
+        from diffusers.pipelines.kolors.pipeline_kolors import retrieve_timesteps
+
+        scheduler = deepcopy(self.base.scheduler)
+        retrieve_timesteps(scheduler, params.steps, self.base._execution_device)
+        return scheduler
+
+    def initial_state(self, params: GenerationParams,
+                      generator: torch.Generator) -> torch.Tensor:
+        """KolorsPipeline.prepare_latents on the given noise: x init_noise_sigma, which
+        depends on the N-step schedule ("leading" spacing)."""
+        latents = self.initial_latents(self.initial_noise(params, generator))
+        latents = latents * self._schedule(params).init_noise_sigma
+        return latents.to("cpu", torch.float32)
+
+    def step_context(self, params: GenerationParams, prompt: str, negative_prompt: str,
+                     image: PIL.Image.Image | None) -> KolorsStepContext:
+        kind = self.running_kind(params)
+        pipe: Any = self.pipelines()[kind]
+        device = pipe._execution_device
+        guidance = float(params.guidance or 0.0)
+        cfg = guidance > 1 and self.base.unet.config.time_cond_proj_dim is None
+        encode_kw: dict[str, Any] = {}
+        if kind in CONTROLNETS:  # our pipeline passes its max_sequence_length, Kolors' not
+            encode_kw["max_sequence_length"] = self.spec.defaults.max_sequence_length
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=[prompt], device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg, negative_prompt=[negative_prompt], **encode_kw)
+        time_ids = pipe._get_add_time_ids((params.height, params.width), (0, 0),
+                                          (params.height, params.width), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=int(pooled.shape[-1]))
+        text_embeds = pooled
+        if cfg:
+            embeds = torch.cat([negative, embeds], dim=0)
+            text_embeds = torch.cat([negative_pooled, text_embeds], dim=0)
+            time_ids = torch.cat([time_ids, time_ids], dim=0)
+        added: dict[str, Any] = {"text_embeds": text_embeds.to(device),
+                                 "time_ids": time_ids.to(device).repeat(1, 1)}
+        ctx = KolorsStepContext(kind, cfg, embeds.to(device), added, self._schedule(params))
+        if kind in CONTROLNETS:
+            controlnet = pipe.controlnet
+            ctx.control = pipe.prepare_control_image(image, params.width, params.height, 1,
+                                                     device, controlnet.dtype, cfg)
+            ctx.controlnet_states = ctx.prompt_embeds
+            if getattr(controlnet, "encoder_hid_proj", None) is not None:
+                ctx.controlnet_states = controlnet.encoder_hid_proj(
+                    ctx.prompt_embeds.to(controlnet.dtype))
+            n, end = len(ctx.scheduler.timesteps), self.spec.defaults.control_guidance_end
+            ctx.keep = [1.0 - float(i / n < 0.0 or (i + 1) / n > end) for i in range(n)]
+        elif kind is PipelineKind.IP_ADAPTER:
+            self._set_mode("ip")
+            try:
+                added["image_embeds"] = pipe.prepare_ip_adapter_image_embeds(
+                    image, None, device, 1, cfg)
+            finally:
+                self._set_mode("base")
+        return ctx
+
+    def step(self, params: GenerationParams, context: KolorsStepContext, state: torch.Tensor,
+             step: int) -> torch.Tensor:
+        """One iteration of the denoising loop of the pipeline `context.kind` runs."""
+        ctx = context
+        scheduler = scheduler_at(ctx.scheduler, step)
+        unet = self.base.unet
+        latents = state.to(self.base._execution_device, torch.float32)
+        t = scheduler.timesteps[step]
+        model_input = torch.cat([latents] * 2) if ctx.cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if ctx.kind in CONTROLNETS:
+            pipe = self.controlnet_pipes[ctx.kind]
+            down_res, mid_res = None, None
+            cond_scale = float(params.controlnet_scale or 0.0) * ctx.keep[step]
+            if cond_scale != 0.0:
+                down_res, mid_res = pipe.controlnet(
+                    model_input, t, encoder_hidden_states=ctx.controlnet_states,
+                    controlnet_cond=ctx.control, conditioning_scale=cond_scale,
+                    added_cond_kwargs=ctx.added_cond_kwargs, return_dict=False)
+            noise_pred = unet(model_input, t, encoder_hidden_states=ctx.prompt_embeds,
+                              added_cond_kwargs=ctx.added_cond_kwargs,
+                              down_block_additional_residuals=down_res,
+                              mid_block_additional_residual=mid_res, return_dict=False)[0]
+        else:
+            ip = ctx.kind is PipelineKind.IP_ADAPTER
+            if ip:
+                assert self.ip_pipe is not None
+                self._set_mode("ip")
+                self.ip_pipe.set_ip_adapter_scale(params.ip_adapter_scale)
+            try:
+                noise_pred = unet(model_input, t, encoder_hidden_states=ctx.prompt_embeds,
+                                  timestep_cond=None, cross_attention_kwargs=None,
+                                  added_cond_kwargs=ctx.added_cond_kwargs, return_dict=False)[0]
+            finally:
+                if ip:
+                    self._set_mode("base")
+        if ctx.cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + params.guidance * (text - uncond)
+        out = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        return out.to("cpu", torch.float32)
+
+    def decode(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
+        """The pipelines' decoding: upcast a float16 VAE that asks for it, unscale, decode,
+        postprocess."""
+        pipe = self.base
+        latents = state.to(pipe._execution_device, torch.float32)
+        needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float32)
+            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+        latents = latents / pipe.vae.config.scaling_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float16)
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     def shared_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.base.unet, "text_encoder": self.base.text_encoder,

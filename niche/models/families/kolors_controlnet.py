@@ -3,8 +3,9 @@
 Adapted from diffusers 0.42: `KolorsPipeline.__call__` (prompt encoding, latents, time ids,
 the denoising loop and decoding) with the ControlNet residuals added the way
 `StableDiffusionXLControlNetPipeline.__call__` adds them (one ControlNet, no guess mode,
-control_guidance_start/end as a per-step keep mask). Left out: IP-Adapter inputs, callbacks,
-denoising_end, cross_attention_kwargs, num_images_per_prompt > 1.
+control_guidance_start/end as a per-step keep mask), and `callback_on_step_end` as
+KolorsPipeline calls it. Left out: IP-Adapter inputs, denoising_end, cross_attention_kwargs,
+num_images_per_prompt > 1.
 Kolors ControlNets carry their own `encoder_hid_proj` (ChatGLM 4096 -> cross-attention width),
 which ControlNetModel.forward does not apply, so the pipeline projects the prompt embeddings
 for the ControlNet itself. The pipeline holds references to the base pipeline's modules: no
@@ -12,7 +13,8 @@ weights are copied.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import PIL.Image
 import torch
@@ -34,6 +36,8 @@ class KolorsControlNetPipeline(KolorsPipeline):
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->controlnet->vae"
     _optional_components: ClassVar[list[str]] = ["image_encoder", "feature_extractor"]
+    _callback_tensor_inputs: ClassVar[list[str]] = [
+        "latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, controlnet: ControlNetModel, scheduler,
                  image_encoder=None, feature_extractor=None,
@@ -76,6 +80,8 @@ class KolorsControlNetPipeline(KolorsPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         max_sequence_length: int = 256,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         r"""Generate images from prompts and a control image.
 
@@ -95,12 +101,19 @@ class KolorsControlNetPipeline(KolorsPipeline):
                 the fraction of the steps during which the ControlNet is applied.
             generator (`torch.Generator` or a list, one per prompt, *optional*): seeds the
                 initial noise when `latents` is not given, and the scheduler's noise.
-            latents (`torch.Tensor`, *optional*): initial noise, already scaled by the caller
-                (`prepare_latents` multiplies by `init_noise_sigma` only when it draws them).
+            latents (`torch.Tensor`, *optional*): initial noise, unscaled: `prepare_latents`
+                multiplies it by the scheduler's `init_noise_sigma`, as when it draws it.
             eta (`float`, defaults to 0.0): DDIM's eta, for schedulers that take it.
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
             return_dict (`bool`, defaults to True): a `KolorsPipelineOutput` or a tuple.
             max_sequence_length (`int`, defaults to 256): ChatGLM tokens per prompt.
+            callback_on_step_end (`Callable`, *optional*): called after each denoising step
+                as `callback_on_step_end(self, step, timestep, callback_kwargs)`;
+                `callback_kwargs` holds the tensors named in
+                `callback_on_step_end_tensor_inputs`, and the returned dict may replace them.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to
+                `["latents"]`): among `_callback_tensor_inputs` (the CFG-batched
+                `prompt_embeds`, `add_text_embeds`, `add_time_ids`, and `latents`).
 
         Returns:
             `KolorsPipelineOutput` (or `(images,)`): the generated images.
@@ -110,7 +123,10 @@ class KolorsControlNetPipeline(KolorsPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
             raise ValueError("need 0 <= control_guidance_start < control_guidance_end <= 1")
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
         self.check_inputs(prompt, num_inference_steps, height, width, negative_prompt,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = None
@@ -160,7 +176,7 @@ class KolorsControlNetPipeline(KolorsPipeline):
             controlnet_states = self.controlnet.encoder_hid_proj(
                 prompt_embeds.to(self.controlnet.dtype))
 
-        # 7. Denoising loop: ControlNet residuals, UNet, guidance, scheduler step.
+        # 7. Denoising loop: ControlNet residuals, UNet, guidance, scheduler step, callback.
         self._num_timesteps = n
         with self.progress_bar(total=n) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -185,6 +201,16 @@ class KolorsControlNetPipeline(KolorsPipeline):
                     noise_pred = uncond + guidance_scale * (text - uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
                                               return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    add_text_embeds = outputs.pop("add_text_embeds", add_text_embeds)
+                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
+                    added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
                 progress_bar.update()
 
         # 8. Decode the latents (upcasting a float16 VAE that asks for it).

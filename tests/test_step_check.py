@@ -1,0 +1,173 @@
+"""The step check: honest chains pass (float32, a bfloat16 miner), every cheat of the
+calibration fails on the steps it changes, malformed states fail cleanly. Thresholds are the
+calibrated defaults (niche.validator.steps.DEFAULT_STEP_BANDS, docs/step-check.md)."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from test_models_engine import photo
+
+from niche.devnet import step_cheats
+from niche.protocol import GenerationParams
+from niche.validator.steps import (
+    DEFAULT_STEP_BANDS,
+    Band,
+    StepChecker,
+    StepThresholds,
+    choose_steps,
+    step_error,
+)
+
+MODELS = ["flux-schnell", "kolors"]
+
+
+def req(model, pipeline="txt2img", **kw) -> GenerationParams:
+    kw.setdefault("prompt", "a lighthouse on a cliff at sunset")
+    kw.setdefault("seed", 21)
+    return GenerationParams(model=model, pipeline=pipeline, **kw)
+
+
+def all_steps(engine, params) -> list[int]:
+    return list(range(engine.resolve(params).steps))
+
+
+@pytest.fixture(scope="module")
+def checker(tiny_engine):
+    return StepChecker(tiny_engine)
+
+
+# ------------------------------------------------------------------ the pieces
+def test_step_error_is_relative_to_the_steps_own_update():
+    x = torch.zeros(1, 4)
+    claimed = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert step_error(x, claimed, claimed) == 0.0
+    assert step_error(x, claimed, torch.tensor([[1.0, 0.1, 0.0, 0.0]])) == pytest.approx(0.1)
+    assert step_error(x, x, x) == 0.0  # a zero update recomputed as zero
+    assert step_error(x, x, claimed) == math.inf  # a claimed "step" that does not move
+
+
+def test_choose_steps_always_starts_at_zero():
+    rng = random.Random(5)
+    for _ in range(50):
+        steps = choose_steps(rng, 8, k=3)
+        assert steps[0] == 0 and len(set(steps)) == 4 and all(0 < s < 8 for s in steps[1:])
+    assert choose_steps(rng, 1, k=2) == [0]
+    assert choose_steps(rng, 3, k=5) == [0, 1, 2]
+
+
+def test_the_calibrated_thresholds():
+    """As in docs/step-check.md: FLUX one band, Kolors five growing along the schedule."""
+    assert DEFAULT_STEP_BANDS["flux-schnell"] == (Band(1.0, 1.7e-3, 4.5e-2, 7e-3),)
+    assert [b.bfloat16 for b in DEFAULT_STEP_BANDS["kolors"]] == [1.45e-2, 3.0e-2, 7.0e-2,
+                                                                  1.1e-1, 1.8e-1]
+    t = StepThresholds()
+    assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 1.45e-2  # 1/8
+    assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 3.0e-2  # 4/8
+    assert t.threshold("kolors", "txt2img", "float16", 7, 8) == 3.7e-2  # the last step
+    assert t.threshold("kolors", "txt2img", "float16", 29, 30) == 3.7e-2
+    with pytest.raises(ValueError):
+        t.threshold("kolors", "txt2img", "int8", 0, 8)
+    with pytest.raises(KeyError):
+        t.threshold("sdxl", None, "float32", 0, 8)
+
+
+# ------------------------------------------------------------------ honest chains pass
+@pytest.mark.parametrize("model", MODELS)
+def test_honest_chains_pass_at_every_step(tiny_engine, tiny_engine_bf16, checker, model):
+    params = req(model)
+    steps = all_steps(tiny_engine, params)
+    exact = checker.check(params, None, step_cheats.honest(tiny_engine, params, None), steps,
+                          dtype="float32")
+    assert exact.passed and set(exact.errors.values()) == {0.0}, exact.reason
+    answer, states = tiny_engine_bf16.generate_with_states(params)
+    half = checker.check(params, None, step_cheats.as_chain(states), steps,
+                         dtype="bfloat16", answer=answer)
+    assert half.passed, half.reason
+    assert max(half.errors.values()) > 0 and all(
+        half.errors[k] < half.thresholds[k] / 1.5 for k in steps), half.errors
+
+
+def test_an_honest_controlnet_chain_passes_with_its_conditioning(tiny_engine, checker):
+    params, image = req("kolors", "controlnet-canny"), photo(2)
+    answer, states = tiny_engine.generate_with_states(params, image)
+    verdict = checker.check(params, image, step_cheats.as_chain(states), [0, 5],
+                            dtype="float32", answer=answer)
+    assert verdict.passed and verdict.errors == {0: 0.0, 5: 0.0}
+    other = checker.check(params, photo(3), step_cheats.as_chain(states), [0, 5])
+    assert not other.passed  # another control image is another update
+
+
+# ------------------------------------------------------------------ cheats fail
+def failing_steps(checker, params, chain, image=None) -> set[int]:
+    steps = all_steps(checker.engine, params)
+    verdict = checker.check(params, image, chain, steps, dtype="bfloat16")  # the most lenient
+    assert set(verdict.errors) == set(steps)
+    return {k for k in steps if verdict.errors[k] > verdict.thresholds[k]}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_another_prompt_and_fewer_steps_fail_at_every_step(tiny_engine, checker, model):
+    params = req(model)
+    everything = set(all_steps(tiny_engine, params))
+    assert failing_steps(checker, params, step_cheats.other_prompt(tiny_engine, params,
+                                                                    None)) == everything
+    assert failing_steps(checker, params, step_cheats.fewer_steps(tiny_engine, params,
+                                                                   None)) == everything
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_another_seeds_chain_fails_only_at_step_zero(tiny_engine, checker, model):
+    params = req(model)
+    assert failing_steps(checker, params,
+                         step_cheats.other_seed(tiny_engine, params, None)) == {0}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_reused_prediction_fails_where_it_was_reused(tiny_engine, checker, model):
+    """Odd steps reuse the previous prediction; the honest even steps cannot tell (why the
+    audit draws random steps every time). For FLUX, a half-length schedule resampled onto
+    the grid is the same cheat: Euler steps are linear in the step size."""
+    params = req(model)
+    odd = {k for k in all_steps(tiny_engine, params) if k % 2}
+    assert failing_steps(checker, params,
+                         step_cheats.reused_prediction(tiny_engine, params, None)) == odd
+    resampled = step_cheats.fewer_steps(tiny_engine, params, None, resample=True)
+    if model == "flux-schnell":
+        assert failing_steps(checker, params, resampled) == odd
+    else:
+        assert failing_steps(checker, params, resampled) == set(all_steps(tiny_engine, params))
+
+
+def test_dropping_guidance_fails_at_every_step(tiny_engine, checker):
+    params = req("kolors")
+    assert failing_steps(checker, params, step_cheats.no_cfg(tiny_engine, params, None)) == \
+        set(all_steps(tiny_engine, params))
+
+
+# ------------------------------------------------------------------ malformed states
+def test_malformed_states_fail_with_a_reason(tiny_engine, checker):
+    params = req("flux-schnell")
+    chain = step_cheats.honest(tiny_engine, params, None)
+    nan = chain[2].clone()
+    nan[0, 0, 0] = math.nan
+    inf = chain[2].clone()
+    inf[0, 1, 1] = math.inf
+    cases = {
+        "state 2 missing": {1: chain[1], 3: chain[3]},
+        "dtype float64": {**chain, 2: chain[2].double()},
+        "dtype bfloat16": {**chain, 2: chain[2].bfloat16()},
+        "shape": {**chain, 2: chain[2][:, :4]},
+        "NaN or inf": {**chain, 2: nan},
+        "not a tensor": {**chain, 2: chain[2].tolist()},
+    }
+    for reason, claimed in cases.items():
+        verdict = checker.check(params, None, claimed, [0, 1])
+        assert not verdict.passed and reason in verdict.reason, (reason, verdict.reason)
+    verdict = checker.check(params, None, {**chain, 2: inf}, [1])
+    assert not verdict.passed and "NaN or inf" in verdict.reason
+    other_answer = tiny_engine.generate(req("flux-schnell", seed=99))
+    verdict = checker.check(params, None, chain, [0, 2], answer=other_answer)
+    assert not verdict.passed and "decoded x_4" in verdict.reason
