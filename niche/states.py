@@ -11,10 +11,12 @@ import base64
 import binascii
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from niche.errors import InvalidRequest
 from niche.protocol import MAX_STATE_ELEMENTS, MAX_STATES, StatesCommitment
 
 
@@ -66,3 +68,43 @@ def decode_state(data: str, index: int, commitment: StatesCommitment) -> torch.T
     if not np.isfinite(array).all():
         raise BadState(f"state {index} holds NaN or infinite values")
     return torch.from_numpy(array.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- files
+def save_states_file(path: Path, states: Sequence[torch.Tensor], compute_dtype: str) -> None:
+    """x_1..x_N as a safetensors file (keys x_1..x_N), for `niche verify --states`."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"x_{i}": s.detach().to("cpu", torch.float32).contiguous()
+               for i, s in enumerate(states, start=1)}
+    save_file(tensors, str(path), metadata={"compute_dtype": compute_dtype})
+
+
+def load_states_file(path: Path) -> tuple[dict[int, torch.Tensor], str]:
+    """({i: x_i}, compute dtype) from a states file, or InvalidRequest(field="states")."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise InvalidRequest(f"no such file {path}", field="states")
+    states: dict[int, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            dtype = (f.metadata() or {}).get("compute_dtype", "float32")
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                if not key.startswith("x_") or not key[2:].isdigit():
+                    raise InvalidRequest(f"{path}: unexpected tensor {key!r} (want x_1..x_N)",
+                                         field="states")
+                index = int(key[2:])
+                if not 1 <= index <= MAX_STATES:
+                    raise InvalidRequest(f"{path}: state index {index} out of range",
+                                         field="states")
+                tensor = f.get_tensor(key)
+                if tensor.numel() > MAX_STATE_ELEMENTS:
+                    raise InvalidRequest(f"{path}: {key} is too large", field="states")
+                states[index] = tensor.to(torch.float32)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidRequest(f"{path} is not a states file: {exc}", field="states") from None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise InvalidRequest(f"{path}: compute_dtype {dtype!r} unknown", field="states")
+    return states, dtype

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
                               "one-line JSON summary (model, pipeline, seed, seconds, sha256).")
     add_request_args(p)
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--states-out", type=Path, default=None,
+                   help="also write the sampler states x_1..x_N (safetensors), what a miner "
+                        "commits to; `niche verify --states` checks them")
     p.set_defaults(func=_generate)
 
 
@@ -88,8 +91,12 @@ def _run(engine, args, params, image) -> int:
 
     full = engine.resolve(params)
     start = time.perf_counter()
-    result = engine.generate(full, image)
+    result, states = engine.generate_with_states(full, image)
     seconds = time.perf_counter() - start
+    if args.states_out:
+        from niche.states import save_states_file
+
+        save_states_file(args.states_out, states, engine.compute_dtype(full.model))
     data = encode_image(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)

@@ -1,7 +1,11 @@
-"""`niche verify`: regenerate a request and compare a candidate image to it, as an audit does.
+"""`niche verify`: check a candidate image as an audit does.
 
-Prints one JSON line: {"similarity": x, "threshold": t, "match": bool, "details": {...}}.
-Exit code 0 whether or not it matches (the JSON says); errors exit non-zero.
+With `--states FILE` (what `niche generate --states-out` writes, what a miner commits to):
+the step check (recompute step 0 from the seed and random steps from the file's states,
+decode x_N against the candidate). Without: regenerate the request and compare.
+
+Prints one JSON line: {"match": bool, ...}. Exit code 0 whether or not it matches (the JSON
+says); errors exit non-zero.
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ def register(subparsers) -> None:
                    help="similarity needed to match (default: the validator's for the model)")
     p.add_argument("--save-reference", type=Path, default=None,
                    help="also write the regenerated reference as PNG")
+    p.add_argument("--states", type=Path, default=None,
+                   help="sampler states x_1..x_N (safetensors): run the step check instead "
+                        "of a regeneration")
+    p.add_argument("--check-steps", default="1", metavar="K|all",
+                   help="with --states: steps recomputed besides step 0, drawn at random "
+                        "(default 1), or 'all'")
+    p.add_argument("--check-seed", type=int, default=None,
+                   help="with --states: seed of the random step choice (default: fresh)")
     p.set_defaults(func=run)
 
 
@@ -38,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest("must be in [0, 1]", field="threshold")
     candidate = load_image_file(args.candidate)  # bounded decode: a bomb is refused
     image = load_image_file(args.image) if args.image else None
+    from niche.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    if args.states is not None:
+        from niche.states import load_states_file
+
+        states = load_states_file(args.states)  # before minutes of model loading
+        return _step_check(args, engine_from_request_args(args), params, image, candidate,
+                           states)
     engine = engine_from_request_args(args)
     overrides = {args.model: args.threshold} if args.threshold is not None else {}
     verifier = Verifier(engine, VerifyConfig.with_overrides(overrides))
@@ -52,5 +73,37 @@ def run(args: argparse.Namespace) -> int:
         "match": verdict.passed,
         "details": {k: round(v, 6) for k, v in verdict.details.as_dict().items()}
         if verdict.details else {},
+    }))
+    return 0
+
+
+def _step_check(args: argparse.Namespace, engine, params, image, candidate,
+                loaded: tuple[dict, str]) -> int:
+    import random
+
+    from niche.errors import InvalidRequest
+    from niche.validator.steps import StepChecker, choose_steps
+
+    states, dtype = loaded
+    full = engine.resolve(params)
+    n = int(full.steps or 0)
+    if sorted(states) != list(range(1, n + 1)):
+        raise InvalidRequest(f"{args.states} holds states {sorted(states)[:8]}..., the "
+                             f"request has {n} steps (want x_1..x_{n})", field="states")
+    if args.check_steps == "all":
+        steps = list(range(n))
+    else:
+        try:
+            k = int(args.check_steps)
+        except ValueError:
+            raise InvalidRequest("a number or 'all'", field="check_steps") from None
+        steps = choose_steps(random.Random(args.check_seed), n, k=max(0, k))
+    verdict = StepChecker(engine).check(full, image, states, steps, dtype=dtype,
+                                        answer=candidate)
+    print(json.dumps({
+        "match": verdict.passed, "reason": verdict.reason, "compute_dtype": dtype,
+        "steps": {str(k): {"error": round(verdict.errors[k], 6),
+                           "threshold": round(verdict.thresholds[k], 6)}
+                  for k in sorted(verdict.errors)},
     }))
     return 0

@@ -71,6 +71,11 @@ class ImageEngine(Protocol):
 
     def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image: ...
 
+    def initial_state(self, params: GenerationParams) -> torch.Tensor: ...
+
+    def recompute_steps(self, params: GenerationParams, image: ImageArg,
+                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]: ...
+
 
 class Engine:
     """Loads the given models once and generates images from GenerationParams."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+import torch
 
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
@@ -56,7 +57,8 @@ class AuditConfig:
 class AuditResult:
     passed: bool
     similarity: float
-    """The decoded final state against the returned image (or the regeneration's)."""
+    """1 - (worst step error / its threshold) for a step check (0: failed); the image
+    similarity for a regeneration."""
     reason: str = ""
     step_errors: dict[int, float] | None = None
 
@@ -82,10 +84,11 @@ class Auditor:
                     rng: np.random.Generator) -> list[AuditResult]:
         """One result per item, in order. States are fetched concurrently; the recomputation
         runs in a worker thread, one answer after another (the engine is one GPU)."""
+        draw = random.Random(int(rng.integers(2**63)))  # the audit's secret randomness
         plans = []
         for challenge, _, _ in items:
             n = int(challenge.params.steps or 0)
-            plans.append(choose_steps(rng, n, k=self.config.random_steps) if n else [])
+            plans.append(choose_steps(draw, n, k=self.config.random_steps) if n else [])
         fetches = await asyncio.gather(*[
             self.client.fetch_states(target, challenge.request_id, result.response.states,
                                      needed_states(plan, len(result.response.states.sha256)),
@@ -104,28 +107,24 @@ class Auditor:
                 results.append(AuditResult(False, 0.0, f"states: {fetch.reason}"))
                 continue
             results.append(await asyncio.to_thread(
-                self._check, challenge, result.image, fetch.states, plan))
+                self._check, challenge, result, fetch.states, plan))
         regenerate = [i for i, r in enumerate(results)
                       if r.passed and rng.random() < self.config.regenerate_fraction]
         if regenerate:
             await asyncio.to_thread(self._regenerate, items, results, regenerate)
         return results
 
-    def _check(self, challenge: Challenge, image: Image.Image,
-               states: dict, plan: list[int]) -> AuditResult:
-        params = challenge.params
-        verdict = self.steps.check(params, challenge.image, states, plan)
+    def _check(self, challenge: Challenge, answer: QueryResult,
+               states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
+        assert answer.response is not None and answer.response.states is not None
+        verdict = self.steps.check(challenge.params, challenge.image, states, plan,
+                                   dtype=answer.response.states.compute_dtype,
+                                   answer=answer.image)
         if not verdict.passed:
             return AuditResult(False, 0.0, f"step check: {verdict.reason}", verdict.errors)
-        n = int(params.steps or 0)
-        decoded = self.engine.decode_state(params, states[n])
-        judged = self.verifier.judge(params.model, decoded, image, params.pipeline)
-        if not judged.passed:
-            return AuditResult(False, judged.similarity,
-                               f"the image is not the decoded final state: similarity "
-                               f"{judged.similarity:.3f} < {judged.threshold:.3f}",
-                               verdict.errors)
-        return AuditResult(True, judged.similarity, "", verdict.errors)
+        worst = max((verdict.errors[k] / verdict.thresholds[k] for k in verdict.errors
+                     if verdict.thresholds[k] > 0), default=0.0)
+        return AuditResult(True, round(1.0 - min(1.0, worst), 4), "", verdict.errors)
 
     def _regenerate(self, items: Sequence[tuple[Challenge, QueryResult, MinerTarget]],
                     results: list[AuditResult], indices: list[int]) -> None:

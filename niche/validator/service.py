@@ -28,6 +28,7 @@ from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.validator import scoring
+from niche.validator.audit import AuditConfig, Auditor
 from niche.validator.challenges import (
     Challenge,
     ChallengeFactory,
@@ -38,7 +39,6 @@ from niche.validator.challenges import (
     round_rng,
 )
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
-from niche.validator.audit import AuditConfig, Auditor
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig

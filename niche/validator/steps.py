@@ -34,7 +34,7 @@ from niche.protocol import GenerationParams
 from niche.validator.verify import Verifier, VerifyConfig, compare
 
 if TYPE_CHECKING:
-    from niche.models.engine import Engine
+    from niche.models.engine import ImageEngine
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -147,7 +147,7 @@ def _bad_state(value: object, shape: tuple[int, ...]) -> str | None:
 class StepChecker:
     """Recompute chosen steps of a miner's chain with the validator's engine and judge them."""
 
-    def __init__(self, engine: Engine, thresholds: StepThresholds | None = None,
+    def __init__(self, engine: ImageEngine, thresholds: StepThresholds | None = None,
                  verify_config: VerifyConfig | None = None):
         self.engine = engine
         self.thresholds = thresholds or StepThresholds()

@@ -1,19 +1,32 @@
 """Dishonest miners for the local subnet, so a newcomer can watch the validator catch them.
 
 The wrapper changes what is computed, never what is claimed: the answer still says it is the
-requested model, seed and steps, exactly as a cheating miner on a real network would.
+requested model, seed and steps, and commits to N states, exactly as a cheating miner on a
+real network would. The adaptive ones are what a cheater who read the step check tries:
+
+- other-seed, fewer-steps: the plain cheats (fewer steps' states duplicated onto the grid);
+- resampled-steps: half the steps, states interpolated onto the honest grid, image decoded
+  from the claimed last state (it matches the honest grid where the two grids coincide);
+- sharpened-fewer-steps: half the steps, the image unsharp-masked to restore the detail the
+  image metric looks at;
+- no-guidance: Kolors without classifier-free guidance (half the UNet work); FLUX has no
+  guidance branch, so a FLUX miner told to do it skips steps instead;
+- reused-prediction: every other step reuses the previous denoiser output.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import PIL.Image
+import PIL.ImageFilter
+import torch
 
 from niche.models.engine import ImageEngine
 from niche.models.spec import ModelSpec
 from niche.protocol import GenerationParams, ModelInfo
 
-CHEATS = ("other-seed", "fewer-steps")
+CHEATS = ("other-seed", "fewer-steps", "resampled-steps", "sharpened-fewer-steps",
+          "no-guidance", "reused-prediction")
 
 
 class CheatingEngine:
@@ -36,6 +49,47 @@ class CheatingEngine:
     def check_image(self, params: GenerationParams, image: PIL.Image.Image | None) -> None:
         self._engine.check_image(params, image)
 
+    def compute_dtype(self, model: str) -> str:
+        return self._engine.compute_dtype(model)
+
+    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
+        return self._engine.decode_state(params, state)
+
+    def initial_state(self, params: GenerationParams) -> torch.Tensor:
+        return self._engine.initial_state(params)
+
+    def recompute_steps(self, params: GenerationParams, image: PIL.Image.Image | None,
+                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return self._engine.recompute_steps(params, image, states)
+
+    def generate_with_states(self, params: GenerationParams,
+                             image: PIL.Image.Image | None = None
+                             ) -> tuple[PIL.Image.Image, list[torch.Tensor]]:
+        """The cheap computation's image and N claimed states (N = the request's steps)."""
+        from niche.devnet import step_cheats
+        from niche.models.engine import Engine
+
+        full = self._engine.resolve(params)
+        n = int(full.steps or 1)
+        if self.cheat in ("other-seed", "fewer-steps"):
+            picture, states = self._engine.generate_with_states(self._tamper(params), image)
+            return picture, (states + [states[-1]] * n)[:n]
+        engine = self._engine
+        if not isinstance(engine, Engine):
+            raise TypeError("adaptive cheats need the real engine underneath")
+        if self.cheat == "no-guidance" and full.guidance and full.guidance > 1.0:
+            chain = step_cheats.no_cfg(engine, full, image)
+        elif self.cheat == "reused-prediction":
+            chain = step_cheats.reused_prediction(engine, full, image)
+        else:
+            chain = step_cheats.fewer_steps(engine, full, image,
+                                            resample=self.cheat == "resampled-steps")
+        states = [chain[i] for i in range(1, n + 1)]
+        picture = engine.decode_state(full, states[-1])
+        if self.cheat == "sharpened-fewer-steps":
+            picture = picture.filter(PIL.ImageFilter.UnsharpMask(radius=2, percent=80))
+        return picture, states
+
     def _tamper(self, params: GenerationParams) -> GenerationParams:
         params = self._engine.resolve(params)
         if self.cheat == "other-seed":
@@ -44,9 +98,8 @@ class CheatingEngine:
 
     def generate(self, params: GenerationParams,
                  image: PIL.Image.Image | None = None) -> PIL.Image.Image:
-        return self._engine.generate(self._tamper(params), image)
+        return self.generate_with_states(params, image)[0]
 
     def generate_batch(self, requests: Sequence[tuple[GenerationParams, PIL.Image.Image | None]],
                        fuse: bool | None = None) -> list[PIL.Image.Image]:
-        return self._engine.generate_batch([(self._tamper(p), img) for p, img in requests],
-                                           fuse)
+        return [self.generate(p, img) for p, img in requests]
