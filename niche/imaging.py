@@ -26,6 +26,9 @@ from niche.errors import InvalidRequest
 from niche.protocol import MAX_IMAGE_B64_CHARS
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")
+PNG_COMPRESS_LEVEL = 1
+"""zlib level of answers: at 1024x1024 level 1 encodes 3-4x faster than level 6 for ~15 %
+more bytes (bench/overhead.py, docs/models.md): latency is what the subnet pays for."""
 ENCODE_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
 
 
@@ -64,7 +67,7 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     clean = _clean_rgb(image)
     buf = io.BytesIO()
     if fmt == "PNG":
-        clean.save(buf, format="PNG", optimize=False, compress_level=6)
+        clean.save(buf, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     else:
         clean.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
     return buf.getvalue()

@@ -22,7 +22,7 @@ from niche.chain.base import Endpoint, Neuron
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64, image_sha256
 from niche.devnet.servers import BackgroundServer
-from niche.protocol import ErrorResponse, InfoResponse, ModelInfo
+from niche.protocol import PROTOCOL_VERSION, ErrorResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
 
@@ -64,7 +64,7 @@ def fake_miner_app(miner_wallet, other_wallet) -> FastAPI:
         if how == "wrong_id":
             answer["request_id"] = "x" * 16
         if how == "proto":
-            answer["protocol_version"] = 2
+            answer["protocol_version"] = PROTOCOL_VERSION + 1
         if how == "wrong_hotkey":
             answer["miner_hotkey"] = other_wallet.hotkey.ss58_address
         if how == "wrong_model":

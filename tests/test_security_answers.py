@@ -15,12 +15,14 @@ import contextlib
 import json
 
 import numpy as np
+import torch
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
 from niche.auth import sign_response, verify_response
+from niche.states import commit
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.imaging import encode_b64, image_sha256
@@ -54,23 +56,28 @@ def lying_miner(wallet, other_wallet, lie: str) -> FastAPI:
         pixels = rng.integers(0, 256, (p.get("height") or 64, p.get("width") or 64, 3),
                               dtype=np.uint8)
         b64, digest = encode_b64(Image.fromarray(pixels, "RGB"))
+        states = commit([torch.zeros((1, 4))] * int(p["steps"]), "float32")
+        sd = states.digest()
         answer = dict(request_id=rid, model=p["model"], image=b64, image_sha256=digest,
-                      miner_hotkey=hotkey, signature=sign_response(wallet.hotkey, rid, digest),
-                      generation_seconds=0.5, queue_seconds=0.0, miner_version="x")
+                      miner_hotkey=hotkey, signature=sign_response(wallet.hotkey, rid, digest, sd),
+                      generation_seconds=0.5, queue_seconds=0.0, miner_version="x",
+                      states=states.model_dump(mode="json"))
         if lie == "claims_zero_seconds":
             await asyncio.sleep(1.0)
             answer.update(generation_seconds=0.0, queue_seconds=0.0)
         elif lie == "wrong_sha256":  # consistent lie: signs the hash it claims
             fake = image_sha256(b"another image")
-            answer.update(image_sha256=fake, signature=sign_response(wallet.hotkey, rid, fake))
+            answer.update(image_sha256=fake,
+                          signature=sign_response(wallet.hotkey, rid, fake, sd))
         elif lie == "foreign_signature":
-            answer["signature"] = sign_response(other_wallet.hotkey, rid, digest)
+            answer["signature"] = sign_response(other_wallet.hotkey, rid, digest, sd)
         elif lie == "no_signature":
             answer["signature"] = ""
         elif lie == "other_request_id":
             answer["request_id"] = "replayed-answer-0001"
         elif lie == "signs_other_request":
-            answer["signature"] = sign_response(wallet.hotkey, "replayed-answer-0001", digest)
+            answer["signature"] = sign_response(wallet.hotkey, "replayed-answer-0001", digest,
+                                                sd)
         return JSONResponse(answer)
 
     return app

@@ -18,7 +18,7 @@ from niche.auth import sign_response
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
-from niche.protocol import InfoResponse, ModelInfo, PipelineKind
+from niche.protocol import PROTOCOL_VERSION, InfoResponse, ModelInfo, PipelineKind
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
@@ -46,7 +46,7 @@ def hostile_app(behaviour: str, wallet) -> FastAPI:
 
     def answer(request_id: str, data: bytes, **override) -> dict:
         digest = hashlib.sha256(data).hexdigest()
-        body = dict(protocol_version=1, request_id=request_id, model="flux-schnell",
+        body = dict(protocol_version=PROTOCOL_VERSION, request_id=request_id, model="flux-schnell",
                     image=base64.b64encode(data).decode(), image_sha256=digest,
                     miner_hotkey=hotkey, signature=sign_response(wallet.hotkey, request_id,
                                                                   digest),

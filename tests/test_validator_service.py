@@ -41,7 +41,11 @@ class OtherSeed:
         return getattr(self._engine, name)
 
     def generate(self, params, image=None):
-        return self._engine.generate(params.model_copy(update={"seed": params.seed + 1}), image)
+        return self.generate_with_states(params, image)[0]
+
+    def generate_with_states(self, params, image=None):
+        return self._engine.generate_with_states(
+            params.model_copy(update={"seed": params.seed + 1}), image)
 
 
 class Replayer(OtherSeed):
@@ -49,9 +53,9 @@ class Replayer(OtherSeed):
 
     cached = None
 
-    def generate(self, params, image=None):
+    def generate_with_states(self, params, image=None):
         if self.cached is None:
-            self.cached = self._engine.generate(params, image)
+            self.cached = self._engine.generate_with_states(params, image)
         return self.cached
 
 
@@ -65,8 +69,8 @@ class Only(OtherSeed):
     def served(self):
         return [m for m in self._engine.served() if m.model == self._model]
 
-    def generate(self, params, image=None):
-        return self._engine.generate(params, image)
+    def generate_with_states(self, params, image=None):
+        return self._engine.generate_with_states(params, image)
 
 
 @contextlib.contextmanager

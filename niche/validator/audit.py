@@ -28,7 +28,7 @@ import torch
 
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
-from niche.validator.steps import StepChecker, choose_steps
+from niche.validator.steps import StepChecker, choose_steps, looser_dtype
 from niche.validator.verify import Verifier
 
 if TYPE_CHECKING:
@@ -117,9 +117,10 @@ class Auditor:
     def _check(self, challenge: Challenge, answer: QueryResult,
                states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
         assert answer.response is not None and answer.response.states is not None
+        dtype = looser_dtype(answer.response.states.compute_dtype,
+                             self.engine.compute_dtype(challenge.params.model))
         verdict = self.steps.check(challenge.params, challenge.image, states, plan,
-                                   dtype=answer.response.states.compute_dtype,
-                                   answer=answer.image)
+                                   dtype=dtype, answer=answer.image)
         if not verdict.passed:
             return AuditResult(False, 0.0, f"step check: {verdict.reason}", verdict.errors)
         worst = max((verdict.errors[k] / verdict.thresholds[k] for k in verdict.errors

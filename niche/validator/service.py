@@ -300,10 +300,6 @@ class Validator:
                 outcomes[c.uid] = replace(base, status=status if status != OK else "bad_image",
                                           reason=reason or "no image")
                 continue
-            if result.response is None or result.response.states is None:
-                outcomes[c.uid] = replace(base, status=scoring.NO_STATES, reason=(
-                    "the answer commits to no sampler states, so it cannot be audited"))
-                continue
             if latency is not None and latency > c.timeout:
                 outcomes[c.uid] = replace(base, status="timeout", reason=(
                     f"answered in {latency:.1f}s, after the {c.timeout:.0f}s deadline"))
@@ -311,6 +307,10 @@ class Validator:
             problem = shape_problem(image, *c.params.size)
             if problem:
                 outcomes[c.uid] = replace(base, status=problem.split(":")[0], reason=problem)
+                continue
+            if result.response is None or result.response.states is None:
+                outcomes[c.uid] = replace(base, status=scoring.NO_STATES, reason=(
+                    "the answer commits to no sampler states, so it cannot be audited"))
                 continue
             fp = fingerprint(image)
             earlier = self.answers.match(fp)

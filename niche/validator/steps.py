@@ -123,6 +123,13 @@ class StepVerdict:
     reason: str
 
 
+def looser_dtype(a: str, b: str) -> str:
+    """The dtype whose numeric noise bounds a comparison of an `a` computation with a `b`
+    one: a float32 miner checked by a bfloat16 validator is as noisy as the reverse."""
+    order = ("float32", "float16", "bfloat16")
+    return max(a, b, key=lambda d: order.index(d) if d in order else len(order))
+
+
 def choose_steps(rng: random.Random, n_steps: int, k: int = 1) -> list[int]:
     """Step 0 (recomputed from the validator's own x_0) plus `k` distinct others at random
     (fewer when the schedule is shorter). Draw them after the answer has arrived."""
