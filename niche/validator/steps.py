@@ -25,16 +25,29 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import PIL.Image
 import torch
 
+from niche.models.engine import ImageEngine
 from niche.protocol import GenerationParams
 from niche.validator.verify import Verifier, VerifyConfig, compare
 
-if TYPE_CHECKING:
-    from niche.models.engine import Engine
+
+class StepEngine(ImageEngine, Protocol):
+    """An ImageEngine that can also recompute steps (`niche.models.engine.Engine`)."""
+
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]: ...
+
+    def initial_state(self, params: GenerationParams) -> torch.Tensor: ...
+
+    def recompute_steps(self, params: GenerationParams, image: PIL.Image.Image | None,
+                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]: ...
+
+    def decode_state(self, params: GenerationParams,
+                     state: torch.Tensor) -> PIL.Image.Image: ...
+
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -148,7 +161,7 @@ def _bad_state(value: object, shape: tuple[int, ...]) -> str | None:
 class StepChecker:
     """Recompute chosen steps of a miner's chain with the validator's engine and judge them."""
 
-    def __init__(self, engine: Engine, thresholds: StepThresholds | None = None,
+    def __init__(self, engine: StepEngine, thresholds: StepThresholds | None = None,
                  verify_config: VerifyConfig | None = None):
         self.engine = engine
         self.thresholds = thresholds or StepThresholds()
