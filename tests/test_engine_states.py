@@ -26,6 +26,7 @@ def assert_chain_recomputes_exactly(engine, params, image):
     assert len(states) == n
     x0 = engine.initial_state(params)
     chain = [x0, *states]
+    assert tuple(x0.shape) == engine.state_shape(params)
     for s in chain:
         assert s.dtype == torch.float32 and s.device.type == "cpu"
         assert s.shape == x0.shape and s.shape[0] == 1

@@ -60,12 +60,15 @@ def test_choose_steps_always_starts_at_zero():
 
 def test_the_calibrated_thresholds():
     """As in docs/step-check.md: FLUX one band, Kolors five growing along the schedule."""
-    assert DEFAULT_STEP_BANDS["flux-schnell"] == (Band(1.0, 1.7e-3, 4.5e-2, 7e-3),)
-    assert [b.bfloat16 for b in DEFAULT_STEP_BANDS["kolors"]] == [1.45e-2, 3.0e-2, 7.0e-2,
-                                                                  1.1e-1, 1.8e-1]
+    assert DEFAULT_STEP_BANDS["flux-schnell"] == (Band(1.0, 1.75e-3, 4.0e-2, 7e-3),)
+    kolors = DEFAULT_STEP_BANDS["kolors"]
+    assert [b.upto for b in kolors] == [0.25, 0.5, 0.75, 0.875, 1.0]
+    assert [b.bfloat16 for b in kolors] == [1.45e-2, 3.4e-2, 6.8e-2, 9.3e-2, 1.8e-1]
+    assert [b.float16 for b in kolors] == [4.4e-3, 8e-3, 1.6e-2, 2.1e-2, 3.7e-2]
+    assert [b.float32 for b in kolors] == [1.1e-3, 2e-3, 4e-3, 5.2e-3, 9.2e-3]
     t = StepThresholds()
     assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 1.45e-2  # 1/8
-    assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 3.0e-2  # 4/8
+    assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 3.4e-2  # 4/8
     assert t.threshold("kolors", "txt2img", "float16", 7, 8) == 3.7e-2  # the last step
     assert t.threshold("kolors", "txt2img", "float16", 29, 30) == 3.7e-2
     with pytest.raises(ValueError):

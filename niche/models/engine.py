@@ -73,6 +73,8 @@ class ImageEngine(Protocol):
 
     def initial_state(self, params: GenerationParams) -> torch.Tensor: ...
 
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]: ...
+
     def recompute_steps(self, params: GenerationParams, image: ImageArg,
                         states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]: ...
 
@@ -329,19 +331,24 @@ class Engine:
         full = self.resolve(params)
         self.check_image(full, image)
         n = int(full.steps or 0)
-        shape = tuple(self.initial_state(full).shape)
+        family = self._families[full.model]
+        shape = family.state_shape(full)
         for step, state in states.items():
             if not 0 <= step < n:
                 raise InvalidRequest(f"step {step} not in [0, {n})", field="steps")
             if not isinstance(state, torch.Tensor) or tuple(state.shape) != shape:
                 raise InvalidRequest(f"state for step {step} is not a tensor of shape {shape}",
                                      field="states")
-        family = self._families[full.model]
         with self._lock, torch.no_grad():
             cond = self.conditioning_image(full, image)
             context = family.step_context(full, full.prompt, full.negative_prompt, cond)
             return {step: family.step(full, context, state.detach().to(torch.float32), step)
                     for step, state in states.items()}
+
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
+        """The shape of every state x_0..x_N of the request (batch dimension 1)."""
+        full = self.resolve(params)
+        return self._families[full.model].state_shape(full)
 
     def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
         """The image the pipeline outputs from x_N = `state` (generate's bits for an honest

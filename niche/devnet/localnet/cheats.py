@@ -58,6 +58,9 @@ class CheatingEngine:
     def initial_state(self, params: GenerationParams) -> torch.Tensor:
         return self._engine.initial_state(params)
 
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
+        return self._engine.state_shape(params)
+
     def recompute_steps(self, params: GenerationParams, image: PIL.Image.Image | None,
                         states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self._engine.recompute_steps(params, image, states)

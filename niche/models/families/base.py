@@ -125,6 +125,10 @@ class Family(ABC):
                       generator: torch.Generator) -> torch.Tensor:
         """x_0, float32 on CPU, exactly as the pipeline starts its loop from it."""
 
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
+        """The shape of every state x_0..x_N of a request (batch 1)."""
+        return tuple(self.initial_state(params, torch.Generator("cpu").manual_seed(0)).shape)
+
     @abstractmethod
     def step_context(self, params: GenerationParams, prompt: str, negative_prompt: str,
                      image: PIL.Image.Image | None) -> Any:

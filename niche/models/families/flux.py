@@ -84,6 +84,11 @@ class FluxFamily(Family):
                       generator: torch.Generator) -> torch.Tensor:
         return self.initial_noise(params, generator)  # float32, used as given (see encode)
 
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
+        width, height = params.size
+        side = self.pipe.vae_scale_factor * 2  # 2x2 latent patches per token
+        return (1, (height // side) * (width // side), self.pipe.transformer.config.in_channels)
+
     def step_context(self, params: GenerationParams, prompt: str, negative_prompt: str,
                      image: PIL.Image.Image | None) -> FluxStepContext:
         """FluxPipeline.__call__ steps 3-5 for one prompt: embeddings, image ids, the

@@ -217,6 +217,11 @@ class KolorsFamily(Family):
         latents = latents * self._schedule(params).init_noise_sigma
         return latents.to("cpu", torch.float32)
 
+    def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
+        width, height = params.size
+        factor = self.base.vae_scale_factor
+        return (1, self.base.unet.config.in_channels, height // factor, width // factor)
+
     def step_context(self, params: GenerationParams, prompt: str, negative_prompt: str,
                      image: PIL.Image.Image | None) -> KolorsStepContext:
         kind = self.running_kind(params)
