@@ -27,6 +27,7 @@ from niche.validator.client import MinerClient, QueryStatus
 
 DOCUMENTED = {
     ("POST", "/v1/generate"): {200, 400, 401, 403, 408, 413, 422, 429, 503},
+    ("POST", "/v1/states"): {200, 400, 401, 403, 404, 408, 413, 422},
     ("GET", "/v1/info"): {200},
     ("GET", "/healthz"): {200},
     ("GET", "/metrics"): {200},
@@ -114,7 +115,7 @@ def test_unsigned_fuzz_of_every_operation(schema, miner, mode):
     seen: dict[str, set[int]] = {}
     for result in schema.get_all_operations():
         op = result.ok()
-        if mode is GenerationMode.NEGATIVE and op.path != "/v1/generate":
+        if mode is GenerationMode.NEGATIVE and op.method.upper() != "POST":
             continue  # nothing to break in a GET without parameters
         count = 25 if op.path == "/v1/generate" else 3
 
@@ -126,11 +127,12 @@ def test_unsigned_fuzz_of_every_operation(schema, miner, mode):
             _assert_documented(case, response)
             case.validate_response(response, checks=_checks())
             seen.setdefault(op.path, set()).add(response.status_code)
-            if op.path == "/v1/generate":  # nothing unsigned ever reaches the GPU
+            if op.method.upper() == "POST":  # nothing unsigned reaches the GPU or the states
                 assert response.status_code in (401, 413), response.text
 
         check()
     assert seen["/v1/generate"] <= {401, 413} and 401 in seen["/v1/generate"]
+    assert seen["/v1/states"] <= {401, 413} and 401 in seen["/v1/states"]
     if mode is GenerationMode.POSITIVE:
         assert seen["/healthz"] == {200} and seen["/v1/info"] == {200}
 

@@ -40,6 +40,7 @@ from niche.protocol import (
     GenerateRequest,
     GenerateResponse,
     InfoResponse,
+    StatesRequest,
     StatesResponse,
 )
 from niche.transport import BodyTooLarge, read_capped
@@ -151,7 +152,11 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             log.info("generate caller=%s status=%d%s %.2fs", caller, status,
                      f" {reason}" if status != 200 else "", time.monotonic() - started)
 
-    @app.post(STATES_PATH, response_model=StatesResponse, responses=error_responses)
+    @app.post(
+        STATES_PATH, response_model=StatesResponse, responses=error_responses,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/StatesRequest"}}}}},
+    )
     async def states(request: Request):
         """The committed sampler states of one of the caller's earlier answers (audits)."""
         caller, status, reason = "-", 500, "internal_error"
@@ -205,11 +210,11 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             return app.openapi_schema
         schema = default_openapi()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        request_schema = GenerateRequest.model_json_schema(
-            ref_template="#/components/schemas/{model}")
-        for name, sub in request_schema.pop("$defs", {}).items():
-            components.setdefault(name, sub)
-        components["GenerateRequest"] = request_schema
+        for body in (GenerateRequest, StatesRequest):
+            request_schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in request_schema.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components[body.__name__] = request_schema
         app.openapi_schema = schema
         return schema
 
