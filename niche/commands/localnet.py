@@ -20,12 +20,15 @@ def register(subparsers) -> None:
                              "(default: run until Ctrl-C)")
     parser.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                         help="models, assigned to miners in turn (default flux-schnell kolors)")
+    from niche.devnet.localnet.cheat_names import CHEATS
+
     parser.add_argument("--cheat", action="append", default=[], metavar="BEHAVIOUR",
-                        choices=["other-seed", "fewer-steps"],
-                        help="make one more of the miners dishonest (other-seed or "
-                             "fewer-steps; repeatable) to watch the validator catch it")
+                        choices=list(CHEATS),
+                        help="make one more of the miners dishonest (repeatable) to watch "
+                             "the validator catch it: " + "; ".join(
+                                 f"{name}: {what}" for name, what in CHEATS.items()))
     parser.add_argument("--audit-fraction", type=float, default=1.0,
-                        help="share of answers the validator regenerates (default 1.0)")
+                        help="share of answers the validator audits (default 1.0)")
     parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR).expanduser(),
                         help=f"chain file, wallets, state and logs (default {DEFAULT_WORKDIR})")
     parser.add_argument("--netuid", type=int, default=1, help="local subnet id (default 1)")

@@ -48,8 +48,8 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                      default=60.0, help="seconds between metagraph refreshes (default 60)")
     parser.add_argument("--localnet.cheat", dest="localnet_cheat", default=None,
                         metavar="CHEAT", help="localnet demo only: answer with a cheaper/wrong "
-                                              "computation (other-seed, fewer-steps) so the "
-                                              "validator can be watched catching it")
+                                              "computation (see `niche localnet --help`) so "
+                                              "the validator can be watched catching it")
     parser.add_argument("--logging.debug", dest="debug", action="store_true")
 
 
@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
     if args.requests_per_minute < 0:
         raise ConfigError("--limits.requests_per_minute must be >= 0")
     if args.localnet_cheat is not None:
-        from niche.devnet.localnet.cheats import CHEATS
+        from niche.devnet.localnet.cheat_names import CHEATS
 
         if args.subtensor_network != "localnet":
             raise ConfigError("--localnet.cheat only runs on --subtensor.network localnet")

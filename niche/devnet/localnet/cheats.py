@@ -21,12 +21,10 @@ import PIL.Image
 import PIL.ImageFilter
 import torch
 
+from niche.devnet.localnet.cheat_names import CHEATS
 from niche.models.engine import ImageEngine
 from niche.models.spec import ModelSpec
 from niche.protocol import GenerationParams, ModelInfo
-
-CHEATS = ("other-seed", "fewer-steps", "resampled-steps", "sharpened-fewer-steps",
-          "no-guidance", "reused-prediction")
 
 
 class CheatingEngine:
@@ -34,7 +32,7 @@ class CheatingEngine:
 
     def __init__(self, engine: ImageEngine, cheat: str):
         if cheat not in CHEATS:
-            raise ValueError(f"unknown cheat {cheat!r}; choose from {CHEATS}")
+            raise ValueError(f"unknown cheat {cheat!r}; choose from {list(CHEATS)}")
         self._engine, self.cheat = engine, cheat
 
     def spec(self, model: str) -> ModelSpec:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from niche.devnet.localnet.cheats import CHEATS
+from niche.devnet.localnet.cheat_names import CHEATS
 from niche.devnet.localnet.supervisor import free_port
 from niche.errors import ConfigError
 

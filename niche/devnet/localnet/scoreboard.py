@@ -80,14 +80,15 @@ def collect(plan: LocalnetPlan) -> tuple[list[ScoreRow], dict]:
 
 
 def render(rows: list[ScoreRow], facts: dict) -> str:
-    header = (f"{'uid':>3}  {'miner':<8} {'hotkey':<10} {'model':<13} {'behaviour':<11} "
+    width = max([11, *(len(r.cheat or "") for r in rows)])
+    header = (f"{'uid':>3}  {'miner':<8} {'hotkey':<10} {'model':<13} {'behaviour':<{width}} "
               f"{'verified':>8} {'latency':>8} {'score':>6} {'weight':>7} {'incentive':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         latency = f"{r.mean_latency:.2f}s" if r.mean_latency is not None else "-"
         lines.append(
             f"{r.uid:>3}  {r.name:<8} {r.hotkey[:8] + '..':<10} {r.model or '-':<13} "
-            f"{r.cheat or 'honest':<11} {f'{r.verified}/{r.audited}':>8} {latency:>8} "
+            f"{r.cheat or 'honest':<{width}} {f'{r.verified}/{r.audited}':>8} {latency:>8} "
             f"{r.score:>6.3f} {r.weight:>7.3f} {r.incentive:>9.3f}")
     if facts.get("weights_set"):
         lines.append(f"weights: set on the local chain by {facts['validator']} at block "
