@@ -40,6 +40,7 @@ class StubEngine:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.images: list[Optional[Image.Image]] = []  # the conditioning image of each call
         self._hold: Optional[threading.Event] = None
         self.running = threading.Event()
         self._lock = threading.Lock()
@@ -81,6 +82,7 @@ class StubEngine:
     def generate(self, params: GenerationParams, image=None) -> Image.Image:
         with self._lock:
             self.calls.append(params.prompt)
+            self.images.append(None if image is None else image.copy())
         hold = self._hold
         self.running.set()
         if hold is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 import time
 
 import pytest
@@ -30,6 +31,9 @@ from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 def wallets(tmp_path_factory):
     root = tmp_path_factory.mktemp("clientwallets")
     return {n: create_wallet(n, "hot", root) for n in ("validator", "miner", "other")}
+
+
+SLOW_RELEASE = threading.Event()  # the "slow" answer waits for this (set by the test)
 
 
 def fake_miner_app(miner_wallet, other_wallet) -> FastAPI:
@@ -84,8 +88,8 @@ def fake_miner_app(miner_wallet, other_wallet) -> FastAPI:
         if how == "gzip":
             return Response(gzip.compress(json.dumps(answer).encode()),
                             media_type="application/json", headers={"Content-Encoding": "gzip"})
-        if how == "slow":
-            await asyncio.sleep(3)
+        if how == "slow":  # held until the test lets it go (60 s at most)
+            await asyncio.to_thread(SLOW_RELEASE.wait, 60)
         return JSONResponse(answer)
 
     return app
@@ -128,7 +132,7 @@ def test_every_kind_of_bad_answer_is_a_status_not_an_exception(wallets, fake):
     assert results[-1].status is QueryStatus.NO_ENDPOINT
     good = results[0]
     assert good.image.size == (32, 32) and good.response.request_id == pairs[0][1].request_id
-    assert good.latency is not None and good.latency < 5
+    assert good.latency is not None and 0 < good.latency < pairs[0][1].timeout
     assert [r.uid for r in results] == list(range(len(CASES))) + [98, 99]
     err = results[list(CASES).index("error503")]
     assert err.http_status == 503 and err.error.reason == "queue_full"
@@ -139,12 +143,18 @@ def test_timeouts_are_per_miner_and_measured_on_our_clock(wallets, fake):
     miner = wallets["miner"].hotkey.ss58_address
     targets = [MinerTarget(1, miner, fake.url), MinerTarget(2, miner, fake.url)]
     prompts = {1: "slow", 2: "good"}
-    started = time.monotonic()
-    results = asyncio.run(client.query_many(
-        targets, request_factory=lambda t: make_request(prompts[t.uid]), deadline=1.0))
-    took = time.monotonic() - started
+    SLOW_RELEASE.clear()
+    try:
+        started = time.monotonic()
+        results = asyncio.run(client.query_many(
+            targets, request_factory=lambda t: make_request(prompts[t.uid]), deadline=1.0))
+        took = time.monotonic() - started
+    finally:
+        SLOW_RELEASE.set()
     assert [r.status for r in results] == [QueryStatus.TIMEOUT, QueryStatus.OK]
-    assert 0.9 <= results[0].latency < 2.0 and took < 2.5  # the slow one did not hold us
+    # the slow miner answers only when released (after query_many returned, or in 60 s): the
+    # client gave up on its own clock, not before the 1 s deadline, and was not held by it
+    assert results[0].latency >= 1.0 - 0.05 and took < 30
 
 
 def test_info_checks_the_hotkey(wallets, fake):

@@ -86,7 +86,7 @@ class MinerProcess:
             self.output.append(line)
             self.lines.put(line)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 180) -> None:  # a deadline for hangs only
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "".join(self.output)
@@ -97,7 +97,7 @@ class MinerProcess:
                 time.sleep(0.1)
         raise AssertionError("miner did not start:\n" + "".join(self.output))
 
-    def wait_for(self, marker: str, timeout: float = 30) -> None:
+    def wait_for(self, marker: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -174,7 +174,8 @@ def test_miner_killed_mid_request_round_moves_on(net, tiny_engine, tmp_path):
     dead, alive = by_uid[victim_uid], by_uid[healthy_uid]
     assert dead.status == "unreachable" and report.rewards[victim_uid] == 0.0, dead
     assert alive.status == "ok" and report.rewards[healthy_uid] > 0, alive
-    assert moved_on < 10, f"round took {moved_on:.1f}s after the kill (timeout is 20s)"
+    # waiting for the dead miner would take its whole 20 s timeout; any less proves it did not
+    assert moved_on < config.timeout, f"round took {moved_on:.1f}s after the kill"
     assert state.round_index == 1
     row = state.history(uid=victim_uid)[0]
     assert row.status == "unreachable" and row.reason
@@ -184,7 +185,7 @@ def test_miner_killed_mid_request_round_moves_on(net, tiny_engine, tmp_path):
 def test_sigterm_finishes_in_flight_work_and_exits_0(net):
     """SIGTERM while a generation runs and another waits in the queue: both callers get a
     verified image (or a documented refusal), new connections are refused, exit code 0."""
-    miner = MinerProcess(net.root, "miner", hold=1.5)
+    miner = MinerProcess(net.root, "miner", hold=3.0)
     target = MinerTarget(0, net.miner_hotkey, miner.url)
     try:
         miner.wait_ready()
@@ -194,7 +195,13 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(net):
         miner.wait_for("GENERATING")
         second, box2 = _in_thread(lambda: asyncio.run(MinerClient(net.wallets["mid"]).query(
             target, make_request("second", 2, model="flux-schnell"))))
-        time.sleep(0.3)  # the second request is queued behind the first
+        # the second request is admitted before the signal: queued behind the first (the
+        # miner's own queue says so), or on a slow box already generating
+        deadline = time.monotonic() + 30
+        while httpx.get(miner.url + "/healthz", timeout=10).json()["queue"] < 1 \
+                and "GENERATING second" not in "".join(miner.output):
+            assert time.monotonic() < deadline and second.is_alive(), "second never queued"
+            time.sleep(0.05)
         miner.proc.send_signal(signal.SIGTERM)
         first.join(20)
         second.join(20)

@@ -27,9 +27,15 @@ def test_validator_sigterm_during_startup_exits_0(tmp_path):
          "--models", "flux-schnell", "--tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state = tmp_path / "state.db"
     try:
-        time.sleep(3)  # past start-up's first lines, inside the imports and model loading
-        assert proc.poll() is None, proc.communicate()[0]
+        # The state file is opened after the SIGTERM handler is installed and the chain checks
+        # pass, right before the models load: its appearance, not a guessed delay, says the
+        # validator is inside start-up. The deadline only bounds a hang.
+        deadline = time.monotonic() + 180
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.exists() and proc.poll() is None, proc.communicate(timeout=60)[0]
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:

@@ -76,7 +76,7 @@ def _steer(body, fix):
     conditioning image, so fuzzed numbers reach engine.resolve and the pipelines."""
     if not (isinstance(body, dict) and isinstance(body.get("params"), dict)) or fix is None:
         return body
-    model, with_image, defaults = fix
+    model, with_image, defaults, servable = fix
     body = json.loads(json.dumps(body))
     body["params"]["model"] = model
     body["protocol_version"] = 1
@@ -85,6 +85,13 @@ def _steer(body, fix):
     if defaults:  # let the model's defaults decide the size and steps
         for key in ("width", "height", "steps", "guidance"):
             body["params"].pop(key, None)
+    if servable:  # fuzzed prompt, seed and request id on a request the miner can serve
+        body["params"]["pipeline"] = "txt2img"
+        for key in ("width", "height", "steps", "guidance", "controlnet_scale",
+                    "ip_adapter_scale"):
+            body["params"].pop(key, None)
+        body.pop("image", None)
+        body["timeout"] = 300.0
     return body
 
 
@@ -143,7 +150,8 @@ def test_signed_fuzz_of_generate(net, schema, miner, mode, count):
     op = schema["/v1/generate"]["POST"]
     wallet = net.wallets["hi"]
     statuses: list[int] = []
-    steer = st.none() | st.tuples(st.sampled_from(SERVED), st.booleans(), st.booleans())
+    steer = st.none() | st.tuples(st.sampled_from(SERVED), st.booleans(), st.booleans(),
+                                  st.booleans())
 
     @settings(max_examples=count, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -158,6 +166,8 @@ def test_signed_fuzz_of_generate(net, schema, miner, mode, count):
     check()
     # signed fuzz gets past authentication: the miner judged the bodies themselves
     assert statuses and 401 not in statuses, statuses
+    if mode is GenerationMode.POSITIVE:  # and schema-valid bodies do get images
+        assert 200 in statuses, statuses
 
 
 def test_miner_is_alive_and_correct_after_fuzzing(net, miner):

@@ -35,8 +35,10 @@ def test_free_port_is_bindable():
     import socket
 
     port = free_port()
+    assert 1024 <= port <= 65535
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+        assert sock.getsockname() == ("127.0.0.1", port)
 
 
 def test_dead_child_is_named_with_its_log_and_the_rest_stop(tmp_path):

@@ -174,9 +174,17 @@ def test_bad_requests_are_refused_before_the_gpu(net, miner, case, status, reaso
 
 
 def test_conditioning_image_is_decoded_and_passed(net, miner):
-    b64, _ = encode_b64(Image.new("RGB", (40, 24), (1, 2, 3)))
-    req = make_request(pipeline="controlnet-canny", image=b64)
-    assert signed_post(miner, net.wallets["hi"], body_of(req)).status_code == 200
+    sent = Image.new("RGB", (40, 24), (1, 2, 3))
+    sent.putpixel((39, 23), (250, 128, 9))  # one odd pixel: orientation and values survive
+    b64, _ = encode_b64(sent)
+    req = make_request("conditioned", pipeline="controlnet-canny", image=b64)
+    before = len(miner.engine.calls)
+    resp = signed_post(miner, net.wallets["hi"], body_of(req))
+    assert resp.status_code == 200, resp.text
+    assert miner.engine.calls[before:] == ["conditioned"]
+    got = miner.engine.images[before]
+    assert got is not None and got.mode == "RGB" and got.size == (40, 24)
+    assert got.tobytes() == sent.tobytes()
 
 
 def test_body_too_big_is_refused_with_413(net, miner):

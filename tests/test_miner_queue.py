@@ -149,18 +149,21 @@ def test_busy_gpu_serves_biggest_stake_first_over_http(net):
 def test_request_that_cannot_start_in_time_is_refused_at_once(net):
     engine = StubEngine()
     with running_miner(net, engine) as m:
-        m.service.gate.record(2.0)  # recent generations took 2 s
+        m.service.gate.record(60.0)  # recent generations took 60 s: a 20 s request cannot fit
         engine.hold()
         holder = threading.Thread(target=signed_post, args=(
-            m, net.wallets["hi"], make_request("long").model_dump_json().encode()))
+            m, net.wallets["hi"], make_request("long", timeout=300.0).model_dump_json().encode()))
         holder.start()
         assert engine.running.wait(10)
         started = time.monotonic()
         resp = signed_post(m, net.wallets["hi"],
-                           make_request(timeout=2.5).model_dump_json().encode())
+                           make_request(timeout=20.0).model_dump_json().encode())
         took = time.monotonic() - started
+        # answered while the first generation still holds the engine: it never queued
+        queued, calls = m.service.gate.depth, list(engine.calls)
         engine.release()
         holder.join(20)
     assert resp.status_code == 429, resp.text
     assert ErrorResponse.model_validate(resp.json()).reason == "cannot_start_in_time"
-    assert took < 1.5  # refused at once, not after waiting
+    assert queued == 0 and calls == ["long"]
+    assert took < 20.0  # not after waiting out its own timeout (a bound no load can break)

@@ -9,6 +9,12 @@ import pytest
 
 from niche.devnet.training.fidelity import default_cases, measure
 
+# The thresholds, stated here rather than taken from the code under test (dB of PSNR
+# against the float32 reference of the same request):
+MAX_OTHER_DB = 25.0  # another prompt, seed or conditioning image: a different picture
+MIN_BF16_DB = 35.0  # bfloat16 rounding: the same picture
+MIN_HALF_STEPS_GAP_DB = 10.0  # half the steps: at least this much further off than bfloat16
+
 
 def _param(case):
     return pytest.param(case, id=f"{case.model}-{case.pipeline}-{case.prompt[:24]}")
@@ -38,4 +44,15 @@ def test_trained_weights_are_committed():
 @pytest.mark.parametrize("case", CASES)
 def test_variants_move_the_image_like_a_real_model(case, tiny_engine, bf16_engine):
     row, _ = measure(tiny_engine, bf16_engine, case)
-    assert not row.failures(), f"{case.model} {case.pipeline}: {row.db}"
+    db = row.db
+    where = f"{case.model} {case.pipeline}: {db}"
+    others = ["other prompt", "other seed"] + (["other image"] if case.image else [])
+    missing = [k for k in (*others, "half steps", "bfloat16") if k not in db]
+    assert not missing, f"{where}: not measured: {missing}"
+    for key in others:
+        assert db[key] < MAX_OTHER_DB, f"{where}: {key} {db[key]:.1f} dB >= {MAX_OTHER_DB}"
+    assert db["bfloat16"] > MIN_BF16_DB, f"{where}: bfloat16 {db['bfloat16']:.1f} dB"
+    assert db["half steps"] <= db["bfloat16"] - MIN_HALF_STEPS_GAP_DB, (
+        f"{where}: half steps not {MIN_HALF_STEPS_GAP_DB} dB below bfloat16")
+    # the product's own verdict (used by bench/tiny_fidelity.py) agrees with the test's
+    assert row.failures() == [], where

@@ -7,6 +7,7 @@ from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.cli import build_parser, main
 from niche.commands.validator import build_config
+from niche.errors import NicheError
 
 
 def parse(*extra):
@@ -46,19 +47,52 @@ def test_bad_flags_are_one_line_errors(extra, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys):
-    create_wallet("v", "h", tmp_path / "w")
+class EngineSpy:
+    """Stands in for niche.models.engine.Engine: records every construction, then stops the
+    start-up there (a NicheError, so `main` returns its exit code) instead of loading."""
+
+    def __init__(self):
+        self.built: list[dict] = []
+
+    def __call__(self, **kwargs):
+        self.built.append(kwargs)
+        raise NicheError("engine spy: models would load here")
+
+
+@pytest.fixture
+def engine_spy(monkeypatch):
+    import niche.models.engine
+
+    spy = EngineSpy()
+    monkeypatch.setattr(niche.models.engine, "Engine", spy)
+    return spy
+
+
+def _validator_argv(tmp_path, netuid: int) -> list[str]:
+    return ["validator", "--netuid", str(netuid), "--subtensor.network", "localnet",
+            "--localnet.path", str(tmp_path / "c.db"), "--wallet.name", "v",
+            "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
+            "--neuron.state_path", str(tmp_path / "s.db")]
+
+
+def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys, engine_spy):
+    wallet = create_wallet("v", "h", tmp_path / "w")
     chain = LocalChain(tmp_path / "c.db", create=True)
     chain.create_subnet(1)
     chain.close()
-    code = main(["validator", "--netuid", "1", "--subtensor.network", "localnet",
-                 "--localnet.path", str(tmp_path / "c.db"), "--wallet.name", "v",
-                 "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
-                 "--neuron.state_path", str(tmp_path / "s.db"), "--tiny"])
+    code = main(_validator_argv(tmp_path, 1))
     err = capsys.readouterr().err
-    assert code != 0 and "not registered on subnet 1" in err
-    assert main(["validator", "--netuid", "9", "--subtensor.network", "localnet",
-                 "--localnet.path", str(tmp_path / "c.db"), "--wallet.name", "v",
-                 "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
-                 "--neuron.state_path", str(tmp_path / "s.db"), "--tiny"]) != 0
+    assert code != 0 and "not registered on subnet 1" in err and "Traceback" not in err
+    assert code == main(_validator_argv(tmp_path, 9))
     assert "subnet 9 does not exist" in capsys.readouterr().err
+    # nothing was loaded or opened: no engine built, no state file created
+    assert engine_spy.built == []
+    assert not (tmp_path / "s.db").exists()
+
+    # control: once registered, start-up gets as far as building the engine (the spy is live)
+    chain = LocalChain(tmp_path / "c.db")
+    chain.register(1, wallet, stake=10.0)
+    chain.close()
+    assert main(_validator_argv(tmp_path, 1)) != 0
+    assert "engine spy: models would load here" in capsys.readouterr().err
+    assert [b["models"] for b in engine_spy.built] == [["flux-schnell", "kolors"]]
