@@ -23,6 +23,7 @@ from schemathesis.generation.modes import GenerationMode
 from miner_support import build_net, make_request, running_miner
 from niche.auth import sign_request
 from niche.imaging import encode_b64
+from niche.protocol import PROTOCOL_VERSION
 from niche.validator.client import MinerClient, QueryStatus
 
 DOCUMENTED = {
@@ -79,7 +80,7 @@ def _steer(body, fix):
     model, with_image, defaults, servable = fix
     body = json.loads(json.dumps(body))
     body["params"]["model"] = model
-    body["protocol_version"] = 1
+    body["protocol_version"] = PROTOCOL_VERSION
     if with_image:
         body["image"] = COND
     if defaults:  # let the model's defaults decide the size and steps
