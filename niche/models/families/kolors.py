@@ -110,6 +110,8 @@ class KolorsFamily(Family):
                 pipe.set_progress_bar_config(disable=True)
             self.place(self.base)
         self._placed = self.base
+        # Fused QKV would be undone by the IP-Adapter's processor switch: only without it.
+        self.apply_fast(self.base.unet, self.base.vae, fuse_qkv=not self._wiring)
 
     def _load_ip_adapter(self, shared: dict) -> None:
         from diffusers import KolorsPipeline
