@@ -122,9 +122,14 @@ class Weights:
             self.small = {"text_encoder": _resized(tiny.text_encoder, CHATGLM_SMALL),
                           "tokenizer": tiny.tokenizer}
         self.scheduler = tiny.scheduler
-        with torch.device("cuda"):
-            denoiser = self.denoiser_class.from_config(self.denoiser_config)
-            vae = AutoencoderKL.from_config(self.vae_config)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # made in bfloat16: FLUX is 24 GB, not 48
+        try:
+            with torch.device("cuda"):
+                denoiser = self.denoiser_class.from_config(self.denoiser_config)
+                vae = AutoencoderKL.from_config(self.vae_config)
+        finally:
+            torch.set_default_dtype(default)
         self.denoiser = {k: v.to("cpu", torch.bfloat16) for k, v in denoiser.state_dict().items()}
         self.vae = {k: v.to("cpu", torch.bfloat16) for k, v in vae.state_dict().items()}
         self.small = {k: v.to(torch.bfloat16) if isinstance(v, torch.nn.Module) else v
@@ -184,7 +189,8 @@ def _family(weights: Weights, mode: str, fast: bool, compile_mode: str) -> Any:
 
     spec = load_spec(weights.model).model_copy(update={
         "pipelines": [PipelineKind.TXT2IMG], "fast_compile": compile_mode})
-    family = family_class(spec.family)(spec, None, "cuda", "bfloat16", mode, fast=fast)  # type: ignore[arg-type]
+    family: Any = family_class(spec.family)(spec, None, "cuda", "bfloat16", mode,  # type: ignore[arg-type]
+                                            fast=fast)
     pipe = weights.pipeline()
     if weights.model == "flux-schnell":
         family.pipe = pipe
