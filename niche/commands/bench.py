@@ -74,7 +74,7 @@ class Verification:
     verifies: bool
     reason: str
     max_step_error: float
-    min_step_threshold: float
+    worst_step_ratio: float  # max over steps of error / that step's threshold (pass: <= 1)
     steps_checked: int
     similarity: float
     similarity_threshold: float
@@ -199,7 +199,8 @@ def _verify(reference: Any, params: GenerationParams, dtype: str, image: PIL.Ima
                                   f"{judged.threshold:.3f}")
     return Verification(
         verifies=ok, reason=reason, max_step_error=max(errors) if errors else math.nan,
-        min_step_threshold=min(verdict.thresholds.values()) if verdict.thresholds else math.nan,
+        worst_step_ratio=max((e / verdict.thresholds[k] if verdict.thresholds[k] else math.inf)
+                             for k, e in verdict.errors.items()) if errors else math.nan,
         steps_checked=len(errors), similarity=float(judged.similarity),
         similarity_threshold=float(judged.threshold), step_check_ok=bool(verdict.passed),
         image_ok=bool(judged.passed))
@@ -277,8 +278,8 @@ def format_table(r: ModelResult) -> str:
             lines += [
                 f"    verifies            {_yes(v.verifies)}: {v.reason}",
                 f"      step check        {_yes(v.step_check_ok)}: {v.steps_checked} steps, "
-                f"max error {v.max_step_error:.3g} (thresholds from {v.min_step_threshold:.3g}; "
-                f"float32 reference)",
+                f"max error {v.max_step_error:.3g}, worst step at {v.worst_step_ratio:.2f} of its "
+                f"threshold (float32 reference)",
                 f"      image             {_yes(v.image_ok)}: similarity {v.similarity:.4f} "
                 f"(threshold {v.similarity_threshold:.3f})",
             ]
