@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from niche import __version__
 
-COMMAND_MODULES = ("models", "generate", "verify", "chain", "miner", "validator", "localnet")
+COMMAND_MODULES = ("models", "generate", "verify", "bench", "chain", "miner", "validator",
+                   "localnet")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | None = None
                     ) -> None:
-    """--model-path | --tiny, --model-dir, --device, --dtype, --memory-mode, --num-threads."""
+    """--model-path | --tiny, --model-dir, --device, --dtype, --memory-mode, --num-threads,
+    --engine.fast."""
     src = group.add_mutually_exclusive_group()
     src.add_argument("--model-path", dest="model_path", type=Path, default=None,
                      help="folder holding one <model>/ checkpoint folder per model "
@@ -45,6 +46,10 @@ def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | N
                        help="torch CPU threads (default: the checkpoint's hint, else "
                             "min(4, cores)); miners and validators must agree on CPU")
     group.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
+    group.add_argument("--engine.fast", dest="engine_fast", default=None,
+                       action=argparse.BooleanOptionalAction,
+                       help="CUDA fast path: channels_last VAE, fused QKV, SDPA, torch.compile "
+                            "of the denoiser (default: the model's YAML `fast`; a no-op on CPU)")
 
 
 def model_dirs_from_args(args: argparse.Namespace) -> dict[str, Path]:
@@ -66,8 +71,10 @@ def model_root_from_args(args: argparse.Namespace) -> Path | None:
     return args.model_path
 
 
-def engine_from_args(args: argparse.Namespace, models: Sequence[str]) -> Engine:
-    """The engine the flags describe, serving `models`."""
+def engine_from_args(args: argparse.Namespace, models: Sequence[str], *,
+                     memory_mode: str | None = None, dtype: str | None = None) -> Engine:
+    """The engine the flags describe, serving `models` (`memory_mode`/`dtype` override the
+    flags: `niche bench` loads one engine per memory mode and a float32 reference)."""
     from niche.models.engine import Engine
 
     dirs = model_dirs_from_args(args)
@@ -75,5 +82,6 @@ def engine_from_args(args: argparse.Namespace, models: Sequence[str]) -> Engine:
     if unknown:
         raise ConfigError(f"--model-dir names models that are not loaded: {unknown}")
     return Engine(models=list(models), model_root=model_root_from_args(args),
-                  model_paths=dirs or None, device=args.device, dtype=args.dtype,
-                  memory_mode=args.memory_mode, num_threads=args.num_threads)
+                  model_paths=dirs or None, device=args.device, dtype=dtype or args.dtype,
+                  memory_mode=memory_mode or args.memory_mode,  # type: ignore[arg-type]
+                  num_threads=args.num_threads, fast=getattr(args, "engine_fast", None))

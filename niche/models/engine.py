@@ -80,7 +80,10 @@ class ImageEngine(Protocol):
 
 
 class Engine:
-    """Loads the given models once and generates images from GenerationParams."""
+    """Loads the given models once and generates images from GenerationParams.
+
+    `fast` (None: each model's YAML `fast`) turns on the CUDA fast path in the families'
+    load (channels_last VAE, fused QKV, SDPA, torch.compile); on CPU it changes nothing."""
 
     def __init__(
         self,
@@ -96,6 +99,7 @@ class Engine:
         model_paths: Mapping[str, Path] | None = None,
         fuse_batches: bool = False,
         pipelines: Mapping[str, Sequence[str]] | None = None,
+        fast: bool | None = None,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -132,7 +136,8 @@ class Engine:
         for name, spec in self._specs.items():
             family = family_class(spec.family)(
                 spec, folders[name], device, dtype or spec.dtype, memory_mode or spec.memory_mode,
-                local_files_only=local_files_only)
+                local_files_only=local_files_only,
+                fast=spec.fast if fast is None else fast)
             try:
                 with torch.no_grad():
                     family.load()

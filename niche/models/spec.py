@@ -22,6 +22,8 @@ OVERRIDE_FILE = "niche_model.yaml"
 MemoryMode = Literal["gpu", "model-offload", "sequential-offload"]
 DTYPES = ("float32", "bfloat16", "float16")
 MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
+CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs"]
 
 
 class _Cfg(BaseModel):
@@ -71,6 +73,10 @@ class ModelSpec(_Cfg):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     memory_mode: MemoryMode = "gpu"
     cpu_threads: int | None = Field(default=None, ge=1)  # torch threads hint on CPU
+    # The CUDA fast path (families/base.py `apply_fast`): channels_last VAE, fused QKV,
+    # SDPA processors, torch.compile of the denoiser. A no-op on CPU. docs/models.md.
+    fast: bool = False
+    fast_compile: CompileMode = "max-autotune-no-cudagraphs"  # "none": no torch.compile
     pipelines: list[PipelineKind]
     components: dict[str, ComponentSource]
     defaults: Defaults

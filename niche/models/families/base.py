@@ -43,7 +43,7 @@ class Family(ABC):
     uses_negative_prompt = True  # False: the engine blanks it in resolve (no effect on pixels)
 
     def __init__(self, spec: ModelSpec, folder: Path | None, device: str, dtype: str,
-                 memory_mode: MemoryMode, local_files_only: bool = False):
+                 memory_mode: MemoryMode, local_files_only: bool = False, fast: bool = False):
         self.spec = spec
         self.folder = Path(folder) if folder is not None else None
         self.device = torch.device(device)
@@ -51,6 +51,8 @@ class Family(ABC):
         self.dtype = TORCH_DTYPES[dtype]
         self.memory_mode = memory_mode
         self.local_files_only = local_files_only or self.folder is not None
+        self.fast = fast
+        self.fast_applied: list[str] = []  # what apply_fast did (bench reports it)
 
     # ------------------------------------------------------------------ loading helpers
     def source(self, key: str) -> tuple[str, dict[str, Any]]:
@@ -81,6 +83,47 @@ class Family(ABC):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.enable_sequential_cpu_offload(device=self.device)
+
+    def apply_fast(self, denoiser: torch.nn.Module, vae: torch.nn.Module,
+                   fuse_qkv: bool = True) -> list[str]:
+        """The CUDA fast path, after `place` (docs/models.md "Fast path"): each piece is kept
+        only where its outputs still pass the validator's step check against plain bfloat16.
+        On CPU (or when `fast` is off) nothing changes: the bits are the plain path's."""
+        if not self.fast:
+            return []
+        if self.device.type != "cuda":
+            log.info("%s: the fast path is a no-op on %s (CUDA only): bits unchanged",
+                     self.spec.name, self.device.type)
+            return []
+        done: list[str] = []
+        vae.to(memory_format=torch.channels_last)
+        done.append("channels_last vae")
+        if fuse_qkv and hasattr(denoiser, "fuse_qkv_projections"):
+            denoiser.fuse_qkv_projections()
+            done.append("fused qkv")
+        # SDPA: diffusers' default processors on torch 2 are the scaled_dot_product_attention
+        # ones (AttnProcessor2_0, FluxAttnProcessor...), so nothing is swapped in; this only
+        # records that no slower processor (xformers, sliced, vanilla) replaced them.
+        processors = getattr(denoiser, "attn_processors", {})
+        slow = sorted({type(p).__name__ for p in processors.values()
+                       if type(p).__name__ in ("AttnProcessor", "SlicedAttnProcessor",
+                                               "XFormersAttnProcessor")})
+        if slow:
+            log.warning("%s: fast path: non-SDPA attention processors in use: %s",
+                        self.spec.name, ", ".join(slow))
+        else:
+            done.append("sdpa attention")
+        mode = self.spec.fast_compile
+        if mode != "none":
+            if self.memory_mode == "sequential-offload":
+                log.info("%s: fast path: no torch.compile under sequential offload "
+                         "(its per-layer hooks move weights)", self.spec.name)
+            else:
+                denoiser.compile(mode=mode)  # in place: the module keeps its type and config
+                done.append(f"torch.compile {mode}")
+        log.info("%s: fast path on: %s", self.spec.name, ", ".join(done))
+        self.fast_applied = done
+        return done
 
     @property
     def noise_device(self) -> torch.device:

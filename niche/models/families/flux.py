@@ -35,8 +35,13 @@ class FluxFamily(Family):
 
         path, kwargs = self.source("base")
         self.pipe = FluxPipeline.from_pretrained(path, dtype=self.dtype, **kwargs)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Everything after the weights are in `self.pipe` (bench/gpu.py builds them itself)."""
         self.keep_sampling_in_float32(self.pipe.transformer, self.pipe.vae)
         self.place(self.pipe)
+        self.apply_fast(self.pipe.transformer, self.pipe.vae)
 
     def token_count(self, text: str) -> int:
         # T5 bounds the prompt (CLIP's 77 tokens are truncated by the pipeline, as upstream).

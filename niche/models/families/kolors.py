@@ -71,12 +71,18 @@ class KolorsStepContext:
 
 class KolorsFamily(Family):
     def load(self) -> None:
-        from diffusers import ControlNetModel, KolorsPipeline
-
-        from niche.models.families.kolors_controlnet import KolorsControlNetPipeline
+        from diffusers import KolorsPipeline
 
         path, kwargs = self.source("base")
         self.base = KolorsPipeline.from_pretrained(path, dtype=self.dtype, **kwargs)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Everything after the base weights are in `self.base` (bench/gpu.py builds them)."""
+        from diffusers import ControlNetModel
+
+        from niche.models.families.kolors_controlnet import KolorsControlNetPipeline
+
         shared = {k: getattr(self.base, k)
                   for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
         self.controlnet_pipes: dict[PipelineKind, KolorsControlNetPipeline] = {}
@@ -86,7 +92,7 @@ class KolorsFamily(Family):
             cpath, ckw = self.source(key)
             controlnet = ControlNetModel.from_pretrained(cpath, dtype=self.dtype, **ckw)
             self.controlnet_pipes[kind] = KolorsControlNetPipeline(controlnet=controlnet, **shared)
-        self.ip_pipe: KolorsPipeline | None = None
+        self.ip_pipe: DiffusionPipeline | None = None
         self._wiring: dict[str, _UNetWiring] = {}
         if PipelineKind.IP_ADAPTER in self.spec.pipelines:
             self._load_ip_adapter(shared)
@@ -110,6 +116,8 @@ class KolorsFamily(Family):
                 pipe.set_progress_bar_config(disable=True)
             self.place(self.base)
         self._placed = self.base
+        # Fused QKV would be undone by the IP-Adapter's processor switch: only without it.
+        self.apply_fast(self.base.unet, self.base.vae, fuse_qkv=not self._wiring)
 
     def _load_ip_adapter(self, shared: dict) -> None:
         from diffusers import KolorsPipeline

@@ -1,0 +1,286 @@
+"""`niche bench`: what this box does with the configured models, before registering.
+
+Per model and memory mode: load seconds, warm-up, seconds per image (median, p90), images per
+minute and peak device memory at the model's production defaults; whether two runs of the
+same request are bit-identical; and whether the output passes the validator's checks (the
+step check of every step plus the image similarity) against a float32 reference engine.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from niche.errors import ConfigError
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+
+    from niche.protocol import GenerationParams
+
+PROMPT = "a lighthouse on a rocky coast at dusk, detailed, photograph"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure and verify this box's generation before registering",
+        description="Load the models, time requests at the production defaults, check that "
+        "runs are bit-identical and that the output passes the validator's step check "
+        "against a float32 reference. docs/miner.md explains every line.")
+    p.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
+                   metavar="MODEL", help="models to bench (default flux-schnell)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed requests per memory mode after the warm-up (default 5)")
+    p.add_argument("--memory-modes", nargs="+", default=None, metavar="MODE",
+                   help="memory modes to compare on GPU: gpu model-offload sequential-offload "
+                        "(default: --memory-mode, else the model's); one run on CPU")
+    p.add_argument("--prompt", default=PROMPT, help="the request's prompt")
+    p.add_argument("--seed", type=int, default=1234, help="the request's seed (default 1234)")
+    p.add_argument("--reference-memory-mode", default="model-offload",
+                   help="memory mode of the float32 reference engine on GPU "
+                        "(default model-offload: float32 FLUX needs ~48 GB resident)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the float32 reference and the step check")
+    p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    from niche.commands.engine_args import add_engine_args
+
+    add_engine_args(p.add_argument_group("engine"))
+    p.set_defaults(func=_bench)
+
+
+@dataclass
+class ModeResult:
+    memory_mode: str
+    load_s: float
+    warmup_s: float
+    median_s: float
+    p90_s: float
+    images_per_minute: float
+    peak_memory_gib: float | None  # None on CPU
+    bit_identical: bool
+    runs: int
+    fast: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verification:
+    verifies: bool
+    reason: str
+    max_step_error: float
+    worst_step_ratio: float  # max over steps of error / that step's threshold (pass: <= 1)
+    steps_checked: int
+    similarity: float
+    similarity_threshold: float
+    step_check_ok: bool
+    image_ok: bool
+
+
+@dataclass
+class ModelResult:
+    model: str
+    device: str
+    dtype: str
+    threads: int
+    width: int
+    height: int
+    steps: int
+    modes: list[ModeResult]
+    verification: dict[str, Verification] = field(default_factory=dict)  # by memory mode
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from niche.models.spec import MEMORY_MODES, available_models
+
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, not {args.runs}")
+    known = available_models()
+    for name in args.models:
+        if name not in known:
+            raise ConfigError(f"--model: unknown model {name!r} (known: {', '.join(known)})")
+    for mode in [*(args.memory_modes or []), args.reference_memory_mode]:
+        if mode not in MEMORY_MODES:
+            raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, "
+                              f"not {mode!r}")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ConfigError(f"--num-threads must be at least 1, not {args.num_threads}")
+
+
+def p90(values: list[float]) -> float:
+    """Nearest-rank 90th percentile (the slowest of few runs, as an operator reads it)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def _free(engine: Any) -> None:
+    import torch
+
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _same(a: tuple[bytes, list[torch.Tensor]], b: tuple[bytes, list[torch.Tensor]]) -> bool:
+    import torch
+
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+
+
+def _bench_mode(args: argparse.Namespace, model: str, mode: str | None, on_cuda: bool
+                ) -> tuple[ModeResult, Any, GenerationParams, PIL.Image.Image,
+                           list[torch.Tensor]]:
+    import torch
+    from tqdm import tqdm
+
+    from niche.commands.engine_args import engine_from_args
+    from niche.imaging import encode_image
+    from niche.protocol import GenerationParams
+
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    engine = engine_from_args(args, [model], memory_mode=mode)
+    load_s = time.perf_counter() - started
+    params = engine.resolve(GenerationParams(model=model, prompt=args.prompt, seed=args.seed))
+
+    def once() -> tuple[float, PIL.Image.Image, list[torch.Tensor]]:
+        t0 = time.perf_counter()
+        image, states = engine.generate_with_states(params)
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, image, states
+
+    warmup_s, first_image, first_states = once()
+    first = (encode_image(first_image), first_states)
+    seconds: list[float] = []
+    identical = True
+    family = engine.family(model)
+    label = f"{model} {family.memory_mode if on_cuda else engine.device}"
+    for _ in tqdm(range(args.runs), desc=label, unit="image", file=sys.stderr,
+                  disable=args.runs < 2 and not sys.stderr.isatty()):
+        s, image, states = once()
+        seconds.append(s)
+        identical = identical and _same(first, (encode_image(image), states))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
+    median = statistics.median(seconds)
+    result = ModeResult(
+        memory_mode=family.memory_mode if on_cuda else "cpu", load_s=load_s,
+        warmup_s=warmup_s, median_s=median, p90_s=p90(seconds),
+        images_per_minute=60.0 / median if median > 0 else math.inf,
+        peak_memory_gib=peak, bit_identical=identical, runs=len(seconds) + 1,
+        fast=list(family.fast_applied))
+    return result, engine, params, first_image, first_states
+
+
+def _verify(reference: Any, params: GenerationParams, dtype: str, image: PIL.Image.Image,
+            states: list[torch.Tensor]) -> Verification:
+    from niche.validator.steps import StepChecker
+    from niche.validator.verify import Verifier
+
+    n = len(states)
+    checker = StepChecker(reference)
+    verdict = checker.check(params, None, {i + 1: s for i, s in enumerate(states)},
+                            list(range(n)), dtype=dtype, answer=image)
+    judged = Verifier(reference).judge(params.model, reference.generate(params), image,
+                                       params.pipeline.value)
+    errors = list(verdict.errors.values())
+    ok = bool(verdict.passed) and bool(judged.passed)
+    reason = verdict.reason if not verdict.passed else (
+        "ok" if judged.passed else f"image similarity {judged.similarity:.3f} below "
+                                  f"{judged.threshold:.3f}")
+    return Verification(
+        verifies=ok, reason=reason, max_step_error=max(errors) if errors else math.nan,
+        worst_step_ratio=max((e / verdict.thresholds[k] if verdict.thresholds[k] else math.inf)
+                             for k, e in verdict.errors.items()) if errors else math.nan,
+        steps_checked=len(errors), similarity=float(judged.similarity),
+        similarity_threshold=float(judged.threshold), step_check_ok=bool(verdict.passed),
+        image_ok=bool(judged.passed))
+
+
+def bench_model(args: argparse.Namespace, model: str) -> ModelResult:
+    from niche.commands.engine_args import engine_from_args
+    from niche.models.engine import resolve_device
+
+    device = resolve_device(args.device)
+    on_cuda = device.startswith("cuda")
+    modes: list[str | None] = list(args.memory_modes or [None]) if on_cuda else [None]
+    results: list[ModeResult] = []
+    outputs: dict[str, tuple[Any, PIL.Image.Image, list[torch.Tensor]]] = {}
+    info: dict[str, Any] = {}
+    for mode in modes:
+        result, engine, params, image, states = _bench_mode(args, model, mode, on_cuda)
+        results.append(result)
+        outputs[result.memory_mode] = (params, image, states)
+        info = {"dtype": engine.compute_dtype(model), "threads": engine.num_threads,
+                "device": engine.device}
+        _free(engine)
+    out = ModelResult(model=model, device=info["device"], dtype=info["dtype"],
+                      threads=info["threads"], width=int(params.width or 0),
+                      height=int(params.height or 0), steps=int(params.steps or 0),
+                      modes=results)
+    if args.verify:
+        reference = engine_from_args(args, [model], dtype="float32",
+                                     memory_mode=args.reference_memory_mode if on_cuda else None)
+        for mode_name, (params, image, states) in outputs.items():
+            out.verification[mode_name] = _verify(reference, params, out.dtype, image, states)
+        _free(reference)
+    return out
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from niche.models.quiet import quiet_libraries
+
+    quiet_libraries()
+    results = [bench_model(args, model) for model in args.models]
+    verified = all(v.verifies for r in results for v in r.verification.values())
+    if args.json:
+        print(json.dumps({"models": [asdict(r) for r in results],
+                          "bit_identical": all(m.bit_identical for r in results for m in r.modes),
+                          "verifies": verified if args.verify else None}))
+    else:
+        for r in results:
+            print(format_table(r))
+    return 0
+
+
+def _yes(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def format_table(r: ModelResult) -> str:
+    lines = [f"{r.model}: {r.width}x{r.height}, {r.steps} steps, {r.dtype} on {r.device}, "
+             f"{r.threads} thread(s)"]
+    for m in r.modes:
+        memory = (f"{m.peak_memory_gib:.2f} GiB" if m.peak_memory_gib is not None
+                  else "cpu: n/a")
+        lines += [
+            f"  [{m.memory_mode}]" + (f"  fast: {', '.join(m.fast)}" if m.fast else ""),
+            f"    load                {m.load_s:8.2f} s",
+            f"    warm-up             {m.warmup_s:8.2f} s",
+            f"    seconds per image   {m.median_s:8.3f} median   {m.p90_s:.3f} p90   "
+            f"({m.runs - 1} runs)",
+            f"    images per minute   {m.images_per_minute:8.1f}",
+            f"    peak memory         {memory}",
+            f"    bit-identical       {_yes(m.bit_identical)} ({m.runs} runs of one request)",
+        ]
+        v = r.verification.get(m.memory_mode)
+        if v is not None:
+            lines += [
+                f"    verifies            {_yes(v.verifies)}: {v.reason}",
+                f"      step check        {_yes(v.step_check_ok)}: {v.steps_checked} steps, "
+                f"max error {v.max_step_error:.3g}, worst step at {v.worst_step_ratio:.2f} of its "
+                f"threshold (float32 reference)",
+                f"      image             {_yes(v.image_ok)}: similarity {v.similarity:.4f} "
+                f"(threshold {v.similarity_threshold:.3f})",
+            ]
+    return "\n".join(lines)
