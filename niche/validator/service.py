@@ -338,8 +338,7 @@ class Validator:
         for uid, verdict in zip(picked, verdicts, strict=False):
             o = outcomes[uid]
             reason = "" if verdict.passed else (
-                f"{scoring.AUDIT_FAILED}: similarity {verdict.similarity:.3f} < "
-                f"{verdict.threshold:.3f}{' ' + verdict.error if verdict.error else ''}")
+                f"{scoring.AUDIT_FAILED}: {verdict.reason or verdict.error}")
             outcomes[uid] = Outcome(o.uid, o.hotkey, o.model, o.workload, o.status, reason,
                                     o.latency, o.timeout, audited=True,
                                     audit_passed=verdict.passed,
