@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from niche.protocol import GenerationParams, PipelineKind
-from niche.validator.verify import Verdict, Verifier, VerifyConfig, compare
+from niche.validator.verify import Verdict, Verifier, VerifyConfig
 
 PROMPTS = ("a red fox in a snowy forest, watercolor",
            "an old lighthouse at dusk, oil painting",

@@ -160,11 +160,15 @@ def calibrate_model(model: str, engines: dict, requests: int, other_model: Optio
     return [(k, c, v) for (k, c), v in rows.items()]
 
 
-def choose_threshold(rows) -> tuple[float, float, float]:
+def choose_threshold(rows, floor: float | None = None) -> tuple[float, float, float]:
     """(threshold, lowest honest, highest cheat): midway when they separate; otherwise just
-    under the lowest honest value (honest miners must never fail)."""
+    under the lowest honest value (honest miners must never fail). With a PSNR floor the two
+    bounds work together: only the cheat images the floor lets through (psnr >= floor) need
+    the similarity threshold; without any such image, all cheats count."""
     honest = min(c.similarity for k, _, cs in rows if k == "honest" for c in cs)
-    cheat = max(c.similarity for k, _, cs in rows if k != "honest" for c in cs)
+    cheats = [c for k, _, cs in rows if k != "honest" for c in cs]
+    through = [c for c in cheats if floor is not None and c.psnr >= floor]
+    cheat = max(c.similarity for c in (through or cheats))
     if honest > cheat:
         return (honest + cheat) / 2, honest, cheat
     return max(0.0, honest - 0.005), honest, cheat
@@ -183,8 +187,8 @@ def choose_floor(rows) -> tuple[float, float, float]:
 
 
 def print_matrix(model: str, pipeline: PipelineKind, rows) -> tuple[float, float]:
-    threshold, honest, cheat = choose_threshold(rows)
     floor, honest_db, cheat_db = choose_floor(rows)
+    threshold, honest, cheat = choose_threshold(rows, floor)
     print(f"\n== {model} / {pipeline.value}: similarity and PSNR to the float32 reference "
           f"(worst case over requests: lowest honest, highest cheat; * saves compute)")
     print(f"{'kind':<8}{'case':<34}{'sim':>7}{'ssim':>7}{'detail':>8}{'energy':>8}"
@@ -207,7 +211,8 @@ def print_matrix(model: str, pipeline: PipelineKind, rows) -> tuple[float, float
               f"{worst.detail_correlation:>8.3f}{worst.energy_ratio:>8.3f}{worst_db:>7.1f}  "
               f"{old:<7}{new}{'' if ok else '  <-- WRONG'}")
     margin = honest - cheat
-    print(f"threshold {threshold:.3f}: lowest honest {honest:.3f}, highest cheat {cheat:.3f}, "
+    print(f"threshold {threshold:.3f}: lowest honest {honest:.3f}, highest cheat above the "
+          f"floor {cheat:.3f}, "
           f"margin {margin:+.3f}{'' if margin > 0 else '  (NOT SEPARABLE on these weights)'}")
     print(f"PSNR floor {floor:.1f} dB: lowest honest {honest_db:.1f}, highest compute-saving "
           f"cheat {cheat_db:.1f}, margin {honest_db - cheat_db:+.1f} dB"
