@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from niche.protocol import GenerationParams, PipelineKind
-from niche.validator.verify import Verdict, Verifier, VerifyConfig
+from niche.validator.verify import Verdict, Verifier, VerifyConfig, compare
 
 PROMPTS = ("a red fox in a snowy forest, watercolor",
            "an old lighthouse at dusk, oil painting",
@@ -333,6 +333,8 @@ class Row:
     honest_seconds: list[float] = field(default_factory=list)
     old: list[Found] = field(default_factory=list)
     new: list[Found] = field(default_factory=list)
+    raw_psnr: list[float] = field(default_factory=list)
+    """PSNR of the cheap image itself (no post-processing) against the reference"""
 
     @property
     def saved(self) -> float:
@@ -358,14 +360,20 @@ def run(ctx: Context, verifier: Verifier, model: str, pipeline: PipelineKind, re
         cheats: Sequence[str], refine: int) -> list[Row]:
     rows = {name: Row(model, pipeline.value, CHEATS[name]) for name in cheats}
     d = ctx.base.spec(model).defaults
+    warm = ctx.base.resolve(GenerationParams(model=model, pipeline=pipeline, prompt="warm up",
+                                             seed=1))
+    warm_cond = (ctx.conditioner(model, pipeline, d.width, d.height, 1)
+                 if pipeline.needs_image and ctx.conditioner is not None else None)
+    for engine in ctx.engines.values():  # first calls pay one-off costs: keep them off the clock
+        engine.generate(warm, warm_cond)
     for i in range(requests):
         cond = None
         if pipeline.needs_image and ctx.conditioner is not None:
             cond = ctx.conditioner(model, pipeline, d.width, d.height, 1000 + i)
         params = ctx.base.resolve(GenerationParams(
             model=model, pipeline=pipeline, prompt=PROMPTS[i % len(PROMPTS)], seed=777 + i))
-        reference, honest_t = _timed(lambda: ctx.base.generate(params, cond))
-        for name, row in rows.items():
+        reference, honest_t = _timed(lambda p=params, c=cond: ctx.base.generate(p, c))
+        for row in rows.values():
             if not row.cheat.applies(params):
                 continue
             cheap = row.cheat.make(ctx, params, cond)
@@ -375,7 +383,21 @@ def run(ctx: Context, verifier: Verifier, model: str, pipeline: PipelineKind, re
             row.honest_seconds.append(honest_t)
             row.old.append(old)
             row.new.append(new)
+            row.raw_psnr.append(compare(reference, cheap.images[0]).psnr)
     return [r for r in rows.values() if r.new]
+
+
+def honest_floor(rows: Sequence[Row]) -> float:
+    """Lowest PSNR of an honest (tolerated) variant in this run: the honest noise level."""
+    values = [p for r in rows if r.cheat.tolerated for p in r.raw_psnr]
+    return min(values) if values else float("inf")
+
+
+def visible(row: Row, honest_db: float) -> bool:
+    """Can the image alone show this cheat? Not when its own image (before any
+    post-processing) is at least as close to the reference as an honest variant is: no
+    image check can reject it without rejecting honest miners. The step check can."""
+    return max(row.raw_psnr) < honest_db
 
 
 def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifier) -> None:
@@ -383,8 +405,9 @@ def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifie
     print(f"\n== {model} / {pipeline}: threshold {t:.3f}, PSNR floor {f:.1f} dB "
           f"({len(rows[0].new) if rows else 0} requests; best over the post-processing search, "
           f"worst request shown)")
-    print(f"{'cheat':<32}{'evals':>7}{'wall':>7}{'old: sim':>9}{'psnr':>6}{'pass':>6}"
-          f"{'new: sim':>9}{'psnr':>6}{'detect':>8}  verdict")
+    honest_db = honest_floor(rows)
+    print(f"{'cheat':<32}{'evals':>7}{'wall':>7}{'raw psnr':>9}{'old: sim':>9}{'psnr':>6}"
+          f"{'pass':>6}{'new: sim':>9}{'psnr':>6}{'detect':>8}  verdict")
     for r in rows:
         old = max(r.old, key=lambda x: x.verdict.similarity)
         new = max(r.new, key=lambda x: min(x.verdict.similarity - t,
@@ -392,11 +415,15 @@ def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifie
         if r.cheat.tolerated:
             ok = r.detection == 0.0
             verdict = "passes (honest)" if ok else "REJECTED  <-- WRONG (honest variant)"
+        elif not visible(r, honest_db):
+            verdict = ("rejected" if r.detection == 1.0 else
+                       f"passes on {1 - r.detection:.0%}: within honest noise "
+                       f"({max(r.raw_psnr):.1f} >= {honest_db:.1f} dB), step check needed")
         else:
             ok = r.detection == 1.0 or r.saved < 0.05
             verdict = ("rejected" if r.detection == 1.0 else
                        f"passes on {1 - r.detection:.0%}" + ("" if ok else "  <-- HOLE"))
-        print(f"{r.cheat.name:<32}{r.saved:>7.0%}{r.wall_saved:>7.0%}"
+        print(f"{r.cheat.name:<32}{r.saved:>7.0%}{r.wall_saved:>7.0%}{max(r.raw_psnr):>9.1f}"
               f"{old.verdict.similarity:>9.3f}{old.verdict.psnr or 0:>6.1f}"
               f"{'yes' if old.old_pass else 'no':>6}{new.verdict.similarity:>9.3f}"
               f"{new.verdict.psnr or 0:>6.1f}{r.detection:>8.2f}  {verdict}")
@@ -473,14 +500,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                        refine)
             print_rows(model, pipeline.value, rows, verifier)
             all_rows.extend(rows)
+    honest_db = {(r.model, r.pipeline): honest_floor([x for x in all_rows if
+                                                      (x.model, x.pipeline) == (r.model,
+                                                                                r.pipeline)])
+                 for r in all_rows}
     holes = [r for r in all_rows if not r.cheat.tolerated and r.saved >= 0.05
-             and r.detection < 1.0]
+             and r.detection < 1.0 and visible(r, honest_db[(r.model, r.pipeline)])]
+    invisible = sorted({f"{r.model}/{r.pipeline}: {r.cheat.name}" for r in all_rows
+                        if not r.cheat.tolerated and r.detection < 1.0
+                        and not visible(r, honest_db[(r.model, r.pipeline)])})
     wrong = [r for r in all_rows if r.cheat.tolerated and r.detection > 0.0]
     print("\ndetection probability per audited answer (worst over models/pipelines):")
     for name, p in detection_table(all_rows).items():
         print(f"  {name:<32}{p:.2f}")
-    print(f"\nimage-side done-when: {len(holes)} cheat(s) saving >= 5% not always rejected, "
-          f"{len(wrong)} honest variant(s) rejected  ({time.time() - started:.0f}s)")
+    if invisible:
+        print("within honest noise, so not rejectable from the image (the step check's job): "
+              + "; ".join(invisible))
+    print(f"\nimage-side done-when: {len(holes)} image-visible cheat(s) saving >= 5% not "
+          f"always rejected, {len(wrong)} honest variant(s) rejected  "
+          f"({time.time() - started:.0f}s)")
     return 0 if not holes and not wrong else 1
 
 
