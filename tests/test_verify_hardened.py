@@ -144,17 +144,17 @@ def test_honest_variants_pass_the_hardened_check(tiny_engine, half_engines, veri
 
 
 def test_sharpened_fewer_steps_fails_on_psnr(tiny_engine, verifier):
-    """Kolors 7 of 8 steps, sharpened until its detail matches: the similarity is near the
-    threshold (issue 15: some sharpening strength passes it), the PSNR floor rejects it."""
+    """Kolors 4 of 8 steps, sharpened to put back the detail it lacks: the similarity gets
+    within 0.05 of the threshold, the PSNR floor (29 dB; this cheat ~26 dB) rejects it at
+    every strength. (N-1 steps is NOT always rejected: docs/adversary.md.)"""
     params = _params(tiny_engine, "kolors", 5)
     ref = tiny_engine.generate(params)
-    fewer = tiny_engine.generate(params.model_copy(update={"steps": params.steps - 1}))
+    fewer = tiny_engine.generate(params.model_copy(update={"steps": params.steps // 2}))
     verdicts = [verifier.judge("kolors", ref, sharpen(fewer, a), "txt2img")
                 for a in (0.0, 0.3, 0.6)]
     for v in verdicts:
         assert not v.passed
         assert f"psnr {v.psnr:.1f} dB < {v.psnr_floor:.1f} dB" in v.reason
-    # the old (similarity-only) check is what a sharpened cheat aims at: it gets close
     assert max(v.similarity for v in verdicts) >= DEFAULT_THRESHOLDS["kolors"] - 0.05
 
 

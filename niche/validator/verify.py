@@ -60,16 +60,24 @@ each sits midway between the lowest honest variant (bfloat16 against a float32 r
 image 0.903 to 0.963), margins +0.025 to +0.046. Recalibrate with production weights and
 hardware (`--model-path`) before trusting them on a real network."""
 
-DEFAULT_PSNR_FLOOR = 30.0
-"""For a model without a calibrated floor: below any honest variant measured so far."""
+DEFAULT_PSNR_FLOOR = 28.0
+"""For a model without a calibrated floor: under the lowest honest figure measured so far."""
 DEFAULT_PSNR_FLOORS = {
-    "flux-schnell": 36.0,
-    "kolors": 36.0,
-    "kolors/controlnet-canny": 36.0,
-    "kolors/controlnet-depth": 36.0,
-    "kolors/ip-adapter": 36.0,
+    "flux-schnell": 28.0,
+    "kolors": 29.0,
+    "kolors/controlnet-canny": 29.0,
+    "kolors/controlnet-depth": 29.0,
+    "kolors/ip-adapter": 29.0,
 }
-"""PSNR (dB) an answer must reach against the reference, per model / model/pipeline."""
+"""PSNR (dB) an answer must reach against the float32 reference. Set from
+bench/calibrate_verify.py plus 10 more requests per model (docs/adversary.md): honest
+bfloat16 is 39-48 dB on most requests but has a tail (FLUX 28.8, Kolors 29.8 dB, 1 to 2 in
+13 requests), so each floor sits under the lowest honest figure (margins +0.8 dB), not
+midway to the cheats: fewer steps (N-1) reaches 38.1 / 39.2 dB on some requests and a fixed
+floor cannot reject it there without failing honest miners. What the floor does reject is
+the bulk of the skip-and-post-process cheats (detection per audited answer in
+docs/adversary.md); the conditioned Kolors pipelines take the txt2img floor (not measured
+separately this session). Recalibrate with production weights (`--model-path`)."""
 
 
 @dataclass(frozen=True)
