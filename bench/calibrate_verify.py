@@ -214,6 +214,10 @@ def print_matrix(model: str, pipeline: PipelineKind, rows) -> tuple[float, float
     print(f"threshold {threshold:.3f}: lowest honest {honest:.3f}, highest cheat above the "
           f"floor {cheat:.3f}, "
           f"margin {margin:+.3f}{'' if margin > 0 else '  (NOT SEPARABLE on these weights)'}")
+    if min(len(cs) for _, _, cs in rows) < 10:
+        print("  (fewer than 10 requests: the honest bfloat16 PSNR has a tail - 1 to 2 requests "
+              "in 13 near 29-30 dB on the tiny weights - that few requests miss; check it "
+              "with --requests 10 before lowering the floor's margin)")
     print(f"PSNR floor {floor:.1f} dB: lowest honest {honest_db:.1f}, highest compute-saving "
           f"cheat {cheat_db:.1f}, margin {honest_db - cheat_db:+.1f} dB"
           f"{'' if honest_db > cheat_db else '  (NOT SEPARABLE on these weights)'}")

@@ -126,14 +126,15 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
 HONEST_LATENCY = 6.0
 ADVERSARY: dict[str, tuple[float, float]] = {
     # cheat: (compute saved, detection probability per audited answer by the hardened image
-    # check, worst over models / pipelines); bench/adversary.py, docs/adversary.md
-    "fewer steps (N-1)": (0.125, 1.0),
+    # check, worst over models / pipelines); `bench/adversary.py --quick` on the tiny
+    # checkpoints, 2 requests per pipeline (docs/adversary.md)
+    "fewer steps (N-1)": (0.125, 0.0),
     "half steps (N/2)": (0.5, 1.0),
-    "skip last step (jump to 0)": (0.125, 1.0),
-    "skip a middle step": (0.125, 1.0),
-    "skip last, extrapolated": (0.125, 1.0),
+    "skip last step (jump to 0)": (0.125, 0.0),
+    "skip a middle step": (0.125, 0.0),
+    "skip last, extrapolated": (0.125, 0.0),
     "no CFG (guidance 1)": (0.5, 1.0),
-    "no CFG on last step, blended": (0.06, 1.0),
+    "no CFG on last step, blended": (0.0625, 0.0),
     "half size, upscaled": (0.75, 1.0),
     "other seed's image": (1.0, 1.0),
     "cached answer, other prompt": (1.0, 1.0),
