@@ -117,7 +117,8 @@ def verifier(tiny_engine):
 
 
 def _params(engine, model: str, seed: int, **kw) -> GenerationParams:
-    return engine.resolve(GenerationParams(model=model, prompt=PROMPT, seed=seed, **kw))
+    kw.setdefault("prompt", PROMPT)
+    return engine.resolve(GenerationParams(model=model, seed=seed, **kw))
 
 
 def test_honest_variants_pass_the_hardened_check(tiny_engine, half_engines, verifier):
@@ -144,9 +145,9 @@ def test_honest_variants_pass_the_hardened_check(tiny_engine, half_engines, veri
 
 
 def test_sharpened_fewer_steps_fails_on_psnr(tiny_engine, verifier):
-    """Kolors 4 of 8 steps, sharpened to put back the detail it lacks: the similarity gets
-    within 0.05 of the threshold, the PSNR floor (29 dB; this cheat ~26 dB) rejects it at
-    every strength. (N-1 steps is NOT always rejected: docs/adversary.md.)"""
+    """Kolors 4 of 8 steps, sharpened to put back the detail it lacks: the PSNR floor
+    (29 dB; this cheat ~26 dB) rejects it at every strength, at least 1 dB under the floor.
+    (N-1 steps is NOT always rejected: docs/adversary.md.)"""
     params = _params(tiny_engine, "kolors", 5)
     ref = tiny_engine.generate(params)
     fewer = tiny_engine.generate(params.model_copy(update={"steps": params.steps // 2}))
@@ -155,7 +156,7 @@ def test_sharpened_fewer_steps_fails_on_psnr(tiny_engine, verifier):
     for v in verdicts:
         assert not v.passed
         assert f"psnr {v.psnr:.1f} dB < {v.psnr_floor:.1f} dB" in v.reason
-    assert max(v.similarity for v in verdicts) >= DEFAULT_THRESHOLDS["kolors"] - 0.05
+        assert v.psnr is not None and v.psnr < v.psnr_floor - 1.0
 
 
 def test_noised_upscaled_cheat_fails_on_psnr(tiny_engine, verifier):
