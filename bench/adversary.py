@@ -457,6 +457,22 @@ def build_context(root: Path, models: Sequence[str], threads: int) -> Context:
     return Context(engines, conditioner)
 
 
+def summary(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
+    """cheat -> (compute saved, detection probability), the worst case over models and
+    pipelines (lowest detection; its smallest saving): what bench/incentives.py takes."""
+    out: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r.cheat.tolerated:
+            continue
+        saved, q = out.get(r.cheat.name, (1.0, 1.0))
+        out[r.cheat.name] = (min(saved, r.saved), min(q, r.detection))
+    return out
+
+
+LAST_RUN: list[Row] = []
+"""The rows of the latest main() call in this process (bench/incentives.py --from-adversary)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group()
@@ -500,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        refine)
             print_rows(model, pipeline.value, rows, verifier)
             all_rows.extend(rows)
+    LAST_RUN[:] = all_rows
     honest_db = {(r.model, r.pipeline): honest_floor([x for x in all_rows if
                                                       (x.model, x.pipeline) == (r.model,
                                                                                 r.pipeline)])

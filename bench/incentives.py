@@ -8,13 +8,15 @@ miner is caught by the duplicate check that runs on every answer.
 
 The second part takes the image check's detection probability per audited answer for
 each cheat (bench/adversary.py's output, built in as ADVERSARY; `--detection NAME=P` to
-override) with every synthetic answer audited, and shows each cheat's expected weight
+override, or `--from-adversary` to run `bench/adversary.py --quick` first and take its
+figures) with every synthetic answer audited, and shows each cheat's expected weight
 against an honest miner's under the failed-audit penalty (score reset + exclusion rounds),
 plus a sweep over detection probabilities from 1/3 and the exclusion_rounds each needs for
 the cheat to stay under 5 % of an honest miner.
 
     .venv/bin/python bench/incentives.py [--rounds 2000] [--audit-fraction 0.1] [--seed 1]
                                          [--detection "skip last step=1.0" ...]
+                                         [--from-adversary] [--only-detection]
 """
 from __future__ import annotations
 
@@ -219,13 +221,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--detection", nargs="*", default=None, metavar="CHEAT=P",
                         help="detection probability per audited answer (default: ADVERSARY)")
+    parser.add_argument("--from-adversary", action="store_true",
+                        help="run `bench/adversary.py --quick` first and take its detections")
     parser.add_argument("--only-detection", action="store_true",
                         help="skip the strategy table and the audit-fraction sweep")
     args = parser.parse_args()
     cfg = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
                         model_shares={"flux-schnell": 1.0})
+    cheats = _detections(args.detection)
+    if args.from_adversary:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import adversary
+
+        adversary.main(["--quick"])
+        cheats = adversary.summary(adversary.LAST_RUN)
     if args.only_detection:
-        detection_report(_detections(args.detection), args.rounds, args.seed, cfg)
+        detection_report(cheats, args.rounds, args.seed, cfg)
         return
     result = simulate(args.rounds, args.audit_fraction, args.seed, cfg)
     print(f"rounds={args.rounds} audit_fraction={args.audit_fraction} alpha={cfg.alpha} "
@@ -245,7 +259,7 @@ def main() -> None:
         print(f"{p:>6.2f}" + "".join(
             f"{res['share'][s.name] / s.count:>14.3f}" for s in STRATEGIES)
             + f"{res['regen_per_answer']:>11.3f}")
-    detection_report(_detections(args.detection), args.rounds, args.seed, cfg)
+    detection_report(cheats, args.rounds, args.seed, cfg)
 
 
 if __name__ == "__main__":
