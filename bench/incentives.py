@@ -6,7 +6,17 @@ compute_weights); only the miners are simulated: each strategy has a latency dis
 and a verdict it would get if audited (honest passes, cheats fail), and the cached-image
 miner is caught by the duplicate check that runs on every answer.
 
+The second part takes the image check's detection probability per audited answer for
+each cheat (bench/adversary.py's output, built in as ADVERSARY; `--detection NAME=P` to
+override, or `--from-adversary` to run `bench/adversary.py --quick` first and take its
+figures) with every synthetic answer audited, and shows each cheat's expected weight
+against an honest miner's under the failed-audit penalty (score reset + exclusion rounds),
+plus a sweep over detection probabilities from 1/3 and the exclusion_rounds each needs for
+the cheat to stay under 5 % of an honest miner.
+
     .venv/bin/python bench/incentives.py [--rounds 2000] [--audit-fraction 0.1] [--seed 1]
+                                         [--detection "skip last step=1.0" ...]
+                                         [--from-adversary] [--only-detection]
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ class Strategy:
     honest: bool  # passes an audit
     replays: bool = False  # answers with an earlier image: caught by the duplicate check
     cheat_rate: float = 1.0  # for mixed strategies: fraction of rounds it cheats
+    detection: float = 1.0  # probability that an audit of a cheating answer fails it
 
 
 STRATEGIES = (
@@ -50,16 +61,16 @@ STRATEGIES = (
 
 
 def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
-             warmup: int = 100) -> dict:
+             warmup: int = 100, strategies: tuple[Strategy, ...] = STRATEGIES) -> dict:
     rng = np.random.default_rng(seed)
     miners = []
-    for s in STRATEGIES:
+    for s in strategies:
         for i in range(s.count):
             miners.append((len(miners), f"{s.name}-{i}", s))
     book = ScoreBook(cfg=cfg)
-    share = {s.name: 0.0 for s in STRATEGIES}
-    caught = {s.name: 0 for s in STRATEGIES}
-    duplicates = {s.name: 0 for s in STRATEGIES}
+    share = {s.name: 0.0 for s in strategies}
+    caught = {s.name: 0 for s in strategies}
+    duplicates = {s.name: 0 for s in strategies}
     regenerations = 0
     answers = 0
     measured = 0
@@ -90,7 +101,9 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
         final = []
         for o in outcomes:
             if o.uid in audited:
-                passed = not cheating.get(o.uid, False)
+                strategy = miners[o.uid][2]
+                passed = not (cheating.get(o.uid, False)
+                              and rng.random() < strategy.detection)
                 if not passed:
                     caught[miners[o.uid][2].name] += 1
                 o = Outcome(o.uid, o.hotkey, o.model, status=o.status,
@@ -112,6 +125,93 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
     }
 
 
+HONEST_LATENCY = 6.0
+ADVERSARY: dict[str, tuple[float, float]] = {
+    # cheat: (compute saved, detection probability per audited answer by the hardened image
+    # check, worst over models / pipelines); `bench/adversary.py --quick` on the tiny
+    # checkpoints, 2 requests per pipeline (docs/adversary.md)
+    "fewer steps (N-1)": (0.125, 0.0),
+    "half steps (N/2)": (0.5, 1.0),
+    "skip last step (jump to 0)": (0.125, 0.0),
+    "skip a middle step": (0.125, 0.0),
+    "skip last, extrapolated": (0.125, 0.0),
+    "no CFG (guidance 1)": (0.5, 1.0),
+    "no CFG on last step, blended": (0.0625, 0.0),
+    "half size, upscaled": (0.75, 1.0),
+    "other seed's image": (1.0, 1.0),
+    "cached answer, other prompt": (1.0, 1.0),
+}
+"""Filled from the adversary's printed table; the simulation itself takes any values."""
+
+
+def cheat_strategies(cheats: dict[str, tuple[float, float]]) -> tuple[Strategy, ...]:
+    """4 honest miners and 2 per cheat; a cheater answers faster by the compute it saves."""
+    return (Strategy("honest", 4, HONEST_LATENCY, True),) + tuple(
+        Strategy(name, 2, max(0.05, HONEST_LATENCY * (1.0 - saved)), False, detection=q)
+        for name, (saved, q) in cheats.items())
+
+
+def relative_weights(cheats: dict[str, tuple[float, float]], rounds: int, seed: int,
+                     cfg: ScoringConfig, audit_fraction: float = 1.0) -> dict[str, float]:
+    """Per-miner weight of each cheat over an honest miner's (every answer audited)."""
+    strategies = cheat_strategies(cheats)
+    res = simulate(rounds, audit_fraction, seed, cfg, strategies=strategies)
+    honest = res["share"]["honest"] / 4
+    return {s.name: (res["share"][s.name] / s.count) / honest for s in strategies[1:]}
+
+
+def exclusion_needed(saved: float, q: float, rounds: int, seed: int, cfg: ScoringConfig,
+                     limit: float = 0.05) -> int | None:
+    """Smallest exclusion_rounds (doubling, then bisecting) for which a cheat saving `saved`
+    caught with probability `q` earns < limit of an honest miner; None if 3200 is not enough."""
+    from dataclasses import replace
+
+    def ratio(e: int) -> float:
+        c = replace(cfg, exclusion_rounds=e)
+        return relative_weights({"x": (saved, q)}, rounds, seed, c)["x"]
+
+    if ratio(0) < limit:
+        return 0
+    hi = 1
+    while ratio(hi) >= limit:
+        hi *= 2
+        if hi > 3200:
+            return None
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ratio(mid) < limit else (mid, hi)
+    return hi
+
+
+def detection_report(cheats: dict[str, tuple[float, float]], rounds: int, seed: int,
+                     cfg: ScoringConfig) -> None:
+    print(f"\ncheats against the hardened image check, every synthetic answer audited "
+          f"(audit_fraction=1), exclusion_rounds={cfg.exclusion_rounds}, honest latency "
+          f"{HONEST_LATENCY:.1f}s, a cheater faster by the compute it saves:")
+    print(f"{'cheat':<32}{'saved':>7}{'detect':>8}{'weight/honest':>15}  < 5 %?")
+    rel = relative_weights(cheats, rounds, seed, cfg)
+    for name, (saved, q) in cheats.items():
+        print(f"{name:<32}{saved:>7.0%}{q:>8.2f}{rel[name]:>15.4f}  "
+              f"{'yes' if rel[name] < 0.05 else 'NO'}")
+    print("\ndetection sweep (a cheat saving 50 %, worst case for the penalty: fast answers):")
+    print(f"{'detect':>8}{'weight/honest':>15}  < 5 %?  exclusion_rounds needed")
+    for q in (1 / 3, 0.5, 2 / 3, 0.9, 1.0):
+        r = relative_weights({"x": (0.5, q)}, rounds, seed, cfg)["x"]
+        need = exclusion_needed(0.5, q, rounds, seed, cfg)
+        print(f"{q:>8.2f}{r:>15.4f}  {'yes' if r < 0.05 else 'NO ':<6}  "
+              f"{need if need is not None else '> 3200'}")
+
+
+def _detections(pairs: list[str] | None) -> dict[str, tuple[float, float]]:
+    cheats = dict(ADVERSARY)
+    for pair in pairs or []:
+        name, _, value = pair.rpartition("=")
+        saved = cheats.get(name, (0.5, 1.0))[0]
+        cheats[name] = (saved, float(value))
+    return cheats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2000)
@@ -119,9 +219,28 @@ def main() -> None:
     parser.add_argument("--exclusion-rounds", type=int, default=ScoringConfig().exclusion_rounds)
     parser.add_argument("--alpha", type=float, default=ScoringConfig().alpha)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--detection", nargs="*", default=None, metavar="CHEAT=P",
+                        help="detection probability per audited answer (default: ADVERSARY)")
+    parser.add_argument("--from-adversary", action="store_true",
+                        help="run `bench/adversary.py --quick` first and take its detections")
+    parser.add_argument("--only-detection", action="store_true",
+                        help="skip the strategy table and the audit-fraction sweep")
     args = parser.parse_args()
     cfg = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
                         model_shares={"flux-schnell": 1.0})
+    cheats = _detections(args.detection)
+    if args.from_adversary:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import adversary
+
+        adversary.main(["--quick"])
+        cheats = adversary.summary(adversary.LAST_RUN)
+    if args.only_detection:
+        detection_report(cheats, args.rounds, args.seed, cfg)
+        return
     result = simulate(args.rounds, args.audit_fraction, args.seed, cfg)
     print(f"rounds={args.rounds} audit_fraction={args.audit_fraction} alpha={cfg.alpha} "
           f"exclusion_rounds={cfg.exclusion_rounds} timeout={TIMEOUT}s")
@@ -140,6 +259,7 @@ def main() -> None:
         print(f"{p:>6.2f}" + "".join(
             f"{res['share'][s.name] / s.count:>14.3f}" for s in STRATEGIES)
             + f"{res['regen_per_answer']:>11.3f}")
+    detection_report(cheats, args.rounds, args.seed, cfg)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     verdict = verifier.judge(full.model, reference, candidate, full.pipeline)
     print(json.dumps({
         "similarity": round(verdict.similarity, 6), "threshold": verdict.threshold,
-        "match": verdict.passed,
+        "match": verdict.passed, "psnr_floor": verdict.psnr_floor, "reason": verdict.reason,
         "details": {k: round(v, 6) for k, v in verdict.details.as_dict().items()}
         if verdict.details else {},
     }))

@@ -138,5 +138,5 @@ class Auditor:
         for i, verdict in zip(kept, self.verifier.verify(batch), strict=True):
             if not verdict.passed:
                 results[i] = AuditResult(False, verdict.similarity,
-                                         f"regeneration: similarity {verdict.similarity:.3f} "
-                                         f"< {verdict.threshold:.3f}", results[i].step_errors)
+                                         f"regeneration: {verdict.reason or verdict.error}",
+                                         results[i].step_errors)
