@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,17 +38,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("niche.validator")
 
 
+MIN_SAVING = 0.05
+"""A cheat that saves at least this share of the steps must be caught often enough..."""
+MIN_DETECTION = 1 / 3
+"""...with at least this probability per audited answer."""
+
+
+def random_steps_needed(n_steps: int, min_saving: float = MIN_SAVING,
+                        min_detection: float = MIN_DETECTION) -> int:
+    """The fewest random steps (besides step 0) such that a miner who fakes
+    ceil(min_saving x N) of the steps 1..N-1 is caught with probability >= min_detection:
+    1 - C(N-1-s, k) / C(N-1, k) (steps drawn without replacement). FLUX-schnell's 4 steps
+    need 1; 8 steps need 3; 30 need 6."""
+    others = n_steps - 1
+    if others <= 0:
+        return 0
+    faked = min(others, max(1, math.ceil(min_saving * n_steps)))
+    for k in range(1, others + 1):
+        missed = math.comb(others - faked, k) / math.comb(others, k)
+        if 1.0 - missed >= min_detection:
+            return k
+    return others
+
+
 @dataclass(frozen=True)
 class AuditConfig:
-    random_steps: int = 1
-    """Steps recomputed besides step 0, drawn after the answer is in."""
+    random_steps: int | None = None
+    """Steps recomputed besides step 0, drawn after the answer is in; None: as many as
+    `random_steps_needed` says for the request's step count."""
     regenerate_fraction: float = 0.0
     """Share of audited answers also regenerated in full and compared (a backstop)."""
     fetch_timeout: float = 30.0
     """Seconds a miner has to send the states an audit asks for."""
 
     def __post_init__(self) -> None:
-        if self.random_steps < 0:
+        if self.random_steps is not None and self.random_steps < 0:
             raise ValueError("random_steps must be >= 0")
         if not 0.0 <= self.regenerate_fraction <= 1.0:
             raise ValueError("regenerate_fraction must be in [0, 1]")
@@ -88,7 +113,9 @@ class Auditor:
         plans = []
         for challenge, _, _ in items:
             n = int(challenge.params.steps or 0)
-            plans.append(choose_steps(draw, n, k=self.config.random_steps) if n else [])
+            k = (self.config.random_steps if self.config.random_steps is not None
+                 else random_steps_needed(n))
+            plans.append(choose_steps(draw, n, k=k) if n else [])
         fetches = await asyncio.gather(*[
             self.client.fetch_states(target, challenge.request_id, result.response.states,
                                      needed_states(plan, len(result.response.states.sha256)),
