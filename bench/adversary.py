@@ -335,6 +335,9 @@ class Row:
     new: list[Found] = field(default_factory=list)
     raw_psnr: list[float] = field(default_factory=list)
     """PSNR of the cheap image itself (no post-processing) against the reference"""
+    step_detect: list[float] = field(default_factory=list)
+    """per request: probability that the validator's step-check plan catches the claimed
+    chain (see `step_detection`)"""
 
     @property
     def saved(self) -> float:
@@ -352,8 +355,84 @@ class Row:
         return float(np.mean([not f.verdict.passed for f in self.new]))
 
     @property
+    def step_min(self) -> float:
+        """Worst request's step-check detection per audited answer."""
+        return min(self.step_detect) if self.step_detect else float("nan")
+
+    @property
     def old_detection(self) -> float:
         return float(np.mean([not f.old_pass for f in self.old]))
+
+
+# ------------------------------------------------------------------ the step check's view
+@contextlib.contextmanager
+def recording_states(ctx: Context) -> Iterator[list]:
+    """While open, every `generate` of the cheat's engines also records its sampler states
+    (first call first): the chain the cheater has in hand to claim."""
+    recorded: list = []
+    patched = []
+    for engine in ctx.engines.values():
+        def generate(params, image=None, _engine=engine):
+            picture, states = _engine.generate_with_states(params, image)
+            recorded.append(states)
+            return picture
+
+        engine.generate = generate
+        patched.append(engine)
+    try:
+        yield recorded
+    finally:
+        for engine in patched:
+            del engine.generate  # the instance attribute: the class method is back
+
+
+def claimed_chain(states: list, n: int, shape: tuple) -> dict | None:
+    """The N states a cheater claims from the M it computed: as they are when M = N, else
+    resampled linearly onto the N-step grid (the adaptive choice: it matches the honest grid
+    where the two coincide). None when the cheap chain has another shape (a smaller image):
+    no claim of the request's shape exists without computing at full size."""
+    import torch
+
+    if not states or tuple(states[0].shape) != shape:
+        return None
+    m = len(states)
+    if m == n:
+        return {i + 1: s for i, s in enumerate(states)}
+    ys = states  # y_1..y_M; the cheater interpolates between its neighbours
+    chain = {}
+    for i in range(1, n + 1):
+        where = i * m / n
+        lo = max(1, min(m, int(where)))
+        hi = min(m, lo + 1)
+        frac = min(1.0, max(0.0, where - lo))
+        chain[i] = ((1 - frac) * ys[lo - 1] + frac * ys[hi - 1]).to(torch.float32)
+    return chain
+
+
+def step_detection(ctx: Context, params: GenerationParams, image: Image.Image | None,
+                   states: list, answer: Image.Image) -> float:
+    """Probability that one audit catches the claimed chain: the validator's plan is step 0
+    plus `random_steps_needed(N)` others drawn after the answer; the decoded x_N must match
+    the answer."""
+    from math import comb
+
+    from niche.validator.audit import random_steps_needed
+    from niche.validator.steps import StepChecker
+
+    n = int(params.steps or 1)
+    chain = claimed_chain(states, n, tuple(ctx.base.state_shape(params)))
+    if chain is None:
+        return 1.0  # refused for its shape: every audit
+    # declared bfloat16: the loosest tolerance, the cheater's best declaration (and what
+    # honest half-precision miners get)
+    verdict = StepChecker(ctx.base).check(params, image, chain, list(range(n)),
+                                          dtype="bfloat16", answer=answer)
+    failing = {k for k, e in verdict.errors.items() if not e <= verdict.thresholds[k]}
+    if (not verdict.passed and not failing) or 0 in failing:
+        return 1.0  # the decoded image or step 0: every plan sees it
+    k = random_steps_needed(n)
+    bad = len(failing)
+    return 1.0 - comb(n - 1 - bad, k) / comb(n - 1, k) if n > 1 else 0.0
 
 
 def run(ctx: Context, verifier: Verifier, model: str, pipeline: PipelineKind, requests: int,
@@ -376,8 +455,11 @@ def run(ctx: Context, verifier: Verifier, model: str, pipeline: PipelineKind, re
         for row in rows.values():
             if not row.cheat.applies(params):
                 continue
-            cheap = row.cheat.make(ctx, params, cond)
+            with recording_states(ctx) as recorded:
+                cheap = row.cheat.make(ctx, params, cond)
             old, new = search(reference, cheap, verifier, model, pipeline.value, refine, i)
+            row.step_detect.append(step_detection(ctx, params, cond, recorded[0],
+                                                  cheap.images[0]) if recorded else 1.0)
             row.evals.append(cheap.evals)
             row.seconds.append(cheap.seconds)
             row.honest_seconds.append(honest_t)
@@ -407,7 +489,7 @@ def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifie
           f"worst request shown)")
     honest_db = honest_floor(rows)
     print(f"{'cheat':<32}{'evals':>7}{'wall':>7}{'raw psnr':>9}{'old: sim':>9}{'psnr':>6}"
-          f"{'pass':>6}{'new: sim':>9}{'psnr':>6}{'detect':>8}  verdict")
+          f"{'pass':>6}{'new: sim':>9}{'psnr':>6}{'detect':>8}{'step':>6}  verdict")
     for r in rows:
         old = max(r.old, key=lambda x: x.verdict.similarity)
         new = max(r.new, key=lambda x: min(x.verdict.similarity - t,
@@ -426,7 +508,7 @@ def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifie
         print(f"{r.cheat.name:<32}{r.saved:>7.0%}{r.wall_saved:>7.0%}{max(r.raw_psnr):>9.1f}"
               f"{old.verdict.similarity:>9.3f}{old.verdict.psnr or 0:>6.1f}"
               f"{'yes' if old.old_pass else 'no':>6}{new.verdict.similarity:>9.3f}"
-              f"{new.verdict.psnr or 0:>6.1f}{r.detection:>8.2f}  {verdict}")
+              f"{new.verdict.psnr or 0:>6.1f}{r.detection:>8.2f}{r.step_min:>6.2f}  {verdict}")
 
 
 def detection_table(all_rows: Sequence[Row]) -> dict[str, float]:
@@ -533,10 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if invisible:
         print("within honest noise, so not rejectable from the image (the step check's job): "
               + "; ".join(invisible))
+    step_holes = [r for r in all_rows if not r.cheat.tolerated and r.saved >= 0.05
+                  and not r.step_min >= 1 / 3]
+    step_wrong = [r for r in all_rows if r.cheat.tolerated and r.step_detect
+                  and max(r.step_detect) > 0.0]
+    print("\nstep-check detection per audited answer (worst request; plan: step 0 + "
+          "random_steps_needed(N), the claim declared bfloat16):")
+    for r in all_rows:
+        print(f"  {r.model}/{r.pipeline}: {r.cheat.name:<32}{r.step_min:.2f}")
     print(f"\nimage-side done-when: {len(holes)} image-visible cheat(s) saving >= 5% not "
-          f"always rejected, {len(wrong)} honest variant(s) rejected  "
-          f"({time.time() - started:.0f}s)")
-    return 0 if not holes and not wrong else 1
+          f"always rejected, {len(wrong)} honest variant(s) rejected")
+    print(f"step-side done-when: {len(step_holes)} cheat(s) saving >= 5% caught on < 1/3 of "
+          f"audits, {len(step_wrong)} honest variant(s) failed  ({time.time() - started:.0f}s)")
+    return 0 if not (holes or wrong or step_holes or step_wrong) else 1
 
 
 if __name__ == "__main__":

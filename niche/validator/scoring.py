@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 
@@ -99,13 +98,14 @@ def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, 
     for o in outcomes:
         if o.valid:
             key = (o.model, o.workload)
-            fastest[key] = min(fastest.get(key, float("inf")), cast(float, o.latency))
+            fastest[key] = min(fastest.get(key, float("inf")),
+                               float(o.latency))  # type: ignore[arg-type]  # valid: set
     rewards = {}
     for o in outcomes:
         if not o.valid:
             rewards[o.uid] = 0.0
         else:
-            rewards[o.uid] = speed_reward(cast(float, o.latency), o.timeout,
+            rewards[o.uid] = speed_reward(float(o.latency), o.timeout,  # type: ignore[arg-type]
                                           fastest[(o.model, o.workload)], cfg)
     return rewards
 
@@ -175,7 +175,7 @@ def compute_weights(scores: Mapping[int, float], models: Mapping[int, str | None
     for uid, score in scores.items():
         model = models.get(uid)
         if model in shares and score > 0.0:
-            per_model.setdefault(cast(str, model), {})[uid] = float(score)
+            per_model.setdefault(model, {})[uid] = float(score)  # type: ignore[arg-type]
     live = {m: shares[m] for m in per_model if shares[m] > 0}
     total_share = sum(live.values())
     if total_share <= 0:
