@@ -234,3 +234,19 @@ def test_the_freshness_window_is_the_verifiers_own():
     assert text == "stale_request: nonce is older than the 4s freshness window"
     status, reason, text = _refusal(narrow, _signed(nonce_ns=now + 3 * 10**9))
     assert text == "stale_request: nonce is more than 0.5s in the future"
+
+
+def test_the_answer_signature_covers_the_states_digest():
+    """An answer's signature binds its state commitment: the same image with another
+    digest, or with none, does not verify (and the default is the no-states digest)."""
+    from niche.protocol import NO_STATES
+
+    sha = "ab" * 32
+    with_states = sign_response(ALICE, "req-0000001", sha, "cd" * 32)
+    assert verify_response(ALICE.ss58_address, "req-0000001", sha, with_states, "cd" * 32)
+    assert not verify_response(ALICE.ss58_address, "req-0000001", sha, with_states, "ce" * 32)
+    assert not verify_response(ALICE.ss58_address, "req-0000001", sha, with_states)
+    plain = sign_response(ALICE, "req-0000001", sha)
+    assert verify_response(ALICE.ss58_address, "req-0000001", sha, plain, NO_STATES)
+    assert not verify_response(ALICE.ss58_address, "req-0000001", sha, plain, "cd" * 32)
+    assert with_states != plain

@@ -419,3 +419,17 @@ def test_the_conditioner_draws_from_the_rounds_generator():
     factory(conditioner=conditioner).make_round(rng, [Target(0, "a", "kolors",
                                                              pipelines=(CANNY,))])
     assert len(seen) == 1 and seen[0] is rng
+
+
+def test_text_challenges_carry_no_image_even_with_a_conditioner():
+    calls = []
+
+    def conditioner(model, pipeline, width, height, rng):
+        calls.append(pipeline)
+        return Image.new("RGB", (width, height), (9, 9, 9))
+
+    text_only = [Target(u, f"hk{u}", "kolors", pipelines=(T2I,)) for u in (1, 2)]
+    out = factory(conditioner=conditioner).make_round(round_rng(3, 0), text_only)
+    assert [c.params.pipeline for c in out] == [T2I, T2I]
+    assert [(c.image, c.image_b64) for c in out] == [(None, None), (None, None)]
+    assert calls == [] and all(c.request().image is None for c in out)
