@@ -42,6 +42,7 @@ tests_of() {
     case "$1" in
         scoring) echo '"tests/test_pin_scoring.py", "tests/test_validator_scoring.py"' ;;
         verify) echo '"tests/test_pin_verify.py", "-m", "not slow",
+            "tests/test_verify_hardened.py::test_float32_compare_agrees_with_float64",
             "tests/test_validator_verify.py::test_compare_basics",
             "tests/test_validator_verify.py::test_operator_thresholds_layer_on_the_calibrated_defaults"' ;;
         challenges) echo '"tests/test_pin_challenges.py", "tests/test_validator_challenges.py",

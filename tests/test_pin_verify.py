@@ -102,6 +102,12 @@ def _smooth(seed) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
 
 
+def _noisy_copy(image: Image.Image, spread: int) -> Image.Image:
+    rng = np.random.default_rng(spread)
+    noise = rng.integers(-spread, spread + 1, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=int) + noise, 0, 255).astype(np.uint8))
+
+
 PAIRS = [
     ("noise vs other noise", _noise(1), _noise(2)),
     ("smooth vs noisier copy", _smooth(3), Image.fromarray(np.clip(
@@ -422,3 +428,48 @@ def test_chunked_references_equal_single_regenerations(tiny_engine):
     # and each reference belongs to its own request, not a neighbour in the batch
     assert compare(tiny_engine.generate(tiny_engine.resolve(requests[1][0])),
                    refs[0]).similarity < vf.DEFAULT_THRESHOLDS["flux-schnell"]
+
+
+# ----------------------------------------------------------------------------- PSNR floor
+def test_psnr_floor_defaults_and_lookup_order():
+    from niche.validator.verify import DEFAULT_PSNR_FLOOR, DEFAULT_PSNR_FLOORS
+
+    assert DEFAULT_PSNR_FLOOR == 28.0
+    assert DEFAULT_PSNR_FLOORS == {"flux-schnell": 28.0, "kolors": 29.0,
+                                   "kolors/controlnet-canny": 29.0,
+                                   "kolors/controlnet-depth": 29.0, "kolors/ip-adapter": 29.0}
+    assert VerifyConfig().psnr_floors == DEFAULT_PSNR_FLOORS
+    assert VerifyConfig().default_psnr_floor == 28.0
+    cfg = VerifyConfig(psnr_floors={"m": 30.0, "m/ip-adapter": 33.0}, default_psnr_floor=25.0)
+    v = Verifier(SpecEngine(), cfg)
+    assert v.psnr_floor("m", "ip-adapter") == 33.0
+    assert v.psnr_floor("m", PipelineKind.IP_ADAPTER) == 33.0
+    assert v.psnr_floor("m", "txt2img") == 30.0 and v.psnr_floor("m") == 30.0
+    assert v.psnr_floor("other") == 25.0 and isinstance(v.psnr_floor("other"), float)
+    merged = VerifyConfig.with_overrides({}, {"kolors": 20.0, "flux-schnell/txt2img": 31.0})
+    assert merged.psnr_floors["kolors"] == 20.0 and "kolors/ip-adapter" not in merged.psnr_floors
+    assert merged.psnr_floors["flux-schnell"] == 28.0
+    assert merged.psnr_floors["flux-schnell/txt2img"] == 31.0
+    assert VerifyConfig.with_overrides({}).psnr_floors == DEFAULT_PSNR_FLOORS
+
+
+def test_judge_applies_the_floor_exactly_and_says_why():
+    ref = _smooth(2)
+    other = _noisy_copy(ref, 6)
+    c = compare(ref, other)
+    at = Verifier(SpecEngine(), VerifyConfig(thresholds={"m": 0.0}, psnr_floors={"m": c.psnr}))
+    verdict = at.judge("m", ref, other)
+    assert verdict.passed and verdict.reason == "" and verdict.psnr == c.psnr
+    assert verdict.psnr_floor == c.psnr
+    above = Verifier(SpecEngine(), VerifyConfig(thresholds={"m": 0.0},
+                                                psnr_floors={"m": c.psnr + 1e-6}))
+    failed = above.judge("m", ref, other)
+    assert not failed.passed
+    assert failed.reason == f"psnr {c.psnr:.1f} dB < {c.psnr + 1e-6:.1f} dB"
+    both = Verifier(SpecEngine(), VerifyConfig(thresholds={"m": 1.0},
+                                               psnr_floors={"m": 99.0})).judge("m", ref, other)
+    assert both.reason == (f"similarity {c.similarity:.3f} < 1.000; "
+                           f"psnr {c.psnr:.1f} dB < 99.0 dB")
+    broken = at.judge("m", ref, _truncated_png(ref))
+    assert broken.reason == broken.error and broken.reason.startswith("compare failed: ")
+    assert broken.psnr is None and broken.psnr_floor == c.psnr
