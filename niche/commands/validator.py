@@ -147,8 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         chain.metagraph(config.netuid).require(wallet.hotkey.ss58_address, "validator")
         if not config.version_key:
             config.version_key = version_key()
-        engine = engine_from_args(args, config.models)
-        with ValidatorState(config.state_path) as state:
+        with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
+            engine = engine_from_args(args, config.models)
             validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
             return validator.run()
     finally:
