@@ -473,3 +473,15 @@ def test_judge_applies_the_floor_exactly_and_says_why():
     broken = at.judge("m", ref, _truncated_png(ref))
     assert broken.reason == broken.error and broken.reason.startswith("compare failed: ")
     assert broken.psnr is None and broken.psnr_floor == c.psnr
+
+
+def test_judge_uses_the_pipeline_psnr_floor():
+    ref = _smooth(2)
+    other = _noisy_copy(ref, 6)
+    psnr = compare(ref, other).psnr
+    cfg = VerifyConfig(thresholds={"m": 0.0},
+                       psnr_floors={"m": psnr - 1.0, "m/controlnet-canny": psnr + 1.0})
+    v = Verifier(SpecEngine(), cfg)
+    assert v.judge("m", ref, other).passed
+    strict = v.judge("m", ref, other, PipelineKind.CONTROLNET_CANNY)
+    assert not strict.passed and strict.psnr_floor == psnr + 1.0
