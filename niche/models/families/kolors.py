@@ -24,6 +24,11 @@ from niche.models.families.base import (
     recording_callback,
     scheduler_at,
 )
+from niche.models.families.kolors_controlnet import (
+    added_conditioning,
+    control_keep,
+    controlnet_states,
+)
 from niche.protocol import GenerationParams, PipelineKind
 
 if TYPE_CHECKING:
@@ -243,27 +248,18 @@ class KolorsFamily(Family):
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=[prompt], device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=cfg, negative_prompt=[negative_prompt], **encode_kw)
-        time_ids = pipe._get_add_time_ids((params.height, params.width), (0, 0),
-                                          (params.height, params.width), dtype=embeds.dtype,
-                                          text_encoder_projection_dim=int(pooled.shape[-1]))
-        text_embeds = pooled
-        if cfg:
-            embeds = torch.cat([negative, embeds], dim=0)
-            text_embeds = torch.cat([negative_pooled, text_embeds], dim=0)
-            time_ids = torch.cat([time_ids, time_ids], dim=0)
-        added: dict[str, Any] = {"text_embeds": text_embeds.to(device),
-                                 "time_ids": time_ids.to(device).repeat(1, 1)}
-        ctx = KolorsStepContext(kind, cfg, embeds.to(device), added, self._schedule(params))
+        width, height = params.size
+        embeds, conditioning = added_conditioning(pipe, height, width, embeds, negative, pooled,
+                                                  negative_pooled, cfg, 1, device)
+        added: dict[str, Any] = dict(conditioning)
+        ctx = KolorsStepContext(kind, cfg, embeds, added, self._schedule(params))
         if kind in CONTROLNETS:
             controlnet = pipe.controlnet
             ctx.control = pipe.prepare_control_image(image, params.width, params.height, 1,
                                                      device, controlnet.dtype, cfg)
-            ctx.controlnet_states = ctx.prompt_embeds
-            if getattr(controlnet, "encoder_hid_proj", None) is not None:
-                ctx.controlnet_states = controlnet.encoder_hid_proj(
-                    ctx.prompt_embeds.to(controlnet.dtype))
-            n, end = len(ctx.scheduler.timesteps), self.spec.defaults.control_guidance_end
-            ctx.keep = [1.0 - float(i / n < 0.0 or (i + 1) / n > end) for i in range(n)]
+            ctx.controlnet_states = controlnet_states(controlnet, ctx.prompt_embeds)
+            ctx.keep = control_keep(len(ctx.scheduler.timesteps), 0.0,
+                                    self.spec.defaults.control_guidance_end)
         elif kind is PipelineKind.IP_ADAPTER:
             self._set_mode("ip")
             try:

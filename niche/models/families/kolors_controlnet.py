@@ -24,6 +24,38 @@ from diffusers.pipelines.kolors.pipeline_kolors import retrieve_timesteps
 from diffusers.pipelines.kolors.pipeline_output import KolorsPipelineOutput
 
 
+def control_keep(n: int, start: float, end: float) -> list[float]:
+    """1 for the steps of an n-step schedule the ControlNet applies to, 0 for the others."""
+    return [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
+
+
+def added_conditioning(pipe: KolorsPipeline, height: int, width: int,
+                       prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None,
+                       pooled: torch.Tensor, negative_pooled: torch.Tensor | None, cfg: bool,
+                       batch_size: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The UNet's text states and SDXL-style added conditioning (pooled text, time ids),
+    batched [uncond, cond] under guidance, as KolorsPipeline builds them. The ControlNet
+    pipeline and the step check's recomputation both use it, so they condition alike."""
+    add_time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width),
+                                          dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=int(pooled.shape[-1]))
+    add_text_embeds = pooled
+    if cfg:
+        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+        add_text_embeds = torch.cat([negative_pooled, add_text_embeds], dim=0)
+        add_time_ids = torch.cat([add_time_ids, add_time_ids], dim=0)
+    return prompt_embeds.to(device), {"text_embeds": add_text_embeds.to(device),
+                                      "time_ids": add_time_ids.to(device).repeat(batch_size, 1)}
+
+
+def controlnet_states(controlnet: ControlNetModel, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """The ControlNet sees ChatGLM states through its own projection (Kolors' text_proj),
+    which ControlNetModel.forward does not apply."""
+    if getattr(controlnet, "encoder_hid_proj", None) is not None:
+        return controlnet.encoder_hid_proj(prompt_embeds.to(controlnet.dtype))
+    return prompt_embeds
+
+
 class KolorsControlNetPipeline(KolorsPipeline):
     """Kolors text-to-image guided by one ControlNet (canny edges or a depth map).
 
@@ -154,27 +186,13 @@ class KolorsControlNetPipeline(KolorsPipeline):
 
         # 5. Which steps the ControlNet applies to.
         n = len(timesteps)
-        keep = [1.0 - float(i / n < control_guidance_start or (i + 1) / n > control_guidance_end)
-                for i in range(n)]
+        keep = control_keep(n, control_guidance_start, control_guidance_end)
 
         # 6. SDXL-style added conditioning (pooled text, time ids), batched [uncond, cond].
-        add_time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width),
-                                              dtype=prompt_embeds.dtype,
-                                              text_encoder_projection_dim=int(pooled.shape[-1]))
-        add_text_embeds = pooled
-        if cfg:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
-            add_text_embeds = torch.cat([negative_pooled, add_text_embeds], dim=0)
-            add_time_ids = torch.cat([add_time_ids, add_time_ids], dim=0)
-        prompt_embeds = prompt_embeds.to(device)
-        add_text_embeds = add_text_embeds.to(device)
-        add_time_ids = add_time_ids.to(device).repeat(batch_size, 1)
-        added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
-        # The ControlNet sees ChatGLM states through its own projection (Kolors' text_proj).
-        controlnet_states = prompt_embeds
-        if getattr(self.controlnet, "encoder_hid_proj", None) is not None:
-            controlnet_states = self.controlnet.encoder_hid_proj(
-                prompt_embeds.to(self.controlnet.dtype))
+        prompt_embeds, added_cond_kwargs = added_conditioning(
+            self, height, width, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled,
+            cfg, batch_size, device)
+        control_states = controlnet_states(self.controlnet, prompt_embeds)
 
         # 7. Denoising loop: ControlNet residuals, UNet, guidance, scheduler step, callback.
         self._num_timesteps = n
@@ -186,7 +204,7 @@ class KolorsControlNetPipeline(KolorsPipeline):
                 cond_scale = controlnet_conditioning_scale * keep[i]
                 if cond_scale != 0.0:
                     down_res, mid_res = self.controlnet(
-                        model_input, t, encoder_hidden_states=controlnet_states,
+                        model_input, t, encoder_hidden_states=control_states,
                         controlnet_cond=control, conditioning_scale=cond_scale,
                         added_cond_kwargs=added_cond_kwargs, return_dict=False,
                     )
@@ -203,14 +221,18 @@ class KolorsControlNetPipeline(KolorsPipeline):
                                               return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                               "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids}
+                               "add_text_embeds": added_cond_kwargs["text_embeds"],
+                               "add_time_ids": added_cond_kwargs["time_ids"]}
                     outputs = callback_on_step_end(
                         self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                     latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    add_text_embeds = outputs.pop("add_text_embeds", add_text_embeds)
-                    add_time_ids = outputs.pop("add_time_ids", add_time_ids)
-                    added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+                    if "prompt_embeds" in outputs:  # the ControlNet's projection follows it
+                        prompt_embeds = outputs.pop("prompt_embeds")
+                        control_states = controlnet_states(self.controlnet, prompt_embeds)
+                    added_cond_kwargs = {
+                        "text_embeds": outputs.pop("add_text_embeds",
+                                                   added_cond_kwargs["text_embeds"]),
+                        "time_ids": outputs.pop("add_time_ids", added_cond_kwargs["time_ids"])}
                 progress_bar.update()
 
         # 8. Decode the latents (upcasting a float16 VAE that asks for it).
