@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
 from niche.devnet import step_cheats
+from niche.devnet.pictures import shapes_picture as picture
 from niche.models.engine import Engine
 from niche.protocol import GenerationParams
 from niche.validator.steps import StepChecker, StepThresholds, choose_steps, step_error
@@ -41,15 +41,6 @@ HONEST = ["float32-2threads", "bfloat16", "float16"]
 CHEATS = ["other-prompt", "other-seed", "fewer-dup", "fewer-resample", "no-cfg", "reused-pred"]
 
 
-def picture(seed: int, size=(96, 80)) -> PIL.Image.Image:
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, 128.0)], -1)
-    for _ in range(4):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(6, 20)
-        arr[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    return PIL.Image.fromarray(arr.astype(np.uint8))
 
 
 def errors(validator: Engine, params: GenerationParams, image, chain: dict) -> list[float]:

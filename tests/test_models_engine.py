@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from niche.devnet.pictures import shapes_picture as photo
 from niche.imaging import encode_image as png_bytes
 from niche.protocol import GenerationParams, PipelineKind
 
@@ -15,16 +16,6 @@ ALL = [("flux-schnell", "txt2img"), ("kolors", "txt2img"), ("kolors", "controlne
        ("kolors", "controlnet-depth"), ("kolors", "ip-adapter")]
 
 
-def photo(seed: int, size=(96, 80)) -> PIL.Image.Image:
-    """A structured test picture (shapes on a gradient) so edges and depth are non-trivial."""
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, 128.0)], -1)
-    for _ in range(4):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(6, 20)
-        arr[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    return PIL.Image.fromarray(arr.astype(np.uint8))
 
 
 def pixels(img: PIL.Image.Image) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
-from niche.validator.steps import StepChecker, choose_steps, looser_dtype
+from niche.validator.steps import StepChecker, choose_steps, looser_dtype, states_needed
 from niche.validator.verify import Verifier
 
 if TYPE_CHECKING:
@@ -88,14 +88,6 @@ class AuditResult:
     step_errors: dict[int, float] | None = None
 
 
-def needed_states(steps: Sequence[int], n_steps: int) -> list[int]:
-    """State indices (1..N) that recomputing `steps` and decoding x_N need."""
-    wanted = {n_steps}
-    for k in steps:
-        wanted.update(i for i in (k, k + 1) if 1 <= i <= n_steps)
-    return sorted(wanted)
-
-
 class Auditor:
     def __init__(self, engine: ImageEngine, verifier: Verifier, steps: StepChecker,
                  client: MinerClient, config: AuditConfig | None = None):
@@ -118,7 +110,7 @@ class Auditor:
             plans.append(choose_steps(draw, n, k=k) if n else [])
         fetches = await asyncio.gather(*[
             self.client.fetch_states(target, challenge.request_id, result.response.states,
-                                     needed_states(plan, len(result.response.states.sha256)),
+                                     states_needed(plan, len(result.response.states.sha256)),
                                      timeout=self.config.fetch_timeout)
             for (challenge, result, target), plan in zip(items, plans, strict=True)
             if result.response is not None and result.response.states is not None])

@@ -121,6 +121,15 @@ class StepVerdict:
     reason: str
 
 
+def states_needed(steps: Sequence[int], n_steps: int, decode: bool = True) -> list[int]:
+    """Claimed state indices (1..N) that recomputing `steps` needs (x_k and x_k+1; x_0 is
+    the validator's own), plus x_N when the final state is decoded against the image."""
+    wanted = {n_steps} if decode else set()
+    for k in steps:
+        wanted.update(i for i in (k, k + 1) if 1 <= i <= n_steps)
+    return sorted(wanted)
+
+
 def looser_dtype(a: str, b: str) -> str:
     """The dtype whose numeric noise bounds a comparison of an `a` computation with a `b`
     one: a float32 miner checked by a bfloat16 validator is as noisy as the reverse."""
@@ -180,9 +189,7 @@ class StepChecker:
         thresholds = {k: max(self.thresholds.threshold(full.model, pipeline, d, k, n)
                              for d in dtypes) for k in wanted}
         shape = self.engine.state_shape(full)
-        needed = sorted({i for k in wanted for i in (k, k + 1) if i > 0}
-                        | ({n} if answer is not None else set()))
-        for i in needed:
+        for i in states_needed(wanted, n, decode=answer is not None):
             if i not in claimed:
                 return StepVerdict(False, {}, thresholds, f"state {i} missing")
             bad = _bad_state(claimed[i], shape)
