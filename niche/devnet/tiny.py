@@ -223,7 +223,10 @@ FLUX_CLIP_DIM = 32
 FLUX_LATENT_CHANNELS = 4
 
 
-def flux_transformer() -> torch.nn.Module:
+def flux_transformer(num_layers: int = 2, num_single_layers: int = 2,
+                     guidance_embeds: bool = False) -> torch.nn.Module:
+    """schnell's by default; dev: the same with the guidance embedder; mini: 1 + 2 blocks
+    (Flux-mini's 5 + 10 against dev's 19 + 38: half as many double as single blocks)."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
@@ -232,13 +235,13 @@ def flux_transformer() -> torch.nn.Module:
         # two double-stream and two single-stream blocks, 64 wide: the smallest size measured
         # to learn layouts as well as colours (one block of each at 32 wide drew only colour
         # texture however long it trained; docs/tiny-models.md)
-        num_layers=2,
-        num_single_layers=2,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=4,
         joint_attention_dim=FLUX_T5_DIM,
         pooled_projection_dim=FLUX_CLIP_DIM,
-        guidance_embeds=False,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
 
@@ -317,16 +320,52 @@ def flux_scheduler():
     )
 
 
-def build_flux(out: Path) -> None:
+FLUX_VARIANTS: dict[str, dict] = {
+    "flux-schnell": {},
+    "flux-dev": {"guidance_embeds": True},
+    "flux-mini": {"guidance_embeds": True, "num_layers": 1, "num_single_layers": 2},
+}
+"""Transformer shapes per FLUX model; dev and mini share schnell's text encoders and VAE."""
+GUIDANCE_GAIN = 0.1
+
+
+def _from_schnell(transformer: torch.nn.Module) -> None:
+    """dev/mini start from schnell's trained tiny transformer where names and shapes match
+    (mini: its first blocks), so their pictures have layouts; the guidance embedder stays
+    random, its output scaled down so that guidance steers without drowning the timestep."""
+    trained = _trained_weights("flux-schnell", "transformer")
+    if trained is not None:
+        from safetensors.torch import load_file
+
+        own = transformer.state_dict()
+        for key, value in load_file(str(trained)).items():
+            if key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+    guidance = getattr(transformer.time_text_embed, "guidance_embedder", None)
+    if guidance is not None:
+        guidance.linear_2.weight.mul_(GUIDANCE_GAIN)
+        guidance.linear_2.bias.mul_(GUIDANCE_GAIN)
+
+
+def build_flux(out: Path, model: str = "flux-schnell") -> None:
+    """One tiny FLUX model (FLUX_VARIANTS), its diffusers folder plus, beside it in
+    `<model>-files/`, the same weights as single files (niche/devnet/flux_files.py)."""
     from diffusers import FluxPipeline
     from transformers import CLIPTokenizer, T5Tokenizer
+
+    from niche.devnet.flux_files import write_single_files
 
     tmp = out / "_tok"
     build_clip_tokenizer(tmp / "tokenizer")
     build_t5_tokenizer(tmp / "tokenizer_2")
     clip_tok = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
     t5_tok = T5Tokenizer.from_pretrained(str(tmp / "tokenizer_2"))
-    m = "flux-schnell"
+    m = "flux-schnell"  # shared components: schnell's (trained) weights for every variant
+    shape = FLUX_VARIANTS[model]
+    transformer = (_finish(_no_global_rng(flux_transformer), m, "transformer")
+                   if model == m else
+                   _finish(_no_global_rng(lambda: flux_transformer(**shape)), model,
+                           "transformer", adjust=_from_schnell))
     pipe = FluxPipeline(
         scheduler=flux_scheduler(),
         vae=_finish(_no_global_rng(flux_vae), m, "vae"),
@@ -335,16 +374,20 @@ def build_flux(out: Path) -> None:
         tokenizer=clip_tok,
         text_encoder_2=_finish(_no_global_rng(lambda: flux_t5(len(t5_tok))), m, "text_encoder_2"),
         tokenizer_2=t5_tok,
-        transformer=_finish(_no_global_rng(flux_transformer), m, "transformer"),
+        transformer=transformer,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
     shutil.rmtree(tmp)
+    guided = bool(shape.get("guidance_embeds"))
     _write_overrides(out, {
         "cpu_threads": 1,
-        "defaults": {"steps": 4, "guidance": 0.0, "width": 64, "height": 64,
-                     "max_sequence_length": 64},
-        "limits": {"min_size": 32, "max_size": 128, "max_steps": 8},
+        # dev/mini: 6 steps at guidance 3.5 (production: 28 steps)
+        "defaults": {"steps": 6 if guided else 4, "guidance": 3.5 if guided else 0.0,
+                     "width": 64, "height": 64, "max_sequence_length": 64},
+        "limits": {"min_size": 32, "max_size": 128, "min_steps": 1,
+                   "max_steps": 12 if guided else 8},
     })
+    write_single_files(out, out.parent / f"{model}-files", model)
 
 
 # --------------------------------------------------------------------------- kolors components
@@ -646,7 +689,12 @@ def _write_overrides(out: Path, data: dict) -> None:
     (out / "niche_model.yaml").write_text(text + yaml.safe_dump(data, sort_keys=True))
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"flux-schnell": build_flux, "kolors": build_kolors}
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "flux-schnell": build_flux,
+    "flux-dev": lambda out: build_flux(out, "flux-dev"),
+    "flux-mini": lambda out: build_flux(out, "flux-mini"),
+    "kolors": build_kolors,
+}
 
 
 def build_tiny_models(out: Path, models: list[str] | None = None, scale: str = "tiny") -> Path:

@@ -40,14 +40,15 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def cast_inputs_to_own_dtype(module: torch.nn.Module) -> None:
+def cast_inputs_to_own_dtype(module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
     """Floating inputs are cast to the module's dtype (looked up per call: the VAE may be
     upcast by the pipeline). Scalars and per-sample vectors (timesteps, guidance) keep their
     dtype, as diffusers passes them: the models embed them in float32 themselves, and a
-    bfloat16 timestep of 823 would be 824."""
+    bfloat16 timestep of 823 would be 824. `dtype`: a fixed compute dtype, for weights
+    stored in another one (float8, GGUF bytes) and cast per layer."""
     def pre_hook(mod, args, kwargs):
-        dtype = _module_dtype(mod)
-        return _cast(args, dtype, min_ndim=2), _cast(kwargs, dtype, min_ndim=2)
+        target = dtype or _module_dtype(mod)
+        return _cast(args, target, min_ndim=2), _cast(kwargs, target, min_ndim=2)
 
     module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
@@ -60,13 +61,14 @@ def return_float32(module: torch.nn.Module) -> None:
 
 
 def float32_sampling(denoiser: torch.nn.Module, vae: torch.nn.Module,
-                     side_networks: Sequence[torch.nn.Module] = ()) -> None:
+                     side_networks: Sequence[torch.nn.Module] = (),
+                     denoiser_dtype: torch.dtype | None = None) -> None:
     """Install the casts on one pipeline's networks (once, when the family loads them).
 
     ``side_networks`` (ControlNets) feed the denoiser: they only need their inputs cast, their
     residuals go through the denoiser's own input cast."""
     for module in (denoiser, *side_networks):
-        cast_inputs_to_own_dtype(module)
+        cast_inputs_to_own_dtype(module, denoiser_dtype)
     return_float32(denoiser)
     for part in (getattr(vae, "post_quant_conv", None), vae.decoder):
         if part is not None:

@@ -24,6 +24,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 MEMORY_MODES = ("gpu", "model-offload", "sequential-offload")
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs"]
+Quant = Literal["none", "fp8", "gguf-q8", "gguf-q4"]
+QUANTS = ("none", "fp8", "gguf-q8", "gguf-q4")
+"""How the denoiser's weights are stored (docs/models.md "Quantized variants"): none (the
+engine dtype), fp8 (float8_e4m3fn storage, compute in the engine dtype), GGUF Q8_0 / Q4
+transformer files (diffusers' GGUF support). Compute is always the engine dtype."""
 
 
 class _Cfg(BaseModel):
@@ -31,9 +36,12 @@ class _Cfg(BaseModel):
 
 
 class ComponentSource(_Cfg):
-    """One loadable piece: a hub repository, or `local` relative to the model's folder."""
+    """One loadable piece: a hub repository, or `local` relative to the model's folder, or
+    (FLUX transformer, vae, text_encoder, text_encoder_2) one single `file` (relative to the
+    model's folder or absolute; niche/models/single_file.py)."""
 
-    hub: str
+    hub: str | None = None
+    file: str | None = None
     local: str = "."
     variant: str | None = None
     revision: str | None = None
@@ -82,6 +90,12 @@ class ModelSpec(_Cfg):
     defaults: Defaults
     limits: Limits = Limits()
     verify_threshold: float | None = None  # validator's similarity bar; None: its default
+    quant: Quant = "none"  # the denoiser's weight storage (QUANTS)
+    text_encoder_quant: Literal["none", "fp8"] = "none"  # T5 weights in float8_e4m3fn
+    # The precision the validator recomputes with, a subnet parameter: a miner's variant
+    # must verify against it (niche/models/variants.py, docs/scoring.md).
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    reference_quant: Quant = "none"
 
     def component(self, key: str) -> ComponentSource:
         try:

@@ -63,6 +63,9 @@ class Family(ABC):
             if not path.exists():
                 raise ConfigError(f"model {self.spec.name}: {path} missing (component {key})")
             return str(path), {"local_files_only": True}
+        if comp.hub is None:
+            raise ConfigError(f"model {self.spec.name}: component {key} has no hub id; give "
+                              "a model folder (--model-path or --model-dir)")
         kwargs: dict[str, Any] = {"local_files_only": self.local_files_only}
         if comp.revision:
             kwargs["revision"] = comp.revision
@@ -141,7 +144,8 @@ class Family(ABC):
         if self.dtype != torch.float32:
             from niche.models.precision import float32_sampling
 
-            float32_sampling(denoiser, vae, list(side_networks))
+            # the engine dtype, not the first parameter's: fp8 / GGUF storage computes in it
+            float32_sampling(denoiser, vae, list(side_networks), denoiser_dtype=self.dtype)
 
     # ------------------------------------------------------------------ the interface
     @abstractmethod

@@ -1,8 +1,13 @@
-"""FLUX.1-schnell text-to-image through diffusers' FluxPipeline."""
+"""FLUX.1 text-to-image through diffusers' FluxPipeline: schnell, dev and Flux-mini (dev
+and mini are guidance-distilled: the transformer embeds the guidance scale, no negative
+branch). Components may come from single files (niche/models/single_file.py) and the
+transformer may be stored in fp8 or GGUF (the spec's `quant`)."""
 from __future__ import annotations
 
+import logging
 from copy import deepcopy
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -17,6 +22,8 @@ from niche.models.families.base import (
 )
 from niche.protocol import GenerationParams
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class FluxStepContext:
@@ -29,13 +36,50 @@ class FluxStepContext:
 
 
 class FluxFamily(Family):
-    uses_negative_prompt = False  # schnell is guidance-distilled: no negative branch
+    uses_negative_prompt = False  # guidance-distilled (schnell, dev, mini): no negative branch
+
     def load(self) -> None:
         from diffusers import FluxPipeline
 
         path, kwargs = self.source("base")
-        self.pipe = FluxPipeline.from_pretrained(path, dtype=self.dtype, **kwargs)
+        parts = self.single_file_parts()
+        if self.spec.quant.startswith("gguf") and "transformer" not in parts:
+            from niche.errors import ConfigError
+
+            raise ConfigError(f"model {self.spec.name}: quant {self.spec.quant} needs a .gguf "
+                              "transformer file (components.transformer.file or one in the "
+                              "model folder)")
+        self.pipe = FluxPipeline.from_pretrained(path, dtype=self.dtype, **kwargs, **parts)
+        self.apply_quant()
         self.prepare()
+
+    def single_file_parts(self) -> dict[str, torch.nn.Module]:
+        """The components that come from single files, loaded (the rest from the folder)."""
+        from niche.models import single_file as sf
+
+        files = sf.component_files(self.spec, self.folder)
+        if not files:
+            return {}
+        base = self.folder or Path(".")
+        parts: dict[str, torch.nn.Module] = {}
+        for key, path in files.items():
+            if key == sf.TRANSFORMER:
+                parts[key] = sf.load_transformer(path, base, self.dtype, self.spec.quant)
+            elif key == sf.VAE:
+                parts[key] = sf.load_vae(path, base, self.dtype)
+            else:
+                parts[key] = sf.load_text_encoder(key, path, base, self.dtype)
+            log.info("%s: %s from %s", self.spec.name, key, path)
+        return parts
+
+    def apply_quant(self) -> None:
+        """fp8 storage for the transformer (`quant: fp8`) and T5 (`text_encoder_quant`)."""
+        from niche.models.quant import store_in_fp8
+
+        if self.spec.quant == "fp8":
+            store_in_fp8(self.pipe.transformer, self.dtype)
+        if self.spec.text_encoder_quant == "fp8":
+            store_in_fp8(self.pipe.text_encoder_2, self.dtype)
 
     def prepare(self) -> None:
         """Everything after the weights are in `self.pipe` (bench/gpu.py builds them itself)."""
