@@ -46,6 +46,11 @@ def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | N
                        help="torch CPU threads (default: the checkpoint's hint, else "
                             "min(4, cores)); miners and validators must agree on CPU")
     group.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
+    group.add_argument("--quant", dest="quants", action="append", default=[],
+                       metavar="MODEL=QUANT",
+                       help="a FLUX model's weight storage: none, fp8, gguf-q8, gguf-q4, "
+                            "optionally +t5-fp8 (repeatable; default: the model's YAML "
+                            "`quant`; docs/models.md)")
     group.add_argument("--engine.fast", dest="engine_fast", default=None,
                        action=argparse.BooleanOptionalAction,
                        help="CUDA fast path: channels_last VAE, fused QKV, SDPA, torch.compile "
@@ -61,6 +66,18 @@ def model_dirs_from_args(args: argparse.Namespace) -> dict[str, Path]:
             raise ConfigError(f"--model-dir: expected MODEL=PATH, got {item!r}")
         dirs[model] = Path(path).expanduser()
     return dirs
+
+
+def quants_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """`--quant MODEL=QUANT` pairs as a mapping; a malformed pair is a one-line error."""
+    quants: dict[str, str] = {}
+    for item in getattr(args, "quants", None) or ():
+        model, sep, quant = item.partition("=")
+        if not sep or not model or not quant:
+            raise ConfigError(f"--quant: expected MODEL=QUANT (e.g. flux-dev=gguf-q8), "
+                              f"got {item!r}")
+        quants[model] = quant
+    return quants
 
 
 def model_root_from_args(args: argparse.Namespace) -> Path | None:
@@ -81,7 +98,12 @@ def engine_from_args(args: argparse.Namespace, models: Sequence[str], *,
     unknown = sorted(set(dirs) - set(models))
     if unknown:
         raise ConfigError(f"--model-dir names models that are not loaded: {unknown}")
+    quants = quants_from_args(args)
+    unknown = sorted(set(quants) - set(models))
+    if unknown:
+        raise ConfigError(f"--quant names models that are not loaded: {unknown}")
     return Engine(models=list(models), model_root=model_root_from_args(args),
                   model_paths=dirs or None, device=args.device, dtype=dtype or args.dtype,
                   memory_mode=memory_mode or args.memory_mode,  # type: ignore[arg-type]
-                  num_threads=args.num_threads, fast=getattr(args, "engine_fast", None))
+                  num_threads=args.num_threads, fast=getattr(args, "engine_fast", None),
+                  quant=quants or None)

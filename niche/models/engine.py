@@ -21,7 +21,14 @@ import torch
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
-from niche.models.spec import DTYPES, MEMORY_MODES, MemoryMode, ModelSpec, load_spec
+from niche.models.spec import (
+    DTYPES,
+    MEMORY_MODES,
+    MemoryMode,
+    ModelSpec,
+    load_spec,
+    with_quant,
+)
 from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,8 @@ class Engine:
     """Loads the given models once and generates images from GenerationParams.
 
     `fast` (None: each model's YAML `fast`) turns on the CUDA fast path in the families'
-    load (channels_last VAE, fused QKV, SDPA, torch.compile); on CPU it changes nothing."""
+    load (channels_last VAE, fused QKV, SDPA, torch.compile); on CPU it changes nothing.
+    `quant` {model: variant} overrides a model's YAML weight storage (spec.with_quant)."""
 
     def __init__(
         self,
@@ -100,6 +108,7 @@ class Engine:
         fuse_batches: bool = False,
         pipelines: Mapping[str, Sequence[str]] | None = None,
         fast: bool | None = None,
+        quant: Mapping[str, str] | None = None,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -123,6 +132,8 @@ class Engine:
             spec = load_spec(name, config_dir, folder)
             if pipelines and name in pipelines:
                 spec = _restrict(spec, pipelines[name])
+            if quant and name in quant:  # weight storage (FLUX: fp8, GGUF; spec.with_quant)
+                spec = with_quant(spec, quant[name])
             self._specs[name] = spec
         hints = [s.cpu_threads for s in self._specs.values() if s.cpu_threads]
         self.num_threads = num_threads or default_threads(min(hints) if hints else None)

@@ -143,3 +143,28 @@ def load_spec(name: str, directory: Path | None = None,
         return ModelSpec.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+T5_FP8 = "+t5-fp8"
+
+
+def with_quant(spec: ModelSpec, variant: str) -> ModelSpec:
+    """`spec` with the weight storage of `variant`: QUANT or QUANT+t5-fp8 (e.g. gguf-q8,
+    none+t5-fp8), as `--quant MODEL=VARIANT` and the variants table name them."""
+    quant, t5 = (variant[: -len(T5_FP8)], "fp8") if variant.endswith(T5_FP8) else (variant, None)
+    if quant not in QUANTS:
+        raise ConfigError(f"quant {variant!r} for {spec.name}: expected one of "
+                          f"{', '.join(QUANTS)}, optionally followed by {T5_FP8}")
+    if spec.family != "flux" and variant != "none":
+        raise ConfigError(f"quant {variant!r}: {spec.name} serves no quantized variants "
+                          "(FLUX models only)")
+    update: dict = {"quant": quant}
+    if t5:
+        update["text_encoder_quant"] = t5
+    return spec.model_copy(update=update)
+
+
+def variant_name(spec: ModelSpec) -> str:
+    """The name `with_quant` reads back (what the miner's refusal and the table say)."""
+    return spec.quant + (T5_FP8 if spec.text_encoder_quant == "fp8" else "")
+

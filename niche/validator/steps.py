@@ -72,8 +72,13 @@ _KOLORS = (  # the four Kolors pipelines measured alike (docs/step-check.md)
     Band(0.875, float32=5.2e-3, bfloat16=9.3e-2, float16=2.1e-2),
     Band(1.0, float32=9.2e-3, bfloat16=1.8e-1, float16=3.7e-2),
 )
+_FLUX = (Band(1.0, float32=1.75e-3, bfloat16=4.0e-2, float16=7e-3),)
 DEFAULT_STEP_BANDS: dict[str, tuple[Band, ...]] = {
-    "flux-schnell": (Band(1.0, float32=1.75e-3, bfloat16=4.0e-2, float16=7e-3),),
+    "flux-schnell": _FLUX,
+    # dev and mini (guidance-distilled, 6 tiny steps): schnell's band, not recalibrated on
+    # their own checkpoints; bench/variants.py measures them against it (docs/scoring.md)
+    "flux-dev": _FLUX,
+    "flux-mini": _FLUX,
     "kolors": _KOLORS,
 }
 """Calibrated on the tiny checkpoints (bench/calibrate_steps.py; FLUX 4 steps, Kolors 8)

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.99
 DEFAULT_THRESHOLDS = {
     "flux-schnell": 0.956,
+    "flux-dev": 0.956,   # schnell's (same VAE and family), not recalibrated
+    "flux-mini": 0.956,
     "kolors": 0.971,
     "kolors/controlnet-canny": 0.975,
     "kolors/controlnet-depth": 0.980,
@@ -68,6 +70,8 @@ DEFAULT_PSNR_FLOOR = 28.0
 """For a model without a calibrated floor: under the lowest honest figure measured so far."""
 DEFAULT_PSNR_FLOORS = {
     "flux-schnell": 28.0,
+    "flux-dev": 28.0,
+    "flux-mini": 28.0,
     "kolors": 29.0,
     "kolors/controlnet-canny": 29.0,
     "kolors/controlnet-depth": 29.0,
