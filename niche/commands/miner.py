@@ -125,9 +125,18 @@ def _run(args: argparse.Namespace) -> int:
     # Cheap checks first: registration and the port, before minutes of model loading.
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
     bind_socket(args.axon_ip, args.axon_port).close()
-    from niche.commands.engine_args import engine_from_args
+    from niche.commands.engine_args import (
+        engine_from_args,
+        model_dirs_from_args,
+        model_root_from_args,
+        quants_from_args,
+    )
     from niche.models.engine import ImageEngine, resolve_device
+    from niche.models.variants import check_models
 
+    # a quantized variant that does not verify at its model's reference is refused here
+    check_models(args.models, model_root_from_args(args), model_dirs_from_args(args),
+                 quants_from_args(args))
     log.info("loading %s on %s", ", ".join(args.models), resolve_device(args.device))
     engine: ImageEngine = engine_from_args(args, args.models)
     if args.localnet_cheat:

@@ -77,3 +77,18 @@ def check_variant(spec: ModelSpec, table: dict | None = None) -> VariantResult |
                           f"{reference} reference: {why} (docs/scoring.md \"Variants\"); "
                           "serve another --quant")
     return result
+
+
+def check_models(models: list[str], model_root: Path | None = None,
+                 model_paths: dict[str, Path] | None = None,
+                 quants: dict[str, str] | None = None) -> None:
+    """`check_variant` for each model as the engine would load it (its YAML, the folder's
+    overrides, `--quant`), before any weights are read: what the miner runs at start-up."""
+    from niche.models.spec import load_spec, with_quant
+
+    for name in models:
+        folder = (model_paths or {}).get(name) or (model_root / name if model_root else None)
+        spec = load_spec(name, model_dir=folder)
+        if quants and name in quants:
+            spec = with_quant(spec, quants[name])
+        check_variant(spec)
