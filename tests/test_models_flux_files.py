@@ -186,7 +186,7 @@ def test_localnet_serves_and_scores_flux_dev_and_flux_mini(tmp_path, tiny_root):
                           capture_output=True, text=True, env=env, timeout=500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    rows = {m.group(1): (m.group(2), int(m.group(3)), float(m.group(4)))
+    rows = {m.group(1): (int(m.group(2)), int(m.group(3)), float(m.group(4)))
             for m in re.finditer(r"^\s*\d+\s+miner\d\s+\S+\s+(flux-\w+)\s+honest\s+(\d)/(\d)\s+"
                                  r"\S+\s+[\d.]+\s+([\d.]+)", out, re.M)}
     assert set(rows) == {"flux-dev", "flux-mini"}, out

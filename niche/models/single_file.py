@@ -351,7 +351,8 @@ def load_text_encoder(component: str, path: Path, folder: Path, dtype: torch.dty
     _config(component, path, folder)
     try:
         with safe_open(str(path), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape())
+                      for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # noqa: BLE001
         raise _fail(component, path, f"not a readable safetensors file ({exc})") from exc
     cfg = AutoConfig.from_pretrained(str(folder / component), local_files_only=True)
