@@ -111,3 +111,12 @@ def test_cheat_flag_is_localnet_only(net, capsys):
     assert "only runs on --subtensor.network localnet" in capsys.readouterr().err
     assert main(argv(net, "miner", free_port(), "--localnet.cheat", "nonsense")) == 2
     assert "choose from" in capsys.readouterr().err
+
+
+def test_a_variant_that_does_not_verify_refuses_to_start(net, capsys):
+    assert main(argv(net, "miner", free_port(), "--model", "flux-schnell",
+                     "--quant", "flux-schnell=gguf-q4")) == 2  # a ConfigError
+    err = capsys.readouterr().err.strip()
+    assert "flux-schnell with gguf-q4 does not verify against the bf16 reference: " \
+           "similarity" in err and "threshold 0.956" in err
+    assert len(err.splitlines()) == 1

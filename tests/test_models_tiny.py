@@ -26,7 +26,8 @@ def test_build_twice_gives_identical_files(tiny_root, tmp_path, capsys):
 
 def test_small_and_in_the_hub_layout(tiny_root):
     total = sum(len(b) for b in files(tiny_root).values())
-    assert total < 10 * 1024 * 1024, f"tiny build is {total} bytes"
+    # three FLUX models (each also as single files in <model>-files/, ~3 MB a folder) + Kolors
+    assert total < 24 * 1024 * 1024, f"tiny build is {total} bytes"
     flux = json.loads((tiny_root / "flux-schnell/model_index.json").read_text())
     assert flux["_class_name"] == "FluxPipeline"
     assert flux["transformer"] == ["diffusers", "FluxTransformer2DModel"]

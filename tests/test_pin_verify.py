@@ -227,6 +227,7 @@ def test_ssim_of_a_constant_shift():
 def test_calibrated_thresholds_are_pinned():
     assert vf.DEFAULT_THRESHOLD == 0.99
     assert vf.DEFAULT_THRESHOLDS == {"flux-schnell": 0.956, "kolors": 0.971,
+                                     "flux-dev": 0.956, "flux-mini": 0.956,
                                      "kolors/controlnet-canny": 0.975,
                                      "kolors/controlnet-depth": 0.980,
                                      "kolors/ip-adapter": 0.972}
@@ -436,6 +437,7 @@ def test_psnr_floor_defaults_and_lookup_order():
 
     assert DEFAULT_PSNR_FLOOR == 28.0
     assert DEFAULT_PSNR_FLOORS == {"flux-schnell": 28.0, "kolors": 29.0,
+                                   "flux-dev": 28.0, "flux-mini": 28.0,
                                    "kolors/controlnet-canny": 29.0,
                                    "kolors/controlnet-depth": 29.0, "kolors/ip-adapter": 29.0}
     assert VerifyConfig().psnr_floors == DEFAULT_PSNR_FLOORS
