@@ -33,7 +33,8 @@ from niche.models.engine import Engine
 from niche.protocol import GenerationParams
 from niche.validator.steps import StepChecker, StepThresholds, choose_steps, step_error
 
-PIPELINES = [("flux-schnell", "txt2img"), ("kolors", "txt2img"), ("kolors", "controlnet-canny"),
+PIPELINES = [("flux-schnell", "txt2img"), ("flux-dev", "txt2img"), ("flux-mini", "txt2img"),
+             ("kolors", "txt2img"), ("kolors", "controlnet-canny"),
              ("kolors", "controlnet-depth"), ("kolors", "ip-adapter")]
 PROMPTS = ["a photo of a cat sitting on a red chair", "a lighthouse on a cliff at sunset",
            "a bowl of ramen, studio lighting", "an astronaut riding a horse on the moon"]
@@ -71,8 +72,8 @@ def chains_for(kind: str, validator: Engine, engines: dict[str, Engine], threads
     if kind == "fewer-resample":
         return step_cheats.fewer_steps(validator, params, image, resample=True)
     if kind == "no-cfg":
-        if params.model == "flux-schnell":
-            return None  # schnell has no guidance to drop
+        if params.model.startswith("flux"):
+            return None  # FLUX has no CFG branch to drop (dev/mini embed guidance: no saving)
         return step_cheats.no_cfg(validator, params, image)
     if kind == "reused-pred":
         return step_cheats.reused_prediction(validator, params, image)
@@ -97,13 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=9, help="timing repeats (fastest kept)")
     ap.add_argument("--cost-only", action="store_true", help="skip the error tables")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"])
     args = ap.parse_args(argv)
     root = args.model_path
     if root is None:
         from niche.devnet.tiny import ensure_tiny_models
 
         root = ensure_tiny_models()
-    models = ["flux-schnell", "kolors"]
+    models = list(args.models)
     validator = Engine(models=models, model_root=root, device="cpu", dtype="float32")
     threads = validator.num_threads
     engines = {} if args.cost_only else {
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     thresholds = StepThresholds()
     report: dict = {}
-    for model, pipeline in [] if args.cost_only else PIPELINES:
+    for model, pipeline in [] if args.cost_only else [
+            (m, p) for m, p in PIPELINES if m in models]:
         key = f"{model}/{pipeline}"
         per: dict[str, list[list[float]]] = {}
         n = 0
