@@ -148,6 +148,15 @@ def test_a_variant_that_does_not_verify_is_refused_with_its_figures(tiny_root):
         check_models(["flux-schnell"], tiny_root, quants={"flux-schnell": "gguf-q4"})
     with pytest.raises(ConfigError, match="quant 'q3' for flux-dev: expected one of"):
         check_models(["flux-dev"], tiny_root, quants={"flux-dev": "q3"})
+    from niche.models.spec import load_spec, with_quant
+    from niche.models.variants import check_variant
+
+    fp16_ref = with_quant(load_spec("flux-dev"), "gguf-q8").model_copy(
+        update={"reference_dtype": "float16"})
+    with pytest.raises(ConfigError, match="flux-dev with gguf-q8 was never measured against "
+                       "the fp16 reference"):
+        check_variant(fp16_ref)
+    assert check_variant(load_spec("flux-dev")) is None  # the reference itself
 
 
 @pytest.mark.parametrize("model", ["flux-dev", "flux-mini"])
