@@ -30,7 +30,8 @@ def register(subparsers) -> None:
 
 def add_request_args(p: argparse.ArgumentParser) -> None:
     """The flags that describe one generation request; `niche verify` takes the same."""
-    p.add_argument("--model", required=True, help="model name: flux-schnell, flux-dev, flux-mini or kolors")
+    p.add_argument("--model", required=True,
+                   help="model name: flux-schnell, flux-dev, flux-mini or kolors")
     p.add_argument("--pipeline", default="txt2img", choices=PIPELINES,
                    help="how to draw (default txt2img); the others need --image")
     p.add_argument("--prompt", required=True, help="what to draw")
