@@ -1,0 +1,70 @@
+"""Errors as OpenAI sends them: `{"error": {"message", "type", "param", "code"}}` and the
+status code an OpenAI client maps to its own exception class (400 BadRequestError, 401
+AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx APIStatusError)."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+RATE_LIMIT = "rate_limit_error"
+INSUFFICIENT_QUOTA = "insufficient_quota"
+SERVER_ERROR = "server_error"
+
+
+class GatewayError(Exception):
+    """A refusal with an OpenAI-shaped body; raised anywhere, rendered by one handler."""
+
+    def __init__(self, status: int, message: str, *, type: str = INVALID_REQUEST,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value"
+                ) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+async def gateway_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 list of problems becomes OpenAI's 400 with the first one, in one line."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid" or not loc:
+        message = "the body must be a JSON object (see the OpenAI images API)"
+        param = None
+    elif first.get("type") == "extra_forbidden":
+        message = f"unknown parameter '{param}'"
+    more = len(errors) - 1
+    text = f"{param}: {message}" if param else message
+    return JSONResponse(bad_request(text + (f" (+{more} more)" if more > 0 else ""), param,
+                                    code="invalid_" + ("parameter" if param else "body")
+                                    ).body(), status_code=400)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """404 / 405 from routing, in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
+    message = ("not found: " + request.url.path if exc.status_code == 404
+               else str(exc.detail))
+    return JSONResponse(GatewayError(exc.status_code, message, type=kind).body(),
+                        status_code=exc.status_code)
