@@ -28,6 +28,14 @@ from niche.transport import BodyTooLarge, read_capped
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 
 
+def api_key(request: Request) -> ApiKey:
+    """The caller's key (a dependency: a 401 before the body is read)."""
+    return request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
+
+
+Key = Annotated[ApiKey, Depends(api_key)]
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,12 +52,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.state.gateway = gateway
 
-    def api_key(request: Request) -> ApiKey:
-        return gateway.keys.authenticate(request.headers.get("authorization"))
-
     @app.post("/v1/images/generations")
-    async def generations(request: Request, key: Annotated[ApiKey, Depends(api_key)]
-                          ) -> JSONResponse:
+    async def generations(request: Request, key: Key) -> JSONResponse:
         model = "-"
         try:
             body = await _body(request, gateway.config.max_body_bytes)
@@ -63,7 +67,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return JSONResponse(answer.model_dump(exclude_none=True), headers=headers)
 
     @app.get("/v1/models")
-    async def models(key: Annotated[ApiKey, Depends(api_key)]) -> ModelList:
+    async def models(key: Key) -> ModelList:
         counts = gateway.directory.counts()
         return ModelList(data=[ModelCard(
             id=name, created=0, miners=counts.get(name, 0),
