@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from gateway_support import NETUID, make_chain, running_gateway
+from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
 from niche.devnet.localnet.supervisor import free_port
 
 NICHE = [str(Path(sys.executable).with_name("niche"))]
@@ -102,3 +102,68 @@ def test_killing_the_routed_miner_mid_request_still_delivers(tmp_path, tiny_root
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
         net.chain.close()
+
+
+class Gate(Only):
+    """The tiny engine behind a gate: generations wait until `open` is set (a slow or hung
+    miner), or fail (`broken`: a miner whose GPU errs)."""
+
+    def __init__(self, engine, model: str, broken: bool = False):
+        super().__init__(engine, model)
+        self.open = threading.Event()
+        self.waiting = threading.Event()
+        self.broken = broken
+
+    def generate_with_states(self, params, image=None):
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        self.waiting.set()
+        self.open.wait(60)
+        return self._engine.generate_with_states(params, image)
+
+
+def test_a_slow_miner_is_hedged_and_the_first_good_answer_wins(tmp_path, tiny_engine,
+                                                               tiny_root):
+    net = make_chain(tmp_path, miners=2)
+    slow = Gate(tiny_engine, "flux-schnell")
+    fast = Only(tiny_engine, "flux-schnell")
+    try:
+        with running_miners(net, {"miner1": slow, "miner2": fast}), \
+                running_gateway(net, tiny_root, models=("flux-schnell",),
+                                hedge_after=0.5) as gw:
+            gw.gateway.router.order = lambda model: sorted(  # the slow miner first
+                gw.gateway.directory.serving(model), key=lambda c: c.target.uid)
+            client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
+            item = client.images.generate(model="flux-schnell", prompt="hedged").data[0]
+            assert slow.waiting.is_set()
+            assert item.miner_uid == net.uids["miner2"] and item.attempts == 2
+            metrics = httpx.get(gw.url + "/metrics").text
+            assert 'niche_gateway_hedges_total{model="flux-schnell"} 1.0' in metrics
+    finally:
+        slow.open.set()
+    net.chain.close()
+
+
+def test_deadline_and_all_failed_are_504_and_502(tmp_path, tiny_engine, tiny_root):
+    net = make_chain(tmp_path, miners=2)
+    hung, broken = Gate(tiny_engine, "flux-schnell"), Gate(tiny_engine, "flux-schnell", True)
+    try:
+        with running_miners(net, {"miner1": hung, "miner2": broken}), \
+                running_gateway(net, tiny_root, models=("flux-schnell",)) as gw:
+            client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.images.generate(model="flux-schnell", prompt="x",
+                                       extra_body={"timeout": 2.0})
+            assert caught.value.status_code == 504
+            assert caught.value.body["code"] == "deadline_exceeded"
+            hung.broken = True  # now both fail fast: every miner failed, before the deadline
+            hung.open.set()
+            gw.gateway.router.cooldown = 0.0
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.images.generate(model="flux-schnell", prompt="y")
+            assert caught.value.status_code == 502
+            assert caught.value.body["code"] == "all_miners_failed"
+            assert "http_error" in caught.value.body["message"]
+    finally:
+        hung.open.set()
+    net.chain.close()
