@@ -115,6 +115,8 @@ def test_bad_keys_are_401_in_openai_shape(subnet):
     ({"model": "flux-schnell", "prompt": "x", "n": 5}, "n", "less than or equal to 4"),
     ({"model": "flux-schnell", "prompt": "x", "n": "2"}, "n", "valid integer"),
     ({"model": "flux-schnell", "prompt": 5}, "prompt", "valid string"),
+    ({"model": "flux-schnell", "prompt": "x", "guidance": "5"}, "guidance", "valid number"),
+    ({"model": "flux-schnell", "prompt": "x", "n": 2.5}, "n", "valid integer"),
     ({"model": "flux-schnell", "prompt": "x" * 2001}, "prompt", "at most 2000"),
     ({"model": "flux-schnell", "prompt": ""}, "prompt", "at least 1"),
     ({"model": "flux-schnell", "prompt": "x", "seed": -1}, "seed", "greater than"),
@@ -203,6 +205,9 @@ def test_metrics_and_playground(subnet):
     page = httpx.get(subnet.url + "/")
     assert page.status_code == 200 and 'id="generate"' in page.text
     assert json.loads(httpx.get(subnet.url + "/healthz").text)["miners"] == {"flux-schnell": 2}
+    missing = httpx.get(subnet.url + "/v1/images/edits")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == \
+        "invalid_request_error"
 
 
 def test_conditioning_image_reaches_a_kolors_miner(tmp_path, tiny_engine, tiny_root):

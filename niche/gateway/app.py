@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,7 +17,6 @@ from niche.gateway.errors import (
     bad_request,
     gateway_error_handler,
     http_error_handler,
-    validation_error_handler,
 )
 from niche.gateway.keys import ApiKey
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
@@ -48,7 +46,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="niche gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_exception_handler(GatewayError, gateway_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.state.gateway = gateway
 

@@ -4,7 +4,6 @@ AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx APIStatusError).
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,26 +37,6 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 async def gateway_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422 list of problems becomes OpenAI's 400 with the first one, in one line."""
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid request"))
-    if first.get("type") == "json_invalid" or not loc:
-        message = "the body must be a JSON object (see the OpenAI images API)"
-        param = None
-    elif first.get("type") == "extra_forbidden":
-        message = f"unknown parameter '{param}'"
-    more = len(errors) - 1
-    text = f"{param}: {message}" if param else message
-    return JSONResponse(bad_request(text + (f" (+{more} more)" if more > 0 else ""), param,
-                                    code="invalid_" + ("parameter" if param else "body")
-                                    ).body(), status_code=400)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
