@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from niche import __version__
 
 COMMAND_MODULES = ("models", "generate", "verify", "bench", "chain", "miner", "validator",
-                   "localnet")
+                   "localnet", "gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:

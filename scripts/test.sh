@@ -19,6 +19,8 @@ else
     bash scripts/setup.sh
     PY=.venv/bin/python
 fi
+# The playground's browser test drives Debian's Chromium: install it when missing.
+bash scripts/browser.sh || echo "[test] chromium could not be installed: the browser test fails"
 if [ "${NICHE_COVERAGE:-1}" = "0" ]; then
     exec "$PY" -m pytest "$@"
 fi

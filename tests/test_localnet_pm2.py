@@ -48,7 +48,8 @@ def test_pm2_starts_localnet_until_weights_are_set(tmp_path, tiny_root):
         assert started.returncode == 0, started.stderr + started.stdout
         listing = json.loads(pm2_run("jlist").stdout)
         names = sorted(app["name"] for app in listing)
-        assert names == ["localnet-miner1", "localnet-miner2", "localnet-validator1"]
+        assert names == ["localnet-gateway", "localnet-miner1", "localnet-miner2",
+                         "localnet-validator1"]
 
         chain_file = tmp_path / "ln" / "chain.sqlite"
         deadline = time.monotonic() + 300

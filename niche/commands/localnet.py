@@ -40,6 +40,8 @@ def register(subparsers) -> None:
                         help="only prepare (chain, wallets, ports) and print the plan; "
                              "used by configs/pm2/localnet.config.js")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--no-gateway", dest="gateway", action="store_false",
+                        help="do not start the OpenAI-compatible gateway (docs/gateway.md)")
     parser.set_defaults(func=run)
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
                    models=args.models, cheats=args.cheat, rounds=args.rounds,
                    netuid=args.netuid, model_root=args.model_path, fresh=not args.keep,
-                   audit_fraction=args.audit_fraction)
+                   audit_fraction=args.audit_fraction, gateway=args.gateway)
     if args.prepare_only:
         print(plan.to_json() if args.json else f"prepared {plan.workdir}")
         return 0

@@ -62,6 +62,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                    metavar="MODEL=SHARE", help="per-model emission shares (default equal)")
     n.add_argument("--neuron.prompts_file", dest="prompts_file", type=Path, default=None,
                    help="one prompt per line instead of the built-in prompt grammar")
+    n.add_argument("--neuron.organic_queue", dest="organic_queue", type=Path, default=None,
+                   help="the gateway's queue of organic answers (its --gateway.organic_queue): "
+                        "audit a share of them each round like challenges (default: none)")
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
                    metavar="MODEL[/PIPELINE]=T",
                    help="similarity an audited image needs, per model or model/pipeline "
@@ -114,6 +117,7 @@ def build_config(args: argparse.Namespace):
         timeout=args.timeout, epoch_length=args.epoch_length,
         audit_fraction=args.audit_fraction, rounds=args.rounds,
         round_interval=args.round_interval, seed=args.seed, prompts_file=args.prompts_file,
+        organic_queue=Path(args.organic_queue).expanduser() if args.organic_queue else None,
         scoring=scoring,
         audit=audit,
         verify=VerifyConfig.with_overrides(

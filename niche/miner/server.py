@@ -295,7 +295,7 @@ def uvicorn_server(app: FastAPI):
 
 
 @contextlib.contextmanager
-def _stop_on_signals(server) -> Iterator[None]:
+def stop_on_signals(server) -> Iterator[None]:
     """SIGTERM/SIGINT: finish in-flight requests and stop; a second SIGINT forces it."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -326,7 +326,7 @@ def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None 
         server = uvicorn_server(create_app(service))
         log.info("miner %s listening on %s:%d (published %s:%d)", service.hotkey, ip,
                  actual_port, public_ip, actual_port)
-        with _stop_on_signals(server):
+        with stop_on_signals(server):
             server.run(sockets=[sock])
     finally:
         sock.close()

@@ -40,6 +40,7 @@ from niche.validator.challenges import (
 )
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.client import MinerClient, QueryResult, as_target
+from niche.validator.organic import OrganicQueue
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -81,6 +82,12 @@ class ValidatorConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     step_thresholds: StepThresholds = field(default_factory=StepThresholds)
     version_key: int = 0
+    organic_queue: Path | None = None
+    """The gateway's queue of organic answers to audit (niche/validator/organic.py)."""
+    organic_per_round: int = 16
+    """Most organic answers audited per round, oldest first."""
+    organic_max_age: float = 300.0
+    """Older organic answers are skipped: a miner keeps states for 600 s."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.audit_fraction <= 1.0:
@@ -138,6 +145,7 @@ class Validator:
         self.verifier = Verifier(engine, config.verify)
         self.auditor = Auditor(engine, self.verifier,
                                StepChecker(engine, config.step_thresholds), client, config.audit)
+        self.organic = OrganicQueue(config.organic_queue) if config.organic_queue else None
         self._stop = threading.Event()
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
@@ -224,6 +232,7 @@ class Validator:
         answered = await self._query(challenges, candidates)
         fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
         await self._audit(challenges, answered, outcomes, candidates)
+        await self._audit_organic(metagraph, outcomes)
         final = list(outcomes.values())
         rewards = scoring.round_rewards(final, self.config.scoring)
         self.book.apply(round_index, final, rewards)
@@ -348,6 +357,47 @@ class Validator:
             reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
             outcomes[uid] = replace(o, reason=reason, audited=True, audit_passed=result.passed,
                                     similarity=round(result.similarity, 4))
+
+    async def _audit_organic(self, metagraph: Metagraph, outcomes: dict[int, Outcome]) -> None:
+        """Audit the gateway's queued organic answers like challenges; a failure zeroes and
+        excludes the miner this round, whatever its challenge answer was."""
+        if self.organic is None:
+            return
+        items = self.organic.claim(self.config.organic_per_round, self.config.organic_max_age)
+        current = {n.hotkey: n for n in metagraph.neurons}
+        auditable = []
+        for item in items:
+            neuron = current.get(item.target.hotkey)
+            if neuron is None or neuron.uid != item.target.uid:
+                self.organic.record(item.id, None, "miner no longer registered")
+            elif item.challenge.params.model not in self.plans:
+                self.organic.record(item.id, None, f"model {item.challenge.params.model} "
+                                                   "is not served by this validator")
+            else:
+                auditable.append(replace(item, target=as_target(neuron)))
+        if not auditable:
+            return
+        try:
+            results = await self.auditor.audit(
+                [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng)
+        except Exception as exc:  # OUR failure: no miner pays for it, the rows say why
+            log.error("organic audit failed on the validator's side: %s: %s",
+                      type(exc).__name__, exc)
+            for item in auditable:
+                self.organic.record(item.id, None, f"validator error: {type(exc).__name__}")
+            return
+        for item, result in zip(auditable, results, strict=True):
+            self.organic.record(item.id, result.passed, result.reason,
+                                round(result.similarity, 4))
+            if result.passed:
+                continue
+            uid, hotkey = item.target.uid, item.target.hotkey
+            base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model,
+                                                status=scoring.AUDIT_FAILED)
+            outcomes[uid] = replace(base, audited=True, audit_passed=False, similarity=0.0,
+                                    reason=f"organic {scoring.AUDIT_FAILED}: {result.reason}")
+            log.warning("uid %d failed the audit of organic request %s: %s", uid,
+                        item.challenge.request_id, result.reason)
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid

@@ -24,7 +24,7 @@ VALIDATOR_STAKE = 1000.0
 @dataclass
 class ProcessPlan:
     name: str
-    role: str  # "miner" | "validator"
+    role: str  # "miner" | "validator" | "gateway"
     hotkey_name: str
     hotkey: str
     args: list[str]  # after `niche`
@@ -44,6 +44,9 @@ class LocalnetPlan:
     model_root: str
     rounds: int | None
     processes: list[ProcessPlan] = field(default_factory=list)
+    gateway_url: str | None = None
+    gateway_key: str | None = None
+    """A ready API key of the gateway (a local, throw-away subnet: printed and kept here)."""
 
     def role(self, role: str) -> list[ProcessPlan]:
         return [p for p in self.processes if p.role == role]
@@ -76,6 +79,7 @@ def prepare(
     sample_size: int | None = None,
     audit_fraction: float = 1.0,
     round_interval: float = 2.0,
+    gateway: bool = True,
 ) -> LocalnetPlan:
     """Create (or, with fresh=False, reuse) everything a local subnet needs under workdir."""
     from niche.chain.local import LocalChain
@@ -94,7 +98,8 @@ def prepare(
 
     workdir = Path(workdir).expanduser().resolve()
     if fresh and workdir.exists():
-        for child in ("chain.sqlite", "chain.sqlite-wal", "chain.sqlite-shm", "state", "logs"):
+        for child in ("chain.sqlite", "chain.sqlite-wal", "chain.sqlite-shm", "state", "logs",
+                      "gateway"):
             target = workdir / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -113,6 +118,7 @@ def prepare(
         plan = LocalnetPlan(str(workdir), str(chain_path), netuid, str(wallet_path), str(root),
                             rounds)
         allow: list[str] = []
+        queue = workdir / "gateway" / "organic.sqlite"
         for index in range(validators):
             name = f"validator{index + 1}"
             wallet = create_wallet("localnet", name, wallet_path)
@@ -129,6 +135,8 @@ def prepare(
                     "--neuron.seed", str(1000 + index)]
             if sample_size:
                 args += ["--neuron.sample_size", str(sample_size)]
+            if gateway and index == 0:
+                args += ["--neuron.organic_queue", str(queue)]
             if rounds:
                 args += ["--neuron.rounds", str(rounds)]
             plan.processes.append(ProcessPlan(name, "validator", name, wallet.hotkey.ss58_address,
@@ -154,7 +162,37 @@ def prepare(
             plan.processes.append(ProcessPlan(name, "miner", name, wallet.hotkey.ss58_address,
                                               args, model=model, port=port, cheat=cheat,
                                               log_path=str(workdir / "logs" / f"{name}.log")))
+        if gateway:
+            _add_gateway(plan, workdir, models, queue)
     finally:
         chain.close()
     (workdir / "plan.json").write_text(plan.to_json())
     return plan
+
+
+def _add_gateway(plan: LocalnetPlan, workdir: Path, models: Sequence[str], queue: Path) -> None:
+    """The OpenAI-compatible gateway beside validator1 (its hotkey, its scores, its audit
+    queue), and one API key for the person running the localnet."""
+    from niche.gateway.db import GatewayDB
+    from niche.gateway.keys import KeyStore
+
+    validator = plan.role("validator")[0]
+    db_path = workdir / "gateway" / "gateway.sqlite"
+    db = GatewayDB(db_path)
+    try:
+        plan.gateway_key, _ = KeyStore(db).create("localnet", per_minute=600, per_day=100000)
+    finally:
+        db.close()
+    port = free_port()
+    plan.gateway_url = f"http://127.0.0.1:{port}"
+    args = ["gateway", "serve", *_chain_and_wallet_args(plan.chain_path, plan.netuid,
+                                                         Path(plan.wallet_path), "localnet",
+                                                         validator.hotkey_name),
+            "--gateway.port", str(port), "--gateway.db", str(db_path),
+            "--gateway.organic_queue", str(queue),
+            "--gateway.validator_state", str(validator.state_path),
+            "--gateway.refresh_interval", "5", "--gateway.audit_fraction", "1",
+            "--models", *models, "--model-path", plan.model_root]
+    plan.processes.append(ProcessPlan("gateway", "gateway", validator.hotkey_name,
+                                      validator.hotkey, args, port=port,
+                                      log_path=str(workdir / "logs" / "gateway.log")))

@@ -113,6 +113,11 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
             for proc in validators:
                 sup.start(_child(proc, log_dir))
                 say(f"started {proc.name}, log {proc.log_path}")
+            for proc in plan.role("gateway"):
+                sup.start(_child(proc, log_dir))
+                _wait_healthy(sup, [proc], startup_timeout, say)
+                say(f"gateway (OpenAI images API): {plan.gateway_url}/v1  playground: "
+                    f"{plan.gateway_url}/  API key: {plan.gateway_key}")
             names = {p.hotkey: p.name for p in plan.processes}
             last = [0] * len(validators)
             goal = f"/{plan.rounds}" if plan.rounds else ""

@@ -1,0 +1,164 @@
+"""`niche gateway`: the OpenAI-compatible images API in front of the subnet's miners
+(`serve`), and its API keys (`keys create|list|revoke`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DEFAULT_DB = "~/.niche/gateway/gateway.sqlite"
+DEFAULT_QUEUE = "~/.niche/gateway/organic.sqlite"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "gateway", help="serve the OpenAI images API through the subnet's miners",
+        description="An OpenAI-compatible images API (POST /v1/images/generations, GET "
+                    "/v1/models) beside a validator: requests are signed with the validator's "
+                    "hotkey and routed to miners by its scores; a sampled share is queued for "
+                    "the validator's audit (docs/gateway.md).")
+    sub = parser.add_subparsers(dest="gateway_command", metavar="ACTION")
+    serve = sub.add_parser("serve", help="run the gateway")
+    from niche.commands.chain_args import add_chain_args, add_wallet_args
+
+    add_chain_args(serve)
+    add_wallet_args(serve)
+    g = serve.add_argument_group("gateway")
+    g.add_argument("--gateway.ip", dest="ip", default="127.0.0.1", help="listen address")
+    g.add_argument("--gateway.port", dest="port", type=int, default=8000, help="port (8000)")
+    _db_arg(g)
+    g.add_argument("--gateway.organic_queue", dest="queue", default=DEFAULT_QUEUE,
+                   help=f"queue of answers for the validator's audit (default {DEFAULT_QUEUE}; "
+                        "give the validator the same --neuron.organic_queue)")
+    g.add_argument("--gateway.validator_state", dest="validator_state", type=Path,
+                   default=Path("~/.niche/validator/state.sqlite"),
+                   help="the validator's --neuron.state_path, read-only: scores, exclusions")
+    g.add_argument("--gateway.audit_fraction", dest="audit_fraction", type=float, default=0.1,
+                   help="share of delivered images queued for audit (default 0.1)")
+    g.add_argument("--gateway.deadline", dest="deadline", type=float, default=60.0,
+                   help="seconds a request may take, retries included, when the client "
+                        "sends no 'timeout' (default 60)")
+    g.add_argument("--gateway.hedge_after", dest="hedge_after", type=float, default=None,
+                   help="also ask a second miner when the first has not answered after this "
+                        "many seconds (default: no hedging)")
+    g.add_argument("--gateway.refresh_interval", dest="refresh_interval", type=float,
+                   default=30.0, help="seconds between metagraph / score refreshes (30)")
+    g.add_argument("--gateway.public_url", dest="public_url", default=None,
+                   help="base URL of `url` answers (default: the URL a request came to)")
+    g.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
+                   help="models offered (default flux-schnell kolors)")
+    g.add_argument("--model-path", type=Path, default=None,
+                   help="checkpoint folder whose per-model limits apply (as on the miners)")
+    g.add_argument("--logging.debug", dest="debug", action="store_true")
+    serve.set_defaults(func=run_serve)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", required=True, help="who the key is for")
+    create.add_argument("--per-minute", type=int, default=60, help="requests per minute (60)")
+    create.add_argument("--per-day", type=int, default=1000, help="images per UTC day (1000)")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    _db_arg(create)
+    create.set_defaults(func=run_keys_create)
+    listing = keys_sub.add_parser("list", help="list keys (never the secrets)")
+    _db_arg(listing)
+    listing.set_defaults(func=run_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the id `keys list` shows")
+    _db_arg(revoke)
+    revoke.set_defaults(func=run_keys_revoke)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    keys.set_defaults(func=lambda args: keys.print_help() or 2)
+
+
+def _db_arg(group) -> None:
+    group.add_argument("--gateway.db", dest="db", default=DEFAULT_DB,
+                       help=f"keys, usage and url answers (default {DEFAULT_DB})")
+
+
+def _keys(args: argparse.Namespace):
+    from niche.gateway.db import GatewayDB
+    from niche.gateway.keys import KeyStore
+
+    return KeyStore(GatewayDB(Path(args.db).expanduser()))
+
+
+def run_keys_create(args: argparse.Namespace) -> int:
+    secret, key = _keys(args).create(args.name, args.per_minute, args.per_day)
+    if args.json:
+        print(json.dumps({"id": key.id, "name": key.name, "key": secret}))
+    else:
+        print(f"created key {key.id} for {key.name} ({key.per_minute}/min, {key.per_day} "
+              f"images/day); it is shown only now:\n{secret}")
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    store = _keys(args)
+    print(f"{'id':<9} {'name':<20} {'created (UTC)':<20} {'state':<8} {'per min':>7} "
+          f"{'per day':>7} {'today':>6}")
+    for key in store.list():
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created))
+        state = "revoked" if key.revoked else "active"
+        print(f"{key.id:<9} {key.name[:20]:<20} {created:<20} {state:<8} {key.per_minute:>7} "
+              f"{key.per_day:>7} {store.used_today(key.id):>6}")
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    from niche.errors import InvalidRequest
+
+    if not _keys(args).revoke(args.key_id):
+        raise InvalidRequest(f"no active key {args.key_id!r} (see `niche gateway keys list`)",
+                             field="key_id")
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from niche.commands.startup import run_exiting_cleanly_on_sigterm
+
+    return run_exiting_cleanly_on_sigterm(_serve, args, "niche.gateway")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from niche.chain.base import ChainError
+    from niche.commands.chain_args import chain_from_args, wallet_from_args
+    from niche.errors import ConfigError
+    from niche.gateway.app import create_app
+    from niche.gateway.service import GatewayConfig, build_gateway
+    from niche.logging_setup import setup_logging
+    from niche.miner.server import bind_socket, stop_on_signals, uvicorn_server
+
+    setup_logging(args.debug)
+    if args.netuid is None:
+        raise ConfigError("--netuid is required")
+    config = GatewayConfig(deadline=args.deadline, audit_fraction=args.audit_fraction,
+                           refresh_interval=args.refresh_interval, public_url=args.public_url)
+    wallet = wallet_from_args(args)
+    chain = chain_from_args(args)
+    try:
+        if not chain.subnet_exists(args.netuid):
+            raise ChainError(f"subnet {args.netuid} does not exist on {chain.network}")
+        gateway = build_gateway(
+            chain, wallet, args.netuid, models=list(args.models),
+            db_path=Path(args.db).expanduser(), queue_path=Path(args.queue).expanduser(),
+            validator_state=Path(args.validator_state).expanduser(),
+            model_root=args.model_path, config=config, hedge_after=args.hedge_after)
+        sock = bind_socket(args.ip, args.port)
+        try:
+            server = uvicorn_server(create_app(gateway))
+            logging.getLogger("niche.gateway").info(
+                "gateway listening on http://%s:%d (signing as %s)", args.ip,
+                sock.getsockname()[1], wallet.hotkey.ss58_address)
+            with stop_on_signals(server):
+                server.run(sockets=[sock])
+        finally:
+            sock.close()
+    finally:
+        chain.close()
+    return 0

@@ -1,0 +1,132 @@
+"""API keys: only their sha256 is stored (a key is 32 random bytes, so a plain hash cannot
+be brute-forced); each key has a per-minute rate and a daily image quota.
+
+The rate is a token bucket in memory (a restart refills it, which costs nothing); the
+daily quota is counted in SQLite per UTC day, so it survives restarts."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from niche.errors import InvalidRequest
+from niche.gateway.db import GatewayDB
+from niche.gateway.errors import AUTHENTICATION, INSUFFICIENT_QUOTA, RATE_LIMIT, GatewayError
+
+KEY_PREFIX = "nk-"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    created: float
+    revoked: float | None
+    per_minute: int
+    per_day: int
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _day(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+class KeyStore:
+    def __init__(self, db: GatewayDB, clock: Callable[[], float] = time.time):
+        self.db = db
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ admin
+    def create(self, name: str, per_minute: int = 60, per_day: int = 1000) -> tuple[str, ApiKey]:
+        """A new key: the secret is returned once and never stored."""
+        if not name or len(name) > 64:
+            raise InvalidRequest("1 to 64 characters", field="name")
+        if per_minute < 1 or per_day < 1:
+            raise InvalidRequest("rate and quota must be >= 1", field="per_minute")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(secrets.token_hex(4), name, self._clock(), None, per_minute, per_day)
+        with self.db.tx() as c:
+            c.execute("INSERT INTO keys VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                      (key.id, name, _hash(secret), key.created, per_minute, per_day))
+        return secret, key
+
+    def list(self) -> list[ApiKey]:
+        return [ApiKey(*row) for row in self.db.read(
+            "SELECT id, name, created, revoked, per_minute, per_day FROM keys ORDER BY created")]
+
+    def revoke(self, key_id: str) -> bool:
+        with self.db.tx() as c:
+            changed = c.execute("UPDATE keys SET revoked=? WHERE id=? AND revoked IS NULL",
+                                (self._clock(), key_id)).rowcount
+        return bool(changed)
+
+    def used_today(self, key_id: str) -> int:
+        rows = self.db.read("SELECT images FROM usage WHERE key_id=? AND day=?",
+                            (key_id, _day(self._clock())))
+        return int(rows[0][0]) if rows else 0
+
+    # ------------------------------------------------------------------ requests
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key behind an `Authorization: Bearer ...` header, or a 401."""
+        if not authorization:
+            raise GatewayError(401, "missing API key: send 'Authorization: Bearer <key>' "
+                                    "(create one with `niche gateway keys create`)",
+                               type=AUTHENTICATION, code="missing_api_key")
+        scheme, _, secret = authorization.partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret.startswith(KEY_PREFIX) or len(secret) > 128:
+            raise GatewayError(401, "invalid API key format: expected 'Bearer nk-...'",
+                               type=AUTHENTICATION, code="invalid_api_key")
+        rows = self.db.read("SELECT id, name, created, revoked, per_minute, per_day FROM keys "
+                            "WHERE hash=?", (_hash(secret),))
+        if not rows:
+            raise GatewayError(401, "incorrect API key", type=AUTHENTICATION,
+                               code="invalid_api_key")
+        key = ApiKey(*rows[0])
+        if key.revoked is not None:
+            raise GatewayError(401, f"API key {key.id} was revoked", type=AUTHENTICATION,
+                               code="invalid_api_key")
+        return key
+
+    def admit(self, key: ApiKey, images: int) -> None:
+        """Take one request from the key's bucket and `images` from today's quota, or 429.
+        The quota is charged up front (so parallel requests cannot overrun it) and what
+        was not delivered is given back with `refund`."""
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key.id, (float(key.per_minute), now))
+            tokens = min(float(key.per_minute), tokens + (now - at) * key.per_minute / 60.0)
+            if tokens < 1.0:
+                wait = (1.0 - tokens) * 60.0 / key.per_minute
+                self._buckets[key.id] = (tokens, now)
+                raise GatewayError(429, f"rate limit of {key.per_minute} requests per minute "
+                                        f"reached; retry in {wait:.1f}s", type=RATE_LIMIT,
+                                   code="rate_limit_exceeded",
+                                   headers={"Retry-After": str(max(1, round(wait)))})
+            self._buckets[key.id] = (tokens - 1.0, now)
+        day = _day(now)
+        with self.db.tx() as c:
+            row = c.execute("SELECT images FROM usage WHERE key_id=? AND day=?",
+                            (key.id, day)).fetchone()
+            used = int(row[0]) if row else 0
+            if used + images > key.per_day:
+                raise GatewayError(429, f"daily quota of {key.per_day} images reached "
+                                        f"({used} used today, UTC); it resets at 00:00 UTC",
+                                   type=INSUFFICIENT_QUOTA, code="insufficient_quota")
+            c.execute("INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (key_id, day) "
+                      "DO UPDATE SET images = images + excluded.images", (key.id, day, images))
+
+    def refund(self, key: ApiKey, images: int) -> None:
+        if images <= 0:
+            return
+        with self.db.tx() as c:
+            c.execute("UPDATE usage SET images = MAX(0, images - ?) WHERE key_id=? AND day=?",
+                      (images, key.id, _day(self._clock())))

@@ -1,0 +1,159 @@
+"""Which miner draws an image, and what happens when it fails.
+
+Each image is one signed `GenerateRequest` (a fresh request id per attempt) to a miner drawn
+among those that serve the model, with probability growing with the validator's score
+(`floor` keeps new miners in the draw). A miner that times out, errs or returns a bad
+answer is skipped for `cooldown` seconds and the image is asked of the next miner, until
+the client's deadline; with `hedge_after`, a second miner is asked when the first is slow
+and the first good answer wins. A miner's 400 naming a request field (a prompt over the
+model's token limit) is the user's error and is returned as such, not retried."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from niche.gateway.directory import Candidate, MinerDirectory
+from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
+from niche.gateway.metrics import GatewayMetrics
+from niche.protocol import GenerateRequest, GenerationParams
+from niche.validator.client import MinerClient, QueryResult, QueryStatus
+
+USER_FIELDS = ("prompt", "negative_prompt", "image", "params.prompt", "params.negative_prompt")
+
+
+@dataclass(frozen=True)
+class Delivered:
+    candidate: Candidate
+    request: GenerateRequest
+    result: QueryResult
+    attempts: int
+
+
+class Router:
+    def __init__(self, directory: MinerDirectory, client: MinerClient, metrics: GatewayMetrics,
+                 *, cooldown: float = 30.0, floor: float = 0.05, hedge_after: float | None = None,
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
+        self.directory = directory
+        self.client = client
+        self.metrics = metrics
+        self.cooldown = cooldown
+        self.floor = floor
+        self.hedge_after = hedge_after
+        self.rng = rng or random.Random()
+        self._clock = clock
+        self._cooling: dict[str, float] = {}  # hotkey -> monotonic time it may serve again
+        self.http: httpx.AsyncClient | None = None
+
+    def order(self, model: str) -> list[Candidate]:
+        """Miners serving `model` in the order to try: a draw weighted by score (without
+        replacement), miners in cooldown last (better a doubtful miner than none)."""
+        pool = self.directory.serving(model)
+        now = self._clock()
+        best = max((c.score for c in pool), default=0.0)
+        floor = self.floor * best if best > 0 else 1.0
+
+        def key(c: Candidate) -> tuple[bool, float]:
+            weight = max(c.score, floor)
+            cooling = self._cooling.get(c.target.hotkey, 0.0) > now
+            return (not cooling, self.rng.random() ** (1.0 / weight))
+
+        return sorted(pool, key=key, reverse=True)
+
+    def _failed(self, candidate: Candidate, result: QueryResult) -> None:
+        self._cooling[candidate.target.hotkey] = self._clock() + self.cooldown
+        self.metrics.miner_failures.labels(result.status.value).inc()
+
+    async def _ask(self, candidate: Candidate, params: GenerationParams, image: str | None,
+                   timeout: float) -> tuple[Candidate, GenerateRequest, QueryResult]:
+        request = GenerateRequest(request_id=uuid.uuid4().hex, params=params, image=image,
+                                  timeout=max(1.0, min(600.0, timeout)))
+        result = await self.client.query(candidate.target, request, timeout=timeout,
+                                         http=self.http)
+        if result.ok:
+            problem = _answer_problem(params, result)
+            if problem:
+                result.status, result.reason = QueryStatus.INVALID_RESPONSE, problem
+        return candidate, request, result
+
+    async def generate(self, params: GenerationParams, image: str | None,
+                       deadline: float) -> Delivered:
+        """One image before `deadline` (monotonic seconds), or a 502/503/504 GatewayError."""
+        queue = self.order(params.model)
+        if not queue:
+            raise GatewayError(503, f"no miner serves {params.model} right now; retry later "
+                                    "(GET /v1/models lists what is served)",
+                               type=SERVER_ERROR, code="no_miner_available")
+        pending: set[asyncio.Task] = set()
+        failures: list[str] = []
+        attempts = 0
+
+        def launch() -> None:
+            nonlocal attempts
+            candidate = queue[attempts]
+            if attempts:
+                self.metrics.retries.labels(params.model).inc()
+            attempts += 1
+            pending.add(asyncio.ensure_future(
+                self._ask(candidate, params, image, deadline - self._clock())))
+
+        try:
+            while self._clock() < deadline:
+                if not pending:
+                    if attempts >= len(queue):
+                        break
+                    launch()
+                remaining = deadline - self._clock()
+                can_hedge = self.hedge_after is not None and attempts < len(queue)
+                wait = min(remaining, self.hedge_after) if can_hedge and self.hedge_after \
+                    else remaining
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, wait),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if can_hedge and self._clock() < deadline:
+                        self.metrics.hedges.labels(params.model).inc()
+                        launch()
+                    continue
+                for task in done:
+                    candidate, request, result = task.result()
+                    if result.ok:
+                        return Delivered(candidate, request, result, attempts)
+                    if result.http_status == 400 and result.error is not None \
+                            and result.error.field in USER_FIELDS:
+                        field = result.error.field.removeprefix("params.")
+                        raise bad_request(f"{field}: {result.error.detail or result.error.reason}",
+                                          field)
+                    self._failed(candidate, result)
+                    failures.append(f"uid {candidate.target.uid}: {result.status.value}"
+                                    + (f" ({result.reason[:80]})" if result.reason else ""))
+        finally:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        tried = "; ".join(failures[-4:]) or "no answer yet"
+        if self._clock() >= deadline:
+            raise GatewayError(504, f"no miner delivered an image within the deadline "
+                                    f"({attempts} tried: {tried}); retry, or raise 'timeout'",
+                               type=SERVER_ERROR, code="deadline_exceeded")
+        raise GatewayError(502, f"every miner serving {params.model} failed ({tried}); retry "
+                                "later", type=SERVER_ERROR, code="all_miners_failed")
+
+
+def _answer_problem(params: GenerationParams, result: QueryResult) -> str:
+    """What makes a signed answer unusable for the user (and unauditable)."""
+    if result.image is None or result.response is None:
+        return "no image"
+    if result.image.size != (params.width, params.height):
+        return f"image is {result.image.size[0]}x{result.image.size[1]}, asked " \
+               f"{params.width}x{params.height}"
+    if result.response.states is None:
+        return "the answer commits to no sampler states"
+    return ""

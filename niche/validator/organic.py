@@ -1,0 +1,175 @@
+"""Organic answers waiting for an audit: the one SQLite queue between gateway and validator.
+
+The gateway (niche/gateway) serves users' requests through miners and writes a sampled share
+of the answers here: the request as sent, the miner's signed answer (image and states
+commitment) and where the miner was. The validator's round claims the pending ones that are
+young enough for the miner to still hold their states, audits them with the same `Auditor`
+as its own challenges, and writes each verdict back. A failed organic audit zeroes the
+miner's score and excludes it, exactly like a failed challenge: a miner cannot be honest on
+challenges and cheap on users. Users never wait: the audit happens rounds later.
+
+Two processes write one file: WAL journal, short transactions, a busy timeout.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from niche.errors import InvalidRequest
+from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, decode_image
+from niche.protocol import GenerateRequest, GenerateResponse
+from niche.validator.challenges import Challenge
+from niche.validator.client import MinerTarget, QueryResult, QueryStatus
+
+PENDING, CLAIMED, PASSED, FAILED, SKIPPED = "pending", "claimed", "passed", "failed", "skipped"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS organic (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, uid INTEGER NOT NULL,
+    hotkey TEXT NOT NULL, url TEXT NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
+    latency REAL, status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    similarity REAL, audited REAL);
+CREATE INDEX IF NOT EXISTS organic_status ON organic (status, created);
+"""
+
+
+class QueueError(Exception):
+    """The queue file cannot be used (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class OrganicItem:
+    """One claimed organic answer, in the shapes the Auditor takes."""
+
+    id: int
+    challenge: Challenge
+    result: QueryResult
+    target: MinerTarget
+
+
+class OrganicQueue:
+    """Open (creating if needed) the queue at `path`. Safe to share between threads."""
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time,
+                 max_pending: int = 2000):
+        self.path = Path(path).expanduser()
+        self._clock = clock
+        self.max_pending = max_pending
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+                                         check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                self._conn.execute(stmt)
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------ gateway side
+    def submit(self, target: MinerTarget, request: GenerateRequest, answer: GenerateResponse,
+               latency: float | None) -> bool:
+        """Queue one answer for audit; False (nothing written) when the queue is full, so a
+        validator that stopped auditing cannot make the gateway's disk grow."""
+        with self._tx() as c:
+            pending = c.execute("SELECT COUNT(*) FROM organic WHERE status=?",
+                                (PENDING,)).fetchone()[0]
+            if pending >= self.max_pending:
+                return False
+            c.execute("INSERT INTO organic (created, uid, hotkey, url, request, response, "
+                      "latency, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (self._clock(), target.uid, target.hotkey, target.url or "",
+                       request.model_dump_json(exclude_none=True), answer.model_dump_json(),
+                       latency, PENDING))
+        return True
+
+    def counts(self) -> dict[str, int]:
+        """Rows by status (for the gateway's metrics)."""
+        rows = self._conn.execute("SELECT status, COUNT(*) FROM organic GROUP BY status")
+        return {str(status): int(n) for status, n in rows}
+
+    # ------------------------------------------------------------------ validator side
+    def claim(self, limit: int, max_age: float) -> list[OrganicItem]:
+        """Up to `limit` pending answers younger than `max_age` seconds, oldest first, marked
+        claimed; older pending ones are skipped (their states are gone from the miner's
+        store, and no miner may pay for the validator being late)."""
+        now = self._clock()
+        with self._tx() as c:
+            c.execute("UPDATE organic SET status=?, reason=?, audited=? "
+                      "WHERE status=? AND created < ?",
+                      (SKIPPED, "too old to audit", now, PENDING, now - max_age))
+            rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency "
+                             "FROM organic WHERE status=? ORDER BY id LIMIT ?",
+                             (PENDING, max(0, limit))).fetchall()
+            c.executemany("UPDATE organic SET status=? WHERE id=?",
+                          [(CLAIMED, r[0]) for r in rows])
+        items = []
+        for row in rows:
+            item = _item(*row)
+            if isinstance(item, str):
+                self.record(int(row[0]), None, item)
+            else:
+                items.append(item)
+        return items
+
+    def record(self, item_id: int, passed: bool | None, reason: str = "",
+               similarity: float | None = None) -> None:
+        """The verdict on one claimed answer (None: not audited, `reason` says why)."""
+        status = SKIPPED if passed is None else PASSED if passed else FAILED
+        with self._tx() as c:
+            c.execute("UPDATE organic SET status=?, reason=?, similarity=?, audited=? "
+                      "WHERE id=?", (status, reason[:300], similarity, self._clock(), item_id))
+
+    def prune(self, keep_seconds: float) -> None:
+        """Forget audited rows older than `keep_seconds`."""
+        with self._tx() as c:
+            c.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
+                      (PENDING, CLAIMED, self._clock() - keep_seconds))
+
+    @contextlib.contextmanager
+    def _tx(self):
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+
+def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
+          response_json: str, latency: float | None) -> OrganicItem | str:
+    """The Auditor's view of a queued row, or why the row cannot be audited."""
+    try:
+        request = GenerateRequest.model_validate_json(request_json)
+        answer = GenerateResponse.model_validate_json(response_json)
+    except ValidationError as exc:
+        return f"unreadable queue row: {exc.errors()[0].get('msg', '')}"[:300]
+    limits = ImageLimits(max_side=8192, max_pixels=8192 * 8192)
+    try:
+        data = b64_to_bytes(answer.image, field="image", limits=limits)
+        image = bytes_to_image(data, field="image", limits=limits)
+        conditioning = decode_image(request.image, field="image") if request.image else None
+    except InvalidRequest as exc:
+        return f"unreadable image in queue row: {exc}"[:300]
+    challenge = Challenge(uid=uid, hotkey=hotkey, request_id=request.request_id,
+                          params=request.params, timeout=request.timeout, image=conditioning,
+                          image_b64=request.image)
+    result = QueryResult(uid, hotkey, QueryStatus.OK, latency=latency,
+                         request_id=request.request_id, response=answer, image=image,
+                         image_bytes=data)
+    return OrganicItem(int(item_id), challenge, result, MinerTarget(uid, hotkey, url or None))
+

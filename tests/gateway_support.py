@@ -1,0 +1,83 @@
+"""A real subnet for the gateway tests, in this process: a LocalChain file with a validator
+and miners (real wallets), real miner servers on 127.0.0.1 running the given engines (the
+session's tiny Engine, or a wrapper of it), and the real gateway app under uvicorn."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+from niche.chain.local import LocalChain
+from niche.chain.wallets import create_wallet
+from niche.devnet.servers import BackgroundServer
+from niche.gateway.app import create_app as gateway_app
+from niche.gateway.service import GatewayConfig, build_gateway
+from niche.miner.server import create_app as miner_app
+from niche.miner.service import MinerConfig, MinerService
+
+NETUID = 1
+
+
+def make_chain(root: Path, miners: int) -> SimpleNamespace:
+    """Chain file, the validator (stake, permit) and `miners` registered miners."""
+    names = ["validator"] + [f"miner{i + 1}" for i in range(miners)]
+    wallets = {n: create_wallet(n, "hot", root / "wallets") for n in names}
+    chain = LocalChain(root / "chain.db", create=True)
+    chain.create_subnet(NETUID, max_validators=4, min_validator_stake=1.0)
+    chain.register(NETUID, wallets["validator"], stake=1000.0)
+    uids = {n: chain.register(NETUID, wallets[n]) for n in names[1:]}
+    return SimpleNamespace(chain=chain, wallets=wallets, uids=uids, root=root,
+                           validator=wallets["validator"],
+                           validator_hotkey=wallets["validator"].hotkey.ss58_address)
+
+
+@contextlib.contextmanager
+def running_miners(net: SimpleNamespace, engines: Mapping[str, object]
+                   ) -> Iterator[dict[str, SimpleNamespace]]:
+    """One real miner server per name -> engine, its endpoint published on chain."""
+    running: dict[str, SimpleNamespace] = {}
+    try:
+        for name, engine in engines.items():
+            service = MinerService(engine, net.wallets[name], MinerConfig(
+                netuid=NETUID, requests_per_minute=0,
+                allow_hotkeys=(net.validator_hotkey,)), chain=net.chain)
+            server = BackgroundServer(miner_app(service, refresh_metagraph=False)).start()
+            service.announce("127.0.0.1", server.port)
+            running[name] = SimpleNamespace(service=service, server=server, url=server.url,
+                                            hotkey=service.hotkey)
+        yield running
+    finally:
+        for miner in running.values():
+            miner.server.stop()
+            miner.service.close()
+
+
+@contextlib.contextmanager
+def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
+                    models: tuple[str, ...] = ("flux-schnell", "kolors"),
+                    validator_state: Path | None = None, config: GatewayConfig | None = None,
+                    **kwargs) -> Iterator[SimpleNamespace]:
+    """The gateway app on 127.0.0.1 with one ready key (`key`, 600/min, 1000/day)."""
+    gateway = build_gateway(net.chain, net.validator, NETUID, models=list(models),
+                            db_path=net.root / "gateway.sqlite",
+                            queue_path=net.root / "organic.sqlite",
+                            validator_state=validator_state, model_root=tiny_root,
+                            config=config or GatewayConfig(audit_fraction=1.0), **kwargs)
+    key, _ = gateway.keys.create("tests", per_minute=600, per_day=1000)
+    with BackgroundServer(gateway_app(gateway)) as server:
+        yield SimpleNamespace(gateway=gateway, server=server, url=server.url, key=key,
+                              base_url=server.url + "/v1")
+
+
+class Only:
+    """The given engine, advertising (and so being routed) only `model`."""
+
+    def __init__(self, engine, model: str):
+        self._engine, self._model = engine, model
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def served(self):
+        return [m for m in self._engine.served() if m.model == self._model]
