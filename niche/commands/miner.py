@@ -137,6 +137,9 @@ def _run(args: argparse.Namespace) -> int:
         engine = CheatingEngine(engine, args.localnet_cheat)
     service = MinerService(engine, wallet, config, chain=chain)
     service.check_registered()
+    from niche.runtime import describe
+
+    log.info("runtime: %s", describe(service.runtime))
     log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
              service.check_registered().uid, ", ".join(args.models))
     serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)

@@ -22,6 +22,7 @@ from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
 from niche.models.spec import DTYPES, MEMORY_MODES, MemoryMode, ModelSpec, load_spec
+from niche.models.memory import memory_advice
 from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ class Engine:
             try:
                 with torch.no_grad():
                     family.load()
+            except torch.OutOfMemoryError:
+                raise ConfigError(memory_advice(name, family.memory_mode)) from None
             except (OSError, ValueError) as exc:  # missing files, no network, bad configs
                 where = folders[name] or "the hub (ids in its config)"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
@@ -164,6 +167,10 @@ class Engine:
     def compute_dtype(self, model: str) -> str:
         """The dtype `model`'s networks run in (what an answer declares with its states)."""
         return self.family(model).dtype_name
+
+    def memory_mode(self, model: str) -> str:
+        """The memory mode `model` was loaded in (what an out-of-memory error advises on)."""
+        return self.family(model).memory_mode
 
     def family(self, model: str) -> Family:
         self.spec(model)

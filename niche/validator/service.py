@@ -27,6 +27,7 @@ import numpy as np
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
+from niche.runtime import RuntimeWatch, describe, runtime_info
 from niche.validator import scoring
 from niche.validator.audit import AuditConfig, Auditor
 from niche.validator.challenges import (
@@ -138,6 +139,9 @@ class Validator:
         self.verifier = Verifier(engine, config.verify)
         self.auditor = Auditor(engine, self.verifier,
                                StepChecker(engine, config.step_thresholds), client, config.audit)
+        self.runtime = RuntimeWatch(runtime_info(engine))
+        log.info("runtime: %s", describe(self.runtime.mine))
+        """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
@@ -266,6 +270,7 @@ class Validator:
                                                status=info.status.value,
                                                reason=info.reason or "no info")
                 continue
+            self.runtime.observe(neuron.uid, neuron.hotkey, served.runtime)
             offered = {m.model: tuple(m.pipelines) for m in served.models}
             model = next((m for m in self.config.models if m in offered), None)
             if model is None:
