@@ -50,6 +50,9 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                         metavar="CHEAT", help="localnet demo only: answer with a cheaper/wrong "
                                               "computation (see `niche localnet --help`) so "
                                               "the validator can be watched catching it")
+    from niche.commands.metrics_args import add_metrics_args
+
+    add_metrics_args(parser)
     parser.add_argument("--logging.debug", dest="debug", action="store_true")
 
 
@@ -137,10 +140,17 @@ def _run(args: argparse.Namespace) -> int:
         engine = CheatingEngine(engine, args.localnet_cheat)
     service = MinerService(engine, wallet, config, chain=chain)
     service.check_registered()
+    from niche.commands.metrics_args import metrics_server_from_args
+
+    metrics = metrics_server_from_args(args, service.metrics.registry)
     from niche.runtime import describe
 
     log.info("runtime: %s", describe(service.runtime))
     log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
              service.check_registered().uid, ", ".join(args.models))
-    serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    try:
+        serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0

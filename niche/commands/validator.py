@@ -72,6 +72,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.engine_args import add_engine_args
 
     add_engine_args(m)
+    from niche.commands.metrics_args import add_metrics_args
+
+    add_metrics_args(parser)
     parser.add_argument("--logging.debug", dest="debug", action="store_true")
 
 
@@ -150,6 +153,13 @@ def _run(args: argparse.Namespace) -> int:
         with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
             engine = engine_from_args(args, config.models)
             validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
-            return validator.run()
+            from niche.commands.metrics_args import metrics_server_from_args
+
+            metrics = metrics_server_from_args(args, validator.metrics.registry)
+            try:
+                return validator.run()
+            finally:
+                if metrics is not None:
+                    metrics.close()
     finally:
         chain.close()

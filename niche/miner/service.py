@@ -125,6 +125,7 @@ class MinerService:
         self.metrics = MinerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
         self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
+        self.metrics.track(lambda: self.gate.depth, lambda: self.states.bytes_held)
         self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
@@ -140,6 +141,7 @@ class MinerService:
         self.metagraph = metagraph
         self._neurons = {n.hotkey: n for n in metagraph.neurons}
         self._validator_stake = sum(n.stake for n in metagraph.neurons if n.validator_permit)
+        self.metrics.set_neuron(self._neurons.get(self.hotkey), metagraph.block)
 
     def refresh_metagraph(self) -> Metagraph:
         if self.chain is None:
