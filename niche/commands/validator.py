@@ -85,6 +85,24 @@ def register(subparsers) -> None:
                     "regenerating, score speed x correctness, set weights.")
     add_validator_args(parser)
     parser.set_defaults(func=run)
+    sub = parser.add_subparsers(dest="validator_command", metavar="ACTION")
+    status = sub.add_parser("status", help="print a validator's state file: scores, "
+                            "exclusions, last round, last weights (no chain, no models)")
+    status.add_argument("--state", type=Path, default=Path(DEFAULT_STATE).expanduser(),
+                        help=f"state file (the validator's --neuron.state_path; default "
+                             f"{DEFAULT_STATE})")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from niche.validator.status import format_status, read_status
+
+    data = read_status(args.state)
+    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    return 0
 
 
 def build_config(args: argparse.Namespace):
