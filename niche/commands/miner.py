@@ -53,7 +53,9 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.metrics_args import add_metrics_args
 
     add_metrics_args(parser)
-    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+    from niche.commands.logging_args import add_logging_args
+
+    add_logging_args(parser)
 
 
 def register(subparsers) -> None:
@@ -65,10 +67,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def setup_logging(debug: bool) -> None:
-    from niche.logging_setup import setup_logging as setup
+def setup_logging(args: argparse.Namespace) -> None:
+    from niche.commands.logging_args import setup_logging_from_args
 
-    setup(debug)
+    setup_logging_from_args(args, "niche-miner")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    setup_logging(args.debug)
+    setup_logging(args)
     log = logging.getLogger("niche.miner")
     from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.miner.server import bind_socket, serve

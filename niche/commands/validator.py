@@ -75,7 +75,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.metrics_args import add_metrics_args
 
     add_metrics_args(parser)
-    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+    from niche.commands.logging_args import add_logging_args
+
+    add_logging_args(parser)
 
 
 def register(subparsers) -> None:
@@ -148,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from niche.logging_setup import setup_logging
+    from niche.commands.logging_args import setup_logging_from_args
 
-    setup_logging(args.debug)
+    setup_logging_from_args(args, "niche-validator")
     config = build_config(args)
     from niche.chain.base import ChainError
     from niche.commands.chain_args import chain_from_args, wallet_from_args
