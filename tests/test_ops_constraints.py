@@ -2,9 +2,9 @@
 scripts/setup.sh installs with on a GPU box."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -178,7 +178,8 @@ def test_the_checker_catches_what_broke_before():
     """The lines issue 16 found broken, as the checker sees them."""
     assert "has no --wallet.name" in check(
         ["btcli", "subnets", "register", "--netuid", "23", "--wallet.name", "miner"])
-    assert check(["huggingface-cli", "login"]) == "huggingface-cli is not a tool the set-up installs"
+    assert check(["huggingface-cli", "login"]) == ("huggingface-cli is not a tool the set-up "
+                                                   "installs")
     assert check(["niche", "miner", "--netuid", "23", "--axon.port", "8091"]) is None
     assert check(["btcli", "subnets", "register", "--netuid", "23", "--wallet", "m",
                   "--wallet-hotkey", "default", "--network", "finney"]) is None
@@ -209,9 +210,8 @@ def test_there_are_offline_blocks():
 @pytest.mark.parametrize("block", OFFLINE, ids=lambda b: f"{b.guide.name}:{b.line}")
 def test_offline_blocks_run_as_written(block, tmp_path, tiny_root):
     script = "\n".join(block.lines)
-    if "pm2" in script or "rehearse" in script:
-        if _pm2() is None:
-            pytest.skip("pm2 is not installed (bash scripts/setup.sh installs it)")
+    if ("pm2" in script or "rehearse" in script) and _pm2() is None:
+        pytest.skip("pm2 is not installed (bash scripts/setup.sh installs it)")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{REPO / 'node_modules' / '.bin'}"
            f"{os.pathsep}{os.environ.get('PATH', '')}",
            "NICHE_TINY_DIR": str(tiny_root), "NICHE_BIN": str(BIN / "niche"),

@@ -2,8 +2,6 @@
 its configured dtype unless `--dtype` says otherwise, so `generate` reproduces a miner."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from niche.cli import build_parser, main

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 from diffusers import FluxPipeline
-
 from miner_support import build_net, make_request, running_miner, signed_post
+
 from niche.cli import main
 from niche.errors import ConfigError
 from niche.models.engine import Engine

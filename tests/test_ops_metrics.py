@@ -9,8 +9,8 @@ import socket
 import httpx
 import pytest
 import torch
-
 from miner_support import NETUID, StubEngine, build_net, running_miner
+
 from niche.chain.wallets import create_wallet
 from niche.cli import build_parser
 from niche.errors import ConfigError
@@ -78,8 +78,9 @@ def test_metrics_server_binds_loopback_and_a_busy_port_is_one_line():
 
 
 def test_validator_exports_rounds_answers_audits_and_weights(tmp_path, tiny_engine):
-    from niche.chain.local import LocalChain
     from test_validator_service import Only, miners
+
+    from niche.chain.local import LocalChain
 
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets")
                for n in ("validator", "honest", "dead")}

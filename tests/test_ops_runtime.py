@@ -8,8 +8,8 @@ from importlib import metadata
 import httpx
 import pytest
 import torch
-
 from miner_support import build_net, running_miner
+
 from niche.protocol import InfoResponse, RuntimeInfo
 from niche.runtime import RuntimeWatch, describe, differences, runtime_info
 

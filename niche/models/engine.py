@@ -21,8 +21,8 @@ import torch
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
-from niche.models.spec import DTYPES, MEMORY_MODES, MemoryMode, ModelSpec, load_spec
 from niche.models.memory import memory_advice
+from niche.models.spec import DTYPES, MEMORY_MODES, MemoryMode, ModelSpec, load_spec
 from niche.protocol import GenerationParams, ModelInfo, PipelineKind
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,9 @@ def read_status(path: Path) -> dict[str, Any]:
 
 def format_status(status: dict[str, Any]) -> str:
     """The human table."""
+    last = status["last_round"]
     lines = [f"validator state {status['state']}: {status['rounds_completed']} round(s) "
-             f"completed, last round {status['last_round'] if status['last_round'] is not None else '-'}"]
+             f"completed, last round {last if last is not None else '-'}"]
     w = status["last_weights"]
     lines.append("last weights: -" if w is None else
                  f"last weights: round {w['round']}, block {w['block']}, {len(w['weights'])} "
