@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tomllib
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 def _pins() -> dict[str, str]:
