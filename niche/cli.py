@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  niche localnet --miners 3 --rounds 2          the whole subnet on this machine\n"
         "  niche generate --tiny --model kolors --prompt 'a red circle' --seed 7 --out a.png\n"
         "  niche miner --netuid 23 --wallet.name miner --subtensor.network finney "
-        "--axon.port 8091 --model flux-schnell\n"
+        "--axon.port 8091 --axon.external_ip 203.0.113.7 --model flux-schnell\n"
         "  niche validator --netuid 23 --wallet.name validator --subtensor.network finney\n"
         "\n`niche COMMAND --help` lists every flag of a command; docs/ has the guides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,19 +1,55 @@
 """One logging set-up for the long-running processes (miner, validator): timestamped lines
-that say what happened, without the per-request chatter of HTTP and model libraries."""
+that say what happened, without the per-request chatter of HTTP and model libraries.
+
+Flags as in bittensor: `--logging.debug` (our DEBUG lines), `--logging.trace` (everything,
+bittensor's transport and websocket frames included), `--logging.logging_dir DIR` (also
+write DIR/<process>.log, rotated at 10 MB, 5 kept). Without --logging.trace bittensor's
+transport and the websockets library log WARNING and above only.
+
+Progress bars stay on here (downloads and the minutes of model loading show progress on
+stderr, which pm2 logs); the one-shot commands (`niche generate`, `verify`) keep their
+one-JSON-line contract with niche.models.quiet instead."""
 from __future__ import annotations
 
 import logging
+import logging.handlers
+from pathlib import Path
 
 NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "PIL", "asyncio")
+TRANSPORT_LOGGERS = ("bittensor.transport", "websockets")
+"""Per-frame and per-RPC lines: below WARNING only with --logging.trace."""
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%dT%H:%M:%S"
+LOG_FILE_BYTES = 10 * 1024 * 1024
+LOG_FILE_COUNT = 5
 
 
-def setup_logging(debug: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S")
+def setup_logging(debug: bool = False, *, trace: bool = False, logging_dir: Path | None = None,
+                  process: str = "niche", progress: bool = True) -> Path | None:
+    """Configure the root logger; returns the log file when `logging_dir` is given."""
+    level = logging.DEBUG if (debug or trace) else logging.INFO
+    logging.basicConfig(level=level, format=FORMAT, datefmt=DATEFMT)
+    logging.getLogger().setLevel(level)
+    log_file = None
+    if logging_dir is not None:
+        folder = Path(logging_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        log_file = folder / f"{process}.log"
+        root = logging.getLogger()
+        for old in [h for h in root.handlers if isinstance(h, logging.FileHandler)
+                    and Path(h.baseFilename) == log_file.resolve()]:
+            root.removeHandler(old)  # set up twice in one process: one file handler
+            old.close()
+        handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        logging.getLogger().addHandler(handler)
     for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not debug:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if trace else logging.WARNING)
+    for transport in TRANSPORT_LOGGERS:
+        logging.getLogger(transport).setLevel(logging.DEBUG if trace else logging.WARNING)
+    if not (debug or trace):
         from niche.models.quiet import quiet_libraries
 
-        quiet_libraries()
+        quiet_libraries(progress=progress)
+    return log_file

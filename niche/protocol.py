@@ -148,6 +148,21 @@ class ModelInfo(_Strict):
     pipelines: list[PipelineKind]
 
 
+class RuntimeInfo(_Strict):
+    """The libraries and hardware a miner's pixels come from (niche.runtime): validators
+    warn when a miner's differs from their own, since bits drift across versions."""
+
+    torch: str
+    diffusers: str
+    transformers: str = ""
+    cuda: str = "none"
+    """torch's CUDA build version, "none" on a CPU build."""
+    device: str = "cpu"
+    gpu_name: str | None = None
+    dtypes: dict[str, str] = Field(default_factory=dict)
+    """The dtype each served model runs in."""
+
+
 class InfoResponse(_Strict):
     """GET /v1/info: what this miner serves. Validators read it to pick challenges."""
 
@@ -156,6 +171,7 @@ class InfoResponse(_Strict):
     models: list[ModelInfo]
     capacity_per_minute: float = Field(ge=0.0)
     miner_version: str
+    runtime: RuntimeInfo | None = None
 
 
 class ErrorResponse(BaseModel):

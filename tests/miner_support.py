@@ -23,6 +23,7 @@ from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.errors import InvalidRequest
 from niche.devnet.servers import BackgroundServer
+from niche.metrics_server import start_metrics_server
 from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.protocol import GenerateRequest, GenerationParams, ModelInfo, PipelineKind
@@ -133,10 +134,12 @@ def running_miner(net, engine, **config) -> Iterator[SimpleNamespace]:
     service = MinerService(engine, net.wallets["miner"], MinerConfig(netuid=NETUID, **config),
                            chain=net.chain)
     server = BackgroundServer(create_app(service)).start()
+    metrics = start_metrics_server(service.metrics.registry, 0)
     try:
         yield SimpleNamespace(service=service, server=server, url=server.url,
-                              hotkey=service.hotkey, engine=engine)
+                              hotkey=service.hotkey, engine=engine, metrics_url=metrics.url)
     finally:
+        metrics.close()
         server.stop()
         service.close()
 

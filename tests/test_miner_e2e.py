@@ -41,7 +41,7 @@ def test_real_engine_behind_the_miner(net, engine):
         results = asyncio.run(client.query_many([(target, r) for r in reqs]))
         bad = asyncio.run(client.query(target, make_request("x", 1, model="kolors",
                                                             pipeline="controlnet-canny")))
-        metrics = httpx.get(m.url + "/metrics").text
+        metrics = httpx.get(m.metrics_url).text
     for req, res in zip(reqs, results):
         assert res.status is QueryStatus.OK, res.reason
         assert res.image.size == (64, 64) and res.image.mode == "RGB"

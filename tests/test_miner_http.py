@@ -258,7 +258,7 @@ def test_metrics_count_requests_refusals_and_generations(net):
         signed_post(m, None, body_of(make_request()))
         signed_post(m, net.wallets["stranger"], body_of(make_request()))
         signed_post(m, net.wallets["hi"], body_of(make_request()))
-        text = httpx.get(m.url + "/metrics").text
+        text = httpx.get(m.metrics_url).text
     assert 'niche_miner_requests_total{status="200"} 1.0' in text
     assert 'niche_miner_requests_total{status="401"} 1.0' in text
     assert 'niche_miner_refusals_total{reason="unsigned"} 1.0' in text

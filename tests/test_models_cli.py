@@ -21,7 +21,7 @@ def test_subprocess_generate_matches_in_process(tiny_root, tiny_engine, tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "niche.cli", "generate", "--model", "kolors", "--tiny",
          "--prompt", "a bowl of fruit on a wooden table", "--seed", "1234",
-         "--negative-prompt", "blurry", "--out", str(out)],
+         "--negative-prompt", "blurry", "--dtype", "float32", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

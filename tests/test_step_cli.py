@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from niche.cli import main
+from niche.models.spec import load_spec
 
 REQUEST = ["--tiny", "--model", "kolors", "--seed", "7", "--num-threads", "1"]
 
@@ -21,7 +22,7 @@ def test_generate_states_then_verify_them(tmp_path, capsys):
               "--check-steps", "all"]
     assert main([*verify, "--prompt", "a red circle"]) == 0
     honest = _last_json(capsys)
-    assert honest["match"] is True and honest["compute_dtype"] == "float32"
+    assert honest["match"] is True and honest["compute_dtype"] == load_spec("kolors").dtype
     assert sorted(honest["steps"], key=int) == [str(k) for k in range(8)]
     assert all(s["error"] == 0.0 for s in honest["steps"].values())  # same dtype, same bits
     # the same states claimed for another prompt: step 0 already disagrees

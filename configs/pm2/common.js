@@ -5,7 +5,56 @@ const env = (name, fallback) => process.env[name] || fallback;
 const root = path.resolve(__dirname, "..", "..");
 const niche = env("NICHE_BIN", path.join(root, ".venv", "bin", "niche"));
 
-// One long-running niche process: restarted on crash (not in a tight loop), logs under logDir.
+// Exit codes pm2 must not restart: 2 = configuration error (bad flag, unknown model, out of
+// GPU memory at load: restarting cannot fix it), 3 = the hotkey was deregistered.
+const STOP_EXIT_CODES = [2, 3];
+
+// Split a list variable on whitespace: MODEL="flux-schnell kolors" is two arguments.
+const words = (value) => (value || "").split(/\s+/).filter((w) => w.length > 0);
+
+// Command-line arguments from environment variables: each [VAR, "--flag", kind] adds the
+// flag only when VAR is set (so every default is the CLI's own, `niche ... --help`).
+// kind "list": VAR is split into separate arguments; "switch": a flag without value, added
+// when VAR is 1/true/yes. EXTRA_ARGS (split on whitespace) passes any other flag.
+function argsFromEnv(command, table) {
+  const args = [command];
+  for (const [name, flag, kind] of table) {
+    const value = process.env[name];
+    if (value === undefined || value === "") continue;
+    if (kind === "switch") {
+      if (/^(1|true|yes)$/i.test(value)) args.push(flag);
+    } else if (kind === "list") {
+      args.push(flag, ...words(value));
+    } else {
+      args.push(flag, value);
+    }
+  }
+  args.push(...words(process.env.EXTRA_ARGS));
+  return args;
+}
+
+// Flags both neurons take.
+const COMMON_FLAGS = [
+  ["NETUID", "--netuid"],
+  ["SUBTENSOR_NETWORK", "--subtensor.network"],
+  ["SUBTENSOR_CHAIN_ENDPOINT", "--subtensor.chain_endpoint"],
+  ["LOCALNET_PATH", "--localnet.path"],
+  ["WALLET_NAME", "--wallet.name"],
+  ["WALLET_HOTKEY", "--wallet.hotkey"],
+  ["WALLET_PATH", "--wallet.path"],
+  ["MODEL_PATH", "--model-path"],
+  ["MODEL_DIR", "--model-dir", "list"],
+  ["DEVICE", "--device"],
+  ["DTYPE", "--dtype"],
+  ["MEMORY_MODE", "--memory-mode"],
+  ["NUM_THREADS", "--num-threads"],
+  ["METRICS_PORT", "--metrics.port"],
+  ["METRICS_HOST", "--metrics.host"],
+  ["LOGGING_DEBUG", "--logging.debug", "switch"],
+];
+
+// One long-running niche process: restarted on crash (not in a tight loop, not after a
+// configuration error or a deregistration), logs under logDir.
 function nicheApp({ name, args, logDir = path.join(root, "logs"), autorestart = true, killTimeout = 30000 }) {
   return {
     name,
@@ -14,6 +63,7 @@ function nicheApp({ name, args, logDir = path.join(root, "logs"), autorestart = 
     interpreter: "none",
     cwd: root,
     autorestart,
+    stop_exit_codes: STOP_EXIT_CODES,
     max_restarts: 50,
     min_uptime: "60s",
     restart_delay: 10000,
@@ -25,4 +75,4 @@ function nicheApp({ name, args, logDir = path.join(root, "logs"), autorestart = 
   };
 }
 
-module.exports = { env, root, niche, nicheApp };
+module.exports = { env, root, niche, nicheApp, argsFromEnv, words, COMMON_FLAGS, STOP_EXIT_CODES };

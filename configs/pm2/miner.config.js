@@ -1,24 +1,24 @@
 // pm2 ecosystem for a niche miner on a real network.
-//   NETUID=23 WALLET_NAME=miner WALLET_HOTKEY=default MODEL=flux-schnell AXON_PORT=8091 \
+//   NETUID=23 WALLET_NAME=miner WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
+//     AXON_PORT=8091 AXON_EXTERNAL_IP=203.0.113.7 MODEL="flux-schnell kolors" \
 //     pm2 start configs/pm2/miner.config.js
-// Every setting has an environment variable; `niche miner --help` documents the flags.
-const { env, nicheApp } = require("./common");
+// A variable that is not set passes no flag, so every default is `niche miner`'s own
+// (`niche miner --help`); EXTRA_ARGS="--flag value ..." passes any other flag.
+// Rehearse it on localnet first: docs/miner.md "Rehearse the pm2 set-up on localnet".
+const { env, nicheApp, argsFromEnv, COMMON_FLAGS } = require("./common");
 
-const args = [
-  "miner",
-  "--netuid", env("NETUID", "23"),
-  "--wallet.name", env("WALLET_NAME", "default"),
-  "--wallet.hotkey", env("WALLET_HOTKEY", "default"),
-  "--subtensor.network", env("SUBTENSOR_NETWORK", "finney"),
-  "--axon.port", env("AXON_PORT", "8091"),
-  "--model", env("MODEL", "flux-schnell"),
-  "--device", env("DEVICE", "cuda"),
-  "--memory-mode", env("MEMORY_MODE", "gpu"),
-  "--blacklist.min_stake", env("MIN_STAKE", "1000"),
-];
-if (process.env.AXON_EXTERNAL_IP) args.push("--axon.external_ip", process.env.AXON_EXTERNAL_IP);
-if (process.env.MODEL_PATH) args.push("--model-path", process.env.MODEL_PATH);
-if (process.env.WALLET_PATH) args.push("--wallet.path", process.env.WALLET_PATH);
+const args = argsFromEnv("miner", [
+  ...COMMON_FLAGS,
+  ["AXON_IP", "--axon.ip"],
+  ["AXON_PORT", "--axon.port"],
+  ["AXON_EXTERNAL_IP", "--axon.external_ip"],
+  ["MODEL", "--model", "list"],
+  ["MIN_STAKE", "--blacklist.min_stake"],
+  ["ALLOW_HOTKEYS", "--blacklist.allow_hotkeys", "list"],
+  ["REQUESTS_PER_MINUTE", "--limits.requests_per_minute"],
+  ["QUEUE_MAX_SIZE", "--queue.max_size"],
+  ["METAGRAPH_REFRESH", "--metagraph.refresh"],
+]);
 
 module.exports = {
   apps: [nicheApp({

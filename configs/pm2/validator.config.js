@@ -1,24 +1,23 @@
 // pm2 ecosystem for a niche validator on a real network.
-//   NETUID=23 WALLET_NAME=validator WALLET_HOTKEY=default pm2 start configs/pm2/validator.config.js
-// Every setting has an environment variable; `niche validator --help` documents the flags.
-const path = require("path");
-const { env, root, nicheApp } = require("./common");
+//   NETUID=23 WALLET_NAME=validator WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
+//     pm2 start configs/pm2/validator.config.js
+// A variable that is not set passes no flag, so every default is `niche validator`'s own
+// (`niche validator --help`); EXTRA_ARGS="--flag value ..." passes any other flag.
+const { env, nicheApp, argsFromEnv, COMMON_FLAGS } = require("./common");
 
 const name = `niche-validator-${env("WALLET_NAME", "default")}-${env("WALLET_HOTKEY", "default")}`;
-const args = [
-  "validator",
-  "--netuid", env("NETUID", "23"),
-  "--wallet.name", env("WALLET_NAME", "default"),
-  "--wallet.hotkey", env("WALLET_HOTKEY", "default"),
-  "--subtensor.network", env("SUBTENSOR_NETWORK", "finney"),
-  "--models", ...env("MODELS", "flux-schnell kolors").split(/\s+/),
-  "--device", env("DEVICE", "cuda"),
-  "--neuron.sample_size", env("SAMPLE_SIZE", "32"),
-  "--neuron.audit_fraction", env("AUDIT_FRACTION", "1.0"),
-  "--neuron.state_path", env("STATE_PATH", path.join(root, "state", `${name}.sqlite`)),
-];
-if (process.env.MODEL_PATH) args.push("--model-path", process.env.MODEL_PATH);
-if (process.env.WALLET_PATH) args.push("--wallet.path", process.env.WALLET_PATH);
+const args = argsFromEnv("validator", [
+  ...COMMON_FLAGS,
+  ["MODELS", "--models", "list"],
+  ["SAMPLE_SIZE", "--neuron.sample_size"],
+  ["AUDIT_FRACTION", "--neuron.audit_fraction"],
+  ["AUDIT_STEPS", "--neuron.audit_steps"],
+  ["EPOCH_LENGTH", "--neuron.epoch_length"],
+  ["ROUND_INTERVAL", "--neuron.round_interval"],
+  ["STATE_PATH", "--neuron.state_path"],
+  ["EMISSION_SHARE", "--neuron.emission_share", "list"],
+  ["PROMPTS_FILE", "--neuron.prompts_file"],
+]);
 
 // A validator saves its round on SIGTERM: give it time.
 module.exports = { apps: [nicheApp({ name, args, killTimeout: 60000 })] };

@@ -34,6 +34,10 @@ class Neuron:
     endpoint: Endpoint | None
     last_update: int
     incentive: float = 0.0
+    emission: float = 0.0
+    """Per tempo, in the subnet's units (the local chain reports 0)."""
+    trust: float = 0.0
+    """In [0, 1] (the local chain reports 0)."""
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ class SubtensorChain(Chain):
                 stake=_tao(n.total_stake), validator_permit=bool(n.validator_permit),
                 endpoint=parse_axon(n.axon), last_update=int(n.last_update),
                 incentive=float(n.incentive),
+                emission=_tao(getattr(n, "emission", 0.0)), trust=float(getattr(n, "trust", 0.0)),
             )
             for n in mg.neurons
         )

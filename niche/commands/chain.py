@@ -45,6 +45,9 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("metagraph", help="print a subnet's neurons")
     add_chain_args(p, netuid_required=True)
+    p.add_argument("--hotkey", default=None, metavar="SS58",
+                   help="only this hotkey's row (a miner's own uid, stake, incentive, "
+                        "emission, trust) instead of the whole subnet")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_metagraph)
 
@@ -116,6 +119,12 @@ def _metagraph(args: argparse.Namespace) -> int:
         mg = chain.metagraph(args.netuid)
     finally:
         chain.close()
+    neurons = list(mg.neurons)
+    if args.hotkey is not None:
+        neurons = [n for n in neurons if n.hotkey == args.hotkey]
+        if not neurons:
+            raise ChainError(f"hotkey {args.hotkey} is not registered on subnet {args.netuid} "
+                             f"of {args.subtensor_network} (block {mg.block})")
     if args.json:
         print(json.dumps({
             "netuid": mg.netuid, "block": mg.block, "network": args.subtensor_network,
@@ -123,20 +132,22 @@ def _metagraph(args: argparse.Namespace) -> int:
                 {"uid": n.uid, "hotkey": n.hotkey, "coldkey": n.coldkey, "stake": n.stake,
                  "validator_permit": n.validator_permit,
                  "endpoint": n.endpoint.url if n.endpoint else None,
-                 "incentive": n.incentive, "last_update": n.last_update}
-                for n in mg.neurons
+                 "incentive": n.incentive, "emission": n.emission, "trust": n.trust,
+                 "last_update": n.last_update}
+                for n in neurons
             ],
         }, indent=2))
         return 0
     print(f"subnet {mg.netuid} on {args.subtensor_network} at block {mg.block}: "
           f"{len(mg.neurons)} neurons, total stake {mg.total_stake:.3f}")
-    header = ("UID", "HOTKEY", "STAKE", "VPERMIT", "ENDPOINT", "INCENTIVE", "UPDATED")
+    header = ("UID", "HOTKEY", "STAKE", "VPERMIT", "ENDPOINT", "INCENTIVE", "EMISSION", "TRUST",
+              "UPDATED")
     rows = [
-        (str(n.uid), f"{n.hotkey[:6]}..{n.hotkey[-4:]}", f"{n.stake:.3f}",
-         "yes" if n.validator_permit else "no",
+        (str(n.uid), n.hotkey if args.hotkey else f"{n.hotkey[:6]}..{n.hotkey[-4:]}",
+         f"{n.stake:.3f}", "yes" if n.validator_permit else "no",
          f"{n.endpoint.ip}:{n.endpoint.port}" if n.endpoint else "-",
-         f"{n.incentive:.4f}", str(n.last_update))
-        for n in mg.neurons
+         f"{n.incentive:.4f}", f"{n.emission:.6f}", f"{n.trust:.4f}", str(n.last_update))
+        for n in neurons
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:

@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 
 
-def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | None = None
-                    ) -> None:
+def add_engine_args(group: argparse._ActionsContainer) -> None:
     """--model-path | --tiny, --model-dir, --device, --dtype, --memory-mode, --num-threads,
-    --engine.fast."""
+    --engine.fast. One default dtype everywhere (the model config's): `niche generate`
+    reproduces what a miner serves."""
     src = group.add_mutually_exclusive_group()
     src.add_argument("--model-path", dest="model_path", type=Path, default=None,
                      help="folder holding one <model>/ checkpoint folder per model "
@@ -37,9 +37,9 @@ def add_engine_args(group: argparse._ActionsContainer, *, default_dtype: str | N
                             "--model-path for that model")
     group.add_argument("--device", default="auto",
                        help="torch device: auto (cuda when available, else cpu), cpu, cuda[:N]")
-    dtype_default = default_dtype or "the model's"
-    group.add_argument("--dtype", default=default_dtype, choices=DTYPES,
-                       help=f"weights dtype (default: {dtype_default})")
+    group.add_argument("--dtype", default=None, choices=DTYPES,
+                       help="weights dtype (default: the model config's `dtype`, what miners "
+                            "serve: bfloat16 for FLUX, float16 for Kolors)")
     group.add_argument("--memory-mode", dest="memory_mode", default=None, choices=MEMORY_MODES,
                        help="GPU memory strategy (default: the model's)")
     group.add_argument("--num-threads", dest="num_threads", type=int, default=None,

@@ -49,7 +49,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
                    help="IP-Adapter scale (default: model's; 0 = txt2img)")
     from niche.commands.engine_args import add_engine_args
 
-    add_engine_args(p.add_argument_group("engine"), default_dtype="float32")
+    add_engine_args(p.add_argument_group("engine"))  # dtype: the model's, as a miner
 
 
 def _params(args: argparse.Namespace):

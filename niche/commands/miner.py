@@ -50,7 +50,12 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                         metavar="CHEAT", help="localnet demo only: answer with a cheaper/wrong "
                                               "computation (see `niche localnet --help`) so "
                                               "the validator can be watched catching it")
-    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+    from niche.commands.metrics_args import add_metrics_args
+
+    add_metrics_args(parser)
+    from niche.commands.logging_args import add_logging_args
+
+    add_logging_args(parser)
 
 
 def register(subparsers) -> None:
@@ -62,10 +67,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def setup_logging(debug: bool) -> None:
-    from niche.logging_setup import setup_logging as setup
+def setup_logging(args: argparse.Namespace) -> None:
+    from niche.commands.logging_args import setup_logging_from_args
 
-    setup(debug)
+    setup_logging_from_args(args, "niche-miner")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    setup_logging(args.debug)
+    setup_logging(args)
     log = logging.getLogger("niche.miner")
     from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.miner.server import bind_socket, serve
@@ -146,7 +151,17 @@ def _run(args: argparse.Namespace) -> int:
         engine = CheatingEngine(engine, args.localnet_cheat)
     service = MinerService(engine, wallet, config, chain=chain)
     service.check_registered()
+    from niche.commands.metrics_args import metrics_server_from_args
+
+    metrics = metrics_server_from_args(args, service.metrics.registry)
+    from niche.runtime import describe
+
+    log.info("runtime: %s", describe(service.runtime))
     log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
              service.check_registered().uid, ", ".join(args.models))
-    serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    try:
+        serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0

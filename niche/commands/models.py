@@ -30,6 +30,20 @@ def register(subparsers) -> None:
                    help="train only these stages (e.g. kolors/controlnet); others are loaded "
                    "from --out")
     p.set_defaults(func=_train_tiny)
+    p = sub.add_parser("download", help="fetch models' hub checkpoints (disk space first, "
+                       "progress bars; HF_TOKEN for gated repositories, HF_ENDPOINT for a "
+                       "mirror)")
+    p.add_argument("--model", dest="models", nargs="+", default=None, metavar="MODEL",
+                   help="models to fetch (default: every configured model)")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="write DEST/<model>/ folders to pass as --model-path DEST (default: "
+                        "the hub cache, where the miner looks without --model-path)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the dtype you will run (picks fp16 variant files; default: the "
+                        "model's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="state the files and the disk space needed, download nothing")
+    p.set_defaults(func=_download)
     p = sub.add_parser("list", help="configured models, pipelines, defaults and hub ids")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_list)
@@ -73,4 +87,30 @@ def _list(args: argparse.Namespace) -> int:
               f"timeout {d.timeout} s; dtype {s.dtype}, memory {s.memory_mode}")
         for key, c in s.components.items():
             print(f"  {key}: {c.hub}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from niche.logging_setup import setup_logging
+
+    setup_logging(progress=True)
+    from huggingface_hub import HfApi
+
+    from niche.models.download import check_space, download, endpoint, plan_model, target_dir
+    from niche.models.spec import available_models, load_spec
+
+    names = args.models or available_models()
+    specs = [load_spec(name) for name in names]  # an unknown model fails before the network
+    api = HfApi(endpoint=endpoint())
+    plans = [plan for spec in specs for plan in plan_model(spec, args.dest, api, args.dtype)]
+    folder = target_dir(args.dest)
+    print(f"{', '.join(names)}: {check_space(plans, folder)}", flush=True)
+    if args.dry_run:
+        for plan in plans:
+            print(f"  {plan.model} {plan.component}: {plan.repo} {len(plan.files)} files, "
+                  f"{plan.missing_bytes / 1e9:.1f} GB missing")
+        return 0
+    download(plans)
+    hint = f"--model-path {args.dest}" if args.dest else "no --model-path needed"
+    print(f"done: {', '.join(names)} on disk ({hint})")
     return 0

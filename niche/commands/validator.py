@@ -75,7 +75,12 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.engine_args import add_engine_args
 
     add_engine_args(m)
-    parser.add_argument("--logging.debug", dest="debug", action="store_true")
+    from niche.commands.metrics_args import add_metrics_args
+
+    add_metrics_args(parser)
+    from niche.commands.logging_args import add_logging_args
+
+    add_logging_args(parser)
 
 
 def register(subparsers) -> None:
@@ -85,6 +90,24 @@ def register(subparsers) -> None:
                     "regenerating, score speed x correctness, set weights.")
     add_validator_args(parser)
     parser.set_defaults(func=run)
+    sub = parser.add_subparsers(dest="validator_command", metavar="ACTION")
+    status = sub.add_parser("status", help="print a validator's state file: scores, "
+                            "exclusions, last round, last weights (no chain, no models)")
+    status.add_argument("--state", type=Path, default=Path(DEFAULT_STATE).expanduser(),
+                        help=f"state file (the validator's --neuron.state_path; default "
+                             f"{DEFAULT_STATE})")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from niche.validator.status import format_status, read_status
+
+    data = read_status(args.state)
+    print(json.dumps(data, indent=2) if args.json else format_status(data))
+    return 0
 
 
 def build_config(args: argparse.Namespace):
@@ -131,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from niche.logging_setup import setup_logging
+    from niche.commands.logging_args import setup_logging_from_args
 
-    setup_logging(args.debug)
+    setup_logging_from_args(args, "niche-validator")
     config = build_config(args)
     from niche.chain.base import ChainError
     from niche.commands.chain_args import chain_from_args, wallet_from_args
@@ -154,6 +177,13 @@ def _run(args: argparse.Namespace) -> int:
         with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
             engine = engine_from_args(args, config.models)
             validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
-            return validator.run()
+            from niche.commands.metrics_args import metrics_server_from_args
+
+            metrics = metrics_server_from_args(args, validator.metrics.registry)
+            try:
+                return validator.run()
+            finally:
+                if metrics is not None:
+                    metrics.close()
     finally:
         chain.close()

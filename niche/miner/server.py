@@ -4,7 +4,8 @@ Endpoints:
   POST /v1/generate  signed (btauth/1), GenerateRequest -> GenerateResponse | ErrorResponse
   GET  /v1/info      unsigned: what this miner serves (public by nature, cheap, no GPU)
   GET  /healthz      unsigned liveness: {"ok": true, "busy": ..., "queue": ...}
-  GET  /metrics      unsigned Prometheus text (bind it to a private interface or firewall it)
+  (Prometheus metrics are on their own port, `--metrics.port`, 127.0.0.1 by default:
+   niche/metrics_server.py; the public axon port does not serve them)
   GET  /openapi.json the one schema of the wire format
 
 The generate handler reads the raw body itself (capped, 413) because the signature covers
@@ -25,7 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse
 
 from niche import __version__
 from niche.auth import AuthFailure
@@ -148,7 +149,6 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             metrics.requests.labels(str(status)).inc()
             if status != 200:
                 metrics.refusals.labels(reason).inc()
-            metrics.queue_depth.set(service.gate.depth)
             log.info("generate caller=%s status=%d%s %.2fs", caller, status,
                      f" {reason}" if status != 200 else "", time.monotonic() - started)
 
@@ -196,12 +196,6 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     async def healthz():
         return {"ok": True, "busy": service.gate.busy, "queue": service.gate.depth,
                 "hotkey": service.hotkey}
-
-    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, as served
-    async def prometheus():
-        metrics.queue_depth.set(service.gate.depth)
-        metrics.states_bytes.set(service.states.bytes_held)
-        return Response(metrics.render(), media_type=metrics.content_type)
 
     default_openapi = app.openapi
 

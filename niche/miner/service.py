@@ -34,6 +34,7 @@ from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
+from niche.models.memory import is_out_of_memory, memory_advice, release_cached_memory
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
     PROTOCOL_VERSION,
@@ -41,12 +42,14 @@ from niche.protocol import (
     GenerateResponse,
     GenerationParams,
     InfoResponse,
+    RuntimeInfo,
     StateBlob,
     StatesCommitment,
     StatesRequest,
     StatesResponse,
     first_validation_error,
 )
+from niche.runtime import runtime_info
 from niche.states import commit
 
 if TYPE_CHECKING:
@@ -122,10 +125,12 @@ class MinerService:
         self.metrics = MinerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
         self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
+        self.metrics.track(lambda: self.gate.depth, lambda: self.states.bytes_held)
         self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
         self.metagraph: Metagraph | None = None
+        self._runtime: RuntimeInfo | None = None
         if metagraph is not None:
             self.set_metagraph(metagraph)
         elif chain is not None:
@@ -136,6 +141,7 @@ class MinerService:
         self.metagraph = metagraph
         self._neurons = {n.hotkey: n for n in metagraph.neurons}
         self._validator_stake = sum(n.stake for n in metagraph.neurons if n.validator_permit)
+        self.metrics.set_neuron(self._neurons.get(self.hotkey), metagraph.block)
 
     def refresh_metagraph(self) -> Metagraph:
         if self.chain is None:
@@ -300,6 +306,11 @@ class MinerService:
         try:
             seconds, b64, digest, commitment, signature = await asyncio.shield(future)
         except Exception as exc:
+            if is_out_of_memory(exc):  # one line, not a traceback; the next request may fit
+                release_cached_memory()
+                advice = memory_advice(params.model, self._memory_mode(params.model))
+                log.error("request %s: %s", request.request_id, advice)
+                raise Refusal(503, "out_of_memory", advice) from None
             log.exception("generation failed for %s", request.request_id)
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
         self.metrics.generation_seconds.labels(params.model).observe(seconds)
@@ -308,6 +319,10 @@ class MinerService:
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
             miner_version=__version__, states=commitment)
+
+    def _memory_mode(self, model: str) -> str:
+        mode = getattr(self.engine, "memory_mode", None)
+        return str(mode(model)) if callable(mode) else "gpu"
 
     def fetch_states(self, body: bytes, caller: str) -> StatesResponse:
         """The states `caller` asks for of one of its own earlier answers."""
@@ -324,11 +339,18 @@ class MinerService:
                  for i in sorted(set(request.indices))]
         return StatesResponse(request_id=request.request_id, states=blobs)
 
+    @property
+    def runtime(self) -> RuntimeInfo:
+        """Libraries, device, GPU and dtypes this miner's answers come from (read once)."""
+        if self._runtime is None:
+            self._runtime = runtime_info(self.engine)
+        return self._runtime
+
     def info(self) -> InfoResponse:
         est = self.gate.estimate()
         return InfoResponse(hotkey=self.hotkey, models=self.engine.served(),
                             capacity_per_minute=(60.0 / est) if est else 0.0,
-                            miner_version=__version__)
+                            miner_version=__version__, runtime=self.runtime)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

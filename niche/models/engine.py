@@ -21,6 +21,7 @@ import torch
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
+from niche.models.memory import memory_advice
 from niche.models.spec import (
     DTYPES,
     MEMORY_MODES,
@@ -152,10 +153,10 @@ class Engine:
             try:
                 with torch.no_grad():
                     family.load()
-            except (OSError, ValueError) as exc:  # missing files, no network, bad configs
-                where = folders[name] or "the hub (ids in its config)"
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ConfigError(f"cannot load model {name} from {where}: {first}") from exc
+            except torch.OutOfMemoryError:
+                raise ConfigError(memory_advice(name, family.memory_mode)) from None
+            except (OSError, ValueError, ConfigError) as exc:  # missing files, no network
+                raise ConfigError(load_error(name, spec, folders[name], exc)) from exc
             self._families[name] = family
             log.info("loaded %s (%s) from %s on %s, %d threads", name, family.dtype_name,
                      folders[name] or "hub", device, self.num_threads)
@@ -175,6 +176,10 @@ class Engine:
     def compute_dtype(self, model: str) -> str:
         """The dtype `model`'s networks run in (what an answer declares with its states)."""
         return self.family(model).dtype_name
+
+    def memory_mode(self, model: str) -> str:
+        """The memory mode `model` was loaded in (what an out-of-memory error advises on)."""
+        return self.family(model).memory_mode
 
     def family(self, model: str) -> Family:
         self.spec(model)
@@ -373,6 +378,23 @@ class Engine:
         with self._lock, torch.no_grad():
             return self._families[full.model].decode(full, state.detach().to(torch.float32)
                                                      ).convert("RGB")
+
+
+def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseException) -> str:
+    """One line: what is missing and the command that fetches it, else the loader's reason
+    (diffusers' own message may point at "the stacktrace above", which nobody prints)."""
+    from niche.models.download import fetch_command, missing_on_disk
+
+    where = folder or "the hub (ids in its config)"
+    missing = missing_on_disk(spec, folder)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4
+                                          else "")
+        return (f"model {name} is not complete on this machine: missing {shown}; fetch it "
+                f"with `{fetch_command(name, folder)}`")
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else repr(exc)
+    return f"cannot load model {name} from {where}: {first}"
 
 
 def _restrict(spec: ModelSpec, wanted: Sequence[str]) -> ModelSpec:

@@ -27,6 +27,7 @@ import numpy as np
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
+from niche.runtime import RuntimeWatch, describe, runtime_info
 from niche.validator import scoring
 from niche.validator.audit import AuditConfig, Auditor
 from niche.validator.challenges import (
@@ -40,6 +41,7 @@ from niche.validator.challenges import (
 )
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.client import MinerClient, QueryResult, as_target
+from niche.validator.metrics import ValidatorMetrics
 from niche.validator.organic import OrganicQueue
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
@@ -146,6 +148,10 @@ class Validator:
         self.auditor = Auditor(engine, self.verifier,
                                StepChecker(engine, config.step_thresholds), client, config.audit)
         self.organic = OrganicQueue(config.organic_queue) if config.organic_queue else None
+        self.metrics = ValidatorMetrics()
+        self.runtime = RuntimeWatch(runtime_info(engine))
+        log.info("runtime: %s", describe(self.runtime.mine))
+        """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
@@ -189,6 +195,7 @@ class Validator:
                 try:
                     report = asyncio.run(self.run_round())
                 except ChainError as exc:  # the chain is down or busy: nothing was persisted
+                    self.metrics.failures.labels("chain").inc()
                     wait = max(self.config.round_interval, 1.0)
                     log.warning("round %d not run: %s; retrying in %.0fs",
                                 self.state.round_index, exc, wait)
@@ -243,6 +250,7 @@ class Validator:
                              seconds=time.monotonic() - started, scores=self.book.scores())
         self._maybe_set_weights(report)
         report.seconds = time.monotonic() - started
+        self.metrics.round_done(round_index, final, report.seconds)
         return report
 
     def _sample(self, metagraph: Metagraph, rng: np.random.Generator, round_index: int,
@@ -275,6 +283,7 @@ class Validator:
                                                status=info.status.value,
                                                reason=info.reason or "no info")
                 continue
+            self.runtime.observe(neuron.uid, neuron.hotkey, served.runtime)
             offered = {m.model: tuple(m.pipelines) for m in served.models}
             model = next((m for m in self.config.models if m in offered), None)
             if model is None:
@@ -349,6 +358,7 @@ class Validator:
         try:
             results = await self.auditor.audit(items, self._audit_rng)
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
+            self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
                       "round: %s: %s", type(exc).__name__, exc)
             return
@@ -406,6 +416,7 @@ class Validator:
             rate_limit = self.chain.weights_rate_limit(netuid)
         except ChainError as exc:
             report.weights_message = f"weights not set, chain unreachable: {exc}"
+            self.metrics.failures.labels("chain").inc()
             log.warning("round %d: %s", report.round, report.weights_message)
             return
         if not scoring.weights_due(block, self.last_weights_block, self.config.epoch_length,
@@ -424,10 +435,12 @@ class Validator:
                                             list(weights.values()), self.config.version_key)
         except ChainError as exc:
             report.weights_message = f"set_weights failed: {exc}"
+            self.metrics.failures.labels("set_weights").inc()
             log.warning("round %d: %s", report.round, report.weights_message)
             return
         self.state.record_weights(report.round, result.block, weights, result.success,
                                   result.message)
+        self.metrics.weights(result.success, result.block)
         report.weights = weights if result.success else None
         report.weights_message = result.message
         if result.success:

@@ -1,0 +1,108 @@
+"""pm2 configs: loaded by real node and run by real pm2. A variable not set passes no flag
+(so pm2's defaults are the CLI's), list variables are split into separate arguments, and a
+configuration error (exit 2) is not restarted."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from niche.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+PM2 = REPO / "configs" / "pm2"
+NEURON_VARS = ("NETUID", "MODEL", "MODELS", "EXTRA_ARGS", "DEVICE", "MIN_STAKE", "SAMPLE_SIZE",
+               "AUDIT_FRACTION", "STATE_PATH", "WALLET_NAME", "WALLET_HOTKEY", "AXON_PORT",
+               "SUBTENSOR_NETWORK", "MEMORY_MODE", "MODEL_PATH", "WALLET_PATH",
+               "AXON_EXTERNAL_IP", "LOGGING_DEBUG", "METRICS_PORT")
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the pm2 config tests need it")
+    return node
+
+
+def _load(config: str, **variables: str) -> dict:
+    """The app pm2 would start from `config`, with only `variables` set."""
+    env = {k: v for k, v in os.environ.items() if k not in NEURON_VARS}
+    env.update(variables)
+    script = f"console.log(JSON.stringify(require({json.dumps(str(PM2 / config))}).apps[0]))"
+    out = subprocess.run([_node(), "-e", script], env=env, capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("config,command", [("miner.config.js", "miner"),
+                                            ("validator.config.js", "validator")])
+def test_defaults_are_the_clis(config, command):
+    app = _load(config, NETUID="23")
+    parsed = build_parser().parse_args(app["args"])
+    cli = build_parser().parse_args([command, "--netuid", "23"])
+    assert vars(parsed) == vars(cli)
+
+
+def test_list_variables_are_split_and_extra_args_pass_any_flag():
+    app = _load("miner.config.js", NETUID="5", MODEL="flux-schnell  kolors",
+                EXTRA_ARGS="--queue.max_size 3 --limits.stake_proportional",
+                LOGGING_DEBUG="1", AXON_EXTERNAL_IP="203.0.113.7", METRICS_PORT="9100")
+    args = build_parser().parse_args(app["args"])
+    assert args.models == ["flux-schnell", "kolors"]
+    assert args.queue_max_size == 3 and args.stake_proportional is True
+    assert args.debug is True and args.axon_external_ip == "203.0.113.7"
+    assert args.metrics_port == 9100
+    validator = build_parser().parse_args(_load("validator.config.js", NETUID="5",
+                                                MODELS="kolors flux-schnell")["args"])
+    assert validator.models == ["kolors", "flux-schnell"]
+
+
+def test_configuration_errors_and_deregistration_are_not_restarted():
+    for config in ("miner.config.js", "validator.config.js"):
+        assert _load(config, NETUID="1")["stop_exit_codes"] == [2, 3]
+
+
+def _pm2() -> str:
+    local = REPO / "node_modules" / ".bin" / "pm2"
+    if not local.exists():
+        pytest.skip("pm2 is not installed (bash scripts/setup.sh installs it from package.json)")
+    return str(local)
+
+
+def _jlist(pm2: str, env: dict) -> dict:
+    listed = json.loads(subprocess.run([pm2, "jlist"], env=env, check=True,
+                                       capture_output=True, text=True, timeout=60).stdout)
+    return listed[0]
+
+
+@pytest.mark.slow
+def test_real_pm2_does_not_restart_a_configuration_error(tmp_path):
+    """pm2 5 still shows such an app as "waiting restart" (it sets that status before it
+    checks stop_exit_codes) but schedules no restart: restart_time stays 0 and pid 0 past
+    the restart delay, where without stop_exit_codes it restarts."""
+    pm2 = _pm2()
+    niche = Path(sys.executable).with_name("niche")
+    env = {k: v for k, v in os.environ.items() if k not in NEURON_VARS}
+    env.update(PM2_HOME=str(tmp_path / "pm2home"), NICHE_BIN=str(niche), NETUID="1",
+               EXTRA_ARGS="--axon.port 0")  # a configuration error: exit 2
+    try:
+        subprocess.run([pm2, "start", str(PM2 / "miner.config.js")], env=env, check=True,
+                       capture_output=True, timeout=120)
+        app = _jlist(pm2, env)
+        delay = app["pm2_env"]["restart_delay"] / 1000
+        deadline = time.monotonic() + 300
+        while app["pm2_env"].get("exit_code") is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the process imports torch and bittensor before it exits
+            app = _jlist(pm2, env)
+        assert app["pm2_env"].get("exit_code") == 2, app["pm2_env"]
+        time.sleep(delay + 5)  # past the restart delay: a restart would have happened
+        app = _jlist(pm2, env)
+        assert app["pm2_env"]["restart_time"] == 0 and app["pid"] == 0, app["pm2_env"]
+    finally:
+        subprocess.run([pm2, "kill"], env=env, capture_output=True, timeout=60)
