@@ -29,6 +29,8 @@ from pydantic import BaseModel, ValidationError
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
+from niche.chain.publish import publish_endpoint
+from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
@@ -98,6 +100,9 @@ class MinerConfig:
     (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
+    keep_running_when_deregistered: bool = False
+    """Keep serving (with /healthz not ok) after the hotkey lost its uid, instead of
+    stopping with DEREGISTERED_EXIT_CODE."""
 
 
 class MinerService:
@@ -126,6 +131,13 @@ class MinerService:
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
         self.metagraph: Metagraph | None = None
+        self.registration = RegistrationWatch(self.hotkey, config.netuid, "miner")
+        self.exit_code = 0
+        """What the process should exit with once the server stops (see request_stop)."""
+        self.request_stop: Callable[[], None] | None = None
+        """Set by the server: asks it to stop serving (the deregistration stop)."""
+        self._endpoint: tuple[str, int] | None = None
+        self._endpoint_published = True
         if metagraph is not None:
             self.set_metagraph(metagraph)
         elif chain is not None:
@@ -138,11 +150,35 @@ class MinerService:
         self._validator_stake = sum(n.stake for n in metagraph.neurons if n.validator_permit)
 
     def refresh_metagraph(self) -> Metagraph:
+        """Read the metagraph, then check this miner's own registration in it."""
         if self.chain is None:
             raise ChainError("no chain to read the metagraph from")
         metagraph = self.chain.metagraph(self.config.netuid)
         self.set_metagraph(metagraph)
+        self.watch_registration(metagraph)
         return metagraph
+
+    def watch_registration(self, metagraph: Metagraph) -> None:
+        """Deregistered: /healthz turns not ok and, unless configured to keep running,
+        the server is asked to stop with DEREGISTERED_EXIT_CODE."""
+        if self.registration.deregistered or self.registration.check(metagraph, log) is None:
+            return
+        if self.config.keep_running_when_deregistered:
+            log.error("still serving (--keep-running-when-deregistered); /healthz reports "
+                      "not ok")
+            return
+        log.error("stopping: exit code %d (pm2 does not restart it; register the hotkey "
+                  "again, then `pm2 restart`)", DEREGISTERED_EXIT_CODE)
+        self.exit_code = DEREGISTERED_EXIT_CODE
+        if self.request_stop is not None:
+            self.request_stop()
+
+    @property
+    def health(self) -> tuple[bool, str]:
+        """(ok, why not) for /healthz."""
+        if self.registration.reason is not None:
+            return False, self.registration.reason
+        return True, ""
 
     def check_registered(self) -> Neuron:
         """This miner's own neuron, or a ChainError telling the operator to register."""
@@ -152,21 +188,30 @@ class MinerService:
         return self.metagraph.require(self.hotkey, "miner")
 
     def announce(self, ip: str, port: int) -> None:
-        """Publish this miner's endpoint on chain (registers nothing)."""
+        """Publish this miner's endpoint on chain (registers nothing). An unchanged endpoint
+        is not served again; inside the chain's serving rate limit the miner serves anyway
+        and retries the publication after each metagraph refresh."""
         if self.chain is None:
             return
-        self.chain.serve(self.config.netuid, self.wallet, ip, port)
-        log.info("endpoint %s:%d served on subnet %d for hotkey %s", ip, port,
-                 self.config.netuid, self.hotkey)
+        self._endpoint = (ip, port)
+        outcome = publish_endpoint(self.chain, self.config.netuid, self.wallet, ip, port)
+        self._endpoint_published = outcome.published
+        if outcome.published:
+            log.info("%s (hotkey %s)", outcome.message, self.hotkey)
+        else:
+            log.warning("%s", outcome.message)
 
     async def refresh_loop(self) -> None:
-        """Background task: keep the metagraph snapshot fresh; a failed read keeps the old."""
+        """Background task: keep the metagraph snapshot fresh (a failed read keeps the old),
+        watch the registration, and retry an endpoint publication the rate limit deferred."""
         while True:
             await asyncio.sleep(self.config.metagraph_refresh)
             try:
                 mg = await asyncio.to_thread(self.refresh_metagraph)
                 log.debug("metagraph refreshed: block %d, %d neurons", mg.block,
                           len(mg.neurons))
+                if not self._endpoint_published and self._endpoint is not None:
+                    await asyncio.to_thread(self.announce, *self._endpoint)
             except Exception as exc:  # the miner keeps serving with the last snapshot
                 log.warning("metagraph refresh failed (keeping the last snapshot): %s", exc)
 

@@ -1,0 +1,56 @@
+"""Watching one's own registration: a hotkey replaced on its subnet must stop, loudly.
+
+On a full subnet a new registration replaces the non-immune neuron with the lowest
+pruning score; the replaced miner or validator earns nothing from then on. Both neurons
+check their registration on every metagraph refresh: deregistered -> one ERROR line,
+/healthz not ok, and (unless told to keep running) a stop with DEREGISTERED_EXIT_CODE,
+which the pm2 files list in `stop_exit_codes` so pm2 does not restart it in a loop.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from niche.chain.base import Metagraph
+
+DEREGISTERED_EXIT_CODE = 3
+"""Exit status of a neuron that stopped because its hotkey is no longer registered (or, for
+a validator, has no validator permit): restarting cannot help, so pm2 must not."""
+
+
+@dataclass
+class RegistrationWatch:
+    """Remembers which uid `hotkey` held and notices when it no longer does."""
+
+    hotkey: str
+    netuid: int
+    role: str
+    """'miner' or 'validator', for the log line."""
+    uid: int | None = None
+    reason: str | None = None
+    """Why this neuron counts as deregistered (None while registered)."""
+
+    @property
+    def deregistered(self) -> bool:
+        return self.reason is not None
+
+    def check(self, metagraph: Metagraph, log: logging.Logger) -> str | None:
+        """Look at a fresh metagraph; returns (and logs once, at ERROR) the reason when
+        the hotkey lost its uid. A hotkey never seen registered is left to the start-up
+        check (Metagraph.require)."""
+        neuron = metagraph.by_hotkey(self.hotkey)
+        if neuron is not None and (self.uid is None or neuron.uid == self.uid):
+            self.uid = neuron.uid
+            return None
+        if self.uid is None:
+            return None
+        holder = metagraph.by_uid(self.uid)
+        now = f"uid {self.uid} now belongs to {holder.hotkey}" if holder else \
+            f"uid {self.uid} is empty"
+        reason = (f"{self.role} hotkey {self.hotkey} was deregistered from subnet "
+                  f"{self.netuid} at block {metagraph.block} ({now}): register again "
+                  "(`btcli subnets register`, `niche chain register` on localnet)")
+        if self.reason is None:
+            log.error("DEREGISTERED: %s", reason)
+        self.reason = reason
+        return reason
