@@ -14,6 +14,18 @@ class ChainError(NicheError, RuntimeError):
     A NicheError, so the CLI prints it on one line without a traceback."""
 
 
+DEREGISTERED_EXIT_CODE = 3
+"""Exit status of a neuron that stops because its hotkey is not (or no longer) registered,
+or a validator without a validator permit: a restart cannot help, so pm2's
+`stop_exit_codes` include it."""
+
+
+class NotRegisteredError(ChainError):
+    """The hotkey holds no uid (or no validator permit) on the subnet: exit code 3."""
+
+    exit_code = DEREGISTERED_EXIT_CODE
+
+
 class RateLimitedError(ChainError):
     """The chain refused a write because the same one was made too recently (subtensor's
     `ServingRateLimitExceeded`, `SettingWeightsTooFast`): not a failure, retry later."""
@@ -64,7 +76,7 @@ class Metagraph:
         operator how to register: the one start-up check both neurons make."""
         neuron = self.by_hotkey(hotkey)
         if neuron is None:
-            raise ChainError(
+            raise NotRegisteredError(
                 f"{role} hotkey {hotkey} is not registered on subnet {self.netuid}: register "
                 "it first (`niche chain register ...` on localnet, `btcli subnets register` "
                 "on a real network)")

@@ -11,11 +11,27 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from niche.chain.base import Metagraph
+from niche.chain.base import DEREGISTERED_EXIT_CODE, Metagraph, Neuron, NotRegisteredError
 
-DEREGISTERED_EXIT_CODE = 3
-"""Exit status of a neuron that stopped because its hotkey is no longer registered (or, for
-a validator, has no validator permit): restarting cannot help, so pm2 must not."""
+__all__ = ["DEREGISTERED_EXIT_CODE", "RegistrationWatch", "require_permit", "permit_problem"]
+
+
+def permit_problem(neuron: Neuron, netuid: int) -> str | None:
+    """Why `neuron` cannot validate (None: it holds a validator permit)."""
+    if neuron.validator_permit:
+        return None
+    return (f"validator hotkey {neuron.hotkey} (uid {neuron.uid}, stake {neuron.stake:g}) has "
+            f"no validator permit on subnet {netuid}: miners refuse its requests (403) and "
+            "the chain its weights. Stake more (permits go to the top hotkeys by stake, "
+            "`btcli stake add`; `niche chain register --stake` on localnet), or start with "
+            "--wait-for-permit to wait for one")
+
+
+def require_permit(neuron: Neuron, netuid: int) -> None:
+    """NotRegisteredError (exit code 3) for a validator without a permit."""
+    problem = permit_problem(neuron, netuid)
+    if problem is not None:
+        raise NotRegisteredError(problem)
 
 
 @dataclass
