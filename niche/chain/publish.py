@@ -16,14 +16,15 @@ from niche.chain.base import Chain, Endpoint, RateLimitedError, UncertainWriteEr
 
 log = logging.getLogger("niche.chain")
 
-UNCHANGED = "unchanged"
-SERVED = "served"
-RATE_LIMITED = "rate_limited"
+Status = Literal["unchanged", "served", "rate_limited"]
+UNCHANGED: Status = "unchanged"
+SERVED: Status = "served"
+RATE_LIMITED: Status = "rate_limited"
 
 
 @dataclass(frozen=True)
 class ServeOutcome:
-    status: Literal["unchanged", "served", "rate_limited"]
+    status: Status
     message: str
 
     @property

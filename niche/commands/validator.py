@@ -146,11 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.debug)
     config = build_config(args)
     from niche.chain.base import ChainError
+    from niche.chain.registration import require_permit
     from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.commands.engine_args import engine_from_args
     from niche.validator.client import MinerClient
     from niche.validator.service import Validator, version_key
-    from niche.chain.registration import require_permit
     from niche.validator.state import ValidatorState, default_state_path, legacy_state_notice
 
     wallet = wallet_from_args(args)

@@ -38,7 +38,7 @@ from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
-    PROTOCOL_VERSION,
+    SUPPORTED_PROTOCOL_VERSIONS,
     GenerateRequest,
     GenerateResponse,
     GenerationParams,
@@ -100,6 +100,8 @@ class MinerConfig:
     (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
+    protocol_versions: tuple[int, ...] = SUPPORTED_PROTOCOL_VERSIONS
+    """Protocol versions answered (advertised in /v1/info); a request in another is refused."""
     keep_running_when_deregistered: bool = False
     """Keep serving (with /healthz not ok) after the hotkey lost its uid, instead of
     stopping with DEREGISTERED_EXIT_CODE."""
@@ -257,26 +259,27 @@ class MinerService:
                           f"more than {self.limiter.rate_for(share):g} requests per minute")
 
     # ------------------------------------------------------------------ requests
-    @staticmethod
-    def parse(body: bytes) -> GenerateRequest:
+    def parse(self, body: bytes) -> GenerateRequest:
         """Raw body -> GenerateRequest; protocol version checked before the schema."""
-        return MinerService.parse_model(body, GenerateRequest)
+        return MinerService.parse_model(body, GenerateRequest, self.config.protocol_versions)
 
     @staticmethod
-    def parse_model(body: bytes, model: type[Body]) -> Body:
-        """Raw body -> `model`; protocol version checked before the schema."""
+    def parse_model(body: bytes, model: type[Body],
+                    versions: tuple[int, ...] = SUPPORTED_PROTOCOL_VERSIONS) -> Body:
+        """Raw body -> `model`; protocol version (one of `versions`) checked before the
+        schema."""
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise Refusal(400, "malformed_json", "body is not JSON") from None
         if not isinstance(data, dict):
             raise Refusal(400, "malformed_json", "body must be a JSON object")
-        version = data.get("protocol_version", PROTOCOL_VERSION)
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
+        version = data.get("protocol_version", max(versions))
+        if isinstance(version, bool) or version not in versions:
             raise Refusal(400, "unsupported_protocol_version",
-                          f"this miner speaks protocol {PROTOCOL_VERSION}, got {version!r}: "
+                          f"this miner speaks protocol {_span(versions)}, got {version!r}: "
                           "upgrade niche (answers commit to their sampler states since "
-                          "protocol 2)", field="protocol_version")
+                          "protocol 2; see CHANGELOG.md)", field="protocol_version")
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -313,7 +316,7 @@ class MinerService:
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
-              caller: str) -> tuple[float, str, str, StatesCommitment, str]:
+              caller: str, version: int) -> tuple[float, str, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
         result, states = self.engine.generate_with_states(params, image)
@@ -321,7 +324,8 @@ class MinerService:
         b64, digest = encode_b64(result, "PNG")
         commitment = commit(states, self.engine.compute_dtype(params.model))
         self.states.put(caller, request_id, states)
-        signature = sign_response(self.keypair, request_id, digest, commitment.digest())
+        signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
+                                  version=version)
         return seconds, b64, digest, commitment, signature
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
@@ -334,7 +338,7 @@ class MinerService:
         self.metrics.busy.set(1)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id, caller)
+                                      request.request_id, caller, request.protocol_version)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
@@ -349,14 +353,15 @@ class MinerService:
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
         self.metrics.generation_seconds.labels(params.model).observe(seconds)
         return GenerateResponse(
-            request_id=request.request_id, model=params.model, image=b64, image_sha256=digest,
+            protocol_version=request.protocol_version, request_id=request.request_id,
+            model=params.model, image=b64, image_sha256=digest,
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
             miner_version=__version__, states=commitment)
 
     def fetch_states(self, body: bytes, caller: str) -> StatesResponse:
         """The states `caller` asks for of one of its own earlier answers."""
-        request = self.parse_model(body, StatesRequest)
+        request = self.parse_model(body, StatesRequest, self.config.protocol_versions)
         kept = self.states.get(caller, request.request_id)
         if kept is None:
             raise Refusal(404, "unknown_request", "no states kept for this request (never "
@@ -367,16 +372,24 @@ class MinerService:
                           field="indices")
         blobs = [StateBlob(index=i, data=base64.b64encode(kept[i - 1]).decode("ascii"))
                  for i in sorted(set(request.indices))]
-        return StatesResponse(request_id=request.request_id, states=blobs)
+        return StatesResponse(protocol_version=request.protocol_version,
+                              request_id=request.request_id, states=blobs)
 
     def info(self) -> InfoResponse:
         est = self.gate.estimate()
-        return InfoResponse(hotkey=self.hotkey, models=self.engine.served(),
+        versions = sorted(set(self.config.protocol_versions))
+        return InfoResponse(protocol_version=versions[-1], protocol_versions=versions,
+                            hotkey=self.hotkey, models=self.engine.served(),
                             capacity_per_minute=(60.0 / est) if est else 0.0,
                             miner_version=__version__)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _span(versions: tuple[int, ...]) -> str:
+    low, high = min(versions), max(versions)
+    return str(low) if low == high else f"{low}..{high}"
 
 
 def short(hotkey: Any) -> str:
