@@ -152,3 +152,21 @@ def test_rate_limited_endpoint_is_published_by_the_refresh_loop(tmp_path, caplog
         miner.stop()
         chain.close()
     assert miner.code == 0
+
+
+def test_registration_watch_edges(caplog):
+    from niche.chain.base import Metagraph, Neuron
+    from niche.chain.registration import RegistrationWatch
+
+    log = logging.getLogger("niche.test")
+    caplog.set_level(logging.ERROR, logger="niche.test")
+    me = Neuron(uid=4, hotkey="5Me", coldkey="5C", stake=0.0, validator_permit=False,
+                endpoint=None, last_update=0)
+    watch = RegistrationWatch("5Me", 1, "miner")
+    assert watch.check(Metagraph(1, 10, ()), log) is None  # never seen: start-up's job
+    assert watch.check(Metagraph(1, 11, (me,)), log) is None and watch.uid == 4
+    gone = Metagraph(1, 12, ())
+    first = watch.check(gone, log)
+    assert first is not None and "uid 4 is empty" in first and watch.deregistered
+    assert watch.check(gone, log) is not None
+    assert sum("DEREGISTERED" in r.getMessage() for r in caplog.records) == 1  # logged once
