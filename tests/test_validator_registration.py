@@ -148,10 +148,10 @@ def test_deregistered_mid_run(net, tiny_engine, caplog, keep_running):
         wait_for(lambda: any("DEREGISTERED" in r.getMessage() for r in caplog.records),
                  "the deregistration line")
         if keep_running:
-            rounds = len(validator.reports)
-            wait_for(lambda: len(validator.reports) > rounds + 1 and any(
-                "no uid of ours" in r.weights_message for r in validator.reports[rounds:]),
-                "more rounds, one of them due to set weights")
+            last = validator.reports[-1].round  # reports keeps the last 10 only
+            wait_for(lambda: any(r.round > last and "no uid of ours" in r.weights_message
+                                 for r in list(validator.reports)),
+                     "more rounds, one of them due to set weights")
             assert run.thread.is_alive() and validator.exit_code == 0
     finally:
         run.stop()
