@@ -18,7 +18,7 @@ from bittensor import http_auth
 from bittensor.sp_core import CRYPTO_SR25519
 from bittensor.sp_core import verify as _sr_verify
 
-from niche.protocol import NO_STATES, response_signing_message
+from niche.protocol import NO_STATES, PROTOCOL_VERSION, response_signing_message
 
 AUTH_HEADERS = (
     http_auth.HEADER_VERSION, http_auth.HEADER_HOTKEY, http_auth.HEADER_NONCE,
@@ -141,18 +141,22 @@ class RequestVerifier:
 
 # ----------------------------------------------------------------------------- responses
 def sign_response(keypair, request_id: str, image_sha256: str,
-                  states_digest: str = NO_STATES) -> str:
-    """Hex signature of the miner hotkey over the response message."""
-    message = response_signing_message(request_id, image_sha256, states_digest)
+                  states_digest: str = NO_STATES, *, version: int = PROTOCOL_VERSION) -> str:
+    """Hex signature of the miner hotkey over the response message of protocol `version`."""
+    message = response_signing_message(request_id, image_sha256, states_digest,
+                                       version=version)
     return "0x" + bytes(keypair.sign(message)).hex()
 
 
 def verify_response(hotkey_ss58: str, request_id: str, image_sha256: str,
-                    signature: str, states_digest: str = NO_STATES) -> bool:
-    """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256, states)."""
+                    signature: str, states_digest: str = NO_STATES, *,
+                    version: int = PROTOCOL_VERSION) -> bool:
+    """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256, states) in
+    protocol `version`'s message."""
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
-        message = response_signing_message(request_id, image_sha256, states_digest)
+        message = response_signing_message(request_id, image_sha256, states_digest,
+                                           version=version)
         return bool(_sr_verify(message, raw, hotkey_ss58, CRYPTO_SR25519))
     except (ValueError, TypeError):
         return False

@@ -7,13 +7,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 2
-"""Bumped on any incompatible change; a peer speaking another version is refused.
-2: answers commit to their sampler states (`StatesCommitment`), fetched at /v1/states."""
+PROTOCOL_VERSION = 3
+"""The newest version this niche speaks; bumped on any incompatible change.
+2: answers commit to their sampler states (`StatesCommitment`), fetched at /v1/states.
+3: /v1/info lists every version a miner speaks (`protocol_versions`) and a reader ignores
+   fields it does not know; the validator asks in the highest version both speak and the
+   answer's signature names that version (see `response_signing_message`)."""
+MIN_PROTOCOL_VERSION = 2
+"""The oldest version still spoken, so a subnet upgrades one peer at a time (CHANGELOG.md)."""
+SUPPORTED_PROTOCOL_VERSIONS: tuple[int, ...] = tuple(
+    range(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 1))
+
+
+def negotiate(theirs: Iterable[int], ours: Iterable[int] = SUPPORTED_PROTOCOL_VERSIONS
+              ) -> int | None:
+    """The highest version both sides speak (None: no common version)."""
+    common = set(theirs) & set(ours)
+    return max(common) if common else None
 
 GENERATE_PATH = "/v1/generate"
 """Signed POST: GenerateRequest -> GenerateResponse."""
@@ -164,14 +179,25 @@ class RuntimeInfo(_Strict):
 
 
 class InfoResponse(_Strict):
-    """GET /v1/info: what this miner serves. Validators read it to pick challenges."""
+    """GET /v1/info: what this miner serves. Validators read it to pick challenges.
+
+    Unknown fields are ignored (not refused) so a newer miner's info still reads."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     protocol_version: int = PROTOCOL_VERSION
+    """The newest version the miner speaks."""
+    protocol_versions: list[int] = Field(default_factory=list, max_length=32)
+    """Every version it speaks (protocol 3+); empty from a protocol-2 miner."""
     hotkey: str
     models: list[ModelInfo]
     capacity_per_minute: float = Field(ge=0.0)
     miner_version: str
     runtime: RuntimeInfo | None = None
+
+    def speaks(self) -> list[int]:
+        """The versions the miner speaks (a protocol-2 miner names only its one)."""
+        return sorted(set(self.protocol_versions)) or [self.protocol_version]
 
 
 class ErrorResponse(BaseModel):
@@ -188,10 +214,12 @@ NO_STATES = "-"
 
 
 def response_signing_message(request_id: str, image_sha256: str,
-                             states_digest: str = NO_STATES) -> bytes:
+                             states_digest: str = NO_STATES, *,
+                             version: int = PROTOCOL_VERSION) -> bytes:
     """What a miner signs for each answer: nothing binds an image and its computation to
-    its miner without it."""
-    return (f"niche-response/v{PROTOCOL_VERSION}:{request_id}:{image_sha256}:"
+    its miner without it. The message names the protocol `version` the answer was asked
+    in, so an answer signed under one version never verifies under another."""
+    return (f"niche-response/v{version}:{request_id}:{image_sha256}:"
             f"{states_digest}").encode()
 
 

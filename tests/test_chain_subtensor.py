@@ -188,7 +188,7 @@ def test_register_and_serve(wallet):
 
 def test_failed_extrinsic_raises_with_remediation(wallet):
     sdk = FakeSDK()
-    error = bt.ChainError("Too many registrations this block", name="TooManyRegistrationsThisBlock")
+    error = bt.ChainError("Invalid IP address", name="InvalidIpAddress")
     sdk.execute = lambda intent, wallet, **kw: bt.ExtrinsicResult(
         success=False, message="dispatch failed", error=error)
     chain, _ = make(sdk)

@@ -43,7 +43,7 @@ def argv(net, wallet: str, port: int, *extra: str) -> list[str]:
 
 
 def test_unregistered_hotkey_refuses_to_start(net, capsys):
-    assert main(argv(net, "stranger", free_port())) == 1
+    assert main(argv(net, "stranger", free_port())) == 3  # pm2 stop_exit_codes: no restart loop
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: miner hotkey") and "not registered on subnet 1" in err
     assert len(err.splitlines()) == 1

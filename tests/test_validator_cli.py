@@ -83,7 +83,8 @@ def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys, 
     code = main(_validator_argv(tmp_path, 1))
     err = capsys.readouterr().err
     assert code != 0 and "not registered on subnet 1" in err and "Traceback" not in err
-    assert code == main(_validator_argv(tmp_path, 9))
+    assert code == 3  # not registered: pm2 must not restart it (stop_exit_codes)
+    assert main(_validator_argv(tmp_path, 9)) == 1
     assert "subnet 9 does not exist" in capsys.readouterr().err
     # nothing was loaded or opened: no engine built, no state file created
     assert engine_spy.built == []

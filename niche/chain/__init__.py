@@ -5,6 +5,8 @@ from niche.chain.base import (
     Endpoint,
     Metagraph,
     Neuron,
+    RateLimitedError,
+    UncertainWriteError,
     WeightsResult,
 )
 from niche.chain.factory import NETWORK_CHOICES, connect
@@ -15,6 +17,8 @@ __all__ = [
     "Endpoint",
     "Metagraph",
     "Neuron",
+    "RateLimitedError",
+    "UncertainWriteError",
     "WeightsResult",
     "NETWORK_CHOICES",
     "connect",

@@ -14,6 +14,32 @@ class ChainError(NicheError, RuntimeError):
     A NicheError, so the CLI prints it on one line without a traceback."""
 
 
+DEREGISTERED_EXIT_CODE = 3
+"""Exit status of a neuron that stops because its hotkey is not (or no longer) registered,
+or a validator without a validator permit: a restart cannot help, so pm2's
+`stop_exit_codes` include it."""
+
+
+class NotRegisteredError(ChainError):
+    """The hotkey holds no uid (or no validator permit) on the subnet: exit code 3."""
+
+    exit_code = DEREGISTERED_EXIT_CODE
+
+
+class RateLimitedError(ChainError):
+    """The chain refused a write because the same one was made too recently (subtensor's
+    `ServingRateLimitExceeded`, `SettingWeightsTooFast`): not a failure, retry later."""
+
+    def __init__(self, message: str, *, retry_in_blocks: int | None = None):
+        super().__init__(message)
+        self.retry_in_blocks = retry_in_blocks
+
+
+class UncertainWriteError(ChainError):
+    """The connection dropped while a write was in flight: it may or may not be on chain.
+    Callers read the chain to find out before submitting it again."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     ip: str
@@ -54,7 +80,7 @@ class Metagraph:
         operator how to register: the one start-up check both neurons make."""
         neuron = self.by_hotkey(hotkey)
         if neuron is None:
-            raise ChainError(
+            raise NotRegisteredError(
                 f"{role} hotkey {hotkey} is not registered on subnet {self.netuid}: register "
                 "it first (`niche chain register ...` on localnet, `btcli subnets register` "
                 "on a real network)")
@@ -98,7 +124,14 @@ class Chain(ABC):
 
     @abstractmethod
     def serve(self, netuid: int, wallet, ip: str, port: int) -> None:
-        """Publish this hotkey's endpoint so validators can reach it."""
+        """Publish this hotkey's endpoint so validators can reach it. Raises
+        RateLimitedError inside the serving rate limit, UncertainWriteError when the
+        connection dropped mid-write."""
+
+    def endpoint_of(self, netuid: int, hotkey: str) -> Endpoint | None:
+        """The endpoint `hotkey` has published on `netuid` (None: none or not registered)."""
+        neuron = self.metagraph(netuid).by_hotkey(hotkey)
+        return neuron.endpoint if neuron is not None else None
 
     @abstractmethod
     def set_weights(

@@ -7,7 +7,8 @@ in a `BEGIN IMMEDIATE` transaction so two writers queue instead of deadlocking.
 
 What it models (the parts of subtensor a subnet touches): subnets with tempo, weights
 rate limit, max uids and immunity period; hotkeys registered with their coldkey and
-stake; validator permits (top-K by stake above a minimum); served endpoints; weights
+stake; validator permits (top-K by stake above a minimum); served endpoints with the
+serving rate limit (`ServingRateLimitExceeded` on subtensor); weights
 with history, version key and rate limit; a block clock driven by wall time; and
 incentive computed from the weights with a simplified Yuma consensus (see
 `yuma_incentive`). Calls that act for a hotkey are signed by the wallet's hotkey and
@@ -26,9 +27,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from niche.chain.base import Chain, ChainError, Endpoint, Metagraph, Neuron, WeightsResult
+from niche.chain.base import (
+    Chain,
+    ChainError,
+    Endpoint,
+    Metagraph,
+    Neuron,
+    RateLimitedError,
+    WeightsResult,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: subnets have a serving rate limit, neurons remember the block they last served."""
 DEFAULT_BLOCK_TIME = 1.0  # seconds per block on localnet; the real chain uses 12
 BUSY_TIMEOUT_MS = 15_000
 KAPPA = 0.5  # share of validator stake that must support a weight for it to count
@@ -44,7 +54,8 @@ CREATE TABLE IF NOT EXISTS subnets (
     max_validators INTEGER NOT NULL,
     min_validator_stake REAL NOT NULL,
     weights_version INTEGER NOT NULL,
-    created_block INTEGER NOT NULL
+    created_block INTEGER NOT NULL,
+    serving_rate_limit INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS neurons (
     netuid INTEGER NOT NULL REFERENCES subnets(netuid),
@@ -57,6 +68,7 @@ CREATE TABLE IF NOT EXISTS neurons (
     registered_block INTEGER NOT NULL,
     last_update INTEGER NOT NULL,
     last_weights_block INTEGER,
+    last_served_block INTEGER,
     PRIMARY KEY (netuid, uid),
     UNIQUE (netuid, hotkey)
 );
@@ -91,6 +103,7 @@ class SubnetParams:
     min_validator_stake: float
     weights_version: int
     created_block: int
+    serving_rate_limit: int = 0
 
 
 def _hotkey_address(wallet) -> str:
@@ -304,6 +317,7 @@ class LocalChain(Chain):
         max_validators: int = 8,
         min_validator_stake: float = 1.0,
         weights_version: int = 0,
+        serving_rate_limit: int = 0,
         exist_ok: bool = False,
     ) -> int:
         """Create a subnet (next free netuid >= 1 when `netuid` is None); returns its netuid."""
@@ -311,6 +325,7 @@ class LocalChain(Chain):
             ("tempo", tempo, 1), ("weights_rate_limit", weights_rate_limit, 0),
             ("max_uids", max_uids, 1), ("immunity_period", immunity_period, 0),
             ("max_validators", max_validators, 1), ("weights_version", weights_version, 0),
+            ("serving_rate_limit", serving_rate_limit, 0),
         ):
             if int(value) != value or value < low:
                 raise ChainError(f"{name} must be an integer >= {low}, got {value}")
@@ -327,9 +342,10 @@ class LocalChain(Chain):
                     return netuid
                 raise ChainError(f"subnet {netuid} already exists in {self.path}")
             db.execute(
-                "INSERT INTO subnets VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO subnets VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (netuid, tempo, weights_rate_limit, max_uids, immunity_period, max_validators,
-                 float(min_validator_stake), weights_version, self.current_block()),
+                 float(min_validator_stake), weights_version, self.current_block(),
+                 serving_rate_limit),
             )
         return netuid
 
@@ -442,19 +458,32 @@ class LocalChain(Chain):
         return int(row[0])
 
     def serve(self, netuid: int, wallet, ip: str, port: int) -> None:
+        """Publish the endpoint. Like subtensor, every serve (even of the same endpoint)
+        counts against the subnet's serving rate limit: a second one within
+        `serving_rate_limit` blocks raises RateLimitedError and changes nothing."""
         try:
             address = ipaddress.ip_address(ip)
         except ValueError as exc:
             raise ChainError(f"serve: {ip!r} is not an IP address") from exc
         if not 0 < int(port) < 65536:
             raise ChainError(f"serve: port must be in 1..65535, got {port}")
-        self.subnet(netuid)
+        params = self.subnet(netuid)
         hotkey, _ = _signed(wallet, "serve", netuid, {"ip": str(address), "port": int(port)})
+        block = self.current_block()
         with self._write() as db:
             uid = self._uid_of(db, netuid, hotkey)
+            (last,) = db.execute(
+                "SELECT last_served_block FROM neurons WHERE netuid=? AND uid=?", (netuid, uid)
+            ).fetchone()
+            if last is not None and block - last < params.serving_rate_limit:
+                wait = params.serving_rate_limit - (block - last)
+                raise RateLimitedError(
+                    f"serve: ServingRateLimitExceeded: served {block - last} blocks ago, the "
+                    f"limit is {params.serving_rate_limit} blocks; retry in {wait} blocks",
+                    retry_in_blocks=wait)
             db.execute(
-                "UPDATE neurons SET ip=?, port=? WHERE netuid=? AND uid=?",
-                (str(address), int(port), netuid, uid),
+                "UPDATE neurons SET ip=?, port=?, last_served_block=? WHERE netuid=? AND uid=?",
+                (str(address), int(port), block, netuid, uid),
             )
 
     def set_weights(

@@ -1,8 +1,13 @@
 """The chain interface over the bittensor 11 SDK (`bt.Subtensor`), for finney/test/local.
 
-Every SDK call goes through `_call`: transport failures (node down, socket closed,
+Every SDK read goes through `_call`: transport failures (node down, socket closed,
 timeouts) are retried with bounded exponential backoff, then reported as one
-ChainError naming the endpoint; on-chain rejections are not retried. Weight setting
+ChainError naming the endpoint; on-chain rejections are not retried. Writes are
+never resubmitted blindly: the SDK's own `retries` (transaction-pool rejections such as
+a nonce race, one block apart) are used, a connection lost mid-write is an
+UncertainWriteError that the caller resolves by reading the chain (serve: the axon;
+weights: the hotkey's last-update block), and a rate-limit rejection is a
+RateLimitedError ("retry later"). Weight setting
 uses the SDK's `SetWeights` intent, which reads the subnet's commit-reveal setting
 and submits either plaintext weights or a timelocked commit that the chain reveals
 itself; we report which path was taken.
@@ -18,7 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from niche.chain.base import Chain, ChainError, Endpoint, Metagraph, Neuron, WeightsResult
+from niche.chain.base import (
+    Chain,
+    ChainError,
+    Endpoint,
+    Metagraph,
+    Neuron,
+    RateLimitedError,
+    UncertainWriteError,
+    WeightsResult,
+)
 
 T = TypeVar("T")
 
@@ -33,6 +47,16 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 def _tao(value: Any) -> float:
     return float(getattr(value, "tao", value) or 0.0)
+
+
+def _rate_limited(result: Any) -> bool:
+    """A failed ExtrinsicResult the chain refused for a rate limit."""
+    from bittensor.result import ErrorCode
+
+    error = getattr(result, "error", None)
+    if error is not None and getattr(error, "code", None) == ErrorCode.RATE_LIMITED:
+        return True
+    return "ratelimit" in (result.message or "").lower().replace(" ", "").replace("_", "")
 
 
 def parse_axon(axon: str | None) -> Endpoint | None:
@@ -59,13 +83,15 @@ class SubtensorChain(Chain):
         chain_endpoint: str | None = None,
         sdk: Any = None,
         retries: int = 3,
+        write_retries: int = 2,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """`network`: finney, test, local, archive, devnet or a ws(s):// URL;
         `chain_endpoint` overrides the URL. `sdk`: an object with `bt.Subtensor`'s
-        surface (tests inject a fake). Calls are tried `retries + 1` times."""
+        surface (tests inject a fake). Reads are tried `retries + 1` times; writes pass
+        `write_retries` to the SDK's `execute(..., retries=)`."""
         target = chain_endpoint or network
         if not (target in SDK_NETWORKS or target.startswith(("ws://", "wss://"))):
             raise ChainError(
@@ -75,6 +101,7 @@ class SubtensorChain(Chain):
         self.network = network
         self.endpoint = target
         self.retries = max(0, int(retries))
+        self.write_retries = max(0, int(write_retries))
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._sleep = sleep
@@ -178,10 +205,31 @@ class SubtensorChain(Chain):
 
     # -- writes ----------------------------------------------------------------------
 
+    def _submit(self, what: str, intent: Any, wallet: Any) -> Any:
+        """One write through the SDK (its own retries for pool rejections, waiting for
+        inclusion). Rate limits -> RateLimitedError; a lost connection ->
+        UncertainWriteError (it may have landed; never resubmitted here)."""
+        import bittensor as bt
+        from bittensor.result import ErrorCode
+
+        try:
+            return self._sdk.execute(intent, wallet, retries=self.write_retries,
+                                     wait_for_inclusion=True, wait_for_finalization=False)
+        except bt.ChainError as exc:
+            if exc.code == ErrorCode.RATE_LIMITED:
+                raise RateLimitedError(f"{what}: {exc}") from exc
+            raise
+        except _transient_errors() as exc:
+            raise UncertainWriteError(
+                f"{what}: connection to {self.endpoint} lost while the write was in flight "
+                f"({exc}); it may have landed") from exc
+
     def _execute(self, what: str, intent: Any, wallet: Any) -> Any:
-        result = self._call(what, lambda: self._sdk.execute(intent, wallet))
+        result = self._call(what, lambda: self._submit(what, intent, wallet))
         if not result.success:
             error = getattr(result, "error", None)
+            if _rate_limited(result):
+                raise RateLimitedError(f"{what}: {result.message or error}")
             hint = f" {error.remediation}" if error is not None else ""
             raise ChainError(f"{what} failed on chain: {result.message or error}.{hint}")
         return result
@@ -215,9 +263,14 @@ class SubtensorChain(Chain):
             version_key=int(version_key),
         )
 
+        hotkey = wallet.hotkey.ss58_address
+        what = f"set weights on subnet {netuid}"
+
         def submit():
             try:
-                return self._sdk.execute(intent, wallet)
+                return self._submit(what, intent, wallet)
+            except RateLimitedError as exc:
+                return exc
             except bt.ChainError as exc:
                 if exc.code == ErrorCode.NOT_REGISTERED:
                     raise ChainError(
@@ -226,7 +279,15 @@ class SubtensorChain(Chain):
                     ) from exc
                 return exc
 
-        outcome = self._call(f"set weights on subnet {netuid}", submit)
+        before = self.current_block()
+        try:
+            outcome = self._call(what, submit)
+        except UncertainWriteError as exc:
+            if self._weights_landed(netuid, hotkey, before):
+                return WeightsResult(True, f"weights confirmed on chain (last update at or "
+                                           f"after block {before}) after: {exc}",
+                                     self.current_block())
+            outcome = self._call(what, submit)  # not on chain: one more submission
         if isinstance(outcome, Exception):
             return WeightsResult(False, str(outcome), self.current_block())
         block = self.current_block()
@@ -239,6 +300,12 @@ class SubtensorChain(Chain):
                 f"round {reveal}", block,
             )
         return WeightsResult(True, outcome.message or "weights set", block)
+
+    def _weights_landed(self, netuid: int, hotkey: str, since_block: int) -> bool:
+        """Did a weights write of `hotkey` land at or after `since_block`? (its neuron's
+        last-update block moves whenever its weights are set or committed)."""
+        neuron = self.metagraph(netuid).by_hotkey(hotkey)
+        return neuron is not None and neuron.last_update >= since_block
 
     def register(self, netuid: int, wallet, stake: float = 0.0) -> int:
         """Burned registration (pays the subnet's burn from the coldkey); returns the uid."""

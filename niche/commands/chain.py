@@ -25,8 +25,14 @@ def register(subparsers) -> None:
     p.add_argument("--tempo", type=int, default=20, help="blocks per epoch (default 20)")
     p.add_argument("--weights-rate-limit", type=int, default=5,
                    help="blocks between two weight sets of one hotkey (default 5)")
-    p.add_argument("--max-uids", type=int, default=64)
-    p.add_argument("--immunity-period", type=int, default=50)
+    p.add_argument("--max-uids", type=int, default=64,
+                   help="uids on the subnet; a registration on a full subnet replaces the "
+                        "non-immune neuron with the lowest incentive (default 64)")
+    p.add_argument("--immunity-period", type=int, default=50,
+                   help="blocks a new registration cannot be replaced (default 50)")
+    p.add_argument("--serving-rate-limit", type=int, default=0,
+                   help="blocks between two endpoint serves of one hotkey, as subtensor's "
+                        "ServingRateLimit (default 0: none; finney uses 50)")
     p.add_argument("--max-validators", type=int, default=8,
                    help="validator permits go to the top K hotkeys by stake (default 8)")
     p.add_argument("--min-validator-stake", type=float, default=1.0)
@@ -70,14 +76,15 @@ def _create_subnet(args: argparse.Namespace) -> int:
             args.netuid, tempo=args.tempo, weights_rate_limit=args.weights_rate_limit,
             max_uids=args.max_uids, immunity_period=args.immunity_period,
             max_validators=args.max_validators, min_validator_stake=args.min_validator_stake,
-            exist_ok=args.exist_ok,
+            serving_rate_limit=args.serving_rate_limit, exist_ok=args.exist_ok,
         )
         p = chain.subnet(netuid)
     finally:
         chain.close()
     print(f"subnet {netuid} in {args.localnet_path}: tempo {p.tempo}, weights rate limit "
           f"{p.weights_rate_limit}, max uids {p.max_uids}, validator permits top "
-          f"{p.max_validators} with stake >= {p.min_validator_stake}")
+          f"{p.max_validators} with stake >= {p.min_validator_stake}, serving rate limit "
+          f"{p.serving_rate_limit}")
     return 0
 
 

@@ -46,6 +46,10 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                      help="requests waiting for the GPU before 503 (default 16)")
     lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
                      default=60.0, help="seconds between metagraph refreshes (default 60)")
+    parser.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",
+                        action="store_true",
+                        help="keep serving after the hotkey lost its uid (default: stop with "
+                             "exit code 3, which pm2 does not restart)")
     parser.add_argument("--localnet.cheat", dest="localnet_cheat", default=None,
                         metavar="CHEAT", help="localnet demo only: answer with a cheaper/wrong "
                                               "computation (see `niche localnet --help`) so "
@@ -107,6 +111,7 @@ def config_from_args(args: argparse.Namespace):
         requests_per_minute=args.requests_per_minute,
         stake_proportional_rate=args.stake_proportional,
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
+        keep_running_when_deregistered=args.keep_running_deregistered,
     )
 
 
@@ -160,8 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
              service.check_registered().uid, ", ".join(args.models))
     try:
-        serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+        return serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
     finally:
         if metrics is not None:
             metrics.close()
-    return 0

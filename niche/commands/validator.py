@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-DEFAULT_STATE = "~/.niche/validator/state.sqlite"
+DEFAULT_STATE = "~/.niche/validator/NETWORK/netuidN/HOTKEY/state.sqlite"
 
 
 def _pairs(values, flag: str, cast=float) -> dict:
@@ -50,8 +51,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                    help="stop after this many rounds (default: run until stopped)")
     n.add_argument("--neuron.round_interval", dest="round_interval", type=float, default=12.0,
                    help="seconds between round starts (default 12)")
-    n.add_argument("--neuron.state_path", dest="state_path", default=DEFAULT_STATE,
-                   help=f"SQLite state file (default {DEFAULT_STATE})")
+    n.add_argument("--neuron.state_path", dest="state_path", default=None,
+                   help=f"SQLite state file (default {DEFAULT_STATE}); a file of another "
+                        "network, netuid or hotkey is refused")
     n.add_argument("--neuron.seed", dest="seed", type=int, default=None,
                    help="challenge seed (default: a fresh secret one; set it only for tests)")
     n.add_argument("--neuron.exclusion_rounds", dest="exclusion_rounds", type=int, default=50,
@@ -81,6 +83,16 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.logging_args import add_logging_args
 
     add_logging_args(parser)
+    r = parser.add_argument_group("registration")
+    r.add_argument("--wait-for-permit", dest="wait_for_permit", action="store_true",
+                   help="without a validator permit, wait for one (a log line per check) "
+                        "instead of exiting with code 3")
+    r.add_argument("--permit-poll", dest="permit_poll", type=float, default=60.0,
+                   help="seconds between permit checks with --wait-for-permit (default 60)")
+    r.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",
+                   action="store_true",
+                   help="keep running rounds after the hotkey lost its uid (default: stop "
+                        "with exit code 3, which pm2 does not restart)")
 
 
 def register(subparsers) -> None:
@@ -136,13 +148,15 @@ def build_config(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
     return ValidatorConfig(
         netuid=args.netuid, models=tuple(args.models),
-        state_path=Path(args.state_path).expanduser(), sample_size=args.sample_size,
+        state_path=Path(args.state_path).expanduser() if args.state_path else None,
+        sample_size=args.sample_size,
         timeout=args.timeout, epoch_length=args.epoch_length,
         audit_fraction=args.audit_fraction, rounds=args.rounds,
         round_interval=args.round_interval, seed=args.seed, prompts_file=args.prompts_file,
         organic_queue=Path(args.organic_queue).expanduser() if args.organic_queue else None,
         scoring=scoring,
-        audit=audit,
+        audit=audit, wait_for_permit=args.wait_for_permit, permit_poll=args.permit_poll,
+        keep_running_when_deregistered=args.keep_running_deregistered,
         verify=VerifyConfig.with_overrides(
             _pairs(args.verify_threshold, "--verify.threshold")))
 
@@ -159,11 +173,12 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging_from_args(args, "niche-validator")
     config = build_config(args)
     from niche.chain.base import ChainError
+    from niche.chain.registration import require_permit
     from niche.commands.chain_args import chain_from_args, wallet_from_args
     from niche.commands.engine_args import engine_from_args
     from niche.validator.client import MinerClient
     from niche.validator.service import Validator, version_key
-    from niche.validator.state import ValidatorState
+    from niche.validator.state import ValidatorState, default_state_path, legacy_state_notice
 
     wallet = wallet_from_args(args)
     chain = chain_from_args(args)
@@ -171,10 +186,19 @@ def _run(args: argparse.Namespace) -> int:
         # Cheap checks first: the subnet and the registration, before minutes of loading.
         if not chain.subnet_exists(config.netuid):
             raise ChainError(f"subnet {config.netuid} does not exist on {chain.network}")
-        chain.metagraph(config.netuid).require(wallet.hotkey.ss58_address, "validator")
+        hotkey = wallet.hotkey.ss58_address
+        neuron = chain.metagraph(config.netuid).require(hotkey, "validator")
+        if not config.wait_for_permit:
+            require_permit(neuron, config.netuid)  # before minutes of model loading
         if not config.version_key:
             config.version_key = version_key()
+        if config.state_path is None:
+            config.state_path = default_state_path(chain.network, config.netuid, hotkey)
+            notice = legacy_state_notice(config.state_path)
+            if notice:
+                logging.getLogger("niche.validator").warning("%s", notice)
         with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
+            state.bind(chain.network, config.netuid, hotkey)
             engine = engine_from_args(args, config.models)
             validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
             from niche.commands.metrics_args import metrics_server_from_args

@@ -192,10 +192,14 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     async def info():
         return JSONResponse(service.info().model_dump(mode="json"))
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "not ok: deregistered"}})
     async def healthz():
-        return {"ok": True, "busy": service.gate.busy, "queue": service.gate.depth,
+        ok, reason = service.health
+        body = {"ok": ok, "busy": service.gate.busy, "queue": service.gate.depth,
                 "hotkey": service.hotkey}
+        if ok:
+            return body
+        return JSONResponse({**body, "reason": reason}, status_code=503)
 
     default_openapi = app.openapi
 
@@ -310,14 +314,16 @@ def stop_on_signals(server) -> Iterator[None]:
 
 
 def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None = None
-          ) -> None:
-    """Bind, publish the endpoint on chain, then serve until SIGINT/SIGTERM."""
+          ) -> int:
+    """Bind, publish the endpoint on chain, then serve until SIGINT/SIGTERM (exit code 0)
+    or a deregistration (service.exit_code, DEREGISTERED_EXIT_CODE). Returns the code."""
     sock = bind_socket(ip, port)
     actual_port = sock.getsockname()[1]
     public_ip = external_ip or ip
     try:
         service.announce(public_ip, actual_port)
         server = uvicorn_server(create_app(service))
+        service.request_stop = lambda: setattr(server, "should_exit", True)
         log.info("miner %s listening on %s:%d (published %s:%d)", service.hotkey, ip,
                  actual_port, public_ip, actual_port)
         with stop_on_signals(server):
@@ -325,4 +331,5 @@ def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None 
     finally:
         sock.close()
         service.close()
-        log.info("miner stopped")
+        log.info("miner stopped (exit code %d)", service.exit_code)
+    return service.exit_code

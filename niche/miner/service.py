@@ -29,6 +29,8 @@ from pydantic import BaseModel, ValidationError
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
+from niche.chain.publish import publish_endpoint
+from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
@@ -37,7 +39,7 @@ from niche.miner.state_store import StateStore
 from niche.models.memory import is_out_of_memory, memory_advice, release_cached_memory
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
-    PROTOCOL_VERSION,
+    SUPPORTED_PROTOCOL_VERSIONS,
     GenerateRequest,
     GenerateResponse,
     GenerationParams,
@@ -101,6 +103,11 @@ class MinerConfig:
     (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
+    protocol_versions: tuple[int, ...] = SUPPORTED_PROTOCOL_VERSIONS
+    """Protocol versions answered (advertised in /v1/info); a request in another is refused."""
+    keep_running_when_deregistered: bool = False
+    """Keep serving (with /healthz not ok) after the hotkey lost its uid, instead of
+    stopping with DEREGISTERED_EXIT_CODE."""
 
 
 class MinerService:
@@ -131,6 +138,13 @@ class MinerService:
         self._validator_stake = 0.0
         self.metagraph: Metagraph | None = None
         self._runtime: RuntimeInfo | None = None
+        self.registration = RegistrationWatch(self.hotkey, config.netuid, "miner")
+        self.exit_code = 0
+        """What the process should exit with once the server stops (see request_stop)."""
+        self.request_stop: Callable[[], None] | None = None
+        """Set by the server: asks it to stop serving (the deregistration stop)."""
+        self._endpoint: tuple[str, int] | None = None
+        self._endpoint_published = True
         if metagraph is not None:
             self.set_metagraph(metagraph)
         elif chain is not None:
@@ -144,11 +158,35 @@ class MinerService:
         self.metrics.set_neuron(self._neurons.get(self.hotkey), metagraph.block)
 
     def refresh_metagraph(self) -> Metagraph:
+        """Read the metagraph, then check this miner's own registration in it."""
         if self.chain is None:
             raise ChainError("no chain to read the metagraph from")
         metagraph = self.chain.metagraph(self.config.netuid)
         self.set_metagraph(metagraph)
+        self.watch_registration(metagraph)
         return metagraph
+
+    def watch_registration(self, metagraph: Metagraph) -> None:
+        """Deregistered: /healthz turns not ok and, unless configured to keep running,
+        the server is asked to stop with DEREGISTERED_EXIT_CODE."""
+        if self.registration.deregistered or self.registration.check(metagraph, log) is None:
+            return
+        if self.config.keep_running_when_deregistered:
+            log.error("still serving (--keep-running-when-deregistered); /healthz reports "
+                      "not ok")
+            return
+        log.error("stopping: exit code %d (pm2 does not restart it; register the hotkey "
+                  "again, then `pm2 restart`)", DEREGISTERED_EXIT_CODE)
+        self.exit_code = DEREGISTERED_EXIT_CODE
+        if self.request_stop is not None:
+            self.request_stop()
+
+    @property
+    def health(self) -> tuple[bool, str]:
+        """(ok, why not) for /healthz."""
+        if self.registration.reason is not None:
+            return False, self.registration.reason
+        return True, ""
 
     def check_registered(self) -> Neuron:
         """This miner's own neuron, or a ChainError telling the operator to register."""
@@ -158,21 +196,30 @@ class MinerService:
         return self.metagraph.require(self.hotkey, "miner")
 
     def announce(self, ip: str, port: int) -> None:
-        """Publish this miner's endpoint on chain (registers nothing)."""
+        """Publish this miner's endpoint on chain (registers nothing). An unchanged endpoint
+        is not served again; inside the chain's serving rate limit the miner serves anyway
+        and retries the publication after each metagraph refresh."""
         if self.chain is None:
             return
-        self.chain.serve(self.config.netuid, self.wallet, ip, port)
-        log.info("endpoint %s:%d served on subnet %d for hotkey %s", ip, port,
-                 self.config.netuid, self.hotkey)
+        self._endpoint = (ip, port)
+        outcome = publish_endpoint(self.chain, self.config.netuid, self.wallet, ip, port)
+        self._endpoint_published = outcome.published
+        if outcome.published:
+            log.info("%s (hotkey %s)", outcome.message, self.hotkey)
+        else:
+            log.warning("%s", outcome.message)
 
     async def refresh_loop(self) -> None:
-        """Background task: keep the metagraph snapshot fresh; a failed read keeps the old."""
+        """Background task: keep the metagraph snapshot fresh (a failed read keeps the old),
+        watch the registration, and retry an endpoint publication the rate limit deferred."""
         while True:
             await asyncio.sleep(self.config.metagraph_refresh)
             try:
                 mg = await asyncio.to_thread(self.refresh_metagraph)
                 log.debug("metagraph refreshed: block %d, %d neurons", mg.block,
                           len(mg.neurons))
+                if not self._endpoint_published and self._endpoint is not None:
+                    await asyncio.to_thread(self.announce, *self._endpoint)
             except Exception as exc:  # the miner keeps serving with the last snapshot
                 log.warning("metagraph refresh failed (keeping the last snapshot): %s", exc)
 
@@ -218,26 +265,27 @@ class MinerService:
                           f"more than {self.limiter.rate_for(share):g} requests per minute")
 
     # ------------------------------------------------------------------ requests
-    @staticmethod
-    def parse(body: bytes) -> GenerateRequest:
+    def parse(self, body: bytes) -> GenerateRequest:
         """Raw body -> GenerateRequest; protocol version checked before the schema."""
-        return MinerService.parse_model(body, GenerateRequest)
+        return MinerService.parse_model(body, GenerateRequest, self.config.protocol_versions)
 
     @staticmethod
-    def parse_model(body: bytes, model: type[Body]) -> Body:
-        """Raw body -> `model`; protocol version checked before the schema."""
+    def parse_model(body: bytes, model: type[Body],
+                    versions: tuple[int, ...] = SUPPORTED_PROTOCOL_VERSIONS) -> Body:
+        """Raw body -> `model`; protocol version (one of `versions`) checked before the
+        schema."""
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise Refusal(400, "malformed_json", "body is not JSON") from None
         if not isinstance(data, dict):
             raise Refusal(400, "malformed_json", "body must be a JSON object")
-        version = data.get("protocol_version", PROTOCOL_VERSION)
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
+        version = data.get("protocol_version", max(versions))
+        if isinstance(version, bool) or version not in versions:
             raise Refusal(400, "unsupported_protocol_version",
-                          f"this miner speaks protocol {PROTOCOL_VERSION}, got {version!r}: "
+                          f"this miner speaks protocol {_span(versions)}, got {version!r}: "
                           "upgrade niche (answers commit to their sampler states since "
-                          "protocol 2)", field="protocol_version")
+                          "protocol 2; see CHANGELOG.md)", field="protocol_version")
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -274,7 +322,7 @@ class MinerService:
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
-              caller: str) -> tuple[float, str, str, StatesCommitment, str]:
+              caller: str, version: int) -> tuple[float, str, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
         result, states = self.engine.generate_with_states(params, image)
@@ -282,7 +330,8 @@ class MinerService:
         b64, digest = encode_b64(result, "PNG")
         commitment = commit(states, self.engine.compute_dtype(params.model))
         self.states.put(caller, request_id, states)
-        signature = sign_response(self.keypair, request_id, digest, commitment.digest())
+        signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
+                                  version=version)
         return seconds, b64, digest, commitment, signature
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
@@ -295,7 +344,7 @@ class MinerService:
         self.metrics.busy.set(1)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id, caller)
+                                      request.request_id, caller, request.protocol_version)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
@@ -315,7 +364,8 @@ class MinerService:
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
         self.metrics.generation_seconds.labels(params.model).observe(seconds)
         return GenerateResponse(
-            request_id=request.request_id, model=params.model, image=b64, image_sha256=digest,
+            protocol_version=request.protocol_version, request_id=request.request_id,
+            model=params.model, image=b64, image_sha256=digest,
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
             miner_version=__version__, states=commitment)
@@ -326,7 +376,7 @@ class MinerService:
 
     def fetch_states(self, body: bytes, caller: str) -> StatesResponse:
         """The states `caller` asks for of one of its own earlier answers."""
-        request = self.parse_model(body, StatesRequest)
+        request = self.parse_model(body, StatesRequest, self.config.protocol_versions)
         kept = self.states.get(caller, request.request_id)
         if kept is None:
             raise Refusal(404, "unknown_request", "no states kept for this request (never "
@@ -337,7 +387,8 @@ class MinerService:
                           field="indices")
         blobs = [StateBlob(index=i, data=base64.b64encode(kept[i - 1]).decode("ascii"))
                  for i in sorted(set(request.indices))]
-        return StatesResponse(request_id=request.request_id, states=blobs)
+        return StatesResponse(protocol_version=request.protocol_version,
+                              request_id=request.request_id, states=blobs)
 
     @property
     def runtime(self) -> RuntimeInfo:
@@ -348,12 +399,19 @@ class MinerService:
 
     def info(self) -> InfoResponse:
         est = self.gate.estimate()
-        return InfoResponse(hotkey=self.hotkey, models=self.engine.served(),
+        versions = sorted(set(self.config.protocol_versions))
+        return InfoResponse(protocol_version=versions[-1], protocol_versions=versions,
+                            hotkey=self.hotkey, models=self.engine.served(),
                             capacity_per_minute=(60.0 / est) if est else 0.0,
                             miner_version=__version__, runtime=self.runtime)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _span(versions: tuple[int, ...]) -> str:
+    low, high = min(versions), max(versions)
+    return str(low) if low == high else f"{low}..{high}"
 
 
 def short(hotkey: Any) -> str:

@@ -6,6 +6,10 @@ echo, its image decoded under imaging's caps, its sha256 recomputed from the ret
 and the miner's signature over (request_id, sha256) verified against the hotkey we asked.
 A miner's bad answer is a status in its QueryResult, never an exception. Latency is measured
 on the caller's clock (the miner's own timing fields are informational only).
+
+Protocol versions: `info()` negotiates, per miner hotkey, the highest version both sides
+speak (`negotiate`); later requests to that miner are sent, and their answers verified, in
+that version, so validators and miners one version apart keep working (CHANGELOG.md).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from niche.protocol import (
     INFO_PATH,
     PROTOCOL_VERSION,
     STATES_PATH,
+    SUPPORTED_PROTOCOL_VERSIONS,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -39,6 +44,7 @@ from niche.protocol import (
     StatesRequest,
     StatesResponse,
     first_validation_error,
+    negotiate,
 )
 from niche.states import BadState, decode_state
 from niche.transport import BodyTooLarge, read_capped
@@ -103,6 +109,8 @@ class InfoResult:
     latency: float | None = None
     reason: str = ""
     http_status: int | None = None
+    protocol_version: int | None = None
+    """The version negotiated with this miner (None: none in common, or no info)."""
 
     @property
     def ok(self) -> bool:
@@ -133,8 +141,12 @@ class MinerClient:
 
     def __init__(self, wallet, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
                  max_connections: int = 256, image_limits: ImageLimits | None = None,
-                 grace: float = 2.0):
+                 grace: float = 2.0,
+                 protocol_versions: Sequence[int] = SUPPORTED_PROTOCOL_VERSIONS):
         self.wallet = wallet
+        self.protocol_versions = tuple(sorted(set(protocol_versions)))
+        """Versions this validator speaks; the newest is used with a miner not asked yet."""
+        self._negotiated: dict[str, int] = {}
         self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
         self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192)
@@ -149,6 +161,18 @@ class MinerClient:
 
     def close(self) -> None:
         """Nothing to release: connections live only for one batch."""
+
+    def version_for(self, hotkey: str) -> int:
+        """The protocol version to speak with `hotkey`: negotiated by its last info, else
+        this validator's newest."""
+        return self._negotiated.get(hotkey, self.protocol_versions[-1])
+
+    def in_version(self, request: GenerateRequest, hotkey: str) -> GenerateRequest:
+        """`request` as sent to `hotkey`: in the version negotiated with it."""
+        version = self.version_for(hotkey)
+        if request.protocol_version == version:
+            return request
+        return request.model_copy(update={"protocol_version": version})
 
     def _answer_bounds(self, request: GenerateRequest) -> tuple[int, ImageLimits]:
         """Response byte cap and decode limits for an answer to `request`: at most twice the
@@ -189,6 +213,7 @@ class MinerClient:
             result.status, result.reason = QueryStatus.NO_ENDPOINT, "no endpoint on chain"
             return result
         limit = timeout if timeout is not None else request.timeout + self.grace
+        request = self.in_version(request, t.hotkey)
         cap, _ = self._answer_bounds(request)
         body = request.model_dump_json(exclude_none=True).encode()
         own = http is None
@@ -245,10 +270,11 @@ class MinerClient:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return fail(QueryStatus.INVALID_RESPONSE, "body is not JSON")
+        expected = request.protocol_version
         if isinstance(data, dict) and data.get("protocol_version", PROTOCOL_VERSION) \
-                != PROTOCOL_VERSION:
+                != expected:
             return fail(QueryStatus.PROTOCOL_MISMATCH,
-                        f"protocol {data.get('protocol_version')!r}, expected {PROTOCOL_VERSION}")
+                        f"protocol {data.get('protocol_version')!r}, expected {expected}")
         try:
             answer = GenerateResponse.model_validate(data)
         except ValidationError as exc:
@@ -270,7 +296,7 @@ class MinerClient:
         if digest != answer.image_sha256:
             return fail(QueryStatus.HASH_MISMATCH, "image_sha256 does not match the image bytes")
         if not verify_response(result.hotkey, answer.request_id, digest, answer.signature,
-                               answer.states_digest()):
+                               answer.states_digest(), version=expected):
             return fail(QueryStatus.BAD_SIGNATURE,
                         "response signature does not verify against the miner hotkey")
         try:
@@ -295,7 +321,8 @@ class MinerClient:
         wanted = sorted(set(indices))
         if not t.url:
             return StatesFetch({}, "no endpoint on chain")
-        body = StatesRequest(request_id=request_id, indices=wanted).model_dump_json().encode()
+        body = StatesRequest(protocol_version=self.version_for(t.hotkey), request_id=request_id,
+                             indices=wanted).model_dump_json().encode()
         elements = 1
         for size in commitment.shape:
             elements *= size
@@ -386,14 +413,18 @@ class MinerClient:
         except (ValidationError, ValueError) as exc:
             result.status, result.reason = QueryStatus.INVALID_RESPONSE, str(exc)[:300]
             return result
-        if info.protocol_version != PROTOCOL_VERSION:
-            result.status = QueryStatus.PROTOCOL_MISMATCH
-            result.reason = f"protocol {info.protocol_version}, expected {PROTOCOL_VERSION}"
-            return result
         if info.hotkey != hotkey:
             result.status, result.reason = QueryStatus.WRONG_HOTKEY, "info from another hotkey"
             return result
-        result.status, result.info = QueryStatus.OK, info
+        version = negotiate(info.speaks(), self.protocol_versions)
+        if version is None:
+            self._negotiated.pop(hotkey, None)
+            result.status = QueryStatus.PROTOCOL_MISMATCH
+            result.reason = (f"miner speaks protocol {info.speaks()}, this validator "
+                             f"{list(self.protocol_versions)}: one of them must upgrade")
+            return result
+        self._negotiated[hotkey] = version
+        result.status, result.info, result.protocol_version = QueryStatus.OK, info, version
         return result
 
     async def info_many(self, targets: Sequence[Any], *, timeout: float = 5.0

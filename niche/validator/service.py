@@ -8,6 +8,10 @@ the chain's rate limit allow.
 
 SIGTERM / SIGINT stop the loop after the current round is persisted (exit 0); a SIGKILL
 loses at most the round in flight, never the state file.
+
+Registration: the validator starts only with a validator permit (or waits for one with
+`wait_for_permit`), and checks on every round's metagraph that its hotkey still holds its
+uid; deregistered, it stops with DEREGISTERED_EXIT_CODE unless told to keep running.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
+from niche.chain.registration import (
+    DEREGISTERED_EXIT_CODE,
+    RegistrationWatch,
+    permit_problem,
+    require_permit,
+)
 from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.runtime import RuntimeWatch, describe, runtime_info
@@ -61,7 +71,8 @@ log = logging.getLogger("niche.validator")
 class ValidatorConfig:
     netuid: int
     models: Sequence[str] = ("flux-schnell", "kolors")
-    state_path: Path = Path("~/.niche/validator/state.sqlite")
+    state_path: Path | None = None
+    """None: default_state_path(network, netuid, hotkey) (the CLI resolves it)."""
     sample_size: int = 64
     """Most miners queried per round (a random sample when there are more)."""
     timeout: float | None = None
@@ -90,6 +101,13 @@ class ValidatorConfig:
     """Most organic answers audited per round, oldest first."""
     organic_max_age: float = 300.0
     """Older organic answers are skipped: a miner keeps states for 600 s."""
+    wait_for_permit: bool = False
+    """Without a validator permit, wait (polling every permit_poll seconds) instead of
+    refusing to start."""
+    permit_poll: float = 60.0
+    keep_running_when_deregistered: bool = False
+    """Keep running rounds after the hotkey lost its uid instead of stopping with
+    DEREGISTERED_EXIT_CODE."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.audit_fraction <= 1.0:
@@ -104,6 +122,8 @@ class ValidatorConfig:
             raise ConfigError("--neuron.rounds must be >= 0")
         if self.round_interval < 0:
             raise ConfigError("--neuron.round_interval must be >= 0")
+        if self.permit_poll <= 0:
+            raise ConfigError("--permit-poll must be > 0 seconds")
 
 
 @dataclass
@@ -131,6 +151,9 @@ class Validator:
         self.client = client
         self.state = state
         self.hotkey = wallet.hotkey.ss58_address
+        state.bind(chain.network, config.netuid, self.hotkey)
+        self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")
+        self.exit_code = 0
         self.seed = config.seed if config.seed is not None else secrets.randbits(63)
         self._audit_rng = np.random.default_rng(secrets.randbits(128))
         self.book: ScoreBook = state.load_book(config.scoring)
@@ -185,9 +208,9 @@ class Validator:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self.stop)
-        self._check_registered()
         done = 0
         try:
+            self._check_registered()
             while not self._stop.is_set():
                 if self.config.rounds is not None and done >= self.config.rounds:
                     break
@@ -204,7 +227,8 @@ class Validator:
                 log.info(self.format_report(report))
                 self.reports = (self.reports + [report])[-10:]
                 done += 1
-                if self.config.rounds is not None and done >= self.config.rounds:
+                if self.exit_code or (self.config.rounds is not None
+                                      and done >= self.config.rounds):
                     break
                 wait = self.config.round_interval - (time.monotonic() - started)
                 if wait > 0:
@@ -212,17 +236,47 @@ class Validator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        log.info("validator stopped after %d round(s); state in %s", done, self.state.path)
-        return 0
+        log.info("validator stopped after %d round(s); state in %s (exit code %d)", done,
+                 self.state.path, self.exit_code)
+        return self.exit_code
 
     def _check_registered(self) -> None:
-        self.chain.metagraph(self.config.netuid).require(self.hotkey, "validator")
+        """Registered (else NotRegisteredError), with a validator permit or, with
+        wait_for_permit, waiting for one (a log line per poll; a stop signal ends the wait)."""
+        while True:
+            metagraph = self.chain.metagraph(self.config.netuid)
+            neuron = metagraph.require(self.hotkey, "validator")
+            self.registration.check(metagraph, log)
+            problem = permit_problem(neuron, self.config.netuid)
+            if problem is None:
+                return
+            if not self.config.wait_for_permit:
+                require_permit(neuron, self.config.netuid)
+            log.warning("waiting for a validator permit (uid %d, stake %g on subnet %d); "
+                        "checking again in %.0fs", neuron.uid, neuron.stake,
+                        self.config.netuid, self.config.permit_poll)
+            if self._stop.wait(self.config.permit_poll):
+                return
+
+    def _watch_registration(self, metagraph: Metagraph) -> None:
+        """Deregistered: the round still runs and persists (its scores stay in the state
+        file) but, unless configured to keep running, it is the last one."""
+        if self.registration.deregistered or self.registration.check(metagraph, log) is None:
+            return
+        if self.config.keep_running_when_deregistered:
+            log.error("still running rounds (--keep-running-when-deregistered); weights "
+                      "will be refused until the hotkey is registered again")
+            return
+        log.error("stopping after this round: exit code %d (pm2 does not restart it; "
+                  "register the hotkey again, then `pm2 restart`)", DEREGISTERED_EXIT_CODE)
+        self.exit_code = DEREGISTERED_EXIT_CODE
 
     # ------------------------------------------------------------------ one round
     async def run_round(self) -> RoundReport:
         started = time.monotonic()
         round_index = self.state.round_index
         metagraph = self.chain.metagraph(self.config.netuid)
+        self._watch_registration(metagraph)
         rng = round_rng(self.seed, round_index)
         reset = self.book.sync_hotkeys({n.uid: n.hotkey for n in metagraph.neurons})
         if reset:
@@ -427,9 +481,15 @@ class Validator:
             return
         weights = scoring.compute_weights(self.book.scores(), self.book.models(),
                                           self.config.scoring.model_shares)
+        fallback = ""
         if not weights:
-            report.weights_message = "no miner has earned weight yet"
-            return
+            if self.registration.uid is None or self.registration.deregistered:
+                report.weights_message = "no miner has earned weight yet (and no uid of ours)"
+                return
+            # Still a valid vector, so the validator keeps its activity: all to itself.
+            weights = {self.registration.uid: 1.0}
+            fallback = (f"no miner has earned weight yet: all weight to this validator's "
+                        f"own uid {self.registration.uid}; ")
         try:
             result = self.chain.set_weights(netuid, self.wallet, list(weights),
                                             list(weights.values()), self.config.version_key)
@@ -442,7 +502,7 @@ class Validator:
                                   result.message)
         self.metrics.weights(result.success, result.block)
         report.weights = weights if result.success else None
-        report.weights_message = result.message
+        report.weights_message = fallback + result.message
         if result.success:
             self.last_weights_block = result.block
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,8 @@ from niche.errors import NicheError
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 
 SCHEMA_VERSION = 1
+LEGACY_DEFAULT_PATH = Path("~/.niche/validator/state.sqlite")
+"""The default before state files were keyed by network, netuid and hotkey."""
 APPLICATION_ID = 0x4E494348  # "NICH": marks the file as ours
 
 _SCHEMA = """
@@ -42,6 +45,25 @@ CREATE TABLE IF NOT EXISTS weights (
     uids TEXT NOT NULL, weights TEXT NOT NULL, success INTEGER NOT NULL, message TEXT NOT NULL,
     ts REAL NOT NULL);
 """
+
+
+def default_state_path(network: str, netuid: int, hotkey: str,
+                       root: Path = Path("~/.niche/validator")) -> Path:
+    """~/.niche/validator/<network>/netuid<N>/<hotkey>/state.sqlite (a ws:// URL as network
+    is made a folder name), so two validators or two subnets never share a file."""
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", network).strip("_") or "network"
+    return root / folder / f"netuid{int(netuid)}" / hotkey / "state.sqlite"
+
+
+def legacy_state_notice(path: Path, legacy: Path = LEGACY_DEFAULT_PATH) -> str | None:
+    """One line about a state file left at the old default path when the new default one
+    is not there yet: it is not continued silently (it may be another subnet's)."""
+    old, new = legacy.expanduser(), path.expanduser()
+    if old == new or not old.exists() or new.exists():
+        return None
+    return (f"a validator state file from before state files were keyed by network, netuid "
+            f"and hotkey is at {old}; it is NOT used. If it is this validator's (same network, "
+            f"netuid and hotkey), move it: mkdir -p {new.parent} && mv {old} {new}")
 
 
 class StateError(NicheError):
@@ -173,6 +195,35 @@ class ValidatorState:
                              f"by a newer niche (this one reads {SCHEMA_VERSION}); upgrade niche")
         if version < 1:
             raise StateError(f"validator state {self.path}: no schema version; move it aside")
+
+    def bind(self, network: str, netuid: int, hotkey: str) -> None:
+        """Tie the file to one network, subnet and hotkey: the first validator to open it
+        records them (a file from before this check is adopted), any other is refused, so
+        netuid 2 never continues netuid 1's rounds."""
+        wanted = {"network": network, "netuid": str(netuid), "hotkey": hotkey}
+        stored = {key: self._meta(key) for key in wanted}
+        if all(value is None for value in stored.values()):
+            try:
+                with_tx(self._conn, lambda c: c.executemany(
+                    "INSERT INTO meta VALUES (?, ?)", list(wanted.items())))
+            except sqlite3.Error as exc:
+                raise _explain(exc, self.path, "recording the network, netuid and hotkey") \
+                    from exc
+            return
+        if stored != wanted:
+            raise StateError(
+                f"validator state {self.path} belongs to network {stored['network']}, netuid "
+                f"{stored['netuid']}, hotkey {stored['hotkey']}, not network {network}, netuid "
+                f"{netuid}, hotkey {hotkey}: pass that validator's own --neuron.state_path (or "
+                "leave it out: the default path is per network, netuid and hotkey)")
+
+    @property
+    def identity(self) -> tuple[str, int, str] | None:
+        """(network, netuid, hotkey) the file belongs to (None: not bound yet)."""
+        network, netuid, hotkey = (self._meta(k) for k in ("network", "netuid", "hotkey"))
+        if network is None or netuid is None or hotkey is None:
+            return None
+        return network, int(netuid), hotkey
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

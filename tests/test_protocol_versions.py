@@ -1,0 +1,149 @@
+"""Rolling upgrades: a validator and miners one protocol version apart, side by side over
+real HTTP on 127.0.0.1. A miner speaking only protocol 2 (what the previous release
+speaks) and one speaking 2..3 answer the same validator (2..3): each negotiated through
+/v1/info, each answer signed in its own version's message. Real miners (the HTTP layer
+over StubEngine, then the real Engine on tiny checkpoints for a full validator round)."""
+from __future__ import annotations
+
+import pytest
+
+from niche.auth import verify_response
+from niche.protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    SUPPORTED_PROTOCOL_VERSIONS,
+    InfoResponse,
+    negotiate,
+)
+from niche.validator.client import MinerClient, QueryStatus
+from tests.miner_support import StubEngine, build_net, make_request, running_miner
+
+OLD, NEW = MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+
+
+def test_versions_are_one_apart():
+    assert (OLD, NEW) == (2, 3) and SUPPORTED_PROTOCOL_VERSIONS == (2, 3)
+    assert negotiate([2], [2, 3]) == 2 and negotiate([2, 3], [2, 3]) == 3
+    assert negotiate([3, 4], [2, 3]) == 3 and negotiate([4], [2, 3]) is None
+
+
+def test_info_of_a_protocol_2_miner_and_of_a_newer_one_both_read():
+    old = InfoResponse.model_validate({"protocol_version": 2, "hotkey": "5H", "models": [],
+                                       "capacity_per_minute": 1.0, "miner_version": "0.1.0"})
+    assert old.speaks() == [2]
+    newer = InfoResponse.model_validate({
+        "protocol_version": 4, "protocol_versions": [3, 4], "hotkey": "5H", "models": [],
+        "capacity_per_minute": 1.0, "miner_version": "9.0", "torch": "3.1", "gpu": "X"})
+    assert newer.speaks() == [3, 4]  # unknown fields ignored, not refused
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    net = build_net(tmp_path_factory.mktemp("versions"))
+    yield net
+    net.chain.close()
+
+
+async def _ask(client, miner, **request):
+    info = await client.info(miner.url, miner.hotkey)
+    result = await client.query((0, miner.hotkey, miner.url), make_request(**request))
+    return info, result
+
+
+def test_old_and_new_miner_side_by_side(net):
+    import asyncio
+
+    client = MinerClient(net.wallets["hi"])  # a validator speaking 2 and 3
+    with running_miner(net, StubEngine(), protocol_versions=(OLD,)) as old, \
+            running_miner(net, StubEngine(), protocol_versions=(OLD, NEW)) as new:
+        old_info, old_answer = asyncio.run(_ask(client, old, seed=3))
+        new_info, new_answer = asyncio.run(_ask(client, new, seed=4))
+    assert old_info.ok and old_info.info.speaks() == [OLD] and old_info.protocol_version == OLD
+    assert new_info.ok and new_info.info.speaks() == [OLD, NEW]
+    assert new_info.protocol_version == NEW
+    for answer, version, other in ((old_answer, OLD, NEW), (new_answer, NEW, OLD)):
+        assert answer.status is QueryStatus.OK, answer.reason
+        r = answer.response
+        assert r.protocol_version == version
+        # the signature names its version: valid in it, not in the other
+        args = (answer.hotkey, r.request_id, r.image_sha256, r.signature, r.states_digest())
+        assert verify_response(*args, version=version)
+        assert not verify_response(*args, version=other)
+
+
+def test_an_old_validator_asks_a_new_miner_in_protocol_2(net):
+    import asyncio
+
+    old_validator = MinerClient(net.wallets["hi"], protocol_versions=(OLD,))
+    with running_miner(net, StubEngine()) as new:
+        info, answer = asyncio.run(_ask(old_validator, new, seed=5))
+    assert info.protocol_version == OLD
+    assert answer.status is QueryStatus.OK and answer.response.protocol_version == OLD
+
+
+def test_a_request_in_a_version_the_miner_does_not_speak_is_refused(net):
+    import asyncio
+
+    client = MinerClient(net.wallets["hi"])
+    with running_miner(net, StubEngine(), protocol_versions=(OLD,)) as old:
+        # without /v1/info first the client speaks its newest, 3: the old miner refuses
+        result = asyncio.run(client.query((0, old.hotkey, old.url), make_request(seed=6)))
+    assert result.status is QueryStatus.HTTP_ERROR and result.http_status == 400
+    assert "unsupported_protocol_version" in result.reason and "protocol 2, got 3" in result.reason
+
+
+def test_two_versions_apart_is_a_clear_mismatch(net):
+    import asyncio
+
+    client = MinerClient(net.wallets["hi"], protocol_versions=(OLD,))
+    with running_miner(net, StubEngine(), protocol_versions=(NEW,)) as newest:
+        info = asyncio.run(client.info(newest.url, newest.hotkey))
+    assert info.status is QueryStatus.PROTOCOL_MISMATCH and info.protocol_version is None
+    assert "miner speaks protocol [3], this validator [2]" in info.reason
+
+
+def test_a_validator_round_with_miners_one_version_apart(tmp_path, tiny_engine):
+    """The whole round (info, challenge, answer, states fetch, step-check audit, scores,
+    weights) with a protocol-2 miner and a protocol-3 miner on the real tiny Engine."""
+    from niche.chain.local import LocalChain
+    from niche.chain.wallets import create_wallet
+    from niche.devnet.servers import BackgroundServer
+    from niche.miner.server import create_app
+    from niche.miner.service import MinerConfig, MinerService
+    from niche.validator.service import Validator, ValidatorConfig
+    from niche.validator.state import ValidatorState
+
+    wallets = {n: create_wallet(n, "hot", tmp_path / "w") for n in ("validator", "old", "new")}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(1, weights_rate_limit=0)
+    chain.register(1, wallets["validator"], stake=100.0)
+    uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
+    running = []
+    try:
+        for name, versions in (("old", (OLD,)), ("new", (OLD, NEW))):
+            service = MinerService(tiny_engine, wallets[name], MinerConfig(
+                netuid=1, requests_per_minute=0, protocol_versions=versions), chain=chain)
+            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
+            service.announce("127.0.0.1", server.port)
+            running.append((service, server))
+        config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1, round_interval=0,
+                                 audit_fraction=1.0, seed=11, epoch_length=1)
+        wallet = wallets["validator"]
+        client = MinerClient(wallet)
+        with ValidatorState(tmp_path / "state.db") as state:
+            validator = Validator(config, chain, wallet, tiny_engine, client, state)
+            assert validator.run() == 0
+    finally:
+        for service, server in running:
+            server.stop()
+            service.close()
+        chain.close()
+    (report,) = validator.reports
+    by_uid = {o.uid: o for o in report.outcomes}
+    table = validator.format_report(report)
+    for name in ("old", "new"):
+        outcome = by_uid[uids[name]]
+        assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    assert client.version_for(wallets["old"].hotkey.ss58_address) == OLD
+    assert client.version_for(wallets["new"].hotkey.ss58_address) == NEW
+    assert report.weights is not None and set(report.weights) == set(uids.values())
