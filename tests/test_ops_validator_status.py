@@ -55,3 +55,36 @@ def test_the_validator_command_itself_still_parses(tmp_path):
 
     args = build_parser().parse_args(["validator", "--netuid", "4"])
     assert args.netuid == 4 and args.validator_command is None
+
+
+def test_without_state_it_finds_the_one_keyed_file_or_says_which(tmp_path, monkeypatch, capsys):
+    from niche.validator.state import default_state_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["validator", "status", "--json"]) == 2
+    assert "no validator state file under" in capsys.readouterr().err
+    first = default_state_path("finney", 23, "5Hot1").expanduser()
+    first.parent.mkdir(parents=True)
+    _state(first)
+    assert main(["validator", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds_completed"] == 2
+    second = default_state_path("test", 5, "5Hot2").expanduser()
+    second.parent.mkdir(parents=True)
+    _state(second)
+    assert main(["validator", "status", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "2 validator state files" in err and str(first) in err and "--state" in err
+
+
+def test_the_gateway_reads_the_validators_keyed_state_by_default(tmp_path, monkeypatch):
+    from niche.cli import build_parser
+    from niche.commands.gateway import _validator_state
+    from niche.validator.state import default_state_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["gateway", "serve", "--netuid", "23"])
+    assert _validator_state(args, "finney", "5Hot1") == \
+        default_state_path("finney", 23, "5Hot1").expanduser()
+    args = build_parser().parse_args(["gateway", "serve", "--netuid", "23",
+                                      "--gateway.validator_state", str(tmp_path / "s.db")])
+    assert _validator_state(args, "finney", "5Hot1") == tmp_path / "s.db"

@@ -32,8 +32,10 @@ def register(subparsers) -> None:
                    help=f"queue of answers for the validator's audit (default {DEFAULT_QUEUE}; "
                         "give the validator the same --neuron.organic_queue)")
     g.add_argument("--gateway.validator_state", dest="validator_state", type=Path,
-                   default=Path("~/.niche/validator/state.sqlite"),
-                   help="the validator's --neuron.state_path, read-only: scores, exclusions")
+                   default=None,
+                   help="the validator's --neuron.state_path, read-only: scores, exclusions "
+                        "(default: the validator's own default for this network, netuid and "
+                        "hotkey, ~/.niche/validator/NETWORK/netuidN/HOTKEY/state.sqlite)")
     g.add_argument("--gateway.audit_fraction", dest="audit_fraction", type=float, default=0.1,
                    help="share of delivered images queued for audit (default 0.1)")
     g.add_argument("--gateway.deadline", dest="deadline", type=float, default=60.0,
@@ -123,6 +125,15 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_exiting_cleanly_on_sigterm(_serve, args, "niche.gateway")
 
 
+def _validator_state(args: argparse.Namespace, network: str, hotkey: str) -> Path:
+    """The state file the validator signing with this hotkey writes by default."""
+    from niche.validator.state import default_state_path
+
+    if args.validator_state is not None:
+        return Path(args.validator_state).expanduser()
+    return default_state_path(network, args.netuid, hotkey).expanduser()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -147,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
         gateway = build_gateway(
             chain, wallet, args.netuid, models=list(args.models),
             db_path=Path(args.db).expanduser(), queue_path=Path(args.queue).expanduser(),
-            validator_state=Path(args.validator_state).expanduser(),
+            validator_state=_validator_state(args, chain.network, wallet.hotkey.ss58_address),
             model_root=args.model_path, config=config, hedge_after=args.hedge_after)
         sock = bind_socket(args.ip, args.port)
         try:

@@ -105,9 +105,9 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="validator_command", metavar="ACTION")
     status = sub.add_parser("status", help="print a validator's state file: scores, "
                             "exclusions, last round, last weights (no chain, no models)")
-    status.add_argument("--state", type=Path, default=Path(DEFAULT_STATE).expanduser(),
-                        help=f"state file (the validator's --neuron.state_path; default "
-                             f"{DEFAULT_STATE})")
+    status.add_argument("--state", type=Path, default=None,
+                        help=f"state file (the validator's --neuron.state_path; default: the "
+                             f"one file matching {DEFAULT_STATE})")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
 
@@ -117,7 +117,9 @@ def _status(args: argparse.Namespace) -> int:
 
     from niche.validator.status import format_status, read_status
 
-    data = read_status(args.state)
+    from niche.validator.state import find_state_file
+
+    data = read_status(args.state.expanduser() if args.state else find_state_file())
     print(json.dumps(data, indent=2) if args.json else format_status(data))
     return 0
 

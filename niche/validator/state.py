@@ -55,6 +55,23 @@ def default_state_path(network: str, netuid: int, hotkey: str,
     return root / folder / f"netuid{int(netuid)}" / hotkey / "state.sqlite"
 
 
+def find_state_file(root: Path = Path("~/.niche/validator")) -> Path:
+    """The one state file under the default root (`niche validator status` with no --state):
+    several validators on one box must say which."""
+    from niche.errors import ConfigError
+
+    base = root.expanduser()
+    found = sorted(base.glob("*/netuid*/*/state.sqlite"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(f"no validator state file under {base}; give --state PATH "
+                          "(the validator's --neuron.state_path)")
+    listing = ", ".join(str(p) for p in found[:5])
+    raise ConfigError(f"{len(found)} validator state files under {base} ({listing}); "
+                      "give --state PATH")
+
+
 def legacy_state_notice(path: Path, legacy: Path = LEGACY_DEFAULT_PATH) -> str | None:
     """One line about a state file left at the old default path when the new default one
     is not there yet: it is not continued silently (it may be another subnet's)."""
