@@ -156,6 +156,9 @@ class InfoResponse(_Strict):
     models: list[ModelInfo]
     capacity_per_minute: float = Field(ge=0.0)
     miner_version: str
+    concurrency: int = Field(default=1, ge=1, le=256)
+    """Requests served at once (the miner's live engine replicas); validators send up to
+    this many challenges at once and pay for the throughput delivered (docs/scoring.md)."""
 
 
 class ErrorResponse(BaseModel):

@@ -30,8 +30,13 @@ class MinerMetrics:
                                   registry=self.registry)
         self.queue_depth = Gauge("niche_miner_queue_depth", "Requests waiting for the GPU",
                                  registry=self.registry)
-        self.busy = Gauge("niche_miner_busy", "1 while a generation runs",
+        self.busy = Gauge("niche_miner_busy", "Generations running (1 at most per replica)",
                           registry=self.registry)
+        self.replicas = Gauge("niche_miner_replicas", "Engine replicas (ray backend) by state: "
+                              "configured, up, busy", ["state"], registry=self.registry)
+        self.replicas_restarted = Gauge(
+            "niche_miner_replicas_restarted", "Engine replica failures seen (Ray replaced "
+            "each)", registry=self.registry)
         self.generation_seconds = Histogram(
             "niche_miner_generation_seconds", "Seconds per generation (engine only)",
             ["model"], buckets=GENERATION_BUCKETS, registry=self.registry)

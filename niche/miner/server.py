@@ -190,17 +190,24 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info():
-        return JSONResponse(service.info().model_dump(mode="json"))
+        answer = await asyncio.to_thread(service.info)  # the replicas' states: an RPC on Ray
+        return JSONResponse(answer.model_dump(mode="json"))
 
     @app.get("/healthz")
     async def healthz():
-        return {"ok": True, "busy": service.gate.busy, "queue": service.gate.depth,
-                "hotkey": service.hotkey}
+        body: dict[str, Any] = {"ok": True, "busy": service.gate.busy,
+                                "queue": service.gate.depth, "hotkey": service.hotkey}
+        replicas = await asyncio.to_thread(service.replica_stats)
+        if replicas is not None:
+            body["replicas"] = replicas
+            body["ok"] = replicas["up"] > 0
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, as served
     async def prometheus():
         metrics.queue_depth.set(service.gate.depth)
         metrics.states_bytes.set(service.states.bytes_held)
+        await asyncio.to_thread(service.replica_stats)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     default_openapi = app.openapi

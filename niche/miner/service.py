@@ -8,13 +8,15 @@ Order of checks on a generate request (cheapest and least trusting first):
   2. signature over the exact body, receiver, freshness, replay (401/403),
   3. per-hotkey rate limit (429),
   4. protocol version, schema, engine.resolve, image decode (400/422) - before queueing,
-  5. stake-priority queue admission (429/503), generation in the GPU worker thread (500 on
-     any failure), PNG encode, sha256, response signature.
+  5. stake-priority queue admission (429/503), generation in a GPU worker thread (one per
+     replica; 503 when every replica is lost past the deadline, 500 on any other failure),
+     PNG encode, sha256, response signature.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -29,11 +31,12 @@ from pydantic import BaseModel, ValidationError
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
-from niche.errors import InvalidRequest
+from niche.errors import EngineUnavailable, InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
+from niche.models.deadline import request_deadline
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
     PROTOCOL_VERSION,
@@ -117,10 +120,12 @@ class MinerService:
                                         allowed_skew=config.auth_allowed_skew)
         self.limiter = RateLimiter(config.requests_per_minute,
                                    stake_proportional=config.stake_proportional_rate)
+        self.concurrency = engine_concurrency(engine)
         self.gate = PriorityGate(config.max_queue, initial_estimate=config.initial_estimate,
-                                 clock=clock)
+                                 slots=self.concurrency, clock=clock)
         self.metrics = MinerMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
+        self.executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                           thread_name_prefix="niche-gpu")
         self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
         self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
@@ -268,10 +273,13 @@ class MinerService:
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
-              caller: str) -> tuple[float, str, str, StatesCommitment, str]:
+              caller: str, deadline: float | None = None
+              ) -> tuple[float, str, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
-        result, states = self.engine.generate_with_states(params, image)
+        left = None if deadline is None else deadline - self.clock()
+        with request_deadline(left) if left is not None else contextlib.nullcontext():
+            result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
         b64, digest = encode_b64(result, "PNG")
         commitment = commit(states, self.engine.compute_dtype(params.model))
@@ -286,19 +294,22 @@ class MinerService:
         deadline = self.clock() + request.timeout
         waited = await self.gate.acquire(stake, deadline)
         self.metrics.queue_seconds.observe(waited)
-        self.metrics.busy.set(1)
+        self.metrics.busy.set(self.gate.running)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id, caller)
+                                      request.request_id, caller, deadline)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
             self.gate.release(f.result()[0] if ok else None)
-            self.metrics.busy.set(1 if self.gate.busy else 0)
+            self.metrics.busy.set(self.gate.running)
 
         future.add_done_callback(_finished)
         try:
             seconds, b64, digest, commitment, signature = await asyncio.shield(future)
+        except EngineUnavailable as exc:
+            log.warning("request %s refused: %s", request.request_id, exc)
+            raise Refusal(503, "replicas_unavailable", str(exc)) from None
         except Exception as exc:
             log.exception("generation failed for %s", request.request_id)
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
@@ -324,14 +335,45 @@ class MinerService:
                  for i in sorted(set(request.indices))]
         return StatesResponse(request_id=request.request_id, states=blobs)
 
+    def live_concurrency(self) -> int:
+        """Generations this miner can run at once now: its live replicas (1 locally)."""
+        live = getattr(self.engine, "live_replicas", None)
+        return max(0, min(int(live()), self.concurrency)) if callable(live) else 1
+
+    def replica_stats(self) -> dict[str, int] | None:
+        """Replicas configured, up, busy and restarted (None: a local, in-process engine)."""
+        stats = getattr(self.engine, "stats", None)
+        if not callable(stats):
+            return None
+        s = stats()
+        self.metrics.replicas.labels("up").set(s.up)
+        self.metrics.replicas.labels("busy").set(s.busy)
+        self.metrics.replicas.labels("configured").set(s.configured)
+        self.metrics.replicas_restarted.set(s.restarted)
+        return {"configured": s.configured, "up": s.up, "busy": s.busy,
+                "restarted": s.restarted}
+
     def info(self) -> InfoResponse:
         est = self.gate.estimate()
+        live = self.live_concurrency()
         return InfoResponse(hotkey=self.hotkey, models=self.engine.served(),
-                            capacity_per_minute=(60.0 / est) if est else 0.0,
-                            miner_version=__version__)
+                            capacity_per_minute=(60.0 * live / est) if est else 0.0,
+                            miner_version=__version__, concurrency=max(1, live))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:  # stopping anyway: say so and go
+                log.warning("engine did not close cleanly: %s", exc)
+
+
+def engine_concurrency(engine: Any) -> int:
+    """Generations an engine runs at once: its `concurrency` (replicas), else 1."""
+    value = getattr(engine, "concurrency", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
 def short(hotkey: Any) -> str:
