@@ -141,9 +141,14 @@ def _run(args: argparse.Namespace) -> int:
 
         log.warning("localnet cheat %r: answers are NOT what they claim", args.localnet_cheat)
         engine = CheatingEngine(engine, args.localnet_cheat)
-    service = MinerService(engine, wallet, config, chain=chain)
-    service.check_registered()
-    log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
-             service.check_registered().uid, ", ".join(args.models))
-    serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    try:
+        service = MinerService(engine, wallet, config, chain=chain)
+        service.check_registered()
+        log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
+                 service.check_registered().uid, ", ".join(args.models))
+        serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+    finally:
+        close = getattr(engine, "close", None)  # the Ray backend stops its replicas
+        if callable(close):
+            close()
     return 0

@@ -2,7 +2,8 @@
 
 - `RateLimiter`: a token bucket per hotkey (fixed rate, or a share of a total rate
   proportional to the caller's stake among permitted validators).
-- `PriorityGate`: one generation at a time per slot (one slot per GPU or replica); waiting requests are served highest stake first.
+- `PriorityGate`: one generation at a time per slot (one slot per GPU or replica); waiting
+  requests are served highest stake first.
   A request that cannot finish before its own timeout (estimated from recent generation
   durations and its place in the queue) is refused at once with 429 rather than queued, and
   a waiter whose deadline passes while queued is dropped before it reaches the GPU.
@@ -81,8 +82,8 @@ class _Waiter:
 
 
 class PriorityGate:
-    """`slots` generations at once (one per GPU). `acquire(stake, deadline)` returns when the caller may generate;
-    the caller must then call `release(seconds)` exactly once."""
+    """`slots` generations at once (one per GPU). `acquire(stake, deadline)` returns when the
+    caller may generate; the caller must then call `release(seconds)` exactly once."""
 
     def __init__(self, max_queue: int = 16, *, history: int = 20,
                  initial_estimate: float | None = None, slots: int = 1,

@@ -362,12 +362,6 @@ class MinerService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        close = getattr(self.engine, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception as exc:  # stopping anyway: say so and go
-                log.warning("engine did not close cleanly: %s", exc)
 
 
 def engine_concurrency(engine: Any) -> int:

@@ -4,8 +4,9 @@ The miner's axon stays one process (auth, blacklist, limits, stake queue); only 
 calls cross to the replicas, through a `DeploymentHandle`. Serve's router sends each call
 to the less loaded of two replicas (power of two choices; with two replicas, the less
 loaded one); each replica runs one generation at a time (the engine's lock), like one
-GPU, while its cheap calls (resolve, check_image) run beside it. Every replica builds `Engine` with the same arguments, thread count
-included, so it returns the local engine's bits (tests/test_ray_backend.py).
+GPU, while its cheap calls (resolve, check_image) run beside it. Every replica builds
+`Engine` with the same arguments, thread count included, so it returns the local engine's
+bits (tests/test_ray_backend.py).
 
 A replica that dies mid-call is replaced by Serve's controller; the call is retried on a
 live replica until the request's deadline (`niche.models.deadline`), then refused with
@@ -189,7 +190,7 @@ class RayEngine:
             while True:
                 attempt += 1
                 try:
-                    response = getattr(self.handle, "call").remote(method, args, kwargs)
+                    response = self.handle.call.remote(method, args, kwargs)
                     pid, ok, value = response.result(
                         timeout_s=max(0.1, deadline - time.monotonic()))
                 except lost as exc:

@@ -2,11 +2,20 @@
 
 reward(answer) = 0                                   no answer, error, invalid image,
                                                      duplicate answer, failed audit
-               = base + (1 - base) * speed           otherwise, with
+               = (base + (1 - base) * speed) * volume   otherwise, with
 speed          = w * (1 - latency / timeout)         absolute: how much of the deadline is left
                + (1 - w) * (fastest / latency)       relative: against the fastest valid answer
                                                      of the same workload (model, pipeline,
                                                      size, steps) this round
+volume         = 1                                   one challenge (declared concurrency 1)
+               = min(k, verified * fastest / span) / sqrt(k)
+                                                     k = min(declared, volume_cap) challenges
+                                                     sent at once; verified = valid answers
+                                                     among them; span = latency of the last
+                                                     valid one. Delivering all k in one
+                                                     fastest-answer time gives sqrt(k) (SN23's
+                                                     sqrt-of-volume scale); what was claimed
+                                                     but not delivered costs linearly.
 score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
 failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
                   `exclusion_rounds` rounds.
@@ -16,6 +25,7 @@ See docs/scoring.md for why these numbers.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +53,9 @@ class ScoringConfig:
     """Rounds a hotkey that failed an audit is excluded: what a caught cheat loses."""
     model_shares: Mapping[str, float] = field(
         default_factory=lambda: {"flux-schnell": 0.5, "kolors": 0.5})
+    volume_cap: int = 4
+    """Most challenges sent to one miner at once (its declared concurrency, capped): the
+    most parallel throughput a round can pay for, sqrt(volume_cap) at best."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -53,6 +66,8 @@ class ScoringConfig:
             raise ValueError("exclusion_rounds must be >= 0")
         if any(v < 0 for v in self.model_shares.values()):
             raise ValueError("model shares must be >= 0")
+        if self.volume_cap < 1:
+            raise ValueError("volume_cap must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,12 @@ class Outcome:
     audited: bool = False
     audit_passed: bool | None = None
     similarity: float | None = None
+    probes: int = 1
+    """Challenges sent to this miner at once this round (1 + the volume probes)."""
+    verified: int = 0
+    """Valid answers among the probes (in time, well formed, new, not failing an audit)."""
+    span: float | None = None
+    """Seconds from sending the probes to the last valid answer."""
 
     @property
     def valid(self) -> bool:
@@ -92,8 +113,24 @@ def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringCon
     return cfg.base + (1.0 - cfg.base) * speed
 
 
+def volume_factor(probes: int, verified: int, span: float | None, fastest: float,
+                  cfg: ScoringConfig) -> float:
+    """What a miner's parallel throughput multiplies its reward by: 1 for one challenge;
+    for k > 1 the answers it delivered in `fastest`-answer units, over sqrt(k). Honest
+    delivery of k gives sqrt(k) (more replicas pay, with SN23's diminishing returns);
+    claiming k and delivering d < k gives d / sqrt(k), less than claiming d."""
+    if probes <= 1:
+        return 1.0
+    if verified <= 0 or span is None:
+        return 0.0
+    k = min(int(probes), cfg.volume_cap)
+    delivered = min(float(k), verified * max(fastest, 1e-6) / max(span, 1e-6))
+    return delivered / math.sqrt(k)
+
+
 def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, float]:
-    """Reward in [0, 1] per uid for one round."""
+    """Reward per uid for one round: in [0, 1] for one challenge, up to sqrt(volume_cap)
+    for a miner that delivers its declared concurrency."""
     fastest: dict[tuple, float] = {}
     for o in outcomes:
         if o.valid:
@@ -105,8 +142,10 @@ def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, 
         if not o.valid:
             rewards[o.uid] = 0.0
         else:
+            best = fastest[(o.model, o.workload)]
             rewards[o.uid] = speed_reward(float(o.latency), o.timeout,  # type: ignore[arg-type]
-                                          fastest[(o.model, o.workload)], cfg)
+                                          best, cfg) * volume_factor(o.probes, o.verified,
+                                                                     o.span, best, cfg)
     return rewards
 
 
