@@ -8,14 +8,16 @@ speed          = w * (1 - latency / timeout)         absolute: how much of the d
                                                      of the same workload (model, pipeline,
                                                      size, steps) this round
 volume         = 1                                   one challenge (declared concurrency 1)
-               = min(k, verified * fastest / span) / sqrt(k)
+               = min(k, verified * typical / span) / sqrt(k)
                                                      k = min(declared, volume_cap) challenges
                                                      sent at once; verified = valid answers
                                                      among them; span = latency of the last
-                                                     valid one. Delivering all k in one
-                                                     fastest-answer time gives sqrt(k) (SN23's
-                                                     sqrt-of-volume scale); what was claimed
-                                                     but not delivered costs linearly.
+                                                     valid one; typical = median latency of
+                                                     the valid scored answers of the workload
+                                                     this round. Delivering all k in one
+                                                     typical answer's time gives sqrt(k)
+                                                     (SN23's sqrt-of-volume scale); what was
+                                                     claimed but not delivered costs linearly.
 score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
 failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
                   `exclusion_rounds` rounds.
@@ -113,39 +115,42 @@ def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringCon
     return cfg.base + (1.0 - cfg.base) * speed
 
 
-def volume_factor(probes: int, verified: int, span: float | None, fastest: float,
+def volume_factor(probes: int, verified: int, span: float | None, typical: float,
                   cfg: ScoringConfig) -> float:
     """What a miner's parallel throughput multiplies its reward by: 1 for one challenge;
-    for k > 1 the answers it delivered in `fastest`-answer units, over sqrt(k). Honest
+    for k > 1 the answers it delivered per `typical` answer's time, over sqrt(k). Honest
     delivery of k gives sqrt(k) (more replicas pay, with SN23's diminishing returns);
-    claiming k and delivering d < k gives d / sqrt(k), less than claiming d."""
+    claiming k and delivering d < k gives d / sqrt(k), less than claiming d. `typical` is
+    the round's median, not the miner's own latency: holding answers back to look
+    parallel only makes the span longer."""
     if probes <= 1:
         return 1.0
     if verified <= 0 or span is None:
         return 0.0
     k = min(int(probes), cfg.volume_cap)
-    delivered = min(float(k), verified * max(fastest, 1e-6) / max(span, 1e-6))
+    delivered = min(float(k), verified * max(typical, 1e-6) / max(span, 1e-6))
     return delivered / math.sqrt(k)
 
 
 def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, float]:
     """Reward per uid for one round: in [0, 1] for one challenge, up to sqrt(volume_cap)
     for a miner that delivers its declared concurrency."""
-    fastest: dict[tuple, float] = {}
+    latencies: dict[tuple, list[float]] = {}
     for o in outcomes:
         if o.valid:
-            key = (o.model, o.workload)
-            fastest[key] = min(fastest.get(key, float("inf")),
-                               float(o.latency))  # type: ignore[arg-type]  # valid: set
+            latencies.setdefault((o.model, o.workload), []).append(
+                float(o.latency))  # type: ignore[arg-type]  # valid: set
+    fastest = {key: min(values) for key, values in latencies.items()}
+    typical = {key: float(np.median(values)) for key, values in latencies.items()}
     rewards = {}
     for o in outcomes:
         if not o.valid:
             rewards[o.uid] = 0.0
         else:
-            best = fastest[(o.model, o.workload)]
+            key = (o.model, o.workload)
             rewards[o.uid] = speed_reward(float(o.latency), o.timeout,  # type: ignore[arg-type]
-                                          best, cfg) * volume_factor(o.probes, o.verified,
-                                                                     o.span, best, cfg)
+                                          fastest[key], cfg) * volume_factor(
+                o.probes, o.verified, o.span, typical[key], cfg)
     return rewards
 
 
