@@ -38,6 +38,8 @@ from niche.protocol import GenerationParams, ModelInfo
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "NicheEngine"
+GENERATIONS = frozenset({"generate", "generate_batch", "generate_with_states"})
+"""The calls that hold a replica's GPU (what `busy` counts)."""
 MAX_ONGOING = 4
 """Calls one replica holds at once: one generation plus the axon's cheap checks of the
 next requests; the miner's queue keeps generations in flight at the replica count."""
@@ -184,8 +186,9 @@ class RayEngine:
         left = remaining_seconds()
         deadline = time.monotonic() + (self.config.retry_seconds if left is None else left)
         attempt = 0
+        generation = method in GENERATIONS
         with self._lock:
-            self._busy += 1
+            self._busy += generation
         try:
             while True:
                 attempt += 1
@@ -216,7 +219,7 @@ class RayEngine:
                 return value
         finally:
             with self._lock:
-                self._busy -= 1
+                self._busy -= generation
 
     # ---------------------------------------------------------------- replicas
     def replica_states(self) -> dict[str, int]:
@@ -242,6 +245,12 @@ class RayEngine:
         return ReplicaStats(configured=self.config.replicas, up=int(states.get("RUNNING", 0)),
                             busy=min(busy, self.config.replicas), restarted=failures,
                             states=states)
+
+    @property
+    def generating(self) -> int:
+        """Generations dispatched to the replicas and not yet answered (no RPC)."""
+        with self._lock:
+            return self._busy
 
     def live_replicas(self) -> int:
         return int(self.replica_states().get("RUNNING", 0))
