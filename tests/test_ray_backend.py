@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install "
                                         "'niche[ray]'")
 
-from miner_support import build_net, make_request, running_miner, signed_post  # noqa: E402
+from miner_support import build_net, make_request, running_miner  # noqa: E402
 
 from niche.models.engine import Engine  # noqa: E402
 from niche.protocol import GenerationParams  # noqa: E402
@@ -57,6 +57,17 @@ def _replica_pids(engine, want: int = 2, tries: int = 60) -> set[int]:
         if len(pids) >= want:
             break
     return pids
+
+
+def _post(miner, wallet, request) -> httpx.Response:
+    """A signed generate request with a timeout that outlasts a replica's replacement."""
+    from niche.auth import sign_request
+
+    body = request.model_dump_json().encode()
+    headers = sign_request(wallet, method="POST", path="/v1/generate", body=body,
+                           receiver=miner.hotkey)
+    return httpx.post(miner.url + "/v1/generate", content=body, timeout=180,
+                      headers={**headers, "Content-Type": "application/json"})
 
 
 def _wait(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
@@ -99,9 +110,7 @@ def test_killing_a_replica_mid_request_loses_no_request(ray_engine, local_engine
     with running_miner(net, ray_engine) as miner:
         assert miner.service.concurrency == 2 and miner.service.gate.slots == 2
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(signed_post, miner, net.wallets["hi"],
-                                   r.model_dump_json().encode(), timeout=180)
-                       for r in requests]
+            futures = [pool.submit(_post, miner, net.wallets["hi"], r) for r in requests]
             # both replicas generating (one each: the router picks the less loaded one)
             _wait(lambda: ray_engine.generating == 2 or any(f.done() for f in futures), 60,
                   "two generations on the replicas", poll=0.005)

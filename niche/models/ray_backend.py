@@ -136,6 +136,8 @@ class RayEngine:
             if config.address:
                 init["address"] = config.address
             else:
+                # a busy machine can take more than Ray's default 30 s to start a raylet
+                os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
                 need = max(1, int(round(config.replicas * config.cpus_per_replica + 0.499)))
                 init.update(num_cpus=need,
                             object_store_memory=config.object_store_mb * 1024 * 1024)

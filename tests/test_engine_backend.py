@@ -1,0 +1,92 @@
+"""The engine-backend flags and the pieces of the Ray backend that need no Ray instance:
+flag checks, the one-line advice when Ray is missing, request deadlines across threads,
+and the miner's concurrency from its engine. Fast: no model, no Ray (tests/test_ray_backend.py
+runs the real replicas)."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from niche.cli import build_parser
+from niche.commands.miner import config_from_args
+from niche.errors import ConfigError
+from niche.miner.service import engine_concurrency
+from niche.models.deadline import remaining_seconds, request_deadline
+
+
+def _miner(*extra: str):
+    return build_parser().parse_args(["miner", "--netuid", "3", "--axon.ip", "127.0.0.1",
+                                      *extra])
+
+
+def test_backend_flags_parse_with_local_defaults():
+    args = _miner()
+    assert (args.engine_backend, args.engine_replicas, args.engine_gpus_per_replica,
+            args.engine_cpus_per_replica, args.ray_address) == ("local", 1, None, 1.0, None)
+    args = _miner("--engine.backend", "ray", "--engine.replicas", "2",
+                  "--engine.gpus_per_replica", "0.5", "--ray.address", "auto")
+    assert (args.engine_backend, args.engine_replicas, args.engine_gpus_per_replica,
+            args.ray_address) == ("ray", 2, 0.5, "auto")
+    assert config_from_args(args).netuid == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--engine.replicas", "2"), "need --engine.backend ray"),
+    (("--ray.address", "auto"), "need --engine.backend ray"),
+    (("--engine.backend", "ray", "--engine.replicas", "0"), "must be >= 1"),
+])
+def test_backend_flag_mistakes_are_one_line_errors(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(_miner(*extra))
+
+
+def test_missing_ray_says_how_to_install_it(monkeypatch):
+    from niche.models import ray_backend
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'niche\[ray\]'"):
+        ray_backend._ray()
+    with pytest.raises(ConfigError, match="niche\\[ray\\]"):
+        ray_backend.RayEngine({}, ray_backend.RayConfig())
+
+
+def test_ray_config_refuses_nonsense():
+    from niche.models.ray_backend import RayConfig
+
+    with pytest.raises(ConfigError, match="replicas"):
+        RayConfig(replicas=0)
+    with pytest.raises(ConfigError, match="per_replica"):
+        RayConfig(gpus_per_replica=-1)
+
+
+def test_request_deadline_is_per_thread_and_nests():
+    assert remaining_seconds() is None
+    seen: list[float | None] = []
+    with request_deadline(30.0):
+        left = remaining_seconds()
+        assert left is not None and 29.0 < left <= 30.0
+        worker = threading.Thread(target=lambda: seen.append(remaining_seconds()))
+        worker.start()
+        worker.join()
+        with request_deadline(-5.0):
+            assert remaining_seconds() == 0.0
+        assert remaining_seconds() > 29.0
+    assert seen == [None] and remaining_seconds() is None
+    with request_deadline(0.05):
+        time.sleep(0.06)
+        assert remaining_seconds() == 0.0
+
+
+def test_concurrency_comes_from_the_engine():
+    class Replicated:
+        concurrency = 3
+
+    class Odd:
+        concurrency = "many"
+
+    assert engine_concurrency(object()) == 1
+    assert engine_concurrency(Replicated()) == 3
+    assert engine_concurrency(Odd()) == 1
