@@ -85,11 +85,11 @@ def test_every_replica_gives_the_local_engines_bits(ray_engine, local_engine):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both replicas at work
         remote = list(pool.map(ray_engine.generate_with_states, params))
     assert len(ray_engine._pids) == 2, "both replicas should have answered"
-    for p, (image, states) in zip(params, remote):
+    for p, (image, states) in zip(params, remote, strict=True):
         want_image, want_states = local_engine.generate_with_states(p)
         assert image.tobytes() == want_image.tobytes()
         assert len(states) == len(want_states) == p.steps
-        assert all(torch.equal(a, b) for a, b in zip(states, want_states))
+        assert all(torch.equal(a, b) for a, b in zip(states, want_states, strict=True))
     # the axon's checks cross too, with their field
     from niche.errors import InvalidRequest
 
@@ -120,7 +120,7 @@ def test_killing_a_replica_mid_request_loses_no_request(ray_engine, local_engine
             os.kill(victim, signal.SIGKILL)
             answers = [f.result(timeout=240) for f in futures]
         assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
-        for request, answer in zip(requests, answers):
+        for request, answer in zip(requests, answers, strict=True):
             body = answer.json()
             want, _ = local_engine.generate_with_states(ray_engine.resolve(request.params))
             import base64

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from test_validator_service import NETUID, Only, OtherSeed, miners
 
 from niche.chain.local import LocalChain
