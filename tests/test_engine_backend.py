@@ -90,3 +90,21 @@ def test_concurrency_comes_from_the_engine():
     assert engine_concurrency(object()) == 1
     assert engine_concurrency(Replicated()) == 3
     assert engine_concurrency(Odd()) == 1
+
+
+def test_localnet_passes_backend_flags_to_miner1(tiny_root, tmp_path, capsys):
+    """`niche localnet --miner1-args "..."` runs miner1 with those flags (a Ray-backed
+    miner among plain ones: docs/miner.md); the others keep the defaults."""
+    import json
+
+    from niche.cli import main
+
+    assert main(["localnet", "--prepare-only", "--json", "--workdir", str(tmp_path / "ln"),
+                 "--miners", "2", "--models", "flux-schnell", "--model-path", str(tiny_root),
+                 "--miner1-args", "--engine.backend ray --engine.replicas 2"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    first, second = (p["args"] for p in plan["processes"] if p["role"] == "miner")
+    assert first[-4:] == ["--engine.backend", "ray", "--engine.replicas", "2"]
+    assert "--engine.backend" not in second
+    parsed = build_parser().parse_args(first)
+    assert (parsed.engine_backend, parsed.engine_replicas) == ("ray", 2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 DEFAULT_WORKDIR = "~/.niche/localnet"
@@ -40,6 +41,9 @@ def register(subparsers) -> None:
                         help="only prepare (chain, wallets, ports) and print the plan; "
                              "used by configs/pm2/localnet.config.js")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--miner1-args", dest="miner1_args", default="", metavar="FLAGS",
+                        help="extra `niche miner` flags for miner1, one string, e.g. "
+                             "\"--engine.backend ray --engine.replicas 2\"")
     parser.set_defaults(func=run)
 
 
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
                    models=args.models, cheats=args.cheat, rounds=args.rounds,
                    netuid=args.netuid, model_root=args.model_path, fresh=not args.keep,
-                   audit_fraction=args.audit_fraction)
+                   audit_fraction=args.audit_fraction,
+                   miner1_args=shlex.split(args.miner1_args))
     if args.prepare_only:
         print(plan.to_json() if args.json else f"prepared {plan.workdir}")
         return 0
