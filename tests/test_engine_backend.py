@@ -108,3 +108,48 @@ def test_localnet_passes_backend_flags_to_miner1(tiny_root, tmp_path, capsys):
     assert "--engine.backend" not in second
     parsed = build_parser().parse_args(first)
     assert (parsed.engine_backend, parsed.engine_replicas) == ("ray", 2)
+
+
+def test_miner_reports_replicas_and_refuses_with_503_when_all_are_lost(tmp_path):
+    """The miner's side of the backend contract over real HTTP: /healthz, /metrics and
+    /v1/info show the engine's replicas; a generation lost with every replica is a 503
+    `replicas_unavailable` and the miner keeps serving. The engine is the HTTP tests'
+    StubEngine with the Ray engine's replica surface (tests/test_ray_backend.py runs the
+    real one)."""
+    import httpx
+    from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+
+    from niche.errors import EngineUnavailable
+    from niche.models.ray_backend import ReplicaStats
+
+    class Replicated(StubEngine):
+        concurrency = 2
+
+        def live_replicas(self):
+            return 1
+
+        def stats(self):
+            return ReplicaStats(configured=2, up=1, busy=0, restarted=3,
+                                states={"RUNNING": 1, "STARTING": 1})
+
+        def generate_with_states(self, params, image=None):
+            if params.prompt == "lost":
+                raise EngineUnavailable("engine replica lost and none answered in time")
+            return super().generate_with_states(params, image)
+
+    net = build_net(tmp_path)
+    with running_miner(net, Replicated()) as miner:
+        assert miner.service.gate.slots == 2
+        health = httpx.get(miner.url + "/healthz").json()
+        assert health["ok"] is True
+        assert health["replicas"] == {"configured": 2, "up": 1, "busy": 0, "restarted": 3}
+        assert httpx.get(miner.url + "/v1/info").json()["concurrency"] == 1
+        metrics = httpx.get(miner.url + "/metrics").text
+        assert 'niche_miner_replicas{state="up"} 1.0' in metrics
+        assert "niche_miner_replicas_restarted 3.0" in metrics
+        lost = signed_post(miner, net.wallets["hi"],
+                           make_request("lost").model_dump_json().encode())
+        assert lost.status_code == 503 and lost.json()["reason"] == "replicas_unavailable"
+        fine = signed_post(miner, net.wallets["hi"],
+                           make_request("a cat").model_dump_json().encode())
+        assert fine.status_code == 200
