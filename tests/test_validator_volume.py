@@ -50,6 +50,21 @@ class AfterFirst(OtherSeed):
         return super().generate_with_states(params, image)
 
 
+class ReplayOnce(OtherSeed):
+    """Computes its first answer once (under a lock: two requests arrive together) and
+    answers everything with it."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.cached, self.lock = None, threading.Lock()
+
+    def generate_with_states(self, params, image=None):
+        with self.lock:
+            if self.cached is None:
+                self.cached = self._engine.generate_with_states(params, image)
+            return self.cached
+
+
 def test_primaries_split_first_challenge_per_uid():
     class C:
         def __init__(self, uid, tag):
@@ -61,7 +76,7 @@ def test_primaries_split_first_challenge_per_uid():
 
 
 def test_volume_probes_count_delivered_answers(tiny_engine, tmp_path):
-    names = ("validator", "single", "double", "flaky", "cheat")
+    names = ("validator", "single", "double", "flaky", "cheat", "replay")
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in names}
     chain = LocalChain(tmp_path / "chain.db", create=True)
     chain.create_subnet(NETUID, weights_rate_limit=2, max_validators=4)
@@ -70,7 +85,8 @@ def test_volume_probes_count_delivered_answers(tiny_engine, tmp_path):
     engines = {"single": Only(tiny_engine, "flux-schnell"),
                "double": Claims(tiny_engine, 2),
                "flaky": Claims(AfterFirst(tiny_engine, "fail"), 2),
-               "cheat": Claims(AfterFirst(tiny_engine, "cheat"), 9)}  # capped at 4
+               "cheat": Claims(AfterFirst(tiny_engine, "cheat"), 9),  # capped at 4
+               "replay": Claims(ReplayOnce(tiny_engine), 2)}
     config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=3,
                              state_path=tmp_path / "state.db", audit_fraction=1.0,
                              epoch_length=1000, round_interval=0, info_timeout=10.0)
@@ -84,7 +100,7 @@ def test_volume_probes_count_delivered_answers(tiny_engine, tmp_path):
     (report,) = validator.reports
     table = validator.format_report(report)
     by = {n: next(o for o in report.outcomes if o.uid == uids[n]) for n in names[1:]}
-    single, double, flaky, cheat = (by[n] for n in names[1:])
+    single, double, flaky, cheat, replay = (by[n] for n in names[1:])
     assert (single.probes, single.status, single.audit_passed) == (1, "ok", True), table
     assert (double.probes, double.verified, double.status) == (2, 2, "ok"), table
     assert double.audit_passed and double.span >= double.latency, table
@@ -93,6 +109,9 @@ def test_volume_probes_count_delivered_answers(tiny_engine, tmp_path):
     # a cheating answer among the probes fails the miner like any failed audit
     assert cheat.probes == 4 and cheat.audit_passed is False, table
     assert "audit_failed" in cheat.reason and report.rewards[cheat.uid] == 0.0, table
+    # the same image twice: the scored answer is checked first, so the probe is the
+    # duplicate (and the scored one fails its audit when it was computed for the probe)
+    assert replay.probes == 2 and replay.verified <= 1, table
     # the rewards are the scoring's formula over these outcomes
     cfg = config.scoring
     valid = sorted(o.latency for o in report.outcomes if o.valid)

@@ -384,13 +384,13 @@ class Validator:
     async def _audit(self, challenges: list[Challenge],
                      answered: dict[int, tuple[Challenge, QueryResult]],
                      outcomes: dict[int, Outcome], neurons: list[Neuron],
-                     valid_probes: list[tuple[Challenge, QueryResult]] | None = None) -> None:
+                     valid_probes: list[tuple[Challenge, QueryResult]]) -> None:
         """Audit a random share of the valid answers, chosen now that all are in; a volume
         probe's answer is audited at the same rate, and failing it fails the miner (it is
         dropped from `valid_probes` either way when it fails)."""
         valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
         picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
-        probes = list(valid_probes or ())
+        probes = list(valid_probes)
         live = [i for i, (c, _) in enumerate(probes) if outcomes[c.uid].status == OK]
         picked_probes = scoring.choose_audits(self._audit_rng, live,
                                               self.config.audit_fraction)
@@ -419,9 +419,8 @@ class Validator:
             outcomes[uid] = replace(outcomes[uid], audited=True, audit_passed=False,
                                     reason=f"{scoring.AUDIT_FAILED}: volume probe: "
                                            f"{result.reason}")
-        if valid_probes is not None:
-            for i in sorted(failed, reverse=True):
-                del valid_probes[i]
+        for i in sorted(failed, reverse=True):
+            del valid_probes[i]
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid
