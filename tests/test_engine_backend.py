@@ -132,6 +132,11 @@ def test_miner_reports_replicas_and_refuses_with_503_when_all_are_lost(tmp_path)
             return ReplicaStats(configured=2, up=1, busy=0, restarted=3,
                                 states={"RUNNING": 1, "STARTING": 1})
 
+        def resolve(self, params):
+            if params.prompt == "lost early":
+                raise EngineUnavailable("no replica answered the request's checks in time")
+            return super().resolve(params)
+
         def generate_with_states(self, params, image=None):
             if params.prompt == "lost":
                 raise EngineUnavailable("engine replica lost and none answered in time")
@@ -150,6 +155,9 @@ def test_miner_reports_replicas_and_refuses_with_503_when_all_are_lost(tmp_path)
         lost = signed_post(miner, net.wallets["hi"],
                            make_request("lost").model_dump_json().encode())
         assert lost.status_code == 503 and lost.json()["reason"] == "replicas_unavailable"
+        early = signed_post(miner, net.wallets["hi"],
+                            make_request("lost early").model_dump_json().encode())
+        assert early.status_code == 503 and "checks" in early.json()["detail"]
         fine = signed_post(miner, net.wallets["hi"],
                            make_request("a cat").model_dump_json().encode())
         assert fine.status_code == 200

@@ -271,6 +271,8 @@ class MinerService:
             except InvalidRequest as exc:
                 reason = "invalid_image" if exc.field == "image" else "invalid_request"
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
+            except EngineUnavailable as exc:  # the Ray backend checks requests on a replica
+                raise Refusal(503, "replicas_unavailable", str(exc)) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
               caller: str, deadline: float | None = None
