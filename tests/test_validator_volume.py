@@ -122,3 +122,25 @@ def test_volume_probes_count_delivered_answers(tiny_engine, tmp_path):
         2, 2, double.span, median, cfg), abs=1e-12)
     assert report.rewards[single.uid] == scoring.speed_reward(single.latency, single.timeout,
                                                               valid[0], cfg)
+
+
+def test_capacity_bench_pays_replicas_and_punishes_over_claiming():
+    """bench/incentives.py's capacity table with the real scoring: two honest replicas
+    earn more than one, and claiming four with one replica earns less than claiming one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "incentives.py"
+    spec = importlib.util.spec_from_file_location("incentives_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    cfg = scoring.ScoringConfig(model_shares={"flux-schnell": 1.0})
+    shares = bench.capacity_shares(300, 3, cfg)
+    one, two, four = (shares[n] for n in ("1 replica, declares 1", "2 replicas, declares 2",
+                                          "4 replicas, declares 4"))
+    over = shares["1 replica, declares 4"]
+    assert two > 1.15 * one and four > two
+    assert over < 0.7 * one
