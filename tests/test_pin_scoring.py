@@ -423,7 +423,7 @@ def test_volume_factor_pinned():
     assert vf(4, 1, 0.0, 0.0, c) == pytest.approx(1 / 2, abs=1e-12)
     assert vf(4, 2, 1.0, 1e-9, c) == pytest.approx(2 * 1e-6 / 2, abs=1e-15)
     assert vf(2, 1, 2.0, 1.0, cfg(volume_cap=1)) == pytest.approx(0.5, abs=1e-12)
-    with pytest.raises(ValueError, match="volume_cap"):
+    with pytest.raises(ValueError, match=r"^volume_cap must be >= 1$"):
         cfg(volume_cap=0)
 
 

@@ -125,7 +125,7 @@ def volume_factor(probes: int, verified: int, span: float | None, typical: float
     parallel only makes the span longer."""
     if probes <= 1:
         return 1.0
-    if verified <= 0 or span is None:
+    if span is None:  # no valid answer (verified 0 needs no test of its own: it gives 0)
         return 0.0
     k = min(int(probes), cfg.volume_cap)
     delivered = min(float(k), verified * max(typical, 1e-6) / max(span, 1e-6))
