@@ -449,7 +449,7 @@ def test_gate_with_two_slots_runs_two_and_estimates_per_slot():
     t = [100.0]
     gate = PriorityGate(max_queue=4, initial_estimate=4.0, slots=2, clock=lambda: t[0])
     assert gate.slots == 2 and PriorityGate().slots == 1
-    with pytest.raises(ValueError, match="slot"):
+    with pytest.raises(ValueError, match=r"^a gate needs at least one slot$"):
         PriorityGate(slots=0)
 
     async def main():
