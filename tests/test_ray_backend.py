@@ -30,11 +30,12 @@ MODEL = "flux-schnell"
 
 
 @pytest.fixture(scope="module")
-def ray_engine(tiny_root):
+def ray_engine(tiny_root, tiny_engine):
+    """Two replicas with the session engine's thread count (the validator's audits use it)."""
     from niche.models.ray_backend import RayConfig, RayEngine
 
     engine = RayEngine({"models": [MODEL], "model_root": tiny_root, "device": "cpu",
-                        "num_threads": 1},
+                        "num_threads": tiny_engine.num_threads},
                        RayConfig(replicas=2, cpus_per_replica=1.0, object_store_mb=128,
                                  app_name="niche-test"))
     try:
@@ -44,9 +45,10 @@ def ray_engine(tiny_root):
 
 
 @pytest.fixture(scope="module")
-def local_engine(tiny_root):
+def local_engine(tiny_root, ray_engine):
     """The in-process engine with the replicas' thread count: the bits to match."""
-    return Engine(models=[MODEL], model_root=tiny_root, device="cpu", num_threads=1)
+    return Engine(models=[MODEL], model_root=tiny_root, device="cpu",
+                  num_threads=ray_engine.num_threads)
 
 
 def _replica_pids(engine, want: int = 2, tries: int = 60) -> set[int]:
@@ -84,7 +86,7 @@ def test_every_replica_gives_the_local_engines_bits(ray_engine, local_engine):
                                                   seed=11 + i)) for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both replicas at work
         remote = list(pool.map(ray_engine.generate_with_states, params))
-    assert len(ray_engine._pids) == 2, "both replicas should have answered"
+    assert len(ray_engine._pids) >= 2, "both replicas should have answered"
     for p, (image, states) in zip(params, remote, strict=True):
         want_image, want_states = local_engine.generate_with_states(p)
         assert image.tobytes() == want_image.tobytes()
@@ -97,7 +99,7 @@ def test_every_replica_gives_the_local_engines_bits(ray_engine, local_engine):
         ray_engine.resolve(GenerationParams(model=MODEL, prompt="x", seed=1, steps=99))
     assert caught.value.field == "steps"
     assert ray_engine.compute_dtype(MODEL) == local_engine.compute_dtype(MODEL)
-    assert ray_engine.num_threads == local_engine.num_threads == 1
+    assert ray_engine.num_threads == local_engine.num_threads
 
 
 def test_killing_a_replica_mid_request_loses_no_request(ray_engine, local_engine, tmp_path):
