@@ -14,9 +14,14 @@ against an honest miner's under the failed-audit penalty (score reset + exclusio
 plus a sweep over detection probabilities from 1/3 and the exclusion_rounds each needs for
 the cheat to stay under 5 % of an honest miner.
 
+The third part (`--only-capacity` alone) gives miners 1, 2 or 4 replicas and a declared
+concurrency, sends each round min(declared, volume_cap) challenges at once, and shows what
+the volume factor pays: more honest replicas earn more, over-claiming earns less.
+
     .venv/bin/python bench/incentives.py [--rounds 2000] [--audit-fraction 0.1] [--seed 1]
                                          [--detection "skip last step=1.0" ...]
                                          [--from-adversary] [--only-detection]
+                                         [--only-capacity]
 """
 from __future__ import annotations
 
@@ -203,6 +208,76 @@ def detection_report(cheats: dict[str, tuple[float, float]], rounds: int, seed: 
               f"{need if need is not None else '> 3200'}")
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """A miner's replicas and the concurrency it declares in /v1/info."""
+
+    name: str
+    replicas: int
+    declared: int
+    latency: float = HONEST_LATENCY  # median seconds per generation on one replica
+
+
+CAPACITIES = (
+    Capacity("1 replica, declares 1", 1, 1),
+    Capacity("2 replicas, declares 2", 2, 2),
+    Capacity("4 replicas, declares 4", 4, 4),
+    Capacity("1 replica, declares 4", 1, 4),  # over-claims: one GPU behind a claim of four
+    Capacity("2 replicas, declares 4", 2, 4),
+)
+
+
+def capacity_outcome(uid: int, c: Capacity, rng: np.random.Generator, cfg: ScoringConfig,
+                     timeout: float = TIMEOUT) -> Outcome:
+    """One round for a miner: min(declared, volume_cap) challenges at once, served first in
+    first out by its replicas (request i ends after ceil((i+1)/replicas) generations); the
+    miner's queue refuses what cannot finish by the deadline, as the real gate does."""
+    k = max(1, min(c.declared, cfg.volume_cap))
+    ends = []
+    busy_until = [0.0] * c.replicas
+    for _ in range(k):
+        slot = int(np.argmin(busy_until))
+        took = c.latency * float(rng.lognormal(0.0, 0.15))
+        if busy_until[slot] + took > timeout:
+            continue  # 429 cannot_start_in_time: not delivered
+        busy_until[slot] += took
+        ends.append(busy_until[slot])
+    first = ends[0] if ends else None
+    return Outcome(uid, f"hk{uid}", "flux-schnell", status=OK if ends else "timeout",
+                   latency=first, timeout=timeout, audited=True, audit_passed=True,
+                   probes=k, verified=len(ends), span=max(ends) if ends else None)
+
+
+def capacity_shares(rounds: int, seed: int, cfg: ScoringConfig,
+                    capacities: tuple[Capacity, ...] = CAPACITIES, warmup: int = 50
+                    ) -> dict[str, float]:
+    """Average weight of each capacity profile (one miner each) with the real scoring."""
+    rng = np.random.default_rng(seed)
+    book = ScoreBook(cfg=cfg)
+    share = {c.name: 0.0 for c in capacities}
+    measured = 0
+    for r in range(rounds):
+        outcomes = [capacity_outcome(uid, c, rng, cfg) for uid, c in enumerate(capacities)]
+        book.apply(r, outcomes, round_rewards(outcomes, cfg))
+        if r >= warmup:
+            for uid, w in compute_weights(book.scores(), book.models(),
+                                          cfg.model_shares).items():
+                share[capacities[uid].name] += w
+            measured += 1
+    return {k: v / max(measured, 1) for k, v in share.items()}
+
+
+def capacity_report(rounds: int, seed: int, cfg: ScoringConfig) -> None:
+    shares = capacity_shares(rounds, seed, cfg)
+    one = shares[CAPACITIES[0].name]
+    print(f"\ncapacity that pays (volume_cap={cfg.volume_cap}, {HONEST_LATENCY:.0f}s per "
+          f"generation, {TIMEOUT:.0f}s timeout, every answer verified):")
+    print(f"{'miner':<26}{'replicas':>9}{'declares':>9}{'weight':>9}{'vs 1 replica':>14}")
+    for c in CAPACITIES:
+        print(f"{c.name:<26}{c.replicas:>9}{c.declared:>9}{shares[c.name]:>9.3f}"
+              f"{shares[c.name] / one:>14.2f}")
+
+
 def _detections(pairs: list[str] | None) -> dict[str, tuple[float, float]]:
     cheats = dict(ADVERSARY)
     for pair in pairs or []:
@@ -225,6 +300,8 @@ def main() -> None:
                         help="run `bench/adversary.py --quick` first and take its detections")
     parser.add_argument("--only-detection", action="store_true",
                         help="skip the strategy table and the audit-fraction sweep")
+    parser.add_argument("--only-capacity", action="store_true",
+                        help="only the capacity table (replicas and declared concurrency)")
     args = parser.parse_args()
     cfg = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
                         model_shares={"flux-schnell": 1.0})
@@ -238,6 +315,9 @@ def main() -> None:
 
         adversary.main(["--quick"])
         cheats = adversary.summary(adversary.LAST_RUN)
+    if args.only_capacity:
+        capacity_report(args.rounds, args.seed, cfg)
+        return
     if args.only_detection:
         detection_report(cheats, args.rounds, args.seed, cfg)
         return
@@ -260,6 +340,7 @@ def main() -> None:
             f"{res['share'][s.name] / s.count:>14.3f}" for s in STRATEGIES)
             + f"{res['regen_per_answer']:>11.3f}")
     detection_report(cheats, args.rounds, args.seed, cfg)
+    capacity_report(args.rounds, args.seed, cfg)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,8 @@ class InvalidRequest(NicheError, ValueError):
 
 class ConfigError(NicheError):
     exit_code = 2
+
+
+class EngineUnavailable(NicheError):
+    """No engine replica could serve a call within its deadline (a replica died and none
+    took over in time); the miner answers 503 and keeps serving."""

@@ -198,6 +198,9 @@ class InfoResponse(_Strict):
     def speaks(self) -> list[int]:
         """The versions the miner speaks (a protocol-2 miner names only its one)."""
         return sorted(set(self.protocol_versions)) or [self.protocol_version]
+    concurrency: int = Field(default=1, ge=1, le=256)
+    """Requests served at once (the miner's live engine replicas); validators send up to
+    this many challenges at once and pay for the throughput delivered (docs/scoring.md)."""
 
 
 class ErrorResponse(BaseModel):

@@ -26,8 +26,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if ! .venv/bin/python -c "import niche, diffusers, bittensor, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.niche-installed ]; then
-    echo "[setup] installing niche and its dev extra"
-    $PIP install --quiet "${CONSTRAINTS[@]}" -e ".[dev]"
+    echo "[setup] installing niche and its dev and ray extras"
+    # torch pinned to the installed build, so resolving ray[serve] never swaps it for another
+    $PIP install --quiet "${CONSTRAINTS[@]}" -e ".[dev,ray]" "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
     touch .venv/.niche-installed
 fi
 if [ ! -x node_modules/.bin/pm2 ] && command -v npm >/dev/null 2>&1; then

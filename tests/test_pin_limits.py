@@ -443,3 +443,43 @@ def test_a_refused_waiter_cancelled_in_the_same_step_does_not_release_the_slot()
         gate.release(1.0)
 
     run(scenario())
+
+
+def test_gate_with_two_slots_runs_two_and_estimates_per_slot():
+    t = [100.0]
+    gate = PriorityGate(max_queue=4, initial_estimate=4.0, slots=2, clock=lambda: t[0])
+    assert gate.slots == 2 and PriorityGate().slots == 1
+    with pytest.raises(ValueError, match=r"^a gate needs at least one slot$"):
+        PriorityGate(slots=0)
+
+    async def main():
+        assert await gate.acquire(1.0, 200.0) == 0.0
+        assert gate.running == 1 and not gate.busy and gate.expected_wait(1.0) == 0.0
+        t[0] = 101.0
+        assert await gate.acquire(1.0, 200.0) == 0.0
+        assert gate.running == 2 and gate.busy
+        # the oldest started at 100 with a 4 s estimate: 3 s left at 101
+        assert gate.expected_wait(1.0) == 3.0
+        waiters = [asyncio.ensure_future(gate.acquire(5.0, 200.0)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert gate.depth == 3
+        # three ahead with stake >= 5 over two slots: one more estimate (3 // 2 = 1)
+        assert gate.expected_wait(5.0) == 3.0 + 4.0
+        gate.release(2.0)  # one slot frees: one waiter starts, still two running
+        await asyncio.sleep(0)
+        assert gate.running == 2 and gate.depth == 2 and gate.estimate() == 2.0
+        # the oldest running now started at 101 (the one at 100 finished)
+        t[0] = 102.0
+        assert gate.expected_wait(9.0) == 1.0
+        gate.release(None)
+        gate.release(None)
+        await asyncio.sleep(0)
+        assert gate.running == 2 and gate.depth == 0
+        gate.release(None)
+        gate.release(None)
+        assert gate.running == 0 and not gate.busy
+        gate.release(None)  # an extra release never goes negative
+        assert gate.running == 0
+        await asyncio.gather(*waiters)
+
+    asyncio.run(main())

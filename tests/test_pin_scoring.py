@@ -394,3 +394,62 @@ def test_weights_due_boundaries():
     assert weights_due(101, 100, 0, 0)
     assert weights_due(101, 100, 1.9, 0)  # lengths are whole blocks
     assert weights_due(102, 100, 0, 2.9)
+
+
+# ----------------------------------------------------------------------------- volume
+def test_volume_factor_pinned():
+    import math
+
+    c = cfg()
+    assert ScoringConfig().volume_cap == 4
+    o = Outcome(3, "hk", "kolors")
+    assert (o.probes, o.verified, o.span) == (1, 0, None)
+    vf = scoring.volume_factor
+    # one challenge: the speed term alone measures the miner
+    assert vf(1, 1, 2.0, 1.0, c) == 1.0 and vf(1, 0, None, 1.0, c) == 1.0
+    assert vf(0, 0, None, 1.0, c) == 1.0
+    # nothing verified or no span: nothing delivered
+    assert vf(2, 0, 1.0, 1.0, c) == 0.0 and vf(2, 2, None, 1.0, c) == 0.0
+    # two in one fastest-answer time: sqrt(2)
+    assert vf(2, 2, 1.0, 1.0, c) == pytest.approx(2 / math.sqrt(2), abs=1e-12)
+    # two in 1.6 fastest-answer times: 1.25 answers per fastest time, over sqrt 2
+    assert vf(2, 2, 1.6, 1.0, c) == pytest.approx(1.25 / math.sqrt(2), abs=1e-12)
+    # claimed 4, delivered one at a time: 4 answers in 4 fastest times -> 1 / sqrt(4)
+    assert vf(4, 4, 4.0, 1.0, c) == pytest.approx(0.5, abs=1e-12)
+    # delivered can never exceed what was sent (a fastest slower than the span)
+    assert vf(2, 2, 1.0, 3.0, c) == pytest.approx(2 / math.sqrt(2), abs=1e-12)
+    # probes above the cap count as the cap; tiny spans and fastests are floored at 1e-6
+    assert vf(9, 4, 1.0, 1.0, c) == pytest.approx(4 / 2, abs=1e-12)
+    assert vf(4, 1, 0.0, 0.0, c) == pytest.approx(1 / 2, abs=1e-12)
+    assert vf(4, 2, 1.0, 1e-9, c) == pytest.approx(2 * 1e-6 / 2, abs=1e-15)
+    assert vf(2, 1, 2.0, 1.0, cfg(volume_cap=1)) == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError, match=r"^volume_cap must be >= 1$"):
+        cfg(volume_cap=0)
+
+
+def test_round_rewards_multiply_speed_by_volume():
+    import math
+
+    c = cfg()
+    # uid 1: one challenge, 1 s; uid 2: two at once, both valid, the last at 2 s;
+    # uid 3: claimed 4, four answers, the last at 8 s (one replica doing all four).
+    # fastest scored answer 1 s, median 2 s
+    outs = [ok(1, 1.0), ok(2, 2.0, probes=2, verified=2, span=2.0),
+            ok(3, 4.0, probes=4, verified=4, span=8.0)]
+    r = round_rewards(outs, c)
+    assert r[1] == pytest.approx(0.2 + 0.8 * (0.5 * (1 - 1.0 / 20.0) + 0.5 * 1.0), abs=1e-12)
+    assert r[2] == pytest.approx((0.2 + 0.8 * (0.5 * (1 - 2.0 / 20.0) + 0.5 * (1.0 / 2.0)))
+                                 * (2 * 2.0 / 2.0) / math.sqrt(2), abs=1e-12)
+    assert r[3] == pytest.approx((0.2 + 0.8 * (0.5 * (1 - 4.0 / 20.0) + 0.5 * (1.0 / 4.0)))
+                                 * (4 * 2.0 / 8.0) / 2, abs=1e-12)
+    # the median, not the fastest, is the volume's unit: an even count takes the mean of
+    # the middle two (1 s and 3 s -> 2 s)
+    outs = [ok(1, 1.0), ok(2, 3.0, probes=2, verified=2, span=3.0)]
+    r = round_rewards(outs, c)
+    assert r[2] == pytest.approx((0.2 + 0.8 * (0.5 * (1 - 3.0 / 20.0) + 0.5 * (1.0 / 3.0)))
+                                 * (2 * 2.0 / 3.0) / math.sqrt(2), abs=1e-12)
+    # an invalid scored answer earns nothing whatever its probes did
+    bad = Outcome(4, "hk4", "flux-schnell", W64, "timeout", "", None, 20.0, probes=2,
+                  verified=1, span=3.0)
+    assert round_rewards([bad], c) == {4: 0.0}
+

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from niche.errors import ConfigError
 from niche.models.spec import DTYPES, MEMORY_MODES
 
 if TYPE_CHECKING:
-    from niche.models.engine import Engine
+    from niche.models.engine import Engine, ImageEngine
 
 
 
@@ -57,6 +57,28 @@ def add_engine_args(group: argparse._ActionsContainer) -> None:
                             "of the denoiser (default: the model's YAML `fast`; a no-op on CPU)")
 
 
+BACKENDS = ("local", "ray")
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    """--engine.backend local|ray and the Ray flags (the miner's; see docs/miner.md)."""
+    g = parser.add_argument_group("engine backend")
+    g.add_argument("--engine.backend", dest="engine_backend", default="local", choices=BACKENDS,
+                   help="local: the engine in this process (default); ray: a Ray Serve "
+                        "deployment of it with --engine.replicas replicas (pip install "
+                        "'niche[ray]')")
+    g.add_argument("--engine.replicas", dest="engine_replicas", type=int, default=1,
+                   help="engine replicas on Ray, one per GPU (default 1)")
+    g.add_argument("--engine.gpus_per_replica", dest="engine_gpus_per_replica", type=float,
+                   default=None, help="GPUs each replica holds (default: 1 on a CUDA "
+                                      "device, 0 on CPU)")
+    g.add_argument("--engine.cpus_per_replica", dest="engine_cpus_per_replica", type=float,
+                   default=1.0, help="CPUs Ray reserves for each replica (default 1)")
+    g.add_argument("--ray.address", dest="ray_address", default=None,
+                   help="an existing Ray cluster (`ray start --head`): auto or HOST:PORT "
+                        "(default: start a local Ray instance for the replicas)")
+
+
 def model_dirs_from_args(args: argparse.Namespace) -> dict[str, Path]:
     """`--model-dir MODEL=PATH` pairs as a mapping; a malformed pair is a one-line error."""
     dirs: dict[str, Path] = {}
@@ -94,6 +116,14 @@ def engine_from_args(args: argparse.Namespace, models: Sequence[str], *,
     flags: `niche bench` loads one engine per memory mode and a float32 reference)."""
     from niche.models.engine import Engine
 
+    return Engine(**engine_kwargs_from_args(args, models, memory_mode=memory_mode,
+                                            dtype=dtype))
+
+
+def engine_kwargs_from_args(args: argparse.Namespace, models: Sequence[str], *,
+                            memory_mode: str | None = None, dtype: str | None = None
+                            ) -> dict[str, Any]:
+    """`Engine`'s keyword arguments from the flags (what every Ray replica is built with)."""
     dirs = model_dirs_from_args(args)
     unknown = sorted(set(dirs) - set(models))
     if unknown:
@@ -102,8 +132,33 @@ def engine_from_args(args: argparse.Namespace, models: Sequence[str], *,
     unknown = sorted(set(quants) - set(models))
     if unknown:
         raise ConfigError(f"--quant names models that are not loaded: {unknown}")
-    return Engine(models=list(models), model_root=model_root_from_args(args),
-                  model_paths=dirs or None, device=args.device, dtype=dtype or args.dtype,
-                  memory_mode=memory_mode or args.memory_mode,  # type: ignore[arg-type]
-                  num_threads=args.num_threads, fast=getattr(args, "engine_fast", None),
-                  quant=quants or None)
+    return {"models": list(models), "model_root": model_root_from_args(args),
+            "model_paths": dirs or None, "device": args.device, "dtype": dtype or args.dtype,
+            "memory_mode": memory_mode or args.memory_mode, "num_threads": args.num_threads,
+            "fast": getattr(args, "engine_fast", None), "quant": quants or None}
+
+
+def backend_engine_from_args(args: argparse.Namespace, models: Sequence[str]) -> ImageEngine:
+    """The engine `--engine.backend` names: in this process, or replicas on Ray."""
+    backend = getattr(args, "engine_backend", "local")
+    if backend == "local":
+        if getattr(args, "engine_replicas", 1) != 1:
+            raise ConfigError("--engine.replicas needs --engine.backend ray")
+        return engine_from_args(args, models)
+    import os
+
+    from niche.models.engine import resolve_device
+    from niche.models.ray_backend import RayConfig, RayEngine
+
+    kwargs = engine_kwargs_from_args(args, models)
+    device = resolve_device(args.device) if args.ray_address is None else args.device
+    gpus = args.engine_gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+    if str(device) == "auto" and gpus:
+        kwargs["device"] = "cuda"
+    env = {k: v for k, v in os.environ.items()
+           if k in ("NICHE_NUM_THREADS", "NICHE_TINY_DIR", "HF_HOME", "HF_HUB_OFFLINE")}
+    return RayEngine(kwargs, RayConfig(replicas=args.engine_replicas, gpus_per_replica=gpus,
+                                       cpus_per_replica=args.engine_cpus_per_replica,
+                                       address=args.ray_address, env=env))

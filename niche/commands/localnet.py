@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 DEFAULT_WORKDIR = "~/.niche/localnet"
@@ -42,6 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--no-gateway", dest="gateway", action="store_false",
                         help="do not start the OpenAI-compatible gateway (docs/gateway.md)")
+    parser.add_argument("--miner1-args", dest="miner1_args", default="", metavar="FLAGS",
+                        help="extra `niche miner` flags for miner1, one string, e.g. "
+                             "\"--engine.backend ray --engine.replicas 2\"")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
                    models=args.models, cheats=args.cheat, rounds=args.rounds,
                    netuid=args.netuid, model_root=args.model_path, fresh=not args.keep,
-                   audit_fraction=args.audit_fraction, gateway=args.gateway)
+                   audit_fraction=args.audit_fraction, gateway=args.gateway,
+                   miner1_args=shlex.split(args.miner1_args))
     if args.prepare_only:
         print(plan.to_json() if args.json else f"prepared {plan.workdir}")
         return 0

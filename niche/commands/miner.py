@@ -24,9 +24,10 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
     m.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
                    help="model(s) to serve (default flux-schnell)")
-    from niche.commands.engine_args import add_engine_args
+    from niche.commands.engine_args import add_backend_args, add_engine_args
 
     add_engine_args(m)
+    add_backend_args(parser)
     b = parser.add_argument_group("blacklist")
     b.add_argument("--blacklist.min_stake", dest="min_stake", type=float, default=0.0,
                    help="refuse callers with less stake (default 0)")
@@ -93,6 +94,10 @@ def config_from_args(args: argparse.Namespace):
     if args.axon_external_ip is None and ipaddress.ip_address(args.axon_ip).is_unspecified:
         raise ConfigError("--axon.ip is a wildcard address: pass --axon.external_ip with the "
                           "IP validators should use")
+    if args.engine_replicas < 1:
+        raise ConfigError("--engine.replicas must be >= 1")
+    if args.engine_backend == "local" and (args.engine_replicas != 1 or args.ray_address):
+        raise ConfigError("--engine.replicas and --ray.address need --engine.backend ray")
     if args.queue_max_size < 0:
         raise ConfigError("--queue.max_size must be >= 0")
     if args.requests_per_minute < 0:
@@ -136,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
     bind_socket(args.axon_ip, args.axon_port).close()
     from niche.commands.engine_args import (
-        engine_from_args,
+        backend_engine_from_args,
         model_dirs_from_args,
         model_root_from_args,
         quants_from_args,
@@ -147,25 +152,30 @@ def _run(args: argparse.Namespace) -> int:
     # a quantized variant that does not verify at its model's reference is refused here
     check_models(args.models, model_root_from_args(args), model_dirs_from_args(args),
                  quants_from_args(args))
-    log.info("loading %s on %s", ", ".join(args.models), resolve_device(args.device))
-    engine: ImageEngine = engine_from_args(args, args.models)
+    log.info("loading %s on %s (%s backend)", ", ".join(args.models),
+             resolve_device(args.device), args.engine_backend)
+    engine: ImageEngine = backend_engine_from_args(args, args.models)
     if args.localnet_cheat:
         from niche.devnet.localnet.cheats import CheatingEngine
 
         log.warning("localnet cheat %r: answers are NOT what they claim", args.localnet_cheat)
         engine = CheatingEngine(engine, args.localnet_cheat)
-    service = MinerService(engine, wallet, config, chain=chain)
-    service.check_registered()
-    from niche.commands.metrics_args import metrics_server_from_args
-
-    metrics = metrics_server_from_args(args, service.metrics.registry)
-    from niche.runtime import describe
-
-    log.info("runtime: %s", describe(service.runtime))
-    log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
-             service.check_registered().uid, ", ".join(args.models))
+    metrics = None
     try:
+        service = MinerService(engine, wallet, config, chain=chain)
+        service.check_registered()
+        from niche.commands.metrics_args import metrics_server_from_args
+
+        metrics = metrics_server_from_args(args, service.metrics.registry)
+        from niche.runtime import describe
+
+        log.info("runtime: %s", describe(service.runtime))
+        log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
+                 service.check_registered().uid, ", ".join(args.models))
         return serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
     finally:
         if metrics is not None:
             metrics.close()
+        close = getattr(engine, "close", None)  # the Ray backend stops its replicas
+        if callable(close):
+            close()

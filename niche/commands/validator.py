@@ -115,9 +115,8 @@ def register(subparsers) -> None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from niche.validator.status import format_status, read_status
-
     from niche.validator.state import find_state_file
+    from niche.validator.status import format_status, read_status
 
     data = read_status(args.state.expanduser() if args.state else find_state_file())
     print(json.dumps(data, indent=2) if args.json else format_status(data))

@@ -2,7 +2,8 @@
 
 - `RateLimiter`: a token bucket per hotkey (fixed rate, or a share of a total rate
   proportional to the caller's stake among permitted validators).
-- `PriorityGate`: one generation at a time; waiting requests are served highest stake first.
+- `PriorityGate`: one generation at a time per slot (one slot per GPU or replica); waiting
+  requests are served highest stake first.
   A request that cannot finish before its own timeout (estimated from recent generation
   durations and its place in the queue) is refused at once with 429 rather than queued, and
   a waiter whose deadline passes while queued is dropped before it reaches the GPU.
@@ -81,20 +82,29 @@ class _Waiter:
 
 
 class PriorityGate:
-    """One slot (one GPU). `acquire(stake, deadline)` returns when the caller may generate;
-    the caller must then call `release(seconds)` exactly once."""
+    """`slots` generations at once (one per GPU). `acquire(stake, deadline)` returns when the
+    caller may generate; the caller must then call `release(seconds)` exactly once."""
 
     def __init__(self, max_queue: int = 16, *, history: int = 20,
-                 initial_estimate: float | None = None,
+                 initial_estimate: float | None = None, slots: int = 1,
                  clock: Callable[[], float] = time.monotonic):
+        if slots < 1:
+            raise ValueError("a gate needs at least one slot")
         self.max_queue = max_queue
         self.initial_estimate = initial_estimate
+        self.slots = slots
+        """Generations at once: 1 per GPU; an engine with N replicas has N."""
         self._durations: deque[float] = deque(maxlen=history)
         self._clock = clock
         self._heap: list[_Waiter] = []
         self._seq = itertools.count()
-        self.busy = False
-        self._running_since = 0.0
+        self.running = 0
+        self._started: deque[float] = deque()  # start times of the running ones, oldest first
+
+    @property
+    def busy(self) -> bool:
+        """Every slot is taken (with one slot: a generation runs)."""
+        return self.running >= self.slots
 
     @property
     def depth(self) -> int:
@@ -116,8 +126,8 @@ class PriorityGate:
         if not self.busy:
             return 0.0
         ahead = sum(1 for w in self._heap if not w.future.done() and -w.priority >= stake)
-        remaining = max(0.0, est - (self._clock() - self._running_since))
-        return remaining + ahead * est
+        remaining = max(0.0, est - (self._clock() - self._started[0]))
+        return remaining + (ahead // self.slots) * est
 
     async def acquire(self, stake: float, deadline: float) -> float:
         """Wait for the slot; returns seconds waited. `deadline` is on this gate's clock.
@@ -156,13 +166,16 @@ class PriorityGate:
         return self._clock() - start
 
     def _start(self) -> None:
-        self.busy = True
-        self._running_since = self._clock()
+        self.running += 1
+        self._started.append(self._clock())
 
     def release(self, seconds: float | None) -> None:
-        """The running generation ended (`seconds` it took, None if it never ran)."""
+        """A running generation ended (`seconds` it took, None if it never ran)."""
         if seconds is not None:
             self.record(seconds)
+        self.running = max(0, self.running - 1)
+        if self._started:
+            self._started.popleft()
         est = self.estimate() or 0.0
         while self._heap:
             waiter = heapq.heappop(self._heap)
@@ -176,4 +189,3 @@ class PriorityGate:
             self._start()
             waiter.future.set_result(None)
             return
-        self.busy = False

@@ -20,6 +20,24 @@ from niche.chain.base import Neuron
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
+class ReplicaCollector(Collector):
+    """niche_miner_replicas{state} and niche_miner_replicas_restarted, read from the engine
+    at scrape time (ray backend only: a local engine has no replicas to report)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.stats()
+        replicas = GaugeMetricFamily("niche_miner_replicas", "Engine replicas (ray backend) "
+                                     "by state: configured, up, busy", labels=["state"])
+        for state in ("configured", "up", "busy"):
+            replicas.add_metric([state], s[state])
+        yield replicas
+        yield GaugeMetricFamily("niche_miner_replicas_restarted", "Engine replica failures "
+                                "seen (Ray replaced each)", value=s["restarted"])
+
+
 class GpuMemoryCollector(Collector):
     """niche_miner_gpu_memory_{allocated,reserved}_bytes per CUDA device, read at scrape
     time; absent when torch sees no CUDA device (a CPU miner has no GPU memory to report)."""
@@ -58,7 +76,7 @@ class MinerMetrics:
                                   registry=self.registry)
         self.queue_depth = Gauge("niche_miner_queue_depth", "Requests waiting for the GPU",
                                  registry=self.registry)
-        self.busy = Gauge("niche_miner_busy", "1 while a generation runs",
+        self.busy = Gauge("niche_miner_busy", "Generations running (1 at most per replica)",
                           registry=self.registry)
         self.generation_seconds = Histogram(
             "niche_miner_generation_seconds", "Seconds per generation (engine only)",
@@ -83,6 +101,10 @@ class MinerMetrics:
         """Gauges read at scrape time from the live service."""
         self.queue_depth.set_function(queue_depth)
         self.states_bytes.set_function(states_bytes)
+
+    def track_replicas(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Replica gauges read at scrape time from the engine (ray backend)."""
+        self.registry.register(ReplicaCollector(stats))
 
     def set_neuron(self, neuron: Neuron | None, block: int) -> None:
         """This miner's own row of the metagraph (None: not registered)."""

@@ -190,13 +190,20 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info():
-        return JSONResponse(service.info().model_dump(mode="json"))
+        answer = await asyncio.to_thread(service.info)  # the replicas' states: an RPC on Ray
+        return JSONResponse(answer.model_dump(mode="json"))
 
     @app.get("/healthz", responses={503: {"description": "not ok: deregistered"}})
     async def healthz():
         ok, reason = service.health
-        body = {"ok": ok, "busy": service.gate.busy, "queue": service.gate.depth,
-                "hotkey": service.hotkey}
+        body: dict[str, Any] = {"ok": ok, "busy": service.gate.busy,
+                                "queue": service.gate.depth, "hotkey": service.hotkey}
+        replicas = await asyncio.to_thread(service.replica_stats)
+        if replicas is not None:
+            body["replicas"] = replicas
+            if ok and replicas["up"] == 0:
+                ok, reason = False, "no engine replica is up"
+        body["ok"] = ok
         if ok:
             return body
         return JSONResponse({**body, "reason": reason}, status_code=503)

@@ -8,13 +8,15 @@ Order of checks on a generate request (cheapest and least trusting first):
   2. signature over the exact body, receiver, freshness, replay (401/403),
   3. per-hotkey rate limit (429),
   4. protocol version, schema, engine.resolve, image decode (400/422) - before queueing,
-  5. stake-priority queue admission (429/503), generation in the GPU worker thread (500 on
-     any failure), PNG encode, sha256, response signature.
+  5. stake-priority queue admission (429/503), generation in a GPU worker thread (one per
+     replica; 503 when every replica is lost past the deadline, 500 on any other failure),
+     PNG encode, sha256, response signature.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -31,11 +33,12 @@ from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_he
 from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
-from niche.errors import InvalidRequest
+from niche.errors import EngineUnavailable, InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
+from niche.models.deadline import request_deadline
 from niche.models.memory import is_out_of_memory, memory_advice, release_cached_memory
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
@@ -127,12 +130,16 @@ class MinerService:
                                         allowed_skew=config.auth_allowed_skew)
         self.limiter = RateLimiter(config.requests_per_minute,
                                    stake_proportional=config.stake_proportional_rate)
+        self.concurrency = engine_concurrency(engine)
         self.gate = PriorityGate(config.max_queue, initial_estimate=config.initial_estimate,
-                                 clock=clock)
+                                 slots=self.concurrency, clock=clock)
         self.metrics = MinerMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="niche-gpu")
+        self.executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                           thread_name_prefix="niche-gpu")
         self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
         self.metrics.track(lambda: self.gate.depth, lambda: self.states.bytes_held)
+        if callable(getattr(engine, "stats", None)):
+            self.metrics.track_replicas(lambda: self.replica_stats() or {})
         self._decode_slots: asyncio.Semaphore | None = None
         self._neurons: dict[str, Neuron] = {}
         self._validator_stake = 0.0
@@ -320,12 +327,17 @@ class MinerService:
             except InvalidRequest as exc:
                 reason = "invalid_image" if exc.field == "image" else "invalid_request"
                 raise Refusal(400, reason, str(exc), field=exc.field) from None
+            except EngineUnavailable as exc:  # the Ray backend checks requests on a replica
+                raise Refusal(503, "replicas_unavailable", str(exc)) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
-              caller: str, version: int) -> tuple[float, str, str, StatesCommitment, str]:
+              caller: str, version: int, deadline: float | None = None
+              ) -> tuple[float, str, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
-        result, states = self.engine.generate_with_states(params, image)
+        left = None if deadline is None else deadline - self.clock()
+        with request_deadline(left) if left is not None else contextlib.nullcontext():
+            result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
         b64, digest = encode_b64(result, "PNG")
         commitment = commit(states, self.engine.compute_dtype(params.model))
@@ -341,19 +353,23 @@ class MinerService:
         deadline = self.clock() + request.timeout
         waited = await self.gate.acquire(stake, deadline)
         self.metrics.queue_seconds.observe(waited)
-        self.metrics.busy.set(1)
+        self.metrics.busy.set(self.gate.running)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id, caller, request.protocol_version)
+                                      request.request_id, caller, request.protocol_version,
+                                      deadline)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
             self.gate.release(f.result()[0] if ok else None)
-            self.metrics.busy.set(1 if self.gate.busy else 0)
+            self.metrics.busy.set(self.gate.running)
 
         future.add_done_callback(_finished)
         try:
             seconds, b64, digest, commitment, signature = await asyncio.shield(future)
+        except EngineUnavailable as exc:
+            log.warning("request %s refused: %s", request.request_id, exc)
+            raise Refusal(503, "replicas_unavailable", str(exc)) from None
         except Exception as exc:
             if is_out_of_memory(exc):  # one line, not a traceback; the next request may fit
                 release_cached_memory()
@@ -397,13 +413,29 @@ class MinerService:
             self._runtime = runtime_info(self.engine)
         return self._runtime
 
+    def live_concurrency(self) -> int:
+        """Generations this miner can run at once now: its live replicas (1 locally)."""
+        live = getattr(self.engine, "live_replicas", None)
+        return max(0, min(int(live()), self.concurrency)) if callable(live) else 1
+
+    def replica_stats(self) -> dict[str, int] | None:
+        """Replicas configured, up, busy and restarted (None: a local, in-process engine)."""
+        stats = getattr(self.engine, "stats", None)
+        if not callable(stats):
+            return None
+        s = stats()
+        return {"configured": s.configured, "up": s.up, "busy": s.busy,
+                "restarted": s.restarted}
+
     def info(self) -> InfoResponse:
         est = self.gate.estimate()
         versions = sorted(set(self.config.protocol_versions))
+        live = self.live_concurrency()
         return InfoResponse(protocol_version=versions[-1], protocol_versions=versions,
                             hotkey=self.hotkey, models=self.engine.served(),
-                            capacity_per_minute=(60.0 / est) if est else 0.0,
-                            miner_version=__version__, runtime=self.runtime)
+                            capacity_per_minute=(60.0 * live / est) if est else 0.0,
+                            miner_version=__version__, runtime=self.runtime,
+                            concurrency=max(1, live))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -412,6 +444,10 @@ class MinerService:
 def _span(versions: tuple[int, ...]) -> str:
     low, high = min(versions), max(versions)
     return str(low) if low == high else f"{low}..{high}"
+def engine_concurrency(engine: Any) -> int:
+    """Generations an engine runs at once: its `concurrency` (replicas), else 1."""
+    value = getattr(engine, "concurrency", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
 def short(hotkey: Any) -> str:

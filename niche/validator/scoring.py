@@ -2,11 +2,22 @@
 
 reward(answer) = 0                                   no answer, error, invalid image,
                                                      duplicate answer, failed audit
-               = base + (1 - base) * speed           otherwise, with
+               = (base + (1 - base) * speed) * volume   otherwise, with
 speed          = w * (1 - latency / timeout)         absolute: how much of the deadline is left
                + (1 - w) * (fastest / latency)       relative: against the fastest valid answer
                                                      of the same workload (model, pipeline,
                                                      size, steps) this round
+volume         = 1                                   one challenge (declared concurrency 1)
+               = min(k, verified * typical / span) / sqrt(k)
+                                                     k = min(declared, volume_cap) challenges
+                                                     sent at once; verified = valid answers
+                                                     among them; span = latency of the last
+                                                     valid one; typical = median latency of
+                                                     the valid scored answers of the workload
+                                                     this round. Delivering all k in one
+                                                     typical answer's time gives sqrt(k)
+                                                     (SN23's sqrt-of-volume scale); what was
+                                                     claimed but not delivered costs linearly.
 score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
 failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
                   `exclusion_rounds` rounds.
@@ -16,6 +27,7 @@ See docs/scoring.md for why these numbers.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +55,9 @@ class ScoringConfig:
     """Rounds a hotkey that failed an audit is excluded: what a caught cheat loses."""
     model_shares: Mapping[str, float] = field(
         default_factory=lambda: {"flux-schnell": 0.5, "kolors": 0.5})
+    volume_cap: int = 4
+    """Most challenges sent to one miner at once (its declared concurrency, capped): the
+    most parallel throughput a round can pay for, sqrt(volume_cap) at best."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -53,6 +68,8 @@ class ScoringConfig:
             raise ValueError("exclusion_rounds must be >= 0")
         if any(v < 0 for v in self.model_shares.values()):
             raise ValueError("model shares must be >= 0")
+        if self.volume_cap < 1:
+            raise ValueError("volume_cap must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,12 @@ class Outcome:
     audited: bool = False
     audit_passed: bool | None = None
     similarity: float | None = None
+    probes: int = 1
+    """Challenges sent to this miner at once this round (1 + the volume probes)."""
+    verified: int = 0
+    """Valid answers among the probes (in time, well formed, new, not failing an audit)."""
+    span: float | None = None
+    """Seconds from sending the probes to the last valid answer."""
 
     @property
     def valid(self) -> bool:
@@ -92,21 +115,42 @@ def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringCon
     return cfg.base + (1.0 - cfg.base) * speed
 
 
+def volume_factor(probes: int, verified: int, span: float | None, typical: float,
+                  cfg: ScoringConfig) -> float:
+    """What a miner's parallel throughput multiplies its reward by: 1 for one challenge;
+    for k > 1 the answers it delivered per `typical` answer's time, over sqrt(k). Honest
+    delivery of k gives sqrt(k) (more replicas pay, with SN23's diminishing returns);
+    claiming k and delivering d < k gives d / sqrt(k), less than claiming d. `typical` is
+    the round's median, not the miner's own latency: holding answers back to look
+    parallel only makes the span longer."""
+    if probes <= 1:
+        return 1.0
+    if span is None:  # no valid answer (verified 0 needs no test of its own: it gives 0)
+        return 0.0
+    k = min(int(probes), cfg.volume_cap)
+    delivered = min(float(k), verified * max(typical, 1e-6) / max(span, 1e-6))
+    return delivered / math.sqrt(k)
+
+
 def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, float]:
-    """Reward in [0, 1] per uid for one round."""
-    fastest: dict[tuple, float] = {}
+    """Reward per uid for one round: in [0, 1] for one challenge, up to sqrt(volume_cap)
+    for a miner that delivers its declared concurrency."""
+    latencies: dict[tuple, list[float]] = {}
     for o in outcomes:
         if o.valid:
-            key = (o.model, o.workload)
-            fastest[key] = min(fastest.get(key, float("inf")),
-                               float(o.latency))  # type: ignore[arg-type]  # valid: set
+            latencies.setdefault((o.model, o.workload), []).append(
+                float(o.latency))  # type: ignore[arg-type]  # valid: set
+    fastest = {key: min(values) for key, values in latencies.items()}
+    typical = {key: float(np.median(values)) for key, values in latencies.items()}
     rewards = {}
     for o in outcomes:
         if not o.valid:
             rewards[o.uid] = 0.0
         else:
+            key = (o.model, o.workload)
             rewards[o.uid] = speed_reward(float(o.latency), o.timeout,  # type: ignore[arg-type]
-                                          fastest[(o.model, o.workload)], cfg)
+                                          fastest[key], cfg) * volume_factor(
+                o.probes, o.verified, o.span, typical[key], cfg)
     return rewards
 
 

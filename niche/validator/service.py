@@ -283,17 +283,21 @@ class Validator:
             log.info("round %d: new hotkeys on uids %s start from zero", round_index, reset)
         outcomes: dict[int, Outcome] = {}
         candidates = self._sample(metagraph, rng, round_index, outcomes)
-        targets = await self._targets(candidates, outcomes)
-        challenges = self.factory.make_round(rng, targets)
+        declared: dict[int, int] = {}
+        targets = await self._targets(candidates, outcomes, declared)
+        extra = [t for t in targets for _ in range(declared.get(t.uid, 1) - 1)]
+        challenges, probes = primaries(self.factory.make_round(rng, targets + extra))
         for target in targets:
             if target.uid not in {c.uid for c in challenges}:
                 outcomes[target.uid] = Outcome(target.uid, target.hotkey, target.model,
                                                status=scoring.NO_MODEL,
                                                reason="no pipeline this validator can ask")
-        answered = await self._query(challenges, candidates)
+        answered, probed = await self._query(challenges, probes, candidates)
         fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
-        await self._audit(challenges, answered, outcomes, candidates)
-        await self._audit_organic(metagraph, outcomes)
+        valid_probes = self._probe_checks(probed, round_index, fresh)
+        await self._audit(challenges, answered, outcomes, candidates, valid_probes)
+        self._count_volume(challenges, answered, outcomes, probed, valid_probes)
+        await self._audit_organic(metagraph, outcomes)  # a failed organic audit has the last word
         final = list(outcomes.values())
         rewards = scoring.round_rewards(final, self.config.scoring)
         self.book.apply(round_index, final, rewards)
@@ -325,9 +329,10 @@ class Validator:
             pool = [pool[int(i)] for i in sorted(picked)]
         return pool
 
-    async def _targets(self, neurons: list[Neuron], outcomes: dict[int, Outcome]
-                       ) -> list[Target]:
-        """Ask each miner what it serves; a miner serving none of our models scores 0."""
+    async def _targets(self, neurons: list[Neuron], outcomes: dict[int, Outcome],
+                       declared: dict[int, int] | None = None) -> list[Target]:
+        """Ask each miner what it serves; a miner serving none of our models scores 0.
+        `declared` gets each miner's concurrency, capped at the scoring's volume_cap."""
         infos = await self.client.info_many(neurons, timeout=self.config.info_timeout)
         targets = []
         for neuron, info in zip(neurons, infos, strict=False):
@@ -347,14 +352,63 @@ class Validator:
                 continue
             targets.append(Target(neuron.uid, neuron.hotkey, model,
                                   offered[model] or (PipelineKind.TXT2IMG,)))
+            if declared is not None:
+                declared[neuron.uid] = max(1, min(int(served.concurrency),
+                                                  self.config.scoring.volume_cap))
         return targets
 
-    async def _query(self, challenges: list[Challenge], neurons: list[Neuron]
-                     ) -> dict[int, tuple[Challenge, QueryResult]]:
+    async def _query(self, challenges: list[Challenge], probes: list[Challenge],
+                     neurons: list[Neuron]
+                     ) -> tuple[dict[int, tuple[Challenge, QueryResult]],
+                                list[tuple[Challenge, QueryResult]]]:
+        """Every challenge at once (a miner's volume probes beside its scored one)."""
         by_uid = {n.uid: n for n in neurons}
-        pairs = [(by_uid[c.uid], c.request()) for c in challenges]
+        sent = challenges + probes
+        pairs = [(by_uid[c.uid], c.request()) for c in sent]
         results = await self.client.query_many(pairs)
-        return {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
+        answered = {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
+        return answered, list(zip(probes, results[len(challenges):], strict=True))
+
+    def _probe_checks(self, probed: list[tuple[Challenge, QueryResult]], round_index: int,
+                      fresh: list[Answer]) -> list[tuple[Challenge, QueryResult]]:
+        """The volume probes' answers that count: the cheap checks of a scored answer
+        (status, deadline, size, states, not seen before)."""
+        valid = []
+        seen = {a.sha256 for a in fresh}
+        for c, result in probed:
+            image = result.image
+            if (result.status.value != OK or image is None or result.latency is None
+                    or result.latency > c.timeout or shape_problem(image, *c.params.size)
+                    or result.response is None or result.response.states is None):
+                continue
+            fp = fingerprint(image)
+            if self.answers.match(fp) is not None or fp.sha256 in seen:
+                continue
+            seen.add(fp.sha256)
+            answer = Answer(fp.sha256, fp.phash, c.uid, round_index)
+            self.answers.add(answer)
+            fresh.append(answer)
+            valid.append((c, result))
+        return valid
+
+    def _count_volume(self, challenges: list[Challenge],
+                      answered: dict[int, tuple[Challenge, QueryResult]],
+                      outcomes: dict[int, Outcome], probed: list[tuple[Challenge, QueryResult]],
+                      valid_probes: list[tuple[Challenge, QueryResult]]) -> None:
+        """Record each probed miner's probes, verified answers and span on its outcome."""
+        sent: dict[int, int] = {}
+        for c, _ in probed:
+            sent[c.uid] = sent.get(c.uid, 0) + 1
+        for c in challenges:
+            if c.uid not in sent:
+                continue
+            o = outcomes[c.uid]
+            latencies = [float(r.latency) for p, r in valid_probes  # type: ignore[arg-type]
+                         if p.uid == c.uid]
+            if o.valid:
+                latencies.append(float(o.latency))  # type: ignore[arg-type]  # valid: set
+            outcomes[c.uid] = replace(o, probes=1 + sent[c.uid], verified=len(latencies),
+                                      span=max(latencies) if latencies else None)
 
     def _cheap_checks(self, challenges: list[Challenge],
                       answered: dict[int, tuple[Challenge, QueryResult]],
@@ -401,14 +455,22 @@ class Validator:
 
     async def _audit(self, challenges: list[Challenge],
                      answered: dict[int, tuple[Challenge, QueryResult]],
-                     outcomes: dict[int, Outcome], neurons: list[Neuron]) -> None:
-        """Audit a random share of the valid answers, chosen now that all are in."""
+                     outcomes: dict[int, Outcome], neurons: list[Neuron],
+                     valid_probes: list[tuple[Challenge, QueryResult]]) -> None:
+        """Audit a random share of the valid answers, chosen now that all are in; a volume
+        probe's answer is audited at the same rate, and failing it fails the miner (it is
+        dropped from `valid_probes` either way when it fails)."""
         valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
         picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
-        if not picked:
+        probes = list(valid_probes)
+        live = [i for i, (c, _) in enumerate(probes) if outcomes[c.uid].status == OK]
+        picked_probes = scoring.choose_audits(self._audit_rng, live,
+                                              self.config.audit_fraction)
+        if not picked and not picked_probes:
             return
         by_uid = {n.uid: as_target(n) for n in neurons}
         items = [(*answered[uid], by_uid[uid]) for uid in picked]
+        items += [(*probes[i], by_uid[probes[i][0].uid]) for i in picked_probes]
         try:
             results = await self.auditor.audit(items, self._audit_rng)
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
@@ -416,11 +478,22 @@ class Validator:
             log.error("audit failed on the validator's side, answers left unaudited this "
                       "round: %s: %s", type(exc).__name__, exc)
             return
-        for uid, result in zip(picked, results, strict=True):
+        for uid, result in zip(picked, results, strict=False):
             o = outcomes[uid]
             reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
             outcomes[uid] = replace(o, reason=reason, audited=True, audit_passed=result.passed,
                                     similarity=round(result.similarity, 4))
+        failed = []
+        for i, result in zip(picked_probes, results[len(picked):], strict=True):
+            if result.passed:
+                continue
+            failed.append(i)
+            uid = probes[i][0].uid
+            outcomes[uid] = replace(outcomes[uid], audited=True, audit_passed=False,
+                                    reason=f"{scoring.AUDIT_FAILED}: volume probe: "
+                                           f"{result.reason}")
+        for i in sorted(failed, reverse=True):
+            del valid_probes[i]
 
     async def _audit_organic(self, metagraph: Metagraph, outcomes: dict[int, Outcome]) -> None:
         """Audit the gateway's queued organic answers like challenges; a failure zeroes and
@@ -528,6 +601,17 @@ class Validator:
                 f"{report.rewards.get(o.uid, 0.0):>7.3f} {scores.get(o.uid, 0.0):>6.3f}  "
                 f"{o.reason[:80]}")
         return "\n".join(lines)
+
+
+def primaries(challenges: Sequence[Challenge]) -> tuple[list[Challenge], list[Challenge]]:
+    """(each uid's first challenge: the scored one; the rest: its volume probes)."""
+    first: list[Challenge] = []
+    rest: list[Challenge] = []
+    seen: set[int] = set()
+    for c in challenges:
+        (rest if c.uid in seen else first).append(c)
+        seen.add(c.uid)
+    return first, rest
 
 
 def version_key() -> int:

@@ -80,8 +80,10 @@ def prepare(
     audit_fraction: float = 1.0,
     round_interval: float = 2.0,
     gateway: bool = True,
+    miner1_args: Sequence[str] = (),
 ) -> LocalnetPlan:
-    """Create (or, with fresh=False, reuse) everything a local subnet needs under workdir."""
+    """Create (or, with fresh=False, reuse) everything a local subnet needs under workdir.
+    `miner1_args` are extra `niche miner` flags for miner1 (an engine backend, say)."""
     from niche.chain.local import LocalChain
     from niche.chain.wallets import create_wallet
     from niche.devnet.tiny import ensure_tiny_models
@@ -159,6 +161,8 @@ def prepare(
                     "--blacklist.allow_hotkeys", *allow]
             if cheat:
                 args += ["--localnet.cheat", cheat]
+            if index == 0:
+                args += list(miner1_args)
             plan.processes.append(ProcessPlan(name, "miner", name, wallet.hotkey.ss58_address,
                                               args, model=model, port=port, cheat=cheat,
                                               log_path=str(workdir / "logs" / f"{name}.log")))
