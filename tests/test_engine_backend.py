@@ -149,7 +149,7 @@ def test_miner_reports_replicas_and_refuses_with_503_when_all_are_lost(tmp_path)
         assert health["ok"] is True
         assert health["replicas"] == {"configured": 2, "up": 1, "busy": 0, "restarted": 3}
         assert httpx.get(miner.url + "/v1/info").json()["concurrency"] == 1
-        metrics = httpx.get(miner.url + "/metrics").text
+        metrics = httpx.get(miner.metrics_url).text
         assert 'niche_miner_replicas{state="up"} 1.0' in metrics
         assert "niche_miner_replicas_restarted 3.0" in metrics
         lost = signed_post(miner, net.wallets["hi"],

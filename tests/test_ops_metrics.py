@@ -84,7 +84,9 @@ def test_validator_exports_rounds_answers_audits_and_weights(tmp_path, tiny_engi
 
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets")
                for n in ("validator", "honest", "dead")}
-    chain = LocalChain(tmp_path / "chain.db", create=True)
+    clock = [1000.0]
+    chain = LocalChain(tmp_path / "chain.db", create=True, clock=lambda: clock[0])
+    clock[0] += 120 * chain.block_time  # weights land at block 120, not at a genesis block 0
     chain.create_subnet(NETUID, weights_rate_limit=2, max_validators=4)
     chain.register(NETUID, wallets["validator"], stake=100.0)
     for name in ("honest", "dead"):
@@ -112,4 +114,5 @@ def test_validator_exports_rounds_answers_audits_and_weights(tmp_path, tiny_engi
     assert 'niche_validator_answers_total{status="unreachable"} 1.0' in text
     assert 'niche_validator_audits_total{outcome="pass"} 1.0' in text
     assert 'niche_validator_weights_set_total{result="ok"} 1.0' in text
-    assert _value(text, "niche_validator_last_weights_block") > 0
+    assert _value(text, "niche_validator_last_weights_block") == validator.last_weights_block \
+        == 120

@@ -142,7 +142,7 @@ def test_killing_a_replica_mid_request_loses_no_request(ray_engine, local_engine
         _wait(lambda: httpx.get(miner.url + "/healthz", timeout=30).json()["replicas"]["up"]
               == 2, 180, "the replaced replica up")
         assert victim not in _replica_pids(ray_engine)
-        metrics = httpx.get(miner.url + "/metrics", timeout=30).text
+        metrics = httpx.get(miner.metrics_url, timeout=30).text
         assert 'niche_miner_replicas{state="up"} 2.0' in metrics
         assert "niche_miner_replicas_restarted" in metrics
         info = httpx.get(miner.url + "/v1/info", timeout=30).json()
