@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = ("bash", "sh", "shell", "console")
 SHELL_BUILTINS = {"cd", "source", "export", "echo", "git", "npm", "python", "sleep", "cat"}
-TOOLS = {"niche", "btcli", "hf", "pm2", "bash", "curl"}  # curl: in every base image
+TOOLS = {"niche", "btcli", "hf", "pm2", "bash", "curl", "ray"}  # curl: in every base image
 BIN = Path(sys.executable).parent
 
 
