@@ -143,18 +143,19 @@ def test_timeouts_are_per_miner_and_measured_on_our_clock(wallets, fake):
     miner = wallets["miner"].hotkey.ss58_address
     targets = [MinerTarget(1, miner, fake.url), MinerTarget(2, miner, fake.url)]
     prompts = {1: "slow", 2: "good"}
+    deadline = 8.0  # the good answer is instant, but a starved 2-core box may take seconds
     SLOW_RELEASE.clear()
     try:
         started = time.monotonic()
         results = asyncio.run(client.query_many(
-            targets, request_factory=lambda t: make_request(prompts[t.uid]), deadline=1.0))
+            targets, request_factory=lambda t: make_request(prompts[t.uid]), deadline=deadline))
         took = time.monotonic() - started
     finally:
         SLOW_RELEASE.set()
     assert [r.status for r in results] == [QueryStatus.TIMEOUT, QueryStatus.OK]
     # the slow miner answers only when released (after query_many returned, or in 60 s): the
-    # client gave up on its own clock, not before the 1 s deadline, and was not held by it
-    assert results[0].latency >= 1.0 - 0.05 and took < 30
+    # client gave up on its own clock, not before the deadline, and was not held by it
+    assert results[0].latency >= deadline - 0.05 and took < 30
 
 
 def test_info_checks_the_hotkey(wallets, fake):

@@ -37,10 +37,18 @@ def _wait_gone(text: str, timeout: float = 20) -> list[int]:
     return left
 
 
-def _start(args: list[str], env_root: Path) -> subprocess.Popen:
+def _ignore_sigint() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(args: list[str], env_root: Path, *, sigint_ignored: bool = False
+           ) -> subprocess.Popen:
+    """`sigint_ignored`: start it as a background job of a non-interactive shell (or a CI
+    runner) would, with SIGINT inherited as SIG_IGN."""
     env = dict(os.environ, NICHE_TINY_DIR=str(env_root))
     return subprocess.Popen(NICHE + ["localnet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
@@ -118,13 +126,16 @@ def test_localnet_names_a_dead_child_and_stops_the_rest(tmp_path, tiny_root):
 @pytest.mark.slow
 def test_localnet_ctrl_c_stops_every_child(tmp_path, tiny_root):
     workdir = tmp_path / "ln"
+    # Started with SIGINT ignored, as the whole suite once was from a background shell job:
+    # the Ctrl-C was dropped and localnet ran on. The SIGINT lands right after the miner is
+    # up, while the validator child is being forked: one interrupt must still stop all.
     proc = _start(["--miners", "1", "--models", "flux-schnell", "--workdir", str(workdir)],
-                  tiny_root)
+                  tiny_root, sigint_ignored=True)
     try:
         _read_until(proc, r"miner1 is up", timeout=240)
         assert _processes_mentioning(str(workdir))
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=120)  # a starved box stops slowly, but it stops
     finally:
         proc.kill()
     assert proc.returncode == 130, out

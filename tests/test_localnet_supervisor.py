@@ -117,3 +117,38 @@ def test_children_die_with_a_killed_parent(tmp_path):
         assert not _alive(child)
     finally:
         proc.kill()
+
+
+class _InterruptedWhileStarting(Child):
+    """A Ctrl-C that lands after the fork, before start() returns (as inside Popen while it
+    waits for the exec): the one moment a child exists that the supervisor has not seen."""
+
+    def start(self) -> None:
+        super().start()
+        signal.raise_signal(signal.SIGINT)
+        assert self.process is not None  # more bytecode: where the interrupt would surface
+
+
+def test_ctrl_c_while_a_child_starts_still_stops_that_child(tmp_path):
+    sup = Supervisor(stop_timeout=5)
+    child = _InterruptedWhileStarting("validator1", _python("import time; time.sleep(60)"),
+                                      tmp_path / "v.log")
+    with pytest.raises(KeyboardInterrupt):  # delivered once the child is registered
+        sup.start(child)
+    assert sup.children == [child] and child.pid and _alive(child.pid)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sup.stop_all()
+    assert not _alive(child.pid)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_a_child_starts(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Supervisor(stop_timeout=5) as sup:
+            child = sup.start(_InterruptedWhileStarting(
+                "miner1", _python("import time; time.sleep(60)"), tmp_path / "m.log"))
+            assert sup.children == [child]
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not _alive(child.pid)

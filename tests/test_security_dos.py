@@ -79,9 +79,10 @@ def _read_response(sock: socket.socket, timeout: float) -> str:
 
 def test_trickled_body_is_cut_off_and_frees_its_slot(net):
     hi = net.wallets["hi"]
-    with running_miner(net, StubEngine(), max_inflight=3, body_timeout=1.0) as m:
+    with running_miner(net, StubEngine(), max_inflight=3, body_timeout=8.0) as m:
         slow = [_slow_body(m, hi.hotkey.ss58_address) for _ in range(3)]
-        # the three trickling bodies hold all the slots once the miner has admitted them;
+        # the three trickling bodies hold all the slots once the miner has admitted them (for
+        # the body timeout: long enough that a starved probe still lands in that window);
         # until then a signed request still gets through, so ask until it is turned away
         deadline = time.monotonic() + 30
         while True:
@@ -139,7 +140,8 @@ def test_declared_huge_body_is_refused_from_the_headers(net):
 def test_half_sent_headers_are_cut_off(net):
     """Slowloris: connections that never finish their headers (or go quiet before a second
     request) are closed after header_timeout instead of being held for ever."""
-    with running_miner(net, StubEngine(), header_timeout=1.0) as m:
+    # header_timeout: enough that a starved test still sends its first full request in time
+    with running_miner(net, StubEngine(), header_timeout=5.0) as m:
         silent = socket.create_connection(("127.0.0.1", m.server.port), timeout=10)
         partial = socket.create_connection(("127.0.0.1", m.server.port), timeout=10)
         partial.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: miner\r\nX-Bittensor-")

@@ -102,6 +102,10 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C must stop localnet even when it was started with SIGINT ignored (a background
+    # job of a non-interactive shell or CI runner inherits SIG_IGN, and Python keeps it):
+    # otherwise the interrupt is silently dropped and the validators run on.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with Supervisor() as sup:
             miners, validators = plan.role("miner"), plan.role("validator")
@@ -145,4 +149,5 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
         raise LocalnetFailed(f"{exc} (stopped the other processes)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     return 130 if interrupted else 0

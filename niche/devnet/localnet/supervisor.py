@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,29 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a child is forked and registered, then deliver them.
+
+    An interrupt raised inside Popen after the fork (while it waits for the exec) would leave a
+    running child that the supervisor never learnt about, so nothing would stop it.
+    """
+    stops = (signal.SIGINT, signal.SIGTERM)
+    if (threading.current_thread() is not threading.main_thread()
+            or any(signal.getsignal(s) is None for s in stops)):
+        yield  # handlers only from the main thread, and only ones Python can restore
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:  # now with the real handlers: KeyboardInterrupt, or ignored if it was
+            signal.raise_signal(caught[0])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -96,8 +120,9 @@ class Supervisor:
         self.stop_timeout = stop_timeout
 
     def start(self, child: Child) -> Child:
-        child.start()
-        self.children.append(child)
+        with stop_signals_deferred():
+            child.start()
+            self.children.append(child)
         return child
 
     def check(self) -> None:
