@@ -34,4 +34,4 @@ def test_every_dependency_is_pinned_within_its_range():
 def test_setup_installs_with_the_constraints_on_gpu():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "-c constraints/gpu.txt" in setup
-    assert '"${CONSTRAINTS[@]}" -e ".[dev]"' in setup
+    assert '"${CONSTRAINTS[@]}" -e ".[dev,ray]"' in setup

@@ -142,8 +142,10 @@ def test_verify_command(tiny_root, tmp_path, capsys):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     good.write_bytes(png_bytes(engine.generate(params)))
     bad.write_bytes(png_bytes(engine.generate(params.model_copy(update={"seed": 8}))))
-    common = ["verify", "--tiny", "--model", "flux-schnell", "--prompt", "a red fox",
-              "--seed", "7", "--candidate"]
+    # the reference engine above is float32, so the command is told so (its default is the
+    # model's configured dtype, as a miner's)
+    common = ["verify", "--tiny", "--model", "flux-schnell", "--dtype", "float32",
+              "--prompt", "a red fox", "--seed", "7", "--candidate"]
     assert main(common + [str(good)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["match"] is True and out["similarity"] == 1.0 and out["threshold"] == DEFAULT_THRESHOLDS["flux-schnell"]

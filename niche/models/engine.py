@@ -386,6 +386,8 @@ def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseExcepti
     from niche.models.download import fetch_command, missing_on_disk
 
     where = folder or "the hub (ids in its config)"
+    if isinstance(exc, ConfigError):  # our own loaders' one line (single files) says it all
+        return f"cannot load model {name} from {where}: {exc}"
     missing = missing_on_disk(spec, folder)
     if missing:
         shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4

@@ -171,7 +171,10 @@ class RayEngine:
         self._busy = 0
         self._failures = 0
         self._pids: set[int] = {about["pid"]}
+        self._replica_names: set[str] = set()
+        """Every replica actor seen alive: beyond `replicas`, each one replaced a dead one."""
         self._status: tuple[float, dict[str, int]] | None = None
+        self.replica_states()  # learn the first replicas' names, to count replacements
 
     # ---------------------------------------------------------------- dispatch
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -230,10 +233,15 @@ class RayEngine:
         cached = self._status
         if cached is not None and now - cached[0] < STATUS_TTL:
             return cached[1]
-        _, serve = _ray()
+        ray, serve = _ray()
         try:
             app = serve.status().applications[self.config.app_name]
             states = dict(app.deployments[DEPLOYMENT].replica_states)
+            prefix = f"SERVE_REPLICA::{self.config.app_name}#{DEPLOYMENT}#"
+            names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if str(a.get("name", "")).startswith(prefix)}
+            with self._lock:
+                self._replica_names |= names
         except Exception as exc:  # the controller is busy or gone: report nothing up
             log.warning("cannot read the replicas' states: %s", exc)
             states = {}
@@ -244,8 +252,11 @@ class RayEngine:
         states = self.replica_states()
         with self._lock:
             busy, failures = self._busy, self._failures
+            replaced = max(0, len(self._replica_names) - self.config.replicas)
+        # a loss Serve retried by itself is seen only as a replacement replica
         return ReplicaStats(configured=self.config.replicas, up=int(states.get("RUNNING", 0)),
-                            busy=min(busy, self.config.replicas), restarted=failures,
+                            busy=min(busy, self.config.replicas),
+                            restarted=max(failures, replaced),
                             states=states)
 
     @property
