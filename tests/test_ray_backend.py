@@ -135,12 +135,15 @@ def test_killing_a_replica_mid_request_loses_no_request(ray_engine, local_engine
             assert got.tobytes() == want.tobytes()
             assert body["image_sha256"] == hashlib.sha256(base64.b64decode(body["image"])
                                                           ).hexdigest()
-        # Serve replaces the dead replica; the miner keeps serving meanwhile
-        _wait(lambda: httpx.get(miner.url + "/healthz", timeout=30).json()["replicas"]["up"]
-              == 2, 180, "the replaced replica up")
-        health = httpx.get(miner.url + "/healthz", timeout=30).json()
-        assert health["replicas"]["restarted"] > restarted_before, health
-        assert health["replicas"]["configured"] == 2
+        # Serve notices the death (health checks), replaces the replica and /healthz counts it;
+        # the miner keeps serving meanwhile. Right after the answers Serve may still list the
+        # dead replica as running, so wait for the replacement itself, then for both up.
+        def replicas() -> dict:
+            return httpx.get(miner.url + "/healthz", timeout=30).json()["replicas"]
+
+        _wait(lambda: replicas()["restarted"] > restarted_before, 180, "the replica replaced")
+        _wait(lambda: replicas()["up"] == 2, 180, "the replaced replica up")
+        assert replicas()["configured"] == 2
         assert victim not in _replica_pids(ray_engine)
         metrics = httpx.get(miner.metrics_url, timeout=30).text
         assert 'niche_miner_replicas{state="up"} 2.0' in metrics

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from niche.errors import ConfigError
+from niche.sqlite_files import open_shared
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -28,12 +29,7 @@ class GatewayDB:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                self._conn.execute(stmt)
+            self._conn = open_shared(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"gateway database {self.path}: {exc} (check that the folder "
                               "is writable, or pass another --gateway.db)") from exc

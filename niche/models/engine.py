@@ -380,13 +380,24 @@ class Engine:
                                                      ).convert("RGB")
 
 
+def _uses_single_files(spec: ModelSpec, folder: Path | None) -> bool:
+    """The model loads some components from single files (YAML `file:` or files in its
+    folder, the BFL/ComfyUI layout) rather than a diffusers folder alone."""
+    if any(comp.file for comp in spec.components.values()):
+        return True
+    return folder is not None and Path(folder).is_dir() and any(
+        p.is_file() and p.suffix in (".safetensors", ".gguf") for p in Path(folder).iterdir())
+
+
 def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseException) -> str:
     """One line: what is missing and the command that fetches it, else the loader's reason
     (diffusers' own message may point at "the stacktrace above", which nobody prints)."""
     from niche.models.download import fetch_command, missing_on_disk
 
     where = folder or "the hub (ids in its config)"
-    if isinstance(exc, ConfigError):  # our own loaders' one line (single files) says it all
+    if isinstance(exc, ConfigError) and _uses_single_files(spec, folder):
+        # the single-file loader's own line names the component, file and mismatch; the
+        # diffusers-folder inventory below does not apply to such a folder
         return f"cannot load model {name} from {where}: {exc}"
     missing = missing_on_disk(spec, folder)
     if missing:

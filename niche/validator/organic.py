@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, decode_image
 from niche.protocol import GenerateRequest, GenerateResponse
+from niche.sqlite_files import open_shared
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerTarget, QueryResult, QueryStatus
 
@@ -62,12 +63,7 @@ class OrganicQueue:
         self._clock = clock
         self.max_pending = max_pending
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
-                                         check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                self._conn.execute(stmt)
+            self._conn = open_shared(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
 

@@ -1,0 +1,23 @@
+"""One way to open the small SQLite files two processes share (the gateway's keys and url
+store, the organic audit queue): WAL so a reader never blocks the writer, autocommit, a busy
+timeout, usable from the threads of an async server."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def open_shared(path: Path, schema: str) -> sqlite3.Connection:
+    """Create the folder and the tables if missing; raises sqlite3.Error or OSError for the
+    caller to turn into its own one-line message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
+                           check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        for stmt in filter(None, (s.strip() for s in schema.split(";"))):
+            conn.execute(stmt)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
