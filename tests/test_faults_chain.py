@@ -126,6 +126,11 @@ def test_miner_serves_through_a_chain_outage_and_picks_up_changes_after(net, cap
         body = make_request().model_dump_json(exclude_none=True).encode
         assert signed_post(miner, lo, body()).status_code == 200
         sdk.outage(None)  # the node is gone
+        # refreshes run one after another: once one has failed, none still in flight can
+        # read the stake change below before the chain is back
+        deadline = time.monotonic() + 10
+        while sdk.failures < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         net.chain.set_stake(NETUID, lo.hotkey.ss58_address, MIN_STAKE / 2)
         deadline = time.monotonic() + 10
         while sdk.failures < 6 and time.monotonic() < deadline:
