@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from niche.errors import ConfigError
-from niche.sqlite_files import open_shared
+from niche.sqlite_files import immediate_transaction, open_shared
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -36,15 +36,8 @@ class GatewayDB:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._conn) as conn:
+            yield conn
 
     def read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

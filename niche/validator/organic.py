@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from niche.errors import InvalidRequest
 from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, decode_image
 from niche.protocol import GenerateRequest, GenerateResponse
-from niche.sqlite_files import open_shared
+from niche.sqlite_files import immediate_transaction, open_shared
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerTarget, QueryResult, QueryStatus
 
@@ -130,14 +130,8 @@ class OrganicQueue:
     @contextlib.contextmanager
     def _tx(self):
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+            with immediate_transaction(self._conn) as conn:
+                yield conn
         except sqlite3.Error as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
 
