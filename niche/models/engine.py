@@ -163,11 +163,7 @@ class Engine:
 
     # ---------------------------------------------------------------- what is served
     def spec(self, model: str) -> ModelSpec:
-        try:
-            return self._specs[model]
-        except KeyError:
-            raise InvalidRequest(f"model '{model}' is not served here (serving: "
-                                 f"{', '.join(self._specs)})", field="model") from None
+        return spec_served(self._specs, model)
 
     def served(self) -> list[ModelInfo]:
         return [ModelInfo(model=name, pipelines=list(spec.pipelines))
@@ -378,6 +374,15 @@ class Engine:
         with self._lock, torch.no_grad():
             return self._families[full.model].decode(full, state.detach().to(torch.float32)
                                                      ).convert("RGB")
+
+
+def spec_served(specs: dict[str, ModelSpec], model: str) -> ModelSpec:
+    """`model`'s spec, or the request error naming what is served (any ImageEngine)."""
+    try:
+        return specs[model]
+    except KeyError:
+        raise InvalidRequest(f"model '{model}' is not served here (serving: "
+                             f"{', '.join(specs)})", field="model") from None
 
 
 def _uses_single_files(spec: ModelSpec, folder: Path | None) -> bool:

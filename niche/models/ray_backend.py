@@ -280,13 +280,9 @@ class RayEngine:
 
     # ---------------------------------------------------------------- ImageEngine
     def spec(self, model: str) -> ModelSpec:
-        try:
-            return self._specs[model]
-        except KeyError:
-            from niche.errors import InvalidRequest
+        from niche.models.engine import spec_served
 
-            raise InvalidRequest(f"model '{model}' is not served here (serving: "
-                                 f"{', '.join(self._specs)})", field="model") from None
+        return spec_served(self._specs, model)
 
     def served(self) -> list[ModelInfo]:
         return list(self._served)
