@@ -16,67 +16,37 @@ from pathlib import Path
 
 import torch
 
+from niche.models.single_file import (
+    DOUBLE_QKV,
+    FINAL_MODULATION,
+    SINGLE_LINEAR1,
+    bfl_renames,
+    block_indices,
+    swap_halves,
+)
+
 TRANSFORMER_FILES = {"flux-schnell": "flux1-schnell", "flux-dev": "flux1-dev",
                      "flux-mini": "flux-mini"}
 GGUF_QUANTS = {"Q8_0": "gguf-q8", "Q4_0": "gguf-q4"}
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """FluxTransformer2DModel keys -> BFL keys (the inverse of single_file.bfl_to_diffusers)."""
+    """FluxTransformer2DModel keys -> BFL keys: single_file's rename table read backwards, the
+    fused tensors joined (the inverse of single_file.bfl_to_diffusers)."""
     sd = dict(sd)
-    out: dict[str, torch.Tensor] = {}
-
-    def move(src: str, dst: str) -> None:
-        if src in sd:
-            out[dst] = sd.pop(src)
-
-    for dst, src in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
-                     ("guidance_in", "guidance_embedder")):
-        for b, a in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
-            for p in ("weight", "bias"):
-                move(f"time_text_embed.{src}.{a}.{p}", f"{dst}.{b}.{p}")
+    doubles = block_indices(sd, "transformer_blocks.")
+    singles = block_indices(sd, "single_transformer_blocks.")
+    out = {bfl: sd.pop(ours) for bfl, ours in bfl_renames(doubles, singles) if ours in sd}
     for p in ("weight", "bias"):
-        move(f"context_embedder.{p}", f"txt_in.{p}")
-        move(f"x_embedder.{p}", f"img_in.{p}")
-        move(f"proj_out.{p}", f"final_layer.linear.{p}")
-        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
-    doubles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
-    for i in doubles:
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for p in ("weight", "bias"):
-            move(f"{d}norm1.linear.{p}", f"{b}img_mod.lin.{p}")
-            move(f"{d}norm1_context.linear.{p}", f"{b}txt_mod.lin.{p}")
-            out[f"{b}img_attn.qkv.{p}"] = torch.cat(
-                [sd.pop(f"{d}attn.to_{n}.{p}") for n in "qkv"], dim=0)
-            out[f"{b}txt_attn.qkv.{p}"] = torch.cat(
-                [sd.pop(f"{d}attn.add_{n}_proj.{p}") for n in "qkv"], dim=0)
-            move(f"{d}ff.net.0.proj.{p}", f"{b}img_mlp.0.{p}")
-            move(f"{d}ff.net.2.{p}", f"{b}img_mlp.2.{p}")
-            move(f"{d}ff_context.net.0.proj.{p}", f"{b}txt_mlp.0.{p}")
-            move(f"{d}ff_context.net.2.{p}", f"{b}txt_mlp.2.{p}")
-            move(f"{d}attn.to_out.0.{p}", f"{b}img_attn.proj.{p}")
-            move(f"{d}attn.to_add_out.{p}", f"{b}txt_attn.proj.{p}")
-        move(f"{d}attn.norm_q.weight", f"{b}img_attn.norm.query_norm.scale")
-        move(f"{d}attn.norm_k.weight", f"{b}img_attn.norm.key_norm.scale")
-        move(f"{d}attn.norm_added_q.weight", f"{b}txt_attn.norm.query_norm.scale")
-        move(f"{d}attn.norm_added_k.weight", f"{b}txt_attn.norm.key_norm.scale")
-    singles = sorted({int(k.split(".")[1]) for k in sd
-                      if k.startswith("single_transformer_blocks.")})
-    for i in singles:
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for p in ("weight", "bias"):
-            move(f"{d}norm.linear.{p}", f"{b}modulation.lin.{p}")
-            move(f"{d}proj_out.{p}", f"{b}linear2.{p}")
-            out[f"{b}linear1.{p}"] = torch.cat(
-                [sd.pop(f"{d}{n}.{p}") for n in ("attn.to_q", "attn.to_k", "attn.to_v",
-                                                   "proj_mlp")], dim=0)
-        move(f"{d}attn.norm_q.weight", f"{b}norm.query_norm.scale")
-        move(f"{d}attn.norm_k.weight", f"{b}norm.key_norm.scale")
+        bfl, ours = (name.format(p=p) for name in FINAL_MODULATION)
+        out[bfl] = swap_halves(sd.pop(ours))
+        for i in doubles:
+            for side, names in DOUBLE_QKV.items():
+                out[f"double_blocks.{i}.{side}_attn.qkv.{p}"] = torch.cat(
+                    [sd.pop(f"transformer_blocks.{i}.{n}.{p}") for n in names], dim=0)
+        for i in singles:
+            out[f"single_blocks.{i}.linear1.{p}"] = torch.cat(
+                [sd.pop(f"single_transformer_blocks.{i}.{n}.{p}") for n in SINGLE_LINEAR1], dim=0)
     if sd:
         raise ValueError(f"unmapped transformer keys: {sorted(sd)[:5]}")
     return out

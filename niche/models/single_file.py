@@ -190,11 +190,56 @@ def is_bfl(state: Mapping[str, Any]) -> bool:
     return any(k.removeprefix(_BFL_PREFIX).startswith("double_blocks.") for k in state)
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """BFL's final modulation is (shift, scale); diffusers' AdaLayerNormContinuous is
-    (scale, shift)."""
+    (scale, shift). The swap is its own inverse."""
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
+
+
+_WB = ("weight", "bias")
+FINAL_MODULATION = ("final_layer.adaLN_modulation.1.{p}", "norm_out.linear.{p}")
+# a double block's fused qkv per stream, and a single block's fused linear1, in diffusers' parts
+DOUBLE_QKV = {"img": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "txt": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+
+
+def block_indices(keys: Any, prefix: str) -> list[int]:
+    """The block numbers present under `prefix` ("double_blocks.", "transformer_blocks.")."""
+    return sorted({int(k.split(".")[1]) for k in keys if k.startswith(prefix)})
+
+
+def bfl_renames(doubles: list[int], singles: list[int]) -> list[tuple[str, str]]:
+    """Every one-to-one (BFL key, diffusers key) pair of a FLUX transformer with these blocks.
+    The fused tensors (DOUBLE_QKV, SINGLE_LINEAR1) and FINAL_MODULATION are not renames and
+    are handled by the two converters; this one table serves both directions."""
+    pairs: list[tuple[str, str]] = []
+    for bfl, ours in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                      ("guidance_in", "guidance_embedder")):
+        for a, b in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
+            pairs += [(f"{bfl}.{a}.{p}", f"time_text_embed.{ours}.{b}.{p}") for p in _WB]
+    for bfl, ours in (("txt_in", "context_embedder"), ("img_in", "x_embedder"),
+                      ("final_layer.linear", "proj_out")):
+        pairs += [(f"{bfl}.{p}", f"{ours}.{p}") for p in _WB]
+    for i in doubles:
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for bfl, ours in (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+                          ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                          ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+                          ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out")):
+            pairs += [(f"{b}{bfl}.{p}", f"{d}{ours}.{p}") for p in _WB]
+        for side, (q, k) in (("img", ("norm_q", "norm_k")),
+                             ("txt", ("norm_added_q", "norm_added_k"))):
+            pairs += [(f"{b}{side}_attn.norm.query_norm.scale", f"{d}attn.{q}.weight"),
+                      (f"{b}{side}_attn.norm.key_norm.scale", f"{d}attn.{k}.weight")]
+    for i in singles:
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for bfl, ours in (("modulation.lin", "norm.linear"), ("linear2", "proj_out")):
+            pairs += [(f"{b}{bfl}.{p}", f"{d}{ours}.{p}") for p in _WB]
+        pairs += [(f"{b}norm.query_norm.scale", f"{d}attn.norm_q.weight"),
+                  (f"{b}norm.key_norm.scale", f"{d}attn.norm_k.weight")]
+    return pairs
 
 
 def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,63 +247,29 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     of diffusers' converter, widths read from the tensors). Unknown keys are kept as they are
     so that the key check reports them."""
     sd = {k.removeprefix(_BFL_PREFIX): v for k, v in state.items()}
-    out: dict[str, torch.Tensor] = {}
-
-    def move(src: str, dst: str) -> None:
-        if src in sd:
-            out[dst] = sd.pop(src)
-
-    for src, dst in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
-                     ("guidance_in", "guidance_embedder")):
-        for a, b in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
-            for p in ("weight", "bias"):
-                move(f"{src}.{a}.{p}", f"time_text_embed.{dst}.{b}.{p}")
-    for p in ("weight", "bias"):
-        move(f"txt_in.{p}", f"context_embedder.{p}")
-        move(f"img_in.{p}", f"x_embedder.{p}")
-        move(f"final_layer.linear.{p}", f"proj_out.{p}")
-        key = f"final_layer.adaLN_modulation.1.{p}"
-        if key in sd:
-            out[f"norm_out.linear.{p}"] = _swap_halves(sd.pop(key))
+    doubles = block_indices(sd, "double_blocks.")
+    singles = block_indices(sd, "single_blocks.")
+    out = {ours: sd.pop(bfl) for bfl, ours in bfl_renames(doubles, singles) if bfl in sd}
     inner = int(out["x_embedder.weight"].shape[0]) if "x_embedder.weight" in out else 0
-    doubles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")})
-    for i in doubles:
-        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for p in ("weight", "bias"):
-            move(f"{b}img_mod.lin.{p}", f"{d}norm1.linear.{p}")
-            move(f"{b}txt_mod.lin.{p}", f"{d}norm1_context.linear.{p}")
-            for side, names in (("img", ("to_q", "to_k", "to_v")),
-                                ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-                key = f"{b}{side}_attn.qkv.{p}"
+    for p in _WB:
+        bfl, ours = (name.format(p=p) for name in FINAL_MODULATION)
+        if bfl in sd:
+            out[ours] = swap_halves(sd.pop(bfl))
+        for i in doubles:
+            for side, names in DOUBLE_QKV.items():
+                key = f"double_blocks.{i}.{side}_attn.qkv.{p}"
                 if key in sd:
                     for name, part in zip(names, torch.chunk(sd.pop(key), 3, dim=0),
                                           strict=True):
-                        out[f"{d}attn.{name}.{p}"] = part
-            move(f"{b}img_mlp.0.{p}", f"{d}ff.net.0.proj.{p}")
-            move(f"{b}img_mlp.2.{p}", f"{d}ff.net.2.{p}")
-            move(f"{b}txt_mlp.0.{p}", f"{d}ff_context.net.0.proj.{p}")
-            move(f"{b}txt_mlp.2.{p}", f"{d}ff_context.net.2.{p}")
-            move(f"{b}img_attn.proj.{p}", f"{d}attn.to_out.0.{p}")
-            move(f"{b}txt_attn.proj.{p}", f"{d}attn.to_add_out.{p}")
-        for side, (q, k) in (("img", ("norm_q", "norm_k")),
-                             ("txt", ("norm_added_q", "norm_added_k"))):
-            move(f"{b}{side}_attn.norm.query_norm.scale", f"{d}attn.{q}.weight")
-            move(f"{b}{side}_attn.norm.key_norm.scale", f"{d}attn.{k}.weight")
-    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")})
-    for i in singles:
-        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for p in ("weight", "bias"):
-            move(f"{b}modulation.lin.{p}", f"{d}norm.linear.{p}")
-            move(f"{b}linear2.{p}", f"{d}proj_out.{p}")
-            key = f"{b}linear1.{p}"
+                        out[f"transformer_blocks.{i}.{name}.{p}"] = part
+        for i in singles:
+            key = f"single_blocks.{i}.linear1.{p}"
             if key in sd and inner:
                 fused = sd.pop(key)
                 sizes = [inner, inner, inner, int(fused.shape[0]) - 3 * inner]
-                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-                                      torch.split(fused, sizes, dim=0), strict=True):
-                    out[f"{d}{name}.{p}"] = part
-        move(f"{b}norm.query_norm.scale", f"{d}attn.norm_q.weight")
-        move(f"{b}norm.key_norm.scale", f"{d}attn.norm_k.weight")
+                for name, part in zip(SINGLE_LINEAR1, torch.split(fused, sizes, dim=0),
+                                      strict=True):
+                    out[f"single_transformer_blocks.{i}.{name}.{p}"] = part
     out.update(sd)  # leftovers: reported as unexpected by the key check
     return out
 
