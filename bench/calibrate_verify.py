@@ -21,8 +21,8 @@ import argparse
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -81,7 +81,7 @@ def sharpened(image: Image.Image, amount: float = 0.5, sigma: float = 1.0) -> Im
 SAVES = "cheat*"  # a cheat that saves compute: the PSNR floor must stop it
 
 
-def calibrate_model(model: str, engines: dict, requests: int, other_model: Optional[str],
+def calibrate_model(model: str, engines: dict, requests: int, other_model: str | None,
                     pipeline: PipelineKind, conditioner) -> list[tuple[str, str, list]]:
     """Returns rows (kind, case, [Comparison per request])."""
     from adversary import skipping
@@ -105,18 +105,18 @@ def calibrate_model(model: str, engines: dict, requests: int, other_model: Optio
                                                seed=12345 + i))
         ref = base.generate(params, cond)
 
-        def variant(**changes) -> GenerationParams:
+        def variant(params=params, **changes) -> GenerationParams:
             return base.resolve(params.model_copy(update=changes))
 
         add("honest", "float16", ref, f16.generate(params, cond))
         add("honest", "bfloat16", ref, bf16.generate(params, cond))
         add("honest", f"{other_threads} threads instead of {ref_threads}", ref,
-            with_threads(other_threads, lambda: base.generate(params, cond)))
+            with_threads(other_threads, lambda p=params, c=cond: base.generate(p, c)))
         other = variant(seed=params.seed + 7, prompt=PROMPTS[(i + 1) % len(PROMPTS)])
         add("honest", "batched (2) vs single", ref,
             base.generate_batch([(params, cond), (other, cond)])[0])
         add("honest", "math SDPA kernel", ref,
-            with_math_attention(lambda: base.generate(params, cond)))
+            with_math_attention(lambda p=params, c=cond: base.generate(p, c)))
         add("honest", "PNG re-encode", ref, reencode(ref, "PNG"))
         add("honest", "WebP lossless re-encode", ref, reencode(ref, "WEBP", lossless=True))
 

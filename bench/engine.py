@@ -12,8 +12,9 @@ medium (Kolors built with tiny.KOLORS_MEDIUM into a temp folder: ~290 MiB of bas
 the same ratio where weights dominate. Fresh processes, one at a time: (a) txt2img alone,
 (b) all four Kolors pipelines on one set of weights, (c) the four pipelines loaded unshared
 (four engines); each loads, then makes one image per pipeline; peak RSS (VmHWM), RSS at the
-end (after GC) and PSS at the end. On CPU the float32 safetensors weights stay mmapped: they become resident when
-a generation touches them, which is why every process here generates before it is measured.
+end (after GC) and PSS at the end. On CPU the float32 safetensors weights stay mmapped:
+they become resident when a generation touches them, which is why every process here
+generates before it is measured.
 
     .venv/bin/python bench/engine.py [--scale tiny|medium|both] [--repeat 5] [--device cpu]
                                      [--root DIR] [--medium-root DIR]
@@ -21,6 +22,7 @@ a generation touches them, which is why every process here generates before it i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -41,10 +43,8 @@ def rss_bytes() -> int:
     import psutil
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     return psutil.Process().memory_info().rss
 
 
@@ -116,8 +116,8 @@ def worker(job: dict) -> dict:
     import niche.models.families.flux
     import niche.models.families.kolors
     import niche.models.families.kolors_controlnet  # noqa: F401
-    from niche.models.engine import Engine
     from niche.devnet.footprint import pipeline_modules, unique_bytes
+    from niche.models.engine import Engine
     from niche.protocol import GenerationParams
 
     if job["kind"] == "baseline":
@@ -126,7 +126,7 @@ def worker(job: dict) -> dict:
         engines = [Engine(models=["kolors"], model_root=job["root"], device=job["device"],
                           pipelines={"kolors": [p]}) for p in KOLORS_PIPELINES]
         own = [m for e in engines for m in e.family("kolors").own_modules().values()]
-        for engine, pipeline in zip(engines, KOLORS_PIPELINES):
+        for engine, pipeline in zip(engines, KOLORS_PIPELINES, strict=False):
             _draw_each(engine, "kolors", [pipeline])
         return {"weights_own": unique_bytes(own), "peak_rss": peak_rss_bytes(),
                 "rss_after": rss_bytes(), "rss_file": rss_file_bytes(), "pss": pss_bytes()}

@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +98,7 @@ def start_miner(root: Path, args, port: int, allow: list[str]) -> subprocess.Pop
            "--axon.port", str(port), "--model", args.model, "--model-path", str(args.model_path),
            "--device", "cpu", "--limits.requests_per_minute", str(args.requests_per_minute),
            "--blacklist.allow_hotkeys", *allow]
-    log = open(root / "miner.log", "w")
+    log = open(root / "miner.log", "w")  # noqa: SIM115 - the miner process owns it
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -197,7 +196,7 @@ async def _raw_post(url: str, headers: dict) -> int:
     host, port = httpx.URL(url).host, httpx.URL(url).port
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        lines = [f"POST /v1/generate HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        lines = ["POST /v1/generate HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Lint and type-check the package (ruff rules and mypy settings live in pyproject.toml).
+# Lint the package, its tests, benches and scripts, and type-check the package (ruff rules and mypy settings live in pyproject.toml).
 # Sets up .venv first if anything is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
-echo "[lint] ruff check niche"
-.venv/bin/ruff check niche
+echo "[lint] ruff check niche tests bench scripts"
+.venv/bin/ruff check niche tests bench scripts
 echo "[lint] mypy (niche/)"
 .venv/bin/mypy

@@ -6,6 +6,10 @@
 # Test order is shuffled by pytest-randomly; the seed is printed at the top of the run, and
 # `-p randomly --randomly-seed=N` replays an order (`-p no:randomly` keeps file order).
 #
+# Tests run in NICHE_TEST_WORKERS pytest-xdist workers (default 2: most of the suite's time is
+# spent waiting on subprocesses and sockets, so two workers fill 2 cores without starving a
+# test); `-n 0` (or NICHE_TEST_WORKERS=0) runs in one process, as a debugger wants.
+#
 # Floors: only a run of the whole suite can meet them, so they are enforced only when no
 # arguments select tests (-k, -m, --lf, --sw, --deselect, --ignore, a test path or node
 # id); a selective run prints the table without failing on it. NICHE_COVERAGE_FLOORS=1 or 0
@@ -21,10 +25,7 @@ else
 fi
 # The playground's browser test drives Debian's Chromium: install it when missing.
 bash scripts/browser.sh || echo "[test] chromium could not be installed: the browser test fails"
-if [ "${NICHE_COVERAGE:-1}" = "0" ]; then
-    exec "$PY" -m pytest "$@"
-fi
-
+workers=("-n" "${NICHE_TEST_WORKERS:-2}")
 enforce=1
 expect_value=0
 for arg in "$@"; do
@@ -32,16 +33,22 @@ for arg in "$@"; do
     case "$arg" in
         -k|-m|--deselect|--ignore|--ignore-glob) enforce=0; expect_value=1 ;;
         -k*|-m*|--deselect=*|--ignore=*|--ignore-glob=*|--lf|--last-failed|--sw|--stepwise) enforce=0 ;;
-        -p|--randomly-seed|--timeout|-n|-c|--rootdir|--basetemp|-o) expect_value=1 ;;
+        -n|--numprocesses) workers=(); expect_value=1 ;;
+        -n*|--numprocesses=*) workers=() ;;
+        --pdb|--trace) workers=() ;;
+        -p|--randomly-seed|--timeout|-c|--rootdir|--basetemp|-o) expect_value=1 ;;
         -*) ;;
         *) enforce=0 ;;  # a path or node id: only some tests
     esac
 done
 enforce="${NICHE_COVERAGE_FLOORS:-$enforce}"
+if [ "${NICHE_COVERAGE:-1}" = "0" ]; then
+    exec "$PY" -m pytest "${workers[@]}" "$@"
+fi
 
 rm -f .coverage .coverage.*
 status=0
-"$PY" -m coverage run -m pytest "$@" || status=$?
+"$PY" -m coverage run -m pytest "${workers[@]}" "$@" || status=$?
 "$PY" -m coverage combine --quiet || echo "coverage: no data to combine"
 if [ "$enforce" = 1 ]; then
     "$PY" scripts/coverage_floors.py || { [ "$status" = 0 ] && status=1; }

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Iterator, Optional
 
 import httpx
 import torch
@@ -21,8 +21,8 @@ from PIL import Image
 from niche.auth import sign_request
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
-from niche.errors import InvalidRequest
 from niche.devnet.servers import BackgroundServer
+from niche.errors import InvalidRequest
 from niche.metrics_server import start_metrics_server
 from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
@@ -41,8 +41,8 @@ class StubEngine:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self.images: list[Optional[Image.Image]] = []  # the conditioning image of each call
-        self._hold: Optional[threading.Event] = None
+        self.images: list[Image.Image | None] = []  # the conditioning image of each call
+        self._hold: threading.Event | None = None
         self.running = threading.Event()
         self._lock = threading.Lock()
 
@@ -106,7 +106,7 @@ class StubEngine:
 
 
 def make_request(prompt: str = "a cat", seed: int = 1, *, model: str = "stub",
-                 timeout: float = 20.0, image: Optional[str] = None, **params) -> GenerateRequest:
+                 timeout: float = 20.0, image: str | None = None, **params) -> GenerateRequest:
     return GenerateRequest(
         request_id=uuid.uuid4().hex,
         params=GenerationParams(model=model, prompt=prompt, seed=seed, **params),
@@ -144,7 +144,7 @@ def running_miner(net, engine, **config) -> Iterator[SimpleNamespace]:
         service.close()
 
 
-def signed_post(miner, wallet, body: bytes, *, receiver: Optional[str] = None,
+def signed_post(miner, wallet, body: bytes, *, receiver: str | None = None,
                 path: str = "/v1/generate", **sign_kw) -> httpx.Response:
     headers = sign_request(wallet, method="POST", path=path, body=body,
                            receiver=receiver or miner.hotkey, **sign_kw) if wallet else {}

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from niche.commands.chain_args import add_chain_args, add_wallet_args
 from niche.cli import main
+from niche.commands.chain_args import add_chain_args, add_wallet_args
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

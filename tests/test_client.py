@@ -15,14 +15,14 @@ import time
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from miner_support import make_request
 from PIL import Image
 
-from miner_support import make_request
 from niche.auth import sign_response
 from niche.chain.base import Endpoint, Neuron
 from niche.chain.wallets import create_wallet
-from niche.imaging import encode_b64, image_sha256
 from niche.devnet.servers import BackgroundServer
+from niche.imaging import encode_b64, image_sha256
 from niche.protocol import PROTOCOL_VERSION, ErrorResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
@@ -126,8 +126,8 @@ def test_every_kind_of_bad_answer_is_a_status_not_an_exception(wallets, fake):
     pairs.append(((98, miner, "http://127.0.0.1:9"), make_request("good")))  # closed port
     pairs.append((Neuron(99, miner, "c", 1.0, False, None, 0), make_request("good")))
     results = asyncio.run(client.query_many(pairs))
-    got = {how: r.status for how, r in zip(CASES, results)}
-    assert got == CASES, {k: (v, r.reason) for (k, v), r in zip(got.items(), results)}
+    got = {how: r.status for how, r in zip(CASES, results, strict=False)}
+    assert got == CASES, {k: (v, r.reason) for (k, v), r in zip(got.items(), results, strict=False)}
     assert results[-2].status is QueryStatus.UNREACHABLE
     assert results[-1].status is QueryStatus.NO_ENDPOINT
     good = results[0]

@@ -8,7 +8,6 @@ RpcConnectionError, as a dead or unreachable node does.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from types import SimpleNamespace
@@ -16,8 +15,8 @@ from types import SimpleNamespace
 import bittensor as bt
 import httpx
 import pytest
-
 from miner_support import MIN_STAKE, NETUID, StubEngine, build_net, make_request, signed_post
+
 from niche.chain.subtensor import SubtensorChain
 from niche.devnet.servers import BackgroundServer
 from niche.miner.server import create_app

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from miner_support import NETUID, build_net, make_request
+
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
 TESTS = Path(__file__).resolve().parent
@@ -132,6 +132,7 @@ def test_miner_killed_mid_request_round_moves_on(net, tiny_engine, tmp_path):
     records the broken connection at once (no waiting for the timeout), the healthy miner
     is scored, and the round is persisted."""
     from test_faults_chain import _FluxOnly
+
     from niche.chain.wallets import create_wallet
     from niche.devnet.servers import BackgroundServer
     from niche.miner.server import create_app

@@ -15,13 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from miner_support import make_request
 from PIL import Image
 
-from miner_support import make_request
 from niche.auth import sign_response
 from niche.chain.wallets import create_wallet
-from niche.imaging import encode_b64
 from niche.devnet.servers import BackgroundServer
+from niche.imaging import encode_b64
 from niche.validator.client import MinerClient, QueryStatus
 
 json_values = st.recursive(

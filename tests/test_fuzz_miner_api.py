@@ -17,10 +17,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from miner_support import build_net, make_request, running_miner
 from PIL import Image
 from schemathesis.generation.modes import GenerationMode
 
-from miner_support import build_net, make_request, running_miner
 from niche.auth import sign_request
 from niche.imaging import encode_b64
 from niche.protocol import PROTOCOL_VERSION
@@ -129,12 +129,13 @@ def test_unsigned_fuzz_of_every_operation(schema, miner, mode):
         @settings(max_examples=count, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(op.as_strategy(mode))
-        def check(case):
+        def check(case):  # runs within this iteration, so op is this operation
             response = case.call(base_url=miner.url, timeout=60)
             _assert_documented(case, response)
             case.validate_response(response, checks=_checks())
-            seen.setdefault(op.path, set()).add(response.status_code)
-            if op.method.upper() == "POST":  # nothing unsigned reaches the GPU or the states
+            seen.setdefault(op.path, set()).add(response.status_code)  # noqa: B023
+            # nothing unsigned reaches the GPU or the states
+            if op.method.upper() == "POST":  # noqa: B023
                 assert response.status_code in (401, 413), response.text
 
         check()

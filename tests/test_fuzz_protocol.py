@@ -16,6 +16,7 @@ run is reproducible from its seed alone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 
@@ -28,11 +29,28 @@ from pydantic import ValidationError
 from niche.auth import AuthFailure, RequestVerifier, sign_response, verify_response
 from niche.chain.wallets import create_wallet
 from niche.errors import InvalidRequest
-from niche.imaging import (ImageLimits, b64_to_bytes, bytes_to_image, decode_image,
-                           encode_b64, encode_image, image_sha256, to_b64)
-from niche.protocol import (MAX_PROMPT_CHARS, MAX_SEED, ErrorResponse, GenerateRequest,
-                            GenerateResponse, GenerationParams, InfoResponse, ModelInfo,
-                            PipelineKind, response_signing_message)
+from niche.imaging import (
+    ImageLimits,
+    b64_to_bytes,
+    bytes_to_image,
+    decode_image,
+    encode_b64,
+    encode_image,
+    image_sha256,
+    to_b64,
+)
+from niche.protocol import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GenerationParams,
+    InfoResponse,
+    ModelInfo,
+    PipelineKind,
+    response_signing_message,
+)
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -86,14 +104,10 @@ def _dict_of(model) -> dict:
                         ErrorResponse]), json_values)
 def test_wire_models_only_raise_validation_error(model, data):
     parsed = []
-    try:
+    with contextlib.suppress(ValidationError):
         parsed.append(model.model_validate(data))
-    except ValidationError:
-        pass
-    try:
+    with contextlib.suppress(ValidationError):
         parsed.append(model.model_validate_json(json.dumps(data, allow_nan=True)))
-    except ValidationError:
-        pass
     for value in parsed:  # whatever is accepted survives its own wire form unchanged
         assert isinstance(value, model)
         assert model.model_validate_json(value.model_dump_json()) == value

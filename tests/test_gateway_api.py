@@ -10,9 +10,9 @@ import json
 import httpx
 import openai
 import pytest
+from gateway_support import Only, make_chain, running_gateway, running_miners
 from PIL import Image
 
-from gateway_support import Only, make_chain, running_gateway, running_miners
 from niche.imaging import encode_b64, encode_image
 from niche.protocol import GenerationParams
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from gateway_support import Only, make_chain, running_gateway, running_miners
 
 CHROMIUM = Path("/usr/bin/chromium")

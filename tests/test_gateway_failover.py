@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
 from PIL import Image
 
-from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
 from niche.devnet.localnet.supervisor import free_port
 
 NICHE = [str(Path(sys.executable).with_name("niche"))]

@@ -8,9 +8,9 @@ import sqlite3
 
 import openai
 import pytest
+from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
 from PIL import Image
 
-from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
 from niche.imaging import encode_b64
 from niche.protocol import GenerateRequest, GenerateResponse, GenerationParams
 from niche.validator.client import MinerClient, MinerTarget

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import struct
@@ -11,8 +12,16 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from niche.errors import InvalidRequest
-from niche.imaging import (ImageLimits, b64_to_bytes, bytes_to_image, decode_image,
-                           encode_b64, encode_image, image_sha256, load_image_file)
+from niche.imaging import (
+    ImageLimits,
+    b64_to_bytes,
+    bytes_to_image,
+    decode_image,
+    encode_b64,
+    encode_image,
+    image_sha256,
+    load_image_file,
+)
 
 
 def gradient(w: int = 48, h: int = 32, mode: str = "RGB") -> Image.Image:
@@ -193,18 +202,14 @@ def test_arbitrary_bytes_and_text_only_ever_raise_invalid_request():
         .map(lambda edits: bytes(_edit(png, edits))),
     ))
     def check_bytes(data):
-        try:
+        with contextlib.suppress(InvalidRequest):
             assert bytes_to_image(data).mode == "RGB"
-        except InvalidRequest:
-            pass
 
     @settings(max_examples=100, deadline=None)
     @given(st.text(max_size=64))
     def check_text(text):
-        try:
+        with contextlib.suppress(InvalidRequest):
             assert decode_image(text).mode == "RGB"
-        except InvalidRequest:
-            pass
 
     check_bytes()
     check_text()

@@ -98,7 +98,7 @@ def test_localnet_runs_rounds_catches_a_cheat_and_prints_chain_weights(tmp_path,
         last = chain.weights_history(1)[-1]
     finally:
         chain.close()
-    on_chain = dict(zip(last["uids"], last["weights"]))
+    on_chain = dict(zip(last["uids"], last["weights"], strict=False))
     for row in rows.values():
         assert abs(on_chain.get(row["uid"], 0.0) - row["weight"]) < 5e-4
     assert _wait_gone(str(workdir)) == []

@@ -67,7 +67,8 @@ def test_pm2_starts_localnet_until_weights_are_set(tmp_path, tiny_root):
                          for p in (tmp_path / "ln" / "logs").glob("localnet-*.log"))
         assert history, f"no weights on the local chain within 300 s; pm2 logs:\n{logs}"
         assert abs(sum(history[-1]["weights"]) - 1.0) < 1e-6
-        statuses = {app["name"]: app["pm2_env"]["status"] for app in json.loads(pm2_run("jlist").stdout)}
+        apps = json.loads(pm2_run("jlist").stdout)
+        statuses = {app["name"]: app["pm2_env"]["status"] for app in apps}
         assert statuses["localnet-miner1"] == "online" and statuses["localnet-miner2"] == "online"
     finally:
         pm2_run("delete", "all")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from miner_support import NETUID, build_net, make_request
+
 from niche.cli import main
 from niche.validator.client import MinerClient, QueryStatus
 

@@ -6,9 +6,9 @@ import asyncio
 
 import httpx
 import pytest
+from miner_support import build_net, make_request, running_miner
 from PIL import Image
 
-from miner_support import build_net, make_request, running_miner
 from niche.imaging import encode_b64, encode_image, image_sha256
 from niche.validator.client import MinerClient, QueryStatus
 
@@ -42,7 +42,7 @@ def test_real_engine_behind_the_miner(net, engine):
         bad = asyncio.run(client.query(target, make_request("x", 1, model="kolors",
                                                             pipeline="controlnet-canny")))
         metrics = httpx.get(m.metrics_url).text
-    for req, res in zip(reqs, results):
+    for req, res in zip(reqs, results, strict=False):
         assert res.status is QueryStatus.OK, res.reason
         assert res.image.size == (64, 64) and res.image.mode == "RGB"
         # the same request regenerated here gives the very same bytes the miner signed

@@ -13,10 +13,17 @@ import time
 
 import httpx
 import pytest
+from miner_support import (
+    MIN_STAKE,
+    NETUID,
+    StubEngine,
+    build_net,
+    make_request,
+    running_miner,
+    signed_post,
+)
 from PIL import Image
 
-from miner_support import (MIN_STAKE, NETUID, StubEngine, build_net, make_request,
-                           running_miner, signed_post)
 from niche.errors import NicheError
 from niche.imaging import encode_b64
 from niche.miner.server import bind_socket

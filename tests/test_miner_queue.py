@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-
 from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.protocol import ErrorResponse
 

@@ -299,7 +299,8 @@ def test_judge_passes_at_the_threshold_and_fails_below():
 def test_judge_uses_the_pipeline_threshold():
     ref, other = _smooth(2), _smooth(3)
     sim = compare(ref, other).similarity
-    v = Verifier(SpecEngine(), VerifyConfig(thresholds={"m": 0.0, "m/controlnet-canny": 1.0}, **NO_FLOOR))
+    thresholds = {"m": 0.0, "m/controlnet-canny": 1.0}
+    v = Verifier(SpecEngine(), VerifyConfig(thresholds=thresholds, **NO_FLOOR))
     assert v.judge("m", ref, other).passed
     verdict = v.judge("m", ref, other, PipelineKind.CONTROLNET_CANNY)
     assert not verdict.passed and verdict.threshold == 1.0 and verdict.similarity == sim
@@ -422,7 +423,7 @@ def test_chunked_references_equal_single_regenerations(tiny_engine):
     counting = Counting(tiny_engine)
     refs = Verifier(counting, VerifyConfig(max_batch=2)).references(requests)
     assert counting.sizes == [2, 2, 1]
-    for (params, _), ref in zip(requests, refs):
+    for (params, _), ref in zip(requests, refs, strict=False):
         single = tiny_engine.generate(tiny_engine.resolve(params))
         c = compare(single, ref)
         assert c.similarity >= vf.DEFAULT_THRESHOLDS["flux-schnell"], (params.seed, c)

@@ -15,19 +15,19 @@ import contextlib
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
 from niche.auth import sign_response, verify_response
-from niche.states import commit
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
-from niche.imaging import encode_b64, image_sha256
 from niche.devnet.servers import BackgroundServer
+from niche.imaging import encode_b64, image_sha256
 from niche.protocol import InfoResponse, ModelInfo, PipelineKind
+from niche.states import commit
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState

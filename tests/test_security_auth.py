@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 from bittensor import http_auth
-
 from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+
 from niche.protocol import ErrorResponse
 
 

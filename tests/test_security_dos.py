@@ -18,7 +18,6 @@ import pytest
 from bittensor import http_auth
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
 
 
@@ -54,7 +53,7 @@ def _status_line(sock: socket.socket, timeout: float) -> str:
     sock.settimeout(timeout)
     try:
         data = sock.recv(200)
-    except socket.timeout:
+    except TimeoutError:
         return "still open"
     return data.split(b"\r\n", 1)[0].decode() if data else "closed"
 
@@ -168,8 +167,8 @@ def test_validator_refuses_an_image_bomb_answer_before_decoding(tmp_path):
 
     from niche.auth import sign_response
     from niche.chain.wallets import create_wallet
-    from niche.imaging import image_sha256
     from niche.devnet.servers import BackgroundServer
+    from niche.imaging import image_sha256
     from niche.validator.client import MinerClient, QueryStatus
 
     miner, validator = (create_wallet(n, "hot", tmp_path) for n in ("m", "v"))
@@ -200,12 +199,13 @@ def test_validator_refuses_an_image_bomb_answer_before_decoding(tmp_path):
 def test_validator_caps_an_answer_by_the_size_it_asked_for(tmp_path):
     """A 64x64 answer padded to 5 MB (a 32 MB body from each of 64 miners would be 2 GB in
     the validator): refused as too large once past what a 128x128 noise PNG could need."""
+    from PIL import Image
+
     from niche.auth import sign_response
     from niche.chain.wallets import create_wallet
-    from niche.imaging import encode_b64
     from niche.devnet.servers import BackgroundServer
+    from niche.imaging import encode_b64
     from niche.validator.client import MinerClient, QueryStatus
-    from PIL import Image
 
     miner, validator = (create_wallet(n, "hot", tmp_path) for n in ("m", "v"))
     app = FastAPI()

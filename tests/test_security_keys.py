@@ -12,6 +12,7 @@ import asyncio
 import os
 
 from miner_support import NETUID, StubEngine, make_request
+
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet, load_wallet
 from niche.devnet.servers import BackgroundServer

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bittensor as bt
 import pytest
-
 from miner_support import NETUID, build_net
 from test_chain_subtensor import FakeStorage
 from test_faults_chain import LocalBackedSDK, _FluxOnly, adapter
+
 from niche.devnet.servers import BackgroundServer
 from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService

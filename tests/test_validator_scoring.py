@@ -41,7 +41,7 @@ def test_faster_honest_beats_slower_honest():
     assert rewards[0] <= 1.0
     # strictly decreasing in latency for a fixed fastest answer
     values = [speed_reward(t, 24.0, 1.0, CFG) for t in np.linspace(1.0, 24.0, 50)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert speed_reward(25.0, 24.0, 1.0, CFG) == 0.0  # past the deadline
 
 

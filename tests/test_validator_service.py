@@ -247,3 +247,46 @@ def test_process_sigkill_then_resume_then_sigterm(net, tiny_engine, tmp_path):
     # the honest miner kept a positive score across the restarts
     with ValidatorState(state) as st:
         assert st.load_book(ScoringConfig()).scores()[uids["honest"]] > 0
+
+
+def test_lost_permit_skips_rounds_and_keeps_scores(net, tiny_engine, tmp_path, caplog):
+    """A validator whose permit goes mid-run (its stake fell out of the top K) would be
+    refused by every miner (403); scoring that would zero honest miners. Its rounds are
+    skipped instead, nothing saved, until the permit is back."""
+    import asyncio
+    import logging
+
+    chain, wallets, uids, _ = net
+    engines = {"honest": Only(tiny_engine, "flux-schnell")}
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1,
+                             state_path=tmp_path / "state.db", audit_fraction=0.0, seed=3,
+                             epoch_length=1000, round_interval=0, info_timeout=5.0)
+    wallet = wallets["validator"]
+    hotkey = wallet.hotkey.ss58_address
+    state = ValidatorState(config.state_path)
+    validator = Validator(config, chain, wallet, tiny_engine, MinerClient(wallet), state)
+    honest = uids["honest"]
+    with miners(chain, wallets, engines):
+        first = asyncio.run(validator.run_round())
+        assert {o.uid: o.status for o in first.outcomes}[honest] == "ok"
+        score = validator.book.scores()[honest]
+        assert score > 0 and state.round_index == 1
+
+        chain.set_stake(NETUID, hotkey, 0.0)
+        with caplog.at_level(logging.INFO, logger="niche.validator"):
+            skipped = [asyncio.run(validator.run_round()) for _ in range(2)]
+            assert all(r.outcomes == [] and r.rewards == {} for r in skipped)
+            assert "round skipped" in skipped[0].weights_message
+            assert "no validator permit" in skipped[0].weights_message
+            assert validator.book.scores()[honest] == score and state.round_index == 1
+            lost = [r for r in caplog.records if "permit lost" in r.getMessage()]
+            assert len(lost) == 1 and lost[0].levelno == logging.WARNING  # once, not per round
+
+            chain.set_stake(NETUID, hotkey, 100.0)
+            back = asyncio.run(validator.run_round())
+            assert any("permit is back" in r.getMessage() for r in caplog.records)
+        assert {o.uid: o.status for o in back.outcomes}[honest] == "ok"
+        assert back.round == 1 and state.round_index == 2 and validator.permit_missing is None
+    assert 'niche_validator_failures_total{kind="no_permit"} 1.0' in \
+        validator.metrics.render().decode()
+    state.close()

@@ -148,7 +148,8 @@ def test_verify_command(tiny_root, tmp_path, capsys):
               "--prompt", "a red fox", "--seed", "7", "--candidate"]
     assert main(common + [str(good)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["match"] is True and out["similarity"] == 1.0 and out["threshold"] == DEFAULT_THRESHOLDS["flux-schnell"]
+    assert out["match"] is True and out["similarity"] == 1.0
+    assert out["threshold"] == DEFAULT_THRESHOLDS["flux-schnell"]
     assert main(common + [str(bad), "--threshold", "0.5"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["match"] is False and out["similarity"] < 0.5 and out["threshold"] == 0.5

@@ -730,11 +730,17 @@ def default_tiny_dir() -> Path:
 
 
 def build_id() -> str:
-    """Fingerprint of what a build would write: this builder's source and any trained tiny
-    weights. A cache whose marker holds another id is stale and gets rebuilt."""
+    """Fingerprint of what a build would write: this builder's source, the single-file writer
+    and the key table it reads (their order is the GGUF files' byte order), and any trained
+    tiny weights. A cache whose marker holds another id is stale and gets rebuilt."""
     import hashlib
 
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    from niche.devnet import flux_files
+    from niche.models import single_file
+
+    h = hashlib.sha256()
+    for source in (__file__, flux_files.__file__, single_file.__file__):
+        h.update(Path(source).read_bytes())
     if TRAINED_WEIGHTS_DIR.is_dir():
         for f in sorted(TRAINED_WEIGHTS_DIR.rglob("*.safetensors")):
             h.update(str(f.relative_to(TRAINED_WEIGHTS_DIR)).encode())

@@ -153,6 +153,8 @@ class Validator:
         self.hotkey = wallet.hotkey.ss58_address
         state.bind(chain.network, config.netuid, self.hotkey)
         self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")
+        self.permit_missing: str | None = None
+        """Why rounds are being skipped (the permit was lost mid-run), None while it is held."""
         self.exit_code = 0
         self.seed = config.seed if config.seed is not None else secrets.randbits(63)
         self._audit_rng = np.random.default_rng(secrets.randbits(128))
@@ -271,12 +273,32 @@ class Validator:
                   "register the hotkey again, then `pm2 restart`)", DEREGISTERED_EXIT_CODE)
         self.exit_code = DEREGISTERED_EXIT_CODE
 
+    def _permit_lost(self, metagraph: Metagraph) -> bool:
+        """True while this validator holds no permit. Miners refuse such a validator (403), so
+        a round would score every one of them as refusing and drag honest scores down; the
+        round is skipped instead, with scores, state and round index untouched, until the
+        permit is back (one WARNING when it goes, one INFO when it returns)."""
+        neuron = metagraph.by_hotkey(self.hotkey)
+        problem = permit_problem(neuron, self.config.netuid) if neuron is not None else None
+        if problem is not None and self.permit_missing is None:
+            log.warning("validator permit lost at block %d: rounds are skipped until it is "
+                        "back (scores kept); %s", metagraph.block, problem)
+            self.metrics.failures.labels("no_permit").inc()
+        elif problem is None and self.permit_missing is not None:
+            log.info("validator permit is back at block %d: rounds resume", metagraph.block)
+        self.permit_missing = problem
+        return problem is not None
+
     # ------------------------------------------------------------------ one round
     async def run_round(self) -> RoundReport:
         started = time.monotonic()
         round_index = self.state.round_index
         metagraph = self.chain.metagraph(self.config.netuid)
         self._watch_registration(metagraph)
+        if self._permit_lost(metagraph):
+            return RoundReport(round_index, metagraph.block, [], {},
+                               weights_message=f"round skipped: {self.permit_missing}",
+                               seconds=time.monotonic() - started, scores=self.book.scores())
         rng = round_rng(self.seed, round_index)
         reset = self.book.sync_hotkeys({n.uid: n.hotkey for n in metagraph.neurons})
         if reset:
