@@ -22,7 +22,8 @@ class ValidatorMetrics:
         self.audits = Counter("niche_validator_audits", "Audited answers by outcome",
                               ["outcome"], registry=self.registry)
         self.failures = Counter("niche_validator_failures", "Failures on the validator's side "
-                                "(chain unreachable, set_weights refused, audit crashed, permit lost)",
+                                "(chain unreachable, set_weights refused, audit crashed, "
+                                "permit lost)",
                                 ["kind"], registry=self.registry)
         self.weights_set = Counter("niche_validator_weights_set", "set_weights calls by result",
                                    ["result"], registry=self.registry)
