@@ -107,6 +107,50 @@ def test_missing_schema_version_names_none(tmp_path):
         LocalChain(path)
 
 
+def _open_fds_to(path) -> list[str]:
+    import os
+
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("refusal", ["schema", "not_ours", "not_sqlite"])
+def test_a_refused_file_leaves_no_connection_open(tmp_path, refusal):
+    """Every refusal of a file closes what it opened: a process retrying an open (the
+    validator at start-up) must not pile up descriptors, or hold a lock, on a bad file."""
+    path = tmp_path / f"{refusal}.db"
+    if refusal == "schema":
+        LocalChain(path, create=True).close()
+        db = sqlite3.connect(str(path))
+        db.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+        db.commit()
+        db.close()
+    elif refusal == "not_ours":
+        db = sqlite3.connect(str(path))
+        db.execute("CREATE TABLE other (x)")
+        db.commit()
+        db.close()
+    else:
+        path.write_bytes(b"this is not a database file at all, just text" * 100)
+    for _ in range(3):
+        with pytest.raises(ChainError, match="create-subnet"):
+            LocalChain(path)
+    assert _open_fds_to(path) == []
+
+
+def test_a_chain_path_that_is_a_folder_is_a_chain_error(tmp_path):
+    with pytest.raises(ChainError, match="cannot open the chain file|not a readable"):
+        LocalChain(tmp_path, create=True)
+
+
 # -- argument checks (refused before any transaction) --------------------------------------
 
 

@@ -206,13 +206,19 @@ class LocalChain(Chain):
                 str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                 check_same_thread=False,
             )
+        except sqlite3.Error as exc:
+            raise ChainError(f"cannot open the chain file {self.path}: {exc}") from exc
+        try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._open(create, block_time)
-        except sqlite3.DatabaseError as exc:
-            raise ChainError(
-                f"{self.path} is not a readable niche chain file ({exc}): "
-                + _RECREATE.format(path=self.path)
-            ) from exc
+        except BaseException as exc:
+            self._db.close()  # a refused file must not keep a connection (and its lock) open
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise ChainError(
+                    f"{self.path} is not a readable niche chain file ({exc}): "
+                    + _RECREATE.format(path=self.path)
+                ) from exc
+            raise
 
     # -- file and clock ------------------------------------------------------------
 
