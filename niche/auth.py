@@ -152,7 +152,10 @@ def verify_response(hotkey_ss58: str, request_id: str, image_sha256: str,
                     signature: str, states_digest: str = NO_STATES, *,
                     version: int = PROTOCOL_VERSION) -> bool:
     """True when `signature` is `hotkey_ss58`'s over (request_id, image_sha256, states) in
-    protocol `version`'s message."""
+    protocol `version`'s message. Anything that is not such a signature (None, bytes, a
+    number: whatever a hostile answer decodes to) is False, never an exception."""
+    if not isinstance(signature, str):
+        return False
     try:
         raw = bytes.fromhex(signature.removeprefix("0x"))
         message = response_signing_message(request_id, image_sha256, states_digest,

@@ -206,6 +206,9 @@ def test_response_signature_round_trip_and_refusals():
     assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, "0xzz")
     assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, "0x" + "00" * 10)
     assert not verify_response("not-an-address", "req-1", "ab" * 32, sig)
+    raw = bytes.fromhex(sig[2:])
+    for wrong_type in (None, raw, 0, ["0x00"], {"sig": sig}):
+        assert verify_response(ALICE.ss58_address, "req-1", "ab" * 32, wrong_type) is False
 
 
 def test_an_unbound_request_is_refused():
