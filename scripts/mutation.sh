@@ -13,13 +13,17 @@
 # equivalent mutant rather than a failure. Exit status: 0 when every survivor is a listed
 # equivalent, 1 otherwise.
 #
-# Environment: PYTHON (default: python on PATH; needs mutmut>=3.8, from the dev extra),
+# Environment: PYTHON (default: the checkout's .venv/bin/python, else python on PATH; needs
+# mutmut>=3.8, from the dev extra),
 # MUTATION_JOBS (parallel mutants, default 2), MUTATION_WORKDIR (scratch, default above),
 # MUTATION_KEEP=1 to reuse a previous run's results (mutmut only reruns changed mutants).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python
+    [ -x "$ROOT/.venv/bin/python" ] && PYTHON="$ROOT/.venv/bin/python"
+fi
 JOBS=${MUTATION_JOBS:-2}
 WORK=${MUTATION_WORKDIR:-${TMPDIR:-/tmp}/niche-mutation}
 DOC="$ROOT/docs/testing.md"
