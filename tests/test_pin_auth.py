@@ -20,6 +20,7 @@ from niche.auth import (
     sign_response,
     verify_response,
 )
+from niche.protocol import PROTOCOL_VERSION
 
 ALICE = Keypair.create_from_uri("//Alice")
 BOB = Keypair.create_from_uri("//Bob")
@@ -209,6 +210,19 @@ def test_response_signature_round_trip_and_refusals():
     raw = bytes.fromhex(sig[2:])
     for wrong_type in (None, raw, 0, ["0x00"], {"sig": sig}):
         assert verify_response(ALICE.ss58_address, "req-1", "ab" * 32, wrong_type) is False
+
+
+def test_response_signatures_are_bound_to_their_protocol_version():
+    """An answer signed under one protocol version never verifies under another, in either
+    direction: the version is part of the signed message (niche-response/v<N>:...)."""
+    old = sign_response(ALICE, "req-1", "ab" * 32, version=PROTOCOL_VERSION - 1)
+    new = sign_response(ALICE, "req-1", "ab" * 32)
+    assert old != new
+    assert verify_response(ALICE.ss58_address, "req-1", "ab" * 32, old,
+                           version=PROTOCOL_VERSION - 1)
+    assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, old)
+    assert not verify_response(ALICE.ss58_address, "req-1", "ab" * 32, new,
+                               version=PROTOCOL_VERSION - 1)
 
 
 def test_an_unbound_request_is_refused():
