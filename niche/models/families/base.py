@@ -7,6 +7,7 @@ params plus per-item generators into images.
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -53,6 +54,8 @@ class Family(ABC):
         self.local_files_only = local_files_only or self.folder is not None
         self.fast = fast
         self.fast_applied: list[str] = []  # what apply_fast did (bench reports it)
+        self._counting_lock = threading.Lock()
+        self._counting_tokenizer: Any = None
 
     # ------------------------------------------------------------------ loading helpers
     def source(self, key: str) -> tuple[str, dict[str, Any]]:
@@ -152,8 +155,22 @@ class Family(ABC):
     def load(self) -> None: ...
 
     @abstractmethod
+    def bounding_tokenizer(self) -> Any:
+        """The pipeline's tokenizer whose length limit bounds the prompt."""
+
     def token_count(self, text: str) -> int:
-        """Tokens the text encoder that bounds the prompt would see (max_sequence_length)."""
+        """Tokens the text encoder that bounds the prompt would see (max_sequence_length).
+
+        Counted on a private copy of the tokenizer, under its own lock: transformers'
+        tokenizers keep their truncation and padding settings in the shared Rust object, so
+        a count (`truncation=False`) running beside a generation's encode (padding to
+        max_length) silently changes the padding of that prompt's embeddings, and an honest
+        answer no longer matches its own request. Requests are resolved outside the engine
+        lock, so they must never touch the pipeline's tokenizer."""
+        with self._counting_lock:
+            if self._counting_tokenizer is None:
+                self._counting_tokenizer = deepcopy(self.bounding_tokenizer())
+            return len(self._counting_tokenizer(text, truncation=False).input_ids)
 
     @abstractmethod
     def run(self, params: GenerationParams, items: list[BatchItem],

@@ -8,6 +8,7 @@ import logging
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -87,9 +88,9 @@ class FluxFamily(Family):
         self.place(self.pipe)
         self.apply_fast(self.pipe.transformer, self.pipe.vae)
 
-    def token_count(self, text: str) -> int:
+    def bounding_tokenizer(self) -> Any:
         # T5 bounds the prompt (CLIP's 77 tokens are truncated by the pipeline, as upstream).
-        return len(self.pipe.tokenizer_2(text, truncation=False).input_ids)
+        return self.pipe.tokenizer_2
 
     def initial_noise(self, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
         """Packed latents drawn on CPU in float32, so a seed means the same on every device."""

@@ -155,8 +155,8 @@ class KolorsFamily(Family):
             self.place(pipe)
             self._placed = pipe
 
-    def token_count(self, text: str) -> int:
-        return len(self.base.tokenizer(text, truncation=False).input_ids)
+    def bounding_tokenizer(self) -> Any:
+        return self.base.tokenizer
 
     def initial_noise(self, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
         """Unscaled latents drawn on CPU in float32 (the pipeline applies init_noise_sigma)."""
