@@ -152,3 +152,18 @@ def test_an_ignored_ctrl_c_stays_ignored_while_a_child_starts(tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert not _alive(child.pid)
+
+
+def test_a_held_ctrl_c_reaches_a_custom_handler_before_start_returns(tmp_path):
+    """The held signal is handed to the real handler in start()'s own frame, not re-raised
+    for Python to run whenever it next checks (possibly inside a finalizer, where a
+    KeyboardInterrupt is dropped)."""
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with Supervisor(stop_timeout=5) as sup:
+            sup.start(_InterruptedWhileStarting(
+                "miner1", _python("import time; time.sleep(60)"), tmp_path / "m.log"))
+            assert calls == [signal.SIGINT]  # delivered once, already
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,8 +48,21 @@ def stop_signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if caught:  # now with the real handlers: KeyboardInterrupt, or ignored if it was
-            signal.raise_signal(caught[0])
+        if caught:
+            first = signal.Signals(caught[0])
+            _deliver(first, previous[first])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """Run the real handler of a held signal now, in this frame. Re-raising it instead
+    (raise_signal) leaves Python to run the handler at its next check, which may fall inside
+    a finalizer that the garbage collector happens to run, where a KeyboardInterrupt is
+    printed and dropped: the Ctrl-C would be lost."""
+    if callable(handler):  # default_int_handler raises KeyboardInterrupt here
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action (the process ends)
+    # SIG_IGN: it was ignored before, it stays ignored
 
 
 def free_port(host: str = "127.0.0.1") -> int:
