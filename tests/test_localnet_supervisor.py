@@ -185,3 +185,17 @@ def test_a_held_ctrl_c_reaches_a_custom_handler_before_start_returns(tmp_path):
             assert calls == [signal.SIGINT]  # delivered once, already
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_children_do_not_inherit_the_held_signals(tmp_path):
+    """Stop signals are blocked while a child is forked; the child must get them again, or
+    stop_all's SIGTERM would wait for the SIGKILL."""
+    with Supervisor(stop_timeout=5) as sup:
+        child = sup.start(Child("miner1", _python("import time; time.sleep(60)"),
+                                tmp_path / "m.log"))
+        status = Path(f"/proc/{child.pid}/status").read_text()
+        blocked = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("SigBlk:")), 16)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            assert not blocked & (1 << (sig - 1)), status

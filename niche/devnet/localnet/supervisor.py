@@ -23,7 +23,12 @@ from typing import Any
 _PR_SET_PDEATHSIG = 1
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # the fork happened inside stop_signals_deferred: the child must not keep them blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -35,17 +40,27 @@ def stop_signals_deferred() -> Iterator[None]:
 
     An interrupt raised inside Popen after the fork (while it waits for the exec) would leave a
     running child that the supervisor never learnt about, so nothing would stop it.
+
+    The signals are blocked in this thread (and taken with sigtimedwait afterwards), so one
+    aimed at it is delivered here, synchronously, however busy the process is; Python's own
+    handlers run whenever the main thread next checks, which under load can be after this
+    block has ended. Placeholder handlers catch a signal that reaches another thread.
     """
-    stops = (signal.SIGINT, signal.SIGTERM)
+    stops = _STOPS
     if (threading.current_thread() is not threading.main_thread()
             or any(signal.getsignal(s) is None for s in stops)):
         yield  # handlers only from the main thread, and only ones Python can restore
         return
     caught: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in stops}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         yield
     finally:
+        for signum in sorted(signal.sigpending() & set(stops)):
+            if signal.sigtimedwait([signum], 0) is not None:
+                caught.append(signum)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if caught:
