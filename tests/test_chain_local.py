@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,45 +236,79 @@ def test_connect_factory(tmp_path):
     assert connect("ws://127.0.0.1:9944").network == "ws://127.0.0.1:9944"  # lazy: no I/O
 
 
-def _worker(path: str, wallet_root: str, names: list[str], queue) -> None:
-    try:
-        from niche.chain.local import LocalChain
-        from niche.chain.wallets import load_wallet
+_WORKER = """
+import sys
+from niche.chain.local import LocalChain
+from niche.chain.wallets import load_wallet
 
-        chain = LocalChain(path)
-        for name in names:
-            w = load_wallet(name, "hot", wallet_root, interactive=False)
-            chain.register(1, w, stake=1.0)
-            for port in range(50):
-                chain.serve(1, w, "127.0.0.1", 9000 + port)
-                chain.metagraph(1)
-        queue.put("ok")
-    except BaseException as exc:  # report any failure to the parent
-        queue.put(f"{type(exc).__name__}: {exc}")
+path, wallet_root, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+chain = LocalChain(path)
+for name in names:
+    wallet = load_wallet(name, "hot", wallet_root, interactive=False)
+    chain.register(1, wallet, stake=1.0)
+    for port in range(50):
+        chain.serve(1, wallet, "127.0.0.1", 9000 + port)
+        chain.metagraph(1)
+chain.close()
+seen = sorted(n.uid for n in LocalChain(path).metagraph(1).neurons)
+print("ok", len(seen))
+"""
 
 
 def test_two_processes_write_one_file(tmp_path):
+    """Two neuron processes (as pm2 starts them: separate interpreters, not forks, which
+    SQLite forbids carrying a connection across) register and serve into one chain file at
+    once; every write of both lands."""
     root = tmp_path / "w"
     names = [f"p{i}" for i in range(8)]
     for name in names:
         create_wallet(name, "hot", root)
     path = tmp_path / "shared.db"
-    LocalChain(path, create=True).create_subnet(1)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(path), str(root), names[i::2], queue))
+    creator = LocalChain(path, create=True)
+    creator.create_subnet(1)
+    creator.close()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(root),
+                               ",".join(names[i::2])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    assert results == ["ok", "ok"]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0 and out.startswith("ok"), err[-2000:]
     mg = LocalChain(path).metagraph(1)
-    assert sorted(n.uid for n in mg.neurons) == list(range(8))
+    assert sorted(n.uid for n in mg.neurons) == list(range(8)), outputs
     assert len({n.hotkey for n in mg.neurons}) == 8
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert all(n.endpoint and n.endpoint.port == 9049 for n in mg.neurons)
+
+
+def _use_inherited(chain: LocalChain, wallet_root: str, queue) -> None:
+    from niche.chain.wallets import load_wallet
+
+    outcome = []
+    try:
+        chain.register(1, load_wallet("late", "hot", wallet_root, interactive=False))
+        outcome.append("inherited chain wrote")
+    except ChainError as exc:
+        outcome.append(str(exc))
+    fresh = LocalChain(chain.path)
+    outcome.append(fresh.register(1, load_wallet("late", "hot", wallet_root, interactive=False)))
+    queue.put(outcome)
+
+
+def test_a_chain_inherited_through_fork_is_refused_and_a_new_one_works(chain, wallets,
+                                                                       tmp_path):
+    chain.register(1, wallets["val"], stake=100)
+    create_wallet("late", "hot", tmp_path / "late")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_use_inherited, args=(chain, str(tmp_path / "late"), queue))
+    child.start()
+    refusal, uid = queue.get(timeout=60)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert "inherited by fork()" in refusal and "open a new LocalChain" in refusal
+    assert uid == 1
+    assert [n.uid for n in chain.metagraph(1).neurons] == [0, 1]  # the parent's still works
 
 
 def test_a_locked_file_is_a_chain_error_and_leaves_the_chain_usable(chain, wallets, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -194,6 +195,7 @@ class LocalChain(Chain):
         self.path = Path(path).expanduser()
         self._clock = clock
         self._lock = threading.RLock()
+        self._pid = os.getpid()  # SQLite connections must not be used across fork()
         if not self.path.exists() and not create:
             raise ChainError(
                 f"no localnet chain file at {self.path}: create one with "
@@ -260,7 +262,15 @@ class LocalChain(Chain):
 
     @contextmanager
     def _sqlite_errors(self):
-        """A locked or failing file is a chain error (callers retry those), not a crash."""
+        """A locked or failing file is a chain error (callers retry those), not a crash.
+
+        A connection inherited through fork() shares the parent's file locks, and SQLite can
+        then lose writes; such a use is refused before it touches the file."""
+        if os.getpid() != self._pid:
+            raise ChainError(
+                f"this LocalChain for {self.path} was opened in process {self._pid} and "
+                f"inherited by fork(): open a new LocalChain in process {os.getpid()}"
+            )
         try:
             yield
         except sqlite3.OperationalError as exc:
@@ -584,8 +594,9 @@ class LocalChain(Chain):
         return {int(r[0]) for r in rows}
 
     def _incentive_by_uid(self, netuid: int, block: int) -> dict[int, float]:
-        with self._lock:
-            return self._incentive(self._db, self.subnet(netuid), block)
+        params = self.subnet(netuid)
+        with self._lock, self._sqlite_errors():
+            return self._incentive(self._db, params, block)
 
     def _incentive(self, db, params: SubnetParams, block: int) -> dict[int, float]:
         neurons = db.execute(
