@@ -16,7 +16,7 @@ import torch
 from niche.protocol import GenerationParams
 
 OTHER = "a lighthouse on a cliff above a stormy sea"
-MIN_RESOLVES = 100  # per hammer thread, so the race had every chance to show
+MIN_RESOLVES = 100  # more than this per hammer thread, so the race had every chance to show
 DEADLINE_S = 240.0  # a busy 2-core box schedules threads unevenly; the loop waits for both
 
 
@@ -49,15 +49,15 @@ def test_encodes_beside_token_counts_are_identical(tiny_engine, model):
         t.start()
     encodes = differing = 0
     deadline = time.monotonic() + DEADLINE_S
-    try:  # encode until both resolvers have run MIN_RESOLVES times beside the encodes
-        while (encodes < 1500 or min(counts) < MIN_RESOLVES) and time.monotonic() < deadline:
+    try:  # encode until both resolvers have run more than MIN_RESOLVES times beside the encodes
+        while (encodes < 1500 or min(counts) <= MIN_RESOLVES) and time.monotonic() < deadline:
             differing += not torch.equal(encode(), reference)
             encodes += 1
     finally:
         stop.set()
         for t in threads:
             t.join()
-    assert min(counts) >= MIN_RESOLVES, counts  # both resolvers ran all along
+    assert min(counts) > MIN_RESOLVES, counts  # both resolvers ran all along
     assert differing == 0, f"{differing} of {encodes} encodes changed by concurrent token counts"
 
 
@@ -71,12 +71,12 @@ def test_states_of_a_generation_beside_resolves_are_its_own(tiny_engine):
     thread.start()
     runs = []
     deadline = time.monotonic() + DEADLINE_S
-    try:  # generate until the resolver has run beside at least 8 generations
-        while (len(runs) < 8 or counts[0] < 8) and time.monotonic() < deadline:
+    try:  # generate until the resolver has run more than 8 times beside at least 8 generations
+        while (len(runs) < 8 or counts[0] <= 8) and time.monotonic() < deadline:
             runs.append(tiny_engine.generate_with_states(params)[1])
     finally:
         stop.set()
         thread.join()
-    assert counts[0] >= 8, counts
+    assert counts[0] > 8, counts
     for states in runs:
         assert all(torch.equal(a, b) for a, b in zip(alone, states, strict=True))
