@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """The newest version this niche speaks; bumped on any incompatible change.
 2: answers commit to their sampler states (`StatesCommitment`), fetched at /v1/states.
 3: /v1/info lists every version a miner speaks (`protocol_versions`) and a reader ignores
    fields it does not know; the validator asks in the highest version both speak and the
-   answer's signature names that version (see `response_signing_message`)."""
+   answer's signature names that version (see `response_signing_message`).
+4: the states commitment declares the kernels that change a step's bits
+   (`StatesCommitment.kernels`, e.g. the attention backend), so the validator recomputes
+   with the miner's own choice; an audit fetches its states in as many requests as
+   `MAX_STATES_PER_FETCH` needs."""
 MIN_PROTOCOL_VERSION = 2
 """The oldest version still spoken, so a subnet upgrades one peer at a time (CHANGELOG.md)."""
 SUPPORTED_PROTOCOL_VERSIONS: tuple[int, ...] = tuple(
@@ -40,6 +45,15 @@ STATES_PATH = "/v1/states"
 MAX_STATES = 200
 """Most denoising steps an answer can commit to (GenerationParams.steps' bound)."""
 MAX_STATES_PER_FETCH = 8
+"""States in one /v1/states answer: at most 8 x 4 MiB of float32 (a 4096x4096 latent) plus
+base64, so one answer stays under the validator's byte cap; an audit that needs more states
+(2 per random step, 14 for Kolors at 30 steps) sends several requests."""
+MAX_KERNEL_DECLARATIONS = 8
+KERNEL_NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}$"
+ATTENTION_BACKENDS = ("default", "math", "flash", "efficient", "cudnn")
+"""`kernels["attention"]`: torch's scaled-dot-product attention backend the networks ran
+(`default`: torch's own choice per device). Backends round differently, so the validator
+recomputes with the declared one."""
 MAX_STATE_ELEMENTS = 4 * 512 * 512
 """Float32 values in one state: a 4096x4096 image's latent (FLUX packed 64 x 256^2)."""
 
@@ -108,11 +122,31 @@ class StatesCommitment(_Strict):
     shape: list[int] = Field(min_length=1, max_length=6)
     sha256: list[str] = Field(min_length=1, max_length=MAX_STATES)
     compute_dtype: str = Field(pattern=r"^(float32|bfloat16|float16)$")
+    kernels: dict[str, str] = Field(default_factory=dict, max_length=MAX_KERNEL_DECLARATIONS,
+                                    exclude_if=lambda value: not value)
+    """Protocol 4+: the kernel choices that change a step's bits (`attention`: one of
+    ATTENTION_BACKENDS; `weights`: the weight storage, e.g. `gguf-q8`). Empty from a
+    protocol-2/3 miner (the validator assumes the defaults). Covered by `digest`."""
+
+    @field_validator("kernels")
+    @classmethod
+    def _bounded_kernels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, choice in value.items():
+            if not re.match(KERNEL_NAME_PATTERN, key) or not re.match(KERNEL_NAME_PATTERN,
+                                                                        choice):
+                raise ValueError(f"kernel declaration {key!r}: {choice!r} is not a short "
+                                 "lower-case name")
+        attention = value.get("attention")
+        if attention is not None and attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {attention!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        return value
 
     def digest(self) -> str:
-        """One hash over the whole commitment (what the answer signature covers)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True,
-                               separators=(",", ":"))
+        """One hash over the whole commitment (what the answer signature covers). An empty
+        `kernels` is left out, so a protocol-2/3 commitment hashes as it always did."""
+        fields = self.model_dump(mode="json")  # an empty `kernels` is excluded
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
