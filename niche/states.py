@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +30,17 @@ def state_bytes(state: torch.Tensor) -> bytes:
     return array.astype("<f4", copy=False).tobytes()
 
 
-def commit(states: Sequence[torch.Tensor], compute_dtype: str) -> StatesCommitment:
-    """The commitment an answer carries for x_1..x_N."""
+def commit(states: Sequence[torch.Tensor], compute_dtype: str,
+           kernels: Mapping[str, str] | None = None) -> StatesCommitment:
+    """The commitment an answer carries for x_1..x_N (`kernels`: its declared kernel
+    choices, protocol 4+)."""
     if not states or len(states) > MAX_STATES:
         raise ValueError(f"an answer commits to 1..{MAX_STATES} states, not {len(states)}")
     shape = list(states[0].shape)
     if any(list(s.shape) != shape for s in states):
         raise ValueError("all states of one answer have one shape")
     return StatesCommitment(shape=shape, compute_dtype=compute_dtype,
+                            kernels=dict(kernels or {}),
                             sha256=[hashlib.sha256(state_bytes(s)).hexdigest() for s in states])
 
 

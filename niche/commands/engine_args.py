@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from niche.errors import ConfigError
 from niche.models.spec import DTYPES, MEMORY_MODES
+from niche.protocol import ATTENTION_BACKENDS
 
 if TYPE_CHECKING:
     from niche.models.engine import Engine, ImageEngine
@@ -55,6 +56,11 @@ def add_engine_args(group: argparse._ActionsContainer) -> None:
                        action=argparse.BooleanOptionalAction,
                        help="CUDA fast path: channels_last VAE, fused QKV, SDPA, torch.compile "
                             "of the denoiser (default: the model's YAML `fast`; a no-op on CPU)")
+    group.add_argument("--engine.attention", dest="engine_attention", default="default",
+                       choices=ATTENTION_BACKENDS,
+                       help="scaled-dot-product attention backend (default: torch's choice "
+                            "per device). Answers declare it and validators recompute with "
+                            "the same one (docs/step-check.md)")
 
 
 BACKENDS = ("local", "ray")
@@ -135,7 +141,8 @@ def engine_kwargs_from_args(args: argparse.Namespace, models: Sequence[str], *,
     return {"models": list(models), "model_root": model_root_from_args(args),
             "model_paths": dirs or None, "device": args.device, "dtype": dtype or args.dtype,
             "memory_mode": memory_mode or args.memory_mode, "num_threads": args.num_threads,
-            "fast": getattr(args, "engine_fast", None), "quant": quants or None}
+            "fast": getattr(args, "engine_fast", None), "quant": quants or None,
+            "attention": getattr(args, "engine_attention", "default")}
 
 
 def backend_engine_from_args(args: argparse.Namespace, models: Sequence[str]) -> ImageEngine:

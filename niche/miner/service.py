@@ -340,7 +340,8 @@ class MinerService:
             result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
         b64, digest = encode_b64(result, "PNG")
-        commitment = commit(states, self.engine.compute_dtype(params.model))
+        commitment = commit(states, self.engine.compute_dtype(params.model),
+                            kernels=declared_kernels(self.engine, params.model, version))
         self.states.put(caller, request_id, states)
         signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
                                   version=version)
@@ -444,6 +445,13 @@ class MinerService:
 def _span(versions: tuple[int, ...]) -> str:
     low, high = min(versions), max(versions)
     return str(low) if low == high else f"{low}..{high}"
+def declared_kernels(engine: Any, model: str, version: int) -> dict[str, str]:
+    """The kernel choices an answer in protocol `version` declares (protocol 4+; an older
+    validator cannot read them, so it gets none)."""
+    kernels = getattr(engine, "kernels", None)
+    return dict(kernels(model)) if version >= 4 and callable(kernels) else {}
+
+
 def engine_concurrency(engine: Any) -> int:
     """Generations an engine runs at once: its `concurrency` (replicas), else 1."""
     value = getattr(engine, "concurrency", 1)

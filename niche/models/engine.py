@@ -21,6 +21,14 @@ import torch
 from niche.errors import ConfigError, InvalidRequest
 from niche.models import conditioning
 from niche.models.families import BatchItem, Family, family_class
+from niche.models.kernels import (
+    DEFAULT_ATTENTION,
+    KernelUnavailable,
+    attention_backend,
+    attention_problem,
+    check_attention,
+    declared_attention,
+)
 from niche.models.memory import memory_advice
 from niche.models.spec import (
     DTYPES,
@@ -77,14 +85,19 @@ class ImageEngine(Protocol):
 
     def compute_dtype(self, model: str) -> str: ...
 
-    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image: ...
+    def decode_state(self, params: GenerationParams, state: torch.Tensor,
+                     kernels: Mapping[str, str] | None = None) -> PIL.Image.Image: ...
+
+    def kernels(self, model: str) -> dict[str, str]: ...
 
     def initial_state(self, params: GenerationParams) -> torch.Tensor: ...
 
     def state_shape(self, params: GenerationParams) -> tuple[int, ...]: ...
 
     def recompute_steps(self, params: GenerationParams, image: ImageArg,
-                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]: ...
+                        states: Mapping[int, torch.Tensor],
+                        kernels: Mapping[str, str] | None = None
+                        ) -> dict[int, torch.Tensor]: ...
 
 
 class Engine:
@@ -110,6 +123,7 @@ class Engine:
         pipelines: Mapping[str, Sequence[str]] | None = None,
         fast: bool | None = None,
         quant: Mapping[str, str] | None = None,
+        attention: str = DEFAULT_ATTENTION,
     ):
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -121,6 +135,8 @@ class Engine:
         if not models:
             raise ConfigError("no models to serve")
         self.device = device
+        self.attention = check_attention(attention, device)
+        """The SDPA backend every call runs on (declared in answers: niche.models.kernels)."""
         self.fuse_batches = fuse_batches
         self.model_root = Path(model_root) if model_root is not None else None
         folders: dict[str, Path | None] = {}
@@ -172,6 +188,16 @@ class Engine:
     def compute_dtype(self, model: str) -> str:
         """The dtype `model`'s networks run in (what an answer declares with its states)."""
         return self.family(model).dtype_name
+
+    def kernels(self, model: str) -> dict[str, str]:
+        """The kernel choices that change `model`'s step bits, as answers declare them
+        (`StatesCommitment.kernels`): the attention backend, and the weight storage when it
+        is not the plain dtype's."""
+        declared = {"attention": self.attention}
+        quant = self.spec(model).quant
+        if quant != "none":
+            declared["weights"] = quant
+        return declared
 
     def memory_mode(self, model: str) -> str:
         """The memory mode `model` was loaded in (what an out-of-memory error advises on)."""
@@ -317,7 +343,7 @@ class Engine:
                 for b, row in enumerate(states):
                     row.append(latents[b:b + 1].detach().to("cpu", torch.float32).clone())
 
-            with self._lock, torch.no_grad():
+            with self._lock, torch.no_grad(), attention_backend(self.attention):
                 cond = self.conditioning_image(full, image)
                 images = self._families[full.model].run(full, items, cond,
                                                         record if capture else None)
@@ -342,9 +368,16 @@ class Engine:
         return self.recompute_steps(params, image, {step: state})[step]
 
     def recompute_steps(self, params: GenerationParams, image: ImageArg,
-                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+                        states: Mapping[int, torch.Tensor],
+                        kernels: Mapping[str, str] | None = None) -> dict[int, torch.Tensor]:
         """`recompute_step` for several steps {step: x_step}, encoding the prompt and the
-        conditioning once (what an audit costs: one encode, the steps, no full chain)."""
+        conditioning once (what an audit costs: one encode, the steps, no full chain).
+        `kernels`: the answer's declared kernel choices (None: this engine's own); the steps
+        run on the declared attention backend, KernelUnavailable when it cannot run here."""
+        attention = self.attention if kernels is None else declared_attention(kernels)
+        problem = attention_problem(attention, self.device)
+        if problem:
+            raise KernelUnavailable(problem)
         full = self.resolve(params)
         self.check_image(full, image)
         n = int(full.steps or 0)
@@ -356,7 +389,7 @@ class Engine:
             if not isinstance(state, torch.Tensor) or tuple(state.shape) != shape:
                 raise InvalidRequest(f"state for step {step} is not a tensor of shape {shape}",
                                      field="states")
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), attention_backend(attention):
             cond = self.conditioning_image(full, image)
             context = family.step_context(full, full.prompt, full.negative_prompt, cond)
             return {step: family.step(full, context, state.detach().to(torch.float32), step)
@@ -367,11 +400,16 @@ class Engine:
         full = self.resolve(params)
         return self._families[full.model].state_shape(full)
 
-    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
+    def decode_state(self, params: GenerationParams, state: torch.Tensor,
+                     kernels: Mapping[str, str] | None = None) -> PIL.Image.Image:
         """The image the pipeline outputs from x_N = `state` (generate's bits for an honest
-        final state)."""
+        final state), on the declared attention backend (`kernels`, None: this engine's)."""
+        attention = self.attention if kernels is None else declared_attention(kernels)
+        problem = attention_problem(attention, self.device)
+        if problem:
+            raise KernelUnavailable(problem)
         full = self.resolve(params)
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), attention_backend(attention):
             return self._families[full.model].decode(full, state.detach().to(torch.float32)
                                                      ).convert("RGB")
 

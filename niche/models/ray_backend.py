@@ -308,8 +308,12 @@ class RayEngine:
                              ) -> tuple[PIL.Image.Image, list[torch.Tensor]]:
         return self._call("generate_with_states", params, image)
 
-    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
-        return self._call("decode_state", params, state)
+    def decode_state(self, params: GenerationParams, state: torch.Tensor,
+                     kernels: Mapping[str, str] | None = None) -> PIL.Image.Image:
+        return self._call("decode_state", params, state, kernels)
+
+    def kernels(self, model: str) -> dict[str, str]:
+        return self._call("kernels", model)
 
     def initial_state(self, params: GenerationParams) -> torch.Tensor:
         return self._call("initial_state", params)
@@ -318,5 +322,6 @@ class RayEngine:
         return self._call("state_shape", params)
 
     def recompute_steps(self, params: GenerationParams, image: ImageArg,
-                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return self._call("recompute_steps", params, image, dict(states))
+                        states: Mapping[int, torch.Tensor],
+                        kernels: Mapping[str, str] | None = None) -> dict[int, torch.Tensor]:
+        return self._call("recompute_steps", params, image, dict(states), kernels)

@@ -50,8 +50,12 @@ class CheatingEngine:
     def compute_dtype(self, model: str) -> str:
         return self._engine.compute_dtype(model)
 
-    def decode_state(self, params: GenerationParams, state: torch.Tensor) -> PIL.Image.Image:
-        return self._engine.decode_state(params, state)
+    def decode_state(self, params: GenerationParams, state: torch.Tensor,
+                     kernels: Mapping[str, str] | None = None) -> PIL.Image.Image:
+        return self._engine.decode_state(params, state, kernels)
+
+    def kernels(self, model: str) -> dict[str, str]:
+        return self._engine.kernels(model)
 
     def initial_state(self, params: GenerationParams) -> torch.Tensor:
         return self._engine.initial_state(params)
@@ -60,8 +64,9 @@ class CheatingEngine:
         return self._engine.state_shape(params)
 
     def recompute_steps(self, params: GenerationParams, image: PIL.Image.Image | None,
-                        states: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return self._engine.recompute_steps(params, image, states)
+                        states: Mapping[int, torch.Tensor],
+                        kernels: Mapping[str, str] | None = None) -> dict[int, torch.Tensor]:
+        return self._engine.recompute_steps(params, image, states, kernels)
 
     def generate_with_states(self, params: GenerationParams,
                              image: PIL.Image.Image | None = None

@@ -1,0 +1,82 @@
+"""The kernel choices that change a denoising step's bits, and how to reproduce them.
+
+In one dtype, thread counts and fused batches leave a step bit-identical on this platform,
+but the scaled-dot-product attention backend does not: math, flash and memory-efficient
+attention round differently (up to 2.3e-2 of a FLUX.1-dev step's update measured on the tiny
+checkpoints, as large as what a well-chosen cache changes). So a miner declares its backend
+in the answer (`StatesCommitment.kernels`) and the validator recomputes with the same one;
+the step thresholds then only cover what other hardware adds to the same kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from niche.errors import ConfigError
+from niche.protocol import ATTENTION_BACKENDS
+
+DEFAULT_ATTENTION = "default"
+
+
+def _backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+
+class KernelUnavailable(ValueError):
+    """A declared kernel this machine cannot run, so it cannot reproduce the answer's bits."""
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Run the block's scaled-dot-product attention on backend `name` (`default`: torch's
+    own choice). torch keeps this switch per process: callers hold the engine lock."""
+    if name == DEFAULT_ATTENTION:
+        yield
+        return
+    if name not in ATTENTION_BACKENDS:
+        raise KernelUnavailable(f"unknown attention backend {name!r} (known: "
+                                f"{', '.join(ATTENTION_BACKENDS)})")
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([_backend(name)]):
+        yield
+
+
+def attention_problem(name: str, device: str | torch.device) -> str | None:
+    """Why backend `name` cannot run on `device` (None: it can). Probed with one small
+    attention call in the half-precision dtype the GPU backends need."""
+    if name == DEFAULT_ATTENTION:
+        return None
+    if name not in ATTENTION_BACKENDS:
+        return f"unknown attention backend {name!r} (known: {', '.join(ATTENTION_BACKENDS)})"
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
+    try:
+        with attention_backend(name), torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as exc:
+        return f"attention backend {name} does not run on {device.type}: " \
+               f"{str(exc).splitlines()[0][:160]}"
+    return None
+
+
+def check_attention(name: str, device: str | torch.device) -> str:
+    """`name` when it runs on `device`, else a ConfigError with advice (start-up check)."""
+    problem = attention_problem(name, device)
+    if problem:
+        raise ConfigError(f"{problem}; pick another with --engine.attention "
+                          f"({', '.join(ATTENTION_BACKENDS)})")
+    return name
+
+
+def declared_attention(kernels: Mapping[str, str] | None) -> str:
+    """The attention backend an answer declares (protocol 2/3 answers declare none: the
+    default)."""
+    return (kernels or {}).get("attention", DEFAULT_ATTENTION)
