@@ -39,6 +39,7 @@ from niche.validator.scoring import (
     choose_audits,
     compute_weights,
     round_rewards,
+    unavailable,
 )
 
 TIMEOUT = 24.0  # FLUX.1-schnell challenge timeout
@@ -53,6 +54,8 @@ class Strategy:
     replays: bool = False  # answers with an earlier image: caught by the duplicate check
     cheat_rate: float = 1.0  # for mixed strategies: fraction of rounds it cheats
     detection: float = 1.0  # probability that an audit of a cheating answer fails it
+    drops_fetch: bool = False  # refuses the audit's states fetch of its cheated answers
+    faults: float = 0.0  # share of audited answers whose states fetch fails (restarts, blips)
 
 
 STRATEGIES = (
@@ -107,6 +110,10 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
         for o in outcomes:
             if o.uid in audited:
                 strategy = miners[o.uid][2]
+                cheated = cheating.get(o.uid, False)
+                if (cheated and strategy.drops_fetch) or rng.random() < strategy.faults:
+                    final.append(unavailable(o, "connection refused"))  # a fault: no exclusion
+                    continue
                 passed = not (cheating.get(o.uid, False)
                               and rng.random() < strategy.detection)
                 if not passed:
@@ -278,6 +285,38 @@ def capacity_report(rounds: int, seed: int, cfg: ScoringConfig) -> None:
               f"{shares[c.name] / one:>14.2f}")
 
 
+def dropped_fetch_report(rounds: int, seed: int, cfg: ScoringConfig) -> None:
+    """A cheater that refuses the states fetch of every audited (cheated) answer: the fetch
+    fails as unavailable (earns 0, no exclusion) instead of failing the audit (exclusion).
+    Its weight against an honest miner's, by audit fraction and by compute saved; and an
+    honest miner whose fetches fail 2 % of the time (restarts without a states store,
+    network blips past the retries)."""
+    from dataclasses import replace
+
+    print(f"\ncheat, then drop the fetch (unavailable: reward 0 and unavailable_penalty="
+          f"{cfg.unavailable_penalty:g} / p zero rewards, no exclusion); weight per miner over an "
+          "honest miner's:")
+    fractions = (0.05, 0.1, 0.2, 0.5, 1.0)
+    print(f"{'strategy':<30}{'penalty':>8}" + "".join(f"{'p=' + format(p, 'g'):>9}"
+                                                     for p in fractions))
+    rows = [("drops fetch, saves 50 %", 0.5, 0.0, cfg.unavailable_penalty),
+            ("drops fetch, saves 90 %", 0.9, 0.0, cfg.unavailable_penalty),
+            ("drops fetch, saves 50 %", 0.5, 0.0, 1.0),
+            ("honest, 2 % fetches fail", 0.0, 0.02, cfg.unavailable_penalty)]
+    for name, saved, faults, penalty in rows:
+        c = replace(cfg, unavailable_penalty=penalty)
+        strategies = (Strategy("honest", 4, HONEST_LATENCY, True),
+                      Strategy(name, 2, max(0.05, HONEST_LATENCY * (1.0 - saved)),
+                               honest=saved == 0.0, drops_fetch=saved > 0, faults=faults))
+        cells = []
+        for p in fractions:
+            res = simulate(rounds, p, seed, replace(c, audit_fraction=p),
+                           strategies=strategies)
+            honest = res["share"]["honest"] / 4
+            cells.append((res["share"][name] / 2) / honest)
+        print(f"{name:<30}{penalty:>8g}" + "".join(f"{v:>9.3f}" for v in cells))
+
+
 def _detections(pairs: list[str] | None) -> dict[str, tuple[float, float]]:
     cheats = dict(ADVERSARY)
     for pair in pairs or []:
@@ -302,6 +341,8 @@ def main() -> None:
                         help="skip the strategy table and the audit-fraction sweep")
     parser.add_argument("--only-capacity", action="store_true",
                         help="only the capacity table (replicas and declared concurrency)")
+    parser.add_argument("--only-dropped-fetch", action="store_true",
+                        help="only the 'cheat, then drop the fetch' table")
     args = parser.parse_args()
     cfg = ScoringConfig(alpha=args.alpha, exclusion_rounds=args.exclusion_rounds,
                         model_shares={"flux-schnell": 1.0})
@@ -317,6 +358,9 @@ def main() -> None:
         cheats = adversary.summary(adversary.LAST_RUN)
     if args.only_capacity:
         capacity_report(args.rounds, args.seed, cfg)
+        return
+    if args.only_dropped_fetch:
+        dropped_fetch_report(args.rounds, args.seed, cfg)
         return
     if args.only_detection:
         detection_report(cheats, args.rounds, args.seed, cfg)
@@ -341,6 +385,7 @@ def main() -> None:
             + f"{res['regen_per_answer']:>11.3f}")
     detection_report(cheats, args.rounds, args.seed, cfg)
     capacity_report(args.rounds, args.seed, cfg)
+    dropped_fetch_report(args.rounds, args.seed, cfg)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,16 @@ volume         = 1                                   one challenge (declared con
                                                      claimed but not delivered costs linearly.
 score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
 failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
-                  `exclusion_rounds` rounds.
+                  `exclusion_rounds` rounds (fraud: wrong states or hashes, a refused or
+                  malformed states answer).
+unavailable    -> the states of an audited answer could not be fetched for reasons of
+                  availability (connection refused/reset, timeout after the retries, the
+                  miner restarted and lost them): a fault, not fraud. The answer earns 0 and
+                  the EMA takes `unavailable_penalty` zero rewards for it (score x
+                  (1 - alpha)^unavailable_penalty), no exclusion. The penalty makes "cheat,
+                  then refuse the audit's fetch" earn less than honest work at any audit
+                  fraction the validator uses (bench/incentives.py); an honest miner keeps
+                  its states across restarts, so it rarely pays it.
 weights        = per model m: share[m] * score[uid] / sum(score of m's uids); the share of a
                  model with no scoring uid goes to the other models in proportion; normalised.
 See docs/scoring.md for why these numbers.
@@ -29,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,6 +50,8 @@ AUDIT_FAILED = "audit_failed"
 EXCLUDED = "excluded"
 NO_MODEL = "no_supported_model"
 NO_STATES = "no_states"
+UNAVAILABLE = "states_unavailable"
+"""An audited answer whose states could not be fetched (availability, not fraud)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,15 @@ class ScoringConfig:
     volume_cap: int = 4
     """Most challenges sent to one miner at once (its declared concurrency, capped): the
     most parallel throughput a round can pay for, sqrt(volume_cap) at best."""
+    unavailable_penalty: float = 5.0
+    """Zero rewards the EMA takes for an audited answer whose states could not be fetched
+    (a fault of availability), divided by `audit_fraction`: a cheater that refuses the
+    fetches of its audited answers loses as much per cheated answer whatever share is
+    audited, so refusing does not pay (bench/incentives.py); an honest miner loses
+    `unavailable_penalty` rewards per failed fetch on average, far short of a caught
+    cheat's exclusion."""
+    audit_fraction: float = 1.0
+    """The share of answers the validator audits (ValidatorConfig sets it)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -70,6 +90,15 @@ class ScoringConfig:
             raise ValueError("model shares must be >= 0")
         if self.volume_cap < 1:
             raise ValueError("volume_cap must be >= 1")
+        if self.unavailable_penalty < 0:
+            raise ValueError("unavailable_penalty must be >= 0")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError("audit_fraction must be in [0, 1]")
+
+    @property
+    def unavailable_zeros(self) -> float:
+        """Zero rewards the EMA takes for one unavailable audited answer."""
+        return self.unavailable_penalty / max(self.audit_fraction, 0.01)
 
 
 @dataclass(frozen=True)
@@ -99,6 +128,19 @@ class Outcome:
         """Answered in time with a well-formed image and not caught cheating."""
         return (self.status == OK and self.latency is not None
                 and self.audit_passed is not False)
+
+    @property
+    def unavailable(self) -> bool:
+        """Its audit could not fetch the states for reasons of availability."""
+        return self.status == UNAVAILABLE
+
+
+def unavailable(outcome: Outcome, reason: str) -> Outcome:
+    """`outcome` after its audit could not fetch the states (connection, timeout, lost on
+    a restart): earns nothing this round, but is no caught cheat (audit_passed stays None,
+    so nothing excludes the hotkey)."""
+    return replace(outcome, status=UNAVAILABLE, reason=f"{UNAVAILABLE}: {reason}",
+                   audited=True, audit_passed=None)
 
 
 def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringConfig) -> float:
@@ -200,6 +242,9 @@ class ScoreBook:
             if o.audit_passed is False:
                 entry.score = 0.0
                 self.excluded_until[o.hotkey] = round_index + 1 + self.cfg.exclusion_rounds
+                continue
+            if o.unavailable:  # a fault: zero rewards, no exclusion
+                entry.score *= (1.0 - a) ** self.cfg.unavailable_zeros
                 continue
             entry.score = (1.0 - a) * entry.score + a * float(rewards.get(o.uid, 0.0))
         for hotkey in [h for h, until in self.excluded_until.items() if until <= round_index]:
