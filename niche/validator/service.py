@@ -124,6 +124,8 @@ class ValidatorConfig:
             raise ConfigError("--neuron.round_interval must be >= 0")
         if self.permit_poll <= 0:
             raise ConfigError("--permit-poll must be > 0 seconds")
+        if self.scoring.audit_fraction != self.audit_fraction:  # scales the unavailable penalty
+            self.scoring = replace(self.scoring, audit_fraction=self.audit_fraction)
 
 
 @dataclass
