@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import PIL.Image
@@ -106,6 +107,9 @@ class MinerConfig:
     (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
+    states_path: Path | None = None
+    """SQLite file that also keeps the states (same caps), so they survive a restart
+    between an answer and its audit; None: memory only."""
     protocol_versions: tuple[int, ...] = SUPPORTED_PROTOCOL_VERSIONS
     """Protocol versions answered (advertised in /v1/info); a request in another is refused."""
     keep_running_when_deregistered: bool = False
@@ -136,7 +140,8 @@ class MinerService:
         self.metrics = MinerMetrics()
         self.executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                            thread_name_prefix="niche-gpu")
-        self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock)
+        self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock,
+                                 path=config.states_path)
         self.metrics.track(lambda: self.gate.depth, lambda: self.states.bytes_held)
         if callable(getattr(engine, "stats", None)):
             self.metrics.track_replicas(lambda: self.replica_stats() or {})
@@ -440,6 +445,7 @@ class MinerService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.states.close()
 
 
 def _span(versions: tuple[int, ...]) -> str:
