@@ -1,17 +1,29 @@
 """The sampler states of recent answers, kept until the validator that asked fetches the
 ones it audits. Bounded twice: by age (a validator fetches within its round) and by bytes
-(oldest answers go first), so a flood of requests cannot grow the miner's memory."""
+(oldest answers go first), so a flood of requests cannot grow the miner's memory.
+
+With a `path`, every answer's states are also written to a SQLite file (same age and byte
+caps, pruned on every write) before the answer is sent, so a miner that is restarted (a
+`pm2 restart`, an upgrade, a crash, even SIGKILL) between an answer and its audit still
+serves its states: a restart is a fault of availability, never taken for a cheat."""
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from niche.errors import ConfigError
 from niche.states import state_bytes
+
+log = logging.getLogger("niche.miner")
 
 
 @dataclass(frozen=True)
@@ -24,17 +36,111 @@ class _Kept:
         return sum(len(s) for s in self.states)
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS states (
+    hotkey TEXT NOT NULL, request_id TEXT NOT NULL, expires REAL NOT NULL,
+    size INTEGER NOT NULL, lengths TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (hotkey, request_id))
+"""
+
+
+class DiskStates:
+    """The on-disk half: one row per answer, expiry on the wall clock (it outlives the
+    process), oldest rows deleted first when over `max_bytes`. Thread-safe."""
+
+    def __init__(self, path: Path, max_bytes: int, ttl: float,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(path).expanduser()
+        self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+            self._db.execute(_SCHEMA)
+            self._bytes = int(self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM states").fetchone()[0])
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--states.path {self.path}: cannot open the states store "
+                              f"({exc}); pick a writable file or pass --states.memory_only"
+                              ) from None
+        with self._lock:
+            self._prune()
+
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
+
+    def put(self, hotkey: str, request_id: str, states: Sequence[bytes]) -> None:
+        size = sum(len(s) for s in states)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            try:
+                old = self._db.execute("SELECT size FROM states WHERE hotkey=? AND "
+                                       "request_id=?", (hotkey, request_id)).fetchone()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO states VALUES (?, ?, ?, ?, ?, ?)",
+                    (hotkey, request_id, self._clock() + self.ttl, size,
+                     json.dumps([len(s) for s in states]), b"".join(states)))
+                self._bytes += size - (int(old[0]) if old else 0)
+                self._prune()
+            except sqlite3.Error as exc:  # a full disk: the answer still goes out
+                log.warning("states of %s not written to %s: %s", request_id, self.path, exc)
+
+    def get(self, hotkey: str, request_id: str) -> tuple[bytes, ...] | None:
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT expires, lengths, data FROM states WHERE hotkey=? AND "
+                    "request_id=?", (hotkey, request_id)).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("states store %s unreadable: %s", self.path, exc)
+                return None
+        if row is None or row[0] <= self._clock():
+            return None
+        data, out, at = bytes(row[2]), [], 0
+        for length in json.loads(row[1]):
+            out.append(data[at:at + length])
+            at += length
+        return tuple(out)
+
+    def _prune(self) -> None:
+        """Expired rows, then the oldest until under the byte cap (lock held)."""
+        gone = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM states WHERE expires <= ?",
+                                (self._clock(),)).fetchone()[0]
+        if gone:
+            self._db.execute("DELETE FROM states WHERE expires <= ?", (self._clock(),))
+            self._bytes -= int(gone)
+        while self._bytes > self.max_bytes:
+            row = self._db.execute("SELECT rowid, size FROM states ORDER BY rowid LIMIT 1"
+                                   ).fetchone()
+            if row is None:
+                self._bytes = 0
+                break
+            self._db.execute("DELETE FROM states WHERE rowid=?", (row[0],))
+            self._bytes -= int(row[1])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 class StateStore:
-    """(caller hotkey, request_id) -> raw float32 states x_1..x_N of that answer."""
+    """(caller hotkey, request_id) -> raw float32 states x_1..x_N of that answer; in memory,
+    and on disk too when given a `path`."""
 
     def __init__(self, max_bytes: int = 512 * 1024 * 1024, ttl: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, path: Path | None = None):
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
         self._kept: OrderedDict[tuple[str, str], _Kept] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.disk = DiskStates(path, max_bytes, ttl) if path is not None else None
 
     @property
     def bytes_held(self) -> int:
@@ -47,6 +153,8 @@ class StateStore:
         kept = _Kept(self._clock() + self.ttl, tuple(state_bytes(s) for s in states))
         if kept.size > self.max_bytes:
             return  # larger than the whole budget: nothing to keep (the fetch says so)
+        if self.disk is not None:  # before the answer leaves: it survives a restart
+            self.disk.put(hotkey, request_id, kept.states)
         with self._lock:
             key = (hotkey, request_id)
             old = self._kept.pop(key, None)
@@ -61,7 +169,13 @@ class StateStore:
         with self._lock:
             self._evict()
             kept = self._kept.get((hotkey, request_id))
-            return kept.states if kept is not None else None
+        if kept is not None:
+            return kept.states
+        return self.disk.get(hotkey, request_id) if self.disk is not None else None
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
 
     def _evict(self) -> None:
         now = self._clock()

@@ -1,0 +1,55 @@
+"""The miner's on-disk states store: what a restarted miner can still serve, and its caps."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+
+from niche.errors import ConfigError
+from niche.miner.state_store import DiskStates, StateStore
+
+
+def _states(seed: int, n: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((1, 4, 8, 8), generator=gen) for _ in range(n)]
+
+
+def test_states_survive_a_new_store_on_the_same_file(tmp_path):
+    path = tmp_path / "states.sqlite"
+    first = StateStore(path=path)
+    first.put("hk", "r1", _states(1))
+    kept = first.get("hk", "r1")
+    assert kept is not None and len(kept) == 3
+    # no close(): a SIGKILLed process never gets to close its connection
+    again = StateStore(path=path)  # the restarted miner: nothing in memory
+    assert len(again) == 0
+    assert again.get("hk", "r1") == kept  # same bytes, state by state
+    assert again.get("other", "r1") is None  # only the caller that asked
+    assert again.get("hk", "r2") is None
+
+
+def test_disk_ttl_and_byte_cap(tmp_path):
+    now = [1000.0]
+    one = 3 * 1024  # bytes of one answer below
+    disk = DiskStates(tmp_path / "s.sqlite", max_bytes=2 * one, ttl=60, clock=lambda: now[0])
+    blobs = [bytes([i]) * 256 * 4 for i in range(3)]
+    disk.put("hk", "r1", blobs)
+    disk.put("hk", "r2", blobs)
+    assert disk.bytes_held == 2 * one
+    disk.put("hk", "r3", blobs)  # over the cap: the oldest goes
+    assert disk.get("hk", "r1") is None and disk.get("hk", "r3") == tuple(blobs)
+    assert disk.bytes_held == 2 * one
+    now[0] += 61  # past the ttl: gone, and pruned from the file on the next write
+    assert disk.get("hk", "r3") is None
+    disk.put("hk", "r4", blobs[:1])
+    rows = sqlite3.connect(tmp_path / "s.sqlite").execute("SELECT request_id FROM states")
+    assert [r[0] for r in rows] == ["r4"]
+    assert disk.bytes_held == len(blobs[0])
+
+
+def test_an_unwritable_path_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="--states.path"):
+        StateStore(path=blocker / "states.sqlite")
