@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from pathlib import Path
 
 DEFAULT_PORT = 8091
+DEFAULT_STATES = "~/.niche/miner/<network>/netuid<N>/<hotkey>/states.sqlite"
 
 
 def add_miner_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,19 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                      help="requests waiting for the GPU before 503 (default 16)")
     lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
                      default=60.0, help="seconds between metagraph refreshes (default 60)")
+    st = parser.add_argument_group("states (kept for the validators' audits)")
+    st.add_argument("--states.path", dest="states_path", type=Path, default=None,
+                    metavar="FILE", help="SQLite file that keeps recent answers' sampler "
+                    "states, so a restart between an answer and its audit loses none "
+                    f"(default {DEFAULT_STATES})")
+    st.add_argument("--states.memory_only", dest="states_memory_only", action="store_true",
+                    help="keep states in memory only (a restart loses them: the validator "
+                         "counts those audits as unavailable, which earns nothing)")
+    st.add_argument("--states.max_mb", dest="states_max_mb", type=float, default=512.0,
+                    help="MiB of states kept, in memory and on disk each; oldest go first "
+                         "(default 512)")
+    st.add_argument("--states.ttl", dest="states_ttl", type=float, default=600.0,
+                    help="seconds an answer's states stay fetchable (default 600)")
     parser.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",
                         action="store_true",
                         help="keep serving after the hotkey lost its uid (default: stop with "
@@ -102,6 +117,8 @@ def config_from_args(args: argparse.Namespace):
         raise ConfigError("--queue.max_size must be >= 0")
     if args.requests_per_minute < 0:
         raise ConfigError("--limits.requests_per_minute must be >= 0")
+    if args.states_max_mb <= 0 or args.states_ttl <= 0:
+        raise ConfigError("--states.max_mb and --states.ttl must be > 0")
     if args.localnet_cheat is not None:
         from niche.devnet.localnet.cheat_names import CHEATS
 
@@ -117,7 +134,21 @@ def config_from_args(args: argparse.Namespace):
         stake_proportional_rate=args.stake_proportional,
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
         keep_running_when_deregistered=args.keep_running_deregistered,
+        states_max_bytes=int(args.states_max_mb * 1024 * 1024), states_ttl=args.states_ttl,
     )
+
+
+def states_path_from_args(args: argparse.Namespace, hotkey: str) -> Path | None:
+    """Where the answers' states are kept on disk (None: --states.memory_only)."""
+    if args.states_memory_only:
+        return None
+    if args.states_path is not None:
+        return Path(args.states_path).expanduser()
+    import re
+
+    network = re.sub(r"[^A-Za-z0-9._-]+", "_", args.subtensor_network).strip("_") or "network"
+    return Path("~/.niche/miner").expanduser() / network / f"netuid{int(args.netuid)}" / \
+        hotkey / "states.sqlite"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +165,11 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     wallet = wallet_from_args(args)
+    config.states_path = states_path_from_args(args, wallet.hotkey.ss58_address)
+    if config.states_path is not None:  # an unwritable file: one line now, not after loading
+        from niche.miner.state_store import DiskStates
+
+        DiskStates(config.states_path, config.states_max_bytes, config.states_ttl).close()
     chain = chain_from_args(args)
     from niche.miner.service import MinerService
 

@@ -1,0 +1,118 @@
+"""A miner restarted between its answer and the validator's audit (a `pm2 restart`, an
+upgrade, a crash) is not taken for a cheat: its states are on disk, the restarted process
+serves them, the audit passes and nothing excludes it.
+
+Real processes and wire: `niche miner --tiny` on a LocalChain file (SIGKILLed, then started
+again on the same port), the validator in this process with its real signed client, step
+check and scoring. The restart happens inside the validator's states fetch, the one moment
+between an answer and its audit."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from niche.chain.local import LocalChain
+from niche.chain.wallets import create_wallet
+from niche.validator.client import MinerClient
+from niche.validator.service import Validator, ValidatorConfig
+from niche.validator.state import ValidatorState
+
+NETUID = 1
+NICHE = str(Path(sys.executable).with_name("niche"))
+
+
+class MinerProcess:
+    """`niche miner` serving the tiny FLUX, states kept in `states`."""
+
+    def __init__(self, root: Path, port: int, states: Path):
+        self.root, self.port, self.states = root, port, states
+        self.log = root / "miner.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [NICHE, "miner", "--netuid", str(NETUID), "--subtensor.network", "localnet",
+                "--localnet.path", str(self.root / "chain.db"), "--wallet.name", "miner",
+                "--wallet.hotkey", "hot", "--wallet.path", str(self.root / "wallets"),
+                "--axon.ip", "127.0.0.1", "--axon.port", str(self.port), "--tiny",
+                "--model", "flux-schnell", "--device", "cpu", "--dtype", "float32", "--states.path",
+                str(self.states), "--metagraph.refresh", "3600"]
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"miner exited {self.proc.returncode}:\n"
+                                     f"{self.log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"miner not up in 120 s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+class RestartingClient(MinerClient):
+    """The validator's client; its first states fetch is preceded by a SIGKILL and a
+    restart of the miner (the test's only hook: everything else is the real path)."""
+
+    def __init__(self, wallet, miner: MinerProcess):
+        super().__init__(wallet)
+        self.miner, self.restarts = miner, 0
+
+    async def fetch_states(self, *args, **kwargs):
+        if self.restarts == 0:
+            self.restarts += 1
+            self.miner.kill()
+            await asyncio.to_thread(self.miner.start)
+        return await super().fetch_states(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine):
+    wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(NETUID, max_validators=4)
+    chain.register(NETUID, wallets["validator"], stake=100.0)
+    uid = chain.register(NETUID, wallets["miner"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    miner = MinerProcess(tmp_path, port, tmp_path / "miner-states.sqlite")
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
+                             state_path=tmp_path / "state.db", audit_fraction=1.0,
+                             epoch_length=1000, round_interval=0, info_timeout=5.0)
+    state = ValidatorState(config.state_path)
+    client = RestartingClient(wallets["validator"], miner)
+    validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
+    try:
+        miner.start()
+        report = asyncio.run(validator.run_round())
+    finally:
+        miner.kill()
+        state.close()
+        chain.close()
+    outcome = {o.uid: o for o in report.outcomes}[uid]
+    table = validator.format_report(report)
+    assert client.restarts == 1
+    assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    assert report.rewards[uid] > 0 and validator.book.scores()[uid] > 0, table
+    assert not validator.book.is_excluded(wallets["miner"].hotkey.ss58_address, 1)
+    log = miner.log.read_text()
+    assert log.count("listening on 127.0.0.1") == 2  # it was really restarted
+    assert "states caller=" in log and "status=200" in log.split("listening on")[-1], log
