@@ -8,7 +8,10 @@ decode itself under Pillow's decompression-bomb guard turned into an error. Any 
 
 Encoding is lossless and byte-for-byte deterministic (a fresh image with no metadata, fixed
 encoder settings), so the sha256 of an answer identifies its pixels and cannot be altered by
-EXIF/ICC/text chunks.
+EXIF/ICC/text chunks. PNG is written by fpng (a PNG writer 20-40x faster than zlib at
+1024x1024: bench/codecs.py, docs/models.md) and read by Pillow; without fpng installed, by
+Pillow at zlib level 1. Either is a plain PNG any decoder reads, so the gateway hands an
+answer's bytes to users as they were signed.
 """
 from __future__ import annotations
 
@@ -26,10 +29,21 @@ from niche.errors import InvalidRequest
 from niche.protocol import MAX_IMAGE_B64_CHARS
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")
+ANSWER_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
+"""What a validator accepts as an answer image: lossless formats only (a JPEG answer would
+not be the pixels the model made)."""
 PNG_COMPRESS_LEVEL = 1
-"""zlib level of answers: at 1024x1024 level 1 encodes 3-4x faster than level 6 for ~15 %
-more bytes (bench/overhead.py, docs/models.md): latency is what the subnet pays for."""
+"""zlib level of PNGs when fpng is not installed: at 1024x1024 level 1 encodes 3-4x faster
+than level 6 for ~15 % more bytes (bench/codecs.py): latency is what the subnet pays for."""
 ENCODE_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OUTPUT_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")
+"""What `encode_as` writes for users (the gateway's output_format); answers are PNG."""
+
+try:  # fpng: a fast PNG writer (SSE4.1); optional so a platform without its wheel still runs
+    from fpng import fpng_ext as _fpng
+except ImportError:  # pragma: no cover - fpng is a dependency; this is the fallback
+    _fpng = None
 
 
 @dataclass(frozen=True)
@@ -58,19 +72,55 @@ def _clean_rgb(image: Image.Image) -> Image.Image:
     return Image.frombytes("RGB", rgb.size, rgb.tobytes())
 
 
+def _png(image: Image.Image) -> bytes:
+    """PNG of `image` as RGB: fpng when installed (it writes pixels and nothing else), else
+    Pillow at PNG_COMPRESS_LEVEL from a metadata-free copy."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    raw = rgb.tobytes()
+    width, height = rgb.size
+    if _fpng is not None and len(raw) == width * height * 3:  # fpng reads exactly this much
+        data = _fpng.encode_image_to_memory(raw, width, height, 3)
+        if data[:8] == PNG_SIGNATURE:
+            return data
+    buf = io.BytesIO()
+    Image.frombytes("RGB", rgb.size, raw).save(buf, format="PNG", optimize=False,
+                                               compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
 def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     """Lossless, deterministic bytes of `image` as RGB: PNG (default) or lossless WebP."""
     fmt = fmt.upper()
     if fmt not in ENCODE_FORMATS:
         raise InvalidRequest(f"cannot encode {fmt}; use one of {', '.join(ENCODE_FORMATS)}",
                              field="format")
-    clean = _clean_rgb(image)
-    buf = io.BytesIO()
     if fmt == "PNG":
-        clean.save(buf, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
-    else:
-        clean.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
+        return _png(image)
+    buf = io.BytesIO()
+    _clean_rgb(image).save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
     return buf.getvalue()
+
+
+def encode_as(image: Image.Image, fmt: str, *, quality: int = 90) -> bytes:
+    """`image` for a user in `fmt` (PNG, WEBP or JPEG; `quality` for the lossy JPEG/WebP):
+    what the gateway returns when a user asks for an output format."""
+    fmt = fmt.upper().replace("JPG", "JPEG")
+    if fmt not in OUTPUT_FORMATS:
+        raise InvalidRequest(f"cannot write {fmt}; use one of {', '.join(OUTPUT_FORMATS)}",
+                             field="output_format")
+    if fmt == "PNG":
+        return encode_image(image, "PNG")
+    buf = io.BytesIO()
+    _clean_rgb(image).save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+def to_png(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """PNG bytes of an encoded answer: a PNG as it is (the bytes the miner signed), anything
+    else decoded under `limits` and written as PNG."""
+    if data[:8] == PNG_SIGNATURE:
+        return data
+    return encode_image(bytes_to_image(data, limits=limits), "PNG")
 
 
 def to_b64(data: bytes) -> str:

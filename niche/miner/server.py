@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from niche import __version__
 from niche.auth import AuthFailure
@@ -45,6 +45,7 @@ from niche.protocol import (
     StatesResponse,
 )
 from niche.transport import BodyTooLarge, read_capped
+from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE
 
 log = logging.getLogger("niche.miner")
 
@@ -57,6 +58,15 @@ def _error(status: int, reason: str, detail: str = "", field: str | None = None
            ) -> JSONResponse:
     body = ErrorResponse(reason=reason, detail=detail, field=field)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+
+def wants_binary(accept: str, version: int) -> bool:
+    """A binary answer for a protocol-4+ request whose Accept names it; JSON otherwise (what
+    protocol 2-3 validators read)."""
+    if version < BINARY_SINCE:
+        return False
+    return any(part.split(";")[0].strip().lower() == ANSWER_MEDIA_TYPE
+               for part in accept.split(","))
 
 
 def _request_target(request: Request) -> str:
@@ -93,7 +103,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                        (400, 401, 403, 408, 413, 422, 429, 500, 503)}
 
     @app.post(
-        GENERATE_PATH, response_model=GenerateResponse, responses=error_responses,
+        GENERATE_PATH, response_model=GenerateResponse,
+        responses={**error_responses, 200: {"content": {ANSWER_MEDIA_TYPE: {}}, "description":
+                   "protocol 4+ with Accept: " + ANSWER_MEDIA_TYPE + ": a binary answer "
+                   "(niche/wire.py); otherwise GenerateResponse as JSON"}},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
     )
@@ -130,7 +143,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             parsed = await asyncio.to_thread(service.parse, body)  # up to ~24 MB of JSON
             answer = await service.generate(parsed, neuron, caller_key)
             status, reason = 200, "ok"
-            return JSONResponse(answer.model_dump(mode="json"))
+            if wants_binary(request.headers.get("accept", ""), parsed.protocol_version):
+                return Response(answer.binary_body(), media_type=ANSWER_MEDIA_TYPE)
+            body = await asyncio.to_thread(answer.json_body)  # base64 of up to ~18 MB
+            return Response(body, media_type="application/json")
         except (Refusal, AuthFailure) as exc:
             status, reason = exc.status, exc.reason
             if exc.status >= 500:

@@ -35,7 +35,7 @@ from niche.chain.base import Chain, ChainError, Metagraph, Neuron
 from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import EngineUnavailable, InvalidRequest
-from niche.imaging import ImageLimits, decode_image, encode_b64
+from niche.imaging import ImageLimits, decode_image, encode_image, image_sha256, to_b64
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
@@ -57,6 +57,7 @@ from niche.protocol import (
 )
 from niche.runtime import runtime_info
 from niche.states import commit
+from niche.wire import pack_answer
 
 if TYPE_CHECKING:
     from bittensor import Wallet
@@ -115,6 +116,25 @@ class MinerConfig:
     keep_running_when_deregistered: bool = False
     """Keep serving (with /healthz not ok) after the hotkey lost its uid, instead of
     stopping with DEREGISTERED_EXIT_CODE."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A signed answer before it is put on the wire: the response with an empty `image`, and
+    the image bytes its signature covers."""
+
+    response: GenerateResponse
+    image: bytes
+    image_format: str = "png"
+
+    def json_body(self) -> bytes:
+        """Protocol 2-3 (or a client that did not ask for binary): base64 inside JSON."""
+        return self.response.model_copy(update={"image": to_b64(self.image)}).model_dump_json(
+            ).encode()
+
+    def binary_body(self) -> bytes:
+        """Protocol 4+: the header, then the image bytes as they are (niche/wire.py)."""
+        return pack_answer(self.response, self.image, self.image_format)
 
 
 class MinerService:
@@ -337,23 +357,24 @@ class MinerService:
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
               caller: str, version: int, deadline: float | None = None
-              ) -> tuple[float, str, str, StatesCommitment, str]:
+              ) -> tuple[float, bytes, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
         started = time.perf_counter()
         left = None if deadline is None else deadline - self.clock()
         with request_deadline(left) if left is not None else contextlib.nullcontext():
             result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
-        b64, digest = encode_b64(result, "PNG")
+        data = encode_image(result, "PNG")
+        digest = image_sha256(data)
         commitment = commit(states, self.engine.compute_dtype(params.model),
                             kernels=declared_kernels(self.engine, params.model, version))
         self.states.put(caller, request_id, states)
         signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
                                   version=version)
-        return seconds, b64, digest, commitment, signature
+        return seconds, data, digest, commitment, signature
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
-                       caller: str) -> GenerateResponse:
+                       caller: str) -> Answer:
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0
         deadline = self.clock() + request.timeout
@@ -372,7 +393,7 @@ class MinerService:
 
         future.add_done_callback(_finished)
         try:
-            seconds, b64, digest, commitment, signature = await asyncio.shield(future)
+            seconds, data, digest, commitment, signature = await asyncio.shield(future)
         except EngineUnavailable as exc:
             log.warning("request %s refused: %s", request.request_id, exc)
             raise Refusal(503, "replicas_unavailable", str(exc)) from None
@@ -385,12 +406,12 @@ class MinerService:
             log.exception("generation failed for %s", request.request_id)
             raise Refusal(500, "generation_failed", type(exc).__name__) from None
         self.metrics.generation_seconds.labels(params.model).observe(seconds)
-        return GenerateResponse(
+        return Answer(GenerateResponse(
             protocol_version=request.protocol_version, request_id=request.request_id,
-            model=params.model, image=b64, image_sha256=digest,
+            model=params.model, image="", image_sha256=digest,
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
-            miner_version=__version__, states=commitment)
+            miner_version=__version__, states=commitment), data)
 
     def _memory_mode(self, model: str) -> str:
         mode = getattr(self.engine, "memory_mode", None)
