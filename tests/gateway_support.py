@@ -70,6 +70,32 @@ def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                               base_url=server.url + "/v1")
 
 
+@contextlib.contextmanager
+def shared_subnet(tmp_path_factory, tiny_engine, tiny_root) -> Iterator[SimpleNamespace]:
+    """Two FLUX.1-schnell miners, one Kolors miner (every pipeline), a gateway offering
+    flux-schnell, kolors and flux-dev (no miner: the 503 case) with one allowed CORS origin,
+    and an official openai client (`client`) on its key."""
+    import openai
+
+    net = make_chain(tmp_path_factory.mktemp("gwnet"), miners=3)
+    engines = {"miner1": Only(tiny_engine, "flux-schnell"),
+               "miner2": Only(tiny_engine, "flux-schnell"),
+               "miner3": Only(tiny_engine, "kolors")}
+    config = GatewayConfig(audit_fraction=1.0, cors_origins=(CORS_ORIGIN,))
+    try:
+        with running_miners(net, engines) as miners, running_gateway(
+                net, tiny_root, models=("flux-schnell", "kolors", "flux-dev"),
+                config=config) as gw:
+            gw.miners, gw.net = miners, net
+            gw.client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
+            yield gw
+    finally:
+        net.chain.close()
+
+
+CORS_ORIGIN = "http://app.example"
+
+
 class Only:
     """The given engine, advertising (and so being routed) only `model`."""
 

@@ -10,7 +10,7 @@ import json
 import httpx
 import openai
 import pytest
-from gateway_support import Only, make_chain, running_gateway, running_miners
+from gateway_support import shared_subnet
 from PIL import Image
 
 from niche.imaging import encode_b64, encode_image
@@ -19,14 +19,10 @@ from niche.protocol import GenerationParams
 
 @pytest.fixture(scope="module")
 def subnet(tmp_path_factory, tiny_engine, tiny_root):
-    net = make_chain(tmp_path_factory.mktemp("gwnet"), miners=2)
-    engines = {"miner1": Only(tiny_engine, "flux-schnell"),
-               "miner2": Only(tiny_engine, "flux-schnell")}
-    with running_miners(net, engines) as miners, running_gateway(net, tiny_root) as gw:
-        gw.miners, gw.net = miners, net
-        gw.client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
+    """Two FLUX.1-schnell miners and one Kolors miner; flux-dev is offered, served by none.
+    Shared by this module and tests/test_gateway_images.py's fixture of the same subnet."""
+    with shared_subnet(tmp_path_factory, tiny_engine, tiny_root) as gw:
         yield gw
-    net.chain.close()
 
 
 def _png(b64: str) -> Image.Image:
@@ -84,8 +80,8 @@ def test_url_answers_are_served_then_expire(subnet):
 
 def test_models_lists_what_miners_serve_now(subnet):
     models = subnet.client.models.list()
-    assert [m.id for m in models.data] == ["flux-schnell"]  # kolors: no miner serves it
-    assert models.data[0].miners == 2
+    assert [m.id for m in models.data] == ["flux-schnell", "kolors"]  # flux-dev: no miner
+    assert [m.miners for m in models.data] == [2, 1]
 
 
 def test_bad_keys_are_401_in_openai_shape(subnet):
@@ -109,6 +105,18 @@ def test_bad_keys_are_401_in_openai_shape(subnet):
     ({"model": "flux-schnell", "prompt": "x", "size": "99999x99999"}, "size", "out of range"),
     ({"model": "flux-schnell", "prompt": "x", "size": "abc"}, "size", "WIDTHxHEIGHT"),
     ({"model": "flux-schnell", "prompt": "x", "size": "72x64"}, "size", "steps of 16"),
+    ({"model": "flux-schnell", "prompt": "x", "size": "65x64"}, "size",
+     "65 is not a multiple of 16; each side must be a multiple of 16 within [32, 128]"),
+    ({"model": "flux-schnell", "prompt": "x", "size": "64x16"}, "size",
+     "out of range: each side must be a multiple of 16 within [32, 128]"),
+    ({"model": "flux-schnell", "prompt": "x", "output_format": "gif"}, "output_format",
+     "'png', 'webp' or 'jpeg'"),
+    ({"model": "flux-schnell", "prompt": "x", "output_compression": 50}, "output_compression",
+     "webp or jpeg"),
+    ({"model": "flux-schnell", "prompt": "x", "stream": True, "partial_images": 2},
+     "partial_images", "only finished images"),
+    ({"model": "flux-schnell", "prompt": "x", "background": "transparent"}, "background",
+     "'auto' or 'opaque'"),
     ({"model": "dall-e-3", "prompt": "x"}, "model", "unknown model"),
     ({"prompt": "x"}, "model", "required"),
     ({"model": "flux-schnell", "prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
@@ -169,7 +177,7 @@ def test_bodies_that_are_not_requests(subnet):
 
 def test_no_miner_for_a_model_is_503(subnet):
     with pytest.raises(openai.InternalServerError) as caught:
-        subnet.client.images.generate(model="kolors", prompt="a cat")
+        subnet.client.images.generate(model="flux-dev", prompt="a cat")
     assert caught.value.status_code == 503
     assert caught.value.body["code"] == "no_miner_available"
 
@@ -191,35 +199,40 @@ def test_rate_limit_and_daily_quota_are_429(subnet):
     assert subnet.gateway.keys.used_today(key.id) == 2
     # a refused request is not charged; a failed one is given back
     with pytest.raises(openai.InternalServerError):
-        small.images.generate(model="kolors", prompt="none")
+        small.images.generate(model="flux-dev", prompt="none")
     assert subnet.gateway.keys.used_today(key.id) == 2
 
 
-def test_metrics_and_playground(subnet):
+def test_metrics_are_on_their_own_port_not_the_api(subnet):
+    from niche.metrics_server import start_metrics_server
+
     subnet.client.images.generate(model="flux-schnell", prompt="counted")
-    text = httpx.get(subnet.url + "/metrics").text
+    public = httpx.get(subnet.url + "/metrics")
+    assert public.status_code == 404  # the API port is public; metrics are not
+    server = start_metrics_server(subnet.gateway.metrics.registry, 0)
+    try:
+        text = httpx.get(server.url).text
+    finally:
+        server.close()
     assert 'niche_gateway_requests_total{model="flux-schnell",status="200"}' in text
     assert 'niche_gateway_request_seconds_count{model="flux-schnell"}' in text
     assert 'niche_gateway_miners{model="flux-schnell"} 2.0' in text
     assert "niche_gateway_audits_queued_total" in text
     page = httpx.get(subnet.url + "/")
     assert page.status_code == 200 and 'id="generate"' in page.text
-    assert json.loads(httpx.get(subnet.url + "/healthz").text)["miners"] == {"flux-schnell": 2}
-    missing = httpx.get(subnet.url + "/v1/images/edits")
+    assert json.loads(httpx.get(subnet.url + "/healthz").text)["miners"] == {
+        "flux-schnell": 2, "kolors": 1}
+    missing = httpx.get(subnet.url + "/v1/images/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == \
         "invalid_request_error"
 
 
-def test_conditioning_image_reaches_a_kolors_miner(tmp_path, tiny_engine, tiny_root):
-    net = make_chain(tmp_path, miners=1)
+def test_conditioning_image_reaches_a_kolors_miner(subnet):
     cond = Image.new("RGB", (64, 64))
     cond.paste((255, 255, 255), (16, 16, 48, 48))
     image, _ = encode_b64(cond)
-    with running_miners(net, {"miner1": Only(tiny_engine, "kolors")}), \
-            running_gateway(net, tiny_root) as gw:
-        client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
-        answer = client.images.generate(model="kolors", prompt="a square", size="64x64",
-                                        extra_body={"pipeline": "controlnet-canny",
-                                                    "image": image, "seed": 3})
+    answer = subnet.client.images.generate(model="kolors", prompt="a square", size="64x64",
+                                           extra_body={"pipeline": "controlnet-canny",
+                                                       "image": image, "seed": 3})
     assert _png(answer.data[0].b64_json).size == (64, 64)
-    net.chain.close()
+    assert answer.data[0].pipeline == "controlnet-canny"

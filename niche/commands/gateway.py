@@ -52,7 +52,15 @@ def register(subparsers) -> None:
                    help="models offered (default flux-schnell kolors)")
     g.add_argument("--model-path", type=Path, default=None,
                    help="checkpoint folder whose per-model limits apply (as on the miners)")
-    g.add_argument("--logging.debug", dest="debug", action="store_true")
+    g.add_argument("--gateway.cors_origins", dest="cors_origins", nargs="+", default=[],
+                   metavar="ORIGIN",
+                   help="browser origins allowed to call the API, e.g. https://app.example "
+                        "(CORS; default: none, only same-origin pages such as the playground)")
+    from niche.commands.logging_args import add_logging_args
+    from niche.commands.metrics_args import add_metrics_args
+
+    add_metrics_args(serve)
+    add_logging_args(serve)
     serve.set_defaults(func=run_serve)
 
     keys = sub.add_parser("keys", help="manage API keys")
@@ -77,7 +85,18 @@ def register(subparsers) -> None:
 
 def _db_arg(group) -> None:
     group.add_argument("--gateway.db", dest="db", default=DEFAULT_DB,
-                       help=f"keys, usage and url answers (default {DEFAULT_DB})")
+                       help=f"keys, usage and url answers (default {DEFAULT_DB}; `niche "
+                            "localnet` uses WORKDIR/gateway/gateway.sqlite and prints it)")
+
+
+def localnet_keys_line(serve_args: list[str]) -> str:
+    """Where a `gateway serve` command line keeps its keys, and the command that adds one
+    there: `niche localnet` prints it (a key made in the default --gateway.db would get 401
+    from the localnet gateway)."""
+    db = serve_args[serve_args.index("--gateway.db") + 1] if "--gateway.db" in serve_args \
+        else DEFAULT_DB
+    return (f"gateway keys: {db}; another key: niche gateway keys create --name NAME "
+            f"--gateway.db {db}")
 
 
 def _keys(args: argparse.Namespace):
@@ -88,17 +107,21 @@ def _keys(args: argparse.Namespace):
 
 
 def run_keys_create(args: argparse.Namespace) -> int:
-    secret, key = _keys(args).create(args.name, args.per_minute, args.per_day)
+    store = _keys(args)
+    secret, key = store.create(args.name, args.per_minute, args.per_day)
+    db = str(store.db.path)
     if args.json:
-        print(json.dumps({"id": key.id, "name": key.name, "key": secret}))
+        print(json.dumps({"id": key.id, "name": key.name, "key": secret, "db": db}))
     else:
         print(f"created key {key.id} for {key.name} ({key.per_minute}/min, {key.per_day} "
-              f"images/day); it is shown only now:\n{secret}")
+              f"images/day) in {db}; only a gateway serving that file accepts it (`niche "
+              f"gateway serve ... --gateway.db {db}`); it is shown only now:\n{secret}")
     return 0
 
 
 def run_keys_list(args: argparse.Namespace) -> int:
     store = _keys(args)
+    print(f"keys in {store.db.path}")
     print(f"{'id':<9} {'name':<20} {'created (UTC)':<20} {'state':<8} {'per min':>7} "
           f"{'per day':>7} {'today':>6}")
     for key in store.list():
@@ -139,17 +162,24 @@ def _serve(args: argparse.Namespace) -> int:
 
     from niche.chain.base import ChainError
     from niche.commands.chain_args import chain_from_args, wallet_from_args
+    from niche.commands.logging_args import setup_logging_from_args
+    from niche.commands.metrics_args import metrics_server_from_args
     from niche.errors import ConfigError
     from niche.gateway.app import create_app
     from niche.gateway.service import GatewayConfig, build_gateway
-    from niche.logging_setup import setup_logging
     from niche.miner.server import bind_socket, stop_on_signals, uvicorn_server
 
-    setup_logging(args.debug)
+    setup_logging_from_args(args, "niche-gateway")
+    log = logging.getLogger("niche.gateway")
     if args.netuid is None:
         raise ConfigError("--netuid is required")
+    for origin in args.cors_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"--gateway.cors_origins: {origin!r} is not an origin like "
+                              "https://app.example")
     config = GatewayConfig(deadline=args.deadline, audit_fraction=args.audit_fraction,
-                           refresh_interval=args.refresh_interval, public_url=args.public_url)
+                           refresh_interval=args.refresh_interval, public_url=args.public_url,
+                           cors_origins=tuple(args.cors_origins))
     wallet = wallet_from_args(args)
     chain = chain_from_args(args)
     try:
@@ -161,14 +191,21 @@ def _serve(args: argparse.Namespace) -> int:
             validator_state=_validator_state(args, chain.network, wallet.hotkey.ss58_address),
             model_root=args.model_path, config=config, hedge_after=args.hedge_after)
         sock = bind_socket(args.ip, args.port)
+        metrics = None
         try:
+            metrics = metrics_server_from_args(args, gateway.metrics.registry)
             server = uvicorn_server(create_app(gateway))
-            logging.getLogger("niche.gateway").info(
-                "gateway listening on http://%s:%d (signing as %s)", args.ip,
-                sock.getsockname()[1], wallet.hotkey.ss58_address)
+            log.info("gateway listening on http://%s:%d (signing as %s); keys and usage in "
+                     "%s (add a key: niche gateway keys create --name NAME --gateway.db %s)",
+                     args.ip, sock.getsockname()[1], wallet.hotkey.ss58_address,
+                     gateway.keys.db.path, gateway.keys.db.path)
+            if args.cors_origins:
+                log.info("CORS: browsers may call the API from %s", ", ".join(args.cors_origins))
             with stop_on_signals(server):
                 server.run(sockets=[sock])
         finally:
+            if metrics is not None:
+                metrics.close()
             sock.close()
     finally:
         chain.close()

@@ -1,37 +1,56 @@
-"""The gateway's HTTP face: the OpenAI Images API, the models list, url answers, the
-playground page, health and Prometheus metrics."""
+"""The gateway's HTTP face: the OpenAI Images API (generations, edits, variations, streamed
+or not), the models, url answers, the playground page and health. Prometheus metrics are
+not here: `niche gateway serve --metrics.port` serves them on a local port."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from niche.gateway.access_log import AccessLog
 from niche.gateway.errors import (
     GatewayError,
     bad_request,
     gateway_error_handler,
     http_error_handler,
 )
+from niche.gateway.forms import form_fields, one_image, parse_form
 from niche.gateway.keys import ApiKey
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
-from niche.gateway.service import Gateway
+from niche.gateway.service import Gateway, Job
+from niche.protocol import PipelineKind
 from niche.transport import BodyTooLarge, read_capped
 
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
+VARIATION_PROMPT = "a variation of the image"
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
 def api_key(request: Request) -> ApiKey:
     """The caller's key (a dependency: a 401 before the body is read)."""
-    return request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
+    key = request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
+    request.state.key_id = key.id
+    return key
+
+
+def optional_key(request: Request) -> ApiKey | None:
+    """The models are public; a key, when sent, must be valid (and gets its quota headers)."""
+    if not request.headers.get("authorization"):
+        return None
+    return api_key(request)
 
 
 Key = Annotated[ApiKey, Depends(api_key)]
+MaybeKey = Annotated["ApiKey | None", Depends(optional_key)]
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -47,41 +66,111 @@ def create_app(gateway: Gateway) -> FastAPI:
                   openapi_url=None)
     app.add_exception_handler(GatewayError, gateway_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    if gateway.config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["x-niche-seeds", "x-niche-miners", "Retry-After",
+                                           *EXPOSED_QUOTA_HEADERS], max_age=600)
+    app.add_middleware(AccessLog)
     app.state.gateway = gateway
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request, key: Key) -> JSONResponse:
+    async def images(request: Request, key: ApiKey, fields: dict, event: str) -> Response:
         model = "-"
         try:
-            body = await _body(request, gateway.config.max_body_bytes)
-            images = _parse(body)
-            model = images.model if images.model in gateway.catalog.specs else "-"
-            answer, headers = await gateway.generate(key, images, str(request.base_url))
+            body = _parse(fields)
+            model = body.model if body.model in gateway.catalog.specs else "-"
+            if body.stream:
+                job = await gateway.prepare(key, body)
+                if body.response_format == "url":
+                    gateway.keys.refund(key, body.n)
+                    raise bad_request("response_format: a stream sends b64_json images; "
+                                      "drop response_format=url", "response_format")
+                gateway.metrics.requests.labels(model, "200").inc()
+                return StreamingResponse(
+                    _stream(gateway, job, event, str(request.base_url), request),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                             "x-niche-seeds": ",".join(str(s) for s in job.seeds),
+                             **job.quota.headers()})
+            answer, headers = await gateway.generate(key, body, str(request.base_url))
         except GatewayError as exc:
             gateway.metrics.requests.labels(model, str(exc.status)).inc()
             raise
+        request.state.miners = headers.get("x-niche-miners", "-")
         gateway.metrics.requests.labels(model, "200").inc()
         return JSONResponse(answer.model_dump(exclude_none=True), headers=headers)
 
+    @app.post("/v1/images/generations")
+    async def generations(request: Request, key: Key) -> Response:
+        raw = await _body(request, gateway.config.max_body_bytes)
+        try:
+            fields = json.loads(raw)
+        except (ValueError, RecursionError):
+            fields = None
+        if not isinstance(fields, dict):
+            raise bad_request("the body must be a JSON object with at least 'model' and "
+                              "'prompt' (OpenAI images API)", code="invalid_body")
+        return await images(request, key, fields, "image_generation")
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request, key: Key) -> Response:
+        """An image and a prompt: the image guides a new one through the pipeline that
+        `pipeline` names (default controlnet-canny; `input_fidelity: low` means ip-adapter)."""
+        form = parse_form(request.headers.get("content-type"),
+                          await _body(request, gateway.config.max_body_bytes))
+        fields = form_fields(form)
+        fields["image"] = one_image(form)
+        if "pipeline" not in fields:
+            fields["pipeline"] = (PipelineKind.IP_ADAPTER.value
+                                  if fields.get("input_fidelity") == "low"
+                                  else PipelineKind.CONTROLNET_CANNY.value)
+        return await images(request, key, fields, "image_edit")
+
+    @app.post("/v1/images/variations")
+    async def variations(request: Request, key: Key) -> Response:
+        """Images like the uploaded one: IP-Adapter, with an optional `prompt`."""
+        form = parse_form(request.headers.get("content-type"),
+                          await _body(request, gateway.config.max_body_bytes))
+        fields = form_fields(form)
+        fields["image"] = one_image(form)
+        fields.setdefault("pipeline", PipelineKind.IP_ADAPTER.value)
+        fields.setdefault("prompt", VARIATION_PROMPT)
+        return await images(request, key, fields, "image_edit")
+
+    def card(name: str) -> ModelCard:
+        spec = gateway.catalog.specs[name]
+        return ModelCard(id=name, created=0, miners=gateway.directory.counts().get(name, 0),
+                         sizes=gateway.catalog.sizes_text(spec),
+                         pipelines=[p.value for p in spec.pipelines])
+
+    def quota_headers(key: ApiKey | None) -> dict[str, str]:
+        return gateway.keys.quota(key).headers() if key is not None else {}
+
     @app.get("/v1/models")
-    async def models(key: Key) -> ModelList:
+    async def models(key: MaybeKey) -> JSONResponse:
         counts = gateway.directory.counts()
-        return ModelList(data=[ModelCard(
-            id=name, created=0, miners=counts.get(name, 0),
-            sizes=gateway.catalog.sizes_text(spec),
-            pipelines=[p.value for p in spec.pipelines])
-            for name, spec in sorted(gateway.catalog.specs.items()) if counts.get(name)])
+        listing = ModelList(data=[card(name) for name in sorted(gateway.catalog.specs)
+                                  if counts.get(name)])
+        return JSONResponse(listing.model_dump(), headers=quota_headers(key))
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, key: MaybeKey) -> JSONResponse:
+        if name not in gateway.catalog.specs:
+            raise GatewayError(404, f"unknown model '{name[:64]}'; this gateway serves: "
+                                    f"{', '.join(sorted(gateway.catalog.specs))}",
+                               param="model", code="model_not_found")
+        return JSONResponse(card(name).model_dump(), headers=quota_headers(key))
 
     @app.get("/v1/files/{name}")
     async def files(name: str) -> Response:
-        token = name.removesuffix(".png")
-        png = gateway.images.get(token) if len(token) <= 64 else None
-        if png is None:
+        token = name.rsplit(".", 1)[0]
+        data = gateway.images.get(token) if len(token) <= 64 else None
+        if data is None:
             raise GatewayError(404, "no such image (url answers expire after "
                                     f"{gateway.config.url_ttl / 60:.0f} minutes)",
                                code="not_found")
-        kind = "image/webp" if png[8:12] == b"WEBP" else "image/png"
-        return Response(png, media_type=kind)
+        return Response(data, media_type=_media_type(data))
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -95,12 +184,51 @@ def create_app(gateway: Gateway) -> FastAPI:
                 else round(time.monotonic() - refreshed, 1),
                 "last_error": gateway.directory.last_error}
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        gateway._update_gauges()
-        return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
-
     return app
+
+
+EXPOSED_QUOTA_HEADERS = [f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset")
+                         for unit in ("requests", "images")]
+
+
+def _media_type(data: bytes) -> str:
+    if data[8:12] == b"WEBP":
+        return MEDIA_TYPES["webp"]
+    if data[:3] == b"\xff\xd8\xff":
+        return MEDIA_TYPES["jpeg"]
+    return MEDIA_TYPES["png"]
+
+
+async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
+                  request: Request) -> AsyncIterator[bytes]:
+    """Server-sent events the openai client reads: one `<event>.completed` per image as it
+    arrives (with niche's fields), `: ...` comments as progress while miners work, and an
+    `error` event (the OpenAI error body) if an image fails; undelivered images are given
+    back to the quota, whatever ends the stream."""
+    n, sent, miners = len(job.params), 0, []
+    yield f": niche: {n} image{'s' if n != 1 else ''} asked of the miners\n\n".encode()
+    try:
+        async for got in gateway.deliver(job, heartbeat=gateway.config.stream_heartbeat):
+            if got is None:
+                yield f": waiting for miners, {sent} of {n} images done\n\n".encode()
+                continue
+            index, item = got
+            data = await gateway.image_data(item, job.request, base_url)
+            miners.append(str(data.miner_uid))
+            sent += 1
+            payload = {"type": f"{event}.completed", "b64_json": data.b64_json,
+                       "created_at": int(time.time()), "size": job.size, "quality": "auto",
+                       "background": "opaque", "output_format": job.request.output_format,
+                       "usage": job.usage(1).model_dump(), "index": index,
+                       **data.model_dump(exclude={"b64_json", "url", "revised_prompt"})}
+            yield f"event: {event}.completed\ndata: {json.dumps(payload)}\n\n".encode()
+        gateway.finished(job, sent)
+    except GatewayError as exc:
+        request.state.stream_error = exc.status
+        yield f"event: error\ndata: {json.dumps(exc.body())}\n\n".encode()
+    finally:
+        request.state.miners = ",".join(miners) or "-"
+        gateway.keys.refund(job.key, n - sent)
 
 
 async def _body(request: Request, cap: int) -> bytes:
@@ -111,14 +239,14 @@ async def _body(request: Request, cap: int) -> bytes:
                                 "smaller conditioning image", code="body_too_large") from None
 
 
-def _parse(body: bytes) -> ImagesRequest:
+def _parse(fields: dict) -> ImagesRequest:
     try:
-        return ImagesRequest.model_validate_json(body)
+        return ImagesRequest.model_validate(fields)
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
         loc = [str(p) for p in first.get("loc", ())]
-        if first.get("type") in ("json_invalid", "model_type") or not loc:
+        if first.get("type") == "model_type" or not loc:
             raise bad_request("the body must be a JSON object with at least 'model' and "
                               "'prompt' (OpenAI images API)", code="invalid_body") from None
         param = ".".join(loc)

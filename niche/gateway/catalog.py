@@ -63,9 +63,14 @@ class ModelCatalog:
             raise bad_request(f"size '{size}' is not WIDTHxHEIGHT; {advice}", "size")
         width, height = int(match.group(1)), int(match.group(2))
         lim = spec.limits
+        rule = (f"each side must be a multiple of {lim.size_multiple} within "
+                f"[{lim.min_size}, {lim.max_size}]")
         for value in (width, height):
-            if not lim.min_size <= value <= lim.max_size or value % lim.size_multiple:
-                raise bad_request(f"size {size} is out of range; {advice}", "size")
+            if not lim.min_size <= value <= lim.max_size:
+                raise bad_request(f"size {size} is out of range: {rule} ({advice})", "size")
+            if value % lim.size_multiple:
+                raise bad_request(f"size {size}: {value} is not a multiple of "
+                                  f"{lim.size_multiple}; {rule} ({advice})", "size")
         if lim.allowed_sizes and [width, height] not in [list(s) for s in lim.allowed_sizes]:
             raise bad_request(f"size {size} is not allowed; {advice}", "size")
         return width, height

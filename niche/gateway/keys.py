@@ -6,6 +6,7 @@ daily quota is counted in SQLite per UTC day, so it survives restarts."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import threading
 import time
@@ -35,6 +36,47 @@ def _hash(key: str) -> str:
 
 def _day(now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def _to_midnight(now: float) -> float:
+    """Seconds until the next 00:00 UTC, when daily quotas reset."""
+    return 86400.0 - now % 86400.0
+
+
+def _span(seconds: float) -> str:
+    """OpenAI's reset format: "6m0s", "1h2m3s", "0.5s"."""
+    if seconds < 60:
+        return f"{seconds:.3g}s" if seconds < 1 else f"{int(seconds)}s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    return (f"{hours}h" if hours else "") + f"{rest // 60}m{rest % 60}s"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Where a key stands: its request bucket and today's images, as `x-ratelimit-*`
+    headers (OpenAI's names for requests; `-images` for the daily quota)."""
+
+    per_minute: int
+    requests_left: int
+    requests_reset: float
+    """Seconds until the bucket is full again."""
+    per_day: int
+    used_today: int
+    images_reset: float
+    """Seconds until 00:00 UTC."""
+
+    @property
+    def images_left(self) -> int:
+        return max(0, self.per_day - self.used_today)
+
+    def headers(self) -> dict[str, str]:
+        return {"x-ratelimit-limit-requests": str(self.per_minute),
+                "x-ratelimit-remaining-requests": str(self.requests_left),
+                "x-ratelimit-reset-requests": _span(self.requests_reset),
+                "x-ratelimit-limit-images": str(self.per_day),
+                "x-ratelimit-remaining-images": str(self.images_left),
+                "x-ratelimit-reset-images": _span(self.images_reset)}
 
 
 class KeyStore:
@@ -96,33 +138,59 @@ class KeyStore:
                                code="invalid_api_key")
         return key
 
-    def admit(self, key: ApiKey, images: int) -> None:
-        """Take one request from the key's bucket and `images` from today's quota, or 429.
-        The quota is charged up front (so parallel requests cannot overrun it) and what
-        was not delivered is given back with `refund`."""
+    def _tokens(self, key: ApiKey, now: float) -> float:
+        tokens, at = self._buckets.get(key.id, (float(key.per_minute), now))
+        return min(float(key.per_minute), tokens + (now - at) * key.per_minute / 60.0)
+
+    def _quota(self, key: ApiKey, tokens: float, used: int, now: float) -> Quota:
+        refill = (key.per_minute - tokens) * 60.0 / key.per_minute
+        return Quota(key.per_minute, max(0, int(tokens)), max(0.0, refill), key.per_day,
+                     used, _to_midnight(now))
+
+    def quota(self, key: ApiKey) -> Quota:
+        """The key's standing now, charging nothing."""
         now = self._clock()
         with self._lock:
-            tokens, at = self._buckets.get(key.id, (float(key.per_minute), now))
-            tokens = min(float(key.per_minute), tokens + (now - at) * key.per_minute / 60.0)
+            tokens = self._tokens(key, now)
+        return self._quota(key, tokens, self.used_today(key.id), now)
+
+    def admit(self, key: ApiKey, images: int) -> Quota:
+        """Take one request from the key's bucket and `images` from today's quota, or 429
+        (with Retry-After and the `x-ratelimit-*` headers). The quota is charged up front
+        (so parallel requests cannot overrun it) and what was not delivered is given back
+        with `refund`."""
+        now = self._clock()
+        with self._lock:
+            tokens = self._tokens(key, now)
             if tokens < 1.0:
                 wait = (1.0 - tokens) * 60.0 / key.per_minute
                 self._buckets[key.id] = (tokens, now)
+                headers = self._quota(key, tokens, self.used_today(key.id), now).headers()
                 raise GatewayError(429, f"rate limit of {key.per_minute} requests per minute "
                                         f"reached; retry in {wait:.1f}s", type=RATE_LIMIT,
                                    code="rate_limit_exceeded",
-                                   headers={"Retry-After": str(max(1, round(wait)))})
-            self._buckets[key.id] = (tokens - 1.0, now)
+                                   headers={"Retry-After": str(max(1, math.ceil(wait))),
+                                            **headers})
+            tokens -= 1.0
+            self._buckets[key.id] = (tokens, now)
         day = _day(now)
         with self.db.tx() as c:
             row = c.execute("SELECT images FROM usage WHERE key_id=? AND day=?",
                             (key.id, day)).fetchone()
             used = int(row[0]) if row else 0
             if used + images > key.per_day:
-                raise GatewayError(429, f"daily quota of {key.per_day} images reached "
-                                        f"({used} used today, UTC); it resets at 00:00 UTC",
-                                   type=INSUFFICIENT_QUOTA, code="insufficient_quota")
+                quota = self._quota(key, tokens, used, now)
+                left = quota.images_left
+                wait = quota.images_reset
+                raise GatewayError(
+                    429, f"asked for {images} image{'s' if images != 1 else ''}, {left} left "
+                         f"of the daily quota of {key.per_day} ({used} used today); it resets "
+                         f"at 00:00 UTC, in {_span(wait)}", type=INSUFFICIENT_QUOTA,
+                    code="insufficient_quota",
+                    headers={"Retry-After": str(max(1, math.ceil(wait))), **quota.headers()})
             c.execute("INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (key_id, day) "
                       "DO UPDATE SET images = images + excluded.images", (key.id, day, images))
+        return self._quota(key, tokens, used + images, now)
 
     def refund(self, key: ApiKey, images: int) -> None:
         if images <= 0:

@@ -131,7 +131,7 @@ class Router:
                                           field)
                     self._failed(candidate, result)
                     failures.append(f"uid {candidate.target.uid}: {result.status.value}"
-                                    + (f" ({result.reason[:80]})" if result.reason else ""))
+                                    + (f" ({clip(result.reason)})" if result.reason else ""))
         finally:
             for task in pending:
                 task.cancel()
@@ -145,6 +145,16 @@ class Router:
                                type=SERVER_ERROR, code="deadline_exceeded")
         raise GatewayError(502, f"every miner serving {params.model} failed ({tried}); retry "
                                 "later", type=SERVER_ERROR, code="all_miners_failed")
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """A miner's reason cut to `limit` at a word boundary, marked with an ellipsis (never
+    mid-word, so a user's message stays readable)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + " …"
 
 
 def _answer_problem(params: GenerationParams, result: QueryResult) -> str:

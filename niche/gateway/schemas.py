@@ -17,6 +17,7 @@ MAX_N = 4
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
 StrictStr = Annotated[str, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
 
 
 class ImagesRequest(BaseModel):
@@ -43,16 +44,29 @@ class ImagesRequest(BaseModel):
     ip_adapter_scale: StrictFloat | None = Field(default=None, ge=0.0, le=4.0)
     timeout: StrictFloat | None = Field(default=None, gt=0.0, le=600.0)
     """Seconds the client will wait; retries on other miners happen within it."""
+    # OpenAI's output options
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    """png: the miner's own bytes (what `niche verify` checks); webp/jpeg: re-encoded here."""
+    output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
+    background: Literal["auto", "opaque"] | None = None
+    moderation: StrictStr | None = Field(default=None, max_length=32)
+    stream: StrictBool = False
+    partial_images: StrictInt | None = Field(default=None, ge=0, le=3)
+    input_fidelity: Literal["high", "low"] | None = None
+    """Edits only: without `pipeline`, high keeps the image's edges (controlnet-canny) and
+    low keeps its look (ip-adapter)."""
 
 
 class ImageData(BaseModel):
-    """One image. `seed`, `miner_*`, `steps` and `seconds` are niche's extensions: with the
-    request's prompt and size they are what `niche verify` needs to check the image."""
+    """One image. `seed`, `pipeline`, `miner_*`, `steps` and `seconds` are niche's
+    extensions: with the request's prompt and size they are what `niche verify` needs to
+    check the image."""
 
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
     seed: int
+    pipeline: str
     steps: int
     width: int
     height: int
@@ -62,9 +76,29 @@ class ImageData(BaseModel):
     attempts: int
 
 
+class TokenDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """OpenAI's usage block. niche charges images, not tokens: `images` (delivered) and
+    `steps` (denoising steps run for them) are what was used; the token counts are 0."""
+
+    images: int
+    steps: int
+    input_tokens: int = 0
+    input_tokens_details: TokenDetails = Field(default_factory=TokenDetails)
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str = "png"
+    size: str | None = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

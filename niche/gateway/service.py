@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import io
 import logging
 import random
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from niche.gateway.catalog import ModelCatalog
 from niche.gateway.directory import MinerDirectory
-from niche.gateway.errors import GatewayError
-from niche.gateway.keys import ApiKey, KeyStore
+from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
+from niche.gateway.keys import ApiKey, KeyStore, Quota
 from niche.gateway.metrics import GatewayMetrics
 from niche.gateway.router import Delivered, Router
-from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse
+from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
-from niche.protocol import MAX_SEED
+from niche.protocol import MAX_SEED, GenerationParams
 from niche.validator.client import MinerTarget
 from niche.validator.organic import OrganicQueue, QueueError
 
@@ -35,6 +41,10 @@ class GatewayConfig:
     """Base of `url` answers (default: the URL the request came to)."""
     url_ttl: float = 3600.0
     max_body_bytes: int = 32 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ()
+    stream_heartbeat: float = 5.0
+    """Seconds between progress comments on a streamed answer."""
+    """Browser origins allowed to call the API (CORS); empty: none."""
 
     def __post_init__(self) -> None:
         from niche.errors import ConfigError
@@ -43,6 +53,42 @@ class GatewayConfig:
             raise ConfigError("--gateway.audit_fraction must be in [0, 1]")
         if self.deadline <= 0 or self.refresh_interval <= 0 or self.url_ttl <= 0:
             raise ConfigError("--gateway.deadline, refresh_interval and url_ttl must be > 0")
+
+
+@dataclass
+class Job:
+    """One checked, charged request on its way to the miners."""
+
+    key: ApiKey
+    request: ImagesRequest
+    model: str
+    seeds: list[int]
+    params: list[GenerationParams]
+    quota: Quota
+    started: float
+    deadline: float
+
+    @property
+    def size(self) -> str:
+        return f"{self.params[0].width}x{self.params[0].height}"
+
+    def usage(self, images: int) -> Usage:
+        return Usage(images=images, steps=images * int(self.params[0].steps or 0))
+
+
+def reencode(item: Delivered, fmt: str, compression: int | None) -> bytes:
+    """The miner's image as WebP or JPEG; `compression` is OpenAI's 0..100 (100, the
+    default: lossless WebP, JPEG quality 95)."""
+    image = item.result.image
+    if image is None:
+        image = Image.open(io.BytesIO(item.result.image_bytes or b""))
+    quality = 100 if compression is None else compression
+    out = io.BytesIO()
+    if fmt == "webp":
+        image.save(out, "WEBP", lossless=quality >= 100, quality=quality)
+    else:
+        image.convert("RGB").save(out, "JPEG", quality=min(95, max(1, quality)))
+    return out.getvalue()
 
 
 class Gateway:
@@ -94,10 +140,19 @@ class Gateway:
                 log.warning("organic queue unreadable: %s", exc)
 
     # ------------------------------------------------------------------ one request
-    async def generate(self, key: ApiKey, request: ImagesRequest, base_url: str
-                       ) -> tuple[ImagesResponse, dict[str, str]]:
+    async def prepare(self, key: ApiKey, request: ImagesRequest) -> Job:
+        """Everything checked and the quota charged, before any miner is asked: a bad
+        request or an exhausted key costs no miner work."""
         started = time.monotonic()
         spec = self.catalog.spec(request.model)
+        if request.partial_images:
+            raise bad_request("partial_images: miners return only finished images, so there "
+                              "are no partial images to stream; send stream=true with "
+                              "partial_images=0 for one completed event per image",
+                              "partial_images")
+        if request.output_compression is not None and request.output_format == "png":
+            raise bad_request("output_compression is for output_format webp or jpeg (png is "
+                              "the miner's lossless image)", "output_compression")
         if request.seed is not None:
             seeds = [(request.seed + i) % (MAX_SEED + 1) for i in range(request.n)]
         else:
@@ -105,37 +160,85 @@ class Gateway:
         all_params = self.catalog.params(request, seeds)
         if request.image:
             await asyncio.to_thread(self.catalog.check_image, spec, request.image)
-        self.keys.admit(key, request.n)
+        if not self.directory.serving(spec.name):
+            raise GatewayError(503, f"no miner serves {spec.name} right now; retry later "
+                                    "(GET /v1/models lists what is served)",
+                               type=SERVER_ERROR, code="no_miner_available")
+        quota = self.keys.admit(key, request.n)
         deadline = started + (request.timeout or self.config.deadline)
+        return Job(key, request, spec.name, seeds, all_params, quota, started, deadline)
+
+    async def deliver(self, job: Job, heartbeat: float | None = None
+                      ) -> AsyncIterator[tuple[int, Delivered] | None]:
+        """(index, image) as each image arrives, None every `heartbeat` seconds without one;
+        the first failure is raised and the other images are cancelled."""
+        tasks = {asyncio.ensure_future(self.router.generate(p, job.request.image,
+                                                            job.deadline)): index
+                 for index, p in enumerate(job.params)}
+        pending = set(tasks)
         try:
-            delivered = await asyncio.gather(*[
-                self.router.generate(p, request.image, deadline) for p in all_params])
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=heartbeat,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    yield None
+                for task in done:
+                    item = task.result()
+                    self.metrics.miner_latency.labels(job.model).observe(
+                        item.result.latency or 0.0)
+                    yield tasks[task], item
+        finally:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def generate(self, key: ApiKey, request: ImagesRequest, base_url: str
+                       ) -> tuple[ImagesResponse, dict[str, str]]:
+        """All `n` images or an error (and the quota given back)."""
+        job = await self.prepare(key, request)
+        got: dict[int, Delivered] = {}
+        try:
+            async for event in self.deliver(job):
+                if event is not None:
+                    got[event[0]] = event[1]
         except GatewayError:
             self.keys.refund(key, request.n)
             raise
-        data = []
-        for item in delivered:
-            data.append(await self._image_data(item, request.response_format, base_url))
-            self.metrics.miner_latency.labels(spec.name).observe(item.result.latency or 0.0)
-        self.metrics.images.labels(spec.name).inc(len(data))
-        self.metrics.latency.labels(spec.name).observe(time.monotonic() - started)
-        headers = {"x-niche-seeds": ",".join(str(s) for s in seeds),
-                   "x-niche-miners": ",".join(str(d.candidate.target.uid) for d in delivered)}
-        return ImagesResponse(created=int(time.time()), data=data), headers
+        delivered = [got[i] for i in range(len(job.params))]
+        data = [await self.image_data(item, request, base_url) for item in delivered]
+        self.finished(job, len(data))
+        headers = {"x-niche-seeds": ",".join(str(s) for s in job.seeds),
+                   "x-niche-miners": ",".join(str(d.candidate.target.uid) for d in delivered),
+                   **job.quota.headers()}
+        return ImagesResponse(created=int(time.time()), data=data,
+                              output_format=request.output_format, size=job.size,
+                              usage=job.usage(len(data))), headers
 
-    async def _image_data(self, item: Delivered, response_format: str,
-                          base_url: str) -> ImageData:
-        answer, params = item.result.response, item.request.params
-        assert answer is not None and item.result.image_bytes is not None
+    def finished(self, job: Job, images: int) -> None:
+        self.metrics.images.labels(job.model).inc(images)
+        self.metrics.latency.labels(job.model).observe(time.monotonic() - job.started)
+
+    async def image_data(self, item: Delivered, request: ImagesRequest,
+                         base_url: str) -> ImageData:
+        params = item.request.params
+        assert item.result.image_bytes is not None
+        data = item.result.image_bytes
+        if request.output_format != "png":
+            data = await asyncio.to_thread(reencode, item, request.output_format,
+                                           request.output_compression)
         b64, url = None, None
-        if response_format == "url":
-            token = await asyncio.to_thread(self.images.put, item.result.image_bytes)
-            url = f"{(self.config.public_url or base_url).rstrip('/')}/v1/files/{token}.png"
+        if request.response_format == "url":
+            token = await asyncio.to_thread(self.images.put, data)
+            url = (f"{(self.config.public_url or base_url).rstrip('/')}/v1/files/{token}."
+                   f"{request.output_format}")
         else:
-            b64 = answer.image
+            b64 = base64.b64encode(data).decode()
         if self.queue is not None and self.rng.random() < self.config.audit_fraction:
             await asyncio.to_thread(self._queue_audit, item)
-        return ImageData(b64_json=b64, url=url, seed=params.seed, steps=int(params.steps or 0),
+        return ImageData(b64_json=b64, url=url, seed=params.seed, pipeline=params.pipeline.value,
+                         steps=int(params.steps or 0),
                          width=int(params.width or 0), height=int(params.height or 0),
                          miner_uid=item.candidate.target.uid,
                          miner_hotkey=item.candidate.target.hotkey,

@@ -1,0 +1,42 @@
+"""One log line per request, refusals and errors included: method, path, status, the key's
+id, latency and the miners that answered, e.g.
+`POST /v1/images/generations 200 key=3f2a9c1d 0.412s miners=1,2`.
+
+A plain ASGI wrapper (not a BaseHTTPMiddleware), so a streamed answer is timed to its last
+byte and an unhandled exception is logged as the 500 the server sends."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("niche.gateway.access")
+
+
+class AccessLog:
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        state = scope.setdefault("state", {})
+        status = 500
+
+        async def capture(message: dict) -> None:
+            nonlocal status
+            if message.get("type") == "http.response.start":
+                status = int(message.get("status", 500))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            extra = state.get("stream_error")
+            shown = f"{status} (stream error {extra})" if extra else str(status)
+            level = logging.WARNING if status >= 500 or extra else logging.INFO
+            log.log(level, "%s %s %s key=%s %.3fs miners=%s", scope.get("method", "-"),
+                    scope.get("path", "-"), shown, state.get("key_id", "-"),
+                    time.monotonic() - started, state.get("miners", "-"))
