@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,7 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from niche.errors import NicheError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a closed pipe (`| head`) is handled below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`niche validator status --json | head`): not an error of
+        # ours; point stdout at /dev/null so the interpreter's final flush stays quiet too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except NicheError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -37,6 +37,26 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Bind host:port once (as the server will, SO_REUSEADDR) and release it: a busy or
+    unusable port is a one-line ConfigError now, not after minutes of model loading."""
+    import socket
+
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{flag} must be in 0..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{flag} {port} on {host} is already in use: pick another "
+                                  "port") from None
+            raise ConfigError(f"{flag}: cannot bind {host}:{port}: "
+                              f"{exc.strerror or exc}") from None
+
+
 def start_metrics_server(registry: CollectorRegistry, port: int, host: str = DEFAULT_HOST
                          ) -> MetricsServer:
     """Serve `registry` on host:port in a daemon thread (port 0: any free port); a busy port

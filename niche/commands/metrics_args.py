@@ -24,3 +24,13 @@ def metrics_server_from_args(args: argparse.Namespace, registry: Any):
     from niche.metrics_server import start_metrics_server
 
     return start_metrics_server(registry, args.metrics_port, args.metrics_host)
+
+
+def check_metrics_port(args: argparse.Namespace) -> None:
+    """Bind --metrics.port once and let go: a busy port is a one-line configuration error
+    (exit 2) before the chain is asked and the models load (minutes on a GPU box)."""
+    if getattr(args, "metrics_port", None) is None:
+        return
+    from niche.metrics_server import check_port_free
+
+    check_port_free(args.metrics_host, args.metrics_port, "--metrics.port")

@@ -176,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     # Cheap checks first: registration and the port, before minutes of model loading.
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
     bind_socket(args.axon_ip, args.axon_port).close()
+    from niche.commands.metrics_args import check_metrics_port
+
+    check_metrics_port(args)  # a busy --metrics.port too, before the models load
     from niche.commands.engine_args import (
         backend_engine_from_args,
         model_dirs_from_args,

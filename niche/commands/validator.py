@@ -80,6 +80,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.metrics_args import add_metrics_args
 
     add_metrics_args(parser)
+    from niche.commands.dashboard_args import add_dashboard_args
+
+    add_dashboard_args(parser)
     from niche.commands.logging_args import add_logging_args
 
     add_logging_args(parser)
@@ -98,8 +101,11 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "validator", help="run a validator",
-        description="Challenge miners with fresh requests, audit a random fraction by "
-                    "regenerating, score speed x correctness, set weights.")
+        description="Challenge miners with fresh requests, audit the answers with the step "
+                    "check (recompute step 0 and random steps from the sampler states each "
+                    "answer commits to, decode the last), score speed x correctness, set "
+                    "weights. `niche validator status` and `niche validator dashboard` read "
+                    "its state file.")
     add_validator_args(parser)
     parser.set_defaults(func=run)
     sub = parser.add_subparsers(dest="validator_command", metavar="ACTION")
@@ -110,6 +116,37 @@ def register(subparsers) -> None:
                              f"one file matching {DEFAULT_STATE})")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+    board = sub.add_parser("dashboard", help="serve the subnet dashboard of a validator's "
+                           "state file (the validator's own --dashboard.port serves the same)")
+    board.add_argument("--state", type=Path, default=None,
+                       help=f"state file (default: the one file matching {DEFAULT_STATE})")
+    from niche.validator.dashboard import DEFAULT_HOST
+
+    board.add_argument("--port", type=int, default=8095, help="port (default 8095)")
+    board.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"interface (default {DEFAULT_HOST}: this machine only)")
+    board.set_defaults(func=_dashboard)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import threading
+
+    from niche.validator.dashboard import start_dashboard
+    from niche.validator.state import find_state_file
+
+    path = args.state.expanduser() if args.state else find_state_file()
+    if not path.is_file():
+        from niche.errors import ConfigError
+
+        raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
+                          "--neuron.state_path")
+    dashboard = start_dashboard(path, args.port, args.host)
+    print(f"dashboard of {path} on {dashboard.url} (Ctrl-C stops it)", flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        dashboard.close()
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -173,6 +210,13 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging_from_args(args, "niche-validator")
     config = build_config(args)
+    from niche.commands.metrics_args import check_metrics_port
+
+    check_metrics_port(args)  # a busy port: one line now, not after the models load
+    if getattr(args, "dashboard_port", None) is not None:
+        from niche.metrics_server import check_port_free
+
+        check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard.port")
     from niche.chain.base import ChainError
     from niche.chain.registration import require_permit
     from niche.commands.chain_args import chain_from_args, wallet_from_args
@@ -200,15 +244,35 @@ def _run(args: argparse.Namespace) -> int:
                 logging.getLogger("niche.validator").warning("%s", notice)
         with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
             state.bind(chain.network, config.netuid, hotkey)
-            engine = engine_from_args(args, config.models)
-            validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
-            from niche.commands.metrics_args import metrics_server_from_args
+            logging.getLogger("niche.validator").info("%s", resume_line(state))
+            from niche.commands.dashboard_args import dashboard_from_args
 
-            metrics = metrics_server_from_args(args, validator.metrics.registry)
+            dashboard = dashboard_from_args(args, config.state_path)
             try:
-                return validator.run()
+                engine = engine_from_args(args, config.models)
+                validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
+                from niche.commands.metrics_args import metrics_server_from_args
+
+                metrics = metrics_server_from_args(args, validator.metrics.registry)
+                try:
+                    return validator.run()
+                finally:
+                    if metrics is not None:
+                        metrics.close()
             finally:
-                if metrics is not None:
-                    metrics.close()
+                if dashboard is not None:
+                    dashboard.close()
     finally:
         chain.close()
+
+
+def resume_line(state) -> str:
+    """The start-up line saying which state file is used and where it resumes."""
+    done = state.round_index
+    if done == 0:
+        return f"state file {state.path}: new, starting at round 0"
+    last = state.last_weights()
+    weights = (f", last weights at round {last.round} (block {last.block})" if last
+               else ", no weights set yet")
+    return (f"state file {state.path}: resuming at round {done} ({done} round(s) completed"
+            f"{weights})")

@@ -47,6 +47,8 @@ class LocalnetPlan:
     gateway_url: str | None = None
     gateway_key: str | None = None
     """A ready API key of the gateway (a local, throw-away subnet: printed and kept here)."""
+    dashboard_url: str | None = None
+    """validator1's subnet dashboard (niche/validator/dashboard.py) on 127.0.0.1."""
 
     def role(self, role: str) -> list[ProcessPlan]:
         return [p for p in self.processes if p.role == role]
@@ -119,6 +121,7 @@ def prepare(
                             min_validator_stake=VALIDATOR_STAKE / 2)
         plan = LocalnetPlan(str(workdir), str(chain_path), netuid, str(wallet_path), str(root),
                             rounds)
+        plan_dashboard: str | None = None
         allow: list[str] = []
         queue = workdir / "gateway" / "organic.sqlite"
         for index in range(validators):
@@ -139,11 +142,16 @@ def prepare(
                 args += ["--neuron.sample_size", str(sample_size)]
             if gateway and index == 0:
                 args += ["--neuron.organic_queue", str(queue)]
+            if index == 0:
+                dashboard_port = free_port()
+                plan_dashboard = f"http://127.0.0.1:{dashboard_port}/"
+                args += ["--dashboard.port", str(dashboard_port)]
             if rounds:
                 args += ["--neuron.rounds", str(rounds)]
             plan.processes.append(ProcessPlan(name, "validator", name, wallet.hotkey.ss58_address,
                                               args, state_path=str(state),
                                               log_path=str(workdir / "logs" / f"{name}.log")))
+        plan.dashboard_url = plan_dashboard
         cheat_list = list(cheats)
         for index in range(miners):
             name = f"miner{index + 1}"

@@ -117,11 +117,17 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
             for proc in validators:
                 sup.start(_child(proc, log_dir))
                 say(f"started {proc.name}, log {proc.log_path}")
+            if plan.dashboard_url:
+                say(f"dashboard (miners, scores, weights, failures, rounds; live): "
+                    f"{plan.dashboard_url}")
             for proc in plan.role("gateway"):
                 sup.start(_child(proc, log_dir))
                 _wait_healthy(sup, [proc], startup_timeout, say)
                 say(f"gateway (OpenAI images API): {plan.gateway_url}/v1  playground: "
                     f"{plan.gateway_url}/  API key: {plan.gateway_key}")
+                from niche.commands.gateway import localnet_keys_line
+
+                say(localnet_keys_line(proc.args))
             names = {p.hotkey: p.name for p in plan.processes}
             last = [0] * len(validators)
             goal = f"/{plan.rounds}" if plan.rounds else ""
@@ -151,3 +157,4 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
     return 130 if interrupted else 0
+
