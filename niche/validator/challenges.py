@@ -13,7 +13,7 @@ nobody else. No global RNG anywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,8 +79,31 @@ class Conditioner(Protocol):
 
 
 def round_rng(validator_seed: int, round_index: int) -> np.random.Generator:
-    """The one source of randomness for a round."""
+    """The one source of randomness for a round's challenges."""
     return np.random.default_rng([int(validator_seed) & (2**64 - 1), int(round_index)])
+
+
+def model_rng(validator_seed: int, round_index: int) -> np.random.Generator:
+    """The draw of each multi-model miner's model for a round: a stream of its own, so the
+    challenges drawn from round_rng do not depend on which models miners serve."""
+    return np.random.default_rng([int(validator_seed) & (2**64 - 1), int(round_index) & (
+        2**64 - 1), 0x6D6F64656C])
+
+
+def pick_model(rng: np.random.Generator, offered: Iterable[str], models: Sequence[str],
+               shares: Mapping[str, float]) -> str | None:
+    """The model to challenge a miner on this round: one that it serves and this validator
+    asks (`models`), drawn in proportion to the model shares (uniformly when none of them
+    has a share), so over the rounds every model a miner serves is challenged and scored.
+    None when they have no model in common; no draw when they have one."""
+    served = set(offered)
+    both = [m for m in models if m in served]
+    if len(both) <= 1:
+        return both[0] if both else None
+    weights = np.array([max(0.0, float(shares.get(m, 0.0))) for m in both])
+    if weights.sum() <= 0:
+        weights = np.ones(len(both))
+    return both[int(rng.choice(len(both), p=weights / weights.sum()))]
 
 
 class ChallengeFactory:

@@ -46,6 +46,8 @@ from niche.validator.challenges import (
     ModelPlan,
     Target,
     engine_conditioner,
+    model_rng,
+    pick_model,
     plan_from_spec,
     round_rng,
 )
@@ -180,6 +182,8 @@ class Validator:
         log.info("runtime: %s", describe(self.runtime.mine))
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
+        self._scored_on: dict[int, tuple[str, ...]] = {}
+        """uid -> the models it is scored on (logged when it changes)."""
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
 
@@ -308,7 +312,8 @@ class Validator:
         outcomes: dict[int, Outcome] = {}
         candidates = self._sample(metagraph, rng, round_index, outcomes)
         declared: dict[int, int] = {}
-        targets = await self._targets(candidates, outcomes, declared)
+        targets = await self._targets(candidates, outcomes, declared,
+                                      model_rng(self.seed, round_index))
         extra = [t for t in targets for _ in range(declared.get(t.uid, 1) - 1)]
         challenges, probes = primaries(self.factory.make_round(rng, targets + extra))
         for target in targets:
@@ -354,8 +359,11 @@ class Validator:
         return pool
 
     async def _targets(self, neurons: list[Neuron], outcomes: dict[int, Outcome],
-                       declared: dict[int, int] | None = None) -> list[Target]:
-        """Ask each miner what it serves; a miner serving none of our models scores 0.
+                       declared: dict[int, int] | None = None,
+                       rng: np.random.Generator | None = None) -> list[Target]:
+        """Ask each miner what it serves; a miner serving none of our models scores 0. A
+        miner serving several is challenged on one of them per round, drawn with `rng` in
+        proportion to the model shares, so every model it serves is scored over the rounds.
         `declared` gets each miner's concurrency, capped at the scoring's volume_cap."""
         infos = await self.client.info_many(neurons, timeout=self.config.info_timeout)
         targets = []
@@ -368,7 +376,10 @@ class Validator:
                 continue
             self.runtime.observe(neuron.uid, neuron.hotkey, served.runtime)
             offered = {m.model: tuple(m.pipelines) for m in served.models}
-            model = next((m for m in self.config.models if m in offered), None)
+            shares = self.config.scoring.model_shares
+            model = pick_model(rng or model_rng(self.seed, -1), offered, self.config.models,
+                               shares)
+            self._log_scored_on(neuron.uid, offered, shares)
             if model is None:
                 outcomes[neuron.uid] = Outcome(
                     neuron.uid, neuron.hotkey, None, status=scoring.NO_MODEL,
@@ -380,6 +391,16 @@ class Validator:
                 declared[neuron.uid] = max(1, min(int(served.concurrency),
                                                   self.config.scoring.volume_cap))
         return targets
+
+    def _log_scored_on(self, uid: int, offered: dict, shares) -> None:
+        """One INFO line per miner when the models it is scored on change."""
+        both = tuple(m for m in self.config.models if m in offered)
+        if self._scored_on.get(uid) == both:
+            return
+        self._scored_on[uid] = both
+        if both:
+            log.info("uid %d serves %s; scored on %s", uid, ", ".join(sorted(offered)),
+                     ", ".join(f"{m} (share {shares.get(m, 0.0):g})" for m in both))
 
     async def _query(self, challenges: list[Challenge], probes: list[Challenge],
                      neurons: list[Neuron]
@@ -616,7 +637,8 @@ class Validator:
             f"{'audit':<5} {'sim':>6} {'reward':>7} {'score':>6}  reason",
         ]
         for o in sorted(report.outcomes, key=lambda o: o.uid):
-            audit = "-" if not o.audited else ("pass" if o.audit_passed else "FAIL")
+            audit = "-" if not o.audited else ("pass" if o.audit_passed else (
+                "FAIL" if o.audit_passed is False else "n/a"))
             lines.append(
                 f"  {o.uid:>4} {(o.model or '-'):<13} "
                 f"{(o.workload[0] if o.workload else '-'):<17} {o.status[:17]:<17} "
