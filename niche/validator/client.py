@@ -29,7 +29,14 @@ from pydantic import ValidationError
 
 from niche.auth import sign_request, verify_response
 from niche.errors import InvalidRequest
-from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, image_sha256
+from niche.imaging import (
+    ANSWER_FORMATS,
+    ImageLimits,
+    b64_to_bytes,
+    bytes_to_image,
+    image_sha256,
+    to_b64,
+)
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
@@ -48,6 +55,7 @@ from niche.protocol import (
 )
 from niche.states import BadState, decode_state
 from niche.transport import BodyTooLarge, read_capped
+from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE, BadBody, unpack_answer
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_INFO_BYTES = 256 * 1024
@@ -149,7 +157,8 @@ class MinerClient:
         self._negotiated: dict[str, int] = {}
         self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
-        self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192)
+        self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192,
+                                                        formats=ANSWER_FORMATS)
         self.grace = grace
         """Seconds added to a request's own timeout for the network and encoding."""
 
@@ -190,9 +199,17 @@ class MinerClient:
 
     async def _fetch(self, http: httpx.AsyncClient, method: str, url: str, path: str,
                      body: bytes, receiver: str, cap: int) -> tuple[int, bytes]:
+        status, _, raw = await self._exchange(http, method, url, path, body, receiver, cap)
+        return status, raw
+
+    async def _exchange(self, http: httpx.AsyncClient, method: str, url: str, path: str,
+                        body: bytes, receiver: str, cap: int, accept: str = "application/json"
+                        ) -> tuple[int, str, bytes]:
+        """(status, media type, body) of one signed request; the body read under `cap`."""
         headers = sign_request(self.wallet, method=method, path=path, body=body,
                                receiver=receiver)
         headers["Content-Type"] = "application/json"
+        headers["Accept"] = accept
         headers["Accept-Encoding"] = "identity"  # count the bytes that arrive; no zip bombs
         async with http.stream(method, url.rstrip("/") + path, content=body or None,
                                headers=headers) as resp:
@@ -200,7 +217,8 @@ class MinerClient:
             if encoding != "identity":
                 raise _Undecodable(f"content-encoding {encoding} not accepted")
             body = await read_capped(resp.aiter_raw(), cap, resp.headers.get("content-length"))
-            return resp.status_code, body
+            media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            return resp.status_code, media, body
 
     # ------------------------------------------------------------------ generate
     async def query(self, target: TargetLike, request: GenerateRequest, *,
@@ -216,13 +234,15 @@ class MinerClient:
         request = self.in_version(request, t.hotkey)
         cap, _ = self._answer_bounds(request)
         body = request.model_dump_json(exclude_none=True).encode()
+        accept = (f"{ANSWER_MEDIA_TYPE}, application/json"
+                  if request.protocol_version >= BINARY_SINCE else "application/json")
         own = http is None
         http = http or self._http()
         started = time.monotonic()
         try:
-            status, raw = await asyncio.wait_for(
-                self._fetch(http, "POST", t.url, GENERATE_PATH, body, t.hotkey, cap),
-                timeout=max(0.001, limit))
+            status, media, raw = await asyncio.wait_for(
+                self._exchange(http, "POST", t.url, GENERATE_PATH, body, t.hotkey, cap,
+                               accept), timeout=max(0.001, limit))
             result.latency = time.monotonic() - started
         except (asyncio.TimeoutError, httpx.TimeoutException):
             result.latency = time.monotonic() - started
@@ -257,29 +277,48 @@ class MinerClient:
                 result.reason = f"HTTP {status}"
             return result
         # Decoding a big PNG is CPU work: keep it off the event loop.
-        await asyncio.to_thread(self._check_answer, result, request, raw)
+        await asyncio.to_thread(self._check_answer, result, request, raw, media)
         return result
 
-    def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes) -> None:
+    def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes,
+                      media: str = "application/json") -> None:
+        """An answer is either binary (protocol 4+, `wire.ANSWER_MEDIA_TYPE`: the header,
+        then PNG or WebP bytes) or JSON with a base64 PNG or WebP (any version); nothing
+        else. Either way every check below runs on the bytes received."""
         def fail(status: QueryStatus, reason: str) -> None:
             result.status, result.reason = status, reason[:300]
 
         _, limits = self._answer_bounds(request)
-
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return fail(QueryStatus.INVALID_RESPONSE, "body is not JSON")
         expected = request.protocol_version
-        if isinstance(data, dict) and data.get("protocol_version", PROTOCOL_VERSION) \
-                != expected:
-            return fail(QueryStatus.PROTOCOL_MISMATCH,
-                        f"protocol {data.get('protocol_version')!r}, expected {expected}")
-        try:
-            answer = GenerateResponse.model_validate(data)
-        except ValidationError as exc:
-            where, message = first_validation_error(exc)
-            return fail(QueryStatus.INVALID_RESPONSE, f"{where}: {message}")
+        binary = media == ANSWER_MEDIA_TYPE
+        if binary:
+            if expected < BINARY_SINCE:
+                return fail(QueryStatus.PROTOCOL_MISMATCH,
+                            f"binary answer in protocol {expected} (binary since {BINARY_SINCE})")
+            try:
+                answer, data_bytes, fmt = unpack_answer(raw, max_image_bytes=limits.max_bytes)
+            except BadBody as exc:
+                return fail(QueryStatus.INVALID_RESPONSE, f"binary answer: {exc}")
+            if fmt.upper() not in limits.formats:
+                return fail(QueryStatus.INVALID_IMAGE, f"format {fmt} not accepted")
+            limits = dataclasses.replace(limits, formats=(fmt.upper(),))
+            if answer.protocol_version != expected:
+                return fail(QueryStatus.PROTOCOL_MISMATCH,
+                            f"protocol {answer.protocol_version!r}, expected {expected}")
+        else:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                return fail(QueryStatus.INVALID_RESPONSE, "body is not JSON")
+            if isinstance(data, dict) and data.get("protocol_version", PROTOCOL_VERSION) \
+                    != expected:
+                return fail(QueryStatus.PROTOCOL_MISMATCH,
+                            f"protocol {data.get('protocol_version')!r}, expected {expected}")
+            try:
+                answer = GenerateResponse.model_validate(data)
+            except ValidationError as exc:
+                where, message = first_validation_error(exc)
+                return fail(QueryStatus.INVALID_RESPONSE, f"{where}: {message}")
         if answer.request_id != request.request_id:
             return fail(QueryStatus.WRONG_REQUEST_ID,
                         f"answered {answer.request_id!r}, asked {request.request_id!r}")
@@ -288,10 +327,11 @@ class MinerClient:
         if answer.model != request.params.model:
             return fail(QueryStatus.INVALID_RESPONSE,
                         f"answered with model {answer.model!r}, asked {request.params.model!r}")
-        try:
-            data_bytes = b64_to_bytes(answer.image, field="image", limits=limits)
-        except InvalidRequest as exc:
-            return fail(QueryStatus.INVALID_IMAGE, str(exc))
+        if not binary:
+            try:
+                data_bytes = b64_to_bytes(answer.image, field="image", limits=limits)
+            except InvalidRequest as exc:
+                return fail(QueryStatus.INVALID_IMAGE, str(exc))
         digest = image_sha256(data_bytes)
         if digest != answer.image_sha256:
             return fail(QueryStatus.HASH_MISMATCH, "image_sha256 does not match the image bytes")
@@ -308,6 +348,8 @@ class MinerClient:
             return fail(QueryStatus.INVALID_RESPONSE,
                         f"committed {len(answer.states.sha256)} states for "
                         f"{request.params.steps} steps")
+        if binary:  # readers of the response (organic queue) find the image where JSON has it
+            answer = answer.model_copy(update={"image": to_b64(data_bytes)})
         result.response, result.image, result.image_bytes = answer, image, data_bytes
         result.status, result.reason = QueryStatus.OK, ""
 

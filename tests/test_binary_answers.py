@@ -1,0 +1,237 @@
+"""Binary answers (protocol 4, niche/wire.py) over real HTTP on 127.0.0.1.
+
+A miner answering protocol 4 sends the header and the PNG bytes as they are; a protocol-3
+miner (or a protocol-3 validator) keeps JSON with base64, side by side with the real
+validator client. Hostile binary bodies (truncated, oversized, wrong length, bad codec
+header, a decompression bomb), each properly signed so that every check before it passes,
+are refused with one line, and the client and the miner go on serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from niche.auth import sign_request, sign_response
+from niche.chain.wallets import create_wallet
+from niche.devnet.servers import BackgroundServer
+from niche.imaging import encode_image, image_sha256, to_b64, to_png
+from niche.protocol import GenerateResponse, InfoResponse, ModelInfo
+from niche.validator.client import MinerClient, QueryStatus
+from niche.wire import (
+    ANSWER_MAGIC,
+    ANSWER_MEDIA_TYPE,
+    AnswerHeader,
+    BadBody,
+    pack,
+    pack_answer,
+    unpack_answer,
+)
+from tests.miner_support import StubEngine, build_net, make_request, running_miner
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    net = build_net(tmp_path_factory.mktemp("binary"))
+    yield net
+    net.chain.close()
+
+
+def _raw_post(miner, wallet, request, accept: str) -> httpx.Response:
+    body = request.model_dump_json(exclude_none=True).encode()
+    headers = sign_request(wallet, method="POST", path="/v1/generate", body=body,
+                           receiver=miner.hotkey)
+    return httpx.post(miner.url + "/v1/generate", content=body, timeout=30,
+                      headers={**headers, "Content-Type": "application/json", "Accept": accept})
+
+
+def _in(request, version: int):
+    return request.model_copy(update={"protocol_version": version})
+
+
+def test_protocol_3_and_4_miners_side_by_side(net):
+    """One validator (2..4) asks a protocol-3 miner and a protocol-4 one: JSON from the
+    first, a binary body from the second, the same checks and the same kind of result."""
+    client = MinerClient(net.wallets["hi"])
+    with running_miner(net, StubEngine(), protocol_versions=(2, 3)) as old, \
+            running_miner(net, StubEngine()) as new:
+        async def ask(miner, seed):
+            info = await client.info(miner.url, miner.hotkey)
+            return info, await client.query((0, miner.hotkey, miner.url),
+                                            make_request(seed=seed, width=64, height=48))
+        (old_info, old_answer), (new_info, new_answer) = asyncio.run(ask(old, 3)), \
+            asyncio.run(ask(new, 4))
+        assert (old_info.protocol_version, new_info.protocol_version) == (3, 4)
+        # what each miner puts on the wire for such a request
+        both = f"{ANSWER_MEDIA_TYPE}, application/json"  # what the client sends in v4
+        v3 = _raw_post(old, net.wallets["hi"], _in(make_request(seed=5), 3), both)
+        v4 = _raw_post(new, net.wallets["hi"], _in(make_request(seed=5), 4), both)
+        v4_json = _raw_post(new, net.wallets["hi"], make_request(seed=5), "application/json")
+    assert v3.headers["content-type"] == "application/json" and "image" in v3.json()
+    assert v4.headers["content-type"] == ANSWER_MEDIA_TYPE and v4.content[:4] == ANSWER_MAGIC
+    assert v4_json.headers["content-type"] == "application/json"  # asked for JSON: JSON
+    answer, png, fmt = unpack_answer(v4.content)
+    assert fmt == "png" and image_sha256(png) == answer.image_sha256 and answer.image == ""
+    assert png == to_png(png)  # users get the signed bytes themselves
+    for result, version in ((old_answer, 3), (new_answer, 4)):
+        assert result.status is QueryStatus.OK, result.reason
+        assert result.response.protocol_version == version
+        assert result.image.size == (64, 48)
+        assert result.image_bytes[:8] == b"\x89PNG\r\n\x1a\n"
+        assert result.response.image == to_b64(result.image_bytes)  # as JSON carries it
+
+
+def test_a_protocol_3_validator_gets_json_from_a_protocol_4_miner(net):
+    client = MinerClient(net.wallets["hi"], protocol_versions=(2, 3))
+    with running_miner(net, StubEngine()) as new:
+        async def ask():
+            await client.info(new.url, new.hotkey)
+            return await client.query((0, new.hotkey, new.url), make_request(seed=6))
+        result = asyncio.run(ask())
+    assert result.status is QueryStatus.OK and result.response.protocol_version == 3
+
+
+# ----------------------------------------------------------------------------- hostile
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring width x height whose IDAT is a few bytes: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+
+
+def _hostile_miner(wallet) -> FastAPI:
+    """Answers each request by the lie named in its prompt, signing whatever it sends."""
+    app = FastAPI()
+    hotkey = wallet.hotkey.ss58_address
+    good_png = encode_image(Image.new("RGB", (32, 32), (9, 90, 200)))
+
+    @app.get("/v1/info")
+    async def info():
+        return JSONResponse(InfoResponse(hotkey=hotkey, models=[ModelInfo(
+            model="stub", pipelines=["txt2img"])], capacity_per_minute=1,
+            miner_version="x", protocol_versions=[2, 3, 4]).model_dump(mode="json"))
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        data = await request.json()
+        lie, rid = data["params"]["prompt"], data["request_id"]
+        image = {"bomb": _png_header_only(100_000, 100_000),  # Pillow's own guard
+                 "bomb_in_caps": _png_header_only(5000, 5000)}.get(lie, good_png)
+        if lie == "not_png":
+            image = b"GIF89a" + b"\x00" * 64
+        digest = image_sha256(image)
+        answer = GenerateResponse(
+            protocol_version=data["protocol_version"], request_id=rid, model="stub", image="",
+            image_sha256=digest, miner_hotkey=hotkey,
+            signature=sign_response(wallet.hotkey, rid, digest,
+                                    version=data["protocol_version"]),
+            generation_seconds=0.1, miner_version="x")
+        body = pack_answer(answer, image, "png")
+        if lie == "truncated":
+            body = body[:-100]
+        elif lie == "extra":
+            body = body + b"\x00" * 10
+        elif lie == "bad_magic":
+            body = b"NIA9" + body[4:]
+        elif lie == "short":
+            body = body[:6]
+        elif lie == "header_len":
+            body = body[:4] + struct.pack(">I", 2**31) + body[8:]
+        elif lie == "header_json":
+            body = body[:8] + b"{" * (len(body) - 8)
+        elif lie == "declared_big":  # claims 20 MB of image, sends 1 KB
+            head = body[8:8 + struct.unpack(">I", body[4:8])[0]]
+            head = head.replace(f'"image_length":{len(image)}'.encode(),
+                                b'"image_length":20000000')
+            body = body[:4] + struct.pack(">I", len(head)) + head + image
+        elif lie == "oversized":
+            body = body + b"\x00" * (40 * 1024 * 1024)
+        return Response(body, media_type=ANSWER_MEDIA_TYPE)
+
+    return app
+
+
+HOSTILE = {
+    "truncated": (QueryStatus.INVALID_RESPONSE, "truncated"),
+    "extra": (QueryStatus.INVALID_RESPONSE, "10 bytes after"),
+    "short": (QueryStatus.INVALID_RESPONSE, "truncated"),
+    "bad_magic": (QueryStatus.INVALID_RESPONSE, "not a NIA1 body"),
+    "header_len": (QueryStatus.INVALID_RESPONSE, "more than 65536"),
+    "header_json": (QueryStatus.INVALID_RESPONSE, "header is not JSON"),
+    "declared_big": (QueryStatus.INVALID_RESPONSE, "image of 20000000 bytes declared"),
+    "not_png": (QueryStatus.INVALID_RESPONSE, "image bytes are not PNG"),
+    "oversized": (QueryStatus.RESPONSE_TOO_LARGE, ""),
+    "bomb": (QueryStatus.INVALID_IMAGE, "decompression bomb refused"),
+    "bomb_in_caps": (QueryStatus.INVALID_IMAGE, "5000x5000 exceeds 64 px per side"),
+}
+
+
+def test_hostile_binary_answers_are_refused_in_one_line(tmp_path):
+    wallets = {n: create_wallet(n, "hot", tmp_path) for n in ("validator", "miner")}
+    client = MinerClient(wallets["validator"])
+    hotkey = wallets["miner"].hotkey.ss58_address
+    with BackgroundServer(_hostile_miner(wallets["miner"])) as server:
+        async def round_() -> dict:
+            await client.info(server.url, hotkey)
+            prompts = [*HOSTILE, "honest"]
+            results = await client.query_many(
+                [((0, hotkey, server.url), make_request(p, width=32, height=32))
+                 for p in prompts])
+            return dict(zip(prompts, results, strict=True))
+        results = asyncio.run(round_())
+        again = asyncio.run(client.query((0, hotkey, server.url), make_request("honest")))
+    for lie, (status, words) in HOSTILE.items():
+        result = results[lie]
+        assert result.status is status, (lie, result.status, result.reason)
+        assert words in result.reason and "\n" not in result.reason, (lie, result.reason)
+        assert result.image is None and result.response is None
+    assert results["honest"].status is QueryStatus.OK, results["honest"].reason
+    assert again.status is QueryStatus.OK  # the client goes on serving
+
+
+def test_binary_answer_in_protocol_3_is_refused(tmp_path):
+    wallets = {n: create_wallet(n, "hot", tmp_path) for n in ("validator", "miner")}
+    client = MinerClient(wallets["validator"], protocol_versions=(2, 3))
+    hotkey = wallets["miner"].hotkey.ss58_address
+    with BackgroundServer(_hostile_miner(wallets["miner"])) as server:
+        result = asyncio.run(client.query((0, hotkey, server.url), make_request("honest")))
+    assert result.status is QueryStatus.PROTOCOL_MISMATCH
+    assert "binary answer in protocol 3" in result.reason
+
+
+def test_the_miner_refuses_a_binary_request_body_and_serves_on(net):
+    with running_miner(net, StubEngine()) as miner:
+        body = ANSWER_MAGIC + b"\x00\x00\x00\x02{}"
+        headers = sign_request(net.wallets["hi"], method="POST", path="/v1/generate",
+                               body=body, receiver=miner.hotkey)
+        refused = httpx.post(miner.url + "/v1/generate", content=body, headers=headers,
+                             timeout=30)
+        ok = _raw_post(miner, net.wallets["hi"], make_request(seed=9), ANSWER_MEDIA_TYPE)
+    assert refused.status_code == 400 and refused.json()["reason"] == "malformed_json"
+    assert ok.status_code == 200 and ok.headers["content-type"] == ANSWER_MEDIA_TYPE
+
+
+def test_unpack_checks_lengths_before_anything_else():
+    answer = GenerateResponse(request_id="r" * 8, model="m", image="", image_sha256="0" * 64,
+                              miner_hotkey="5x", signature="0x", generation_seconds=0.0,
+                              miner_version="x")
+    png = encode_image(Image.new("RGB", (4, 4)))
+    body = pack_answer(answer, png, "png")
+    assert unpack_answer(body)[1] == png
+    with pytest.raises(BadBody, match="more than 10"):
+        unpack_answer(body, max_image_bytes=10)
+    with pytest.raises(BadBody, match="not WEBP"):
+        unpack_answer(pack_answer(answer, png, "webp"))
+    header = AnswerHeader(image_format="png", image_length=len(png),
+                          answer=answer.model_copy(update={"image": "eA=="}))
+    with pytest.raises(BadBody, match="header carries an image"):
+        unpack_answer(pack(ANSWER_MAGIC, header, [png]))
