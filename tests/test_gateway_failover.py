@@ -90,7 +90,7 @@ def test_killing_the_routed_miner_mid_request_still_delivers(tmp_path, tiny_root
             assert item.miner_hotkey == net.wallets[survivor].hotkey.ss58_address
             assert item.attempts == 2
             assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (128, 128)
-            metrics = httpx.get(gw.url + "/metrics").text
+            metrics = gw.gateway.metrics.render().decode()  # what --metrics.port serves
             assert 'niche_gateway_retries_total{model="flux-schnell"} 1.0' in metrics
             assert 'niche_gateway_miner_failures_total{status="unreachable"} 1.0' in metrics
             # the dead miner is in cooldown: the next request goes straight to the survivor
@@ -137,7 +137,7 @@ def test_a_slow_miner_is_hedged_and_the_first_good_answer_wins(tmp_path, tiny_en
             item = client.images.generate(model="flux-schnell", prompt="hedged").data[0]
             assert slow.waiting.is_set()
             assert item.miner_uid == net.uids["miner2"] and item.attempts == 2
-            metrics = httpx.get(gw.url + "/metrics").text
+            metrics = gw.gateway.metrics.render().decode()  # what --metrics.port serves
             assert 'niche_gateway_hedges_total{model="flux-schnell"} 1.0' in metrics
     finally:
         slow.open.set()
