@@ -34,7 +34,8 @@ def _child(proc: ProcessPlan, log_dir: Path) -> Child:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return Child(name=proc.name, argv=niche_command() + proc.args,
                  log_path=Path(proc.log_path or log_dir / f"{proc.name}.log"),
-                 expected_to_exit=proc.role == "validator", env=env)
+                 expected_to_exit=proc.role == "validator", env=env,
+                 stage=0 if proc.role == "miner" else 1)  # stopped before the miners
 
 
 def _wait_healthy(sup: Supervisor, miners: list[ProcessPlan], timeout: float,

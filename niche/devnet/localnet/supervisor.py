@@ -2,6 +2,10 @@
 
 Children run in their own process group so a stop reaches everything they spawned, and on
 Linux they also receive SIGTERM if localnet itself dies, so nothing is ever orphaned.
+
+Stopping goes by stage, highest first, each stage waited for before the next: the validators
+and the gateway (stage 1) finish their round and their requests while the miners they
+query (stage 0) still answer, so a Ctrl-C never turns into audits against dead miners.
 """
 from __future__ import annotations
 
@@ -104,6 +108,8 @@ class Child:
     log_path: Path
     expected_to_exit: bool = False
     env: dict[str, str] | None = None
+    stage: int = 0
+    """Stop order: the highest stage stops first (and is waited for) before the next."""
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -171,18 +177,21 @@ class Supervisor:
         ]
 
     def stop_all(self) -> None:
-        """SIGTERM every process group, wait, then SIGKILL what is left."""
-        for child in reversed(self.children):
-            child.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        for child in self.children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.signal_group(signal.SIGKILL)
-                child.process.wait(timeout=5)
+        """Stage by stage, highest first: SIGTERM its process groups, wait up to
+        `stop_timeout`, SIGKILL what is left; then the next stage."""
+        for stage in sorted({c.stage for c in self.children}, reverse=True):
+            group = [c for c in reversed(self.children) if c.stage == stage]
+            for child in group:
+                child.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.signal_group(signal.SIGKILL)
+                    child.process.wait(timeout=5)
         # Grandchildren in a group whose leader already exited.
         for child in self.children:
             child.signal_group(signal.SIGKILL, even_if_exited=True)
