@@ -166,6 +166,7 @@ def prepare(
                                                       "localnet", name),
                     "--axon.ip", "127.0.0.1", "--axon.port", str(port),
                     "--model", model, "--model-path", str(root),
+                    "--states.path", str(workdir / "state" / f"{name}-states.sqlite"),
                     "--blacklist.allow_hotkeys", *allow]
             if cheat:
                 args += ["--localnet.cheat", cheat]
