@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
 
+    from niche.earnings import Subnet, Verdict
     from niche.protocol import GenerationParams
 
 PROMPT = "a lighthouse on a rocky coast at dusk, detailed, photograph"
@@ -33,7 +34,9 @@ def register(subparsers) -> None:
         "bench", help="measure and verify this box's generation before registering",
         description="Load the models, time requests at the production defaults, check that "
         "runs are bit-identical and that the output passes the validator's step check "
-        "against a float32 reference. docs/miner.md explains every line.")
+        "against a float32 reference, then give a verdict: the expected score at the measured "
+        "latency on the validators' scoring curve and, with --netuid, the share against the "
+        "miners earning on that subnet. docs/miner.md explains every line.")
     p.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
                    metavar="MODEL", help="models to bench (default flux-schnell)")
     p.add_argument("--runs", type=int, default=5,
@@ -49,6 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the float32 reference and the step check")
     p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    from niche.commands.chain_args import add_chain_args
+
+    add_chain_args(p)  # --netuid: the verdict compares with the miners on that subnet
     from niche.commands.engine_args import add_engine_args
 
     add_engine_args(p.add_argument_group("engine"))
@@ -92,6 +98,8 @@ class ModelResult:
     height: int
     steps: int
     modes: list[ModeResult]
+    timeout: float = 30.0
+    """The validators' deadline for this model's challenges (its config's timeout)."""
     verification: dict[str, Verification] = field(default_factory=dict)  # by memory mode
 
 
@@ -221,12 +229,12 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelResult:
         results.append(result)
         outputs[result.memory_mode] = (params, image, states)
         info = {"dtype": engine.compute_dtype(model), "threads": engine.num_threads,
-                "device": engine.device}
+                "device": engine.device, "timeout": float(engine.spec(model).defaults.timeout)}
         _free(engine)
     out = ModelResult(model=model, device=info["device"], dtype=info["dtype"],
                       threads=info["threads"], width=int(params.width or 0),
                       height=int(params.height or 0), steps=int(params.steps or 0),
-                      modes=results)
+                      modes=results, timeout=info["timeout"])
     if args.verify:
         reference = engine_from_args(args, [model], dtype="float32",
                                      memory_mode=args.reference_memory_mode if on_cuda else None)
@@ -236,20 +244,54 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelResult:
     return out
 
 
+def _subnet(args: argparse.Namespace) -> Subnet | None:
+    """The miners of --netuid, read before minutes of measuring (a wrong netuid fails now)."""
+    if args.netuid is None:
+        return None
+    from niche.chain.base import ChainError
+    from niche.commands.chain_args import chain_from_args
+    from niche.earnings import subnet_from_metagraph
+
+    chain = chain_from_args(args)
+    try:
+        if not chain.subnet_exists(args.netuid):
+            raise ChainError(f"subnet {args.netuid} does not exist on {chain.network}")
+        return subnet_from_metagraph(chain.metagraph(args.netuid), chain.network)
+    finally:
+        chain.close()
+
+
+def model_verdict(r: ModelResult, subnet: Subnet | None) -> Verdict:
+    """The verdict at this model's fastest memory mode (the one an operator would run)."""
+    from niche.earnings import verdict
+
+    best = min(r.modes, key=lambda m: m.median_s)
+    check = r.verification.get(best.memory_mode)
+    return verdict(r.model, best.median_s, best.p90_s, r.timeout,
+                   None if check is None else check.verifies, subnet)
+
+
 def _bench(args: argparse.Namespace) -> int:
     _check_args(args)
     from niche.models.quiet import quiet_libraries
 
+    subnet = _subnet(args)
     quiet_libraries()
     results = [bench_model(args, model) for model in args.models]
     verified = all(v.verifies for r in results for v in r.verification.values())
+    verdicts = [model_verdict(r, subnet) for r in results]
     if args.json:
         print(json.dumps({"models": [asdict(r) for r in results],
                           "bit_identical": all(m.bit_identical for r in results for m in r.modes),
-                          "verifies": verified if args.verify else None}))
+                          "verifies": verified if args.verify else None,
+                          "verdicts": [v.to_dict() for v in verdicts]}))
     else:
+        from niche.earnings import format_verdict
+
         for r in results:
             print(format_table(r))
+        for v in verdicts:
+            print(format_verdict(v))
     return 0
 
 
