@@ -1,633 +1,537 @@
-"""A cheater who has read niche/validator/verify.py: how cheap can an answer be and still
-pass the image check?
+"""A cheater who has read niche/validator/steps.py and audit.py, at production settings.
 
-Each cheat is a cheaper computation (fewer steps, a shorter schedule, no classifier-free
-guidance, lower precision, a smaller image upscaled, another seed's or another prompt's
-image) followed by a search over post-processing (blend / extrapolate two cheap images,
-unsharp mask, colour statistics matched back to the cheap image, gaussian noise) that uses
-the verifier's OWN score as the objective. The search is given the honest reference, so it
-is an upper bound on what a cheater can tune offline on requests it computes honestly.
+For each model and pipeline at the production step count (FLUX.1-schnell 4, FLUX.1-dev and
+Flux-mini 28, Kolors 30 on all four pipelines) and at the calibrated one (4 / 6 / 8), on the
+tiny checkpoints in the production dtype (FLUX bfloat16, Kolors float16), it measures:
 
-For every cheat it prints the compute saved (denoiser evaluations, and measured wall time of
-the cheap computation against the honest one), the best similarity and PSNR found against the
-model's threshold and PSNR floor, whether the old check (similarity only) and the hardened one
-(similarity AND PSNR) accept that best variant, and the detection probability per audited
-answer: the fraction of requests on which the best variant found is rejected.
+- honest variants in the same dtype (another thread count, a fused batch of 2, another
+  attention backend declared in the answer and so reproduced): their worst step error over
+  the threshold, which must stay <= 0.5; and, for reference, another attention backend NOT
+  declared (what the declaration is for: the thresholds are not meant to cover it);
+- cheats, each with a search over its knobs:
+  * caches: the denoiser's output of the previous step reused, or extrapolated linearly
+    from the two before, on the steps where it shows least (the greedy choice dominates any
+    adaptive rule in the style of TeaCache / First-Block-Cache at the same saving, since those
+    also only pick a subset of steps);
+  * CFG (Kolors): the unconditional branch reused from the previous step, or dropped (one
+    batch-1 call) from some step on;
+  * quantized compute: int8 weights and activations (W8A8, per channel / per token) and
+    float8 e4m3 weights and activations, declared as the reference dtype;
+  * fewer steps: half the schedule, its states resampled onto the N-step grid;
+  * low resolution (Kolors): the first steps' UNet run at half resolution, upsampled.
+  For each: the compute saved (denoiser evaluations; W8A8 / fp8 count 25 % per the public
+  figures for int8 / fp8 tensor cores), the worst step error over its threshold, and the
+  probability that one audit catches it under the validator's real plan (`Auditor.plan`:
+  step 0 + `random_steps_needed(N)` random steps). The cache and CFG searches find, per
+  step, the error of cheating there alone; the cheater then takes the least visible steps,
+  and the chosen set is re-run as a real chain and judged by the real `StepChecker` at every
+  step. `--live` also audits each best cheat through a real miner's HTTP /v1/states (the
+  real fetch in the loop) with the real `Auditor`.
 
-Cheats are importable: `CHEATS` maps a name to a `Cheat`, whose `make(ctx, params, image)`
-returns the cheap image(s) and their cost, so a step-check column can be added next to the
-image check without touching the search.
+It ends with the done-when lines: cheats saving >= 5 % caught on < 1/3 of audits, and
+honest variants above half their threshold (both must be 0).
 
-    .venv/bin/python bench/adversary.py [--quick] [--requests 3] [--model-path DIR]
+    PYTHONPATH=. .venv/bin/python bench/adversary.py [--quick] [--requests 2]
+        [--models flux-dev kolors] [--steps production|calibrated|both] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import itertools
+import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import torch
 
+from niche.devnet import step_cheats
+from niche.devnet.pictures import shapes_picture
+from niche.devnet.tiny import ensure_tiny_models
+from niche.models.engine import Engine
 from niche.protocol import GenerationParams, PipelineKind
-from niche.validator.verify import Verdict, Verifier, VerifyConfig, compare
+from niche.validator.audit import MIN_DETECTION, MIN_SAVING, random_steps_needed
+from niche.validator.steps import StepChecker, StepThresholds, step_error
+
+PRODUCTION = {"flux-schnell": 4, "flux-dev": 28, "flux-mini": 28, "kolors": 30}
+CALIBRATED = {"flux-schnell": 4, "flux-dev": 6, "flux-mini": 6, "kolors": 8}
+DTYPE = {"flux-schnell": "bfloat16", "flux-dev": "bfloat16", "flux-mini": "bfloat16",
+         "kolors": "float16"}
+PROMPTS = ("a lighthouse on a cliff at sunset", "a red fox in a snowy forest, watercolor",
+           "a bowl of ramen on a wooden table, studio photograph")
+QUANT_SAVING = 0.25
+"""int8 / fp8 tensor cores against bfloat16 (public W8A8 / fp8 figures, about 25 %)."""
+LAST_RUN: list[Row] = []
 
-PROMPTS = ("a red fox in a snowy forest, watercolor",
-           "an old lighthouse at dusk, oil painting",
-           "a bowl of ramen on a wooden table, studio photograph",
-           "a sailboat on a calm sea, soft colors")
 
-
-@dataclass
-class Context:
-    """What a cheat may use: engines per dtype (the float32 one is the validator's)."""
-
-    engines: dict  # dtype name -> Engine
-    conditioner: Callable[..., Image.Image] | None = None
-
-    @property
-    def base(self):
-        return self.engines["float32"]
-
-
-@dataclass
-class Cheap:
-    """What a cheat computed: one image, or two (cheap, cheaper) that the search may blend,
-    and its cost relative to the honest computation."""
-
-    images: list[Image.Image]
-    seconds: float
-    evals: float
-    """denoiser evaluations (batch-1 equivalents x pixel-area fraction) over the honest ones"""
-
-
-@dataclass(frozen=True)
-class Cheat:
-    name: str
-    make: Callable[[Context, GenerationParams, Image.Image | None], Cheap]
-    applies: Callable[[GenerationParams], bool] = lambda p: True
-    tolerated: bool = False
-    """an honest variant by policy (the validator accepts this precision): must PASS"""
-    note: str = ""
-
-
-# ------------------------------------------------------------------ cheap computations
-def _timed(fn: Callable[[], Image.Image]) -> tuple[Image.Image, float]:
-    started = time.perf_counter()
-    image = fn()
-    return image, time.perf_counter() - started
-
-
-def _cfg(params: GenerationParams) -> int:
-    """Batch-1 denoiser calls per step: 2 with classifier-free guidance (Kolors g > 1)."""
-    return 2 if params.model.startswith("kolors") and (params.guidance or 0) > 1 else 1
-
-
-def _schedulers(engine, model: str) -> list:
-    family = engine.family(model)
-    pipes = family.pipelines().values() if hasattr(family, "pipelines") else [family.pipe]
-    seen: dict[int, object] = {}
-    for pipe in pipes:
-        seen.setdefault(id(pipe.scheduler), pipe.scheduler)
-    return list(seen.values())
-
-
-@contextlib.contextmanager
-def skipping(engine, model: str, skip: Sequence[int]) -> Iterator[None]:
-    """A shorter schedule: the requested N-step schedule with the evaluations at the given
-    indices left out (the sampler jumps from sigma[j-1] straight to sigma[j+1]). Skipping the
-    last index jumps from sigma[N-2] to 0."""
-    import torch
-
-    patched = []
-    for scheduler in _schedulers(engine, model):
-        original = scheduler.set_timesteps
-
-        @functools.wraps(original)  # pipelines inspect its signature (custom sigmas)
-        def shortened(*args, _original=original, _s=scheduler, **kwargs):
-            _original(*args, **kwargs)
-            n = len(_s.timesteps)
-            keep = [i for i in range(n) if i not in set(skip)]
-            _s.timesteps = _s.timesteps[keep]
-            _s.sigmas = torch.cat([_s.sigmas[keep], _s.sigmas[-1:]])
-            if hasattr(_s, "num_inference_steps"):
-                _s.num_inference_steps = len(keep)
-
-        scheduler.set_timesteps = shortened
-        patched.append(scheduler)
-    try:
-        yield
-    finally:
-        for scheduler in patched:
-            del scheduler.set_timesteps  # the instance attribute: the class method is back
-
-
-def _variant(ctx: Context, params: GenerationParams, **changes) -> GenerationParams:
-    return ctx.base.resolve(params.model_copy(update=changes))
-
-
-def fewer_steps(k: Callable[[int], int]) -> Callable:
-    def make(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-        steps = k(params.steps or 1)
-        img, t = _timed(lambda: ctx.base.generate(_variant(ctx, params, steps=steps), image))
-        return Cheap([img], t, steps / params.steps)
-    return make
-
-
-def skip_steps(which: Callable[[int], list[int]]) -> Callable:
-    def make(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-        skip = which(params.steps or 1)
-        with skipping(ctx.base, params.model, skip):
-            img, t = _timed(lambda: ctx.base.generate(params, image))
-        return Cheap([img], t, (params.steps - len(skip)) / params.steps)
-    return make
-
-
-def skip_extrapolated(ctx: Context, params: GenerationParams,
-                      image: Image.Image | None) -> Cheap:
-    """Skip the last step and the last two: the two share every evaluation but one, so a
-    cheater gets both for N-1 evaluations and extrapolates (the search picks the factor)."""
-    n = params.steps or 1
-    with skipping(ctx.base, params.model, [n - 1]):
-        one, t1 = _timed(lambda: ctx.base.generate(params, image))
-    with skipping(ctx.base, params.model, [n - 2, n - 1]):
-        two, t2 = _timed(lambda: ctx.base.generate(params, image))
-    return Cheap([one, two], max(t1, t2), (n - 1) / n)
-
-
-def no_guidance(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-    img, t = _timed(lambda: ctx.base.generate(_variant(ctx, params, guidance=1.0), image))
-    return Cheap([img], t, 0.5)
-
-
-def no_guidance_last(ctx: Context, params: GenerationParams,
-                     image: Image.Image | None) -> Cheap:
-    """Guidance on all but the last step, whose unguided image is blended with the guided
-    N-1-step image (both from one shared prefix in a real cheat: cost (2N-1)/2N)."""
-    n = params.steps or 1
-    with skipping(ctx.base, params.model, [n - 1]):
-        guided, t1 = _timed(lambda: ctx.base.generate(params, image))
-    unguided, t2 = _timed(lambda: ctx.base.generate(_variant(ctx, params, guidance=1.0), image))
-    return Cheap([guided, unguided], t1, (2 * n - 1) / (2 * n))
-
-
-def precision(dtype: str) -> Callable:
-    def make(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-        img, t = _timed(lambda: ctx.engines[dtype].generate(params, image))
-        return Cheap([img], t, 1.0)
-    return make
-
-
-def half_size(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-    w, h = params.size
-    small_params = _variant(ctx, params, width=w // 2, height=h // 2)
-    small_image = image.resize((w // 2, h // 2)) if image is not None else None
-    small, t = _timed(lambda: ctx.base.generate(small_params, small_image))
-    up = [small.resize((w, h), Image.Resampling.BICUBIC),
-          small.resize((w, h), Image.Resampling.LANCZOS)]
-    return Cheap(up, t, 0.25)
-
-
-def _half_size_ok(params: GenerationParams) -> bool:
-    return params.size[0] // 2 >= 32 and (params.size[0] // 2) % 16 == 0
-
-
-def other_seed(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-    """One computation answering for several hotkeys: another challenge's seed."""
-    img = ctx.base.generate(_variant(ctx, params, seed=(params.seed + 1) % 2**32), image)
-    return Cheap([img], 0.0, 0.0)
-
-
-def cached_prompt(ctx: Context, params: GenerationParams, image: Image.Image | None) -> Cheap:
-    """A cached answer to another prompt (same seed, same conditioning image)."""
-    other = PROMPTS[(PROMPTS.index(params.prompt) + 2) % len(PROMPTS)] \
-        if params.prompt in PROMPTS else params.prompt + ", at night"
-    img = ctx.base.generate(_variant(ctx, params, prompt=other), image)
-    return Cheap([img], 0.0, 0.0)
-
-
-def _kolors(params: GenerationParams) -> bool:
-    return params.model.startswith("kolors") and (params.guidance or 0) > 1
-
-
-CHEATS: dict[str, Cheat] = {c.name: c for c in (
-    Cheat("fewer steps (N-1)", fewer_steps(lambda n: max(1, n - 1)),
-          lambda p: (p.steps or 1) > 1),
-    Cheat("half steps (N/2)", fewer_steps(lambda n: max(1, n // 2)),
-          lambda p: (p.steps or 1) > 1),
-    Cheat("skip last step (jump to 0)", skip_steps(lambda n: [n - 1]),
-          lambda p: (p.steps or 1) > 1),
-    Cheat("skip a middle step", skip_steps(lambda n: [n // 2]),
-          lambda p: (p.steps or 1) > 2),
-    Cheat("skip last, extrapolated", skip_extrapolated, lambda p: (p.steps or 1) > 2),
-    Cheat("no CFG (guidance 1)", no_guidance, _kolors),
-    Cheat("no CFG on last step, blended", no_guidance_last, _kolors),
-    Cheat("half size, upscaled", half_size, _half_size_ok),
-    Cheat("other seed's image", other_seed),
-    Cheat("cached answer, other prompt", cached_prompt),
-    Cheat("float16 (ref float32)", precision("float16"), tolerated=True,
-          note="honest precision: must pass"),
-    Cheat("bfloat16 (ref float32)", precision("bfloat16"), tolerated=True,
-          note="honest precision: must pass"),
-)}
-
-
-# ------------------------------------------------------------------ post-processing search
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    import cv2
-
-    return cv2.GaussianBlur(x, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-
-
-def postprocess(images: Sequence[np.ndarray], blend: float, amount: float, sigma: float,
-                match: bool, noise: float, seed: int = 0) -> Image.Image:
-    """images: float32 HxWx3 in [0, 255]. blend a: a*first + (1-a)*second (a > 1
-    extrapolates); unsharp mask x + amount*(x - blur_sigma(x)); per-channel mean/std matched
-    back to the first cheap image; gaussian noise of std `noise` (of 255)."""
-    x = images[0] if len(images) == 1 else blend * images[0] + (1 - blend) * images[1]
-    if amount:
-        x = x + amount * (x - _blur(x, sigma))
-    if match:
-        ref = images[0]
-        mu, sd = x.mean(axis=(0, 1)), x.std(axis=(0, 1)) + 1e-6
-        x = (x - mu) / sd * ref.std(axis=(0, 1)) + ref.mean(axis=(0, 1))
-    if noise:
-        x = x + np.random.default_rng(seed).normal(0.0, noise, x.shape).astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
-
-
-GRID = {
-    "amount": (0.0, 0.25, 0.5, 1.0, 1.5, 2.5),
-    "sigma": (0.5, 1.0),
-    "match": (False, True),
-    "noise": (0.0, 1.0, 2.0, 4.0),
-}
-BLENDS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-
-
-@dataclass
-class Found:
-    verdict: Verdict
-    params: dict
-    old_pass: bool
-
-
-def search(reference: Image.Image, cheap: Cheap, verifier: Verifier, model: str,
-           pipeline: str, refine: int = 24, seed: int = 0) -> tuple[Found, Found]:
-    """Grid, then random refinement around the best. Returns (best for the old check:
-    highest similarity; best for the hardened check: highest normalised margin
-    min(sim - threshold, (psnr - floor) / 20))."""
-    threshold, floor = verifier.threshold(model, pipeline), verifier.psnr_floor(model, pipeline)
-    arrays = [np.asarray(i, dtype=np.float32) for i in cheap.images]
-    blends = BLENDS if len(arrays) > 1 else (1.0,)
-    rng = np.random.default_rng(seed)
-
-    def margin(v: Verdict) -> float:
-        return min(v.similarity - threshold, ((v.psnr or 0.0) - floor) / 20.0)
-
-    best_old: Found | None = None
-    best_new: Found | None = None
-
-    def consider(p: dict) -> None:
-        nonlocal best_old, best_new
-        img = postprocess(arrays, seed=seed, **p)
-        v = verifier.judge(model, reference, img, pipeline)
-        found = Found(v, p, v.similarity >= threshold)
-        if best_old is None or v.similarity > best_old.verdict.similarity:
-            best_old = found
-        if best_new is None or margin(v) > margin(best_new.verdict):
-            best_new = found
-
-    for blend, amount, sigma, match, noise in itertools.product(
-            blends, GRID["amount"], GRID["sigma"], GRID["match"], GRID["noise"]):
-        if amount == 0.0 and sigma != GRID["sigma"][0]:
-            continue
-        consider({"blend": blend, "amount": amount, "sigma": sigma, "match": match,
-                  "noise": noise})
-    for _ in range(refine):
-        assert best_new is not None
-        p = dict(best_new.params)
-        p["blend"] = float(p["blend"] + (rng.normal(0, 0.15) if len(arrays) > 1 else 0.0))
-        p["amount"] = float(max(0.0, p["amount"] + rng.normal(0, 0.2)))
-        p["sigma"] = float(np.clip(p["sigma"] + rng.normal(0, 0.2), 0.3, 2.0))
-        p["noise"] = float(max(0.0, p["noise"] + rng.normal(0, 0.5)))
-        consider(p)
-    assert best_old is not None and best_new is not None
-    return best_old, best_new
-
-
-# ------------------------------------------------------------------ the run
 @dataclass
 class Row:
     model: str
     pipeline: str
-    cheat: Cheat
-    evals: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    honest_seconds: list[float] = field(default_factory=list)
-    old: list[Found] = field(default_factory=list)
-    new: list[Found] = field(default_factory=list)
-    raw_psnr: list[float] = field(default_factory=list)
-    """PSNR of the cheap image itself (no post-processing) against the reference"""
-    step_detect: list[float] = field(default_factory=list)
-    """per request: probability that the validator's step-check plan catches the claimed
-    chain (see `step_detection`)"""
-
-    @property
-    def saved(self) -> float:
-        return 1.0 - float(np.mean(self.evals))
-
-    @property
-    def wall_saved(self) -> float:
-        if not self.seconds or not any(self.seconds):
-            return 1.0
-        return 1.0 - float(np.sum(self.seconds) / np.sum(self.honest_seconds))
-
-    @property
-    def detection(self) -> float:
-        """Fraction of requests on which the best variant for the hardened check fails it."""
-        return float(np.mean([not f.verdict.passed for f in self.new]))
-
-    @property
-    def step_min(self) -> float:
-        """Worst request's step-check detection per audited answer."""
-        return min(self.step_detect) if self.step_detect else float("nan")
-
-    @property
-    def old_detection(self) -> float:
-        return float(np.mean([not f.old_pass for f in self.old]))
+    steps: int
+    name: str
+    honest: bool
+    saved: float
+    worst_ratio: float
+    """worst step error / threshold over the requests (inf: a non-finite error)"""
+    catch: float
+    """probability that one audit catches it (worst request)"""
+    live: float | None = None
+    errors: list[list[float]] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------ the step check's view
-@contextlib.contextmanager
-def recording_states(ctx: Context) -> Iterator[list]:
-    """While open, every `generate` of the cheat's engines also records its sampler states
-    (first call first): the chain the cheater has in hand to claim."""
-    recorded: list = []
-    patched = []
-    for engine in ctx.engines.values():
-        def generate(params, image=None, _engine=engine):
-            picture, states = _engine.generate_with_states(params, image)
-            recorded.append(states)
-            return picture
-
-        engine.generate = generate
-        patched.append(engine)
-    try:
-        yield recorded
-    finally:
-        for engine in patched:
-            del engine.generate  # the instance attribute: the class method is back
+# ------------------------------------------------------------------ engines and requests
+def engines(root: Path, model: str) -> dict[str, Engine]:
+    dtype = DTYPE[model]
+    kw = {"models": [model], "model_root": root, "dtype": dtype, "num_threads": 1}
+    return {"validator": Engine(**kw), "threads2": Engine(**{**kw, "num_threads": 2}),
+            "math": Engine(**kw, attention="math")}
 
 
-def claimed_chain(states: list, n: int, shape: tuple) -> dict | None:
-    """The N states a cheater claims from the M it computed: as they are when M = N, else
-    resampled linearly onto the N-step grid (the adaptive choice: it matches the honest grid
-    where the two coincide). None when the cheap chain has another shape (a smaller image):
-    no claim of the request's shape exists without computing at full size."""
-    import torch
-
-    if not states or tuple(states[0].shape) != shape:
-        return None
-    m = len(states)
-    if m == n:
-        return {i + 1: s for i, s in enumerate(states)}
-    ys = states  # y_1..y_M; the cheater interpolates between its neighbours
-    chain = {}
-    for i in range(1, n + 1):
-        where = i * m / n
-        lo = max(1, min(m, int(where)))
-        hi = min(m, lo + 1)
-        frac = min(1.0, max(0.0, where - lo))
-        chain[i] = ((1 - frac) * ys[lo - 1] + frac * ys[hi - 1]).to(torch.float32)
-    return chain
+def request(model: str, pipeline: PipelineKind, steps: int, i: int) -> GenerationParams:
+    return GenerationParams(model=model, pipeline=pipeline, prompt=PROMPTS[i % len(PROMPTS)],
+                            seed=1000 + i, steps=steps)
 
 
-def step_detection(ctx: Context, params: GenerationParams, image: Image.Image | None,
-                   states: list, answer: Image.Image) -> float:
-    """Probability that one audit catches the claimed chain: the validator's plan is step 0
-    plus `random_steps_needed(N)` others drawn after the answer; the decoded x_N must match
-    the answer."""
-    from math import comb
-
-    from niche.validator.audit import random_steps_needed
-    from niche.validator.steps import StepChecker
-
-    n = int(params.steps or 1)
-    chain = claimed_chain(states, n, tuple(ctx.base.state_shape(params)))
-    if chain is None:
-        return 1.0  # refused for its shape: every audit
-    # declared bfloat16: the loosest tolerance, the cheater's best declaration (and what
-    # honest half-precision miners get)
-    verdict = StepChecker(ctx.base).check(params, image, chain, list(range(n)),
-                                          dtype="bfloat16", answer=answer)
-    failing = {k for k, e in verdict.errors.items() if not e <= verdict.thresholds[k]}
-    if (not verdict.passed and not failing) or 0 in failing:
-        return 1.0  # the decoded image or step 0: every plan sees it
-    k = random_steps_needed(n)
-    bad = len(failing)
-    return 1.0 - comb(n - 1 - bad, k) / comb(n - 1, k) if n > 1 else 0.0
+def cond_image(pipeline: PipelineKind, i: int):
+    return shapes_picture(50 + i, (64, 64)) if pipeline.needs_image else None
 
 
-def run(ctx: Context, verifier: Verifier, model: str, pipeline: PipelineKind, requests: int,
-        cheats: Sequence[str], refine: int) -> list[Row]:
-    rows = {name: Row(model, pipeline.value, CHEATS[name]) for name in cheats}
-    d = ctx.base.spec(model).defaults
-    warm = ctx.base.resolve(GenerationParams(model=model, pipeline=pipeline, prompt="warm up",
-                                             seed=1))
-    warm_cond = (ctx.conditioner(model, pipeline, d.width, d.height, 1)
-                 if pipeline.needs_image and ctx.conditioner is not None else None)
-    for engine in ctx.engines.values():  # first calls pay one-off costs: keep them off the clock
-        engine.generate(warm, warm_cond)
-    for i in range(requests):
-        cond = None
-        if pipeline.needs_image and ctx.conditioner is not None:
-            cond = ctx.conditioner(model, pipeline, d.width, d.height, 1000 + i)
-        params = ctx.base.resolve(GenerationParams(
-            model=model, pipeline=pipeline, prompt=PROMPTS[i % len(PROMPTS)], seed=777 + i))
-        reference, honest_t = _timed(lambda p=params, c=cond: ctx.base.generate(p, c))
-        for row in rows.values():
-            if not row.cheat.applies(params):
-                continue
-            with recording_states(ctx) as recorded:
-                cheap = row.cheat.make(ctx, params, cond)
-            old, new = search(reference, cheap, verifier, model, pipeline.value, refine, i)
-            row.step_detect.append(step_detection(ctx, params, cond, recorded[0],
-                                                  cheap.images[0]) if recorded else 1.0)
-            row.evals.append(cheap.evals)
-            row.seconds.append(cheap.seconds)
-            row.honest_seconds.append(honest_t)
-            row.old.append(old)
-            row.new.append(new)
-            row.raw_psnr.append(compare(reference, cheap.images[0]).psnr)
-    return [r for r in rows.values() if r.new]
+# ------------------------------------------------------------------ the step check of a chain
+def all_errors(engine: Engine, params: GenerationParams, image, chain: dict[int, torch.Tensor],
+               kernels: dict[str, str] | None = None) -> list[float]:
+    """step_error of every step of a claimed chain x_1..x_N, recomputed by `engine`."""
+    full = engine.resolve(params)
+    n = int(full.steps or 0)
+    xs = {0: engine.initial_state(full), **chain}
+    recomputed = engine.recompute_steps(full, image, {k: xs[k] for k in range(n)},
+                                        kernels=kernels)
+    return [step_error(xs[k], xs[k + 1], recomputed[k]) for k in range(n)]
 
 
-def honest_floor(rows: Sequence[Row]) -> float:
-    """Lowest PSNR of an honest (tolerated) variant in this run: the honest noise level."""
-    values = [p for r in rows if r.cheat.tolerated for p in r.raw_psnr]
-    return min(values) if values else float("inf")
+def thresholds_for(checker: StepChecker, params: GenerationParams, n: int) -> list[float]:
+    t = checker.thresholds
+    return [t.threshold(params.model, params.pipeline.value, DTYPE[params.model], k, n)
+            for k in range(n)]
 
 
-def visible(row: Row, honest_db: float) -> bool:
-    """Can the image alone show this cheat? Not when its own image (before any
-    post-processing) is at least as close to the reference as an honest variant is: no
-    image check can reject it without rejecting honest miners. The step check can."""
-    return max(row.raw_psnr) < honest_db
+def catch_probability(visible: Sequence[bool], n: int, k: int | None = None) -> float:
+    """P(one audit recomputes a visible step): step 0 always, k others drawn without
+    replacement from 1..N-1 (`choose_steps`)."""
+    if visible[0]:
+        return 1.0
+    k = random_steps_needed(n) if k is None else k
+    others = n - 1
+    if others <= 0:
+        return 0.0
+    k = min(k, others)
+    hidden = sum(1 for v in visible[1:] if not v)
+    return 1.0 - math.comb(hidden, k) / math.comb(others, k)
 
 
-def print_rows(model: str, pipeline: str, rows: Sequence[Row], verifier: Verifier) -> None:
-    t, f = verifier.threshold(model, pipeline), verifier.psnr_floor(model, pipeline)
-    print(f"\n== {model} / {pipeline}: threshold {t:.3f}, PSNR floor {f:.1f} dB "
-          f"({len(rows[0].new) if rows else 0} requests; best over the post-processing search, "
-          f"worst request shown)")
-    honest_db = honest_floor(rows)
-    print(f"{'cheat':<32}{'evals':>7}{'wall':>7}{'raw psnr':>9}{'old: sim':>9}{'psnr':>6}"
-          f"{'pass':>6}{'new: sim':>9}{'psnr':>6}{'detect':>8}{'step':>6}  verdict")
-    for r in rows:
-        old = max(r.old, key=lambda x: x.verdict.similarity)
-        new = max(r.new, key=lambda x: min(x.verdict.similarity - t,
-                                           ((x.verdict.psnr or 0) - f) / 20))
-        if r.cheat.tolerated:
-            ok = r.detection == 0.0
-            verdict = "passes (honest)" if ok else "REJECTED  <-- WRONG (honest variant)"
-        elif not visible(r, honest_db):
-            verdict = ("rejected" if r.detection == 1.0 else
-                       f"passes on {1 - r.detection:.0%}: within honest noise "
-                       f"({max(r.raw_psnr):.1f} >= {honest_db:.1f} dB), step check needed")
-        else:
-            ok = r.detection == 1.0 or r.saved < 0.05
-            verdict = ("rejected" if r.detection == 1.0 else
-                       f"passes on {1 - r.detection:.0%}" + ("" if ok else "  <-- HOLE"))
-        print(f"{r.cheat.name:<32}{r.saved:>7.0%}{r.wall_saved:>7.0%}{max(r.raw_psnr):>9.1f}"
-              f"{old.verdict.similarity:>9.3f}{old.verdict.psnr or 0:>6.1f}"
-              f"{'yes' if old.old_pass else 'no':>6}{new.verdict.similarity:>9.3f}"
-              f"{new.verdict.psnr or 0:>6.1f}{r.detection:>8.2f}{r.step_min:>6.2f}  {verdict}")
+# ------------------------------------------------------------------ denoiser-output cheats
+Transform = Callable[[int, list, object], object]
+"""(step j, honest outputs so far of steps < j, this step's output) -> the output used."""
 
 
-def detection_table(all_rows: Sequence[Row]) -> dict[str, float]:
-    """Worst (lowest) detection probability of each cheat over the models and pipelines."""
-    out: dict[str, float] = {}
-    for r in all_rows:
-        if not r.cheat.tolerated:
-            out[r.cheat.name] = min(out.get(r.cheat.name, 1.0), r.detection)
+def _map(out, fn):
+    if isinstance(out, tuple):
+        return tuple(_map(o, fn) for o in out)
+    if isinstance(out, torch.Tensor):
+        return fn(out)
     return out
 
 
-def build_context(root: Path, models: Sequence[str], threads: int) -> Context:
-    import torch
+def _zip(a, b, fn):
+    if isinstance(a, tuple):
+        return tuple(_zip(x, y, fn) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return fn(a, b)
+    return a
 
-    from niche.models.engine import Engine
 
-    engines = {dtype: Engine(models=list(models), model_root=root, dtype=dtype,
-                             num_threads=threads)
-               for dtype in ("float32", "float16", "bfloat16")}
-    torch.set_num_threads(threads)
-    from niche.validator.challenges import engine_conditioner
+def reuse(j, history, out):
+    return _map(history[j - 1], torch.clone) if j >= 1 else out
 
-    make = engine_conditioner(engines["float32"])
 
-    def conditioner(model, pipeline, w, h, seed):
-        return make(model, pipeline, w, h, np.random.default_rng(seed))
+def extrapolate(j, history, out):
+    if j < 2:
+        return reuse(j, history, out)
+    return _zip(history[j - 1], history[j - 2], lambda a, b: 2 * a - b)
 
-    return Context(engines, conditioner)
+
+def _halves(fn):
+    def transform(j, history, out):
+        def per_tensor(t, prev=None):
+            if t.ndim == 0 or t.shape[0] != 2:
+                return t
+            return fn(t, prev, j)
+        if fn.__name__ == "uncond_reuse_fn":
+            if j < 1:
+                return out
+            return _zip(out, history[j - 1], lambda a, b: per_tensor(a, b))
+        return _map(out, per_tensor)
+    return transform
+
+
+def uncond_reuse_fn(t, prev, j):  # batch [uncond, cond]: the uncond half from the last step
+    return torch.cat([prev[:1], t[1:]])
+
+
+def drop_cfg_fn(t, prev, j):  # the uncond half replaced by the cond one: guidance has no effect
+    return torch.cat([t[1:], t[1:]])
+
+
+UNCOND_REUSE = _halves(uncond_reuse_fn)
+DROP_CFG = _halves(drop_cfg_fn)
+
+
+@contextmanager
+def hooked(module: torch.nn.Module, transform: Transform | None, steps: Sequence[int],
+           record: list | None = None, order: Sequence[int] | None = None) -> Iterator[None]:
+    """The module's output on the calls of `steps` replaced by `transform`; call i is step
+    order[i] (default: i). `record` collects the outputs actually used."""
+    calls = {"n": 0}
+    wanted = set(steps)
+
+    def hook(mod, args, output):
+        i = calls["n"]
+        calls["n"] += 1
+        j = order[i] if order is not None else i
+        used = output
+        if transform is not None and j in wanted and record is not None:
+            used = transform(j, record, output)
+        if record is not None and order is None:
+            record.append(_map(used, lambda t: t.detach().clone()))
+        return used if used is not output else None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def single_step_errors(engine: Engine, params: GenerationParams, image,
+                       honest_chain: dict[int, torch.Tensor], history: list,
+                       transform: Transform) -> list[float]:
+    """Error at each step j of cheating there alone, from the honest x_j and the honest
+    outputs before it: one recomputation per step (what the cheater's search needs)."""
+    full = engine.resolve(params)
+    n = int(full.steps or 0)
+    xs = {0: engine.initial_state(full), **honest_chain}
+    order = list(range(n))
+    module = step_cheats.denoiser(engine, params.model)
+    used: list = list(history)
+
+    def per_call(j, _record, out):
+        return transform(j, used, out)
+
+    with hooked(module, per_call, order, record=[], order=order):
+        cheated = engine.recompute_steps(full, image, {k: xs[k] for k in order})
+    return [step_error(xs[k], cheated[k], xs[k + 1]) for k in order]
+
+
+def cheat_chain(engine: Engine, params: GenerationParams, image, transform: Transform,
+                steps: Sequence[int]) -> dict[int, torch.Tensor]:
+    module = step_cheats.denoiser(engine, params.model)
+    record: list = []
+    with hooked(module, transform, steps, record=record):
+        return step_cheats.honest(engine, params, image)
+
+
+def honest_history(engine: Engine, params: GenerationParams, image):
+    module = step_cheats.denoiser(engine, params.model)
+    record: list = []
+    with hooked(module, None, (), record=record):
+        chain = step_cheats.honest(engine, params, image)
+    return chain, record
+
+
+# ------------------------------------------------------------------ quantized compute
+def _fake_quant_int8(x: torch.Tensor, dim: int) -> torch.Tensor:
+    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-8) / 127.0
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def _fake_fp8(x: torch.Tensor) -> torch.Tensor:
+    scale = x.abs().amax().clamp(min=1e-8) / 448.0
+    return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+@contextmanager
+def quantized(module: torch.nn.Module, kind: str) -> Iterator[None]:
+    """Every Linear of the denoiser computes on int8 (W8A8: per output channel / per token)
+    or float8 e4m3 (per tensor) weights and activations, dequantized: what the cheap
+    kernels compute, declared as the reference dtype."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    saved = [m.weight.data.clone() for m in linears]
+    handles = []
+    for m in linears:
+        w = m.weight.data.float()
+        m.weight.data = (_fake_quant_int8(w, 1) if kind == "int8" else _fake_fp8(w)
+                         ).to(m.weight.dtype)
+
+        def pre(mod, args):
+            x = args[0]
+            q = _fake_quant_int8(x.float(), -1) if kind == "int8" else _fake_fp8(x.float())
+            return (q.to(x.dtype), *args[1:])
+        handles.append(m.register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w in zip(linears, saved, strict=True):
+            m.weight.data = w
+
+
+# ------------------------------------------------------------------ low resolution (Kolors)
+@contextmanager
+def low_resolution(module: torch.nn.Module, steps: Sequence[int]) -> Iterator[None]:
+    """The UNet's calls of `steps` run on the latent at half size, the output upsampled."""
+    calls = {"n": 0}
+    wanted = set(steps)
+
+    def pre(mod, args, kwargs):
+        j = calls["n"]
+        if j not in wanted:
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        small = torch.nn.functional.interpolate(sample, scale_factor=0.5, mode="bilinear")
+        if args:
+            return (small, *args[1:]), kwargs
+        return args, {**kwargs, "sample": small}
+
+    def post(mod, args, output):
+        j = calls["n"]
+        calls["n"] += 1
+        if j not in wanted:
+            return None
+        return _map(output, lambda t: torch.nn.functional.interpolate(
+            t, scale_factor=2.0, mode="bilinear") if t.ndim == 4 else t)
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = module.register_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+# ------------------------------------------------------------------ one model / pipeline / N
+@dataclass
+class Case:
+    model: str
+    pipeline: PipelineKind
+    steps: int
+    requests: int
+
+
+def visible_of(errors: Sequence[float], thresholds: Sequence[float]) -> list[bool]:
+    return [not e <= t for e, t in zip(errors, thresholds, strict=True)]
+
+
+def worst_ratio(errors: Sequence[float], thresholds: Sequence[float]) -> float:
+    return max((e / t if t > 0 else math.inf) for e, t in zip(errors, thresholds, strict=True))
+
+
+def greedy_sets(ratios: Sequence[float], allowed: Sequence[int], sizes: Sequence[int]
+                ) -> dict[int, list[int]]:
+    """The `size` allowed steps where cheating alone shows least (the cheater's choice)."""
+    ranked = sorted(allowed, key=lambda j: ratios[j])
+    return {s: sorted(ranked[:s]) for s in sizes if s <= len(ranked)}
+
+
+def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bool,
+             live: Callable | None) -> list[Row]:
+    v = eng["validator"]
+    n = case.steps
+    rows: dict[str, Row] = {}
+
+    def add(name, honest, saved, errors, thr):
+        row = rows.setdefault(name, Row(case.model, case.pipeline.value, n, name, honest,
+                                        saved, 0.0, 1.0))
+        row.errors.append([round(e, 6) for e in errors])
+        row.worst_ratio = max(row.worst_ratio, worst_ratio(errors, thr))
+        row.catch = min(row.catch, catch_probability(visible_of(errors, thr), n))
+        return row
+
+    kolors = case.model == "kolors"
+    cfg = kolors
+    sizes = sorted({max(1, math.ceil(MIN_SAVING * n)), max(1, n // 10), max(1, n // 4),
+                    max(1, n // 2)})
+    for i in range(case.requests):
+        params = v.resolve(request(case.model, case.pipeline, n, i))
+        image = cond_image(case.pipeline, i)
+        thr = thresholds_for(checker, params, n)
+        chain, history = honest_history(v, params, image)
+        add("honest (validator's own kernels)", True, 0.0, all_errors(v, params, image, chain),
+            thr)
+        add("honest, 2 threads", True, 0.0,
+            all_errors(v, params, image, step_cheats.honest(eng["threads2"], params, image)),
+            thr)
+        other = params.model_copy(update={"prompt": "a dragon over a castle", "seed": 7})
+        fused = eng["validator"].generate_batch_with_states([(params, image), (other, image)],
+                                                            fuse=True)[0][1]
+        add("honest, fused batch of 2", True, 0.0,
+            all_errors(v, params, image, step_cheats.as_chain(fused)), thr)
+        math_chain = step_cheats.honest(eng["math"], params, image)
+        add("honest, math attention (declared)", True, 0.0,
+            all_errors(v, params, image, math_chain, kernels={"attention": "math"}), thr)
+        add("info: math attention NOT declared", False, 0.0,
+            all_errors(v, params, image, math_chain), thr)
+        # caches and CFG tricks: the cheater's per-step search, then the chosen set for real
+        transforms: list[tuple[str, Transform, float, list[int]]] = [
+            ("cache: reuse output", reuse, 1.0, list(range(1, n))),
+            ("cache: extrapolate output", extrapolate, 1.0, list(range(2, n))),
+        ]
+        if cfg and (params.guidance or 0) > 1:
+            transforms += [("cfg: reuse uncond branch", UNCOND_REUSE, 0.5, list(range(1, n))),
+                           ("cfg: drop guidance", DROP_CFG, 0.5, list(range(n)))]
+        for name, transform, per_step, allowed in transforms:
+            single = single_step_errors(v, params, image, chain, history, transform)
+            ratios = [e / t for e, t in zip(single, thr, strict=True)]
+            for size, chosen in greedy_sets(ratios, allowed, sizes).items():
+                if name == "cfg: drop guidance":  # late steps only: a suffix, as people do
+                    chosen = list(range(n - size, n))
+                cheated = cheat_chain(v, params, image, transform, chosen)
+                errors = all_errors(v, params, image, cheated)
+                row = add(f"{name} x{size}", False, per_step * size / n, errors, thr)
+                if live is not None and i == 0 and not quick:
+                    row.live = live(params, image, cheated)
+        # quantized compute, declared as the reference dtype
+        for kind in ("int8", "fp8"):
+            with quantized(step_cheats.denoiser(v, case.model), kind):
+                cheated = step_cheats.honest(v, params, image)
+            add(f"quantized compute {kind} (W8A8)" if kind == "int8" else
+                "quantized compute fp8 (e4m3)", False, QUANT_SAVING,
+                all_errors(v, params, image, cheated), thr)
+        # fewer steps smoothed onto the grid
+        if n > 1:
+            add("fewer steps (N/2) resampled", False, 0.5,
+                all_errors(v, params, image,
+                           step_cheats.fewer_steps(v, params, image, resample=True)), thr)
+        if kolors:
+            for size in sizes:
+                with low_resolution(step_cheats.denoiser(v, case.model), range(size)):
+                    cheated = step_cheats.honest(v, params, image)
+                add(f"low resolution, first {size} steps", False, 0.75 * size / n,
+                    all_errors(v, params, image, cheated), thr)
+    return list(rows.values())
+
+
+# ------------------------------------------------------------------ the real fetch in the loop
+def live_auditor(root: Path, model: str, audits: int) -> Callable:
+    """Serve a cheat chain from a real miner on 127.0.0.1 and audit it `audits` times with
+    the real Auditor: the fetch (chunked, signed, hashed) in the loop."""
+    from niche.devnet.step_audit import LiveAudit
+
+    harness = LiveAudit(root, model, DTYPE[model])
+
+    def run(params, image, chain) -> float:
+        return harness.catch_rate(params, image, chain, audits)
+
+    return run
+
+
+# ------------------------------------------------------------------ report
+def print_rows(rows: Sequence[Row]) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"\n== {r0.model} / {r0.pipeline}, {r0.steps} steps ({DTYPE[r0.model]}; plan: step 0 "
+          f"+ {random_steps_needed(r0.steps)} random)")
+    print(f"{'variant':<40}{'saved':>7}{'worst err/thr':>15}{'caught/audit':>14}{'live':>7}")
+    for r in rows:
+        live = "" if r.live is None else f"{r.live:.2f}"
+        ratio = "inf" if math.isinf(r.worst_ratio) else f"{r.worst_ratio:.3f}"
+        caught = "-" if r.honest else f"{r.catch:.2f}"
+        print(f"{r.name:<40}{r.saved:>7.0%}{ratio:>15}{caught:>14}{live:>7}")
+
+
+def holes(rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
+    cheats = [r for r in rows if not r.honest and not r.name.startswith("info:")
+              and r.saved >= MIN_SAVING - 1e-9 and r.catch < MIN_DETECTION]
+    honest = [r for r in rows if r.honest and r.worst_ratio > 0.5]
+    return cheats, honest
 
 
 def summary(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
-    """cheat -> (compute saved, detection probability), the worst case over models and
-    pipelines (lowest detection; its smallest saving): what bench/incentives.py takes."""
+    """{cheat: (saved, worst catch probability)} for bench/incentives.py."""
     out: dict[str, tuple[float, float]] = {}
     for r in rows:
-        if r.cheat.tolerated:
+        if r.honest or r.name.startswith("info:"):
             continue
-        saved, q = out.get(r.cheat.name, (1.0, 1.0))
-        out[r.cheat.name] = (min(saved, r.saved), min(q, r.detection))
+        key = f"{r.model}/{r.pipeline}@{r.steps}: {r.name}"
+        out[key] = (r.saved, min(r.catch, out.get(key, (0, 1.0))[1]))
     return out
 
 
-LAST_RUN: list[Row] = []
-"""The rows of the latest main() call in this process (bench/incentives.py --from-adversary)."""
+def quiet_libraries() -> None:
+    """diffusers' and transformers' per-load warnings and progress bars off (the tables
+    are the output)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--tiny", action="store_true", default=True)
-    src.add_argument("--model-path", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true",
-                        help="2 requests, flux txt2img + kolors txt2img, short refinement")
-    parser.add_argument("--requests", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"])
-    parser.add_argument("--pipelines", nargs="+", default=None,
-                        help="kolors pipelines (default: txt2img controlnet-canny; quick: txt2img)")
-    parser.add_argument("--cheats", nargs="+", default=None, choices=list(CHEATS))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    if args.model_path:
-        root = args.model_path
-    else:
-        from niche.devnet.tiny import ensure_tiny_models
-
-        root = ensure_tiny_models()
-    requests = 2 if args.quick else args.requests
-    refine = 8 if args.quick else 24
-    kolors_pipes = args.pipelines or (["txt2img"] if args.quick
-                                      else ["txt2img", "controlnet-canny"])
-    started = time.time()
-    ctx = build_context(root, args.models, args.threads)
-    verifier = Verifier(ctx.base, VerifyConfig())
-    print(f"adversary: reference float32, {args.threads} threads, model root {root}; "
-          f"evals = denoiser evaluations saved, wall = wall time saved (cheap vs honest)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(PRODUCTION))
+    ap.add_argument("--pipelines", nargs="+", default=None,
+                    help="Kolors pipelines (default: all four; --quick: txt2img)")
+    ap.add_argument("--requests", type=int, default=2)
+    ap.add_argument("--steps", choices=("production", "calibrated", "both"), default="both")
+    ap.add_argument("--quick", action="store_true", help="1 request, Kolors txt2img only")
+    ap.add_argument("--live", type=int, default=0, metavar="AUDITS",
+                    help="also audit each best cheat AUDITS times through a real miner")
+    ap.add_argument("--model-path", type=Path, default=None, help="default: tiny checkpoints")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    quiet_libraries()
+    root = args.model_path or ensure_tiny_models()
+    requests = 1 if args.quick else args.requests
+    started = time.perf_counter()
     all_rows: list[Row] = []
     for model in args.models:
-        pipes = [PipelineKind(p) for p in kolors_pipes] if model == "kolors" else [
-            PipelineKind.TXT2IMG]
-        for pipeline in pipes:
-            rows = run(ctx, verifier, model, pipeline, requests, args.cheats or list(CHEATS),
-                       refine)
-            print_rows(model, pipeline.value, rows, verifier)
-            all_rows.extend(rows)
+        eng = engines(root, model)
+        checker = StepChecker(eng["validator"], StepThresholds())
+        live = live_auditor(root, model, args.live) if args.live else None
+        kinds = [PipelineKind.TXT2IMG]
+        if model == "kolors":
+            kinds = ([PipelineKind(p) for p in args.pipelines] if args.pipelines else
+                     [PipelineKind.TXT2IMG] if args.quick else list(PipelineKind))
+        counts = {"production": [PRODUCTION[model]], "calibrated": [CALIBRATED[model]],
+                  "both": sorted({PRODUCTION[model], CALIBRATED[model]}, reverse=True)}
+        for n in counts[args.steps]:
+            for pipeline in kinds:
+                rows = run_case(Case(model, pipeline, n, requests), eng, checker, args.quick,
+                                live)
+                print_rows(rows)
+                sys.stdout.flush()
+                all_rows += rows
     LAST_RUN[:] = all_rows
-    honest_db = {(r.model, r.pipeline): honest_floor([x for x in all_rows if
-                                                      (x.model, x.pipeline) == (r.model,
-                                                                                r.pipeline)])
-                 for r in all_rows}
-    holes = [r for r in all_rows if not r.cheat.tolerated and r.saved >= 0.05
-             and r.detection < 1.0 and visible(r, honest_db[(r.model, r.pipeline)])]
-    invisible = sorted({f"{r.model}/{r.pipeline}: {r.cheat.name}" for r in all_rows
-                        if not r.cheat.tolerated and r.detection < 1.0
-                        and not visible(r, honest_db[(r.model, r.pipeline)])})
-    wrong = [r for r in all_rows if r.cheat.tolerated and r.detection > 0.0]
-    print("\ndetection probability per audited answer (worst over models/pipelines):")
-    for name, p in detection_table(all_rows).items():
-        print(f"  {name:<32}{p:.2f}")
-    if invisible:
-        print("within honest noise, so not rejectable from the image (the step check's job): "
-              + "; ".join(invisible))
-    step_holes = [r for r in all_rows if not r.cheat.tolerated and r.saved >= 0.05
-                  and not r.step_min >= 1 / 3]
-    step_wrong = [r for r in all_rows if r.cheat.tolerated and r.step_detect
-                  and max(r.step_detect) > 0.0]
-    print("\nstep-check detection per audited answer (worst request; plan: step 0 + "
-          "random_steps_needed(N), the claim declared bfloat16):")
-    for r in all_rows:
-        print(f"  {r.model}/{r.pipeline}: {r.cheat.name:<32}{r.step_min:.2f}")
-    print(f"\nimage-side done-when: {len(holes)} image-visible cheat(s) saving >= 5% not "
-          f"always rejected, {len(wrong)} honest variant(s) rejected")
-    print(f"step-side done-when: {len(step_holes)} cheat(s) saving >= 5% caught on < 1/3 of "
-          f"audits, {len(step_wrong)} honest variant(s) failed  ({time.time() - started:.0f}s)")
-    return 0 if not (holes or wrong or step_holes or step_wrong) else 1
+    cheats, honest = holes(all_rows)
+    print(f"\n{time.perf_counter() - started:.0f}s on {torch.get_num_threads()} threads, "
+          f"tiny checkpoints at {root}")
+    print(f"done-when: {len(cheats)} cheat(s) saving >= {MIN_SAVING:.0%} caught on < "
+          f"{MIN_DETECTION:.2f} of audits; {len(honest)} honest variant(s) above half their "
+          "threshold")
+    for r in cheats + honest:
+        print(f"  {r.model}/{r.pipeline}@{r.steps}: {r.name}: saved {r.saved:.0%}, "
+              f"worst {r.worst_ratio:.3f}, caught {r.catch:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in all_rows], indent=1))
+    return 1 if cheats or honest else 0
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _step_check(args: argparse.Namespace, engine, params, image, candidate,
     import random
 
     from niche.errors import InvalidRequest
-    from niche.validator.steps import StepChecker, choose_steps, looser_dtype
+    from niche.validator.steps import StepChecker, choose_steps
 
     states, dtype = loaded
     full = engine.resolve(params)
@@ -98,9 +98,11 @@ def _step_check(args: argparse.Namespace, engine, params, image, candidate,
         except ValueError:
             raise InvalidRequest("a number or 'all'", field="check_steps") from None
         steps = choose_steps(random.Random(args.check_seed), n, k=max(0, k))
-    dtype = looser_dtype(dtype, engine.compute_dtype(full.model))
-    verdict = StepChecker(engine).check(full, image, states, steps, dtype=dtype,
-                                        answer=candidate)
+    checker = StepChecker(engine)
+    problem = checker.unreproducible(full.model, dtype)
+    if problem:  # the check recomputes in the states' own dtype: say which flag gives it
+        raise InvalidRequest(f"{problem}; rerun with --dtype {dtype}", field="states")
+    verdict = checker.check(full, image, states, steps, dtype=dtype, answer=candidate)
     print(json.dumps({
         "match": verdict.passed, "reason": verdict.reason, "compute_dtype": dtype,
         "steps": {str(k): {"error": round(verdict.errors[k], 6),

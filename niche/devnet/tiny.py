@@ -384,8 +384,9 @@ def build_flux(out: Path, model: str = "flux-schnell") -> None:
         # dev/mini: 6 steps at guidance 3.5 (production: 28 steps)
         "defaults": {"steps": 6 if guided else 4, "guidance": 3.5 if guided else 0.0,
                      "width": 64, "height": 64, "max_sequence_length": 64},
+        # max_steps as in production (configs/models): audits run at production N too
         "limits": {"min_size": 32, "max_size": 128, "min_steps": 1,
-                   "max_steps": 12 if guided else 8},
+                   "max_steps": 50 if guided else 8},
     })
     write_single_files(out, out.parent / f"{model}-files", model)
 
@@ -648,7 +649,7 @@ def build_kolors(out: Path, scale: str = "tiny") -> None:
     _write_overrides(out, dims["overrides"] if medium else {
         "cpu_threads": 1,
         "defaults": {"steps": 8, "guidance": 4.0, "width": 64, "height": 64},
-        "limits": {"min_size": 32, "max_size": 128, "max_steps": 20},
+        "limits": {"min_size": 32, "max_size": 128, "max_steps": 50},
     })
 
 

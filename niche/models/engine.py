@@ -191,12 +191,19 @@ class Engine:
 
     def kernels(self, model: str) -> dict[str, str]:
         """The kernel choices that change `model`'s step bits, as answers declare them
-        (`StatesCommitment.kernels`): the attention backend, and the weight storage when it
-        is not the plain dtype's."""
+        (`StatesCommitment.kernels`): the attention backend, the weight storage when it is
+        not the plain dtype's, and torch.compile / fused QKV when the fast path applied them
+        (inductor moved a bfloat16 FLUX.1-dev step by up to 4.3e-2 on CPU: more than a
+        cache does)."""
         declared = {"attention": self.attention}
         quant = self.spec(model).quant
         if quant != "none":
             declared["weights"] = quant
+        for applied in self.family(model).fast_applied:  # the CUDA fast path's bit-changers
+            if applied.startswith("torch.compile"):
+                declared["compile"] = applied.split()[-1]
+            elif applied == "fused qkv":
+                declared["fused_qkv"] = "on"
         return declared
 
     def memory_mode(self, model: str) -> str:

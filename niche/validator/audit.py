@@ -29,7 +29,7 @@ import torch
 
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
-from niche.validator.steps import StepChecker, choose_steps, looser_dtype, states_needed
+from niche.validator.steps import StepChecker, choose_steps, states_needed
 from niche.validator.verify import Verifier
 
 if TYPE_CHECKING:
@@ -86,6 +86,30 @@ class AuditResult:
     similarity for a regeneration."""
     reason: str = ""
     step_errors: dict[int, float] | None = None
+    unavailable: bool = False
+    """The states could not be fetched for availability (miner unreachable or restarted
+    without them, after retries): a fault, not fraud; the answer earns nothing."""
+    unaudited: bool = False
+    """The validator itself failed to audit it (its own error): no verdict, so the answer
+    is neither paid as verified nor held against the miner."""
+    unverifiable: bool = False
+    """The answer declares a dtype or kernels this validator cannot reproduce: it earns
+    nothing (else declaring the unreproducible would dodge every audit), no exclusion."""
+
+    @property
+    def verdict(self) -> str:
+        """passed | failed | unavailable | unverifiable | unaudited (logs and metrics)."""
+        if self.unaudited:
+            return "unaudited"
+        if self.unverifiable:
+            return "unverifiable"
+        if self.unavailable:
+            return "unavailable"
+        return "passed" if self.passed else "failed"
+
+
+def unaudited(reason: str) -> AuditResult:
+    return AuditResult(False, 0.0, reason, unaudited=True)
 
 
 class Auditor:
@@ -97,49 +121,86 @@ class Auditor:
         self.client = client
         self.config = config or AuditConfig()
 
+    def plan(self, draw: random.Random, n_steps: int) -> list[int]:
+        """Steps to recompute for an answer of `n_steps` steps (drawn after it arrived)."""
+        if n_steps < 1:
+            return []
+        k = (self.config.random_steps if self.config.random_steps is not None
+             else random_steps_needed(n_steps))
+        return choose_steps(draw, n_steps, k=k)
+
     async def audit(self, items: Sequence[tuple[Challenge, QueryResult, MinerTarget]],
                     rng: np.random.Generator) -> list[AuditResult]:
-        """One result per item, in order. States are fetched concurrently; the recomputation
-        runs in a worker thread, one answer after another (the engine is one GPU)."""
+        """One result per item, in order; one item's failure never touches another's. States
+        are fetched concurrently (each answer's in as many requests as the protocol bounds
+        need); the recomputation runs in a worker thread, one answer after another (the
+        engine is one GPU)."""
         draw = random.Random(int(rng.integers(2**63)))  # the audit's secret randomness
-        plans = []
-        for challenge, _, _ in items:
-            n = int(challenge.params.steps or 0)
-            k = (self.config.random_steps if self.config.random_steps is not None
-                 else random_steps_needed(n))
-            plans.append(choose_steps(draw, n, k=k) if n else [])
+        plans = [self.plan(draw, int(challenge.params.steps or 0)) for challenge, _, _ in items]
         fetches = await asyncio.gather(*[
-            self.client.fetch_states(target, challenge.request_id, result.response.states,
-                                     states_needed(plan, len(result.response.states.sha256)),
-                                     timeout=self.config.fetch_timeout)
-            for (challenge, result, target), plan in zip(items, plans, strict=True)
-            if result.response is not None and result.response.states is not None])
-        fetched = iter(fetches)
+            self._fetch(challenge, result, target, plan)
+            for (challenge, result, target), plan in zip(items, plans, strict=True)],
+            return_exceptions=True)
         results: list[AuditResult] = []
-        for (challenge, result, _), plan in zip(items, plans, strict=True):
-            answer = result.response
-            if answer is None or answer.states is None or result.image is None:
-                results.append(AuditResult(False, 0.0, "answer committed to no states"))
-                continue
-            fetch = next(fetched)
-            if not fetch.ok:
-                results.append(AuditResult(False, 0.0, f"states: {fetch.reason}"))
-                continue
-            results.append(await asyncio.to_thread(
-                self._check, challenge, result, fetch.states, plan))
+        for (challenge, result, _), plan, fetch in zip(items, plans, fetches, strict=True):
+            if isinstance(fetch, AuditResult):
+                results.append(fetch)
+            elif isinstance(fetch, BaseException):
+                results.append(unaudited(f"validator error while fetching: "
+                                         f"{type(fetch).__name__}: {fetch}"[:300]))
+            else:
+                results.append(await self._check_safely(challenge, result, fetch, plan))
         regenerate = [i for i, r in enumerate(results)
                       if r.passed and rng.random() < self.config.regenerate_fraction]
         if regenerate:
-            await asyncio.to_thread(self._regenerate, items, results, regenerate)
+            try:
+                await asyncio.to_thread(self._regenerate, items, results, regenerate)
+            except Exception as exc:  # the backstop is ours: the step verdicts stand
+                log.error("regeneration backstop failed on the validator's side: %s: %s",
+                          type(exc).__name__, exc)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.verdict] = counts.get(r.verdict, 0) + 1
+        log.info("audited %d answers: %s", len(results),
+                 ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
         return results
+
+    async def _fetch(self, challenge: Challenge, result: QueryResult, target: MinerTarget,
+                     plan: list[int]) -> dict[int, torch.Tensor] | AuditResult:
+        answer = result.response
+        if answer is None or answer.states is None or result.image is None:
+            return AuditResult(False, 0.0, "answer committed to no states")
+        fetch = await self.client.fetch_states(
+            target, challenge.request_id, answer.states,
+            states_needed(plan, len(answer.states.sha256)), timeout=self.config.fetch_timeout)
+        if fetch.validator_error:
+            return unaudited(f"states: {fetch.reason}")
+        if fetch.unavailable:
+            return AuditResult(False, 0.0, f"states: {fetch.reason}", unavailable=True)
+        if not fetch.ok:
+            return AuditResult(False, 0.0, f"states: {fetch.reason}")
+        return fetch.states
+
+    async def _check_safely(self, challenge: Challenge, result: QueryResult,
+                            states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
+        try:
+            return await asyncio.to_thread(self._check, challenge, result, states, plan)
+        except Exception as exc:  # OUR failure (out of memory, a bug): no miner pays for it
+            log.error("audit of %s failed on the validator's side: %s: %s",
+                      challenge.request_id, type(exc).__name__, exc)
+            return unaudited(f"validator error: {type(exc).__name__}: {exc}"[:300])
 
     def _check(self, challenge: Challenge, answer: QueryResult,
                states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
         assert answer.response is not None and answer.response.states is not None
-        dtype = looser_dtype(answer.response.states.compute_dtype,
-                             self.engine.compute_dtype(challenge.params.model))
+        commitment = answer.response.states
+        problem = self.steps.unreproducible(challenge.params.model, commitment.compute_dtype,
+                                            commitment.kernels)
+        if problem:
+            return AuditResult(False, 0.0, problem, unverifiable=True)
         verdict = self.steps.check(challenge.params, challenge.image, states, plan,
-                                   dtype=dtype, answer=answer.image)
+                                   dtype=commitment.compute_dtype, answer=answer.image,
+                                   kernels=commitment.kernels)
         if not verdict.passed:
             return AuditResult(False, 0.0, f"step check: {verdict.reason}", verdict.errors)
         worst = max((verdict.errors[k] / verdict.thresholds[k] for k in verdict.errors

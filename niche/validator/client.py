@@ -40,6 +40,7 @@ from niche.imaging import (
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
+    MAX_STATES_PER_FETCH,
     PROTOCOL_VERSION,
     STATES_PATH,
     SUPPORTED_PROTOCOL_VERSIONS,
@@ -356,33 +357,81 @@ class MinerClient:
     # ------------------------------------------------------------------ states
     async def fetch_states(self, target: TargetLike, request_id: str,
                            commitment: StatesCommitment, indices: Sequence[int], *,
-                           timeout: float = 30.0) -> StatesFetch:
+                           timeout: float = 30.0, retry_delay: float = 0.5) -> StatesFetch:
         """The committed states `indices` (1..N) of an earlier answer, each checked against
-        its hash; never raises for the miner's behaviour (a failed fetch says why)."""
+        its hash; never raises for the miner's behaviour (a failed fetch says why).
+
+        The states go in as many signed requests as `MAX_STATES_PER_FETCH` needs, one after
+        another (a miner's in-flight cap stays free for challenges), all within `timeout`.
+        A request that fails for availability (connection refused or reset, no answer in
+        time, 5xx, 429, states unknown after a restart) is retried until the deadline; what
+        still fails so is `unavailable` (a fault), anything else the miner sent is fraud."""
         t = as_target(target)
         wanted = sorted(set(indices))
         if not t.url:
-            return StatesFetch({}, "no endpoint on chain")
+            return StatesFetch({}, "no endpoint on chain", unavailable=True)
+        if not wanted:
+            return StatesFetch({})
+        deadline = time.monotonic() + max(0.001, timeout)
+        states: dict[int, torch.Tensor] = {}
+        try:
+            async with self._http() as http:
+                for start in range(0, len(wanted), MAX_STATES_PER_FETCH):
+                    chunk = wanted[start:start + MAX_STATES_PER_FETCH]
+                    part = await self._fetch_chunk(http, t, request_id, commitment, chunk,
+                                                   deadline, retry_delay, timeout)
+                    if not part.ok:
+                        return part
+                    states.update(part.states)
+        except Exception as exc:  # signing, our own bugs: the validator's side, not the miner's
+            return StatesFetch({}, f"validator error: {type(exc).__name__}: {exc}"[:300],
+                               validator_error=True)
+        return StatesFetch(states)
+
+    async def _fetch_chunk(self, http: httpx.AsyncClient, t: MinerTarget, request_id: str,
+                           commitment: StatesCommitment, chunk: list[int], deadline: float,
+                           retry_delay: float, timeout: float) -> StatesFetch:
+        """One signed /v1/states request for at most MAX_STATES_PER_FETCH states, retried on
+        faults of availability until `deadline`."""
         body = StatesRequest(protocol_version=self.version_for(t.hotkey), request_id=request_id,
-                             indices=wanted).model_dump_json().encode()
+                             indices=chunk).model_dump_json().encode()
         elements = 1
         for size in commitment.shape:
             elements *= size
-        cap = len(wanted) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
-        try:
-            async with self._http() as http:
+        cap = len(chunk) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
+        attempts = 0
+        while True:
+            attempts += 1
+            left = deadline - time.monotonic()
+            fault = ""
+            if left <= 0:
+                return StatesFetch({}, f"states not sent within {timeout:.0f}s "
+                                       f"({attempts - 1} tries)", unavailable=True)
+            try:
                 status, raw = await asyncio.wait_for(
-                    self._fetch(http, "POST", t.url, STATES_PATH, body, t.hotkey, cap),
-                    timeout=max(0.001, timeout))
-        except (asyncio.TimeoutError, httpx.TimeoutException):
-            return StatesFetch({}, f"states not sent within {timeout:.0f}s")
-        except (BodyTooLarge, _Undecodable) as exc:
-            return StatesFetch({}, str(exc))
-        except Exception as exc:  # unreachable, signing problems: still an answer
-            return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:300])
-        if status != 200:
-            return StatesFetch({}, f"states request refused: HTTP {status}")
-        return await asyncio.to_thread(_read_states, raw, request_id, commitment, wanted)
+                    self._fetch(http, "POST", t.url or "", STATES_PATH, body, t.hotkey, cap),
+                    timeout=left)
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                fault = f"states not sent within {timeout:.0f}s"
+            except httpx.TransportError as exc:  # refused, reset, DNS: the miner is away
+                fault = f"{type(exc).__name__}: {exc}"[:200]
+            except (BodyTooLarge, _Undecodable) as exc:
+                return StatesFetch({}, str(exc))
+            else:
+                if status == 200:
+                    return await asyncio.to_thread(_read_states, raw, request_id,
+                                                   commitment, chunk)
+                if status == 404:  # not kept (restarted without its store, or expired)
+                    return StatesFetch({}, "states request refused: HTTP 404 (states not "
+                                           "kept)", unavailable=True)
+                if status >= 500 or status in (408, 429):
+                    fault = f"states request refused: HTTP {status}"
+                else:
+                    return StatesFetch({}, f"states request refused: HTTP {status}")
+            left = deadline - time.monotonic()
+            if left <= retry_delay:
+                return StatesFetch({}, f"{fault} ({attempts} tries)", unavailable=True)
+            await asyncio.sleep(min(retry_delay * attempts, left - retry_delay))
 
     async def query_many(
         self,
@@ -482,10 +531,14 @@ class MinerClient:
 
 @dataclass
 class StatesFetch:
-    """States fetched for one answer (index -> float32 tensor), or why none can be used."""
+    """States fetched for one answer (index -> float32 tensor), or why none can be used:
+    `unavailable` for faults of availability (the miner could not be reached in time, or no
+    longer had them), `validator_error` for the validator's own failures; neither is fraud."""
 
     states: dict[int, torch.Tensor]
     reason: str = ""
+    unavailable: bool = False
+    validator_error: bool = False
 
     @property
     def ok(self) -> bool:

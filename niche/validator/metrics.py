@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from niche.validator.scoring import Outcome
+from niche.validator.scoring import UNAUDITED, UNAVAILABLE, UNVERIFIABLE, Outcome
 
 
 class ValidatorMetrics:
@@ -39,7 +39,9 @@ class ValidatorMetrics:
         self.round_seconds.set(seconds)
         for o in outcomes:
             self.answers.labels(o.status).inc()
-            if o.audited:
+            if o.status in (UNAVAILABLE, UNAUDITED, UNVERIFIABLE):  # no verdict: a fault or ours
+                self.audits.labels(o.status).inc()
+            elif o.audited:
                 self.audits.labels("pass" if o.audit_passed else "fail").inc()
 
     def weights(self, success: bool, block: int) -> None:

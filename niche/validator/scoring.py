@@ -52,6 +52,13 @@ NO_MODEL = "no_supported_model"
 NO_STATES = "no_states"
 UNAVAILABLE = "states_unavailable"
 """An audited answer whose states could not be fetched (availability, not fraud)."""
+UNVERIFIABLE = "unverifiable"
+"""An audited answer declaring a dtype or kernels the validator cannot reproduce: a zero
+reward (the EMA decays), no exclusion."""
+UNAUDITED = "unaudited"
+"""An answer picked for audit that the validator itself could not audit (its own error, a
+dtype or kernel it cannot reproduce): not paid as verified, and no penalty either: the EMA
+does not move for it."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,8 @@ class ScoreBook:
             if o.audit_passed is False:
                 entry.score = 0.0
                 self.excluded_until[o.hotkey] = round_index + 1 + self.cfg.exclusion_rounds
+                continue
+            if o.status == UNAUDITED:  # no verdict: neither paid nor penalised
                 continue
             if o.unavailable:  # a fault: zero rewards, no exclusion
                 entry.score *= (1.0 - a) ** self.cfg.unavailable_zeros

@@ -39,7 +39,7 @@ from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.runtime import RuntimeWatch, describe, runtime_info
 from niche.validator import scoring
-from niche.validator.audit import AuditConfig, Auditor
+from niche.validator.audit import AuditConfig, Auditor, AuditResult, unaudited
 from niche.validator.challenges import (
     Challenge,
     ChallengeFactory,
@@ -522,18 +522,19 @@ class Validator:
             self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
                       "round: %s: %s", type(exc).__name__, exc)
-            return
+            results = [unaudited(f"validator error: {type(exc).__name__}")] * len(items)
         for uid, result in zip(picked, results, strict=False):
-            o = outcomes[uid]
-            reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
-            outcomes[uid] = replace(o, reason=reason, audited=True, audit_passed=result.passed,
-                                    similarity=round(result.similarity, 4))
+            outcomes[uid] = applied(outcomes[uid], result)
+            if not result.passed:
+                log.info("uid %d audit %s: %s", uid, result.verdict, result.reason)
         failed = []
         for i, result in zip(picked_probes, results[len(picked):], strict=True):
             if result.passed:
                 continue
-            failed.append(i)
+            failed.append(i)  # an unverified probe never counts toward volume
             uid = probes[i][0].uid
+            if result.unaudited or result.unavailable or result.unverifiable:
+                continue  # no verdict on the probe: it only goes uncounted
             outcomes[uid] = replace(outcomes[uid], audited=True, audit_passed=False,
                                     reason=f"{scoring.AUDIT_FAILED}: volume probe: "
                                            f"{result.reason}")
@@ -569,6 +570,11 @@ class Validator:
                 self.organic.record(item.id, None, f"validator error: {type(exc).__name__}")
             return
         for item, result in zip(auditable, results, strict=True):
+            if result.unaudited or result.unavailable or result.unverifiable:  # no fraud
+                log.info("organic request %s left %s: %s", item.challenge.request_id,
+                         result.verdict, result.reason)
+                self.organic.record(item.id, None, f"{result.verdict}: {result.reason}")
+                continue
             self.organic.record(item.id, result.passed, result.reason,
                                 round(result.similarity, 4))
             if result.passed:
@@ -647,6 +653,23 @@ class Validator:
                 f"{report.rewards.get(o.uid, 0.0):>7.3f} {scores.get(o.uid, 0.0):>6.3f}  "
                 f"{o.reason[:80]}")
         return "\n".join(lines)
+
+
+def applied(outcome: Outcome, result: AuditResult) -> Outcome:
+    """`outcome` after its audit: passed, a caught cheat (zero, excluded), a fault of
+    availability (earns nothing, no exclusion) or no verdict at all (the validator's own
+    failure: not paid as verified, no penalty either)."""
+    if result.unaudited:
+        return replace(outcome, status=scoring.UNAUDITED,
+                       reason=f"{scoring.UNAUDITED}: {result.reason}")
+    if result.unverifiable:  # earns nothing (a zero reward), but no caught cheat
+        return replace(outcome, status=scoring.UNVERIFIABLE, audited=True, audit_passed=None,
+                       reason=f"{scoring.UNVERIFIABLE}: {result.reason}")
+    if result.unavailable:
+        return scoring.unavailable(outcome, result.reason)
+    reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
+    return replace(outcome, reason=reason, audited=True, audit_passed=result.passed,
+                   similarity=round(result.similarity, 4))
 
 
 def primaries(challenges: Sequence[Challenge]) -> tuple[list[Challenge], list[Challenge]]:
