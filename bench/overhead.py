@@ -3,16 +3,26 @@ measured side by side in one run on this machine.
 
 The path: the validator's MinerClient signs the request -> HTTP POST on 127.0.0.1 -> the
 miner's auth (bittensor http_auth), blacklist, rate limit, parse, stake queue -> engine
-(with its sampler states) -> PNG encode, sha256, state commitment, answer signature -> the
-client reads the body, decodes the PNG and checks hash and signature.
+(with its sampler states) -> PNG encode (fpng), sha256, state commitment, answer signature
+-> the body (protocol 4: binary, niche/wire.py; protocol 3: JSON with base64) -> the client
+reads it, checks lengths, hash and signature and decodes the PNG.
+
+The client is used as a validator round uses it: one event loop and one HTTP client for the
+whole run (query_many shares one per round). A fresh event loop and httpx client for every
+request, which the previous version of this bench did, costs 20-90 ms on this box (an SSL
+context, a loop, a thread pool, a TCP connection): the box, not the path. (a) prints both.
 
 (a) tiny model, 64x64: median latency of the path / median of a direct
-    `engine.generate_with_states` of the same request and dtype, and the milliseconds added.
-(b) production payload, 1024x1024: the same path around a stand-in engine that sleeps a
-    fixed time (default 1.0 s, what a GPU takes) and returns a 1024x1024 image and four
-    FLUX-sized states (1 MiB each): what the node adds to a real GPU's answer. The image is
-    a real generation of the tiny model upscaled, so PNG sees image-like content.
-(c) requests/second through the path at concurrency 1, 4 and 16 (tiny model).
+    `engine.generate_with_states` of the same request, interleaved, and the ms added.
+(b) 1024x1024: the same path around a stand-in engine that sleeps a fixed time (default
+    1.0 s, what a GPU takes) and returns a 1024x1024 image (a real tiny-model generation
+    upscaled) and four FLUX-sized states (1 MiB each); protocol 4 (binary) and protocol 3
+    (JSON) interleaved; then each phase on the same payload, one at a time.
+(c) requests/second through the path at concurrency 1, 4 and 16 (tiny model), beside the
+    direct engine's rate.
+(d) an audit's states fetch at 1024x1024 for a 30-step Kolors answer (latent 1x4x128x128)
+    and a 28-step FLUX.1-dev one (packed 1x4096x64): the states the Auditor's plan needs
+    (step 0, the random steps it draws for N steps, x_N), in protocol 4 and protocol 3.
 
     .venv/bin/python bench/overhead.py [--requests 15] [--sleep 1.0] [--model flux-schnell]
 """
@@ -20,52 +30,77 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from niche.auth import RequestVerifier, sign_request, sign_response, verify_response  # noqa: E402
 from niche.chain.local import LocalChain  # noqa: E402
 from niche.chain.wallets import create_wallet  # noqa: E402
 from niche.devnet.servers import BackgroundServer  # noqa: E402
+from niche.imaging import bytes_to_image, encode_image, image_sha256, to_b64  # noqa: E402
 from niche.miner.server import create_app  # noqa: E402
-from niche.miner.service import MinerConfig, MinerService  # noqa: E402
-from niche.protocol import GenerateRequest, GenerationParams  # noqa: E402
+from niche.miner.service import Answer, MinerConfig, MinerService  # noqa: E402
+from niche.protocol import GenerateRequest, GenerateResponse, GenerationParams  # noqa: E402
+from niche.states import commit  # noqa: E402
 from niche.validator.client import MinerClient, QueryStatus  # noqa: E402
+from niche.wire import unpack_answer  # noqa: E402
 
 NETUID = 1
+SIDE = 1024
 
 
 class FixedTimeEngine:
-    """A stand-in for a GPU engine: takes `seconds`, answers a fixed 1024x1024 image and
-    four FLUX-sized float32 states. Only the node's own costs vary around it."""
+    """A stand-in for a GPU engine: takes `seconds`, answers a fixed image and fixed float32
+    states. Only the node's own costs vary around it."""
 
-    def __init__(self, real, seconds: float, image: Image.Image):
-        self._real, self.seconds, self.image = real, seconds, image
-        self.states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
-                       for i in range(4)]
+    def __init__(self, real, seconds: float, image: Image.Image, states: list[torch.Tensor],
+                 compute_dtype: str = "bfloat16"):
+        self._real, self.seconds, self.image, self.states = real, seconds, image, states
+        self._dtype = compute_dtype
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
-        return params.model_copy(update={"steps": 4, "guidance": 0.0, "width": 1024,
-                                         "height": 1024})
+        return params.model_copy(update={"steps": len(self.states), "guidance": 0.0,
+                                         "width": self.image.width,
+                                         "height": self.image.height})
 
     def check_image(self, params, image) -> None:
         return None
 
+    def compute_dtype(self, model: str) -> str:
+        return self._dtype
+
     def generate_with_states(self, params, image=None):
-        time.sleep(self.seconds)
+        if self.seconds:
+            time.sleep(self.seconds)
         return self.image, list(self.states)
+
+
+class CountingClient(MinerClient):
+    """MinerClient that counts the body bytes it receives (for (d))."""
+
+    received = 0
+
+    async def _exchange(self, *args, **kwargs):
+        status, media, raw = await super()._exchange(*args, **kwargs)
+        self.received += len(raw)
+        return status, media, raw
 
 
 def _network(root: Path):
@@ -77,36 +112,14 @@ def _network(root: Path):
     return chain, wallets
 
 
-def _request(model: str, seed: int, **params) -> GenerateRequest:
-    return GenerateRequest(request_id=uuid.uuid4().hex, timeout=120.0,
-                           params=GenerationParams(model=model, prompt="a red circle on a blue "
-                                                   "background", seed=seed, **params))
-
-
-async def _path_latencies(client: MinerClient, target, requests) -> list[float]:
-    out = []
-    for request in requests:
-        started = time.perf_counter()
-        result = await client.query(target, request)
-        out.append(time.perf_counter() - started)
-        if result.status is not QueryStatus.OK:
-            raise SystemExit(f"the path failed: {result.status} {result.reason}")
-    return out
-
-
-async def _throughput(client: MinerClient, target, model: str, concurrency: int,
-                      total: int) -> float:
-    queue = [_request(model, 1000 + i) for i in range(total)]
-
-    async def worker() -> None:
-        while queue:
-            result = await client.query(target, queue.pop())
-            if result.status is not QueryStatus.OK:
-                raise SystemExit(f"throughput run failed: {result.status} {result.reason}")
-
-    started = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    return total / (time.perf_counter() - started)
+def _request(model: str, seed: int, version: int | None = None, **params) -> GenerateRequest:
+    request = GenerateRequest(request_id=uuid.uuid4().hex, timeout=120.0,
+                              params=GenerationParams(model=model, seed=seed,
+                                                      prompt="a red circle on a blue "
+                                                      "background", **params))
+    if version is not None:
+        request = request.model_copy(update={"protocol_version": version})
+    return request
 
 
 def _serve(engine, chain, wallets):
@@ -116,6 +129,195 @@ def _serve(engine, chain, wallets):
     return service, BackgroundServer(create_app(service, refresh_metagraph=False)).start()
 
 
+async def _timed_query(client: MinerClient, target, request, http) -> float:
+    started = time.perf_counter()
+    result = await client.query(target, request, http=http)
+    elapsed = time.perf_counter() - started
+    if result.status is not QueryStatus.OK:
+        raise SystemExit(f"the path failed: {result.status} {result.reason}")
+    return elapsed
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f} ms"
+
+
+# ----------------------------------------------------------------------------- (a), (c)
+async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[str, float]:
+    """Interleaved: direct engine call, the path on the round's client, the path with a
+    fresh event-loop-less client per request (what the old bench measured, minus the loop)."""
+    direct, path, fresh = [], [], []
+    async with client._http() as http:
+        for seed in range(3):  # warm-up: first calls allocate
+            await _timed_query(client, target, _request(model, seed), http)
+        for i in range(n):
+            request = _request(model, 100 + i)
+            started = time.perf_counter()
+            engine.generate_with_states(engine.resolve(request.params))
+            direct.append(time.perf_counter() - started)
+            path.append(await _timed_query(client, target, _request(model, 200 + i), http))
+            started = time.perf_counter()
+            async with client._http() as own:
+                await _timed_query(client, target, _request(model, 300 + i), own)
+            fresh.append(time.perf_counter() - started)
+    return {"direct": statistics.median(direct), "path": statistics.median(path),
+            "fresh": statistics.median(fresh)}
+
+
+async def throughput(client: MinerClient, target, model: str, concurrency: int,
+                     total: int) -> float:
+    queue = [_request(model, 1000 + i) for i in range(total)]
+    async with client._http() as http:
+        async def worker() -> None:
+            while queue:
+                await _timed_query(client, target, queue.pop(), http)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return total / (time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- (b)
+async def big_path(client: MinerClient, target, model: str, n: int) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {4: [], 3: []}
+    async with client._http() as http:
+        for version in (4, 3):
+            await _timed_query(client, target, _request(model, 1, version), http)
+        for i in range(n):
+            for version in (4, 3):
+                out[version].append(await _timed_query(
+                    client, target, _request(model, 300 + i, version), http))
+    return out
+
+
+def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
+           ) -> list[tuple[str, float, float]]:
+    """(phase, protocol 4 ms, protocol 3 ms) on one 1024x1024 answer, one at a time."""
+    keypair = wallet.hotkey
+    png = encode_image(image)
+    digest = image_sha256(png)
+    commitment = commit(states, "bfloat16")
+    signature = sign_response(keypair, "req-00000001", digest, commitment.digest())
+    response = GenerateResponse(request_id="req-00000001", model="flux-schnell", image="",
+                                image_sha256=digest, miner_hotkey=keypair.ss58_address,
+                                signature=signature, generation_seconds=1.0,
+                                miner_version="x", states=commitment)
+    answer = Answer(response, png)
+    binary, text = answer.binary_body(), answer.json_body()
+    request_body = _request("flux-schnell", 1).model_dump_json().encode()
+    verifier = RequestVerifier(keypair.ss58_address)
+
+    def request_auth() -> None:
+        headers = sign_request(wallet, method="POST", path="/v1/generate", body=request_body,
+                               receiver=keypair.ss58_address)
+        verifier.verify(headers, request_body, method="POST", path="/v1/generate")
+
+    def json_read() -> None:
+        parsed = GenerateResponse.model_validate_json(text)
+        import base64
+        base64.b64decode(parsed.image, validate=True)
+
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    app = FastAPI()
+
+    @app.get("/v4")
+    def v4() -> Response:
+        return Response(binary, media_type="application/octet-stream")
+
+    @app.get("/v3")
+    def v3() -> Response:
+        return Response(text, media_type="application/json")
+
+    r = repeats
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+        transfer4 = _median_ms(lambda: http.get("/v4").content, r)
+        transfer3 = _median_ms(lambda: http.get("/v3").content, r)
+    encode = _median_ms(lambda: encode_image(image), r)
+    sha = _median_ms(lambda: image_sha256(png), r)
+    decode = _median_ms(lambda: bytes_to_image(png), r)
+    sign = _median_ms(lambda: sign_response(keypair, "req-00000001", digest,
+                                            commitment.digest()), r)
+    verify = _median_ms(lambda: verify_response(keypair.ss58_address, "req-00000001", digest,
+                                                signature, commitment.digest()), r)
+    return [
+        ("request signature + its check (auth)", *[_median_ms(request_auth, r)] * 2),
+        ("PNG encode (fpng)", encode, encode),
+        ("sha256 of the PNG", sha, sha),
+        ("sha256 of 4 x 1 MiB states (commitment)",
+         *[_median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
+        ("answer signature (sr25519)", sign, sign),
+        ("body: binary pack / base64 + JSON dump",
+         _median_ms(answer.binary_body, r), _median_ms(answer.json_body, r)),
+        ("HTTP transfer of the body (127.0.0.1)", transfer4, transfer3),
+        ("body: unpack + header / JSON + base64 decode",
+         _median_ms(lambda: unpack_answer(binary), r), _median_ms(json_read, r)),
+        ("sha256 of the PNG (validator)", sha, sha),
+        ("signature check", verify, verify),
+        ("PNG decode (Pillow, capped)", decode, decode),
+        ("base64 for response.image (organic queue)", _median_ms(lambda: to_b64(png), r), 0.0),
+    ]
+
+
+# ----------------------------------------------------------------------------- (d)
+def audit_indices(n_steps: int, seed: int = 0) -> list[int]:
+    from niche.validator.audit import random_steps_needed
+    from niche.validator.steps import choose_steps, states_needed
+
+    plan = choose_steps(random.Random(seed), n_steps, k=random_steps_needed(n_steps))
+    return states_needed(plan, n_steps)
+
+
+async def audit_fetch(engine, chain, wallets, label: str, shape: tuple[int, ...],
+                      n_steps: int, repeats: int) -> None:
+    states = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
+              for i in range(n_steps)]
+    small = FixedTimeEngine(engine, 0.0, Image.new("RGB", (64, 64), (1, 2, 3)), states)
+    service, server = _serve(small, chain, wallets)
+    target = (1, service.hotkey, server.url)
+    indices = audit_indices(n_steps)
+    state_mib = states[0].numel() * 4 / 2**20
+    print(f"    {label}: {n_steps} states of {'x'.join(map(str, shape))} "
+          f"({state_mib:.2f} MiB each); the audit fetches {len(indices)}: {indices}")
+    try:
+        for version in (4, 3):
+            client = CountingClient(wallets["vali"], protocol_versions=(version,))
+            times, sizes = [], []
+            for i in range(repeats + 1):
+                async with client._http() as http:
+                    result = await client.query(target, _request("flux-schnell", i), http=http)
+                assert result.ok and result.response is not None, result.reason
+                commitment = result.response.states
+                assert commitment is not None
+                client.received = 0
+                started = time.perf_counter()
+                fetched = await client.fetch_states(target, result.response.request_id,
+                                                    commitment, indices)
+                elapsed = time.perf_counter() - started
+                if not fetched.ok:
+                    raise SystemExit(f"states fetch failed: {fetched.reason}")
+                if i:  # the first is a warm-up
+                    times.append(elapsed)
+                    sizes.append(client.received)
+            print(f"      protocol {version}: {statistics.median(times) * 1000:7.1f} ms "
+                  f"(median of {repeats}), {statistics.median(sizes) / 2**20:6.2f} MiB on the "
+                  f"wire per audit ({len(indices) * state_mib:.2f} MiB of states)")
+    finally:
+        server.stop()
+        service.close()
+
+
+# ----------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=15, help="requests per measurement")
@@ -130,55 +332,66 @@ def main() -> int:
 
     quiet_libraries()
     engine = Engine(models=[args.model], model_root=ensure_tiny_models(), device="cpu")
+    n = args.requests
     with tempfile.TemporaryDirectory() as tmp:
         chain, wallets = _network(Path(tmp))
         client = MinerClient(wallets["vali"])
 
-        # (a) tiny: direct engine call vs the full path, interleaved per request
+        # (a) tiny and (c) throughput
         service, server = _serve(engine, chain, wallets)
         target = (1, service.hotkey, server.url)
-        for seed in range(2):  # warm-up: first calls allocate
-            asyncio.run(_path_latencies(client, target, [_request(args.model, seed)]))
-        direct, path = [], []
-        for i in range(args.requests):
-            request = _request(args.model, 100 + i)
-            started = time.perf_counter()
-            engine.generate_with_states(engine.resolve(request.params))
-            direct.append(time.perf_counter() - started)
-            path += asyncio.run(_path_latencies(client, target, [_request(args.model, 200 + i)]))
-        d, p = statistics.median(direct), statistics.median(path)
-        print(f"(a) tiny {args.model} 64x64, {args.requests} requests, CPU "
-              f"{torch.get_num_threads()} thread(s)")
-        print(f"    direct engine   {d * 1000:8.1f} ms (median)")
-        print(f"    signed path     {p * 1000:8.1f} ms (median)")
-        print(f"    ratio {p / d:.3f}   added {(p - d) * 1000:.1f} ms   (target <= 1.10, < 10 ms)")
-
-        rates = {c: asyncio.run(_throughput(client, target, args.model, c, args.requests * 2))
+        a = asyncio.run(tiny(engine, client, target, args.model, n))
+        rates = {c: asyncio.run(throughput(client, target, args.model, c, n * 2))
                  for c in (1, 4, 16)}
         server.stop()
         service.close()
+        d, p, f = a["direct"], a["path"], a["fresh"]
+        print(f"(a) tiny {args.model} 64x64, {n} requests interleaved, CPU "
+              f"{torch.get_num_threads()} thread(s)")
+        print(f"    direct engine call            {_ms(d)} (median)")
+        print(f"    signed path                   {_ms(p)} (median)")
+        print(f"    ratio {p / d:.3f}   added {(p - d) * 1000:.1f} ms   (target <= 1.10, < 10 ms)")
+        print(f"    with a new HTTP client per request (not the validator's path): "
+              f"{_ms(f).strip()}, added {(f - d) * 1000:.1f} ms")
 
-        # (b) 1024x1024 payload around a fixed-time stand-in
+        # (b) 1024x1024 around a fixed-time stand-in
         small = engine.generate(engine.resolve(_request(args.model, 7).params))
-        big = small.resize((1024, 1024), Image.Resampling.BICUBIC)
-        stand_in = FixedTimeEngine(engine, args.sleep, big)
+        big = small.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+        flux_states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
+                       for i in range(4)]
+        stand_in = FixedTimeEngine(engine, args.sleep, big, flux_states)
         service, server = _serve(stand_in, chain, wallets)
         target = (1, service.hotkey, server.url)
-        asyncio.run(_path_latencies(client, target, [_request(args.model, 1)]))
-        n = max(3, args.requests // 3)
-        big_path = asyncio.run(_path_latencies(
-            client, target, [_request(args.model, 300 + i) for i in range(n)]))
+        m = max(5, n // 2)
+        runs = asyncio.run(big_path(client, target, args.model, m))
         server.stop()
         service.close()
-        b = statistics.median(big_path)
-        print(f"(b) 1024x1024 answer (PNG + 4 x 1 MiB state commitment) around a "
-              f"{args.sleep:.2f} s stand-in, {n} requests")
-        print(f"    signed path     {b * 1000:8.1f} ms (median)")
-        print(f"    ratio {b / args.sleep:.3f}   added {(b - args.sleep) * 1000:.1f} ms   "
-              f"(target <= 1.05, < 50 ms)")
-        print("(c) requests/second through the signed path (tiny model)")
+        png = encode_image(big)
+        print(f"(b) 1024x1024 answer (PNG {len(png) / 2**20:.2f} MiB + commitment to 4 x 1 MiB "
+              f"states) around a {args.sleep:.2f} s stand-in, {m} requests each, interleaved")
+        for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
+            b = statistics.median(runs[version])
+            print(f"    {label} {_ms(b)} (median)   ratio {b / args.sleep:.3f}   added "
+                  f"{(b - args.sleep) * 1000:.1f} ms")
+        print("    target: the node adds < 30 ms")
+        rows = phases(big, flux_states, wallets["miner"], 7)
+        print(f"    each phase alone (median of 7)        {'protocol 4':>11} {'protocol 3':>11}")
+        for name, v4, v3 in rows:
+            print(f"      {name:<44} {v4:7.2f} ms  {v3:7.2f} ms")
+        print(f"      {'sum':<44} {sum(r[1] for r in rows):7.2f} ms  "
+              f"{sum(r[2] for r in rows):7.2f} ms")
+
+        print(f"(c) requests/second through the signed path (tiny model; the engine alone: "
+              f"{1 / d:.1f}/s)")
         for c, rate in rates.items():
             print(f"    concurrency {c:>2}: {rate:6.1f} req/s")
+
+        # (d) an audit's states fetch
+        print("(d) an audit's states fetch at 1024x1024 (127.0.0.1)")
+        for label, shape, steps in (("Kolors 30 steps", (1, 4, 128, 128), 30),
+                                    ("FLUX.1-dev 28 steps", (1, 4096, 64), 28)):
+            asyncio.run(audit_fetch(engine, chain, wallets, label, shape, steps,
+                                    max(3, n // 5)))
         chain.close()
     return 0
 

@@ -202,9 +202,11 @@ def _to_rgb(img: Image.Image, field: str) -> Image.Image:
     elif mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     try:
-        return _clean_rgb(img)
+        rgb = img.convert("RGB")  # a plain Image (one copy; RGB stays RGB), not the file
     except (ValueError, OSError) as exc:
         raise InvalidRequest(f"unsupported image mode {mode}: {exc}", field=field) from None
+    rgb.info = {}  # nothing but pixels leaves the decoder
+    return rgb
 
 
 def decode_image(text: str, *, field: str = "image",
