@@ -39,6 +39,20 @@ def test_openai_client_against_localnet_and_niche_verify(tmp_path, tiny_root):
                               line)
         assert match, "".join(seen)
         url, key = match.groups()
+        # localnet names its gateway's key database and the command that adds a key there
+        keys_line = proc.stdout.readline()
+        seen.append(keys_line)
+        where = re.search(r"gateway keys: (\S+); another key: (niche gateway keys create .*)$",
+                          keys_line.strip())
+        assert where and where.group(1) == str(tmp_path / "ln" / "gateway" / "gateway.sqlite"), \
+            keys_line
+        command = where.group(2).replace("NAME", "second").split() + ["--json"]
+        made = subprocess.run(NICHE + command[1:], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert made.returncode == 0, made.stderr
+        second = json.loads(made.stdout)["key"]
+        listed = openai.OpenAI(api_key=second, base_url=f"{url}/v1", max_retries=0)
+        assert [m.id for m in listed.models.list().data] == ["flux-schnell"]  # not a 401
         client = openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0)
         answer = client.images.generate(model="flux-schnell", prompt="a red lighthouse", n=2,
                                         size="64x64", response_format="b64_json")
