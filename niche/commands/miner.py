@@ -160,25 +160,25 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args)
     log = logging.getLogger("niche.miner")
-    from niche.commands.chain_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import wallet_from_args
+    from niche.commands.startup import configuration_errors, open_chain
     from niche.miner.server import bind_socket, serve
 
-    config = config_from_args(args)
-    wallet = wallet_from_args(args)
-    config.states_path = states_path_from_args(args, wallet.hotkey.ss58_address)
-    if config.states_path is not None:  # an unwritable file: one line now, not after loading
-        from niche.miner.state_store import DiskStates
+    # Configuration first, each error one line and exit 2 (pm2 holds it), before minutes
+    # of model loading: flags, wallet and hotkey, states file, chain file and subnet.
+    with configuration_errors():
+        config = config_from_args(args)
+        wallet = wallet_from_args(args)
+        config.states_path = states_path_from_args(args, wallet.hotkey.ss58_address)
+        if config.states_path is not None:  # an unwritable file
+            from niche.miner.state_store import DiskStates
 
-        DiskStates(config.states_path, config.states_max_bytes, config.states_ttl).close()
-    chain = chain_from_args(args)
+            DiskStates(config.states_path, config.states_max_bytes, config.states_ttl).close()
+    chain = open_chain(args, args.netuid)
     from niche.miner.service import MinerService
 
-    # Cheap checks first: registration and the port, before minutes of model loading.
+    # The registration (exit 3), then the ports and the models (exit 2).
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
-    bind_socket(args.axon_ip, args.axon_port).close()
-    from niche.commands.metrics_args import check_metrics_port
-
-    check_metrics_port(args)  # a busy --metrics.port too, before the models load
     from niche.commands.engine_args import (
         backend_engine_from_args,
         model_dirs_from_args,
@@ -188,9 +188,14 @@ def _run(args: argparse.Namespace) -> int:
     from niche.models.engine import ImageEngine, resolve_device
     from niche.models.variants import check_models
 
-    # a quantized variant that does not verify at its model's reference is refused here
-    check_models(args.models, model_root_from_args(args), model_dirs_from_args(args),
-                 quants_from_args(args))
+    with configuration_errors():
+        bind_socket(args.axon_ip, args.axon_port).close()
+        from niche.commands.metrics_args import check_metrics_port
+
+        check_metrics_port(args)  # a busy --metrics.port too
+        # a quantized variant that does not verify at its model's reference is refused here
+        check_models(args.models, model_root_from_args(args), model_dirs_from_args(args),
+                     quants_from_args(args))
     log.info("loading %s on %s (%s backend)", ", ".join(args.models),
              resolve_device(args.device), args.engine_backend)
     engine: ImageEngine = backend_engine_from_args(args, args.models)

@@ -209,28 +209,40 @@ def _run(args: argparse.Namespace) -> int:
     from niche.commands.logging_args import setup_logging_from_args
 
     setup_logging_from_args(args, "niche-validator")
-    config = build_config(args)
-    from niche.commands.metrics_args import check_metrics_port
+    from niche.commands.startup import configuration_errors, open_chain
 
-    check_metrics_port(args)  # a busy port: one line now, not after the models load
-    if getattr(args, "dashboard_port", None) is not None:
-        from niche.metrics_server import check_port_free
+    # Configuration first, each error one line and exit 2 (pm2 holds it), before minutes
+    # of model loading: flags, ports, models, wallet and hotkey, chain file and subnet.
+    with configuration_errors():
+        config = build_config(args)
+        from niche.commands.metrics_args import check_metrics_port
 
-        check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard.port")
-    from niche.chain.base import ChainError
+        check_metrics_port(args)  # a busy port: one line now, not after the models load
+        if getattr(args, "dashboard_port", None) is not None:
+            from niche.metrics_server import check_port_free
+
+            check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard.port")
+        from niche.commands.engine_args import (
+            model_dirs_from_args,
+            model_root_from_args,
+            quants_from_args,
+        )
+        from niche.models.variants import check_models
+
+        check_models(list(config.models), model_root_from_args(args),
+                     model_dirs_from_args(args), quants_from_args(args))
     from niche.chain.registration import require_permit
-    from niche.commands.chain_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import wallet_from_args
     from niche.commands.engine_args import engine_from_args
     from niche.validator.client import MinerClient
     from niche.validator.service import Validator, version_key
     from niche.validator.state import ValidatorState, default_state_path, legacy_state_notice
 
-    wallet = wallet_from_args(args)
-    chain = chain_from_args(args)
+    with configuration_errors():
+        wallet = wallet_from_args(args)
+    chain = open_chain(args, config.netuid)
     try:
-        # Cheap checks first: the subnet and the registration, before minutes of loading.
-        if not chain.subnet_exists(config.netuid):
-            raise ChainError(f"subnet {config.netuid} does not exist on {chain.network}")
+        # Cheap checks first: the registration, before minutes of loading.
         hotkey = wallet.hotkey.ss58_address
         neuron = chain.metagraph(config.netuid).require(hotkey, "validator")
         if not config.wait_for_permit:
