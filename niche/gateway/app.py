@@ -81,11 +81,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             body = _parse(fields)
             model = body.model if body.model in gateway.catalog.specs else "-"
             if body.stream:
-                job = await gateway.prepare(key, body)
                 if body.response_format == "url":
-                    gateway.keys.refund(key, body.n)
                     raise bad_request("response_format: a stream sends b64_json images; "
                                       "drop response_format=url", "response_format")
+                job = await gateway.prepare(key, body)
                 gateway.metrics.requests.labels(model, "200").inc()
                 return StreamingResponse(
                     _stream(gateway, job, event, str(request.base_url), request),

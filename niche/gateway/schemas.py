@@ -21,7 +21,8 @@ StrictBool = Annotated[bool, Field(strict=True)]
 
 
 class ImagesRequest(BaseModel):
-    """POST /v1/images/generations."""
+    """POST /v1/images/generations (JSON), and /edits and /variations (their form fields,
+    typed by niche/gateway/forms.py, with the uploaded image as `image`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
