@@ -235,3 +235,66 @@ def test_unpack_checks_lengths_before_anything_else():
                           answer=answer.model_copy(update={"image": "eA=="}))
     with pytest.raises(BadBody, match="header carries an image"):
         unpack_answer(pack(ANSWER_MAGIC, header, [png]))
+
+
+class _MediaClient(MinerClient):
+    """The validator's client, noting the media type each miner answered with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.media: dict[str, set[str]] = {}
+
+    async def _exchange(self, http, method, url, path, body, receiver, cap,
+                        accept="application/json"):
+        status, media, raw = await super()._exchange(http, method, url, path, body, receiver,
+                                                     cap, accept)
+        if path == "/v1/generate":
+            self.media.setdefault(receiver, set()).add(media)
+        return status, media, raw
+
+
+def test_a_validator_round_with_a_protocol_3_and_a_protocol_4_miner(tmp_path, tiny_engine):
+    """The whole round (info, challenge, answer, states fetch, step-check audit, scores,
+    weights) on the real tiny Engine: the protocol-3 miner answers JSON, the protocol-4 one
+    binary, both verified and weighted."""
+    from niche.chain.local import LocalChain
+    from niche.miner.server import create_app
+    from niche.miner.service import MinerConfig, MinerService
+    from niche.validator.service import Validator, ValidatorConfig
+    from niche.validator.state import ValidatorState
+
+    wallets = {n: create_wallet(n, "hot", tmp_path / "w") for n in ("validator", "old", "new")}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(1, weights_rate_limit=0)
+    chain.register(1, wallets["validator"], stake=100.0)
+    uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
+    running = []
+    try:
+        for name, versions in (("old", (2, 3)), ("new", (2, 3, 4))):
+            service = MinerService(tiny_engine, wallets[name], MinerConfig(
+                netuid=1, requests_per_minute=0, protocol_versions=versions), chain=chain)
+            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
+            service.announce("127.0.0.1", server.port)
+            running.append((service, server))
+        config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1, round_interval=0,
+                                 audit_fraction=1.0, seed=12, epoch_length=1)
+        client = _MediaClient(wallets["validator"])
+        with ValidatorState(tmp_path / "state.db") as state:
+            validator = Validator(config, chain, wallets["validator"], tiny_engine, client,
+                                  state)
+            assert validator.run() == 0
+    finally:
+        for service, server in running:
+            server.stop()
+            service.close()
+        chain.close()
+    (report,) = validator.reports
+    by_uid = {o.uid: o for o in report.outcomes}
+    table = validator.format_report(report)
+    for name in ("old", "new"):
+        outcome = by_uid[uids[name]]
+        assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    old, new = (wallets[n].hotkey.ss58_address for n in ("old", "new"))
+    assert client.version_for(old) == 3 and client.version_for(new) == 4
+    assert client.media == {old: {"application/json"}, new: {ANSWER_MEDIA_TYPE}}
+    assert report.weights is not None and set(report.weights) == set(uids.values())
