@@ -6,13 +6,19 @@ bittensor's transport and websocket frames included), `--logging.logging_dir DIR
 write DIR/<process>.log, rotated at 10 MB, 5 kept). Without --logging.trace bittensor's
 transport and the websockets library log WARNING and above only.
 
-Progress bars stay on here (downloads and the minutes of model loading show progress on
-stderr, which pm2 logs); the one-shot commands (`niche generate`, `verify`) keep their
-one-JSON-line contract with niche.models.quiet instead."""
+Progress bars (downloads, the minutes of model loading) show only when stderr is a terminal,
+where they redraw one line: in a pipe or under pm2 every redraw would be a log line of its
+own, so there the neurons log "loading ..." lines instead. The one-shot commands (`niche
+generate`, `verify`) keep their one-JSON-line contract with niche.models.quiet instead.
+
+Under pm2 (configs/pm2/common.js sets NICHE_LOG_TIME=0 beside pm2's own `time: true`) the
+console lines carry no timestamp of ours: pm2 stamps every line, tracebacks included, and one
+timestamp per line is enough. The --logging.logging_dir file keeps its own."""
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 from pathlib import Path
 
 NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "PIL", "asyncio")
@@ -20,6 +26,8 @@ TRANSPORT_LOGGERS = ("bittensor.transport", "websockets")
 """Per-frame and per-RPC lines: below WARNING only with --logging.trace."""
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%dT%H:%M:%S"
+UNSTAMPED = "%(levelname)s %(name)s: %(message)s"
+"""The console format when something else stamps each line (pm2: NICHE_LOG_TIME=0)."""
 LOG_FILE_BYTES = 10 * 1024 * 1024
 LOG_FILE_COUNT = 5
 
@@ -28,7 +36,8 @@ def setup_logging(debug: bool = False, *, trace: bool = False, logging_dir: Path
                   process: str = "niche", progress: bool = True) -> Path | None:
     """Configure the root logger; returns the log file when `logging_dir` is given."""
     level = logging.DEBUG if (debug or trace) else logging.INFO
-    logging.basicConfig(level=level, format=FORMAT, datefmt=DATEFMT)
+    stamped = os.environ.get("NICHE_LOG_TIME", "1").strip().lower() not in ("0", "false", "no")
+    logging.basicConfig(level=level, format=FORMAT if stamped else UNSTAMPED, datefmt=DATEFMT)
     logging.getLogger().setLevel(level)
     log_file = None
     if logging_dir is not None:

@@ -32,8 +32,10 @@ if ! .venv/bin/python -c "import niche, diffusers, bittensor, pytest" 2>/dev/nul
     touch .venv/.niche-installed
 fi
 if [ ! -x node_modules/.bin/pm2 ] && command -v npm >/dev/null 2>&1; then
-    echo "[setup] installing pm2 (package.json) into ./node_modules"
-    npm install --silent --no-audit --no-fund >/dev/null 2>&1 \
-        || echo "[setup] npm install failed; the pm2 test will be skipped with this reason"
+    echo "[setup] installing pm2 (package-lock.json) into ./node_modules"
+    # `npm ci` installs exactly the lock and never rewrites it: the checkout stays clean
+    # (scripts/auto_update.sh refuses to update a dirty one)
+    npm ci --silent --no-audit --no-fund >/dev/null 2>&1 \
+        || echo "[setup] npm ci failed; the pm2 test will be skipped with this reason"
 fi
 echo "[setup] done: activate with 'source .venv/bin/activate'"

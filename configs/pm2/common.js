@@ -70,8 +70,8 @@ function nicheApp({ name, args, logDir = path.join(root, "logs"), autorestart = 
     kill_timeout: killTimeout,
     out_file: path.join(logDir, `${name}.out.log`),
     error_file: path.join(logDir, `${name}.err.log`),
-    time: true,
-    env: { PYTHONUNBUFFERED: "1" },
+    time: true, // pm2 stamps every line; NICHE_LOG_TIME=0: niche adds no second timestamp
+    env: { PYTHONUNBUFFERED: "1", NICHE_LOG_TIME: "0" },
   };
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -19,4 +20,6 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
 def setup_logging_from_args(args: argparse.Namespace, process: str) -> None:
     from niche.logging_setup import setup_logging
 
-    setup_logging(args.debug, trace=args.trace, logging_dir=args.logging_dir, process=process)
+    # progress bars only on a terminal: under pm2 or in a pipe each redraw is a log line
+    setup_logging(args.debug, trace=args.trace, logging_dir=args.logging_dir, process=process,
+                  progress=sys.stderr.isatty())

@@ -261,6 +261,8 @@ def _run(args: argparse.Namespace) -> int:
 
             dashboard = dashboard_from_args(args, config.state_path)
             try:
+                logging.getLogger("niche.validator").info(
+                    "loading %s (the step check's reference engine)", ", ".join(config.models))
                 engine = engine_from_args(args, config.models)
                 validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
                 from niche.commands.metrics_args import metrics_server_from_args
