@@ -117,6 +117,8 @@ def test_bad_keys_are_401_in_openai_shape(subnet):
      "partial_images", "only finished images"),
     ({"model": "flux-schnell", "prompt": "x", "background": "transparent"}, "background",
      "'auto' or 'opaque'"),
+    ({"model": "flux-schnell", "prompt": "x", "stream": True, "response_format": "url"},
+     "response_format", "a stream sends b64_json"),
     ({"model": "dall-e-3", "prompt": "x"}, "model", "unknown model"),
     ({"prompt": "x"}, "model", "required"),
     ({"model": "flux-schnell", "prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
