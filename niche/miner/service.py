@@ -462,7 +462,9 @@ class MinerService:
                             hotkey=self.hotkey, models=self.engine.served(),
                             capacity_per_minute=(60.0 * live / est) if est else 0.0,
                             miner_version=__version__, runtime=self.runtime,
-                            concurrency=max(1, live))
+                            concurrency=max(1, live),
+                            requests_per_minute=self.config.requests_per_minute,
+                            stake_proportional=self.config.stake_proportional_rate)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
