@@ -46,7 +46,8 @@ def _to_midnight(now: float) -> float:
 def _span(seconds: float) -> str:
     """OpenAI's reset format: "6m0s", "1h2m3s", "0.5s"."""
     if seconds < 60:
-        return f"{seconds:.3g}s" if seconds < 1 else f"{int(seconds)}s"
+        return (f"{seconds:.2f}".rstrip("0").rstrip(".") or "0") + "s" if seconds < 1 \
+            else f"{int(seconds)}s"
     whole = int(seconds)
     hours, rest = divmod(whole, 3600)
     return (f"{hours}h" if hours else "") + f"{rest // 60}m{rest % 60}s"
