@@ -35,8 +35,9 @@ def all_steps(engine, params) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def checker(tiny_engine):
-    return StepChecker(tiny_engine)
+def checker(tiny_engine, tiny_engine_bf16):
+    """The validator holds float32 and (for FLUX and Kolors txt2img) bfloat16 engines."""
+    return StepChecker(tiny_engine, extra_engines=[tiny_engine_bf16])
 
 
 # ------------------------------------------------------------------ the pieces
@@ -59,18 +60,22 @@ def test_choose_steps_always_starts_at_zero():
 
 
 def test_the_calibrated_thresholds():
-    """As in docs/step-check.md: FLUX one band, Kolors five growing along the schedule."""
-    assert DEFAULT_STEP_BANDS["flux-schnell"] == (Band(1.0, 1.75e-3, 4.0e-2, 7e-3),)
+    """As in docs/step-check.md: FLUX one band, Kolors five growing along the schedule;
+    same-dtype recomputation, so FLUX bfloat16 is 5e-3 (below every cheat at N = 28)."""
+    for model in ("flux-schnell", "flux-dev", "flux-mini"):
+        assert DEFAULT_STEP_BANDS[model] == (Band(1.0, 3e-4, 5e-3, 1.25e-3),)
     kolors = DEFAULT_STEP_BANDS["kolors"]
     assert [b.upto for b in kolors] == [0.25, 0.5, 0.75, 0.875, 1.0]
-    assert [b.bfloat16 for b in kolors] == [1.45e-2, 3.4e-2, 6.8e-2, 9.3e-2, 1.8e-1]
+    assert [b.bfloat16 for b in kolors] == [8.8e-3, 1.6e-2, 3.2e-2, 4.2e-2, 7.4e-2]
     assert [b.float16 for b in kolors] == [4.4e-3, 8e-3, 1.6e-2, 2.1e-2, 3.7e-2]
     assert [b.float32 for b in kolors] == [1.1e-3, 2e-3, 4e-3, 5.2e-3, 9.2e-3]
     t = StepThresholds()
-    assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 1.45e-2  # 1/8
-    assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 3.4e-2  # 4/8
+    assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 8.8e-3  # 1/8
+    assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 1.6e-2  # 4/8
     assert t.threshold("kolors", "txt2img", "float16", 7, 8) == 3.7e-2  # the last step
     assert t.threshold("kolors", "txt2img", "float16", 29, 30) == 3.7e-2
+    assert t.threshold("kolors", "txt2img", "float16", 0, 30) == 4.4e-3  # first of 30
+    assert t.threshold("flux-dev", "txt2img", "bfloat16", 27, 28) == 5e-3
     with pytest.raises(ValueError):
         t.threshold("kolors", "txt2img", "int8", 0, 8)
     with pytest.raises(KeyError):
@@ -80,6 +85,8 @@ def test_the_calibrated_thresholds():
 # ------------------------------------------------------------------ honest chains pass
 @pytest.mark.parametrize("model", MODELS)
 def test_honest_chains_pass_at_every_step(tiny_engine, tiny_engine_bf16, checker, model):
+    """Recomputed in the miner's own dtype, honest chains are bit-exact in float32 and in
+    bfloat16 alike."""
     params = req(model)
     steps = all_steps(tiny_engine, params)
     exact = checker.check(params, None, step_cheats.honest(tiny_engine, params, None), steps,
@@ -88,9 +95,43 @@ def test_honest_chains_pass_at_every_step(tiny_engine, tiny_engine_bf16, checker
     answer, states = tiny_engine_bf16.generate_with_states(params)
     half = checker.check(params, None, step_cheats.as_chain(states), steps,
                          dtype="bfloat16", answer=answer)
-    assert half.passed, half.reason
-    assert max(half.errors.values()) > 0 and all(
-        half.errors[k] < half.thresholds[k] / 1.5 for k in steps), half.errors
+    assert half.passed and set(half.errors.values()) == {0.0}, half.reason
+
+
+def test_a_dtype_no_engine_holds_is_unreproducible(tiny_engine, tiny_engine_bf16):
+    """A float32-only validator does not judge a bfloat16 chain against float32 noise: it
+    says it cannot reproduce it, and how to."""
+    only32 = StepChecker(tiny_engine)
+    problem = only32.unreproducible("flux-schnell", "bfloat16")
+    assert problem and "declared dtype bfloat16" in problem and "--verify.dtypes" in problem
+    assert only32.unreproducible("flux-schnell", "float32") is None
+    params = req("flux-schnell")
+    chain = step_cheats.as_chain(tiny_engine_bf16.generate_with_states(params)[1])
+    with pytest.raises(ValueError, match="cannot reproduce"):
+        only32.check(params, None, chain, [0], dtype="bfloat16")
+
+
+def test_declared_kernels_are_reproduced_and_undeclared_ones_fail(tiny_root, checker):
+    """A miner on the math attention backend passes exactly when it declares it (the
+    validator switches backend per call); the same chain declared as the default is off
+    by the backend's rounding, above the same-dtype threshold."""
+    from niche.models.engine import Engine
+
+    math_miner = Engine(models=["flux-schnell"], model_root=tiny_root, dtype="bfloat16",
+                        attention="math")
+    assert math_miner.kernels("flux-schnell") == {"attention": "math"}
+    params = req("flux-schnell")
+    chain = step_cheats.as_chain(math_miner.generate_with_states(params)[1])
+    steps = all_steps(math_miner, params)
+    declared = checker.check(params, None, chain, steps, dtype="bfloat16",
+                             kernels={"attention": "math"})
+    assert declared.passed and set(declared.errors.values()) == {0.0}, declared.errors
+    undeclared = checker.check(params, None, chain, steps, dtype="bfloat16", kernels={})
+    assert not undeclared.passed and max(undeclared.errors.values()) > 5e-3
+    assert "cannot reproduce the declared kernels" in checker.unreproducible(
+        "flux-schnell", "bfloat16", {"attention": "cudnn"})
+    assert "compile=max-autotune" in checker.unreproducible(
+        "flux-schnell", "bfloat16", {"attention": "default", "compile": "max-autotune"})
 
 
 def test_an_honest_controlnet_chain_passes_with_its_conditioning(tiny_engine, checker):
@@ -106,7 +147,7 @@ def test_an_honest_controlnet_chain_passes_with_its_conditioning(tiny_engine, ch
 # ------------------------------------------------------------------ cheats fail
 def failing_steps(checker, params, chain, image=None) -> set[int]:
     steps = all_steps(checker.engine, params)
-    verdict = checker.check(params, image, chain, steps, dtype="bfloat16")  # the most lenient
+    verdict = checker.check(params, image, chain, steps)  # the most lenient thresholds
     assert set(verdict.errors) == set(steps)
     return {k for k in steps if verdict.errors[k] > verdict.thresholds[k]}
 
