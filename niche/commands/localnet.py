@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--audit-fraction", type=float, default=1.0,
                         help="share of answers the validator audits (default 1.0)")
     parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR).expanduser(),
-                        help=f"chain file, wallets, state and logs (default {DEFAULT_WORKDIR})")
+                        help=f"chain file, wallets, state and logs (default {DEFAULT_WORKDIR}); "
+                             "one localnet at a time per workdir (a second is refused)")
     parser.add_argument("--netuid", type=int, default=1, help="local subnet id (default 1)")
     parser.add_argument("--model-path", type=Path, default=None,
                         help="folder of checkpoints (default: the tiny ones, built if missing)")
@@ -50,6 +51,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from niche.devnet.localnet.lock import workdir_lock
+
+    with workdir_lock(args.workdir):  # a second localnet on this workdir is refused
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from niche.devnet.localnet.plan import prepare
 
     plan = prepare(args.workdir, miners=args.miners, validators=args.validators,
@@ -63,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from niche.devnet.localnet.run import run as run_plan
     from niche.devnet.localnet.scoreboard import collect, render
 
-    print(f"localnet: chain {plan.chain_path}, netuid {plan.netuid}, models {plan.model_root}",
-          flush=True)
+    print(f"localnet: chain {plan.chain_path}, netuid {plan.netuid}, models {plan.model_root} "
+          f"(workdir {plan.workdir}, locked while this runs)", flush=True)
     code = run_plan(plan, say=lambda line: print(line, flush=True))
     rows, facts = collect(plan)
     print(f"\nscoreboard after {facts['rounds']} round(s):")

@@ -1,0 +1,49 @@
+"""One `niche localnet` per workdir: a second run on the same folder would wipe the first's
+chain, state and logs under it. The first holds an exclusive flock on WORKDIR/localnet.lock
+for as long as it runs (the kernel lets go when the process ends, however it ends); the
+second is refused with one line naming the holder."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from niche.errors import ConfigError
+
+LOCK_NAME = "localnet.lock"
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
+        return f"pid {int(info['pid'])}, started {started}: {info.get('command', 'niche')}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its pid yet"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[Path]:
+    """Hold WORKDIR's lock for the body; ConfigError (exit 2) when another process holds
+    it. Yields the lock file."""
+    folder = Path(workdir).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{folder} is in use by another niche localnet ({_holder(path)}); "
+                              "stop it or pass another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(),
+                                 "command": " ".join(["niche", *sys.argv[1:]])[:200]}).encode())
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
