@@ -67,6 +67,12 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--neuron.organic_queue", dest="organic_queue", type=Path, default=None,
                    help="the gateway's queue of organic answers (its --gateway.organic_queue): "
                         "audit a share of them each round like challenges (default: none)")
+    n.add_argument("--verify.dtypes", dest="verify_dtypes", nargs="*", default=[],
+                   choices=("float32", "bfloat16", "float16"), metavar="DTYPE",
+                   help="recompute miners' steps in these dtypes too, each with its own "
+                        "copy of the models (default: only the engine's --dtype, the "
+                        "subnet's; answers in any other dtype earn nothing: "
+                        "docs/step-check.md)")
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
                    metavar="MODEL[/PIPELINE]=T",
                    help="similarity an audited image needs, per model or model/pipeline "
@@ -199,6 +205,13 @@ def build_config(args: argparse.Namespace):
             _pairs(args.verify_threshold, "--verify.threshold")))
 
 
+def extra_dtypes(args: argparse.Namespace, engine, models) -> list[str]:
+    """The --verify.dtypes the main engine does not already run every model in."""
+    own = {engine.compute_dtype(m) for m in models}
+    return [d for d in dict.fromkeys(getattr(args, "verify_dtypes", None) or [])
+            if {d} != own]
+
+
 def run(args: argparse.Namespace) -> int:
     from niche.commands.startup import run_exiting_cleanly_on_sigterm
 
@@ -264,7 +277,10 @@ def _run(args: argparse.Namespace) -> int:
                 logging.getLogger("niche.validator").info(
                     "loading %s (the step check's reference engine)", ", ".join(config.models))
                 engine = engine_from_args(args, config.models)
-                validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state)
+                extra = [engine_from_args(args, config.models, dtype=dtype)
+                         for dtype in extra_dtypes(args, engine, config.models)]
+                validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state,
+                                      extra_engines=extra)
                 from niche.commands.metrics_args import metrics_server_from_args
 
                 metrics = metrics_server_from_args(args, validator.metrics.registry)

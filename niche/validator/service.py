@@ -147,7 +147,8 @@ class Validator:
     """Owns one round at a time; all collaborators are passed in (tests build real ones)."""
 
     def __init__(self, config: ValidatorConfig, chain: Chain, wallet: Wallet,
-                 engine: ImageEngine, client: MinerClient, state: ValidatorState):
+                 engine: ImageEngine, client: MinerClient, state: ValidatorState,
+                 extra_engines: Sequence[ImageEngine] = ()):
         self.config = config
         self.chain = chain
         self.wallet = wallet
@@ -175,7 +176,9 @@ class Validator:
         self.factory = ChallengeFactory(self.plans, prompts, conditioner, engine.resolve)
         self.verifier = Verifier(engine, config.verify)
         self.auditor = Auditor(engine, self.verifier,
-                               StepChecker(engine, config.step_thresholds), client, config.audit)
+                               StepChecker(engine, config.step_thresholds,
+                                           extra_engines=extra_engines),
+                               client, config.audit)
         self.organic = OrganicQueue(config.organic_queue) if config.organic_queue else None
         self.metrics = ValidatorMetrics()
         self.runtime = RuntimeWatch(runtime_info(engine))
