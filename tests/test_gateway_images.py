@@ -168,6 +168,14 @@ def test_streaming_sends_one_completed_event_per_image(subnet):
     plain = subnet.client.images.generate(model="flux-schnell", prompt="a red circle", n=2,
                                           size="64x64", extra_body={"seed": 21})
     assert {d.seed: d.b64_json for d in plain.data} == streamed
+    auth = {"Authorization": f"Bearer {subnet.key}"}
+    with httpx.stream("POST", subnet.base_url + "/images/generations", headers=auth, json={
+            "model": "flux-schnell", "prompt": "raw", "stream": True, "n": 2}) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        assert raw.headers["x-ratelimit-limit-images"] == "1000"
+        text = raw.read().decode()
+    assert text.startswith(": niche: 2 images asked of the miners\n\n"), text[:200]
+    assert text.count("event: image_generation.completed\ndata: {") == 2
     edit = list(subnet.client.images.edit(
         image=("square.png", _square(), "image/png"), prompt="x", model="kolors",
         size="64x64", stream=True))

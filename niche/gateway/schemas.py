@@ -2,7 +2,8 @@
 
 Requests are strict (no "2" for 2, no unknown fields) and bounded, so a hostile client gets
 a 400 naming the field instead of any work being done. OpenAI fields that change nothing
-here (`quality`, `style`) are accepted and ignored so stock clients work unchanged.
+here (`quality`, `style`, `moderation`, `safety_identifier`) are accepted and ignored so
+stock clients work unchanged.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class ImagesRequest(BaseModel):
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
     background: Literal["auto", "opaque"] | None = None
     moderation: StrictStr | None = Field(default=None, max_length=32)
+    safety_identifier: StrictStr | None = Field(default=None, max_length=256)
     stream: StrictBool = False
     partial_images: StrictInt | None = Field(default=None, ge=0, le=3)
     input_fidelity: Literal["high", "low"] | None = None
