@@ -1,6 +1,8 @@
 """`niche localnet` end to end: real processes, real HTTP on 127.0.0.1, a real chain file."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
@@ -104,13 +106,48 @@ def test_localnet_runs_rounds_catches_a_cheat_and_prints_chain_weights(tmp_path,
     assert _wait_gone(str(workdir)) == []
 
 
+def _dashboard_and_lock_of_a_live_localnet(seen: str, workdir: Path, pid: int,
+                                           tmp_path: Path) -> None:
+    """validator1's dashboard (its URL printed by localnet) renders the live subnet in a real
+    headless Chromium, and a second localnet on the same workdir is refused, naming `pid`."""
+    from niche.cli import main
+
+    match = re.search(r"dashboard \(.*\): (http://127\.0\.0\.1:\d+/)", seen)
+    assert match, seen
+    chromium = Path("/usr/bin/chromium")
+    if chromium.exists():  # scripts/test.sh installs it (scripts/browser.sh)
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(chromium), headless=True,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.goto(match.group(1))
+                page.wait_for_function("Number(document.body.dataset.rounds || 0) >= 1",
+                                       timeout=60_000)
+                row = page.locator("#miners tbody tr").first.inner_text()
+                assert page.text_content("#network") == "localnet"
+                if os.environ.get("NICHE_DASHBOARD_LOCALNET_SCREENSHOT"):
+                    page.screenshot(path=os.environ["NICHE_DASHBOARD_LOCALNET_SCREENSHOT"],
+                                    full_page=True)
+            finally:
+                browser.close()
+        assert "flux-schnell" in row, row
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main(["localnet", "--workdir", str(workdir), "--prepare-only"]) == 2
+    assert f"in use by another niche localnet (pid {pid}," in err.getvalue()
+
+
 @pytest.mark.slow
 def test_localnet_names_a_dead_child_and_stops_the_rest(tmp_path, tiny_root):
     workdir = tmp_path / "ln"
     proc = _start(["--miners", "1", "--models", "flux-schnell", "--workdir", str(workdir)],
                   tiny_root)
     try:
-        _read_until(proc, r"rounds done: validator1 1", timeout=240)
+        seen = _read_until(proc, r"rounds done: validator1 1", timeout=240)
+        _dashboard_and_lock_of_a_live_localnet(seen, workdir, proc.pid, tmp_path)
         miners = _processes_mentioning(str(workdir), "miner1", "--axon.port")
         assert miners, "miner1 process not found"
         os.kill(miners[0], signal.SIGKILL)
