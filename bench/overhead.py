@@ -324,6 +324,7 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=1.0,
                         help="seconds the 1024x1024 stand-in engine takes (default 1.0)")
     parser.add_argument("--model", default="flux-schnell")
+    parser.add_argument("--parts", default="abcd", help="which of (a)-(d) to run (default all)")
     args = parser.parse_args()
 
     from niche.devnet.tiny import ensure_tiny_models
@@ -338,62 +339,81 @@ def main() -> int:
         client = MinerClient(wallets["vali"])
 
         # (a) tiny and (c) throughput
-        service, server = _serve(engine, chain, wallets)
-        target = (1, service.hotkey, server.url)
-        a = asyncio.run(tiny(engine, client, target, args.model, n))
-        rates = {c: asyncio.run(throughput(client, target, args.model, c, n * 2))
-                 for c in (1, 4, 16)}
-        server.stop()
-        service.close()
-        d, p, f = a["direct"], a["path"], a["fresh"]
-        print(f"(a) tiny {args.model} 64x64, {n} requests interleaved, CPU "
-              f"{torch.get_num_threads()} thread(s)")
-        print(f"    direct engine call            {_ms(d)} (median)")
-        print(f"    signed path                   {_ms(p)} (median)")
-        print(f"    ratio {p / d:.3f}   added {(p - d) * 1000:.1f} ms   (target <= 1.10, < 10 ms)")
-        print(f"    with a new HTTP client per request (not the validator's path): "
-              f"{_ms(f).strip()}, added {(f - d) * 1000:.1f} ms")
-
-        # (b) 1024x1024 around a fixed-time stand-in
-        small = engine.generate(engine.resolve(_request(args.model, 7).params))
-        big = small.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
-        flux_states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
-                       for i in range(4)]
-        stand_in = FixedTimeEngine(engine, args.sleep, big, flux_states)
-        service, server = _serve(stand_in, chain, wallets)
-        target = (1, service.hotkey, server.url)
-        m = max(5, n // 2)
-        runs = asyncio.run(big_path(client, target, args.model, m))
-        server.stop()
-        service.close()
-        png = encode_image(big)
-        print(f"(b) 1024x1024 answer (PNG {len(png) / 2**20:.2f} MiB + commitment to 4 x 1 MiB "
-              f"states) around a {args.sleep:.2f} s stand-in, {m} requests each, interleaved")
-        for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
-            b = statistics.median(runs[version])
-            print(f"    {label} {_ms(b)} (median)   ratio {b / args.sleep:.3f}   added "
-                  f"{(b - args.sleep) * 1000:.1f} ms")
-        print("    target: the node adds < 30 ms")
-        rows = phases(big, flux_states, wallets["miner"], 7)
-        print(f"    each phase alone (median of 7)        {'protocol 4':>11} {'protocol 3':>11}")
-        for name, v4, v3 in rows:
-            print(f"      {name:<44} {v4:7.2f} ms  {v3:7.2f} ms")
-        print(f"      {'sum':<44} {sum(r[1] for r in rows):7.2f} ms  "
-              f"{sum(r[2] for r in rows):7.2f} ms")
-
-        print(f"(c) requests/second through the signed path (tiny model; the engine alone: "
-              f"{1 / d:.1f}/s)")
-        for c, rate in rates.items():
-            print(f"    concurrency {c:>2}: {rate:6.1f} req/s")
-
-        # (d) an audit's states fetch
-        print("(d) an audit's states fetch at 1024x1024 (127.0.0.1)")
-        for label, shape, steps in (("Kolors 30 steps", (1, 4, 128, 128), 30),
-                                    ("FLUX.1-dev 28 steps", (1, 4096, 64), 28)):
-            asyncio.run(audit_fetch(engine, chain, wallets, label, shape, steps,
-                                    max(3, n // 5)))
+        if "a" in args.parts or "c" in args.parts:
+            service, server = _serve(engine, chain, wallets)
+            target = (1, service.hotkey, server.url)
+            a = asyncio.run(tiny(engine, client, target, args.model, n))
+            rates = {c: asyncio.run(throughput(client, target, args.model, c, n * 2))
+                     for c in (1, 4, 16)} if "c" in args.parts else {}
+            server.stop()
+            service.close()
+            d, p, f = a["direct"], a["path"], a["fresh"]
+        if "a" in args.parts:
+            print(f"(a) tiny {args.model} 64x64, {n} requests interleaved, CPU "
+                  f"{torch.get_num_threads()} thread(s)")
+            print(f"    direct engine call            {_ms(d)} (median)")
+            print(f"    signed path                   {_ms(p)} (median)")
+            print(f"    ratio {p / d:.3f}   added {(p - d) * 1000:.1f} ms   "
+                  "(target <= 1.10, < 10 ms)")
+            print(f"    with a new HTTP client per request (not the validator's path): "
+                  f"{_ms(f).strip()}, added {(f - d) * 1000:.1f} ms")
+        if "b" in args.parts:
+            big_answer(engine, chain, wallets, client, args.model, args.sleep, n)
+        if "c" in args.parts:
+            print(f"(c) requests/second through the signed path (tiny model; the engine "
+                  f"alone: {1 / d:.1f}/s)")
+            for c, rate in rates.items():
+                print(f"    concurrency {c:>2}: {rate:6.1f} req/s")
+        if "d" in args.parts:
+            print("(d) an audit's states fetch at 1024x1024 (127.0.0.1)")
+            for label, shape, steps in (("Kolors 30 steps", (1, 4, 128, 128), 30),
+                                        ("FLUX.1-dev 28 steps", (1, 4096, 64), 28)):
+                asyncio.run(audit_fetch(engine, chain, wallets, label, shape, steps,
+                                        max(3, n // 5)))
         chain.close()
     return 0
+
+
+def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
+               n: int) -> None:
+    """(b): for a smooth image (a tiny-model generation upscaled) and a photo-like one (1/f
+    noise with edges, bench/image_codecs.py), the path around the stand-in, protocol 4 and 3
+    interleaved, then each phase alone."""
+    small = engine.generate(engine.resolve(_request(model, 7).params))
+    smooth = small.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+    sys.path.insert(0, str(REPO / "bench"))
+    from image_codecs import photo_like
+
+    for content, image in (("tiny model upscaled", smooth),
+                           ("photo-like", Image.fromarray(photo_like()))):
+        _big_answer(engine, chain, wallets, client, model, sleep, n, content, image)
+
+
+def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
+                n: int, content: str, big: Image.Image) -> None:
+    flux_states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
+                   for i in range(4)]
+    stand_in = FixedTimeEngine(engine, sleep, big, flux_states)
+    service, server = _serve(stand_in, chain, wallets)
+    target = (1, service.hotkey, server.url)
+    m = max(5, n // 2)
+    runs = asyncio.run(big_path(client, target, model, m))
+    server.stop()
+    service.close()
+    png = encode_image(big)
+    print(f"(b) 1024x1024 {content} answer (PNG {len(png) / 2**20:.2f} MiB + commitment to "
+          f"4 x 1 MiB states) around a {sleep:.2f} s stand-in, {m} requests each, interleaved")
+    for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
+        b = statistics.median(runs[version])
+        print(f"    {label} {_ms(b)} (median)   ratio {b / sleep:.3f}   added "
+              f"{(b - sleep) * 1000:.1f} ms")
+    print("    target: the node adds < 30 ms")
+    rows = phases(big, flux_states, wallets["miner"], 7)
+    print(f"    each phase alone (median of 7)        {'protocol 4':>11} {'protocol 3':>11}")
+    for name, v4, v3 in rows:
+        print(f"      {name:<44} {v4:7.2f} ms  {v3:7.2f} ms")
+    print(f"      {'sum':<44} {sum(r[1] for r in rows):7.2f} ms  "
+          f"{sum(r[2] for r in rows):7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ decode itself under Pillow's decompression-bomb guard turned into an error. Any 
 Encoding is lossless and byte-for-byte deterministic (a fresh image with no metadata, fixed
 encoder settings), so the sha256 of an answer identifies its pixels and cannot be altered by
 EXIF/ICC/text chunks. PNG is written by fpng (a PNG writer 20-40x faster than zlib at
-1024x1024: bench/codecs.py, docs/models.md) and read by Pillow; without fpng installed, by
+1024x1024: bench/image_codecs.py, docs/models.md) and read by Pillow; without fpng installed, by
 Pillow at zlib level 1. Either is a plain PNG any decoder reads, so the gateway hands an
 answer's bytes to users as they were signed.
 """
@@ -34,7 +34,7 @@ ANSWER_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
 not be the pixels the model made)."""
 PNG_COMPRESS_LEVEL = 1
 """zlib level of PNGs when fpng is not installed: at 1024x1024 level 1 encodes 3-4x faster
-than level 6 for ~15 % more bytes (bench/codecs.py): latency is what the subnet pays for."""
+than level 6 for ~15 % more bytes (bench/image_codecs.py): latency is what the subnet pays for."""
 ENCODE_FORMATS: tuple[str, ...] = ("PNG", "WEBP")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTPUT_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import certifi
 import httpx
 import torch
 from PIL import Image
@@ -144,6 +147,14 @@ class _Undecodable(Exception):
     pass
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every HTTP client: httpx builds (and loads the CA bundle into) a
+    new one per client otherwise, 15-50 ms each on a busy 2-core box, paid per round and per
+    audit's states fetch (bench/overhead.py (a))."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class MinerClient:
     """Signs with `wallet`'s hotkey. Safe to use from several event loops in turn (a fresh
     httpx.AsyncClient per batch), so `asyncio.run` per round works."""
@@ -167,7 +178,7 @@ class MinerClient:
         limits = httpx.Limits(max_connections=self.max_connections,
                               max_keepalive_connections=min(64, self.max_connections))
         return httpx.AsyncClient(limits=limits, timeout=None, follow_redirects=False,
-                                 trust_env=False)
+                                 trust_env=False, verify=_tls_context())
 
     def close(self) -> None:
         """Nothing to release: connections live only for one batch."""

@@ -8,7 +8,7 @@ each codec: encode, decode (to an RGB array the validator can use), sha256 of th
 bytes, and the sum plus the time those bytes take on a 1 Gbit/s link. Codecs whose library
 is not installed are listed as such, not measured.
 
-    .venv/bin/python bench/codecs.py [--repeats 7] [--no-model]
+    .venv/bin/python bench/image_codecs.py [--repeats 7] [--no-model]
 """
 from __future__ import annotations
 
