@@ -62,6 +62,9 @@ DTYPE = {"flux-schnell": "bfloat16", "flux-dev": "bfloat16", "flux-mini": "bfloa
          "kolors": "float16"}
 PROMPTS = ("a lighthouse on a cliff at sunset", "a red fox in a snowy forest, watercolor",
            "a bowl of ramen on a wooden table, studio photograph")
+CALIBRATION: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+"""(model, pipeline, N) -> {"honest": per-step worst honest error (declared kernels),
+"cheat": per-step smallest error of cheating there alone (caches, CFG tricks)}."""
 QUANT_SAVING = 0.25
 """int8 / fp8 tensor cores against bfloat16 (public W8A8 / fp8 figures, about 25 %)."""
 LAST_RUN: list[Row] = []
@@ -353,7 +356,13 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
     n = case.steps
     rows: dict[str, Row] = {}
 
+    calibration = CALIBRATION.setdefault((case.model, case.pipeline.value, n), {
+        "honest": [0.0] * n, "cheat": [math.inf] * n})
+
     def add(name, honest, saved, errors, thr):
+        if honest:
+            calibration["honest"] = [max(a, b) for a, b in zip(calibration["honest"], errors,
+                                                                  strict=True)]
         row = rows.setdefault(name, Row(case.model, case.pipeline.value, n, name, honest,
                                         saved, 0.0, 1.0))
         row.errors.append([round(e, 6) for e in errors])
@@ -395,6 +404,8 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
                            ("cfg: drop guidance", DROP_CFG, 0.5, list(range(n)))]
         for name, transform, per_step, allowed in transforms:
             single = single_step_errors(v, params, image, chain, history, transform)
+            calibration["cheat"] = [min(c, e) if e > 0 else c
+                                    for c, e in zip(calibration["cheat"], single, strict=True)]
             ratios = [e / t for e, t in zip(single, thr, strict=True)]
             for size, chosen in greedy_sets(ratios, allowed, sizes).items():
                 if name == "cfg: drop guidance":  # late steps only: a suffix, as people do
@@ -402,7 +413,7 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
                 cheated = cheat_chain(v, params, image, transform, chosen)
                 errors = all_errors(v, params, image, cheated)
                 row = add(f"{name} x{size}", False, per_step * size / n, errors, thr)
-                if live is not None and i == 0 and not quick:
+                if live is not None and i == 0 and image is None:
                     row.live = live(params, image, cheated)
         # quantized compute, declared as the reference dtype
         for kind in ("int8", "fp8"):
@@ -439,6 +450,10 @@ def live_auditor(root: Path, model: str, audits: int) -> Callable:
     return run
 
 
+LIVE_NOTE = ("live: share of real audits (miner on 127.0.0.1, signed chunked fetch, "
+             "Auditor) that failed the cache/CFG cheat chosen on the first request")
+
+
 # ------------------------------------------------------------------ report
 def print_rows(rows: Sequence[Row]) -> None:
     if not rows:
@@ -459,6 +474,52 @@ def holes(rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
               and r.saved >= MIN_SAVING - 1e-9 and r.catch < MIN_DETECTION]
     honest = [r for r in rows if r.honest and r.worst_ratio > 0.5]
     return cheats, honest
+
+
+def suggest_bands(calibration: dict, margin: float = 2.0) -> tuple[dict, list[str]]:
+    """Bands for `StepThresholds.from_file`, from the measured per-step data: per model and
+    band of the schedule (the defaults' band edges), the threshold is the geometric mean of
+    `margin` x the honest worst (floored at 1/8 of the cheat minimum, for hardware not
+    measured) and the smallest cheat error, over every step count measured. The measured
+    dtype gets it; the other dtypes keep the defaults' ratios to it. Notes name the bands
+    where no threshold separates them."""
+    from niche.validator.steps import DEFAULT_STEP_BANDS
+
+    out: dict[str, list[dict]] = {}
+    notes = []
+    models = sorted({m for m, _, _ in calibration})
+    for model in models:
+        defaults = DEFAULT_STEP_BANDS[model]
+        dtype = DTYPE[model]
+        bands = []
+        lower = 0.0
+        for band in defaults:
+            honest, cheat = 0.0, math.inf
+            for (m, _pipeline, n), data in calibration.items():
+                if m != model:
+                    continue
+                for k in range(n):
+                    if lower < (k + 1) / n <= band.upto + 1e-12:
+                        honest = max(honest, data["honest"][k])
+                        cheat = min(cheat, data["cheat"][k])
+            if not math.isfinite(cheat):
+                bands.append(dict(upto=band.upto, float32=band.float32,
+                                  bfloat16=band.bfloat16, float16=band.float16))
+                lower = band.upto
+                continue
+            low = max(margin * honest, cheat / 8)
+            value = math.sqrt(low * cheat)
+            if margin * honest >= cheat:
+                notes.append(f"{model} band <= {band.upto}: honest x{margin} "
+                             f"{margin * honest:.3g} >= smallest cheat {cheat:.3g}: no "
+                             "threshold separates them")
+            scale = value / band.for_dtype(dtype)
+            bands.append(dict(upto=band.upto, float32=float(f"{band.float32 * scale:.3g}"),
+                              bfloat16=float(f"{band.bfloat16 * scale:.3g}"),
+                              float16=float(f"{band.float16 * scale:.3g}")))
+            lower = band.upto
+        out[model] = bands
+    return {"bands": out}, notes
 
 
 def summary(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
@@ -493,9 +554,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", choices=("production", "calibrated", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help="1 request, Kolors txt2img only")
     ap.add_argument("--live", type=int, default=0, metavar="AUDITS",
-                    help="also audit each best cheat AUDITS times through a real miner")
+                    help="also audit each cache / CFG cheat (txt2img) AUDITS times through a "
+                         "real miner and the real Auditor")
     ap.add_argument("--model-path", type=Path, default=None, help="default: tiny checkpoints")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--write-bands", type=Path, default=None, metavar="FILE",
+                    help="write step-check bands suggested by these measurements (for "
+                         "`niche validator --verify.step_bands FILE`)")
+    ap.add_argument("--bands", type=Path, default=None, metavar="FILE",
+                    help="judge with these bands instead of the defaults")
     args = ap.parse_args(argv)
     quiet_libraries()
     root = args.model_path or ensure_tiny_models()
@@ -504,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_rows: list[Row] = []
     for model in args.models:
         eng = engines(root, model)
-        checker = StepChecker(eng["validator"], StepThresholds())
+        checker = StepChecker(eng["validator"], StepThresholds.from_file(args.bands)
+                              if args.bands else StepThresholds())
         live = live_auditor(root, model, args.live) if args.live else None
         kinds = [PipelineKind.TXT2IMG]
         if model == "kolors":
@@ -520,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.flush()
                 all_rows += rows
     LAST_RUN[:] = all_rows
+    if args.live:
+        print("\n" + LIVE_NOTE)
     cheats, honest = holes(all_rows)
     print(f"\n{time.perf_counter() - started:.0f}s on {torch.get_num_threads()} threads, "
           f"tiny checkpoints at {root}")
@@ -531,6 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"worst {r.worst_ratio:.3f}, caught {r.catch:.2f}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in all_rows], indent=1))
+    if args.write_bands:
+        bands, notes = suggest_bands(CALIBRATION)
+        args.write_bands.write_text(json.dumps(bands, indent=1) + "\n")
+        print(f"suggested bands written to {args.write_bands} (niche validator "
+              f"--verify.step_bands {args.write_bands}); rerun this bench with "
+              f"--bands {args.write_bands} to check them")
+        for note in notes:
+            print(f"  warning: {note}")
     return 1 if cheats or honest else 0
 
 

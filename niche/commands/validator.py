@@ -73,6 +73,11 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                         "copy of the models (default: only the engine's --dtype, the "
                         "subnet's; answers in any other dtype earn nothing: "
                         "docs/step-check.md)")
+    n.add_argument("--verify.step_bands", dest="verify_step_bands", type=Path, default=None,
+                   metavar="FILE",
+                   help="step-check thresholds measured on this validator's weights and "
+                        "hardware (`python bench/adversary.py --model-path DIR --write-bands "
+                        "FILE`; default: the calibrated bands, docs/step-check.md)")
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
                    metavar="MODEL[/PIPELINE]=T",
                    help="similarity an audited image needs, per model or model/pipeline "
@@ -171,6 +176,7 @@ def build_config(args: argparse.Namespace):
     from niche.validator.audit import AuditConfig
     from niche.validator.scoring import ScoringConfig
     from niche.validator.service import ValidatorConfig
+    from niche.validator.steps import StepThresholds
     from niche.validator.verify import VerifyConfig
 
     if args.netuid is None:
@@ -202,7 +208,9 @@ def build_config(args: argparse.Namespace):
         audit=audit, wait_for_permit=args.wait_for_permit, permit_poll=args.permit_poll,
         keep_running_when_deregistered=args.keep_running_deregistered,
         verify=VerifyConfig.with_overrides(
-            _pairs(args.verify_threshold, "--verify.threshold")))
+            _pairs(args.verify_threshold, "--verify.threshold")),
+        step_thresholds=(StepThresholds.from_file(args.verify_step_bands)
+                         if getattr(args, "verify_step_bands", None) else StepThresholds()))
 
 
 def extra_dtypes(args: argparse.Namespace, engine, models) -> list[str]:

@@ -25,13 +25,16 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import PIL.Image
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from niche.errors import ConfigError
 from niche.models.engine import ImageEngine
 from niche.models.kernels import DEFAULT_ATTENTION, attention_problem
-from niche.protocol import GenerationParams
+from niche.protocol import GenerationParams, first_validation_error
 from niche.validator.verify import Verifier, VerifyConfig, compare
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
@@ -98,6 +101,24 @@ these). Recalibrate with production weights and hardware (`--model-path`, bench/
 before a real network trusts them."""
 
 
+class _BandModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upto: float = Field(gt=0.0, le=1.0)
+    float32: float = Field(gt=0.0, lt=10.0)
+    bfloat16: float = Field(gt=0.0, lt=10.0)
+    float16: float = Field(gt=0.0, lt=10.0)
+
+
+class _BandsFile(BaseModel):
+    """A bands file: {"model" or "model/pipeline": [band, ...]} (bench/adversary.py
+    --write-bands writes one from measurements on the validator's own weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bands: dict[str, list[_BandModel]] = Field(min_length=1)
+
+
 @dataclass
 class StepThresholds:
     """Per `model/pipeline` (then `model`) bands along the schedule; the largest allowed
@@ -105,6 +126,26 @@ class StepThresholds:
 
     bands: Mapping[str, Sequence[Band]] = field(
         default_factory=lambda: dict(DEFAULT_STEP_BANDS))
+
+    @classmethod
+    def from_file(cls, path: Path) -> StepThresholds:
+        """The defaults with the file's models replaced; a ConfigError in one line when the
+        file is missing or malformed (a validator must not start on broken thresholds)."""
+        try:
+            parsed = _BandsFile.model_validate_json(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"step bands file {path}: {exc.strerror or exc}") from None
+        except ValidationError as exc:
+            where, message = first_validation_error(exc)
+            raise ConfigError(f"step bands file {path}: {where}: {message}") from None
+        bands = dict(DEFAULT_STEP_BANDS)
+        for key, rows in parsed.bands.items():
+            if not rows or sorted(r.upto for r in rows)[-1] != 1.0:
+                raise ConfigError(f"step bands file {path}: {key}: the last band must end at "
+                                  "upto 1.0")
+            bands[key] = tuple(Band(**r.model_dump()) for r in sorted(rows,
+                                                                       key=lambda r: r.upto))
+        return cls(bands)
 
     def bands_for(self, model: str, pipeline: str | None = None) -> Sequence[Band]:
         pipeline = getattr(pipeline, "value", pipeline)
