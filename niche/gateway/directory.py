@@ -2,6 +2,13 @@
 /v1/info (models), and the validator's own scores and exclusions, read from its SQLite
 state file read-only (the gateway never writes it and never holds its write lock).
 
+One budget per miner: the gateway signs with the validator's hotkey, so the miner's rate
+limit (its /v1/info `requests_per_minute`, scaled by our stake share when the miner shares
+it by stake) covers both the validator's challenges and the users' requests. The gateway
+leaves the challenges their share (the validator's rounds per minute, read from its state
+file, times the challenges it sends a miner per round) and a margin, and keeps at most the
+miner's advertised concurrency in flight (more would only queue behind the challenges).
+
 Refreshed in the background; a failed refresh keeps the last good view, so a chain or
 state-file hiccup never takes the gateway down."""
 from __future__ import annotations
@@ -15,9 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from niche.chain.base import Chain, ChainError
+from niche.protocol import InfoResponse
 from niche.validator.client import MinerClient, MinerTarget
 
 log = logging.getLogger("niche.gateway")
+
+
+DEFAULT_MINER_RATE = 60.0
+"""Requests per minute assumed of a miner that does not say (the miner's default)."""
+DEFAULT_ROUNDS_PER_MINUTE = 5.0
+"""Validator rounds per minute assumed before its state file shows them (12 s rounds)."""
+CHALLENGES_PER_ROUND = 4
+"""Most challenges a round sends one miner (its concurrency, up to the volume cap)."""
+HEADROOM = 0.9
+"""Share of a miner's rate the validator and gateway plan to use together: the rest
+absorbs clock drift between the miner's token bucket and ours."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,12 @@ class Candidate:
     models: frozenset[str]
     score: float
     """The validator's EMA score for this uid (0 when it has none yet)."""
+    concurrency: int = 1
+    """Requests the miner serves at once (its /v1/info): the most the gateway keeps in
+    flight there."""
+    rate: float | None = None
+    """Requests per minute the gateway may send it, the challenges' share taken out (None:
+    the miner sets no rate limit)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,8 @@ class ValidatorView:
     scores: dict[int, tuple[str, float]] = field(default_factory=dict)
     """uid -> (hotkey, score)."""
     excluded: frozenset[str] = frozenset()
+    rounds_per_minute: float = DEFAULT_ROUNDS_PER_MINUTE
+    """How often the validator challenges each miner, from its recent rounds."""
 
 
 def read_validator_state(path: Path | None) -> ValidatorView:
@@ -48,7 +75,29 @@ def read_validator_state(path: Path | None) -> ValidatorView:
         excluded = frozenset(str(h) for h, until in
                              db.execute("SELECT hotkey, until_round FROM exclusions")
                              if int(until) > current)
-    return ValidatorView(scores, excluded)
+        starts = [float(ts) for (ts,) in db.execute(
+            "SELECT MIN(ts) FROM history WHERE ts > ? GROUP BY round ORDER BY 1",
+            (time.time() - 300.0,))]
+    rate = DEFAULT_ROUNDS_PER_MINUTE
+    if len(starts) >= 2 and starts[-1] > starts[0]:
+        rate = 60.0 * (len(starts) - 1) / (starts[-1] - starts[0])
+    return ValidatorView(scores, excluded, rate)
+
+
+def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: float
+                 ) -> float | None:
+    """Requests per minute the gateway may send a miner: its rate for our hotkey (scaled by
+    our stake share when it shares by stake) less the validator's challenges and a margin;
+    None when the miner sets no limit."""
+    rpm = info.requests_per_minute
+    if rpm is None:
+        rpm = DEFAULT_MINER_RATE
+    if rpm <= 0:
+        return None
+    if info.stake_proportional:
+        rpm = max(1.0, rpm * max(0.0, min(1.0, stake_share)))
+    challenges = rounds_per_minute * min(info.concurrency, CHALLENGES_PER_ROUND)
+    return max(0.0, HEADROOM * rpm - challenges)
 
 
 class MinerDirectory:
@@ -85,6 +134,9 @@ class MinerDirectory:
                    if n.endpoint is not None and n.hotkey != self.own_hotkey
                    and n.hotkey not in view.excluded]
         infos = await self.client.info_many(neurons, timeout=self.info_timeout)
+        permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
+        ours = next((n.stake for n in metagraph.neurons if n.hotkey == self.own_hotkey), 0.0)
+        share = ours / permitted if permitted > 0 else 1.0
         candidates = []
         for neuron, info in zip(neurons, infos, strict=True):
             if not info.ok or info.info is None:
@@ -94,7 +146,9 @@ class MinerDirectory:
                 MinerTarget(neuron.uid, neuron.hotkey, neuron.endpoint.url
                             if neuron.endpoint else None),
                 frozenset(m.model for m in info.info.models),
-                score if hotkey == neuron.hotkey else 0.0))
+                score if hotkey == neuron.hotkey else 0.0,
+                concurrency=info.info.concurrency,
+                rate=organic_rate(info.info, share, view.rounds_per_minute)))
         self.candidates = candidates
         self.refreshed_at = self._clock()
         self.last_error = ""

@@ -6,26 +6,48 @@ among those that serve the model, with probability growing with the validator's 
 answer is skipped for `cooldown` seconds and the image is asked of the next miner, until
 the client's deadline; with `hedge_after`, a second miner is asked when the first is slow
 and the first good answer wins. A miner's 400 naming a request field (a prompt over the
-model's token limit) is the user's error and is returned as such, not retried."""
+model's token limit) is the user's error and is returned as such, not retried.
+
+Budgets: each miner's `Candidate.rate` (requests per minute left after the validator's
+challenges, see directory.py) is a token bucket here and its `concurrency` the most
+requests in flight there; the router never sends past either. When no miner serving the
+model has budget left, or every one asked refused for load (429/503), the user gets 429
+with Retry-After and x-ratelimit-* headers: the subnet is saturated, which is not a
+failure (502 is kept for miners that failed)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from niche.gateway.directory import Candidate, MinerDirectory
-from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
+from niche.gateway.errors import RATE_LIMIT, SERVER_ERROR, GatewayError, bad_request
 from niche.gateway.metrics import GatewayMetrics
 from niche.protocol import GenerateRequest, GenerationParams
 from niche.validator.client import MinerClient, QueryResult, QueryStatus
 
 USER_FIELDS = ("prompt", "negative_prompt", "image", "params.prompt", "params.negative_prompt")
+
+
+BUSY_STATUSES = (429, 503)
+"""A miner's refusals for load: it is saturated, not failing."""
+
+
+@dataclass
+class _Budget:
+    """One miner's token bucket (requests per minute) and requests in flight."""
+
+    tokens: float
+    last: float
+    inflight: int = 0
+    busy_until: float = field(default=0.0)
 
 
 @dataclass(frozen=True)
@@ -49,7 +71,61 @@ class Router:
         self.rng = rng or random.Random()
         self._clock = clock
         self._cooling: dict[str, float] = {}  # hotkey -> monotonic time it may serve again
+        self._budgets: dict[str, _Budget] = {}
+        self.busy_cooldown = 5.0
+        """Seconds a miner that refused for load (429/503) gets no new request."""
         self.http: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------------ budgets
+    def _bucket(self, c: Candidate, now: float) -> _Budget:
+        capacity = max(1.0, (c.rate or 0.0) / 6.0)
+        budget = self._budgets.get(c.target.hotkey)
+        if budget is None:
+            budget = self._budgets[c.target.hotkey] = _Budget(capacity, now)
+        elif c.rate is not None:
+            budget.tokens = min(capacity, budget.tokens + (now - budget.last) * c.rate / 60.0)
+        budget.last = now
+        return budget
+
+    def wait_for(self, c: Candidate) -> float:
+        """Seconds until `c` may be sent a request (0: now)."""
+        now = self._clock()
+        budget = self._bucket(c, now)
+        waits = [0.0, budget.busy_until - now]
+        if budget.inflight >= max(1, c.concurrency):
+            waits.append(1.0)  # a generation ends: about a second on a busy miner
+        if c.rate is not None and budget.tokens < 1.0:
+            waits.append(math.inf if c.rate <= 0 else (1.0 - budget.tokens) * 60.0 / c.rate)
+        return max(waits)
+
+    def _take(self, c: Candidate) -> None:
+        budget = self._bucket(c, self._clock())
+        budget.inflight += 1
+        if c.rate is not None:
+            budget.tokens -= 1.0
+
+    def _give_back(self, c: Candidate) -> None:
+        budget = self._budgets.get(c.target.hotkey)
+        if budget is not None:
+            budget.inflight = max(0, budget.inflight - 1)
+
+    def _busy(self, c: Candidate) -> None:
+        """The miner refused for load: no new request there for busy_cooldown."""
+        budget = self._bucket(c, self._clock())
+        budget.busy_until = self._clock() + self.busy_cooldown
+        budget.tokens = min(budget.tokens, 0.0)
+
+    def saturated(self, model: str, pool: list[Candidate], wait: float) -> GatewayError:
+        """429 for a model whose miners have no budget left, with when to retry."""
+        seconds = max(1, math.ceil(min(wait, 60.0)))
+        limit = sum(c.rate for c in pool if c.rate is not None)
+        return GatewayError(
+            429, f"every miner serving {model} is at capacity; retry in {seconds}s",
+            type=RATE_LIMIT, code="capacity_exhausted",
+            headers={"Retry-After": str(seconds),
+                     "x-ratelimit-limit-requests": str(int(limit)),
+                     "x-ratelimit-remaining-requests": "0",
+                     "x-ratelimit-reset-requests": f"{seconds}s"})
 
     def order(self, model: str) -> list[Candidate]:
         """Miners serving `model` in the order to try: a draw weighted by score (without
@@ -93,32 +169,45 @@ class Router:
         pending: set[asyncio.Task] = set()
         failures: list[str] = []
         attempts = 0
+        tried = 0  # candidates considered (sent to, or skipped for having no budget)
+        busy = 0  # miners that refused for load
+        soonest = math.inf  # seconds until a skipped miner has budget again
 
-        def launch() -> None:
-            nonlocal attempts
-            candidate = queue[attempts]
-            if attempts:
-                self.metrics.retries.labels(params.model).inc()
-            attempts += 1
-            pending.add(asyncio.ensure_future(
-                self._ask(candidate, params, image, deadline - self._clock())))
+        def launch() -> bool:
+            """Send to the next miner with budget; False when none is left."""
+            nonlocal attempts, tried, soonest
+            while tried < len(queue):
+                candidate = queue[tried]
+                tried += 1
+                wait = self.wait_for(candidate)
+                if wait > 0:
+                    soonest = min(soonest, wait)
+                    continue
+                self._take(candidate)
+                if attempts:
+                    self.metrics.retries.labels(params.model).inc()
+                attempts += 1
+                task = asyncio.ensure_future(
+                    self._ask(candidate, params, image, deadline - self._clock()))
+                # done or cancelled (even before it ran), the in-flight slot comes back
+                task.add_done_callback(lambda _, c=candidate: self._give_back(c))
+                pending.add(task)
+                return True
+            return False
 
         try:
             while self._clock() < deadline:
-                if not pending:
-                    if attempts >= len(queue):
-                        break
-                    launch()
+                if not pending and not launch():
+                    break
                 remaining = deadline - self._clock()
-                can_hedge = self.hedge_after is not None and attempts < len(queue)
+                can_hedge = self.hedge_after is not None and tried < len(queue)
                 wait = min(remaining, self.hedge_after) if can_hedge and self.hedge_after \
                     else remaining
                 done, pending = await asyncio.wait(pending, timeout=max(0.0, wait),
                                                    return_when=asyncio.FIRST_COMPLETED)
                 if not done:
-                    if can_hedge and self._clock() < deadline:
+                    if can_hedge and self._clock() < deadline and launch():
                         self.metrics.hedges.labels(params.model).inc()
-                        launch()
                     continue
                 for task in done:
                     candidate, request, result = task.result()
@@ -129,6 +218,12 @@ class Router:
                         field = result.error.field.removeprefix("params.")
                         raise bad_request(f"{field}: {result.error.detail or result.error.reason}",
                                           field)
+                    if result.http_status in BUSY_STATUSES:
+                        self._busy(candidate)  # saturated, not failing: no long cooldown
+                        self.metrics.miner_failures.labels(result.status.value).inc()
+                        busy += 1
+                        soonest = min(soonest, self.busy_cooldown)
+                        continue
                     self._failed(candidate, result)
                     failures.append(f"uid {candidate.target.uid}: {result.status.value}"
                                     + (f" ({clip(result.reason)})" if result.reason else ""))
@@ -138,12 +233,14 @@ class Router:
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        tried = "; ".join(failures[-4:]) or "no answer yet"
+        said = "; ".join(failures[-4:]) or "no answer yet"
         if self._clock() >= deadline:
             raise GatewayError(504, f"no miner delivered an image within the deadline "
-                                    f"({attempts} tried: {tried}); retry, or raise 'timeout'",
+                                    f"({attempts} tried: {said}); retry, or raise 'timeout'",
                                type=SERVER_ERROR, code="deadline_exceeded")
-        raise GatewayError(502, f"every miner serving {params.model} failed ({tried}); retry "
+        if busy or soonest < math.inf:  # miners out of budget or refusing for load
+            raise self.saturated(params.model, queue, soonest)
+        raise GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
                                 "later", type=SERVER_ERROR, code="all_miners_failed")
 
 

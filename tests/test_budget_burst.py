@@ -1,0 +1,123 @@
+"""One budget per miner: the gateway signs with the validator's hotkey, so users' requests
+and the validator's challenges draw on the same per-hotkey rate at each miner. A burst of
+users at twice the miners' advertised rate, during validator rounds, must leave every honest
+miner verified and weighted (the gateway keeps to the share the challenges leave it), and
+the users past that share get 429 with Retry-After, not 502.
+
+Real pieces throughout: a LocalChain file, real miner servers with their rate limit on,
+the validator's rounds with audits, the gateway app, the official openai client."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from gateway_support import NETUID, Only, make_chain, running_gateway
+
+from niche.devnet.servers import BackgroundServer
+from niche.gateway.service import GatewayConfig
+from niche.miner.server import create_app
+from niche.miner.service import MinerConfig, MinerService
+from niche.validator.client import MinerClient
+from niche.validator.scoring import ScoringConfig
+from niche.validator.service import Validator, ValidatorConfig
+from niche.validator.state import ValidatorState
+
+RATE = 30.0  # each miner's advertised requests per minute, per caller hotkey
+ROUND_INTERVAL = 4.0
+
+
+@contextlib.contextmanager
+def limited_miners(net, engines):
+    running = []
+    try:
+        for name, engine in engines.items():
+            service = MinerService(engine, net.wallets[name], MinerConfig(
+                netuid=NETUID, requests_per_minute=RATE), chain=net.chain)
+            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
+            service.announce("127.0.0.1", server.port)
+            running.append((service, server))
+        yield
+    finally:
+        for service, server in running:
+            server.stop()
+            service.close()
+
+
+@pytest.mark.slow
+def test_a_user_burst_at_twice_the_rate_leaves_honest_miners_verified(tmp_path, tiny_engine,
+                                                                       tiny_root):
+    net = make_chain(tmp_path, miners=2)
+    engines = {name: Only(tiny_engine, "flux-schnell") for name in ("miner1", "miner2")}
+    state_path = tmp_path / "validator.sqlite"
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=5, seed=9,
+                             state_path=state_path, audit_fraction=1.0, epoch_length=1,
+                             round_interval=ROUND_INTERVAL, info_timeout=5.0,
+                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+    stop = threading.Event()
+
+    def burst(base_url: str, key: str) -> None:
+        client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0)
+
+        def one(seed: int) -> None:
+            try:
+                client.images.generate(model="flux-schnell", prompt="a burst of users",
+                                       size="64x64", extra_body={"seed": seed})
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+                retry_after.append(exc.response.headers.get("retry-after"))
+
+        with ThreadPoolExecutor(8) as pool:
+            interval = 60.0 / (2 * 2 * RATE)  # twice the two miners' advertised rate
+            seed = 0
+            while not stop.is_set():
+                pool.submit(one, seed)
+                seed += 1
+                stop.wait(interval)
+
+    with limited_miners(net, engines), running_gateway(
+            net, tiny_root, models=("flux-schnell",), validator_state=state_path,
+            config=GatewayConfig(audit_fraction=0.0, refresh_interval=1.0)) as gw, \
+            ValidatorState(state_path) as state:
+        validator = Validator(config, net.chain, net.validator, tiny_engine,
+                              MinerClient(net.validator), state)
+        users = threading.Thread(target=lambda: (
+            _wait_rounds(state_path, 2), time.sleep(1.5), burst(gw.base_url, gw.key)))
+        users.start()
+        try:
+            assert validator.run() == 0
+        finally:
+            stop.set()
+            users.join(timeout=60)
+    reports = validator.reports
+    for report in reports:
+        table = validator.format_report(report)
+        for name in ("miner1", "miner2"):
+            outcome = {o.uid: o for o in report.outcomes}[net.uids[name]]
+            assert outcome.status == "ok" and outcome.audit_passed, table
+    last = reports[-1]
+    assert last.weights and all(last.weights.get(net.uids[n], 0) > 0
+                                for n in ("miner1", "miner2")), last.weights_message
+    assert 200 in statuses and 429 in statuses, statuses
+    assert set(statuses) <= {200, 429}, statuses  # saturation is 429, never 502
+    assert all(value and int(value) >= 1 for value in retry_after), retry_after
+    net.chain.close()
+
+
+def _wait_rounds(state_path, rounds: int, timeout: float = 120.0) -> None:
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.Error):
+            with sqlite3.connect(f"file:{state_path}?mode=ro", uri=True) as db:
+                row = db.execute("SELECT value FROM meta WHERE key='round'").fetchone()
+                if row and int(row[0]) >= rounds:
+                    return
+        time.sleep(0.2)
