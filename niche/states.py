@@ -63,6 +63,19 @@ def decode_state(data: str, index: int, commitment: StatesCommitment) -> torch.T
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise BadState(f"state {index}: malformed base64") from None
+    return decode_state_bytes(raw, index, commitment)
+
+
+def decode_state_bytes(raw: bytes | memoryview, index: int, commitment: StatesCommitment
+                       ) -> torch.Tensor:
+    """The committed state x_index from its raw float32 bytes (a protocol-4 binary fetch,
+    niche/wire.py), or BadState: length, then hash, then values."""
+    if not 1 <= index <= len(commitment.sha256):
+        raise BadState(f"state {index} is not among the {len(commitment.sha256)} committed")
+    elements = int(np.prod(commitment.shape))
+    if not 0 < elements <= MAX_STATE_ELEMENTS:
+        raise BadState(f"committed shape {commitment.shape} is out of bounds")
+    expected = elements * 4
     if len(raw) != expected:
         raise BadState(f"state {index}: {len(raw)} bytes, expected {expected}")
     if hashlib.sha256(raw).hexdigest() != commitment.sha256[index - 1]:

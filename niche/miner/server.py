@@ -45,7 +45,7 @@ from niche.protocol import (
     StatesResponse,
 )
 from niche.transport import BodyTooLarge, read_capped
-from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE
+from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE, STATES_MEDIA_TYPE
 
 log = logging.getLogger("niche.miner")
 
@@ -60,13 +60,15 @@ def _error(status: int, reason: str, detail: str = "", field: str | None = None
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether an Accept header names `media_type` itself (a wildcard does not count)."""
+    return any(part.split(";")[0].strip().lower() == media_type for part in accept.split(","))
+
+
 def wants_binary(accept: str, version: int) -> bool:
     """A binary answer for a protocol-4+ request whose Accept names it; JSON otherwise (what
     protocol 2-3 validators read)."""
-    if version < BINARY_SINCE:
-        return False
-    return any(part.split(";")[0].strip().lower() == ANSWER_MEDIA_TYPE
-               for part in accept.split(","))
+    return version >= BINARY_SINCE and accepts(accept, ANSWER_MEDIA_TYPE)
 
 
 def _request_target(request: Request) -> str:
@@ -169,7 +171,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                      f" {reason}" if status != 200 else "", time.monotonic() - started)
 
     @app.post(
-        STATES_PATH, response_model=StatesResponse, responses=error_responses,
+        STATES_PATH, response_model=StatesResponse,
+        responses={**error_responses, 200: {"content": {STATES_MEDIA_TYPE: {}}, "description":
+                   "protocol 4+ with Accept: " + STATES_MEDIA_TYPE + ": the raw float32 "
+                   "states (niche/wire.py); otherwise StatesResponse as JSON"}},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/StatesRequest"}}}}},
     )
@@ -190,9 +195,13 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             caller_key, _ = service.authenticate(
                 request.headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
-            answer = await asyncio.to_thread(service.fetch_states, body, caller_key)
+            binary = accepts(request.headers.get("accept", ""), STATES_MEDIA_TYPE)
+            answer = await asyncio.to_thread(service.fetch_states, body, caller_key,
+                                             binary=binary)
             status, reason = 200, "ok"
-            return JSONResponse(answer.model_dump(mode="json"))
+            if isinstance(answer, bytes):
+                return Response(answer, media_type=STATES_MEDIA_TYPE)
+            return Response(answer.model_dump_json().encode(), media_type="application/json")
         except (Refusal, AuthFailure) as exc:
             status, reason = exc.status, exc.reason
             return _error(exc.status, exc.reason, exc.detail, getattr(exc, "field", None))

@@ -57,7 +57,7 @@ from niche.protocol import (
 )
 from niche.runtime import runtime_info
 from niche.states import commit
-from niche.wire import pack_answer
+from niche.wire import BINARY_SINCE, pack_answer, pack_states
 
 if TYPE_CHECKING:
     from bittensor import Wallet
@@ -417,8 +417,10 @@ class MinerService:
         mode = getattr(self.engine, "memory_mode", None)
         return str(mode(model)) if callable(mode) else "gpu"
 
-    def fetch_states(self, body: bytes, caller: str) -> StatesResponse:
-        """The states `caller` asks for of one of its own earlier answers."""
+    def fetch_states(self, body: bytes, caller: str, *, binary: bool = False
+                     ) -> StatesResponse | bytes:
+        """The states `caller` asks for of one of its own earlier answers: JSON with base64,
+        or (`binary`, protocol 4+) a niche.wire states body with the raw float32 bytes."""
         request = self.parse_model(body, StatesRequest, self.config.protocol_versions)
         kept = self.states.get(caller, request.request_id)
         if kept is None:
@@ -428,8 +430,12 @@ class MinerService:
         if missing:
             raise Refusal(400, "invalid_request", f"states {missing} not among 1..{len(kept)}",
                           field="indices")
+        indices = sorted(set(request.indices))
+        if binary and request.protocol_version >= BINARY_SINCE:
+            return pack_states(request.protocol_version, request.request_id,
+                               [(i, kept[i - 1]) for i in indices])
         blobs = [StateBlob(index=i, data=base64.b64encode(kept[i - 1]).decode("ascii"))
-                 for i in sorted(set(request.indices))]
+                 for i in indices]
         return StatesResponse(protocol_version=request.protocol_version,
                               request_id=request.request_id, states=blobs)
 
