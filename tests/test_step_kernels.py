@@ -1,0 +1,131 @@
+"""Declared kernels (protocol 4), same-dtype recomputation and the audit verdicts that are
+not fraud: what a miner declares is bounded and signed, what a validator cannot reproduce
+earns nothing without excluding anyone, its own failures cost nobody anything, and the
+thresholds an operator measured load from one file."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from niche.errors import ConfigError
+from niche.miner.service import declared_kernels
+from niche.protocol import StatesCommitment
+from niche.validator import scoring
+from niche.validator.audit import AuditResult
+from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig
+from niche.validator.service import applied
+from niche.validator.steps import DEFAULT_STEP_BANDS, StepThresholds
+
+SHA = "ab" * 32
+
+
+def commitment(**kw) -> StatesCommitment:
+    return StatesCommitment(shape=[1, 4], sha256=[SHA], compute_dtype="bfloat16", **kw)
+
+
+# ------------------------------------------------------------------ the wire
+def test_kernels_are_bounded_and_signed():
+    plain = commitment()
+    assert "kernels" not in plain.model_dump_json()  # a protocol-3 peer reads it as before
+    canonical = json.dumps({"compute_dtype": "bfloat16", "sha256": [SHA], "shape": [1, 4]},
+                           sort_keys=True, separators=(",", ":"))
+    assert plain.digest() == hashlib.sha256(canonical.encode()).hexdigest()
+    math = commitment(kernels={"attention": "math"})
+    assert math.digest() != plain.digest()  # the signature covers the declaration
+    assert StatesCommitment.model_validate_json(math.model_dump_json()) == math
+    for bad in ({"attention": "fastest"}, {"Attention": "math"}, {"x": "a b"},
+                {"k" * 40: "v"}, {f"k{i}": "v" for i in range(9)}):
+        with pytest.raises(ValidationError):
+            commitment(kernels=bad)
+
+
+def test_a_miner_declares_its_kernels_only_to_protocol_4(tiny_engine):
+    assert declared_kernels(tiny_engine, "flux-schnell", 4) == {"attention": "default"}
+    assert declared_kernels(tiny_engine, "flux-schnell", 3) == {}
+    assert declared_kernels(object(), "flux-schnell", 4) == {}  # an engine without kernels
+
+
+# ------------------------------------------------------------------ verdicts and scores
+def test_verdicts_that_are_not_fraud_never_exclude():
+    base = Outcome(uid=1, hotkey="h1", model="flux-dev", latency=1.0, timeout=10.0)
+    cases = {
+        "passed": AuditResult(True, 0.9),
+        "failed": AuditResult(False, 0.0, "step check: step 3"),
+        "unavailable": AuditResult(False, 0.0, "states: refused", unavailable=True),
+        "unverifiable": AuditResult(False, 0.0, "cannot reproduce", unverifiable=True),
+        "unaudited": AuditResult(False, 0.0, "validator error", unaudited=True),
+    }
+    outcomes = {name: applied(base, r) for name, r in cases.items()}
+    assert {n: r.verdict for n, r in cases.items()} == {n: n for n in cases}
+    assert outcomes["passed"].valid and outcomes["passed"].audit_passed
+    assert outcomes["failed"].audit_passed is False
+    assert outcomes["unverifiable"].status == scoring.UNVERIFIABLE
+    assert outcomes["unaudited"].status == scoring.UNAUDITED
+    for name in ("unavailable", "unverifiable", "unaudited"):
+        assert not outcomes[name].valid and outcomes[name].audit_passed is None, name
+    cfg = ScoringConfig(alpha=0.5, model_shares={"flux-dev": 1.0})
+    scores = {}
+    for name, outcome in outcomes.items():
+        book = ScoreBook(cfg)
+        book.uids[1] = scoring.UidScore(hotkey="h1", score=0.8)
+        book.apply(7, [outcome], {1: 1.0 if name == "passed" else 0.0})
+        scores[name] = book.scores()[1]
+        assert book.is_excluded("h1", 8) == (name == "failed"), name
+    assert scores["unaudited"] == 0.8  # the validator's own failure moves nothing
+    assert scores["unverifiable"] == pytest.approx(0.4)  # a zero reward, no exclusion
+    assert scores["passed"] > 0.8 and scores["failed"] == 0.0
+    assert scores["unavailable"] < 0.8
+
+
+# ------------------------------------------------------------------ operator's bands
+def test_bands_load_from_one_file_and_bad_files_are_one_line(tmp_path):
+    good = tmp_path / "bands.json"
+    good.write_text(json.dumps({"bands": {"flux-dev": [
+        {"upto": 0.5, "float32": 1e-4, "bfloat16": 2e-3, "float16": 5e-4},
+        {"upto": 1.0, "float32": 2e-4, "bfloat16": 4e-3, "float16": 1e-3}]}}))
+    t = StepThresholds.from_file(good)
+    assert t.threshold("flux-dev", "txt2img", "bfloat16", 0, 28) == 2e-3
+    assert t.threshold("flux-dev", "txt2img", "bfloat16", 27, 28) == 4e-3
+    assert t.bands["kolors"] == DEFAULT_STEP_BANDS["kolors"]  # models not in the file stay
+    bad = {
+        "missing": None,
+        "not json": "{",
+        "negative": {"bands": {"kolors": [{"upto": 1.0, "float32": -1, "bfloat16": 1,
+                                           "float16": 1}]}},
+        "unknown field": {"bands": {"kolors": [{"upto": 1.0, "float32": 1e-3,
+                                                "bfloat16": 1e-2, "float16": 1e-2,
+                                                "int8": 1}]}},
+        "no last band": {"bands": {"kolors": [{"upto": 0.5, "float32": 1e-3,
+                                               "bfloat16": 1e-2, "float16": 1e-2}]}},
+    }
+    for name, content in bad.items():
+        path = tmp_path / f"{name}.json"
+        if content is not None:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ConfigError) as info:
+            StepThresholds.from_file(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value), name
+
+
+def test_validator_flags_for_bands_and_dtypes(tmp_path, tiny_engine):
+    from niche.cli import build_parser
+    from niche.commands.validator import build_config, extra_dtypes
+
+    bands = tmp_path / "bands.json"
+    bands.write_text(json.dumps({"bands": {"kolors": [
+        {"upto": 1.0, "float32": 1e-3, "bfloat16": 9e-3, "float16": 3e-3}]}}))
+    args = build_parser().parse_args([
+        "validator", "--netuid", "3", "--verify.step_bands", str(bands),
+        "--verify.dtypes", "bfloat16", "float32", "bfloat16", "--models", "kolors"])
+    cfg = build_config(args)
+    assert cfg.step_thresholds.threshold("kolors", "txt2img", "float16", 0, 30) == 3e-3
+    # the float32 engine already covers float32: only bfloat16 needs its own copy
+    assert extra_dtypes(args, tiny_engine, ["kolors"]) == ["bfloat16"]
+    assert extra_dtypes(argparse.Namespace(), tiny_engine, ["kolors"]) == []
+    with pytest.raises(ConfigError):
+        build_config(build_parser().parse_args([
+            "validator", "--netuid", "3", "--verify.step_bands", str(tmp_path / "none")]))
