@@ -25,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  niche localnet --miners 3 --rounds 2          the whole subnet on this machine\n"
         "  niche generate --tiny --model kolors --prompt 'a red circle' --seed 7 --out a.png\n"
-        "  niche miner --netuid 23 --wallet.name miner --subtensor.network finney "
+        "  niche miner --netuid NETUID --wallet.name miner --subtensor.network finney "
         "--axon.port 8091 --axon.external_ip 203.0.113.7 --model flux-schnell\n"
-        "  niche validator --netuid 23 --wallet.name validator --subtensor.network finney\n"
+        "  niche validator --netuid NETUID --wallet.name validator --subtensor.network finney "
+        "--dashboard.port 8095\n"
+        "  (NETUID: a subnet whose validators run niche; a niche miner earns only from them)\n"
         "\n`niche COMMAND --help` lists every flag of a command; docs/ has the guides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -129,6 +129,8 @@ def check(argv: list[str]) -> str | None:
     if tool not in TOOLS:
         return f"{tool} is not a tool the set-up installs"
     if tool == "niche":
+        # a shell variable the reader sets first (`export NETUID=...`) parses as its value
+        argv = [re.sub(r"\$\{?[A-Z_][A-Z0-9_]*\}?", "1", a) for a in argv]
         try:
             build_parser().parse_args(argv[1:])
         except SystemExit as exc:

@@ -1,5 +1,5 @@
 // pm2 ecosystem for a niche miner whose engine runs as Ray Serve replicas (one per GPU).
-//   NETUID=23 WALLET_NAME=miner WALLET_HOTKEY=default AXON_EXTERNAL_IP=203.0.113.7 \
+//   NETUID=<NETUID> WALLET_NAME=miner WALLET_HOTKEY=default AXON_EXTERNAL_IP=203.0.113.7 \
 //     REPLICAS=4 pm2 start configs/pm2/miner-ray.config.js
 // Two machines: `ray start --head` here, `ray start --address HEAD:6379` there, and
 // RAY_ADDRESS=auto. The other variables are miner.config.js's (docs/miner.md).

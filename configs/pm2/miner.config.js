@@ -1,5 +1,5 @@
 // pm2 ecosystem for a niche miner on a real network.
-//   NETUID=23 WALLET_NAME=miner WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
+//   NETUID=<NETUID> WALLET_NAME=miner WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
 //     AXON_PORT=8091 AXON_EXTERNAL_IP=203.0.113.7 MODEL="flux-schnell kolors" \
 //     pm2 start configs/pm2/miner.config.js
 // A variable that is not set passes no flag, so every default is `niche miner`'s own

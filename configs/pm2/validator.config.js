@@ -1,5 +1,5 @@
 // pm2 ecosystem for a niche validator on a real network.
-//   NETUID=23 WALLET_NAME=validator WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
+//   NETUID=<NETUID> WALLET_NAME=validator WALLET_HOTKEY=default SUBTENSOR_NETWORK=finney \
 //     pm2 start configs/pm2/validator.config.js
 // A variable that is not set passes no flag, so every default is `niche validator`'s own
 // (`niche validator --help`); EXTRA_ARGS="--flag value ..." passes any other flag.
