@@ -127,6 +127,11 @@ def test_one_timestamp_per_pm2_line(tmp_path):
          "console.log(JSON.stringify(c.nicheApp({name: 'x', args: ['validator']})))"],
         cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout)
     assert app["time"] is True and app["env"]["NICHE_LOG_TIME"] == "0"
+    validator = json.loads(subprocess.run(
+        [node, "-e", "console.log(JSON.stringify(require('./configs/pm2/validator.config.js')"
+         ".apps[0]))"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+        env={**os.environ, "NETUID": "1", "DASHBOARD_PORT": "8095"}).stdout)
+    assert build_parser().parse_args(validator["args"]).dashboard_port == 8095
     script = textwrap.dedent("""
         import logging
         from niche.logging_setup import setup_logging

@@ -17,6 +17,8 @@ const args = argsFromEnv("validator", [
   ["STATE_PATH", "--neuron.state_path"],
   ["EMISSION_SHARE", "--neuron.emission_share", "list"],
   ["PROMPTS_FILE", "--neuron.prompts_file"],
+  ["DASHBOARD_PORT", "--dashboard.port"],
+  ["DASHBOARD_HOST", "--dashboard.host"],
 ]);
 
 // A validator saves its round on SIGTERM: give it time.
