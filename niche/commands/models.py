@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="model checkpoints: download, list, build tiny ones",
+    parser = subparsers.add_parser("models",
+                                   help="model checkpoints: download, list, build tiny ones",
                                    description="Model checkpoints and their configs.")
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     p = sub.add_parser("build-tiny", help="write tiny random-weight checkpoints of the real "
