@@ -22,7 +22,9 @@ PROTOCOL_VERSION = 4
 4: the states commitment declares the kernels that change a step's bits
    (`StatesCommitment.kernels`, e.g. the attention backend), so the validator recomputes
    with the miner's own choice; an audit fetches its states in as many requests as
-   `MAX_STATES_PER_FETCH` needs."""
+   `MAX_STATES_PER_FETCH` needs. A validator that accepts them gets the answer's image
+   and the fetched states as binary bodies (niche/wire.py: a length-prefixed JSON header,
+   then the PNG bytes or the raw float32 states) instead of base64 inside JSON."""
 MIN_PROTOCOL_VERSION = 2
 """The oldest version still spoken, so a subnet upgrades one peer at a time (CHANGELOG.md)."""
 SUPPORTED_PROTOCOL_VERSIONS: tuple[int, ...] = tuple(
