@@ -72,15 +72,17 @@ def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
 
 @contextlib.contextmanager
 def shared_subnet(tmp_path_factory, tiny_engine, tiny_root) -> Iterator[SimpleNamespace]:
-    """Two FLUX.1-schnell miners, one Kolors miner (every pipeline), a gateway offering
+    """Two FLUX.1-schnell miners, two Kolors miners (every pipeline; two, as the gateway
+    sends a miner no more requests at once than its advertised concurrency), a gateway offering
     flux-schnell, kolors and flux-dev (no miner: the 503 case) with one allowed CORS origin,
     and an official openai client (`client`) on its key."""
     import openai
 
-    net = make_chain(tmp_path_factory.mktemp("gwnet"), miners=3)
+    net = make_chain(tmp_path_factory.mktemp("gwnet"), miners=4)
     engines = {"miner1": Only(tiny_engine, "flux-schnell"),
                "miner2": Only(tiny_engine, "flux-schnell"),
-               "miner3": Only(tiny_engine, "kolors")}
+               "miner3": Only(tiny_engine, "kolors"),
+               "miner4": Only(tiny_engine, "kolors")}
     config = GatewayConfig(audit_fraction=1.0, cors_origins=(CORS_ORIGIN,))
     try:
         with running_miners(net, engines) as miners, running_gateway(

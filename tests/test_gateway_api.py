@@ -19,7 +19,7 @@ from niche.protocol import GenerationParams
 
 @pytest.fixture(scope="module")
 def subnet(tmp_path_factory, tiny_engine, tiny_root):
-    """Two FLUX.1-schnell miners and one Kolors miner; flux-dev is offered, served by none.
+    """Two FLUX.1-schnell miners and two Kolors miners; flux-dev is offered, served by none.
     Shared by this module and tests/test_gateway_images.py's fixture of the same subnet."""
     with shared_subnet(tmp_path_factory, tiny_engine, tiny_root) as gw:
         yield gw
@@ -81,7 +81,7 @@ def test_url_answers_are_served_then_expire(subnet):
 def test_models_lists_what_miners_serve_now(subnet):
     models = subnet.client.models.list()
     assert [m.id for m in models.data] == ["flux-schnell", "kolors"]  # flux-dev: no miner
-    assert [m.miners for m in models.data] == [2, 1]
+    assert [m.miners for m in models.data] == [2, 2]
 
 
 def test_bad_keys_are_401_in_openai_shape(subnet):
@@ -223,7 +223,7 @@ def test_metrics_are_on_their_own_port_not_the_api(subnet):
     page = httpx.get(subnet.url + "/")
     assert page.status_code == 200 and 'id="generate"' in page.text
     assert json.loads(httpx.get(subnet.url + "/healthz").text)["miners"] == {
-        "flux-schnell": 2, "kolors": 1}
+        "flux-schnell": 2, "kolors": 2}
     missing = httpx.get(subnet.url + "/v1/images/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == \
         "invalid_request_error"
