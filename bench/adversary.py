@@ -52,6 +52,7 @@ from niche.devnet import step_cheats
 from niche.devnet.pictures import shapes_picture
 from niche.devnet.tiny import ensure_tiny_models
 from niche.models.engine import Engine
+from niche.models.quiet import quiet_libraries
 from niche.protocol import GenerationParams, PipelineKind
 from niche.validator.audit import MIN_DETECTION, MIN_SAVING, random_steps_needed
 from niche.validator.steps import StepChecker, StepThresholds, step_error
@@ -531,18 +532,6 @@ def summary(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
         key = f"{r.model}/{r.pipeline}@{r.steps}: {r.name}"
         out[key] = (r.saved, min(r.catch, out.get(key, (0, 1.0))[1]))
     return out
-
-
-def quiet_libraries() -> None:
-    """diffusers' and transformers' per-load warnings and progress bars off (the tables
-    are the output)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,8 +12,16 @@ Per memory mode: seconds per image (median) and peak device memory of each path,
 path's warm-up (torch.compile) apart, and the validator's step error of every fast step
 recomputed by the plain bfloat16 engine path, against its threshold (docs/step-check.md).
 
+`--noise` (FLUX.1-dev at 28 steps and Kolors at 30 by default, 1024x1024): the same-dtype
+noise of the kernels that change bits, each chain recomputed by the plain bfloat16 path
+(default attention, TF32 off, eager) at every step, next to the step thresholds: SDPA flash,
+memory-efficient, cuDNN and math, declared (the validator switches to the declared backend)
+and undeclared (recomputed on the default one), TF32 matmuls on, and torch.compile. The
+thresholds only need to cover the declared rows (docs/step-check.md, "What is assumed").
+
     python bench/gpu.py [--models flux-schnell kolors] [--runs 3]
                         [--memory-modes gpu model-offload sequential-offload]
+    python bench/gpu.py --noise [--models flux-dev kolors]
 
 Without CUDA it prints one line and exits 0.
 """
@@ -106,11 +114,13 @@ class Weights:
 
         self.model = model
         torch.manual_seed(SEED)
-        if model == "flux-schnell":
+        if model.startswith("flux"):
             tiny = FluxPipeline.from_pretrained(tiny_root / model, dtype=torch.float32)
             self.pipeline_class: Any = FluxPipeline
             self.denoiser_key, self.denoiser_class = "transformer", FluxTransformer2DModel
-            self.denoiser_config, self.vae_config = FLUX_TRANSFORMER, FLUX_VAE
+            self.denoiser_config = {**FLUX_TRANSFORMER,
+                                    "guidance_embeds": model != "flux-schnell"}
+            self.vae_config = FLUX_VAE
             self.small = {"text_encoder": _resized(tiny.text_encoder, CLIP_SMALL),
                           "text_encoder_2": _resized(tiny.text_encoder_2, T5_SMALL),
                           "tokenizer": tiny.tokenizer, "tokenizer_2": tiny.tokenizer_2}
@@ -192,7 +202,7 @@ def _family(weights: Weights, mode: str, fast: bool, compile_mode: str) -> Any:
     family: Any = family_class(spec.family)(spec, None, "cuda", "bfloat16", mode,  # type: ignore[arg-type]
                                             fast=fast)
     pipe = weights.pipeline()
-    if weights.model == "flux-schnell":
+    if weights.model.startswith("flux"):
         family.pipe = pipe
     else:
         family.base = pipe
@@ -222,23 +232,74 @@ def _family_call(family: Any, params: Any) -> tuple[Any, list[Any]]:
     return images[0], states
 
 
-def step_errors(reference: Any, params: Any, states: list[Any]) -> list[tuple[float, float]]:
-    """(error, threshold) of every step of `states` recomputed by `reference` (bfloat16)."""
+def step_errors(reference: Any, params: Any, states: list[Any],
+                attention: str = "default") -> list[tuple[float, float]]:
+    """(error, threshold) of every step of `states` recomputed by `reference` (bfloat16) on
+    the `attention` backend (what a validator does with a declared backend)."""
     import torch
 
+    from niche.models.kernels import attention_backend
     from niche.validator.steps import StepThresholds, step_error
 
     n = len(states)
     bands = StepThresholds()
-    context = reference.step_context(params, params.prompt, params.negative_prompt or "", None)
-    x0 = reference.initial_state(params, torch.Generator("cpu").manual_seed(params.seed))
-    chain = [x0, *states]
-    out = []
-    for k in range(n):
-        recomputed = reference.step(params, context, chain[k], k)
-        out.append((step_error(chain[k], chain[k + 1], recomputed),
-                    bands.threshold(params.model, "txt2img", "bfloat16", k, n)))
+    with attention_backend(attention), torch.no_grad():
+        context = reference.step_context(params, params.prompt, params.negative_prompt or "",
+                                         None)
+        x0 = reference.initial_state(params, torch.Generator("cpu").manual_seed(params.seed))
+        chain = [x0, *states]
+        out = []
+        for k in range(n):
+            recomputed = reference.step(params, context, chain[k], k)
+            out.append((step_error(chain[k], chain[k + 1], recomputed),
+                        bands.threshold(params.model, "txt2img", "bfloat16", k, n)))
     return out
+
+
+def kernel_noise(weights: Weights, params: Any, compile_mode: str) -> None:
+    """The same-dtype noise table of `--noise` (module docstring)."""
+    import torch
+
+    from niche.models.kernels import attention_backend, attention_problem
+
+    plain = _family(weights, "gpu", fast=False, compile_mode=compile_mode)
+    rows: list[tuple[str, list[tuple[float, float]]]] = []
+
+    def chain(**switches: Any) -> list[Any]:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = switches.get("tf32", False)
+        try:
+            with attention_backend(switches.get("attention", "default")), torch.no_grad():
+                return _family_call(switches.get("family", plain), params)[1]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    rows.append(("default again (determinism)", step_errors(plain, params, chain())))
+    for backend in ("flash", "efficient", "cudnn", "math"):
+        problem = attention_problem(backend, "cuda")
+        if problem:
+            print(f"    {backend}: {problem}")
+            continue
+        states = chain(attention=backend)
+        rows.append((f"{backend} attention, declared", step_errors(plain, params, states,
+                                                                   attention=backend)))
+        rows.append((f"{backend} attention, NOT declared", step_errors(plain, params, states)))
+    rows.append(("TF32 matmuls on", step_errors(plain, params, chain(tf32=True))))
+    if compile_mode != "none":
+        compiled = _family(weights, "gpu", fast=False, compile_mode=compile_mode)
+        compiled_denoiser = (compiled.pipe.transformer if weights.model.startswith("flux")
+                             else compiled.base.unet)
+        compiled_denoiser.compile(mode=compile_mode)
+        chain(family=compiled)  # warm-up
+        rows.append((f"torch.compile {compile_mode}",
+                     step_errors(plain, params, chain(family=compiled))))
+    print(f"  same-dtype kernel noise ({params.width}x{params.height}, {params.steps} steps; "
+          "worst step error, its threshold, ratio):")
+    for name, errors in rows:
+        worst = max(errors, key=lambda e: e[0] / e[1] if e[1] else float("inf"))
+        print(f"    {name:<36} max {max(e for e, _ in errors):9.3g}   threshold "
+              f"{worst[1]:9.3g}   worst ratio {worst[0] / worst[1]:7.3f}")
+    _release()
 
 
 def bench(model: str, modes: list[str], runs: int, compile_mode: str, tiny_root: Path) -> None:
@@ -304,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["gpu", "model-offload", "sequential-offload"])
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                         choices=["none", "default", "max-autotune-no-cudagraphs"])
+    parser.add_argument("--noise", action="store_true",
+                        help="the same-dtype kernel noise table instead of the speed table "
+                             "(default models: flux-dev kolors)")
     args = parser.parse_args(argv)
     if not cuda_available():
         print(NO_CUDA)
@@ -313,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     root = ensure_tiny_models()  # tokenizers, schedulers, the text encoders' classes
+    if args.noise:
+        models = args.models if "--models" in (argv or sys.argv) else ["flux-dev", "kolors"]
+        for model in models:
+            print(f"{model}: building full-size random weights ...", flush=True)
+            kernel_noise(Weights(model, root), _params(model), args.compile_mode)
+        return 0
     for model in args.models:
         bench(model, args.memory_modes, args.runs, args.compile_mode, root)
     return 0

@@ -147,6 +147,8 @@ def write_single_files(src: Path, out: Path, model: str) -> None:
     save_file({k: v.to(torch.bfloat16) for k, v in clip.items()},
               str(out / "clip_l.safetensors"), metadata=meta)
     t5 = load_file(str(next((src / "text_encoder_2").glob("*.safetensors"))))
-    save_file({k: v.to(torch.float16) for k, v in t5.items()},
+    # the published T5 files are bfloat16 weights re-saved in float16 (lossless): round to
+    # bfloat16 first, so a bfloat16 engine loads the folder's bits from either format
+    save_file({k: v.to(torch.bfloat16).to(torch.float16) for k, v in t5.items()},
               str(out / "t5xxl_fp16.safetensors"), metadata=meta)
     save_file(_fp8(t5), str(out / "t5xxl_fp8_e4m3fn.safetensors"), metadata=meta)
