@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from niche import __version__
-from niche.auth import AuthFailure
+from niche.auth import AuthFailure, claimed_hotkey
 from niche.errors import NicheError
 from niche.miner.limits import Refusal
 from niche.miner.service import MinerService, short
@@ -51,6 +51,10 @@ log = logging.getLogger("niche.miner")
 
 STATES_BODY_BYTES = 4096
 """A StatesRequest is a request id and at most 8 indices."""
+INLINE_PARSE_BYTES = 64 * 1024
+"""Generate bodies up to this size (every text-to-image request) are parsed on the event
+loop: a sub-millisecond parse, where a worker-thread round trip costs milliseconds on a busy
+box (bench/overhead.py (a))."""
 
 
 
@@ -121,7 +125,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             service.precheck(request.headers)
             if inflight[0] >= service.config.max_inflight:
                 raise Refusal(503, "busy", f"{inflight[0]} requests in flight; retry later")
-            per_peer = service.config.max_inflight_per_ip
+            per_peer = service.inflight_cap(claimed_hotkey(request.headers))
             if per_peer and inflight_by_peer.get(peer, 0) >= per_peer:
                 raise Refusal(503, "busy", f"{per_peer} requests in flight from {peer}; "
                               "retry later")
@@ -142,7 +146,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 request.headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
             service.rate_check(caller_key, neuron)
-            parsed = await asyncio.to_thread(service.parse, body)  # up to ~24 MB of JSON
+            if len(body) <= INLINE_PARSE_BYTES:  # a thread hop costs more than the parse
+                parsed = service.parse(body)
+            else:  # up to ~24 MB of JSON (a conditioning image): off the event loop
+                parsed = await asyncio.to_thread(service.parse, body)
             answer = await service.generate(parsed, neuron, caller_key)
             status, reason = 200, "ok"
             if wants_binary(request.headers.get("accept", ""), parsed.protocol_version):

@@ -57,12 +57,21 @@ from niche.protocol import (
     first_validation_error,
     negotiate,
 )
-from niche.states import BadState, decode_state
+from niche.states import BadState, decode_state, decode_state_bytes
 from niche.transport import BodyTooLarge, read_capped
-from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE, BadBody, unpack_answer
+from niche.wire import (
+    ANSWER_MEDIA_TYPE,
+    BINARY_SINCE,
+    BadBody,
+    unpack_answer,
+    unpack_states,
+)
 
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_INFO_BYTES = 256 * 1024
+INLINE_CHECK_BYTES = 64 * 1024
+INLINE_CHECK_PIXELS = 512 * 512
+"""Answers this small (bytes, and pixels they may decode to) are checked on the event loop."""
 
 
 class QueryStatus(str, Enum):
@@ -288,8 +297,13 @@ class MinerClient:
             except (ValidationError, ValueError):
                 result.reason = f"HTTP {status}"
             return result
-        # Decoding a big PNG is CPU work: keep it off the event loop.
-        await asyncio.to_thread(self._check_answer, result, request, raw, media)
+        # Decoding a big PNG is CPU work: off the event loop, unless the answer is small and
+        # so is what it may decode to (a thread round trip costs more on a busy box).
+        _, limits = self._answer_bounds(request)
+        if len(raw) <= INLINE_CHECK_BYTES and limits.max_pixels <= INLINE_CHECK_PIXELS:
+            self._check_answer(result, request, raw, media)
+        else:
+            await asyncio.to_thread(self._check_answer, result, request, raw, media)
         return result
 
     def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes,
@@ -554,6 +568,30 @@ class StatesFetch:
     @property
     def ok(self) -> bool:
         return not self.reason
+
+
+def _read_binary_states(raw: bytes, request_id: str, commitment: StatesCommitment,
+                        wanted: list[int]) -> StatesFetch:
+    """A protocol-4 binary states body (niche.wire): lengths against the committed shape
+    before anything is read, then each state against its hash, as `_read_states` does."""
+    elements = 1
+    for size in commitment.shape:
+        elements *= size
+    try:
+        header, parts = unpack_states(raw, state_bytes=elements * 4)
+    except BadBody as exc:
+        return StatesFetch({}, f"invalid states response: {exc}"[:300])
+    if header.request_id != request_id:
+        return StatesFetch({}, f"states for {header.request_id!r}, asked {request_id!r}")
+    if sorted(parts) != wanted:
+        return StatesFetch({}, f"sent states {list(parts)}, asked {wanted}")
+    states = {}
+    for index, data in parts.items():
+        try:
+            states[index] = decode_state_bytes(data, index, commitment)
+        except BadState as exc:
+            return StatesFetch({}, str(exc))
+    return StatesFetch(states)
 
 
 def _read_states(raw: bytes, request_id: str, commitment: StatesCommitment,
