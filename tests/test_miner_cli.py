@@ -53,7 +53,7 @@ def test_port_in_use_refuses_to_start(net, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        assert main(argv(net, "miner", busy.getsockname()[1])) == 1
+        assert main(argv(net, "miner", busy.getsockname()[1])) == 2  # pm2 holds it
     err = capsys.readouterr().err.strip()
     assert "already in use" in err and len(err.splitlines()) == 1
 

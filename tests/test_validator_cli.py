@@ -84,7 +84,7 @@ def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code != 0 and "not registered on subnet 1" in err and "Traceback" not in err
     assert code == 3  # not registered: pm2 must not restart it (stop_exit_codes)
-    assert main(_validator_argv(tmp_path, 9)) == 1
+    assert main(_validator_argv(tmp_path, 9)) == 2  # configuration: pm2 holds it
     assert "subnet 9 does not exist" in capsys.readouterr().err
     # nothing was loaded or opened: no engine built, no state file created
     assert engine_spy.built == []

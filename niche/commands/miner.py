@@ -41,10 +41,19 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                                              "permit (development only)")
     lim = parser.add_argument_group("limits")
     lim.add_argument("--limits.requests_per_minute", dest="requests_per_minute", type=float,
-                     default=60.0, help="per-hotkey token bucket (default 60; 0 disables)")
+                     default=60.0, help="per-hotkey token bucket, advertised in /v1/info "
+                                        "(default 60; 0 disables)")
     lim.add_argument("--limits.stake_proportional", dest="stake_proportional",
-                     action="store_true", help="share requests_per_minute among validators "
-                                               "by stake instead of per hotkey")
+                     action="store_true", help="scale every per-caller limit with stake: "
+                     "requests_per_minute is shared among validators by stake (10x the stake, "
+                     "10x the rate) and one address may hold its stake share of "
+                     "max_inflight open (never fewer than max_inflight_per_ip)")
+    lim.add_argument("--limits.max_inflight", dest="max_inflight", type=int, default=48,
+                     help="generate requests held at once, from every caller (default 48); "
+                          "more get 503 before their body is read")
+    lim.add_argument("--limits.max_inflight_per_ip", dest="max_inflight_per_ip", type=int,
+                     default=8, help="of those, held at once from one address (default 8; "
+                                     "0: no bound)")
     lim.add_argument("--queue.max_size", dest="queue_max_size", type=int, default=16,
                      help="requests waiting for the GPU before 503 (default 16)")
     lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
@@ -117,6 +126,9 @@ def config_from_args(args: argparse.Namespace):
         raise ConfigError("--queue.max_size must be >= 0")
     if args.requests_per_minute < 0:
         raise ConfigError("--limits.requests_per_minute must be >= 0")
+    if args.max_inflight < 1 or args.max_inflight_per_ip < 0:
+        raise ConfigError("--limits.max_inflight must be >= 1 and "
+                          "--limits.max_inflight_per_ip >= 0")
     if args.states_max_mb <= 0 or args.states_ttl <= 0:
         raise ConfigError("--states.max_mb and --states.ttl must be > 0")
     if args.localnet_cheat is not None:
@@ -132,6 +144,7 @@ def config_from_args(args: argparse.Namespace):
         allow_non_validators=args.allow_non_validators,
         requests_per_minute=args.requests_per_minute,
         stake_proportional_rate=args.stake_proportional,
+        max_inflight=args.max_inflight, max_inflight_per_ip=args.max_inflight_per_ip,
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
         keep_running_when_deregistered=args.keep_running_deregistered,
         states_max_bytes=int(args.states_max_mb * 1024 * 1024), states_ttl=args.states_ttl,

@@ -2,6 +2,7 @@
 
 - `RateLimiter`: a token bucket per hotkey (fixed rate, or a share of a total rate
   proportional to the caller's stake among permitted validators).
+- `inflight_cap`: requests one address may hold open (fixed, or scaled by stake too).
 - `PriorityGate`: one generation at a time per slot (one slot per GPU or replica); waiting
   requests are served highest stake first.
   A request that cannot finish before its own timeout (estimated from recent generation
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import statistics
 import threading
 import time
@@ -70,6 +72,16 @@ class RateLimiter:
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
             return ok
+
+
+def inflight_cap(per_address: int, total: int, stake_share: float | None) -> int:
+    """Requests one peer address may hold in flight: `per_address`, or, with stake-scaled
+    limits (`stake_share` given), the caller's stake share of the `total` slots when that is
+    more, so a validator with 10x the stake may keep about 10x the requests open (0: no
+    per-address bound)."""
+    if not per_address or stake_share is None:
+        return per_address
+    return max(per_address, min(total, math.ceil(total * max(0.0, min(1.0, stake_share)))))
 
 
 # ----------------------------------------------------------------------------- the queue

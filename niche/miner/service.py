@@ -36,7 +36,7 @@ from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import EngineUnavailable, InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_image, image_sha256, to_b64
-from niche.miner.limits import PriorityGate, RateLimiter, Refusal
+from niche.miner.limits import PriorityGate, RateLimiter, Refusal, inflight_cap
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
 from niche.models.deadline import request_deadline
@@ -288,10 +288,21 @@ class MinerService:
         hotkey = self.verifier.verify(headers, body, method=method, path=path)
         return hotkey, self.caller_policy(hotkey)
 
-    def rate_check(self, hotkey: str, neuron: Neuron | None) -> None:
-        share = 1.0
+    def stake_share(self, neuron: Neuron | None) -> float:
+        """The caller's share of the permitted validators' stake (1 when unknown)."""
         if neuron is not None and self._validator_stake > 0:
-            share = neuron.stake / self._validator_stake
+            return neuron.stake / self._validator_stake
+        return 1.0
+
+    def inflight_cap(self, hotkey: str) -> int:
+        """Requests one address may hold in flight for `hotkey` (limits.inflight_cap:
+        scaled by its stake with stake-proportional limits)."""
+        share = (self.stake_share(self._neurons.get(hotkey))
+                 if self.config.stake_proportional_rate else None)
+        return inflight_cap(self.config.max_inflight_per_ip, self.config.max_inflight, share)
+
+    def rate_check(self, hotkey: str, neuron: Neuron | None) -> None:
+        share = self.stake_share(neuron)
         if not self.limiter.allow(hotkey, share):
             raise Refusal(429, "rate_limited",
                           f"more than {self.limiter.rate_for(share):g} requests per minute")
