@@ -22,9 +22,10 @@ OLD, NEW = MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 
 def test_versions_are_one_apart():
-    assert (OLD, NEW) == (2, 3) and SUPPORTED_PROTOCOL_VERSIONS == (2, 3)
+    assert (OLD, NEW) == (2, 4) and SUPPORTED_PROTOCOL_VERSIONS == (2, 3, 4)
     assert negotiate([2], [2, 3]) == 2 and negotiate([2, 3], [2, 3]) == 3
     assert negotiate([3, 4], [2, 3]) == 3 and negotiate([4], [2, 3]) is None
+    assert negotiate([3, 4], SUPPORTED_PROTOCOL_VERSIONS) == 4
 
 
 def test_info_of_a_protocol_2_miner_and_of_a_newer_one_both_read():
@@ -86,10 +87,11 @@ def test_a_request_in_a_version_the_miner_does_not_speak_is_refused(net):
 
     client = MinerClient(net.wallets["hi"])
     with running_miner(net, StubEngine(), protocol_versions=(OLD,)) as old:
-        # without /v1/info first the client speaks its newest, 3: the old miner refuses
+        # without /v1/info first the client speaks its newest: the old miner refuses
         result = asyncio.run(client.query((0, old.hotkey, old.url), make_request(seed=6)))
     assert result.status is QueryStatus.HTTP_ERROR and result.http_status == 400
-    assert "unsupported_protocol_version" in result.reason and "protocol 2, got 3" in result.reason
+    assert "unsupported_protocol_version" in result.reason
+    assert f"protocol 2, got {NEW}" in result.reason
 
 
 def test_two_versions_apart_is_a_clear_mismatch(net):
@@ -99,7 +101,7 @@ def test_two_versions_apart_is_a_clear_mismatch(net):
     with running_miner(net, StubEngine(), protocol_versions=(NEW,)) as newest:
         info = asyncio.run(client.info(newest.url, newest.hotkey))
     assert info.status is QueryStatus.PROTOCOL_MISMATCH and info.protocol_version is None
-    assert "miner speaks protocol [3], this validator [2]" in info.reason
+    assert f"miner speaks protocol [{NEW}], this validator [2]" in info.reason
 
 
 def test_a_validator_round_with_miners_one_version_apart(tmp_path, tiny_engine):

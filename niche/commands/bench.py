@@ -3,7 +3,8 @@
 Per model and memory mode: load seconds, warm-up, seconds per image (median, p90), images per
 minute and peak device memory at the model's production defaults; whether two runs of the
 same request are bit-identical; and whether the output passes the validator's checks (the
-step check of every step plus the image similarity) against a float32 reference engine.
+step check of every step plus the image similarity) against the validator's reference path:
+the plain engine in the same dtype (validators recompute in the dtype a miner declares).
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def register(subparsers) -> None:
         "bench", help="measure and verify this box's generation before registering",
         description="Load the models, time requests at the production defaults, check that "
         "runs are bit-identical and that the output passes the validator's step check "
-        "against a float32 reference, then give a verdict: the expected score at the measured "
-        "latency on the validators' scoring curve and, with --netuid, the share against the "
-        "miners earning on that subnet. docs/miner.md explains every line.")
+        "against the plain engine in the same dtype, then give a verdict: the expected score "
+        "at the measured latency on the validators' scoring curve and, with --netuid, the "
+        "share against the miners earning on that subnet. docs/miner.md explains every line.")
     p.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
                    metavar="MODEL", help="models to bench (default flux-schnell)")
     p.add_argument("--runs", type=int, default=5,
@@ -47,10 +48,10 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=PROMPT, help="the request's prompt")
     p.add_argument("--seed", type=int, default=1234, help="the request's seed (default 1234)")
     p.add_argument("--reference-memory-mode", default="model-offload",
-                   help="memory mode of the float32 reference engine on GPU "
-                        "(default model-offload: float32 FLUX needs ~48 GB resident)")
+                   help="memory mode of the reference engine on GPU (default "
+                        "model-offload: it sits beside the benched one)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the float32 reference and the step check")
+                   help="skip the reference engine and the step check")
     p.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     from niche.commands.chain_args import add_chain_args
 
@@ -236,7 +237,8 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelResult:
                       height=int(params.height or 0), steps=int(params.steps or 0),
                       modes=results, timeout=info["timeout"])
     if args.verify:
-        reference = engine_from_args(args, [model], dtype="float32",
+        # the validator's path: plain (no fast path), the miner's dtype, default attention
+        reference = engine_from_args(args, [model], dtype=out.dtype,
                                      memory_mode=args.reference_memory_mode if on_cuda else None)
         for mode_name, (params, image, states) in outputs.items():
             out.verification[mode_name] = _verify(reference, params, out.dtype, image, states)
@@ -321,7 +323,7 @@ def format_table(r: ModelResult) -> str:
                 f"    verifies            {_yes(v.verifies)}: {v.reason}",
                 f"      step check        {_yes(v.step_check_ok)}: {v.steps_checked} steps, "
                 f"max error {v.max_step_error:.3g}, worst step at {v.worst_step_ratio:.2f} of its "
-                f"threshold (float32 reference)",
+                f"threshold (same-dtype reference)",
                 f"      image             {_yes(v.image_ok)}: similarity {v.similarity:.4f} "
                 f"(threshold {v.similarity_threshold:.3f})",
             ]
