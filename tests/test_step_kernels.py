@@ -129,3 +129,31 @@ def test_validator_flags_for_bands_and_dtypes(tmp_path, tiny_engine):
     with pytest.raises(ConfigError):
         build_config(build_parser().parse_args([
             "validator", "--netuid", "3", "--verify.step_bands", str(tmp_path / "none")]))
+
+
+# ------------------------------------------------------------------ every step count
+def test_every_step_count_plans_an_audit_that_fits_the_fetch_bounds():
+    """1..MAX_STATES steps: the plan catches a 5 % fake with probability >= 1/3 and its states
+    go in requests the protocol accepts (before, N >= 11 built an invalid request)."""
+    import math
+    import random
+
+    from niche.protocol import MAX_STATES, MAX_STATES_PER_FETCH, StatesRequest
+    from niche.validator.audit import MIN_DETECTION, AuditConfig, Auditor, random_steps_needed
+    from niche.validator.steps import states_needed
+
+    auditor = Auditor(None, None, None, None, AuditConfig())  # type: ignore[arg-type]
+    draw = random.Random(1)
+    for n in range(1, MAX_STATES + 1):
+        plan = auditor.plan(draw, n)
+        assert plan[0] == 0 and len(plan) == 1 + min(random_steps_needed(n), n - 1)
+        needed = states_needed(plan, n)
+        assert needed[-1] == n and all(1 <= i <= n for i in needed)
+        for start in range(0, len(needed), MAX_STATES_PER_FETCH):
+            StatesRequest(request_id="planfits01",
+                          indices=needed[start:start + MAX_STATES_PER_FETCH])
+        if n > 1:
+            faked = max(1, math.ceil(0.05 * n))
+            k = len(plan) - 1
+            missed = math.comb(n - 1 - faked, k) / math.comb(n - 1, k)
+            assert 1 - missed >= MIN_DETECTION - 1e-12 or k == n - 1, n
