@@ -74,6 +74,27 @@ def test_latency_summary_is_nearest_rank():
     assert summary == {"n": 5, "min": 1.0, "p10": 1.0, "p50": 3.0, "p90": 10.0, "max": 10.0}
 
 
+def test_first_id_bisects_the_history_by_round(tmp_path):
+    """The window's first row is found without scanning: the same answer as a scan, for
+    rounds with different numbers of rows and a skipped round."""
+    import sqlite3
+
+    from niche.validator.dashboard import first_id
+    from niche.validator.scoring import Outcome, ScoreBook
+
+    path = tmp_path / "state.sqlite"
+    with ValidatorState(path) as state:
+        for round_index, miners in ((0, 3), (1, 1), (3, 5), (4, 2)):
+            state.save_round(round_index, ScoreBook(),
+                             [Outcome(u, f"5H{u}", "kolors") for u in range(miners)], {})
+    db = sqlite3.connect(path)
+    for round_index in range(-1, 7):
+        scan = db.execute("SELECT MIN(id) FROM history WHERE round >= ?",
+                          (round_index,)).fetchone()[0]
+        assert first_id(db, round_index) == (scan if scan is not None else 12), round_index
+    db.close()
+
+
 def test_missing_state_and_busy_port_are_one_line(tmp_path, capsys):
     assert main(["validator", "dashboard", "--state", str(tmp_path / "none.sqlite")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

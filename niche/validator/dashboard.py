@@ -59,6 +59,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
 
 
+def first_id(db: sqlite3.Connection, round_index: int) -> int:
+    """The first history id of `round_index` or later, by bisection on the primary key:
+    rounds are written in order, so ids grow with rounds, and a long-running validator's
+    history (up to 10000 rounds of every miner) is never scanned on each poll."""
+    lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM history").fetchone()
+    if lo is None:
+        return 0
+    hi += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = db.execute("SELECT round FROM history WHERE id >= ? ORDER BY id LIMIT 1",
+                         (mid,)).fetchone()
+        if row is None or row[0] >= round_index:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def snapshot(path: Path | str, *, window: int = WINDOW_ROUNDS,
              round_rows: int = ROUND_ROWS) -> dict[str, Any]:
     """Everything the page shows, as plain data (GET /api/state returns it as JSON)."""
@@ -74,13 +93,13 @@ def snapshot(path: Path | str, *, window: int = WINDOW_ROUNDS,
             "ORDER BY id DESC LIMIT 1").fetchone()
         history = db.execute(
             "SELECT round, uid, hotkey, model, status, reason, latency, audited, audit_passed, "
-            "ts FROM history WHERE round >= ? ORDER BY id", (since,)).fetchall()
+            "ts FROM history WHERE id >= ? ORDER BY id", (first_id(db, since),)).fetchall()
         rounds = db.execute(
             "SELECT round, MIN(ts), COUNT(*), SUM(status = 'ok'), SUM(audited), "
             "SUM(audited AND audit_passed = 1), SUM(audit_passed = 0), "
             "AVG(CASE WHEN status = 'ok' THEN latency END), SUM(reward) "
-            "FROM history GROUP BY round ORDER BY round DESC LIMIT ?",
-            (round_rows,)).fetchall()
+            "FROM history WHERE id >= ? GROUP BY round ORDER BY round DESC LIMIT ?",
+            (first_id(db, rounds_completed - round_rows), round_rows)).fetchall()
         weight_rounds = dict(db.execute(
             "SELECT round, block FROM weights WHERE success=1").fetchall())
     weights: dict[int, float] = {}
