@@ -107,7 +107,7 @@ def unpack(body: bytes, magic: bytes, model: type[Header]) -> tuple[Header, memo
     try:
         data = json.loads(bytes(view[_PREFIX.size:end]))
         header = model.model_validate(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         if isinstance(exc, ValidationError):
             where, message = first_validation_error(exc)
             raise BadBody(f"header {where}: {message}") from None

@@ -148,6 +148,10 @@ def _hostile_miner(wallet) -> FastAPI:
             body = body[:4] + struct.pack(">I", 2**31) + body[8:]
         elif lie == "header_json":
             body = body[:8] + b"{" * (len(body) - 8)
+        elif lie == "header_deep":  # json.loads raises RecursionError, not ValueError
+            body = body[:4] + struct.pack(">I", 60000) + b"[" * 60000
+        elif lie == "json_deep":
+            return Response(b"[" * 100_000, media_type="application/json")
         elif lie == "declared_big":  # claims 20 MB of image, sends 1 KB
             head = body[8:8 + struct.unpack(">I", body[4:8])[0]]
             head = head.replace(f'"image_length":{len(image)}'.encode(),
@@ -167,6 +171,8 @@ HOSTILE = {
     "bad_magic": (QueryStatus.INVALID_RESPONSE, "not a NIA1 body"),
     "header_len": (QueryStatus.INVALID_RESPONSE, "more than 65536"),
     "header_json": (QueryStatus.INVALID_RESPONSE, "header is not JSON"),
+    "header_deep": (QueryStatus.INVALID_RESPONSE, "header is not JSON"),
+    "json_deep": (QueryStatus.INVALID_RESPONSE, "body is not JSON"),
     "declared_big": (QueryStatus.INVALID_RESPONSE, "image of 20000000 bytes declared"),
     "not_png": (QueryStatus.INVALID_RESPONSE, "image bytes are not PNG"),
     "oversized": (QueryStatus.RESPONSE_TOO_LARGE, ""),
@@ -210,13 +216,15 @@ def test_binary_answer_in_protocol_3_is_refused(tmp_path):
 
 def test_the_miner_refuses_a_binary_request_body_and_serves_on(net):
     with running_miner(net, StubEngine()) as miner:
-        body = ANSWER_MAGIC + b"\x00\x00\x00\x02{}"
-        headers = sign_request(net.wallets["hi"], method="POST", path="/v1/generate",
-                               body=body, receiver=miner.hotkey)
-        refused = httpx.post(miner.url + "/v1/generate", content=body, headers=headers,
-                             timeout=30)
+        refused = []
+        for body in (ANSWER_MAGIC + b"\x00\x00\x00\x02{}", b"[" * 60_000):
+            headers = sign_request(net.wallets["hi"], method="POST", path="/v1/generate",
+                                   body=body, receiver=miner.hotkey)
+            refused.append(httpx.post(miner.url + "/v1/generate", content=body,
+                                      headers=headers, timeout=30))
         ok = _raw_post(miner, net.wallets["hi"], make_request(seed=9), ANSWER_MEDIA_TYPE)
-    assert refused.status_code == 400 and refused.json()["reason"] == "malformed_json"
+    for answer in refused:
+        assert answer.status_code == 400 and answer.json()["reason"] == "malformed_json"
     assert ok.status_code == 200 and ok.headers["content-type"] == ANSWER_MEDIA_TYPE
 
 

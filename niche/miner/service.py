@@ -319,7 +319,7 @@ class MinerService:
         schema."""
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..."
             raise Refusal(400, "malformed_json", "body is not JSON") from None
         if not isinstance(data, dict):
             raise Refusal(400, "malformed_json", "body must be a JSON object")

@@ -334,7 +334,7 @@ class MinerClient:
         else:
             try:
                 data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..."
                 return fail(QueryStatus.INVALID_RESPONSE, "body is not JSON")
             if isinstance(data, dict) and data.get("protocol_version", PROTOCOL_VERSION) \
                     != expected:
