@@ -18,6 +18,10 @@ volume         = 1                                   one challenge (declared con
                                                      typical answer's time gives sqrt(k)
                                                      (SN23's sqrt-of-volume scale); what was
                                                      claimed but not delivered costs linearly.
+                 + organic_weight * min(organic, volume_cap)
+                                                     organic = the miner's answers to users (via
+                                                     the gateway) that passed their audit this
+                                                     round: serving users pays.
 score[uid]     = (1 - alpha) * score[uid] + alpha * reward      (EMA; new hotkey starts at 0)
 failed audit   -> score = 0 and the hotkey is excluded (not queried, reward 0) for
                   `exclusion_rounds` rounds (fraud: wrong states or hashes, a refused or
@@ -76,6 +80,9 @@ class ScoringConfig:
     volume_cap: int = 4
     """Most challenges sent to one miner at once (its declared concurrency, capped): the
     most parallel throughput a round can pay for, sqrt(volume_cap) at best."""
+    organic_weight: float = 0.1
+    """Added to the volume factor per organic answer that passed its audit this round (up
+    to volume_cap of them): what serving users through the gateway earns."""
     unavailable_penalty: float = 5.0
     """Zero rewards the EMA takes for an audited answer whose states could not be fetched
     (a fault of availability), divided by `audit_fraction`: a cheater that refuses the
@@ -97,6 +104,8 @@ class ScoringConfig:
             raise ValueError("model shares must be >= 0")
         if self.volume_cap < 1:
             raise ValueError("volume_cap must be >= 1")
+        if self.organic_weight < 0:
+            raise ValueError("organic_weight must be >= 0")
         if self.unavailable_penalty < 0:
             raise ValueError("unavailable_penalty must be >= 0")
         if not 0.0 <= self.audit_fraction <= 1.0:
@@ -129,6 +138,8 @@ class Outcome:
     """Valid answers among the probes (in time, well formed, new, not failing an audit)."""
     span: float | None = None
     """Seconds from sending the probes to the last valid answer."""
+    organic: int = 0
+    """Organic answers (the gateway's users) of this miner that passed their audit."""
 
     @property
     def valid(self) -> bool:
@@ -183,7 +194,8 @@ def volume_factor(probes: int, verified: int, span: float | None, typical: float
 
 def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, float]:
     """Reward per uid for one round: in [0, 1] for one challenge, up to sqrt(volume_cap)
-    for a miner that delivers its declared concurrency."""
+    for a miner that delivers its declared concurrency, plus organic_weight per organic
+    answer that passed its audit (up to volume_cap of them)."""
     latencies: dict[tuple, list[float]] = {}
     for o in outcomes:
         if o.valid:
@@ -197,9 +209,10 @@ def round_rewards(outcomes: Sequence[Outcome], cfg: ScoringConfig) -> dict[int, 
             rewards[o.uid] = 0.0
         else:
             key = (o.model, o.workload)
+            volume = volume_factor(o.probes, o.verified, o.span, typical[key], cfg) \
+                + cfg.organic_weight * min(max(0, o.organic), cfg.volume_cap)
             rewards[o.uid] = speed_reward(float(o.latency), o.timeout,  # type: ignore[arg-type]
-                                          fastest[key], cfg) * volume_factor(
-                o.probes, o.verified, o.span, typical[key], cfg)
+                                          fastest[key], cfg) * volume
     return rewards
 
 

@@ -185,6 +185,8 @@ class Validator:
         log.info("runtime: %s", describe(self.runtime.mine))
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
+        self._organic_passed: dict[int, int] = {}
+        """uid -> organic answers that passed their audit this round (count as volume)."""
         self._scored_on: dict[int, tuple[str, ...]] = {}
         """uid -> the models it is scored on (logged when it changes)."""
         self.reports: list[RoundReport] = []
@@ -329,7 +331,11 @@ class Validator:
         valid_probes = self._probe_checks(probed, round_index, fresh)
         await self._audit(challenges, answered, outcomes, candidates, valid_probes)
         self._count_volume(challenges, answered, outcomes, probed, valid_probes)
+        self._organic_passed = {}
         await self._audit_organic(metagraph, outcomes)  # a failed organic audit has the last word
+        for uid, passed in self._organic_passed.items():  # serving users counts as volume
+            if uid in outcomes and outcomes[uid].audit_passed is not False:
+                outcomes[uid] = replace(outcomes[uid], organic=passed)
         final = list(outcomes.values())
         rewards = scoring.round_rewards(final, self.config.scoring)
         self.book.apply(round_index, final, rewards)
@@ -581,6 +587,8 @@ class Validator:
             self.organic.record(item.id, result.passed, result.reason,
                                 round(result.similarity, 4))
             if result.passed:
+                self._organic_passed[item.target.uid] = \
+                    self._organic_passed.get(item.target.uid, 0) + 1
                 continue
             uid, hotkey = item.target.uid, item.target.hotkey
             base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model,
