@@ -109,6 +109,15 @@ def test_missing_state_and_busy_port_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: --dashboard.port {port} on 127.0.0.1 is already in use: "
                        "pick another port"]
+    dashboard = start_dashboard(state, 0)
+    try:
+        assert httpx.get(dashboard.url + "healthz", timeout=10).text == "ok\n"
+        assert httpx.get(dashboard.url + "api/state", timeout=10).json()["miners"] == []
+        state.unlink()  # moved away under a running dashboard: the page says why
+        gone = httpx.get(dashboard.url + "api/state", timeout=10)
+        assert gone.status_code == 503 and "no validator state at" in gone.json()["error"]
+    finally:
+        dashboard.close()
 
 
 @pytest.mark.slow
