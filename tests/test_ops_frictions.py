@@ -76,12 +76,13 @@ def busy_port():
         yield sock.getsockname()[1]
 
 
-def test_busy_metrics_port_stops_the_validator_before_the_chain(tmp_path, busy_port, capsys):
+@pytest.mark.parametrize("flag", ["--metrics.port", "--dashboard.port"])
+def test_busy_port_stops_the_validator_before_the_chain(tmp_path, busy_port, capsys, flag):
     missing = tmp_path / "no-chain.sqlite"  # never reached: the port is checked first
     code = main(["validator", "--netuid", "1", "--subtensor.network", "localnet",
-                 "--localnet.path", str(missing), "--metrics.port", str(busy_port)])
+                 "--localnet.path", str(missing), flag, str(busy_port)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == (f"error: --metrics.port {busy_port} on 127.0.0.1 is "
+    assert code == 2 and err[-1] == (f"error: {flag} {busy_port} on 127.0.0.1 is "
                                      "already in use: pick another port"), err
     assert not missing.exists()
 
