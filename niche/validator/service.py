@@ -130,6 +130,12 @@ class ValidatorConfig:
             self.scoring = replace(self.scoring, audit_fraction=self.audit_fraction)
 
 
+STOP_FAULTS = frozenset({"timeout", "unreachable", "no_endpoint", "http_error",
+                         scoring.UNAVAILABLE})
+"""What a miner answers when it is being stopped (the whole machine going down, `pm2 stop
+all`): in a round the validator was asked to stop during, these are not scored."""
+
+
 @dataclass
 class RoundReport:
     round: int
@@ -337,6 +343,12 @@ class Validator:
             if uid in outcomes and outcomes[uid].audit_passed is not False:
                 outcomes[uid] = replace(outcomes[uid], organic=passed)
         final = list(outcomes.values())
+        if self._stop.is_set():  # stopped mid-round: miners stopping beside us lose nothing
+            spared = [o for o in final if o.status in STOP_FAULTS]
+            if spared:
+                log.info("stop requested mid-round: uids %s (%s) are not scored this round",
+                         [o.uid for o in spared], ", ".join(sorted({o.status for o in spared})))
+                final = [o for o in final if o.status not in STOP_FAULTS]
         rewards = scoring.round_rewards(final, self.config.scoring)
         self.book.apply(round_index, final, rewards)
         self.answers.prune(round_index - self.config.answer_memory_rounds)
