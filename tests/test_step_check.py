@@ -215,3 +215,24 @@ def test_malformed_states_fail_with_a_reason(tiny_engine, checker):
     other_answer = tiny_engine.generate(req("flux-schnell", seed=99))
     verdict = checker.check(params, None, chain, [0, 2], answer=other_answer)
     assert not verdict.passed and "decoded x_4" in verdict.reason
+
+
+def test_an_image_that_is_not_the_decode_fails_the_decode_check(tiny_engine, checker):
+    """An honest chain sent with an image that is not its decode (a cheap decoder's blur, or
+    the decode plus noise that keeps the structural similarity) fails: similarity AND the
+    PSNR floor."""
+    import numpy as np
+    from PIL import Image
+
+    params = req("kolors")
+    answer, states = tiny_engine.generate_with_states(params)
+    chain = step_cheats.as_chain(states)
+    assert checker.check(params, None, chain, [0], dtype="float32", answer=answer).passed
+    w, h = answer.size
+    blurred = answer.resize((w // 2, h // 2), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(np.clip(np.asarray(answer, dtype=np.float32)
+                                    + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+    for image in (blurred, noisy):
+        verdict = checker.check(params, None, chain, [0], dtype="float32", answer=image)
+        assert not verdict.passed and "decoded x_8 is not the answer" in verdict.reason

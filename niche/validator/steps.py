@@ -35,7 +35,7 @@ from niche.errors import ConfigError
 from niche.models.engine import ImageEngine
 from niche.models.kernels import DEFAULT_ATTENTION, attention_problem
 from niche.protocol import GenerationParams, first_validation_error
-from niche.validator.verify import Verifier, VerifyConfig, compare
+from niche.validator.verify import Verifier, VerifyConfig
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -281,9 +281,9 @@ class StepChecker:
         dtype (None: the main engine's, judged at the most lenient dtype's thresholds);
         `kernels` its declared kernel choices (the attention backend is reproduced). With
         `answer` (the miner's image), claimed x_N is decoded too and must look like it
-        (`verify.compare` at the model's image threshold). Malformed or missing states give
-        a failed verdict, never an exception; a dtype no engine here runs is a ValueError
-        (check `unreproducible` first)."""
+        (`Verifier.judge`: the image similarity threshold and the PSNR floor). Malformed or
+        missing states give a failed verdict, never an exception; a dtype no engine here
+        runs is a ValueError (check `unreproducible` first)."""
         engine = self.engine_for(params.model, dtype)
         if engine is None:
             raise ValueError(self.unreproducible(params.model, str(dtype), kernels))
@@ -316,10 +316,8 @@ class StepChecker:
                                f"step {k}: error {errors[k]:.3g} above {thresholds[k]:.3g}")
         if answer is not None:
             decoded = engine.decode_state(full, claimed[n], kernels=kernels)
-            similarity = compare(decoded, answer).similarity
-            limit = self.verifier.threshold(full.model, pipeline)
-            if not similarity >= limit:
+            judged = self.verifier.judge(full.model, decoded, answer, pipeline)
+            if not judged.passed:  # similarity AND PSNR: a cheaper decoder is no answer
                 return StepVerdict(False, errors, thresholds,
-                                   f"decoded x_{n} is not the answer (similarity "
-                                   f"{similarity:.3f} below {limit:.3f})")
+                                   f"decoded x_{n} is not the answer ({judged.reason})")
         return StepVerdict(True, errors, thresholds, "ok")
