@@ -18,6 +18,8 @@ const prepareArgs = [
 ];
 if (process.env.LOCALNET_ROUNDS) prepareArgs.push("--rounds", process.env.LOCALNET_ROUNDS);
 const plan = JSON.parse(execFileSync(niche, prepareArgs, { encoding: "utf8" }));
+// What `niche localnet` prints, for whoever runs `pm2 start` (also in WORKDIR/plan.json).
+if (plan.dashboard_url) console.error(`localnet dashboard (validator1): ${plan.dashboard_url}`);
 
 module.exports = {
   apps: plan.processes.map((proc) => nicheApp({
