@@ -88,9 +88,10 @@ class Row:
 
 
 # ------------------------------------------------------------------ engines and requests
-def engines(root: Path, model: str) -> dict[str, Engine]:
+def engines(root: Path, model: str, device: str = "cpu") -> dict[str, Engine]:
     dtype = DTYPE[model]
-    kw = {"models": [model], "model_root": root, "dtype": dtype, "num_threads": 1}
+    kw = {"models": [model], "model_root": root, "dtype": dtype, "num_threads": 1,
+          "device": device}
     return {"validator": Engine(**kw), "threads2": Engine(**{**kw, "num_threads": 2}),
             "math": Engine(**kw, attention="math")}
 
@@ -545,7 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--live", type=int, default=0, metavar="AUDITS",
                     help="also audit each cache / CFG cheat (txt2img) AUDITS times through a "
                          "real miner and the real Auditor")
-    ap.add_argument("--model-path", type=Path, default=None, help="default: tiny checkpoints")
+    ap.add_argument("--model-path", type=Path, default=None,
+                    help="folder of <model>/ checkpoints (default: the tiny ones)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (production weights)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--write-bands", type=Path, default=None, metavar="FILE",
                     help="write step-check bands suggested by these measurements (for "
@@ -559,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     all_rows: list[Row] = []
     for model in args.models:
-        eng = engines(root, model)
+        eng = engines(root, model, args.device)
         checker = StepChecker(eng["validator"], StepThresholds.from_file(args.bands)
                               if args.bands else StepThresholds())
         live = live_auditor(root, model, args.live) if args.live else None

@@ -1,5 +1,10 @@
-"""Calibrate the step check (niche/validator/steps.py): per model/pipeline and step, the error
-of honest chains and of cheats against a float32 validator, and the cost of one audit.
+"""Cross-dtype step noise and the cost of one audit (niche/validator/steps.py): per
+model/pipeline and step, the error of chains in other dtypes and of cheats against a float32
+validator. Since protocol 4 the validator recomputes in the miner's own dtype, so these tables
+say why (bfloat16 against float32 is as large as a cache at production step counts); the
+thresholds are calibrated by bench/adversary.py (same dtype, production step counts,
+`--write-bands`). The cost part times the audit the validator really runs: step 0 plus
+`random_steps_needed(N)` random steps, at `--steps N` (default: the model's).
 
 honest: float32 at another thread count, bfloat16 engine, float16 engine
 cheats: another prompt, another seed's chain, fewer steps (half the schedule, states
@@ -31,6 +36,7 @@ from niche.devnet import step_cheats
 from niche.devnet.pictures import shapes_picture as picture
 from niche.models.engine import Engine
 from niche.protocol import GenerationParams
+from niche.validator.audit import random_steps_needed
 from niche.validator.steps import StepChecker, StepThresholds, choose_steps, step_error
 
 PIPELINES = [("flux-schnell", "txt2img"), ("flux-dev", "txt2img"), ("flux-mini", "txt2img"),
@@ -99,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-only", action="store_true", help="skip the error tables")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"])
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the requests' step count (default: each model's; production: 28 "
+                         "for flux-dev, 30 for kolors)")
     args = ap.parse_args(argv)
     root = args.model_path
     if root is None:
@@ -121,7 +130,8 @@ def main(argv=None) -> int:
         n = 0
         for r in range(args.requests):
             params = validator.resolve(GenerationParams(
-                model=model, pipeline=pipeline, prompt=PROMPTS[r % len(PROMPTS)], seed=11 + r))
+                model=model, pipeline=pipeline, prompt=PROMPTS[r % len(PROMPTS)], seed=11 + r,
+                steps=args.steps))
             n = int(params.steps or 0)
             image = None if pipeline == "txt2img" else picture(r)
             for kind in HONEST + CHEATS:
@@ -144,24 +154,27 @@ def main(argv=None) -> int:
         sys.stdout.flush()
 
     # the cost of one audit (initial state, encode, 2 steps, decode + compare) vs regenerating
-    print("\ncost: one audit (x_0 + text encode + 2 steps + decode + compare) vs regeneration")
+    print("\ncost: one audit (x_0 + text encode + the plan's steps + decode + compare) vs "
+          "regeneration")
     checker = StepChecker(validator)
     rng = random.Random(0)
     costs = {}
     for model in models:
-        params = validator.resolve(GenerationParams(model=model, prompt=PROMPTS[0], seed=3))
+        params = validator.resolve(GenerationParams(model=model, prompt=PROMPTS[0], seed=3,
+                                                    steps=args.steps))
         answer, states = validator.generate_with_states(params)
         chain = step_cheats.as_chain(states)
         n = int(params.steps or 0)
         full_s = timed(lambda params=params: validator.generate(params), args.repeat)
-        steps = choose_steps(rng, n, 1)
+        steps = choose_steps(rng, n, random_steps_needed(n))
         audit_s = timed(lambda params=params, chain=chain, steps=steps, answer=answer:
                         checker.check(params, None, chain, steps, answer=answer), args.repeat)
         steps_only_s = timed(lambda params=params, chain=chain, steps=steps:
                              checker.check(params, None, chain, steps), args.repeat)
         costs[model] = {"regenerate_s": full_s, "audit_s": audit_s,
                         "audit_without_decode_s": steps_only_s, "steps": n}
-        print(f"{model:14s} {n} steps: regenerate {full_s * 1e3:7.1f} ms, audit "
+        print(f"{model:14s} {n} steps, {len(steps)} recomputed: regenerate "
+              f"{full_s * 1e3:7.1f} ms, audit "
               f"{audit_s * 1e3:7.1f} ms ({audit_s / full_s:.2f}x), without decode "
               f"{steps_only_s * 1e3:7.1f} ms ({steps_only_s / full_s:.2f}x)")
         # where an audit's time goes (the engine's parts, without the checker's glue)
