@@ -21,6 +21,7 @@ def test_states_survive_a_new_store_on_the_same_file(tmp_path):
     first.put("hk", "r1", _states(1))
     kept = first.get("hk", "r1")
     assert kept is not None and len(kept) == 3
+    first.disk.flush()  # the writer thread's few milliseconds after the answer
     # no close(): a SIGKILLed process never gets to close its connection
     again = StateStore(path=path)  # the restarted miner: nothing in memory
     assert len(again) == 0
@@ -36,13 +37,16 @@ def test_disk_ttl_and_byte_cap(tmp_path):
     blobs = [bytes([i]) * 256 * 4 for i in range(3)]
     disk.put("hk", "r1", blobs)
     disk.put("hk", "r2", blobs)
+    disk.flush()
     assert disk.bytes_held == 2 * one
     disk.put("hk", "r3", blobs)  # over the cap: the oldest goes
+    disk.flush()
     assert disk.get("hk", "r1") is None and disk.get("hk", "r3") == tuple(blobs)
     assert disk.bytes_held == 2 * one
     now[0] += 61  # past the ttl: gone, and pruned from the file on the next write
     assert disk.get("hk", "r3") is None
     disk.put("hk", "r4", blobs[:1])
+    disk.close()  # a clean stop writes what is queued
     rows = sqlite3.connect(tmp_path / "s.sqlite").execute("SELECT request_id FROM states")
     assert [r[0] for r in rows] == ["r4"]
     assert disk.bytes_held == len(blobs[0])
