@@ -109,6 +109,12 @@ class Router:
         if budget is not None:
             budget.inflight = max(0, budget.inflight - 1)
 
+    def _releaser(self, c: Candidate) -> Callable[[asyncio.Future], None]:
+        def release(_: asyncio.Future) -> None:
+            self._give_back(c)
+
+        return release
+
     def _busy(self, c: Candidate) -> None:
         """The miner refused for load: no new request there for busy_cooldown."""
         budget = self._bucket(c, self._clock())
@@ -190,7 +196,7 @@ class Router:
                 task = asyncio.ensure_future(
                     self._ask(candidate, params, image, deadline - self._clock()))
                 # done or cancelled (even before it ran), the in-flight slot comes back
-                task.add_done_callback(lambda _, c=candidate: self._give_back(c))
+                task.add_done_callback(self._releaser(candidate))
                 pending.add(task)
                 return True
             return False

@@ -294,10 +294,10 @@ class MinerService:
             return neuron.stake / self._validator_stake
         return 1.0
 
-    def inflight_cap(self, hotkey: str) -> int:
+    def inflight_cap(self, hotkey: str | None) -> int:
         """Requests one address may hold in flight for `hotkey` (limits.inflight_cap:
         scaled by its stake with stake-proportional limits)."""
-        share = (self.stake_share(self._neurons.get(hotkey))
+        share = (self.stake_share(self._neurons.get(hotkey or ""))
                  if self.config.stake_proportional_rate else None)
         return inflight_cap(self.config.max_inflight_per_ip, self.config.max_inflight, share)
 
