@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import numpy as np
+import pytest
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
@@ -67,3 +68,17 @@ def test_a_two_model_miner_is_challenged_on_both(tmp_path, tiny_engine, caplog):
     said = [r.getMessage() for r in caplog.records if f"uid {uid} serves" in r.getMessage()]
     assert said == [f"uid {uid} serves flux-schnell, kolors; scored on flux-schnell "
                     "(share 0.5), kolors (share 0.5)"]  # once, not every round
+
+
+def test_a_two_model_miner_is_weighted_in_both_groups():
+    from niche.validator.scoring import compute_weights
+
+    shares = {"flux-schnell": 0.5, "kolors": 0.5}
+    scores = {1: 0.6, 2: 0.6, 3: 0.6}
+    models = {1: "flux-schnell", 2: "kolors", 3: "kolors"}  # 3 was last asked for Kolors
+    alone = compute_weights(scores, models, shares)
+    both = compute_weights(scores, models, shares, {3: ("flux-schnell", "kolors")})
+    assert alone == pytest.approx({1: 0.5, 2: 0.25, 3: 0.25})
+    # half of 3's score competes with uid 1 for FLUX, half with uid 2 for Kolors
+    assert both == pytest.approx({1: 0.5 / 1.5, 2: 0.5 / 1.5, 3: 0.5 * (0.5 / 1.5) * 2})
+    assert sum(both.values()) == pytest.approx(1.0)

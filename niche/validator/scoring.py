@@ -280,12 +280,24 @@ class ScoreBook:
 
 
 def compute_weights(scores: Mapping[int, float], models: Mapping[int, str | None],
-                    shares: Mapping[str, float]) -> dict[int, float]:
-    """Per-model emission shares, then normalised; empty when no uid has earned anything."""
+                    shares: Mapping[str, float],
+                    served: Mapping[int, Sequence[str]] | None = None) -> dict[int, float]:
+    """Per-model emission shares, then normalised; empty when no uid has earned anything.
+    A uid in `served` with several of the shared models (it is challenged on each in
+    proportion to the shares) competes in each model's group with that part of its score,
+    instead of only in the group of the model it was last challenged on."""
     per_model: dict[str, dict[int, float]] = {}
     for uid, score in scores.items():
+        if score <= 0.0:
+            continue
+        several = [m for m in (served or {}).get(uid, ()) if shares.get(m, 0.0) > 0]
+        if len(several) > 1:
+            mass = sum(shares[m] for m in several)
+            for m in several:
+                per_model.setdefault(m, {})[uid] = float(score) * shares[m] / mass
+            continue
         model = models.get(uid)
-        if model in shares and score > 0.0:
+        if model in shares:
             per_model.setdefault(model, {})[uid] = float(score)  # type: ignore[arg-type]
     live = {m: shares[m] for m in per_model if shares[m] > 0}
     total_share = sum(live.values())
@@ -296,7 +308,7 @@ def compute_weights(scores: Mapping[int, float], models: Mapping[int, str | None
         group = per_model[model]
         mass = sum(group.values())
         for uid, score in group.items():
-            weights[uid] = (share / total_share) * score / mass
+            weights[uid] = weights.get(uid, 0.0) + (share / total_share) * score / mass
     norm = sum(weights.values())
     return {uid: w / norm for uid, w in sorted(weights.items())}
 

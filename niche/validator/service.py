@@ -627,7 +627,7 @@ class Validator:
             report.weights_message = f"next weights in {wait} blocks"
             return
         weights = scoring.compute_weights(self.book.scores(), self.book.models(),
-                                          self.config.scoring.model_shares)
+                                          self.config.scoring.model_shares, self._scored_on)
         fallback = ""
         if not weights:
             if self.registration.uid is None or self.registration.deregistered:
