@@ -369,7 +369,7 @@ def main() -> int:
             for label, shape, steps in (("Kolors 30 steps", (1, 4, 128, 128), 30),
                                         ("FLUX.1-dev 28 steps", (1, 4096, 64), 28)):
                 asyncio.run(audit_fetch(engine, chain, wallets, label, shape, steps,
-                                        max(3, n // 5)))
+                                        max(5, n // 3)))
         chain.close()
     return 0
 

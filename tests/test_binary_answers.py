@@ -21,6 +21,7 @@ from PIL import Image
 from niche.auth import sign_request, sign_response
 from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
+from niche.errors import InvalidRequest
 from niche.imaging import encode_image, image_sha256, to_b64, to_png
 from niche.protocol import GenerateResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, QueryStatus
@@ -306,3 +307,31 @@ def test_a_validator_round_with_a_protocol_3_and_a_protocol_4_miner(tmp_path, ti
     assert client.version_for(old) == 3 and client.version_for(new) == 4
     assert client.media == {old: {"application/json"}, new: {ANSWER_MEDIA_TYPE}}
     assert report.weights is not None and set(report.weights) == set(uids.values())
+
+
+def test_png_for_users_and_the_fallback_writer(monkeypatch):
+    """fpng writes answers; without it Pillow writes the same pixels. Users get the signed PNG
+    as it is, other formats re-encoded."""
+    import io
+
+    import numpy as np
+
+    import niche.imaging as imaging
+
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    fast = encode_image(image)
+    monkeypatch.setattr(imaging, "_fpng", None)
+    slow = encode_image(image)
+    monkeypatch.undo()
+    assert imaging._fpng is not None and fast != slow  # two writers, one format
+    for data in (fast, slow):
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and to_png(data) is data
+        assert np.array_equal(np.asarray(imaging.bytes_to_image(data)), pixels)
+    webp = encode_image(image, "WEBP")
+    assert np.array_equal(np.asarray(imaging.bytes_to_image(to_png(webp))), pixels)
+    for fmt in ("png", "webp", "jpeg", "jpg"):
+        out = imaging.encode_as(image, fmt)
+        assert Image.open(io.BytesIO(out)).format == {"jpg": "JPEG"}.get(fmt, fmt.upper())
+    with pytest.raises(InvalidRequest, match="cannot write GIF"):
+        imaging.encode_as(image, "gif")
