@@ -121,3 +121,26 @@ def _wait_rounds(state_path, rounds: int, timeout: float = 120.0) -> None:
                 if row and int(row[0]) >= rounds:
                     return
         time.sleep(0.2)
+
+
+def test_the_gateway_share_leaves_the_challenges_theirs():
+    from niche.gateway.directory import inflight_share, organic_rate
+    from niche.protocol import InfoResponse
+
+    def info(**kw) -> InfoResponse:
+        return InfoResponse(hotkey="5m", models=[], capacity_per_minute=0.0,
+                            miner_version="t", **kw)
+
+    # 60/min, 5 rounds a minute, one challenge each: 0.9 x 60 - 5
+    assert organic_rate(info(requests_per_minute=60.0), 1.0, 5.0) == pytest.approx(49.0)
+    # four replicas: four challenges a round
+    assert organic_rate(info(requests_per_minute=60.0, concurrency=4), 1.0, 5.0) == \
+        pytest.approx(34.0)
+    # shared by stake: our half of 120/min
+    assert organic_rate(info(requests_per_minute=120.0, stake_proportional=True), 0.5,
+                        5.0) == pytest.approx(49.0)
+    assert organic_rate(info(requests_per_minute=0.0), 1.0, 5.0) is None  # no limit
+    assert organic_rate(info(), 1.0, 5.0) == pytest.approx(49.0)  # older miner: 60 assumed
+    assert organic_rate(info(requests_per_minute=6.0), 1.0, 30.0) == 0.0  # nothing left
+    # in flight: its concurrency, within the 8 per address less a round's challenges
+    assert [inflight_share(c) for c in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 4]

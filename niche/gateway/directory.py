@@ -34,6 +34,9 @@ DEFAULT_ROUNDS_PER_MINUTE = 5.0
 """Validator rounds per minute assumed before its state file shows them (12 s rounds)."""
 CHALLENGES_PER_ROUND = 4
 """Most challenges a round sends one miner (its concurrency, up to the volume cap)."""
+MINER_INFLIGHT_PER_IP = 8
+"""A miner's default cap on requests in flight from one address (ours: the validator's
+challenges and the gateway's requests, when both run on one machine)."""
 HEADROOM = 0.9
 """Share of a miner's rate the validator and gateway plan to use together: the rest
 absorbs clock drift between the miner's token bucket and ours."""
@@ -46,8 +49,9 @@ class Candidate:
     score: float
     """The validator's EMA score for this uid (0 when it has none yet)."""
     concurrency: int = 1
-    """Requests the miner serves at once (its /v1/info): the most the gateway keeps in
-    flight there."""
+    """The most requests the gateway keeps in flight there: the miner's concurrency (its
+    /v1/info; more would only queue behind the challenges), within what its per-address
+    cap leaves after a round's challenges."""
     rate: float | None = None
     """Requests per minute the gateway may send it, the challenges' share taken out (None:
     the miner sets no rate limit)."""
@@ -82,6 +86,12 @@ def read_validator_state(path: Path | None) -> ValidatorView:
     if len(starts) >= 2 and starts[-1] > starts[0]:
         rate = 60.0 * (len(starts) - 1) / (starts[-1] - starts[0])
     return ValidatorView(scores, excluded, rate)
+
+
+def inflight_share(concurrency: int) -> int:
+    """Requests in flight the gateway may keep at a miner serving `concurrency` at once."""
+    challenges = min(concurrency, CHALLENGES_PER_ROUND)
+    return max(1, min(concurrency, MINER_INFLIGHT_PER_IP - challenges))
 
 
 def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: float
@@ -147,7 +157,7 @@ class MinerDirectory:
                             if neuron.endpoint else None),
                 frozenset(m.model for m in info.info.models),
                 score if hotkey == neuron.hotkey else 0.0,
-                concurrency=info.info.concurrency,
+                concurrency=inflight_share(info.info.concurrency),
                 rate=organic_rate(info.info, share, view.rounds_per_minute)))
         self.candidates = candidates
         self.refreshed_at = self._clock()
