@@ -18,7 +18,8 @@ tiny checkpoints in the production dtype (FLUX bfloat16, Kolors float16), it mea
   * quantized compute: int8 weights and activations (W8A8, per channel / per token) and
     float8 e4m3 weights and activations, declared as the reference dtype;
   * fewer steps: half the schedule, its states resampled onto the N-step grid;
-  * low resolution (Kolors): the first steps' UNet run at half resolution, upsampled.
+  * low resolution (Kolors txt2img and IP-Adapter): the first steps' UNet run at half
+    resolution, upsampled (a ControlNet's residuals are full size: not tried there).
   For each: the compute saved (denoiser evaluations; W8A8 / fp8 count 25 % per the public
   figures for int8 / fp8 tensor cores), the worst step error over its threshold, and the
   probability that one audit catches it under the validator's real plan (`Auditor.plan`:
@@ -66,6 +67,7 @@ PROMPTS = ("a lighthouse on a cliff at sunset", "a red fox in a snowy forest, wa
 CALIBRATION: dict[tuple[str, str, int], dict[str, list[float]]] = {}
 """(model, pipeline, N) -> {"honest": per-step worst honest error (declared kernels),
 "cheat": per-step smallest error of cheating there alone (caches, CFG tricks)}."""
+CONTROLNETS = (PipelineKind.CONTROLNET_CANNY, PipelineKind.CONTROLNET_DEPTH)
 QUANT_SAVING = 0.25
 """int8 / fp8 tensor cores against bfloat16 (public W8A8 / fp8 figures, about 25 %)."""
 LAST_RUN: list[Row] = []
@@ -429,7 +431,7 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
             add("fewer steps (N/2) resampled", False, 0.5,
                 all_errors(v, params, image,
                            step_cheats.fewer_steps(v, params, image, resample=True)), thr)
-        if kolors:
+        if kolors and case.pipeline not in CONTROLNETS:  # ControlNet residuals are full size
             for size in sizes:
                 with low_resolution(step_cheats.denoiser(v, case.model), range(size)):
                     cheated = step_cheats.honest(v, params, image)
