@@ -154,8 +154,8 @@ def _ms(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- (a), (c)
 async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[str, float]:
-    """Interleaved: direct engine call, the path on the round's client, the path with a
-    fresh event-loop-less client per request (what the old bench measured, minus the loop)."""
+    """Interleaved, the same seed each: direct engine call, the path on the round's client,
+    the path with a fresh client per request (what the old bench paid, minus the loop)."""
     direct, path, fresh = [], [], []
     async with client._http() as http:
         for seed in range(3):  # warm-up: first calls allocate
@@ -165,13 +165,14 @@ async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[
             started = time.perf_counter()
             engine.generate_with_states(engine.resolve(request.params))
             direct.append(time.perf_counter() - started)
-            path.append(await _timed_query(client, target, _request(model, 200 + i), http))
+            path.append(await _timed_query(client, target, _request(model, 100 + i), http))
             started = time.perf_counter()
             async with client._http() as own:
-                await _timed_query(client, target, _request(model, 300 + i), own)
+                await _timed_query(client, target, _request(model, 100 + i), own)
             fresh.append(time.perf_counter() - started)
     return {"direct": statistics.median(direct), "path": statistics.median(path),
-            "fresh": statistics.median(fresh)}
+            "fresh": statistics.median(fresh),
+            "paired": statistics.median(p - d for p, d in zip(path, direct, strict=True))}
 
 
 async def throughput(client: MinerClient, target, model: str, concurrency: int,
@@ -355,6 +356,8 @@ def main() -> int:
             print(f"    signed path                   {_ms(p)} (median)")
             print(f"    ratio {p / d:.3f}   added {(p - d) * 1000:.1f} ms   "
                   "(target <= 1.10, < 10 ms)")
+            print(f"    added, median of the {n} paired differences (same seed, back to back): "
+                  f"{a['paired'] * 1000:.1f} ms")
             print(f"    with a new HTTP client per request (not the validator's path): "
                   f"{_ms(f).strip()}, added {(f - d) * 1000:.1f} ms")
         if "b" in args.parts:
