@@ -27,6 +27,7 @@ from typing import Any
 import certifi
 import httpx
 import torch
+from bittensor import resolve_signer
 from PIL import Image
 from pydantic import ValidationError
 
@@ -173,6 +174,7 @@ class MinerClient:
                  grace: float = 2.0,
                  protocol_versions: Sequence[int] = SUPPORTED_PROTOCOL_VERSIONS):
         self.wallet = wallet
+        self._signer: Any = None
         self.protocol_versions = tuple(sorted(set(protocol_versions)))
         """Versions this validator speaks; the newest is used with a miner not asked yet."""
         self._negotiated: dict[str, int] = {}
@@ -227,7 +229,9 @@ class MinerClient:
                         body: bytes, receiver: str, cap: int, accept: str = "application/json"
                         ) -> tuple[int, str, bytes]:
         """(status, media type, body) of one signed request; the body read under `cap`."""
-        headers = sign_request(self.wallet, method=method, path=path, body=body,
+        if self._signer is None:  # resolved once: a fresh one costs ~1.4 ms per request
+            self._signer = resolve_signer(self.wallet, role="hotkey")
+        headers = sign_request(self._signer, method=method, path=path, body=body,
                                receiver=receiver)
         headers["Content-Type"] = "application/json"
         headers["Accept"] = accept
