@@ -144,3 +144,34 @@ def test_the_gateway_share_leaves_the_challenges_theirs():
     assert organic_rate(info(requests_per_minute=6.0), 1.0, 30.0) == 0.0  # nothing left
     # in flight: its concurrency, within the 8 per address less a round's challenges
     assert [inflight_share(c) for c in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 4]
+
+
+def test_a_model_without_budget_left_is_429_with_retry_after(tmp_path):
+    import asyncio
+
+    from niche.chain.wallets import create_wallet
+    from niche.gateway.directory import Candidate, MinerDirectory
+    from niche.gateway.errors import GatewayError
+    from niche.gateway.metrics import GatewayMetrics
+    from niche.gateway.router import Router
+    from niche.protocol import GenerationParams
+    from niche.validator.client import MinerTarget
+
+    wallet = create_wallet("gw", "hot", tmp_path / "wallets")
+    client = MinerClient(wallet)
+    directory = MinerDirectory(None, NETUID, client, own_hotkey="5gw")  # type: ignore[arg-type]
+    spent = Candidate(MinerTarget(1, "5a", "http://127.0.0.1:9"), frozenset({"flux-schnell"}),
+                      1.0, concurrency=1, rate=6.0)
+    none_left = Candidate(MinerTarget(2, "5b", "http://127.0.0.1:9"),
+                          frozenset({"flux-schnell"}), 1.0, concurrency=1, rate=0.0)
+    directory.candidates = [spent, none_left]
+    router = Router(directory, client, GatewayMetrics())
+    router._take(spent)  # its one token (6/min: a bucket of 1) is in use
+    params = GenerationParams(model="flux-schnell", prompt="x", seed=1, steps=4, width=64,
+                              height=64)
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(router.generate(params, None, time.monotonic() + 30))
+    error = caught.value
+    assert error.status == 429 and error.code == "capacity_exhausted"
+    assert error.headers["Retry-After"] == "10"  # one token at 6/min
+    assert error.headers["x-ratelimit-remaining-requests"] == "0"

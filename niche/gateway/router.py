@@ -177,17 +177,19 @@ class Router:
         attempts = 0
         tried = 0  # candidates considered (sent to, or skipped for having no budget)
         busy = 0  # miners that refused for load
+        skipped = 0  # miners passed over for having no budget left
         soonest = math.inf  # seconds until a skipped miner has budget again
 
         def launch() -> bool:
             """Send to the next miner with budget; False when none is left."""
-            nonlocal attempts, tried, soonest
+            nonlocal attempts, tried, soonest, skipped
             while tried < len(queue):
                 candidate = queue[tried]
                 tried += 1
                 wait = self.wait_for(candidate)
                 if wait > 0:
                     soonest = min(soonest, wait)
+                    skipped += 1
                     continue
                 self._take(candidate)
                 if attempts:
@@ -244,7 +246,7 @@ class Router:
             raise GatewayError(504, f"no miner delivered an image within the deadline "
                                     f"({attempts} tried: {said}); retry, or raise 'timeout'",
                                type=SERVER_ERROR, code="deadline_exceeded")
-        if busy or soonest < math.inf:  # miners out of budget or refusing for load
+        if busy or skipped:  # miners out of budget or refusing for load
             raise self.saturated(params.model, queue, soonest)
         raise GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
                                 "later", type=SERVER_ERROR, code="all_miners_failed")
