@@ -18,10 +18,16 @@ The third part (`--only-capacity` alone) gives miners 1, 2 or 4 replicas and a d
 concurrency, sends each round min(declared, volume_cap) challenges at once, and shows what
 the volume factor pays: more honest replicas earn more, over-claiming earns less.
 
+The fourth part (`--only-dropped-fetch` alone) is a cheater that refuses the states fetch
+of each audited (cheated) answer, so the audit ends as "unavailable" (a fault: reward 0 and
+unavailable_penalty / audit_fraction zero rewards, no exclusion) instead of a caught cheat,
+against honest miners, by audit fraction; and an honest miner whose fetches fail 2 % of
+the time: refusing fetches must not pay, and honest faults must cost little.
+
     .venv/bin/python bench/incentives.py [--rounds 2000] [--audit-fraction 0.1] [--seed 1]
                                          [--detection "skip last step=1.0" ...]
                                          [--from-adversary] [--only-detection]
-                                         [--only-capacity]
+                                         [--only-capacity] [--only-dropped-fetch]
 """
 from __future__ import annotations
 
