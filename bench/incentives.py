@@ -311,16 +311,23 @@ def dropped_fetch_report(rounds: int, seed: int, cfg: ScoringConfig) -> None:
             ("honest, 2 % fetches fail", 0.0, 0.02, cfg.unavailable_penalty)]
     for name, saved, faults, penalty in rows:
         c = replace(cfg, unavailable_penalty=penalty)
-        strategies = (Strategy("honest", 4, HONEST_LATENCY, True),
-                      Strategy(name, 2, max(0.05, HONEST_LATENCY * (1.0 - saved)),
-                               honest=saved == 0.0, drops_fetch=saved > 0, faults=faults))
-        cells = []
-        for p in fractions:
-            res = simulate(rounds, p, seed, replace(c, audit_fraction=p),
-                           strategies=strategies)
-            honest = res["share"]["honest"] / 4
-            cells.append((res["share"][name] / 2) / honest)
+        cells = [dropped_fetch_ratio(saved, faults, p, rounds, seed, c) for p in fractions]
         print(f"{name:<30}{penalty:>8g}" + "".join(f"{v:>9.3f}" for v in cells))
+
+
+def dropped_fetch_ratio(saved: float, faults: float, audit_fraction: float, rounds: int,
+                        seed: int, cfg: ScoringConfig) -> float:
+    """Weight per miner of 2 miners over an honest one's (4 honest at HONEST_LATENCY): a
+    cheater saving `saved` of the compute that drops every audited fetch (saved > 0), or an
+    honest miner whose audited fetches fail with probability `faults`."""
+    from dataclasses import replace
+
+    strategies = (Strategy("honest", 4, HONEST_LATENCY, True),
+                  Strategy("x", 2, max(0.05, HONEST_LATENCY * (1.0 - saved)),
+                           honest=saved == 0.0, drops_fetch=saved > 0, faults=faults))
+    res = simulate(rounds, audit_fraction, seed, replace(cfg, audit_fraction=audit_fraction),
+                   strategies=strategies)
+    return (res["share"]["x"] / 2) / (res["share"]["honest"] / 4)
 
 
 def _detections(pairs: list[str] | None) -> dict[str, tuple[float, float]]:

@@ -44,3 +44,23 @@ def test_organic_answers_that_passed_add_to_the_volume():
     rewards = round_rewards([_ok(1), _ok(2, organic=2), _ok(3, organic=99)], cfg)
     assert rewards[2] == pytest.approx(rewards[1] * (1 + 2 * cfg.organic_weight))
     assert rewards[3] == pytest.approx(rewards[1] * (1 + cfg.volume_cap * cfg.organic_weight))
+
+
+def test_the_bench_shows_refusing_fetches_does_not_pay():
+    """bench/incentives.py with the real scoring: a cheat saving 90 % of the compute that
+    refuses every audited fetch earns less than an honest miner at audit fractions 0.1 and
+    1; an honest miner whose fetches fail 2 % of the time keeps most of its weight."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "incentives.py"
+    spec = importlib.util.spec_from_file_location("incentives_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    cfg = ScoringConfig(model_shares={"flux-schnell": 1.0})
+    for fraction in (0.1, 1.0):
+        assert bench.dropped_fetch_ratio(0.9, 0.0, fraction, 600, 1, cfg) < 0.9
+    assert bench.dropped_fetch_ratio(0.0, 0.02, 1.0, 600, 1, cfg) > 0.85
