@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import statistics
 import sys
 import time
@@ -183,6 +184,8 @@ def main() -> int:
     if not args.no_model:
         contents["tiny model, upscaled"] = tiny_model_output()
     table = codecs()
+    print(f"{os.cpu_count()} CPU(s), load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
     for label, array in contents.items():
         print(f"\n{label} {SIDE}x{SIDE} RGB (raw {array.nbytes / 2**20:.2f} MiB), median of "
               f"{args.repeats}; 'sum' = encode + decode + sha256, '+1Gb/s' adds the transfer")

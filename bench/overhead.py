@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -335,6 +336,7 @@ def main() -> int:
     quiet_libraries()
     engine = Engine(models=[args.model], model_root=ensure_tiny_models(), device="cpu")
     n = args.requests
+    print(f"{os.cpu_count()} CPU(s), load average {_load()} at the start")
     with tempfile.TemporaryDirectory() as tmp:
         chain, wallets = _network(Path(tmp))
         client = MinerClient(wallets["vali"])
@@ -374,7 +376,12 @@ def main() -> int:
                 asyncio.run(audit_fetch(engine, chain, wallets, label, shape, steps,
                                         max(5, n // 3)))
         chain.close()
+    print(f"load average {_load()} at the end")
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
