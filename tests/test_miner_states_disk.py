@@ -57,3 +57,22 @@ def test_an_unwritable_path_is_a_config_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="--states.path"):
         StateStore(path=blocker / "states.sqlite")
+
+
+def test_where_the_states_go_by_default(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from niche.commands.miner import add_miner_args, states_path_from_args
+
+    parser = argparse.ArgumentParser()
+    add_miner_args(parser)
+    local = parser.parse_args(["--netuid", "3", "--subtensor.network", "localnet",
+                               "--localnet.path", str(tmp_path / "chain.db")])
+    assert states_path_from_args(local, "5hk") == \
+        tmp_path / "miner-states" / "netuid3-5hk.sqlite"  # a local subnet keeps its own
+    real = parser.parse_args(["--netuid", "3", "--subtensor.network", "finney"])
+    assert states_path_from_args(real, "5hk") == \
+        Path("~/.niche/miner/finney/netuid3/5hk/states.sqlite").expanduser()
+    memory = parser.parse_args(["--netuid", "3", "--states.memory_only"])
+    assert states_path_from_args(memory, "5hk") is None

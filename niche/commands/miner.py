@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 DEFAULT_PORT = 8091
-DEFAULT_STATES = "~/.niche/miner/<network>/netuid<N>/<hotkey>/states.sqlite"
+DEFAULT_STATES = ("~/.niche/miner/<network>/netuid<N>/<hotkey>/states.sqlite; on localnet "
+                  "miner-states/ beside the chain file")
 
 
 def add_miner_args(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +158,10 @@ def states_path_from_args(args: argparse.Namespace, hotkey: str) -> Path | None:
         return None
     if args.states_path is not None:
         return Path(args.states_path).expanduser()
+    if args.subtensor_network == "localnet" and args.localnet_path is not None:
+        # a throw-away local subnet keeps its miners' states beside its chain file
+        chain_file = Path(args.localnet_path).expanduser()
+        return chain_file.parent / "miner-states" / f"netuid{int(args.netuid)}-{hotkey}.sqlite"
     import re
 
     network = re.sub(r"[^A-Za-z0-9._-]+", "_", args.subtensor_network).strip("_") or "network"
