@@ -36,7 +36,7 @@ CASES = [
     ("image", params(pipeline="ip-adapter"), None),
     ("image", params(), IMG),
     ("image", params(pipeline="ip-adapter"), PIL.Image.new("RGB", (5000, 4000))),
-    ("steps", params(steps=21), None),
+    ("steps", params(steps=51), None),
     ("steps", params(model="flux-schnell", steps=9), None),
     ("width", params(width=72), None),
     ("height", params(height=40), None),
