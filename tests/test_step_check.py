@@ -66,15 +66,16 @@ def test_the_calibrated_thresholds():
         assert DEFAULT_STEP_BANDS[model] == (Band(1.0, 3e-4, 5e-3, 1.25e-3),)
     kolors = DEFAULT_STEP_BANDS["kolors"]
     assert [b.upto for b in kolors] == [0.25, 0.5, 0.75, 0.875, 1.0]
-    assert [b.bfloat16 for b in kolors] == [8.8e-3, 1.6e-2, 3.2e-2, 4.2e-2, 7.4e-2]
-    assert [b.float16 for b in kolors] == [4.4e-3, 8e-3, 1.6e-2, 2.1e-2, 3.7e-2]
-    assert [b.float32 for b in kolors] == [1.1e-3, 2e-3, 4e-3, 5.2e-3, 9.2e-3]
+    assert [b.bfloat16 for b in kolors] == [3e-3, 1.6e-2, 3.2e-2, 4.2e-2, 7.4e-2]
+    assert [b.float16 for b in kolors] == [1.5e-3, 8e-3, 1.6e-2, 2.1e-2, 3.7e-2]
+    assert [b.float32 for b in kolors] == [4e-4, 2e-3, 4e-3, 5.2e-3, 9.2e-3]
     t = StepThresholds()
-    assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 8.8e-3  # 1/8
+    assert t.threshold("kolors", "controlnet-depth", "bfloat16", 0, 8) == 3e-3  # 1/8
     assert t.threshold("kolors", "txt2img", "bfloat16", 3, 8) == 1.6e-2  # 4/8
     assert t.threshold("kolors", "txt2img", "float16", 7, 8) == 3.7e-2  # the last step
     assert t.threshold("kolors", "txt2img", "float16", 29, 30) == 3.7e-2
-    assert t.threshold("kolors", "txt2img", "float16", 0, 30) == 4.4e-3  # first of 30
+    assert t.threshold("kolors", "txt2img", "float16", 0, 30) == 1.5e-3  # first of 30
+    assert t.threshold("kolors", "txt2img", "float16", 7, 30) == 8e-3  # 8/30 > 1/4
     assert t.threshold("flux-dev", "txt2img", "bfloat16", 27, 28) == 5e-3
     with pytest.raises(ValueError):
         t.threshold("kolors", "txt2img", "int8", 0, 8)
