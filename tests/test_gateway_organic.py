@@ -173,3 +173,35 @@ def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_e
                        "model kolors is not served by this validator",
                        "validator error: MemoryError"]
     net.chain.close()
+
+
+def test_an_organic_answer_whose_states_cannot_be_fetched_costs_like_a_challenge(
+        tmp_path, tiny_engine):
+    """Serving users, then making their audits' fetch fail, must not be free: the miner's
+    round outcome becomes states_unavailable (zero, the EMA penalty), without exclusion."""
+    from niche.protocol import StatesCommitment
+    from niche.validator import scoring
+
+    net = make_chain(tmp_path, miners=1)  # registered, no endpoint served: nothing answers
+    queue_path = tmp_path / "organic.sqlite"
+    queue = OrganicQueue(queue_path)
+    miner = net.wallets["miner1"].hotkey.ss58_address
+    uid = net.uids["miner1"]
+    answer = _answer("away-miner").model_copy(update={"states": StatesCommitment(
+        shape=[1, 16, 64], sha256=["ab" * 32] * 4, compute_dtype="float32")})
+    queue.submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), _request("away-miner"),
+                 answer, 0.1)
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), state_path=tmp_path /
+                             "v.sqlite", organic_queue=queue_path,
+                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    with ValidatorState(config.state_path) as state:
+        validator = Validator(config, net.chain, net.validator, tiny_engine,
+                              MinerClient(net.validator), state)
+        outcomes: dict = {}
+        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+    assert outcomes[uid].status == scoring.UNAVAILABLE and outcomes[uid].audit_passed is None
+    assert "organic away-miner" in outcomes[uid].reason
+    status, reason = sqlite3.connect(queue_path).execute(
+        "SELECT status, reason FROM organic").fetchone()
+    assert status == "skipped" and reason.startswith("unavailable")
+    net.chain.close()

@@ -595,6 +595,8 @@ class Validator:
                 log.info("organic request %s left %s: %s", item.challenge.request_id,
                          result.verdict, result.reason)
                 self.organic.record(item.id, None, f"{result.verdict}: {result.reason}")
+                if result.unavailable:  # else serving users cheaply, then dropping their
+                    self._organic_unavailable(item, result, outcomes)  # fetches, would pay
                 continue
             self.organic.record(item.id, result.passed, result.reason,
                                 round(result.similarity, 4))
@@ -609,6 +611,18 @@ class Validator:
                                     reason=f"organic {scoring.AUDIT_FAILED}: {result.reason}")
             log.warning("uid %d failed the audit of organic request %s: %s", uid,
                         item.challenge.request_id, result.reason)
+
+    @staticmethod
+    def _organic_unavailable(item: Any, result: AuditResult,
+                             outcomes: dict[int, Outcome]) -> None:
+        """An organic answer whose states could not be fetched costs the miner what an
+        unavailable challenge does (no exclusion), unless it already failed this round."""
+        uid, hotkey = item.target.uid, item.target.hotkey
+        base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model)
+        if base.audit_passed is False:
+            return
+        outcomes[uid] = scoring.unavailable(base, f"organic {item.challenge.request_id}: "
+                                                  f"{result.reason}")
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid
