@@ -175,3 +175,19 @@ def test_a_model_without_budget_left_is_429_with_retry_after(tmp_path):
     assert error.status == 429 and error.code == "capacity_exhausted"
     assert error.headers["Retry-After"] == "10"  # one token at 6/min
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_n_images_from_a_one_miner_model_queue_for_its_slot(tmp_path, tiny_engine, tiny_root):
+    """A user's n=3 on a model one miner (concurrency 1) serves waits for the miner's slot
+    within the deadline: three images, not 429 for the second and third."""
+    from gateway_support import running_miners
+
+    net = make_chain(tmp_path, miners=1)
+    with running_miners(net, {"miner1": Only(tiny_engine, "flux-schnell")}), \
+            running_gateway(net, tiny_root, models=("flux-schnell",),
+                            config=GatewayConfig(audit_fraction=0.0)) as gw:
+        client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
+        images = client.images.generate(model="flux-schnell", prompt="three red circles",
+                                        n=3, size="64x64", response_format="b64_json")
+    assert len(images.data) == 3 and len({i.b64_json for i in images.data}) == 3
+    net.chain.close()

@@ -98,6 +98,13 @@ class Router:
             waits.append(math.inf if c.rate <= 0 else (1.0 - budget.tokens) * 60.0 / c.rate)
         return max(waits)
 
+    def out_of_rate(self, c: Candidate) -> bool:
+        """`c` has no rate budget left or refused for load: waiting a generation's time
+        does not help, the user is told when to retry (429)."""
+        now = self._clock()
+        budget = self._bucket(c, now)
+        return budget.busy_until > now or (c.rate is not None and budget.tokens < 1.0)
+
     def _take(self, c: Candidate) -> None:
         budget = self._bucket(c, self._clock())
         budget.inflight += 1
@@ -180,16 +187,22 @@ class Router:
         skipped = 0  # miners passed over for having no budget left
         soonest = math.inf  # seconds until a skipped miner has budget again
 
+        gave_up: set[str] = set()  # hotkeys that failed this request (not for load)
+        rate_limited = False  # a skipped miner was out of rate budget (not only busy)
+
         def launch() -> bool:
             """Send to the next miner with budget; False when none is left."""
-            nonlocal attempts, tried, soonest, skipped
+            nonlocal attempts, tried, soonest, skipped, rate_limited
             while tried < len(queue):
                 candidate = queue[tried]
                 tried += 1
+                if candidate.target.hotkey in gave_up:
+                    continue
                 wait = self.wait_for(candidate)
                 if wait > 0:
                     soonest = min(soonest, wait)
                     skipped += 1
+                    rate_limited = rate_limited or self.out_of_rate(candidate)
                     continue
                 self._take(candidate)
                 if attempts:
@@ -206,7 +219,15 @@ class Router:
         try:
             while self._clock() < deadline:
                 if not pending and not launch():
-                    break
+                    # every miner has its concurrency in use: wait for a slot within the
+                    # deadline (a user's n=4 queues on a one-miner model); out of rate
+                    # budget or refusing for load: 429 below, with when to retry
+                    if busy or rate_limited or not skipped \
+                            or self._clock() + soonest >= deadline:
+                        break
+                    await asyncio.sleep(soonest)
+                    queue, tried, skipped, soonest = self.order(params.model), 0, 0, math.inf
+                    continue
                 remaining = deadline - self._clock()
                 can_hedge = self.hedge_after is not None and tried < len(queue)
                 wait = min(remaining, self.hedge_after) if can_hedge and self.hedge_after \
@@ -233,6 +254,7 @@ class Router:
                         soonest = min(soonest, self.busy_cooldown)
                         continue
                     self._failed(candidate, result)
+                    gave_up.add(candidate.target.hotkey)
                     failures.append(f"uid {candidate.target.uid}: {result.status.value}"
                                     + (f" ({clip(result.reason)})" if result.reason else ""))
         finally:
