@@ -6,13 +6,13 @@ compute_weights); only the miners are simulated: each strategy has a latency dis
 and a verdict it would get if audited (honest passes, cheats fail), and the cached-image
 miner is caught by the duplicate check that runs on every answer.
 
-The second part takes the image check's detection probability per audited answer for
-each cheat (bench/adversary.py's output, built in as ADVERSARY; `--detection NAME=P` to
-override, or `--from-adversary` to run `bench/adversary.py --quick` first and take its
-figures) with every synthetic answer audited, and shows each cheat's expected weight
-against an honest miner's under the failed-audit penalty (score reset + exclusion rounds),
-plus a sweep over detection probabilities from 1/3 and the exclusion_rounds each needs for
-the cheat to stay under 5 % of an honest miner.
+The second part takes the step check's detection probability per audited answer for
+each cheat at production step counts (bench/adversary.py's output, built in as ADVERSARY;
+`--detection NAME=P` to override, or `--from-adversary` to run `bench/adversary.py --quick`
+first and take its figures) with every synthetic answer audited, and shows each cheat's
+expected weight against an honest miner's under the failed-audit penalty (score reset +
+exclusion rounds), plus a sweep over detection probabilities from 1/3 and the
+exclusion_rounds each needs for the cheat to stay under 5 % of an honest miner.
 
 The third part (`--only-capacity` alone) gives miners 1, 2 or 4 replicas and a declared
 concurrency, sends each round min(declared, volume_cap) challenges at once, and shows what
@@ -145,19 +145,18 @@ def simulate(rounds: int, audit_fraction: float, seed: int, cfg: ScoringConfig,
 
 HONEST_LATENCY = 6.0
 ADVERSARY: dict[str, tuple[float, float]] = {
-    # cheat: (compute saved, detection probability per audited answer by the hardened image
-    # check, worst over models / pipelines); `bench/adversary.py --quick` on the tiny
-    # checkpoints, 2 requests per pipeline (docs/adversary.md)
-    "fewer steps (N-1)": (0.125, 0.0),
-    "half steps (N/2)": (0.5, 1.0),
-    "skip last step (jump to 0)": (0.125, 0.0),
-    "skip a middle step": (0.125, 0.0),
-    "skip last, extrapolated": (0.125, 0.0),
-    "no CFG (guidance 1)": (0.5, 1.0),
-    "no CFG on last step, blended": (0.0625, 0.0),
-    "half size, upscaled": (0.75, 1.0),
-    "other seed's image": (1.0, 1.0),
-    "cached answer, other prompt": (1.0, 1.0),
+    # cheat: (compute saved, probability one audit catches it: the step check's real plan,
+    # worst over models / pipelines / requests at production step counts);
+    # `python bench/adversary.py --requests 2` on the tiny checkpoints (docs/step-check.md)
+    "cache 2 of 28-30 steps": (0.07, 0.34),
+    "cache 1 of 4 steps (schnell)": (0.25, 0.33),
+    "cache 7 of 28-30 steps": (0.25, 0.81),
+    "cache half the steps": (0.5, 0.98),
+    "uncond branch reused, 3 of 30": (0.05, 0.52),
+    "int8 W8A8 compute": (0.25, 1.0),
+    "fp8 e4m3 compute": (0.25, 1.0),
+    "half the steps, resampled": (0.5, 0.9),
+    "first 2 of 30 steps at half size": (0.05, 1.0),
 }
 """Filled from the adversary's printed table; the simulation itself takes any values."""
 
@@ -204,7 +203,7 @@ def exclusion_needed(saved: float, q: float, rounds: int, seed: int, cfg: Scorin
 
 def detection_report(cheats: dict[str, tuple[float, float]], rounds: int, seed: int,
                      cfg: ScoringConfig) -> None:
-    print(f"\ncheats against the hardened image check, every synthetic answer audited "
+    print(f"\ncheats against the step check, every synthetic answer audited "
           f"(audit_fraction=1), exclusion_rounds={cfg.exclusion_rounds}, honest latency "
           f"{HONEST_LATENCY:.1f}s, a cheater faster by the compute it saves:")
     print(f"{'cheat':<32}{'saved':>7}{'detect':>8}{'weight/honest':>15}  < 5 %?")
