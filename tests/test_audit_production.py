@@ -89,6 +89,16 @@ def start_miner(chain, wallet, engine):
     return service, server
 
 
+def one_miner_chain(tmp_path):
+    """A local chain with a staked validator and one registered miner (their wallets)."""
+    miner, validator = (create_wallet(n, "hot", tmp_path / "w") for n in ("miner", "validator"))
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(NETUID)
+    chain.register(NETUID, validator, stake=100.0)
+    chain.register(NETUID, miner)
+    return chain, miner, validator
+
+
 def test_a_round_at_production_step_counts_audits_every_answer(production_engine, tmp_path):
     names = ("validator", "dev", "kolors", "cheat")
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in names}
@@ -137,11 +147,7 @@ def test_states_beyond_one_request_are_fetched_in_bounded_requests(production_en
                                                                    tmp_path):
     """A Kolors answer at 30 steps: all 30 states in 4 signed requests, each checked against
     its hash; the protocol still refuses a single request for more than the bound."""
-    miner, validator = (create_wallet(n, "hot", tmp_path / "w") for n in ("miner", "validator"))
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(NETUID)
-    chain.register(NETUID, validator, stake=100.0)
-    chain.register(NETUID, miner)
+    chain, miner, validator = one_miner_chain(tmp_path)
     service, server = start_miner(chain, miner, production_engine)
     client = CountingClient(validator)
     client.chunks = []
@@ -179,11 +185,7 @@ def test_an_unreachable_miner_is_unavailable_not_a_cheat(production_engine, tmp_
     from niche.validator.steps import StepChecker
     from niche.validator.verify import Verifier
 
-    miner, validator = (create_wallet(n, "hot", tmp_path / "w") for n in ("miner", "validator"))
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(NETUID)
-    chain.register(NETUID, validator, stake=100.0)
-    chain.register(NETUID, miner)
+    chain, miner, validator = one_miner_chain(tmp_path)
     service, server = start_miner(chain, miner, production_engine)
     client = MinerClient(validator)
     with socket.socket() as s:
