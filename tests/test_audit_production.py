@@ -254,3 +254,38 @@ def test_honest_kernel_variants_pass_every_step_at_production_n(production_engin
     undeclared = checker.check(params, None, step_cheats.as_chain(math_states), steps,
                                dtype=dtype, kernels={})
     assert undeclared.passed == (model == "kolors"), undeclared.reason
+
+
+def test_a_dtype_the_validator_does_not_hold_is_unverifiable_without_a_fetch(
+        production_engine, tiny_engine, tmp_path):
+    """A float16 Kolors answer audited by a validator that recomputes Kolors in float32
+    only: 'unverifiable', said before any state is fetched, with the flag that fixes it."""
+    from niche.protocol import GenerateRequest
+    from niche.validator.audit import Auditor
+    from niche.validator.challenges import Challenge
+    from niche.validator.steps import StepChecker
+    from niche.validator.verify import Verifier
+
+    chain, miner, validator = one_miner_chain(tmp_path)
+    service, server = start_miner(chain, miner, production_engine)
+    client = CountingClient(validator)
+    client.chunks = []
+    try:
+        params = production_engine.resolve(GenerationParams(model="kolors", prompt="a fox",
+                                                            seed=8))
+        request = GenerateRequest(request_id="unverif01", params=params, timeout=120)
+        target = MinerTarget(1, miner.hotkey.ss58_address, f"http://127.0.0.1:{server.port}")
+        result = asyncio.run(client.query(target, request))
+        assert result.ok, result.reason
+        auditor = Auditor(tiny_engine, Verifier(tiny_engine), StepChecker(tiny_engine), client)
+        challenge = Challenge(uid=1, hotkey=target.hotkey, request_id="unverif01",
+                              params=params, timeout=120.0)
+        verdict, = asyncio.run(auditor.audit([(challenge, result, target)],
+                                             np.random.default_rng(0)))
+    finally:
+        server.stop()
+        service.close()
+        chain.close()
+    assert verdict.verdict == "unverifiable" and not verdict.passed
+    assert "--verify.dtypes float16" in verdict.reason
+    assert client.chunks == []  # nothing fetched for an answer it cannot judge

@@ -11,8 +11,13 @@ the states those steps need (x_k and x_k+1, and x_N), and
 2. decodes x_N and compares the result with the returned image (post-processing of an
    honest image, or an image that is not the decoded latent, fails here).
 
-A miner that cannot send what it committed to fails. A low-rate full regeneration
-(`regenerate_fraction`) stays as a backstop that does not rely on any of the above.
+The steps are recomputed in the dtype and with the kernels the answer declares
+(docs/step-check.md). A miner that sends something else than what it committed to fails; one
+that cannot be reached for its states after retries is `unavailable` (a fault), one whose
+declared dtype or kernels this validator cannot reproduce is `unverifiable`, and an answer the
+validator itself failed to audit is `unaudited`: `AuditResult.verdict`. A low-rate full
+regeneration (`regenerate_fraction`) stays as a backstop that does not rely on any of the
+above.
 """
 from __future__ import annotations
 
@@ -109,6 +114,7 @@ class AuditResult:
 
 
 def unaudited(reason: str) -> AuditResult:
+    """The verdict of an answer the validator itself failed to audit."""
     return AuditResult(False, 0.0, reason, unaudited=True)
 
 
@@ -170,6 +176,10 @@ class Auditor:
         answer = result.response
         if answer is None or answer.states is None or result.image is None:
             return AuditResult(False, 0.0, "answer committed to no states")
+        problem = self.steps.unreproducible(challenge.params.model, answer.states.compute_dtype,
+                                            answer.states.kernels)
+        if problem:  # known before fetching anything
+            return AuditResult(False, 0.0, problem, unverifiable=True)
         fetch = await self.client.fetch_states(
             target, challenge.request_id, answer.states,
             states_needed(plan, len(answer.states.sha256)), timeout=self.config.fetch_timeout)
@@ -194,10 +204,6 @@ class Auditor:
                states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
         assert answer.response is not None and answer.response.states is not None
         commitment = answer.response.states
-        problem = self.steps.unreproducible(challenge.params.model, commitment.compute_dtype,
-                                            commitment.kernels)
-        if problem:
-            return AuditResult(False, 0.0, problem, unverifiable=True)
         verdict = self.steps.check(challenge.params, challenge.image, states, plan,
                                    dtype=commitment.compute_dtype, answer=answer.image,
                                    kernels=commitment.kernels)
