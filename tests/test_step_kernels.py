@@ -157,3 +157,22 @@ def test_every_step_count_plans_an_audit_that_fits_the_fetch_bounds():
             k = len(plan) - 1
             missed = math.comb(n - 1 - faked, k) / math.comb(n - 1, k)
             assert 1 - missed >= MIN_DETECTION - 1e-12 or k == n - 1, n
+
+
+def test_an_unusable_endpoint_is_unavailable_never_the_validators_fault(tmp_path):
+    """A miner that answered, then published an endpoint nothing can reach or parse: its
+    audit is 'unavailable' (what it costs is docs/scoring.md's), not an 'unaudited' answer
+    that would cost it nothing."""
+    import asyncio
+
+    from niche.chain.wallets import create_wallet
+    from niche.validator.client import MinerClient, MinerTarget
+
+    wallet = create_wallet("validator", "hot", tmp_path)
+    client = MinerClient(wallet)
+    commitment = StatesCommitment(shape=[1, 4], sha256=[SHA] * 4, compute_dtype="float32")
+    for url in ("http://[::1", "ftp://127.0.0.1:1", "http://127.0.0.1:1", None):
+        fetch = asyncio.run(client.fetch_states(
+            MinerTarget(1, wallet.hotkey.ss58_address, url), "endpoint01", commitment, [1, 2],
+            timeout=1.2, retry_delay=0.2))
+        assert fetch.unavailable and not fetch.validator_error and fetch.reason, url

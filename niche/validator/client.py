@@ -446,6 +446,8 @@ class MinerClient:
                 fault = f"{type(exc).__name__}: {exc}"[:200]
             except (BodyTooLarge, _Undecodable) as exc:
                 return StatesFetch({}, str(exc))
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # its endpoint is unusable
+                return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:200], unavailable=True)
             else:
                 if status == 200:
                     return await asyncio.to_thread(_read_states, raw, request_id,
