@@ -176,3 +176,34 @@ def test_an_unusable_endpoint_is_unavailable_never_the_validators_fault(tmp_path
             MinerTarget(1, wallet.hotkey.ss58_address, url), "endpoint01", commitment, [1, 2],
             timeout=1.2, retry_delay=0.2))
         assert fetch.unavailable and not fetch.validator_error and fetch.reason, url
+
+
+def test_one_engines_declared_backend_never_leaks_into_anothers_call(tiny_root):
+    """torch's SDPA switch is per process: two engines on two threads, one on math, one on
+    the default backend, each still computes exactly what it computes alone."""
+    import threading
+
+    from niche.models.engine import Engine
+    from niche.protocol import GenerationParams
+
+    default = Engine(models=["flux-schnell"], model_root=tiny_root, dtype="bfloat16")
+    math = Engine(models=["flux-schnell"], model_root=tiny_root, dtype="bfloat16",
+                  attention="math")
+    params = GenerationParams(model="flux-schnell", prompt="a red fox", seed=4)
+    alone = {"default": default.generate_with_states(params)[1][-1],
+             "math": math.generate_with_states(params)[1][-1]}
+    assert not bool((alone["default"] == alone["math"]).all())  # the backends differ
+    together: dict[str, list] = {"default": [], "math": []}
+
+    def run(name, engine):
+        for _ in range(4):
+            together[name].append(engine.generate_with_states(params)[1][-1])
+
+    threads = [threading.Thread(target=run, args=item)
+               for item in (("default", default), ("math", math))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, states in together.items():
+        assert all(bool((s == alone[name]).all()) for s in states), name

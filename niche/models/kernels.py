@@ -10,6 +10,7 @@ the step thresholds then only cover what other hardware adds to the same kernels
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -32,20 +33,26 @@ class KernelUnavailable(ValueError):
     """A declared kernel this machine cannot run, so it cannot reproduce the answer's bits."""
 
 
+_SWITCH = threading.RLock()
+"""torch keeps the SDPA backend switch per process, not per thread: every engine call runs
+under this lock, so one engine's declared backend never leaks into another's call."""
+
+
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """Run the block's scaled-dot-product attention on backend `name` (`default`: torch's
-    own choice). torch keeps this switch per process: callers hold the engine lock."""
-    if name == DEFAULT_ATTENTION:
-        yield
-        return
-    if name not in ATTENTION_BACKENDS:
+    own choice), holding the process-wide switch for its duration."""
+    if name != DEFAULT_ATTENTION and name not in ATTENTION_BACKENDS:
         raise KernelUnavailable(f"unknown attention backend {name!r} (known: "
                                 f"{', '.join(ATTENTION_BACKENDS)})")
-    from torch.nn.attention import sdpa_kernel
+    with _SWITCH:
+        if name == DEFAULT_ATTENTION:
+            yield
+            return
+        from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel([_backend(name)]):
-        yield
+        with sdpa_kernel([_backend(name)]):
+            yield
 
 
 def attention_problem(name: str, device: str | torch.device) -> str | None:
