@@ -76,3 +76,22 @@ def test_where_the_states_go_by_default(tmp_path):
         Path("~/.niche/miner/finney/netuid3/5hk/states.sqlite").expanduser()
     memory = parser.parse_args(["--netuid", "3", "--states.memory_only"])
     assert states_path_from_args(memory, "5hk") is None
+
+
+def test_the_disk_keeps_what_memory_evicts(tmp_path):
+    """At production sizes memory holds minutes of answers, the disk the ttl: an answer
+    evicted from a small memory store is still served from disk."""
+    import torch
+
+    from niche.miner.state_store import StateStore
+
+    store = StateStore(max_bytes=3 * 4096, ttl=600.0, path=tmp_path / "s.sqlite",
+                       disk_max_bytes=1024 * 1024)
+    states = [torch.full((1, 1024), float(i)) for i in range(3)]  # 3 x 4 KiB per answer
+    store.put("5validator", "first-answer", states)
+    store.put("5validator", "second-answer", states)  # evicts the first from memory
+    store.disk.flush()
+    assert len(store) == 1
+    kept = store.get("5validator", "first-answer")
+    assert kept is not None and len(kept) == 3 and kept[2] == states[2].numpy().tobytes()
+    store.close()

@@ -68,8 +68,11 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                     help="keep states in memory only (a restart loses them: the validator "
                          "counts those audits as unavailable, which earns nothing)")
     st.add_argument("--states.max_mb", dest="states_max_mb", type=float, default=512.0,
-                    help="MiB of states kept, in memory and on disk each; oldest go first "
-                         "(default 512)")
+                    help="MiB of states kept in memory; oldest go first (default 512)")
+    st.add_argument("--states.disk_mb", dest="states_disk_mb", type=float, default=8192.0,
+                    help="MiB of states kept on disk (--states.path); a 28-step FLUX.1-dev "
+                         "answer at 1024x1024 is 28 MiB, so the default holds the ttl at "
+                         "production sizes (default 8192)")
     st.add_argument("--states.ttl", dest="states_ttl", type=float, default=600.0,
                     help="seconds an answer's states stay fetchable (default 600)")
     parser.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",
@@ -130,8 +133,8 @@ def config_from_args(args: argparse.Namespace):
     if args.max_inflight < 1 or args.max_inflight_per_ip < 0:
         raise ConfigError("--limits.max_inflight must be >= 1 and "
                           "--limits.max_inflight_per_ip >= 0")
-    if args.states_max_mb <= 0 or args.states_ttl <= 0:
-        raise ConfigError("--states.max_mb and --states.ttl must be > 0")
+    if args.states_max_mb <= 0 or args.states_disk_mb <= 0 or args.states_ttl <= 0:
+        raise ConfigError("--states.max_mb, --states.disk_mb and --states.ttl must be > 0")
     if args.localnet_cheat is not None:
         from niche.devnet.localnet.cheat_names import CHEATS
 
@@ -149,6 +152,7 @@ def config_from_args(args: argparse.Namespace):
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
         keep_running_when_deregistered=args.keep_running_deregistered,
         states_max_bytes=int(args.states_max_mb * 1024 * 1024), states_ttl=args.states_ttl,
+        states_disk_max_bytes=int(args.states_disk_mb * 1024 * 1024),
     )
 
 
@@ -191,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
         if config.states_path is not None:  # an unwritable file
             from niche.miner.state_store import DiskStates
 
-            DiskStates(config.states_path, config.states_max_bytes, config.states_ttl).close()
+            DiskStates(config.states_path, config.states_disk_max_bytes,
+                       config.states_ttl).close()
     chain = open_chain(args, args.netuid)
     from niche.miner.service import MinerService
 

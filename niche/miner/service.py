@@ -105,7 +105,12 @@ class MinerConfig:
     (the claimed hotkey is only proven by the signature over the complete body)."""
     states_max_bytes: int = 512 * 1024 * 1024
     """Memory for the sampler states of recent answers, kept for the validators' audits
-    (a 1024x1024 FLUX answer holds 4 MiB, a 30-step Kolors one 7.5 MiB)."""
+    (at 1024x1024 a 4-step FLUX.1-schnell answer holds 4 MiB, a 28-step FLUX.1-dev one
+    28 MiB, a 30-step Kolors one 7.5 MiB)."""
+    states_disk_max_bytes: int = 8 * 1024 * 1024 * 1024
+    """Disk for the same states (`states_path`): enough for the ttl at production sizes
+    (FLUX.1-dev at ~10 answers a minute is 2.8 GiB in 10 minutes), so organic answers, audited
+    minutes later, still have theirs."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
     states_path: Path | None = None
@@ -161,7 +166,8 @@ class MinerService:
         self.executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                            thread_name_prefix="niche-gpu")
         self.states = StateStore(config.states_max_bytes, config.states_ttl, clock=clock,
-                                 path=config.states_path)
+                                 path=config.states_path,
+                                 disk_max_bytes=config.states_disk_max_bytes)
         self.metrics.track(lambda: self.gate.depth, lambda: self.states.bytes_held)
         if callable(getattr(engine, "stats", None)):
             self.metrics.track_replicas(lambda: self.replica_stats() or {})
