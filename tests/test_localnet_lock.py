@@ -37,5 +37,20 @@ def test_second_localnet_on_a_workdir_is_refused_while_the_first_runs(tmp_path, 
     # the holder is gone (killed: no clean-up ran): the kernel released its lock
     assert main(["localnet", "--workdir", str(workdir), "--prepare-only", "--miners", "1",
                  "--no-gateway"]) == 0
-    assert capsys.readouterr().out.strip() == f"prepared {workdir.resolve()}"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f"prepared {workdir.resolve()} ")
+    assert not any("gateway" in line for line in out)  # --no-gateway
     assert (workdir / LOCK_NAME).exists() and (workdir / "plan.json").exists()
+
+
+def test_prepare_only_prints_what_pm2_users_open(tmp_path, capsys):
+    """Under pm2 nothing else prints them: the dashboard URL and the gateway's URL and key,
+    the same as plan.json holds."""
+    import json
+
+    workdir = tmp_path / "pm2net"
+    assert main(["localnet", "--workdir", str(workdir), "--prepare-only", "--miners", "1"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((workdir / "plan.json").read_text())
+    assert plan["gateway_key"] and f"API key: {plan['gateway_key']}" in out
+    assert f"{plan['gateway_url']}/v1" in out and plan["dashboard_url"] in out

@@ -20,6 +20,10 @@ if (process.env.LOCALNET_ROUNDS) prepareArgs.push("--rounds", process.env.LOCALN
 const plan = JSON.parse(execFileSync(niche, prepareArgs, { encoding: "utf8" }));
 // What `niche localnet` prints, for whoever runs `pm2 start` (also in WORKDIR/plan.json).
 if (plan.dashboard_url) console.error(`localnet dashboard (validator1): ${plan.dashboard_url}`);
+if (plan.gateway_url) {
+  console.error(`localnet gateway (OpenAI images API): ${plan.gateway_url}/v1  ` +
+                `playground: ${plan.gateway_url}/  API key: ${plan.gateway_key}`);
+}
 
 module.exports = {
   apps: plan.processes.map((proc) => nicheApp({

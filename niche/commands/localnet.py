@@ -66,7 +66,13 @@ def _run(args: argparse.Namespace) -> int:
                    audit_fraction=args.audit_fraction, gateway=args.gateway,
                    miner1_args=shlex.split(args.miner1_args))
     if args.prepare_only:
-        print(plan.to_json() if args.json else f"prepared {plan.workdir}")
+        if args.json:
+            print(plan.to_json())
+            return 0
+        print(f"prepared {plan.workdir} (run its processes with pm2: "
+              "configs/pm2/localnet.config.js)")
+        for line in plan_addresses(plan):
+            print(line)
         return 0
     from niche.devnet.localnet.run import run as run_plan
     from niche.devnet.localnet.scoreboard import collect, render
@@ -78,3 +84,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nscoreboard after {facts['rounds']} round(s):")
     print(render(rows, facts))
     return code
+
+
+def plan_addresses(plan) -> list[str]:
+    """What a user opens once the plan's processes run: the dashboard, the gateway and its
+    key (under pm2 nothing else prints them)."""
+    lines = []
+    if plan.dashboard_url:
+        lines.append(f"dashboard (validator1): {plan.dashboard_url}")
+    if plan.gateway_url:
+        lines.append(f"gateway (OpenAI images API): {plan.gateway_url}/v1  playground: "
+                     f"{plan.gateway_url}/  API key: {plan.gateway_key}")
+    return lines
