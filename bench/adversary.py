@@ -170,30 +170,22 @@ def extrapolate(j, history, out):
     return _zip(history[j - 1], history[j - 2], lambda a, b: 2 * a - b)
 
 
-def _halves(fn):
-    def transform(j, history, out):
-        def per_tensor(t, prev=None):
-            if t.ndim == 0 or t.shape[0] != 2:
-                return t
-            return fn(t, prev, j)
-        if fn.__name__ == "uncond_reuse_fn":
-            if j < 1:
-                return out
-            return _zip(out, history[j - 1], lambda a, b: per_tensor(a, b))
-        return _map(out, per_tensor)
-    return transform
+def _cfg_pair(t: torch.Tensor) -> bool:
+    """A CFG batch [uncond, cond] (Kolors' one batch-2 UNet call per step)."""
+    return t.ndim > 0 and t.shape[0] == 2
 
 
-def uncond_reuse_fn(t, prev, j):  # batch [uncond, cond]: the uncond half from the last step
-    return torch.cat([prev[:1], t[1:]])
+def uncond_reuse(j, history, out):
+    """The unconditional half from the previous step, the conditional one computed."""
+    if j < 1:
+        return out
+    return _zip(out, history[j - 1],
+                lambda t, prev: torch.cat([prev[:1], t[1:]]) if _cfg_pair(t) else t)
 
 
-def drop_cfg_fn(t, prev, j):  # the uncond half replaced by the cond one: guidance has no effect
-    return torch.cat([t[1:], t[1:]])
-
-
-UNCOND_REUSE = _halves(uncond_reuse_fn)
-DROP_CFG = _halves(drop_cfg_fn)
+def drop_cfg(j, history, out):
+    """The unconditional half replaced by the conditional one: guidance has no effect."""
+    return _map(out, lambda t: torch.cat([t[1:], t[1:]]) if _cfg_pair(t) else t)
 
 
 @contextmanager
@@ -404,8 +396,8 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
             ("cache: extrapolate output", extrapolate, 1.0, list(range(2, n))),
         ]
         if cfg and (params.guidance or 0) > 1:
-            transforms += [("cfg: reuse uncond branch", UNCOND_REUSE, 0.5, list(range(1, n))),
-                           ("cfg: drop guidance", DROP_CFG, 0.5, list(range(n)))]
+            transforms += [("cfg: reuse uncond branch", uncond_reuse, 0.5, list(range(1, n))),
+                           ("cfg: drop guidance", drop_cfg, 0.5, list(range(n)))]
         for name, transform, per_step, allowed in transforms:
             single = single_step_errors(v, params, image, chain, history, transform)
             calibration["cheat"] = [min(c, e) if e > 0 else c
