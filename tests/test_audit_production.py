@@ -289,3 +289,49 @@ def test_a_dtype_the_validator_does_not_hold_is_unverifiable_without_a_fetch(
     assert verdict.verdict == "unverifiable" and not verdict.passed
     assert "--verify.dtypes float16" in verdict.reason
     assert client.chunks == []  # nothing fetched for an answer it cannot judge
+
+
+def test_states_held_at_once_are_bounded_by_parallel_fetches(tiny_engine, tmp_path):
+    """Many answers audited together: at most `parallel_fetches` of them have their states
+    fetched or waiting for the engine at once (memory at 1024x1024), and every one passes."""
+    from niche.protocol import GenerateRequest
+    from niche.validator.audit import AuditConfig, Auditor
+    from niche.validator.challenges import Challenge
+    from niche.validator.steps import StepChecker
+    from niche.validator.verify import Verifier
+
+    class Watching(MinerClient):
+        active = peak = 0
+
+        async def fetch_states(self, *args, **kwargs):
+            Watching.active += 1
+            Watching.peak = max(Watching.peak, Watching.active)
+            try:
+                await asyncio.sleep(0.05)  # a network's latency: the fetches could overlap
+                return await super().fetch_states(*args, **kwargs)
+            finally:
+                Watching.active -= 1
+
+    chain, miner, validator = one_miner_chain(tmp_path)
+    service, server = start_miner(chain, miner, tiny_engine)
+    client = Watching(validator)
+    try:
+        target = MinerTarget(1, miner.hotkey.ss58_address, f"http://127.0.0.1:{server.port}")
+        items = []
+        for i in range(5):
+            params = tiny_engine.resolve(GenerationParams(model="flux-schnell",
+                                                          prompt="a red fox", seed=30 + i))
+            request = GenerateRequest(request_id=f"bounded{i:04d}", params=params, timeout=60)
+            result = asyncio.run(client.query(target, request))
+            assert result.ok, result.reason
+            items.append((Challenge(uid=1, hotkey=target.hotkey, request_id=request.request_id,
+                                    params=params, timeout=60.0), result, target))
+        auditor = Auditor(tiny_engine, Verifier(tiny_engine), StepChecker(tiny_engine), client,
+                          AuditConfig(parallel_fetches=2))
+        verdicts = asyncio.run(auditor.audit(items, np.random.default_rng(1)))
+    finally:
+        server.stop()
+        service.close()
+        chain.close()
+    assert [v.verdict for v in verdicts] == ["passed"] * 5
+    assert Watching.peak == 2
