@@ -63,6 +63,7 @@ from niche.transport import BodyTooLarge, read_capped
 from niche.wire import (
     ANSWER_MEDIA_TYPE,
     BINARY_SINCE,
+    STATES_MEDIA_TYPE,
     BadBody,
     unpack_answer,
     unpack_states,
@@ -422,8 +423,11 @@ class MinerClient:
                            retry_delay: float, timeout: float) -> StatesFetch:
         """One signed /v1/states request for at most MAX_STATES_PER_FETCH states, retried on
         faults of availability until `deadline`."""
-        body = StatesRequest(protocol_version=self.version_for(t.hotkey), request_id=request_id,
+        version = self.version_for(t.hotkey)
+        body = StatesRequest(protocol_version=version, request_id=request_id,
                              indices=chunk).model_dump_json().encode()
+        accept = (f"{STATES_MEDIA_TYPE}, application/json" if version >= BINARY_SINCE
+                  else "application/json")  # protocol 4: the raw float32 states
         elements = 1
         for size in commitment.shape:
             elements *= size
@@ -437,9 +441,9 @@ class MinerClient:
                 return StatesFetch({}, f"states not sent within {timeout:.0f}s "
                                        f"({attempts - 1} tries)", unavailable=True)
             try:
-                status, raw = await asyncio.wait_for(
-                    self._fetch(http, "POST", t.url or "", STATES_PATH, body, t.hotkey, cap),
-                    timeout=left)
+                status, media, raw = await asyncio.wait_for(
+                    self._exchange(http, "POST", t.url or "", STATES_PATH, body, t.hotkey,
+                                   cap, accept), timeout=left)
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 fault = f"states not sent within {timeout:.0f}s"
             except httpx.TransportError as exc:  # refused, reset, DNS: the miner is away
@@ -450,8 +454,10 @@ class MinerClient:
                 return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:200], unavailable=True)
             else:
                 if status == 200:
-                    return await asyncio.to_thread(_read_states, raw, request_id,
-                                                   commitment, chunk)
+                    if media == STATES_MEDIA_TYPE and version < BINARY_SINCE:
+                        return StatesFetch({}, f"binary states in protocol {version}")
+                    reader = _read_binary_states if media == STATES_MEDIA_TYPE else _read_states
+                    return await asyncio.to_thread(reader, raw, request_id, commitment, chunk)
                 if status == 404:  # not kept (restarted without its store, or expired)
                     return StatesFetch({}, "states request refused: HTTP 404 (states not "
                                            "kept)", unavailable=True)
