@@ -207,3 +207,22 @@ def test_one_engines_declared_backend_never_leaks_into_anothers_call(tiny_root):
         t.join()
     for name, states in together.items():
         assert all(bool((s == alone[name]).all()) for s in states), name
+
+
+def test_states_are_converted_once_and_hashed_alike_in_parallel():
+    """FLUX.1-dev's 28 states at 1024x1024 (28 MiB) take the parallel hash path; the digests
+    are the serial ones and the store keeps the very bytes that were hashed."""
+    import torch
+
+    from niche.miner.state_store import StateStore
+    from niche.states import commit_raw, state_bytes, states_bytes
+
+    states = [torch.randn(1, 4096, 64, generator=torch.Generator().manual_seed(i))
+              for i in range(28)]
+    shape, raw = states_bytes(states)
+    commitment = commit_raw(shape, raw, "bfloat16")
+    assert commitment.shape == [1, 4096, 64]
+    assert commitment.sha256 == [hashlib.sha256(state_bytes(s)).hexdigest() for s in states]
+    store = StateStore()
+    store.put_raw("5validator", "once-only", raw)
+    assert list(store.get("5validator", "once-only") or ()) == raw

@@ -56,7 +56,7 @@ from niche.protocol import (
     first_validation_error,
 )
 from niche.runtime import runtime_info
-from niche.states import commit
+from niche.states import commit_raw, states_bytes
 from niche.wire import BINARY_SINCE, pack_answer, pack_states
 
 if TYPE_CHECKING:
@@ -383,9 +383,10 @@ class MinerService:
         seconds = time.perf_counter() - started
         data = encode_image(result, "PNG")
         digest = image_sha256(data)
-        commitment = commit(states, self.engine.compute_dtype(params.model),
-                            kernels=declared_kernels(self.engine, params.model, version))
-        self.states.put(caller, request_id, states)
+        shape, raw = states_bytes(states)  # converted once: hashed, then kept
+        commitment = commit_raw(shape, raw, self.engine.compute_dtype(params.model),
+                                kernels=declared_kernels(self.engine, params.model, version))
+        self.states.put_raw(caller, request_id, raw)
         signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
                                   version=version)
         return seconds, data, digest, commitment, signature

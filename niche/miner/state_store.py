@@ -188,7 +188,11 @@ class StateStore:
         return len(self._kept)
 
     def put(self, hotkey: str, request_id: str, states: Sequence[torch.Tensor]) -> None:
-        kept = _Kept(self._clock() + self.ttl, tuple(state_bytes(s) for s in states))
+        self.put_raw(hotkey, request_id, [state_bytes(s) for s in states])
+
+    def put_raw(self, hotkey: str, request_id: str, raw: Sequence[bytes]) -> None:
+        """`put` of states already converted to their raw bytes (the answer hashed them)."""
+        kept = _Kept(self._clock() + self.ttl, tuple(raw))
         if kept.size > self.max_bytes:
             return  # larger than the whole budget: nothing to keep (the fetch says so)
         if self.disk is not None:  # written a few ms later, off the answer's path
