@@ -242,3 +242,34 @@ def test_one_log_line_per_request_with_status_key_latency_and_miners(subnet, cap
     assert any(line.startswith(f"POST /v1/images/generations 400 key={key_id} ")
                for line in lines), lines
     assert any(line.startswith("POST /v1/images/generations 401 key=- ") for line in lines)
+
+
+def test_a_lossless_webp_answer_reaches_users_as_png():
+    """Miners may answer in lossless WebP; a user who asked for PNG gets PNG bytes of the
+    same pixels (a PNG answer passes through as the bytes the miner signed)."""
+    import asyncio
+    import base64
+    import io
+    import random
+    from types import SimpleNamespace
+
+    from niche.gateway.schemas import ImagesRequest
+    from niche.gateway.service import Gateway
+    from niche.protocol import GenerateRequest, GenerationParams
+
+    picture = Image.new("RGB", (32, 32), (200, 30, 90))
+    webp = io.BytesIO()
+    picture.save(webp, "WEBP", lossless=True)
+    params = GenerationParams(model="flux-schnell", prompt="x", seed=1, steps=4, width=32,
+                              height=32)
+    item = SimpleNamespace(
+        request=GenerateRequest(request_id="webp-answer", params=params),
+        result=SimpleNamespace(image_bytes=webp.getvalue(), image=None, latency=0.1),
+        candidate=SimpleNamespace(target=SimpleNamespace(uid=1, hotkey="5miner")), attempts=1)
+    gateway = SimpleNamespace(queue=None, config=SimpleNamespace(audit_fraction=0.0),
+                              rng=random.Random(0))
+    request = ImagesRequest(model="flux-schnell", prompt="x", response_format="b64_json")
+    data = asyncio.run(Gateway.image_data(gateway, item, request, "http://x"))  # type: ignore[arg-type]
+    png = base64.b64decode(data.b64_json)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(png)).convert("RGB").tobytes() == picture.tobytes()

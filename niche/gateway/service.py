@@ -23,6 +23,7 @@ from niche.gateway.metrics import GatewayMetrics
 from niche.gateway.router import Delivered, Router
 from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
+from niche.imaging import PNG_SIGNATURE, to_png
 from niche.protocol import MAX_SEED, GenerationParams
 from niche.validator.client import MinerTarget
 from niche.validator.organic import OrganicQueue, QueueError
@@ -228,6 +229,8 @@ class Gateway:
         if request.output_format != "png":
             data = await asyncio.to_thread(reencode, item, request.output_format,
                                            request.output_compression)
+        elif data[:8] != PNG_SIGNATURE:  # a lossless WebP answer: users asked for PNG
+            data = await asyncio.to_thread(to_png, data)
         b64, url = None, None
         if request.response_format == "url":
             token = await asyncio.to_thread(self.images.put, data)
