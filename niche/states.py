@@ -74,14 +74,19 @@ def encode_state(state: torch.Tensor) -> str:
     return base64.b64encode(state_bytes(state)).decode("ascii")
 
 
-def decode_state(data: str, index: int, commitment: StatesCommitment) -> torch.Tensor:
-    """The committed state x_index from its base64 blob, or BadState saying what is wrong."""
+def _expected_bytes(index: int, commitment: StatesCommitment) -> int:
+    """The byte length of committed state x_index, checked before anything is read."""
     if not 1 <= index <= len(commitment.sha256):
         raise BadState(f"state {index} is not among the {len(commitment.sha256)} committed")
     elements = int(np.prod(commitment.shape))
     if not 0 < elements <= MAX_STATE_ELEMENTS:
         raise BadState(f"committed shape {commitment.shape} is out of bounds")
-    expected = elements * 4
+    return elements * 4
+
+
+def decode_state(data: str, index: int, commitment: StatesCommitment) -> torch.Tensor:
+    """The committed state x_index from its base64 blob, or BadState saying what is wrong."""
+    expected = _expected_bytes(index, commitment)
     if len(data) != 4 * ((expected + 2) // 3):
         raise BadState(f"state {index}: {len(data)} base64 characters, expected "
                        f"{4 * ((expected + 2) // 3)} for shape {commitment.shape}")
@@ -96,12 +101,7 @@ def decode_state_bytes(raw: bytes | memoryview, index: int, commitment: StatesCo
                        ) -> torch.Tensor:
     """The committed state x_index from its raw float32 bytes (a protocol-4 binary fetch,
     niche/wire.py), or BadState: length, then hash, then values."""
-    if not 1 <= index <= len(commitment.sha256):
-        raise BadState(f"state {index} is not among the {len(commitment.sha256)} committed")
-    elements = int(np.prod(commitment.shape))
-    if not 0 < elements <= MAX_STATE_ELEMENTS:
-        raise BadState(f"committed shape {commitment.shape} is out of bounds")
-    expected = elements * 4
+    expected = _expected_bytes(index, commitment)
     if len(raw) != expected:
         raise BadState(f"state {index}: {len(raw)} bytes, expected {expected}")
     if hashlib.sha256(raw).hexdigest() != commitment.sha256[index - 1]:

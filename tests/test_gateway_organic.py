@@ -139,6 +139,13 @@ def test_a_queue_that_cannot_be_opened_says_where(tmp_path):
         OrganicQueue(tmp_path / "q.sqlite")
 
 
+def organic_config(tmp_path, queue_path) -> ValidatorConfig:
+    """A flux-schnell validator reading the organic queue at `queue_path`."""
+    return ValidatorConfig(netuid=NETUID, models=("flux-schnell",),
+                           state_path=tmp_path / "v.sqlite", organic_queue=queue_path,
+                           scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+
+
 def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_engine):
     net = make_chain(tmp_path, miners=1)
     queue_path = tmp_path / "organic.sqlite"
@@ -153,9 +160,7 @@ def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_e
                  0.1)
     queue.submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), _request("boom-request"),
                  _answer("boom-request"), 0.1)
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), state_path=tmp_path /
-                             "v.sqlite", organic_queue=queue_path,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    config = organic_config(tmp_path, queue_path)
     with ValidatorState(config.state_path) as state:
         validator = Validator(config, net.chain, net.validator, tiny_engine,
                               MinerClient(net.validator), state)
@@ -191,9 +196,7 @@ def test_an_organic_answer_whose_states_cannot_be_fetched_costs_like_a_challenge
         shape=[1, 16, 64], sha256=["ab" * 32] * 4, compute_dtype="float32")})
     queue.submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), _request("away-miner"),
                  answer, 0.1)
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), state_path=tmp_path /
-                             "v.sqlite", organic_queue=queue_path,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    config = organic_config(tmp_path, queue_path)
     with ValidatorState(config.state_path) as state:
         validator = Validator(config, net.chain, net.validator, tiny_engine,
                               MinerClient(net.validator), state)
