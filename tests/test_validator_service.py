@@ -179,7 +179,8 @@ def _validator_cmd(chain_path, wallets_root, state, rounds=None):
            "--wallet.name", "validator", "--wallet.hotkey", "hot",
            "--wallet.path", str(wallets_root), "--neuron.state_path", str(state),
            "--neuron.round_interval", "0.2", "--neuron.audit_fraction", "0.5",
-           "--neuron.seed", "7", "--models", "flux-schnell", "--tiny"]
+           "--neuron.seed", "7", "--models", "flux-schnell", "--tiny",
+           "--dtype", "float32"]  # the miners' (tiny_engine): steps recompute in their dtype
     if rounds is not None:
         cmd += ["--neuron.rounds", str(rounds)]
     return cmd
