@@ -164,7 +164,8 @@ def codecs() -> dict[str, Codec | str]:
     return out
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median milliseconds of `repeats` calls after one warm-up (overhead.py uses it too)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -200,9 +201,9 @@ def main() -> int:
             if not np.array_equal(decode(data), array):
                 print(f"  {name:<38} NOT LOSSLESS")
                 continue
-            enc = _median_ms(lambda encode=encode, array=array: encode(array), args.repeats)
-            dec = _median_ms(lambda decode=decode, data=data: decode(data), args.repeats)
-            sha = _median_ms(lambda data=data: hashlib.sha256(data).digest(), args.repeats)
+            enc = median_ms(lambda encode=encode, array=array: encode(array), args.repeats)
+            dec = median_ms(lambda decode=decode, data=data: decode(data), args.repeats)
+            sha = median_ms(lambda data=data: hashlib.sha256(data).digest(), args.repeats)
             total = enc + dec + sha
             wire = len(data) / LINK_BYTES_PER_S * 1000
             print(f"  {name:<38} {enc:6.1f}ms {dec:6.1f}ms {sha:5.1f}ms "

@@ -37,9 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import torch
@@ -47,6 +45,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from image_codecs import median_ms  # noqa: E402  (bench/, on the path above)
 
 from niche.auth import RequestVerifier, sign_request, sign_response, verify_response  # noqa: E402
 from niche.chain.local import LocalChain  # noqa: E402
@@ -137,16 +138,6 @@ async def _timed_query(client: MinerClient, target, request, http) -> float:
     if result.status is not QueryStatus.OK:
         raise SystemExit(f"the path failed: {result.status} {result.reason}")
     return elapsed
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def _ms(seconds: float) -> str:
@@ -243,31 +234,31 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
 
     r = repeats
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
-        transfer4 = _median_ms(lambda: http.get("/v4").content, r)
-        transfer3 = _median_ms(lambda: http.get("/v3").content, r)
-    encode = _median_ms(lambda: encode_image(image), r)
-    sha = _median_ms(lambda: image_sha256(png), r)
-    decode = _median_ms(lambda: bytes_to_image(png), r)
-    sign = _median_ms(lambda: sign_response(keypair, "req-00000001", digest,
+        transfer4 = median_ms(lambda: http.get("/v4").content, r)
+        transfer3 = median_ms(lambda: http.get("/v3").content, r)
+    encode = median_ms(lambda: encode_image(image), r)
+    sha = median_ms(lambda: image_sha256(png), r)
+    decode = median_ms(lambda: bytes_to_image(png), r)
+    sign = median_ms(lambda: sign_response(keypair, "req-00000001", digest,
                                             commitment.digest()), r)
-    verify = _median_ms(lambda: verify_response(keypair.ss58_address, "req-00000001", digest,
+    verify = median_ms(lambda: verify_response(keypair.ss58_address, "req-00000001", digest,
                                                 signature, commitment.digest()), r)
     return [
-        ("request signature + its check (auth)", *[_median_ms(request_auth, r)] * 2),
+        ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
         ("PNG encode (fpng)", encode, encode),
         ("sha256 of the PNG", sha, sha),
         ("sha256 of 4 x 1 MiB states (commitment)",
-         *[_median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
+         *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
-         _median_ms(answer.binary_body, r), _median_ms(answer.json_body, r)),
+         median_ms(answer.binary_body, r), median_ms(answer.json_body, r)),
         ("HTTP transfer of the body (127.0.0.1)", transfer4, transfer3),
         ("body: unpack + header / JSON + base64 decode",
-         _median_ms(lambda: unpack_answer(binary), r), _median_ms(json_read, r)),
+         median_ms(lambda: unpack_answer(binary), r), median_ms(json_read, r)),
         ("sha256 of the PNG (validator)", sha, sha),
         ("signature check", verify, verify),
         ("PNG decode (Pillow, capped)", decode, decode),
-        ("base64 for response.image (organic queue)", _median_ms(lambda: to_b64(png), r), 0.0),
+        ("base64 for response.image (organic queue)", median_ms(lambda: to_b64(png), r), 0.0),
     ]
 
 
@@ -391,7 +382,6 @@ def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: f
     interleaved, then each phase alone."""
     small = engine.generate(engine.resolve(_request(model, 7).params))
     smooth = small.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
-    sys.path.insert(0, str(REPO / "bench"))
     from image_codecs import photo_like
 
     for content, image in (("tiny model upscaled", smooth),
