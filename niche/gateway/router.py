@@ -258,11 +258,7 @@ class Router:
                     failures.append(f"uid {candidate.target.uid}: {result.status.value}"
                                     + (f" ({clip(result.reason)})" if result.reason else ""))
         finally:
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_all(pending)
         said = "; ".join(failures[-4:]) or "no answer yet"
         if self._clock() >= deadline:
             raise GatewayError(504, f"no miner delivered an image within the deadline "
@@ -272,6 +268,16 @@ class Router:
             raise self.saturated(params.model, queue, soonest)
         raise GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
                                 "later", type=SERVER_ERROR, code="all_miners_failed")
+
+
+async def cancel_all(tasks: set[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until each is done: none outlives the request that made it
+    (their in-flight slots come back through their done callbacks)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 def clip(text: str, limit: int = 120) -> str:

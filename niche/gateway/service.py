@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import logging
 import random
@@ -20,7 +19,7 @@ from niche.gateway.directory import MinerDirectory
 from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
 from niche.gateway.keys import ApiKey, KeyStore, Quota
 from niche.gateway.metrics import GatewayMetrics
-from niche.gateway.router import Delivered, Router
+from niche.gateway.router import Delivered, Router, cancel_all
 from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
 from niche.imaging import PNG_SIGNATURE, to_png
@@ -189,11 +188,7 @@ class Gateway:
                         item.result.latency or 0.0)
                     yield tasks[task], item
         finally:
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_all(pending)
 
     async def generate(self, key: ApiKey, request: ImagesRequest, base_url: str
                        ) -> tuple[ImagesResponse, dict[str, str]]:
