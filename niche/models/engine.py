@@ -381,10 +381,7 @@ class Engine:
         conditioning once (what an audit costs: one encode, the steps, no full chain).
         `kernels`: the answer's declared kernel choices (None: this engine's own); the steps
         run on the declared attention backend, KernelUnavailable when it cannot run here."""
-        attention = self.attention if kernels is None else declared_attention(kernels)
-        problem = attention_problem(attention, self.device)
-        if problem:
-            raise KernelUnavailable(problem)
+        attention = self._attention_for(kernels)
         full = self.resolve(params)
         self.check_image(full, image)
         n = int(full.steps or 0)
@@ -402,6 +399,15 @@ class Engine:
             return {step: family.step(full, context, state.detach().to(torch.float32), step)
                     for step, state in states.items()}
 
+    def _attention_for(self, kernels: Mapping[str, str] | None) -> str:
+        """The attention backend to recompute an answer declaring `kernels` on (None: this
+        engine's own), or KernelUnavailable when it does not run on this device."""
+        attention = self.attention if kernels is None else declared_attention(kernels)
+        problem = attention_problem(attention, self.device)
+        if problem:
+            raise KernelUnavailable(problem)
+        return attention
+
     def state_shape(self, params: GenerationParams) -> tuple[int, ...]:
         """The shape of every state x_0..x_N of the request (batch dimension 1)."""
         full = self.resolve(params)
@@ -411,10 +417,7 @@ class Engine:
                      kernels: Mapping[str, str] | None = None) -> PIL.Image.Image:
         """The image the pipeline outputs from x_N = `state` (generate's bits for an honest
         final state), on the declared attention backend (`kernels`, None: this engine's)."""
-        attention = self.attention if kernels is None else declared_attention(kernels)
-        problem = attention_problem(attention, self.device)
-        if problem:
-            raise KernelUnavailable(problem)
+        attention = self._attention_for(kernels)
         full = self.resolve(params)
         with self._lock, torch.no_grad(), attention_backend(attention):
             return self._families[full.model].decode(full, state.detach().to(torch.float32)

@@ -207,6 +207,14 @@ def _bad_state(value: object, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def _dtype_of(engine: ImageEngine, model: str) -> str | None:
+    """The dtype `engine` runs `model` in (None: it does not serve it)."""
+    try:
+        return engine.compute_dtype(model)
+    except Exception:  # noqa: BLE001 - an engine that does not serve the model
+        return None
+
+
 def _kernel_text(kernels: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(kernels.items())) or "the plain kernels"
 
@@ -232,22 +240,11 @@ class StepChecker:
         """The engine that recomputes `model` in `dtype` (None: the main one)."""
         if dtype is None:
             return self.engine
-        for engine in self.engines:
-            try:
-                if engine.compute_dtype(model) == dtype:
-                    return engine
-            except Exception:  # noqa: BLE001 - an engine that does not serve the model
-                continue
-        return None
+        return next((e for e in self.engines if _dtype_of(e, model) == dtype), None)
 
     def dtypes(self, model: str) -> list[str]:
-        found = []
-        for engine in self.engines:
-            try:
-                found.append(engine.compute_dtype(model))
-            except Exception:  # noqa: BLE001
-                continue
-        return sorted(set(found))
+        """The dtypes this validator recomputes `model` in."""
+        return sorted({d for e in self.engines if (d := _dtype_of(e, model)) is not None})
 
     def unreproducible(self, model: str, dtype: str,
                        kernels: Mapping[str, str] | None = None) -> str | None:
