@@ -10,6 +10,7 @@ the step thresholds then only cover what other hardware adds to the same kernels
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Mapping
 
@@ -56,13 +57,19 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def attention_problem(name: str, device: str | torch.device) -> str | None:
-    """Why backend `name` cannot run on `device` (None: it can). Probed with one small
-    attention call in the half-precision dtype the GPU backends need."""
+    """Why backend `name` cannot run on `device` (None: it can). Probed once per backend
+    and device (every audit asks) with one small attention call in the half-precision
+    dtype the GPU backends need."""
     if name == DEFAULT_ATTENTION:
         return None
     if name not in ATTENTION_BACKENDS:
         return f"unknown attention backend {name!r} (known: {', '.join(ATTENTION_BACKENDS)})"
-    device = torch.device(device)
+    return _probe(name, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(name: str, device_name: str) -> str | None:
+    device = torch.device(device_name)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
     try:
