@@ -23,6 +23,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from niche import rawimage
 from niche.protocol import (
     MAX_STATE_ELEMENTS,
     MAX_STATES_PER_FETCH,
@@ -36,6 +37,11 @@ STATES_MEDIA_TYPE = "application/vnd.niche.states"
 """Content-Type of a binary states fetch (protocol 4+)."""
 BINARY_SINCE = 4
 """The first protocol version whose answers and states may travel as binary bodies."""
+IMAGE_PARAMETER = "image"
+"""The Accept parameter by which a validator asks for an answer's image format:
+`application/vnd.niche.answer; image=rgb-zstd` (a listing without it means PNG)."""
+ANSWER_IMAGE_FORMATS: tuple[str, ...] = (rawimage.WIRE_NAME, "png", "webp")
+"""Image formats a binary answer may carry (lossless only)."""
 ANSWER_MAGIC = b"NIA1"
 STATES_MAGIC = b"NIS1"
 MAX_HEADER_BYTES = 64 * 1024
@@ -59,7 +65,7 @@ class AnswerHeader(_Header):
     """The header of a binary answer: the answer itself with an empty `image`, the format of
     the image bytes that follow and their length."""
 
-    image_format: Literal["png", "webp"]
+    image_format: Literal["rgb-zstd", "png", "webp"]
     image_length: int = Field(ge=1, le=MAX_ANSWER_IMAGE_BYTES)
     answer: GenerateResponse
 
@@ -153,7 +159,38 @@ def unpack_answer(body: bytes, *, max_image_bytes: int = MAX_ANSWER_IMAGE_BYTES
 def _looks_like(data: bytes, fmt: str) -> bool:
     if fmt == "png":
         return data[:8] == b"\x89PNG\r\n\x1a\n"
+    if fmt == rawimage.WIRE_NAME:
+        return rawimage.looks_like(data)
     return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def answer_accept(image_formats: tuple[str, ...]) -> str:
+    """The Accept header of a protocol-4+ generate request that takes binary answers with
+    `image_formats`, in order of preference (PNG last in any case: every miner writes it),
+    and JSON from a miner that sends nothing else."""
+    ranges = [f"{ANSWER_MEDIA_TYPE}; {IMAGE_PARAMETER}={fmt}" for fmt in image_formats
+              if fmt != "png"]
+    return ", ".join([*ranges, ANSWER_MEDIA_TYPE, "application/json"])
+
+
+def requested_image_format(accept: str, writable: tuple[str, ...] = ANSWER_IMAGE_FORMATS
+                           ) -> str | None:
+    """The image format a binary answer should carry for this Accept header: the first
+    listing of the answer media type whose `image` parameter is in `writable` ("png" for a
+    listing without it); None when the header does not ask for binary answers at all."""
+    chosen: str | None = None
+    for media_range in accept.split(","):
+        media_type, *params = (part.strip() for part in media_range.split(";"))
+        if media_type.lower() != ANSWER_MEDIA_TYPE:
+            continue
+        named = [value.strip().strip('"').lower() for key, _, value in
+                 (param.partition("=") for param in params) if key.strip().lower()
+                 == IMAGE_PARAMETER]
+        fmt = named[0] if named else "png"
+        if fmt in writable:
+            return fmt
+        chosen = chosen or ("png" if "png" in writable else None)
+    return chosen
 
 
 # ----------------------------------------------------------------------------- states

@@ -22,7 +22,15 @@ from niche.auth import sign_request, sign_response
 from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
 from niche.errors import InvalidRequest
-from niche.imaging import encode_image, image_sha256, to_b64, to_png
+from niche.imaging import (
+    ANSWER_FORMATS,
+    ImageLimits,
+    bytes_to_image,
+    encode_image,
+    image_sha256,
+    to_b64,
+    to_png,
+)
 from niche.protocol import GenerateResponse, InfoResponse, ModelInfo
 from niche.validator.client import MinerClient, QueryStatus
 from niche.wire import (
@@ -30,6 +38,7 @@ from niche.wire import (
     ANSWER_MEDIA_TYPE,
     AnswerHeader,
     BadBody,
+    answer_accept,
     pack,
     pack_answer,
     unpack_answer,
@@ -74,18 +83,30 @@ def test_protocol_3_and_4_miners_side_by_side(net):
         v3 = _raw_post(old, net.wallets["hi"], _in(make_request(seed=5), 3), both)
         v4 = _raw_post(new, net.wallets["hi"], _in(make_request(seed=5), 4), both)
         v4_json = _raw_post(new, net.wallets["hi"], make_request(seed=5), "application/json")
+        v4_fast = _raw_post(new, net.wallets["hi"], _in(make_request(seed=5), 4),
+                            answer_accept(("rgb-zstd",)))
+        v3_fast = _raw_post(old, net.wallets["hi"], _in(make_request(seed=5), 3),
+                            answer_accept(("rgb-zstd",)))
     assert v3.headers["content-type"] == "application/json" and "image" in v3.json()
+    assert v3_fast.headers["content-type"] == "application/json"  # v3 knows no binary
     assert v4.headers["content-type"] == ANSWER_MEDIA_TYPE and v4.content[:4] == ANSWER_MAGIC
     assert v4_json.headers["content-type"] == "application/json"  # asked for JSON: JSON
-    answer, png, fmt = unpack_answer(v4.content)
+    answer, png, fmt = unpack_answer(v4.content)  # binary without image=: PNG
     assert fmt == "png" and image_sha256(png) == answer.image_sha256 and answer.image == ""
     assert png == to_png(png)  # users get the signed bytes themselves
-    for result, version in ((old_answer, 3), (new_answer, 4)):
+    fast, raw, fmt = unpack_answer(v4_fast.content)
+    assert fmt == "rgb-zstd" and raw[:4] == b"NRZ1" and image_sha256(raw) == fast.image_sha256
+    same_pixels = bytes_to_image(raw, limits=ImageLimits(formats=ANSWER_FORMATS))
+    assert same_pixels.tobytes() == bytes_to_image(png).tobytes()
+    with pytest.raises(InvalidRequest, match="RGB-ZSTD not accepted"):
+        bytes_to_image(raw)  # a user-facing reader (conditioning images) never takes it
+    for result, version, head in ((old_answer, 3, b"\x89PNG"), (new_answer, 4, b"NRZ1")):
         assert result.status is QueryStatus.OK, result.reason
         assert result.response.protocol_version == version
         assert result.image.size == (64, 48)
-        assert result.image_bytes[:8] == b"\x89PNG\r\n\x1a\n"
-        assert result.response.image == to_b64(result.image_bytes)  # as JSON carries it
+        assert result.image_bytes[:4] == head  # the validator asks v4 miners for RGB-ZSTD
+    assert old_answer.response.image == to_b64(old_answer.image_bytes)
+    assert new_answer.response.image == ""  # binary: the bytes are in image_bytes only
 
 
 def test_a_protocol_3_validator_gets_json_from_a_protocol_4_miner(net):

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from niche.gateway.catalog import ModelCatalog
 from niche.gateway.directory import MinerDirectory
 from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
@@ -22,7 +20,14 @@ from niche.gateway.metrics import GatewayMetrics
 from niche.gateway.router import Delivered, Router, cancel_all
 from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
-from niche.imaging import PNG_SIGNATURE, to_png
+from niche.imaging import (
+    ANSWER_FORMATS,
+    PNG_SIGNATURE,
+    ImageLimits,
+    bytes_to_image,
+    encode_image,
+    to_png,
+)
 from niche.protocol import MAX_SEED, GenerationParams
 from niche.validator.client import MinerTarget
 from niche.validator.organic import OrganicQueue, QueueError
@@ -76,12 +81,23 @@ class Job:
         return Usage(images=images, steps=images * int(self.params[0].steps or 0))
 
 
+ANSWER_LIMITS = ImageLimits(max_side=8192, max_pixels=8192 * 8192, formats=ANSWER_FORMATS)
+"""What an answer's bytes are read under when the client's decoded image is not at hand."""
+
+
+def answer_png(item: Delivered) -> bytes:
+    """The miner's image as PNG, from the pixels the client already decoded and checked."""
+    if item.result.image is not None:
+        return encode_image(item.result.image, "PNG")
+    return to_png(item.result.image_bytes or b"", limits=ANSWER_LIMITS)
+
+
 def reencode(item: Delivered, fmt: str, compression: int | None) -> bytes:
     """The miner's image as WebP or JPEG; `compression` is OpenAI's 0..100 (100, the
     default: lossless WebP, JPEG quality 95)."""
     image = item.result.image
     if image is None:
-        image = Image.open(io.BytesIO(item.result.image_bytes or b""))
+        image = bytes_to_image(item.result.image_bytes or b"", limits=ANSWER_LIMITS)
     quality = 100 if compression is None else compression
     out = io.BytesIO()
     if fmt == "webp":
@@ -224,8 +240,8 @@ class Gateway:
         if request.output_format != "png":
             data = await asyncio.to_thread(reencode, item, request.output_format,
                                            request.output_compression)
-        elif data[:8] != PNG_SIGNATURE:  # a lossless WebP answer: users asked for PNG
-            data = await asyncio.to_thread(to_png, data)
+        elif data[:8] != PNG_SIGNATURE:  # an RGB-ZSTD or WebP answer: users asked for PNG
+            data = await asyncio.to_thread(answer_png, item)
         b64, url = None, None
         if request.response_format == "url":
             token = await asyncio.to_thread(self.images.put, data)
@@ -247,7 +263,7 @@ class Gateway:
         target: MinerTarget = item.candidate.target
         try:
             if self.queue.submit(target, item.request, item.result.response,
-                                 item.result.latency):
+                                 item.result.latency, image=item.result.image_bytes):
                 self.metrics.audits_queued.inc()
         except QueueError as exc:  # the user still gets the image
             log.warning("organic answer not queued for audit: %s", exc)

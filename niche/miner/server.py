@@ -45,7 +45,13 @@ from niche.protocol import (
     StatesResponse,
 )
 from niche.transport import BodyTooLarge, read_capped
-from niche.wire import ANSWER_MEDIA_TYPE, BINARY_SINCE, STATES_MEDIA_TYPE
+from niche.wire import (
+    ANSWER_IMAGE_FORMATS,
+    ANSWER_MEDIA_TYPE,
+    BINARY_SINCE,
+    STATES_MEDIA_TYPE,
+    requested_image_format,
+)
 
 log = logging.getLogger("niche.miner")
 
@@ -69,10 +75,13 @@ def accepts(accept: str, media_type: str) -> bool:
     return any(part.split(";")[0].strip().lower() == media_type for part in accept.split(","))
 
 
-def wants_binary(accept: str, version: int) -> bool:
-    """A binary answer for a protocol-4+ request whose Accept names it; JSON otherwise (what
+def binary_image_format(accept: str, version: int) -> str | None:
+    """The image format of a binary answer for a protocol-4+ request whose Accept names the
+    answer media type (RGB-ZSTD when it asks for it, else PNG); None: answer JSON (what
     protocol 2-3 validators read)."""
-    return version >= BINARY_SINCE and accepts(accept, ANSWER_MEDIA_TYPE)
+    if version < BINARY_SINCE:
+        return None
+    return requested_image_format(accept, writable=ANSWER_IMAGE_FORMATS)
 
 
 def _request_target(request: Request) -> str:
@@ -112,7 +121,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         GENERATE_PATH, response_model=GenerateResponse,
         responses={**error_responses, 200: {"content": {ANSWER_MEDIA_TYPE: {}}, "description":
                    "protocol 4+ with Accept: " + ANSWER_MEDIA_TYPE + ": a binary answer "
-                   "(niche/wire.py); otherwise GenerateResponse as JSON"}},
+                   "(niche/wire.py), its image RGB-ZSTD when the Accept listing says "
+                   "`image=rgb-zstd`, else PNG; otherwise GenerateResponse as JSON"}},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
     )
@@ -150,9 +160,12 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 parsed = service.parse(body)
             else:  # up to ~24 MB of JSON (a conditioning image): off the event loop
                 parsed = await asyncio.to_thread(service.parse, body)
-            answer = await service.generate(parsed, neuron, caller_key)
+            image_format = binary_image_format(request.headers.get("accept", ""),
+                                               parsed.protocol_version)
+            answer = await service.generate(parsed, neuron, caller_key,
+                                            image_format=image_format or "png")
             status, reason = 200, "ok"
-            if wants_binary(request.headers.get("accept", ""), parsed.protocol_version):
+            if image_format is not None:
                 return Response(answer.binary_body(), media_type=ANSWER_MEDIA_TYPE)
             body = await asyncio.to_thread(answer.json_body)  # base64 of up to ~18 MB
             return Response(body, media_type="application/json")

@@ -373,15 +373,16 @@ class MinerService:
                 raise Refusal(503, "replicas_unavailable", str(exc)) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
-              caller: str, version: int, deadline: float | None = None
-              ) -> tuple[float, bytes, str, StatesCommitment, str]:
-        """GPU worker thread: generate (keeping the sampler states), encode, hash, sign."""
+              caller: str, version: int, deadline: float | None = None,
+              image_format: str = "png") -> tuple[float, bytes, str, StatesCommitment, str]:
+        """GPU worker thread: generate (keeping the sampler states), encode in
+        `image_format`, hash, sign."""
         started = time.perf_counter()
         left = None if deadline is None else deadline - self.clock()
         with request_deadline(left) if left is not None else contextlib.nullcontext():
             result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
-        data = encode_image(result, "PNG")
+        data = encode_image(result, image_format)
         digest = image_sha256(data)
         shape, raw = states_bytes(states)  # converted once: hashed, then kept
         commitment = commit_raw(shape, raw, self.engine.compute_dtype(params.model),
@@ -392,7 +393,9 @@ class MinerService:
         return seconds, data, digest, commitment, signature
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
-                       caller: str) -> Answer:
+                       caller: str, *, image_format: str = "png") -> Answer:
+        """Generate, encode (`image_format`: "png", or what a binary answer's Accept asked
+        for), commit to the states, sign; Refusal for what the caller can act on."""
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0
         deadline = self.clock() + request.timeout
@@ -402,7 +405,7 @@ class MinerService:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.executor, self._work, params, image,
                                       request.request_id, caller, request.protocol_version,
-                                      deadline)
+                                      deadline, image_format)
 
         def _finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
@@ -429,7 +432,7 @@ class MinerService:
             model=params.model, image="", image_sha256=digest,
             miner_hotkey=self.hotkey, signature=signature,
             generation_seconds=round(seconds, 6), queue_seconds=round(waited, 6),
-            miner_version=__version__, states=commitment), data)
+            miner_version=__version__, states=commitment), data, image_format)
 
     def _memory_mode(self, model: str) -> str:
         mode = getattr(self.engine, "memory_mode", None)

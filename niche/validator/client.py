@@ -31,6 +31,7 @@ from bittensor import resolve_signer
 from PIL import Image
 from pydantic import ValidationError
 
+from niche import rawimage
 from niche.auth import sign_request, verify_response
 from niche.errors import InvalidRequest
 from niche.imaging import (
@@ -39,7 +40,6 @@ from niche.imaging import (
     b64_to_bytes,
     bytes_to_image,
     image_sha256,
-    to_b64,
 )
 from niche.protocol import (
     GENERATE_PATH,
@@ -65,6 +65,7 @@ from niche.wire import (
     BINARY_SINCE,
     STATES_MEDIA_TYPE,
     BadBody,
+    answer_accept,
     unpack_answer,
     unpack_states,
 )
@@ -185,6 +186,11 @@ class MinerClient:
                                                         formats=ANSWER_FORMATS)
         self.grace = grace
         """Seconds added to a request's own timeout for the network and encoding."""
+        fast = rawimage.FORMAT in self.image_limits.formats
+        self._answer_accept = answer_accept((rawimage.WIRE_NAME,) if fast else ())
+        """Binary answers in RGB-ZSTD when this validator reads it (a 1024x1024 answer
+        decodes in ~4 ms instead of Pillow's 7-18 ms for a PNG), else PNG; JSON from a
+        miner that sends nothing else."""
 
     def _http(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.max_connections,
@@ -260,8 +266,8 @@ class MinerClient:
         request = self.in_version(request, t.hotkey)
         cap, _ = self._answer_bounds(request)
         body = request.model_dump_json(exclude_none=True).encode()
-        accept = (f"{ANSWER_MEDIA_TYPE}, application/json"
-                  if request.protocol_version >= BINARY_SINCE else "application/json")
+        accept = (self._answer_accept if request.protocol_version >= BINARY_SINCE
+                  else "application/json")
         own = http is None
         http = http or self._http()
         started = time.monotonic()
@@ -379,8 +385,6 @@ class MinerClient:
             return fail(QueryStatus.INVALID_RESPONSE,
                         f"committed {len(answer.states.sha256)} states for "
                         f"{request.params.steps} steps")
-        if binary:  # readers of the response (organic queue) find the image where JSON has it
-            answer = answer.model_copy(update={"image": to_b64(data_bytes)})
         result.response, result.image, result.image_bytes = answer, image, data_bytes
         result.status, result.reason = QueryStatus.OK, ""
 

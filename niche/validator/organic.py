@@ -22,7 +22,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from niche.errors import InvalidRequest
-from niche.imaging import ImageLimits, b64_to_bytes, bytes_to_image, decode_image
+from niche.imaging import (
+    ANSWER_FORMATS,
+    ImageLimits,
+    b64_to_bytes,
+    bytes_to_image,
+    decode_image,
+    to_b64,
+)
 from niche.protocol import GenerateRequest, GenerateResponse
 from niche.sqlite_files import immediate_transaction, open_shared
 from niche.validator.challenges import Challenge
@@ -69,9 +76,12 @@ class OrganicQueue:
 
     # ------------------------------------------------------------------ gateway side
     def submit(self, target: MinerTarget, request: GenerateRequest, answer: GenerateResponse,
-               latency: float | None) -> bool:
+               latency: float | None, image: bytes | None = None) -> bool:
         """Queue one answer for audit; False (nothing written) when the queue is full, so a
-        validator that stopped auditing cannot make the gateway's disk grow."""
+        validator that stopped auditing cannot make the gateway's disk grow. `image`: the
+        answer's image bytes when it came as a binary body (its `image` field is empty)."""
+        if image is not None and not answer.image:
+            answer = answer.model_copy(update={"image": to_b64(image)})
         with self._tx() as c:
             pending = c.execute("SELECT COUNT(*) FROM organic WHERE status=?",
                                 (PENDING,)).fetchone()[0]
@@ -148,7 +158,7 @@ def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
         answer = GenerateResponse.model_validate_json(response_json)
     except ValidationError as exc:
         return f"unreadable queue row: {exc.errors()[0].get('msg', '')}"[:300]
-    limits = ImageLimits(max_side=8192, max_pixels=8192 * 8192)
+    limits = ImageLimits(max_side=8192, max_pixels=8192 * 8192, formats=ANSWER_FORMATS)
     try:
         data = b64_to_bytes(answer.image, field="image", limits=limits)
         image = bytes_to_image(data, field="image", limits=limits)
