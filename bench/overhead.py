@@ -3,9 +3,10 @@ measured side by side in one run on this machine.
 
 The path: the validator's MinerClient signs the request -> HTTP POST on 127.0.0.1 -> the
 miner's auth (bittensor http_auth), blacklist, rate limit, parse, stake queue -> engine
-(with its sampler states) -> PNG encode (fpng), sha256, state commitment, answer signature
--> the body (protocol 4: binary, niche/wire.py; protocol 3: JSON with base64) -> the client
-reads it, checks lengths, hash and signature and decodes the PNG.
+(with its sampler states) -> image encode, sha256, state commitment, answer signature
+-> the body (protocol 4: binary, niche/wire.py, the image in RGB-ZSTD; protocol 3: JSON with
+a base64 PNG) -> the client reads it, checks lengths, hash and signature and decodes the
+image (niche/rawimage.py for RGB-ZSTD, Pillow for PNG).
 
 The client is used as a validator round uses it: one event loop and one HTTP client for the
 whole run (query_many shares one per round). A fresh event loop and httpx client for every
@@ -53,13 +54,19 @@ from niche.auth import RequestVerifier, sign_request, sign_response, verify_resp
 from niche.chain.local import LocalChain  # noqa: E402
 from niche.chain.wallets import create_wallet  # noqa: E402
 from niche.devnet.servers import BackgroundServer  # noqa: E402
-from niche.imaging import bytes_to_image, encode_image, image_sha256, to_b64  # noqa: E402
+from niche.imaging import (  # noqa: E402
+    ANSWER_FORMATS,
+    ImageLimits,
+    bytes_to_image,
+    encode_image,
+    image_sha256,
+)
 from niche.miner.server import create_app  # noqa: E402
 from niche.miner.service import Answer, MinerConfig, MinerService  # noqa: E402
 from niche.protocol import GenerateRequest, GenerateResponse, GenerationParams  # noqa: E402
 from niche.states import commit  # noqa: E402
 from niche.validator.client import MinerClient, QueryStatus  # noqa: E402
-from niche.wire import unpack_answer  # noqa: E402
+from niche.wire import pack_answer, unpack_answer  # noqa: E402
 
 NETUID = 1
 SIDE = 1024
@@ -137,6 +144,9 @@ async def _timed_query(client: MinerClient, target, request, http) -> float:
     elapsed = time.perf_counter() - started
     if result.status is not QueryStatus.OK:
         raise SystemExit(f"the path failed: {result.status} {result.reason}")
+    if result.response is None or result.response.protocol_version != request.protocol_version:
+        raise SystemExit(f"asked in protocol {request.protocol_version}, answered in "
+                         f"{result.response and result.response.protocol_version}")
     return elapsed
 
 
@@ -182,14 +192,18 @@ async def throughput(client: MinerClient, target, model: str, concurrency: int,
 
 # ----------------------------------------------------------------------------- (b)
 async def big_path(client: MinerClient, target, model: str, n: int) -> dict[int, list[float]]:
+    """Protocol 4 (`client`, RGB-ZSTD in a binary body) and 3 (a client that speaks only 3:
+    a base64 PNG in JSON), interleaved. A client sends every request in the version it
+    negotiated, so each version needs its own client."""
+    clients = {4: client, 3: MinerClient(client.wallet, protocol_versions=(3,))}
     out: dict[int, list[float]] = {4: [], 3: []}
     async with client._http() as http:
         for version in (4, 3):
-            await _timed_query(client, target, _request(model, 1, version), http)
+            await _timed_query(clients[version], target, _request(model, 1, version), http)
         for i in range(n):
             for version in (4, 3):
                 out[version].append(await _timed_query(
-                    client, target, _request(model, 300 + i, version), http))
+                    clients[version], target, _request(model, 300 + i, version), http))
     return out
 
 
@@ -197,7 +211,7 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
            ) -> list[tuple[str, float, float]]:
     """(phase, protocol 4 ms, protocol 3 ms) on one 1024x1024 answer, one at a time."""
     keypair = wallet.hotkey
-    png = encode_image(image)
+    png, fast = encode_image(image), encode_image(image, "RGB-ZSTD")
     digest = image_sha256(png)
     commitment = commit(states, "bfloat16")
     signature = sign_response(keypair, "req-00000001", digest, commitment.digest())
@@ -206,7 +220,10 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
                                 signature=signature, generation_seconds=1.0,
                                 miner_version="x", states=commitment)
     answer = Answer(response, png)
-    binary, text = answer.binary_body(), answer.json_body()
+    binary = Answer(response.model_copy(update={"image_sha256": image_sha256(fast)}), fast,
+                    "rgb-zstd").binary_body()
+    text = answer.json_body()
+    fast_limits = ImageLimits(formats=ANSWER_FORMATS)
     request_body = _request("flux-schnell", 1).model_dump_json().encode()
     verifier = RequestVerifier(keypair.ss58_address)
 
@@ -237,28 +254,31 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         transfer4 = median_ms(lambda: http.get("/v4").content, r)
         transfer3 = median_ms(lambda: http.get("/v3").content, r)
     encode = median_ms(lambda: encode_image(image), r)
+    encode4 = median_ms(lambda: encode_image(image, "RGB-ZSTD"), r)
     sha = median_ms(lambda: image_sha256(png), r)
+    sha4 = median_ms(lambda: image_sha256(fast), r)
     decode = median_ms(lambda: bytes_to_image(png), r)
+    decode4 = median_ms(lambda: bytes_to_image(fast, limits=fast_limits), r)
     sign = median_ms(lambda: sign_response(keypair, "req-00000001", digest,
                                             commitment.digest()), r)
     verify = median_ms(lambda: verify_response(keypair.ss58_address, "req-00000001", digest,
                                                 signature, commitment.digest()), r)
     return [
         ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
-        ("PNG encode (fpng)", encode, encode),
-        ("sha256 of the PNG", sha, sha),
+        ("image encode (4: RGB-ZSTD / 3: PNG by fpng)", encode4, encode),
+        ("sha256 of the image bytes", sha4, sha),
         ("sha256 of 4 x 1 MiB states (commitment)",
          *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
-         median_ms(answer.binary_body, r), median_ms(answer.json_body, r)),
+         median_ms(lambda: pack_answer(response, fast, "rgb-zstd"), r),
+         median_ms(answer.json_body, r)),
         ("HTTP transfer of the body (127.0.0.1)", transfer4, transfer3),
         ("body: unpack + header / JSON + base64 decode",
          median_ms(lambda: unpack_answer(binary), r), median_ms(json_read, r)),
-        ("sha256 of the PNG (validator)", sha, sha),
+        ("sha256 of the image bytes (validator)", sha4, sha),
         ("signature check", verify, verify),
-        ("PNG decode (Pillow, capped)", decode, decode),
-        ("base64 for response.image (organic queue)", median_ms(lambda: to_b64(png), r), 0.0),
+        ("image decode, capped (RGB-ZSTD / Pillow PNG)", decode4, decode),
     ]
 
 
@@ -400,8 +420,9 @@ def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: 
     runs = asyncio.run(big_path(client, target, model, m))
     server.stop()
     service.close()
-    png = encode_image(big)
-    print(f"(b) 1024x1024 {content} answer (PNG {len(png) / 2**20:.2f} MiB + commitment to "
+    png, fast = encode_image(big), encode_image(big, "RGB-ZSTD")
+    print(f"(b) 1024x1024 {content} answer (RGB-ZSTD {len(fast) / 2**20:.2f} MiB, PNG "
+          f"{len(png) / 2**20:.2f} MiB; + commitment to "
           f"4 x 1 MiB states) around a {sleep:.2f} s stand-in, {m} requests each, interleaved")
     for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
         b = statistics.median(runs[version])
