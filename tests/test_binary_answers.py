@@ -14,6 +14,7 @@ import zlib
 
 import httpx
 import pytest
+import zstandard
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -130,6 +131,34 @@ def _png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
 
 
+def _zstd(width: int, height: int, frame: bytes, filter_type: int = 1) -> bytes:
+    """RGB-ZSTD bytes declaring width x height, with whatever frame a liar likes."""
+    return struct.pack(">4sIIB", b"NRZ1", width, height, filter_type) + frame
+
+
+_NOISE = Image.frombytes("RGB", (32, 32), bytes((i * 131 + 7) % 251 for i in range(32 * 32 * 3)))
+_GOOD_ZSTD = encode_image(_NOISE, "RGB-ZSTD")
+_ZERO_BOMB = zstandard.ZstdCompressor(level=1).compress(bytes(4096 * 4096 * 3))  # ~1.5 KB
+ZSTD_LIES: dict[str, tuple[bytes, str]] = {
+    "zstd_honest": (_GOOD_ZSTD, "rgb-zstd"),
+    "zstd_bomb": (_zstd(4096, 4096, _ZERO_BOMB), "rgb-zstd"),  # 48 MiB declared as such
+    "zstd_bomb_small": (_zstd(32, 32, _ZERO_BOMB), "rgb-zstd"),  # the frame lies about size
+    "zstd_size_mismatch": (_zstd(32, 32, zstandard.ZstdCompressor().compress(
+        _NOISE.tobytes()[:-3])), "rgb-zstd"),
+    "zstd_no_size": (_zstd(32, 32, zstandard.ZstdCompressor(write_content_size=False)
+                           .compress(_NOISE.tobytes())), "rgb-zstd"),
+    "zstd_truncated": (_GOOD_ZSTD[:-20], "rgb-zstd"),
+    "zstd_trailing": (_GOOD_ZSTD + b"\x00" * 16, "rgb-zstd"),
+    "zstd_two_frames": (_GOOD_ZSTD + _GOOD_ZSTD[13:], "rgb-zstd"),
+    "zstd_filter": (_zstd(32, 32, _GOOD_ZSTD[13:], filter_type=4), "rgb-zstd"),
+    "zstd_empty": (_zstd(0, 32, _GOOD_ZSTD[13:]), "rgb-zstd"),
+    "zstd_garbage": (_zstd(32, 32, bytes(range(256)) * 2), "rgb-zstd"),
+    "zstd_as_png": (_GOOD_ZSTD, "png"),  # header says png, bytes are RGB-ZSTD
+    "png_as_zstd": (encode_image(_NOISE), "rgb-zstd"),  # and the other way round
+    "zstd_as_webp": (_GOOD_ZSTD, "webp"),
+}
+
+
 def _hostile_miner(wallet) -> FastAPI:
     """Answers each request by the lie named in its prompt, signing whatever it sends."""
     app = FastAPI()
@@ -150,6 +179,9 @@ def _hostile_miner(wallet) -> FastAPI:
                  "bomb_in_caps": _png_header_only(5000, 5000)}.get(lie, good_png)
         if lie == "not_png":
             image = b"GIF89a" + b"\x00" * 64
+        image_format = "png"
+        if lie in ZSTD_LIES:  # RGB-ZSTD answers, as a protocol-4 validator asks for
+            image, image_format = ZSTD_LIES[lie]
         digest = image_sha256(image)
         answer = GenerateResponse(
             protocol_version=data["protocol_version"], request_id=rid, model="stub", image="",
@@ -157,7 +189,7 @@ def _hostile_miner(wallet) -> FastAPI:
             signature=sign_response(wallet.hotkey, rid, digest,
                                     version=data["protocol_version"]),
             generation_seconds=0.1, miner_version="x")
-        body = pack_answer(answer, image, "png")
+        body = pack_answer(answer, image, image_format)
         if lie == "truncated":
             body = body[:-100]
         elif lie == "extra":
@@ -200,6 +232,21 @@ HOSTILE = {
     "oversized": (QueryStatus.RESPONSE_TOO_LARGE, ""),
     "bomb": (QueryStatus.INVALID_IMAGE, "decompression bomb refused"),
     "bomb_in_caps": (QueryStatus.INVALID_IMAGE, "5000x5000 exceeds 64 px per side"),
+    "zstd_bomb": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: 4096x4096 exceeds 64 px per side"),
+    "zstd_bomb_small": (QueryStatus.INVALID_IMAGE,
+                        "zstd frame declares 50331648 bytes, 32x32 RGB is 3072"),
+    "zstd_size_mismatch": (QueryStatus.INVALID_IMAGE,
+                           "zstd frame declares 3069 bytes, 32x32 RGB is 3072"),
+    "zstd_no_size": (QueryStatus.INVALID_IMAGE, "zstd frame declares no content size"),
+    "zstd_truncated": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: corrupt zstd frame"),
+    "zstd_trailing": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: corrupt zstd frame"),
+    "zstd_two_frames": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: corrupt zstd frame"),
+    "zstd_filter": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: unknown filter 4"),
+    "zstd_empty": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: empty image 0x32"),
+    "zstd_garbage": (QueryStatus.INVALID_IMAGE, "RGB-ZSTD: corrupt zstd frame header"),
+    "zstd_as_png": (QueryStatus.INVALID_RESPONSE, "image bytes are not PNG"),
+    "png_as_zstd": (QueryStatus.INVALID_RESPONSE, "image bytes are not RGB-ZSTD"),
+    "zstd_as_webp": (QueryStatus.INVALID_RESPONSE, "image bytes are not WEBP"),
 }
 
 
@@ -210,7 +257,7 @@ def test_hostile_binary_answers_are_refused_in_one_line(tmp_path):
     with BackgroundServer(_hostile_miner(wallets["miner"])) as server:
         async def round_() -> dict:
             await client.info(server.url, hotkey)
-            prompts = [*HOSTILE, "honest"]
+            prompts = [*HOSTILE, "honest", "zstd_honest"]
             results = await client.query_many(
                 [((0, hotkey, server.url), make_request(p, width=32, height=32))
                  for p in prompts])
@@ -224,6 +271,9 @@ def test_hostile_binary_answers_are_refused_in_one_line(tmp_path):
         assert result.image is None and result.response is None
     assert results["honest"].status is QueryStatus.OK, results["honest"].reason
     assert again.status is QueryStatus.OK  # the client goes on serving
+    fast = results["zstd_honest"]  # an RGB-ZSTD answer from the same liar is read
+    assert fast.status is QueryStatus.OK, fast.reason
+    assert fast.image_bytes == _GOOD_ZSTD and fast.image.tobytes() == _NOISE.tobytes()
 
 
 def test_binary_answer_in_protocol_3_is_refused(tmp_path):
