@@ -45,9 +45,11 @@ def test_real_engine_behind_the_miner(net, engine):
     for req, res in zip(reqs, results, strict=False):
         assert res.status is QueryStatus.OK, res.reason
         assert res.image.size == (64, 64) and res.image.mode == "RGB"
-        # the same request regenerated here gives the very same bytes the miner signed
+        # the same request regenerated here gives the very same bytes the miner signed (the
+        # validator asked for RGB-ZSTD: protocol 4, niche/rawimage.py)
         local = engine.generate(engine.resolve(req.params), cond if req.image else None)
-        assert image_sha256(encode_image(local)) == res.response.image_sha256
+        assert res.image_bytes[:4] == b"NRZ1"
+        assert image_sha256(encode_image(local, "RGB-ZSTD")) == res.response.image_sha256
     assert bad.status is QueryStatus.HTTP_ERROR and bad.http_status == 400
     assert bad.error.field == "image"
     assert 'niche_miner_generation_seconds_count{model="kolors"} 1.0' in metrics

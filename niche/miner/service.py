@@ -360,17 +360,21 @@ class MinerService:
         return params, image
 
     async def prepare(self, request: GenerateRequest):
-        """Resolve params and decode the image (in a thread, a few at a time)."""
-        if self._decode_slots is None:
-            self._decode_slots = asyncio.Semaphore(self.config.max_concurrent_decodes)
-        async with self._decode_slots:
-            try:
+        """Resolve params and decode the image (in a thread, a few at a time); a txt2img
+        request on an engine that resolves in-process is resolved inline (microseconds of
+        checks, where a thread hop costs ~0.3 ms of a tiny answer's path)."""
+        try:
+            if request.image is None and getattr(self.engine, "resolves_in_process", False):
+                return self._prepare_sync(request)
+            if self._decode_slots is None:
+                self._decode_slots = asyncio.Semaphore(self.config.max_concurrent_decodes)
+            async with self._decode_slots:
                 return await asyncio.to_thread(self._prepare_sync, request)
-            except InvalidRequest as exc:
-                reason = "invalid_image" if exc.field == "image" else "invalid_request"
-                raise Refusal(400, reason, str(exc), field=exc.field) from None
-            except EngineUnavailable as exc:  # the Ray backend checks requests on a replica
-                raise Refusal(503, "replicas_unavailable", str(exc)) from None
+        except InvalidRequest as exc:
+            reason = "invalid_image" if exc.field == "image" else "invalid_request"
+            raise Refusal(400, reason, str(exc), field=exc.field) from None
+        except EngineUnavailable as exc:  # the Ray backend checks requests on a replica
+            raise Refusal(503, "replicas_unavailable", str(exc)) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
               caller: str, version: int, deadline: float | None = None,

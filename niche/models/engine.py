@@ -107,6 +107,10 @@ class Engine:
     load (channels_last VAE, fused QKV, SDPA, torch.compile); on CPU it changes nothing.
     `quant` {model: variant} overrides a model's YAML weight storage (spec.with_quant)."""
 
+    resolves_in_process = True
+    """`resolve` and `check_image` are checks in this process (the miner may call them on
+    its event loop); the Ray backend's go to a replica."""
+
     def __init__(
         self,
         models: Sequence[str] = ("flux-schnell",),
