@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -175,6 +176,41 @@ async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[
     return {"direct": statistics.median(direct), "path": statistics.median(path),
             "fresh": statistics.median(fresh),
             "paired": statistics.median(p - d for p, d in zip(path, direct, strict=True))}
+
+
+def bare_http_floor(seconds: float, n: int) -> float:
+    """Median ms a bare HTTP round trip on 127.0.0.1 adds around a wait of `seconds` in a
+    worker thread (a FastAPI echo under the same uvicorn, the same HTTP client library as
+    MinerClient, no signing, no checks): what any HTTP service costs on this box, for (a)'s
+    reading. On this VM it grows with the wait (caches are cold when the answer goes back)."""
+    import aiohttp
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+
+    app = FastAPI()
+    worker = ThreadPoolExecutor(1)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> Response:
+        await request.body()
+        await asyncio.get_running_loop().run_in_executor(worker, time.sleep, seconds)
+        return Response(b"x" * 2048, media_type="application/octet-stream")
+
+    async def run() -> list[float]:
+        added = []
+        async with aiohttp.ClientSession(trust_env=False) as http:
+            for i in range(n + 3):
+                started = time.perf_counter()
+                async with http.post(server.url + "/echo", data=b"y" * 1536) as resp:
+                    await resp.read()
+                if i >= 3:
+                    added.append(time.perf_counter() - started - seconds)
+        return added
+
+    with BackgroundServer(app) as server:
+        result = statistics.median(asyncio.run(run())) * 1000
+    worker.shutdown()
+    return result
 
 
 async def throughput(client: MinerClient, target, model: str, concurrency: int,
@@ -373,6 +409,9 @@ def main() -> int:
                   f"{a['paired'] * 1000:.1f} ms")
             print(f"    with a new HTTP client per request (not the validator's path): "
                   f"{_ms(f).strip()}, added {(f - d) * 1000:.1f} ms")
+            floor = bare_http_floor(d, n)
+            print(f"    the box's floor: a bare HTTP echo (no signing, no checks) around a "
+                  f"{d * 1000:.1f} ms wait adds {floor:.1f} ms")
         if "b" in args.parts:
             big_answer(engine, chain, wallets, client, args.model, args.sleep, n)
         if "c" in args.parts:

@@ -121,6 +121,13 @@ def encode_as(image: Image.Image, fmt: str, *, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def lossy_webp(data: bytes) -> bool:
+    """Whether `data` is a WebP other than the simple lossless kind (a "VP8L" bitstream and
+    nothing else) that `encode_image` writes: lossy, or extended with alpha or metadata. An
+    answer in it is not the pixels the model made, whatever it looks like."""
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and data[12:16] != b"VP8L"
+
+
 def to_png(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """PNG bytes of an encoded answer: a PNG as it is (the bytes the miner signed), anything
     else (in `limits.formats`) decoded under `limits` and written as PNG."""

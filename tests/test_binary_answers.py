@@ -9,6 +9,7 @@ are refused with one line, and the client and the miner go on serving.
 from __future__ import annotations
 
 import asyncio
+import io
 import struct
 import zlib
 
@@ -138,6 +139,14 @@ def _zstd(width: int, height: int, frame: bytes, filter_type: int = 1) -> bytes:
 
 _NOISE = Image.frombytes("RGB", (32, 32), bytes((i * 131 + 7) % 251 for i in range(32 * 32 * 3)))
 _GOOD_ZSTD = encode_image(_NOISE, "RGB-ZSTD")
+
+
+def _webp(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "WEBP", **options)
+    return out.getvalue()
+
+
 _ZERO_BOMB = zstandard.ZstdCompressor(level=1).compress(bytes(4096 * 4096 * 3))  # ~1.5 KB
 ZSTD_LIES: dict[str, tuple[bytes, str]] = {
     "zstd_honest": (_GOOD_ZSTD, "rgb-zstd"),
@@ -156,6 +165,8 @@ ZSTD_LIES: dict[str, tuple[bytes, str]] = {
     "zstd_as_png": (_GOOD_ZSTD, "png"),  # header says png, bytes are RGB-ZSTD
     "png_as_zstd": (encode_image(_NOISE), "rgb-zstd"),  # and the other way round
     "zstd_as_webp": (_GOOD_ZSTD, "webp"),
+    "lossy_webp": (_webp(_NOISE, quality=90), "webp"),  # smaller, and not the model's pixels
+    "extended_webp": (_webp(_NOISE, lossless=True, xmp=b"<x/>"), "webp"),  # VP8X + metadata
 }
 
 
@@ -247,6 +258,8 @@ HOSTILE = {
     "zstd_as_png": (QueryStatus.INVALID_RESPONSE, "image bytes are not PNG"),
     "png_as_zstd": (QueryStatus.INVALID_RESPONSE, "image bytes are not RGB-ZSTD"),
     "zstd_as_webp": (QueryStatus.INVALID_RESPONSE, "image bytes are not WEBP"),
+    "lossy_webp": (QueryStatus.INVALID_IMAGE, "lossy or extended WebP answer"),
+    "extended_webp": (QueryStatus.INVALID_IMAGE, "lossy or extended WebP answer"),
 }
 
 

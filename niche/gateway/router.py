@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from niche.gateway.directory import Candidate, MinerDirectory
 from niche.gateway.errors import RATE_LIMIT, SERVER_ERROR, GatewayError, bad_request
@@ -74,7 +74,7 @@ class Router:
         self._budgets: dict[str, _Budget] = {}
         self.busy_cooldown = 5.0
         """Seconds a miner that refused for load (429/503) gets no new request."""
-        self.http: httpx.AsyncClient | None = None
+        self.http: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ budgets
     def _bucket(self, c: Candidate, now: float) -> _Budget:

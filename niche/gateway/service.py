@@ -134,7 +134,7 @@ class Gateway:
         if self._refresher is not None:
             self._refresher.cancel()
         if self.router.http is not None:
-            await self.router.http.aclose()
+            await self.router.http.close()
 
     async def _refresh_loop(self) -> None:
         while True:
