@@ -43,6 +43,8 @@ from pathlib import Path
 
 import httpx
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,8 +186,6 @@ def bare_http_floor(seconds: float, n: int) -> float:
     MinerClient, no signing, no checks): what any HTTP service costs on this box, for (a)'s
     reading. On this VM it grows with the wait (caches are cold when the answer goes back)."""
     import aiohttp
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
 
     app = FastAPI()
     worker = ThreadPoolExecutor(1)
@@ -203,6 +203,8 @@ def bare_http_floor(seconds: float, n: int) -> float:
                 started = time.perf_counter()
                 async with http.post(server.url + "/echo", data=b"y" * 1536) as resp:
                     await resp.read()
+                    if resp.status != 200:
+                        raise SystemExit(f"the bare echo answered HTTP {resp.status}")
                 if i >= 3:
                     added.append(time.perf_counter() - started - seconds)
         return added
@@ -273,8 +275,6 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         import base64
         base64.b64decode(parsed.image, validate=True)
 
-    from fastapi import FastAPI
-    from fastapi.responses import Response
     app = FastAPI()
 
     @app.get("/v4")
