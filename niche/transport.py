@@ -2,7 +2,12 @@
 miner's server (request bodies) and the validator's client (answers)."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class BodyTooLarge(Exception):
@@ -25,3 +30,13 @@ async def read_capped(chunks: AsyncIterator[bytes], limit: int,
             raise BodyTooLarge(f"body larger than {limit} bytes")
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`await awaitable`, or asyncio.TimeoutError after `seconds`. On Python 3.11+ without
+    the task `asyncio.wait_for` wraps it in (two event-loop turns less per request on the
+    answer path); wait_for before."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)

@@ -44,7 +44,7 @@ from niche.protocol import (
     StatesRequest,
     StatesResponse,
 )
-from niche.transport import BodyTooLarge, read_capped
+from niche.transport import BodyTooLarge, read_capped, within
 from niche.wire import (
     ANSWER_IMAGE_FORMATS,
     ANSWER_MEDIA_TYPE,
@@ -143,7 +143,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             inflight_by_peer[peer] = inflight_by_peer.get(peer, 0) + 1
             admitted = True
             try:
-                body = await asyncio.wait_for(
+                body = await within(
                     read_capped(request.stream(), service.config.max_body_bytes,
                                 request.headers.get("content-length")),
                     service.config.body_timeout)
@@ -204,7 +204,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         try:
             service.precheck(request.headers)
             try:
-                body = await asyncio.wait_for(
+                body = await within(
                     read_capped(request.stream(), STATES_BODY_BYTES,
                                 request.headers.get("content-length")),
                     service.config.body_timeout)

@@ -60,7 +60,7 @@ from niche.protocol import (
     negotiate,
 )
 from niche.states import BadState, decode_state, decode_state_bytes
-from niche.transport import BodyTooLarge, read_capped
+from niche.transport import BodyTooLarge, read_capped, within
 from niche.wire import (
     ANSWER_MEDIA_TYPE,
     BINARY_SINCE,
@@ -283,9 +283,9 @@ class MinerClient:
         http = http or self._http()
         started = time.monotonic()
         try:
-            status, media, raw = await asyncio.wait_for(
+            status, media, raw = await within(
                 self._exchange(http, "POST", t.url, GENERATE_PATH, body, t.hotkey, cap,
-                               accept), timeout=max(0.001, limit))
+                               accept), max(0.001, limit))
             result.latency = time.monotonic() - started
         except asyncio.TimeoutError:
             result.latency = time.monotonic() - started
@@ -459,9 +459,9 @@ class MinerClient:
                 return StatesFetch({}, f"states not sent within {timeout:.0f}s "
                                        f"({attempts - 1} tries)", unavailable=True)
             try:
-                status, media, raw = await asyncio.wait_for(
+                status, media, raw = await within(
                     self._exchange(http, "POST", t.url or "", STATES_PATH, body, t.hotkey,
-                                   cap, accept), timeout=left)
+                                   cap, accept), left)
             except asyncio.TimeoutError:
                 fault = f"states not sent within {timeout:.0f}s"
             except _AWAY as exc:  # refused, reset, cut short, garbled: the miner is away
@@ -530,9 +530,9 @@ class MinerClient:
         http = http or self._http()
         started = time.monotonic()
         try:
-            status, raw = await asyncio.wait_for(
+            status, raw = await within(
                 self._fetch(http, "GET", url, INFO_PATH, b"", hotkey, DEFAULT_MAX_INFO_BYTES),
-                timeout=timeout)
+                timeout)
         except asyncio.TimeoutError:
             result.status, result.reason = QueryStatus.TIMEOUT, f"no info within {timeout}s"
             return result
