@@ -291,25 +291,30 @@ def bind_socket(ip: str, port: int) -> socket.socket:
     return sock
 
 
-def _h11_with_header_deadline(seconds: float):
-    """uvicorn's h11 protocol plus a deadline for each request's headers: without it a peer
-    that never finishes its headers holds a connection (and a limit_concurrency slot) for
-    ever, and 1024 such peers make every caller get 503."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def _with_header_deadline(base: type, seconds: float) -> type:
+    """uvicorn's HTTP protocol `base` plus a deadline for each request's headers: without it
+    a peer that never finishes its headers holds a connection (and a limit_concurrency slot)
+    for ever, and 1024 such peers make every caller get 503. `base` reports a complete
+    request head through `_head_received` (see the two subclasses below)."""
 
-    class Protocol(H11Protocol):
+    class Protocol(base):
         _deadline = None
+        _awaiting_headers = True
+        """No complete request head since the connection opened or the last response."""
 
         def _arm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
+            self._awaiting_headers = True
             self._deadline = self.loop.call_later(seconds, self._headers_overdue)
+
+        def _head_received(self) -> None:
+            self._awaiting_headers = False
 
         def _headers_overdue(self) -> None:
             self._deadline = None
             idle = self.cycle is None or self.cycle.response_complete
-            if idle and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if idle and self._awaiting_headers and not self.transport.is_closing():
                 self.transport.close()
 
         def connection_made(self, transport) -> None:
@@ -328,44 +333,29 @@ def _h11_with_header_deadline(seconds: float):
     return Protocol
 
 
-def _httptools_with_header_deadline(seconds: float):
-    """The same deadline on uvicorn's httptools protocol (llhttp, C): it parses a request
-    in ~1/3 of h11's time, ~0.9 ms of a tiny answer's path (bench/overhead.py (a))."""
+def _h11_with_header_deadline(seconds: float) -> type:
+    """h11 (pure Python): a request head is complete once h11 leaves IDLE for it."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(_with_header_deadline(H11Protocol, seconds)):  # type: ignore[misc]
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:
+                self._head_received()
+
+    return Protocol
+
+
+def _httptools_with_header_deadline(seconds: float) -> type:
+    """httptools (llhttp, C): parses a request in ~1/3 of h11's time, ~0.9 ms of a tiny
+    answer's path (bench/overhead.py (a)); it calls on_headers_complete per request head."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class Protocol(HttpToolsProtocol):
-        _deadline = None
-        _awaiting_headers = True
-        """No complete request head since the connection opened or the last response."""
-
-        def _arm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            self._awaiting_headers = True
-            self._deadline = self.loop.call_later(seconds, self._headers_overdue)
-
-        def _headers_overdue(self) -> None:
-            self._deadline = None
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and self._awaiting_headers and not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
-
+    class Protocol(_with_header_deadline(HttpToolsProtocol, seconds)):  # type: ignore[misc]
         def on_headers_complete(self) -> None:
-            self._awaiting_headers = False
+            self._head_received()
             super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
-
-        def connection_lost(self, exc) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            super().connection_lost(exc)
 
     return Protocol
 
