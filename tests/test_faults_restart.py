@@ -9,9 +9,11 @@ between an answer and its audit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -61,6 +63,19 @@ class MinerProcess:
             time.sleep(0.2)
         raise AssertionError(f"miner not up in 120 s:\n{self.log.read_text()}")
 
+    def wait_written(self, request_id: str, timeout: float = 30.0) -> None:
+        """Until the miner's states file holds `request_id`'s states."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sqlite3.Error):
+                with contextlib.closing(sqlite3.connect(
+                        f"file:{self.states}?mode=ro", uri=True)) as db:
+                    if db.execute("SELECT 1 FROM states WHERE request_id=?",
+                                  (request_id,)).fetchone():
+                        return
+            time.sleep(0.01)
+        raise AssertionError(f"states of {request_id} not on disk within {timeout:.0f}s")
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -75,12 +90,15 @@ class RestartingClient(MinerClient):
         super().__init__(wallet)
         self.miner, self.restarts = miner, 0
 
-    async def fetch_states(self, *args, **kwargs):
+    async def fetch_states(self, target, request_id, *args, **kwargs):
         if self.restarts == 0:
             self.restarts += 1
+            # The writer thread puts an answer's states on disk a few ms after the answer
+            # (docs/miner.md: a SIGKILL loses at most those): kill once they are there.
+            await asyncio.to_thread(self.miner.wait_written, request_id)
             self.miner.kill()
             await asyncio.to_thread(self.miner.start)
-        return await super().fetch_states(*args, **kwargs)
+        return await super().fetch_states(target, request_id, *args, **kwargs)
 
 
 @pytest.mark.slow
