@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from niche.metrics_server import DEFAULT_HOST
+from niche.local_server import DEFAULT_HOST
 
 
 def add_metrics_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,6 @@ def check_metrics_port(args: argparse.Namespace) -> None:
     (exit 2) before the chain is asked and the models load (minutes on a GPU box)."""
     if getattr(args, "metrics_port", None) is None:
         return
-    from niche.metrics_server import check_port_free
+    from niche.local_server import check_port_free
 
     check_port_free(args.metrics_host, args.metrics_port, "--metrics.port")

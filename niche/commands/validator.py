@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
 
         check_metrics_port(args)  # a busy port: one line now, not after the models load
         if getattr(args, "dashboard_port", None) is not None:
-            from niche.metrics_server import check_port_free
+            from niche.local_server import check_port_free
 
             check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard.port")
         from niche.commands.engine_args import (

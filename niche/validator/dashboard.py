@@ -10,7 +10,6 @@ operator's view, not a service.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -18,17 +17,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from niche.errors import ConfigError
+from niche.local_server import DEFAULT_HOST, LocalServer, binding
 
 log = logging.getLogger("niche.dashboard")
 
-DEFAULT_HOST = "127.0.0.1"
 WINDOW_ROUNDS = 100
 """Rounds of history the per-miner figures are computed over."""
 ROUND_ROWS = 50
@@ -191,39 +189,15 @@ def _handler(state_path: Path) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@dataclass
-class Dashboard:
+class Dashboard(LocalServer):
     """A running dashboard: http://host:port/ (the page) and /api/state (its data)."""
-
-    server: ThreadingHTTPServer
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 def start_dashboard(state_path: Path | str, port: int, host: str = DEFAULT_HOST) -> Dashboard:
     """Serve the dashboard of `state_path` in a daemon thread (port 0: any free port); a busy
     port is a one-line configuration error, raised before anything slow starts."""
-    if not 0 <= port < 65536:
-        raise ConfigError(f"--dashboard.port must be in 0..65535, got {port}")
-    try:
+    with binding(host, port, "--dashboard.port", "cannot serve the dashboard on"):
         server = ThreadingHTTPServer((host, port), _handler(Path(state_path).expanduser()))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"--dashboard.port {port} on {host} is already in use: pick "
-                              "another port") from None
-        raise ConfigError(f"cannot serve the dashboard on {host}:{port}: "
-                          f"{exc.strerror or exc}") from None
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
     thread.start()
