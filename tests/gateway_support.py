@@ -8,13 +8,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
+from miner_support import announced_miners
+
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
 from niche.gateway.app import create_app as gateway_app
 from niche.gateway.service import GatewayConfig, build_gateway
-from niche.miner.server import create_app as miner_app
-from niche.miner.service import MinerConfig, MinerService
+from niche.miner.service import MinerConfig
 
 NETUID = 1
 
@@ -36,21 +37,11 @@ def make_chain(root: Path, miners: int) -> SimpleNamespace:
 def running_miners(net: SimpleNamespace, engines: Mapping[str, object]
                    ) -> Iterator[dict[str, SimpleNamespace]]:
     """One real miner server per name -> engine, its endpoint published on chain."""
-    running: dict[str, SimpleNamespace] = {}
-    try:
-        for name, engine in engines.items():
-            service = MinerService(engine, net.wallets[name], MinerConfig(
-                netuid=NETUID, requests_per_minute=0,
-                allow_hotkeys=(net.validator_hotkey,)), chain=net.chain)
-            server = BackgroundServer(miner_app(service, refresh_metagraph=False)).start()
-            service.announce("127.0.0.1", server.port)
-            running[name] = SimpleNamespace(service=service, server=server, url=server.url,
-                                            hotkey=service.hotkey)
+    config = MinerConfig(netuid=NETUID, requests_per_minute=0,
+                         allow_hotkeys=(net.validator_hotkey,))
+    with announced_miners(net.chain, {name: (engine, net.wallets[name], config)
+                                      for name, engine in engines.items()}) as running:
         yield running
-    finally:
-        for miner in running.values():
-            miner.server.stop()
-            miner.service.close()
 
 
 @contextlib.contextmanager

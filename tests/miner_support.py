@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import torch
@@ -125,6 +126,26 @@ def build_net(root) -> SimpleNamespace:
     chain.register(NETUID, wallets["nopermit"])
     return SimpleNamespace(chain=chain, wallets=wallets, root=root,
                            miner_hotkey=wallets["miner"].hotkey.ss58_address)
+
+
+@contextlib.contextmanager
+def announced_miners(chain, miners: Mapping[str, tuple[Any, Any, MinerConfig]]
+                     ) -> Iterator[dict[str, SimpleNamespace]]:
+    """One real miner server per name -> (engine, wallet, config) on 127.0.0.1, its endpoint
+    published on `chain` (what a validator round finds)."""
+    running: dict[str, SimpleNamespace] = {}
+    try:
+        for name, (engine, wallet, config) in miners.items():
+            service = MinerService(engine, wallet, config, chain=chain)
+            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
+            service.announce("127.0.0.1", server.port)
+            running[name] = SimpleNamespace(service=service, server=server, url=server.url,
+                                            hotkey=service.hotkey)
+        yield running
+    finally:
+        for miner in running.values():
+            miner.server.stop()
+            miner.service.close()
 
 
 @contextlib.contextmanager

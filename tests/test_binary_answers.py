@@ -45,7 +45,13 @@ from niche.wire import (
     pack_answer,
     unpack_answer,
 )
-from tests.miner_support import StubEngine, build_net, make_request, running_miner
+from tests.miner_support import (
+    StubEngine,
+    announced_miners,
+    build_net,
+    make_request,
+    running_miner,
+)
 
 
 @pytest.fixture(scope="module")
@@ -351,8 +357,7 @@ def test_a_validator_round_with_a_protocol_3_and_a_protocol_4_miner(tmp_path, ti
     weights) on the real tiny Engine: the protocol-3 miner answers JSON, the protocol-4 one
     binary, both verified and weighted."""
     from niche.chain.local import LocalChain
-    from niche.miner.server import create_app
-    from niche.miner.service import MinerConfig, MinerService
+    from niche.miner.service import MinerConfig
     from niche.validator.service import Validator, ValidatorConfig
     from niche.validator.state import ValidatorState
 
@@ -361,25 +366,20 @@ def test_a_validator_round_with_a_protocol_3_and_a_protocol_4_miner(tmp_path, ti
     chain.create_subnet(1, weights_rate_limit=0)
     chain.register(1, wallets["validator"], stake=100.0)
     uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
-    running = []
+    miners = {name: (tiny_engine, wallets[name], MinerConfig(
+        netuid=1, requests_per_minute=0, protocol_versions=versions))
+        for name, versions in (("old", (2, 3)), ("new", (2, 3, 4)))}
     try:
-        for name, versions in (("old", (2, 3)), ("new", (2, 3, 4))):
-            service = MinerService(tiny_engine, wallets[name], MinerConfig(
-                netuid=1, requests_per_minute=0, protocol_versions=versions), chain=chain)
-            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
-            service.announce("127.0.0.1", server.port)
-            running.append((service, server))
-        config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1, round_interval=0,
-                                 audit_fraction=1.0, seed=12, epoch_length=1)
-        client = _MediaClient(wallets["validator"])
-        with ValidatorState(tmp_path / "state.db") as state:
-            validator = Validator(config, chain, wallets["validator"], tiny_engine, client,
-                                  state)
-            assert validator.run() == 0
+        with announced_miners(chain, miners):
+            config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1,
+                                     round_interval=0, audit_fraction=1.0, seed=12,
+                                     epoch_length=1)
+            client = _MediaClient(wallets["validator"])
+            with ValidatorState(tmp_path / "state.db") as state:
+                validator = Validator(config, chain, wallets["validator"], tiny_engine,
+                                      client, state)
+                assert validator.run() == 0
     finally:
-        for service, server in running:
-            server.stop()
-            service.close()
         chain.close()
     (report,) = validator.reports
     by_uid = {o.uid: o for o in report.outcomes}

@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from gateway_support import NETUID, Only, make_chain, running_gateway
+from miner_support import announced_miners
 
-from niche.devnet.servers import BackgroundServer
 from niche.gateway.service import GatewayConfig
-from niche.miner.server import create_app
-from niche.miner.service import MinerConfig, MinerService
+from niche.miner.service import MinerConfig
 from niche.validator.client import MinerClient
 from niche.validator.scoring import ScoringConfig
 from niche.validator.service import Validator, ValidatorConfig
@@ -30,21 +29,10 @@ RATE = 30.0  # each miner's advertised requests per minute, per caller hotkey
 ROUND_INTERVAL = 4.0
 
 
-@contextlib.contextmanager
 def limited_miners(net, engines):
-    running = []
-    try:
-        for name, engine in engines.items():
-            service = MinerService(engine, net.wallets[name], MinerConfig(
-                netuid=NETUID, requests_per_minute=RATE), chain=net.chain)
-            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
-            service.announce("127.0.0.1", server.port)
-            running.append((service, server))
-        yield
-    finally:
-        for service, server in running:
-            server.stop()
-            service.close()
+    config = MinerConfig(netuid=NETUID, requests_per_minute=RATE)
+    return announced_miners(net.chain, {name: (engine, net.wallets[name], config)
+                                        for name, engine in engines.items()})
 
 
 @pytest.mark.slow

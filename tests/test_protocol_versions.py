@@ -16,7 +16,13 @@ from niche.protocol import (
     negotiate,
 )
 from niche.validator.client import MinerClient, QueryStatus
-from tests.miner_support import StubEngine, build_net, make_request, running_miner
+from tests.miner_support import (
+    StubEngine,
+    announced_miners,
+    build_net,
+    make_request,
+    running_miner,
+)
 
 OLD, NEW = MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
@@ -109,9 +115,7 @@ def test_a_validator_round_with_miners_one_version_apart(tmp_path, tiny_engine):
     weights) with a protocol-2 miner and a protocol-3 miner on the real tiny Engine."""
     from niche.chain.local import LocalChain
     from niche.chain.wallets import create_wallet
-    from niche.devnet.servers import BackgroundServer
-    from niche.miner.server import create_app
-    from niche.miner.service import MinerConfig, MinerService
+    from niche.miner.service import MinerConfig
     from niche.validator.service import Validator, ValidatorConfig
     from niche.validator.state import ValidatorState
 
@@ -120,25 +124,20 @@ def test_a_validator_round_with_miners_one_version_apart(tmp_path, tiny_engine):
     chain.create_subnet(1, weights_rate_limit=0)
     chain.register(1, wallets["validator"], stake=100.0)
     uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
-    running = []
+    miners = {name: (tiny_engine, wallets[name], MinerConfig(
+        netuid=1, requests_per_minute=0, protocol_versions=versions))
+        for name, versions in (("old", (OLD,)), ("new", (OLD, NEW)))}
     try:
-        for name, versions in (("old", (OLD,)), ("new", (OLD, NEW))):
-            service = MinerService(tiny_engine, wallets[name], MinerConfig(
-                netuid=1, requests_per_minute=0, protocol_versions=versions), chain=chain)
-            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
-            service.announce("127.0.0.1", server.port)
-            running.append((service, server))
-        config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1, round_interval=0,
-                                 audit_fraction=1.0, seed=11, epoch_length=1)
-        wallet = wallets["validator"]
-        client = MinerClient(wallet)
-        with ValidatorState(tmp_path / "state.db") as state:
-            validator = Validator(config, chain, wallet, tiny_engine, client, state)
-            assert validator.run() == 0
+        with announced_miners(chain, miners):
+            config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1,
+                                     round_interval=0, audit_fraction=1.0, seed=11,
+                                     epoch_length=1)
+            wallet = wallets["validator"]
+            client = MinerClient(wallet)
+            with ValidatorState(tmp_path / "state.db") as state:
+                validator = Validator(config, chain, wallet, tiny_engine, client, state)
+                assert validator.run() == 0
     finally:
-        for service, server in running:
-            server.stop()
-            service.close()
         chain.close()
     (report,) = validator.reports
     by_uid = {o.uid: o for o in report.outcomes}

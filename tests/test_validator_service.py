@@ -7,7 +7,6 @@ or replays its first image: cheat strategies, not test doubles.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sqlite3
@@ -17,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from miner_support import announced_miners
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
-from niche.devnet.servers import BackgroundServer
-from niche.miner.server import create_app
-from niche.miner.service import MinerConfig, MinerService
+from niche.miner.service import MinerConfig
 from niche.validator.client import MinerClient
 from niche.validator.scoring import ScoringConfig
 from niche.validator.service import Validator, ValidatorConfig
@@ -73,22 +71,11 @@ class Only(OtherSeed):
         return self._engine.generate_with_states(params, image)
 
 
-@contextlib.contextmanager
 def miners(chain, wallets, engines):
     """Start one miner server per (name, engine) and publish its endpoint on chain."""
-    running = []
-    try:
-        for name, engine in engines.items():
-            service = MinerService(engine, wallets[name], MinerConfig(
-                netuid=NETUID, requests_per_minute=0), chain=chain)
-            server = BackgroundServer(create_app(service, refresh_metagraph=False)).start()
-            service.announce("127.0.0.1", server.port)
-            running.append((service, server))
-        yield
-    finally:
-        for service, server in running:
-            server.stop()
-            service.close()
+    config = MinerConfig(netuid=NETUID, requests_per_minute=0)
+    return announced_miners(chain, {name: (engine, wallets[name], config)
+                                    for name, engine in engines.items()})
 
 
 @pytest.fixture
