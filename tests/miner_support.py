@@ -171,3 +171,41 @@ def signed_post(miner, wallet, body: bytes, *, receiver: str | None = None,
                            receiver=receiver or miner.hotkey, **sign_kw) if wallet else {}
     return httpx.post(miner.url + path, content=body,
                       headers={**headers, "Content-Type": "application/json"}, timeout=30)
+
+
+def round_with_two_versions(tmp_path, engine, versions: Mapping[str, tuple[int, ...]],
+                            make_client, seed: int) -> SimpleNamespace:
+    """One whole validator round (info, challenge, answer, states fetch, step-check audit,
+    scores, weights) over an "old" and a "new" miner speaking `versions`, with the client
+    `make_client(wallet)`: both answers must be verified and both miners weighted. Returns
+    the client and the miners' hotkeys for the version-specific checks."""
+    from niche.validator.service import Validator, ValidatorConfig
+    from niche.validator.state import ValidatorState
+
+    wallets = {n: create_wallet(n, "hot", tmp_path / "w") for n in ("validator", *versions)}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(NETUID, weights_rate_limit=0)
+    chain.register(NETUID, wallets["validator"], stake=100.0)
+    uids = {n: chain.register(NETUID, wallets[n]) for n in versions}
+    miners = {name: (engine, wallets[name], MinerConfig(
+        netuid=NETUID, requests_per_minute=0, protocol_versions=spoken))
+        for name, spoken in versions.items()}
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1,
+                             round_interval=0, audit_fraction=1.0, seed=seed, epoch_length=1)
+    client = make_client(wallets["validator"])
+    try:
+        with announced_miners(chain, miners), \
+                ValidatorState(tmp_path / "state.db") as state:
+            validator = Validator(config, chain, wallets["validator"], engine, client, state)
+            assert validator.run() == 0
+    finally:
+        chain.close()
+    (report,) = validator.reports
+    by_uid = {o.uid: o for o in report.outcomes}
+    table = validator.format_report(report)
+    for name in versions:
+        outcome = by_uid[uids[name]]
+        assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    assert report.weights is not None and set(report.weights) == set(uids.values()), table
+    return SimpleNamespace(client=client, hotkeys={n: wallets[n].hotkey.ss58_address
+                                                   for n in versions})

@@ -47,9 +47,9 @@ from niche.wire import (
 )
 from tests.miner_support import (
     StubEngine,
-    announced_miners,
     build_net,
     make_request,
+    round_with_two_versions,
     running_miner,
 )
 
@@ -353,44 +353,13 @@ class _MediaClient(MinerClient):
 
 
 def test_a_validator_round_with_a_protocol_3_and_a_protocol_4_miner(tmp_path, tiny_engine):
-    """The whole round (info, challenge, answer, states fetch, step-check audit, scores,
-    weights) on the real tiny Engine: the protocol-3 miner answers JSON, the protocol-4 one
-    binary, both verified and weighted."""
-    from niche.chain.local import LocalChain
-    from niche.miner.service import MinerConfig
-    from niche.validator.service import Validator, ValidatorConfig
-    from niche.validator.state import ValidatorState
-
-    wallets = {n: create_wallet(n, "hot", tmp_path / "w") for n in ("validator", "old", "new")}
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(1, weights_rate_limit=0)
-    chain.register(1, wallets["validator"], stake=100.0)
-    uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
-    miners = {name: (tiny_engine, wallets[name], MinerConfig(
-        netuid=1, requests_per_minute=0, protocol_versions=versions))
-        for name, versions in (("old", (2, 3)), ("new", (2, 3, 4)))}
-    try:
-        with announced_miners(chain, miners):
-            config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1,
-                                     round_interval=0, audit_fraction=1.0, seed=12,
-                                     epoch_length=1)
-            client = _MediaClient(wallets["validator"])
-            with ValidatorState(tmp_path / "state.db") as state:
-                validator = Validator(config, chain, wallets["validator"], tiny_engine,
-                                      client, state)
-                assert validator.run() == 0
-    finally:
-        chain.close()
-    (report,) = validator.reports
-    by_uid = {o.uid: o for o in report.outcomes}
-    table = validator.format_report(report)
-    for name in ("old", "new"):
-        outcome = by_uid[uids[name]]
-        assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
-    old, new = (wallets[n].hotkey.ss58_address for n in ("old", "new"))
-    assert client.version_for(old) == 3 and client.version_for(new) == 4
-    assert client.media == {old: {"application/json"}, new: {ANSWER_MEDIA_TYPE}}
-    assert report.weights is not None and set(report.weights) == set(uids.values())
+    """The whole round on the real tiny Engine: the protocol-3 miner answers JSON, the
+    protocol-4 one binary, both verified and weighted."""
+    run = round_with_two_versions(tmp_path, tiny_engine, {"old": (2, 3), "new": (2, 3, 4)},
+                                  _MediaClient, seed=12)
+    old, new = run.hotkeys["old"], run.hotkeys["new"]
+    assert run.client.version_for(old) == 3 and run.client.version_for(new) == 4
+    assert run.client.media == {old: {"application/json"}, new: {ANSWER_MEDIA_TYPE}}
 
 
 def test_png_for_users_and_the_fallback_writer(monkeypatch):

@@ -18,9 +18,9 @@ from niche.protocol import (
 from niche.validator.client import MinerClient, QueryStatus
 from tests.miner_support import (
     StubEngine,
-    announced_miners,
     build_net,
     make_request,
+    round_with_two_versions,
     running_miner,
 )
 
@@ -111,40 +111,9 @@ def test_two_versions_apart_is_a_clear_mismatch(net):
 
 
 def test_a_validator_round_with_miners_one_version_apart(tmp_path, tiny_engine):
-    """The whole round (info, challenge, answer, states fetch, step-check audit, scores,
-    weights) with a protocol-2 miner and a protocol-3 miner on the real tiny Engine."""
-    from niche.chain.local import LocalChain
-    from niche.chain.wallets import create_wallet
-    from niche.miner.service import MinerConfig
-    from niche.validator.service import Validator, ValidatorConfig
-    from niche.validator.state import ValidatorState
-
-    wallets = {n: create_wallet(n, "hot", tmp_path / "w") for n in ("validator", "old", "new")}
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(1, weights_rate_limit=0)
-    chain.register(1, wallets["validator"], stake=100.0)
-    uids = {n: chain.register(1, wallets[n]) for n in ("old", "new")}
-    miners = {name: (tiny_engine, wallets[name], MinerConfig(
-        netuid=1, requests_per_minute=0, protocol_versions=versions))
-        for name, versions in (("old", (OLD,)), ("new", (OLD, NEW)))}
-    try:
-        with announced_miners(chain, miners):
-            config = ValidatorConfig(netuid=1, models=("flux-schnell",), rounds=1,
-                                     round_interval=0, audit_fraction=1.0, seed=11,
-                                     epoch_length=1)
-            wallet = wallets["validator"]
-            client = MinerClient(wallet)
-            with ValidatorState(tmp_path / "state.db") as state:
-                validator = Validator(config, chain, wallet, tiny_engine, client, state)
-                assert validator.run() == 0
-    finally:
-        chain.close()
-    (report,) = validator.reports
-    by_uid = {o.uid: o for o in report.outcomes}
-    table = validator.format_report(report)
-    for name in ("old", "new"):
-        outcome = by_uid[uids[name]]
-        assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
-    assert client.version_for(wallets["old"].hotkey.ss58_address) == OLD
-    assert client.version_for(wallets["new"].hotkey.ss58_address) == NEW
-    assert report.weights is not None and set(report.weights) == set(uids.values())
+    """The whole round with a protocol-OLD miner and a protocol-OLD..NEW miner on the real
+    tiny Engine: both verified and weighted, each asked in its own version."""
+    run = round_with_two_versions(tmp_path, tiny_engine, {"old": (OLD,), "new": (OLD, NEW)},
+                                  MinerClient, seed=11)
+    assert run.client.version_for(run.hotkeys["old"]) == OLD
+    assert run.client.version_for(run.hotkeys["new"]) == NEW
