@@ -296,6 +296,32 @@ def test_port_in_use_is_one_line_error(miner):
         bind_socket("127.0.0.1", miner.server.port)
 
 
+def test_served_connections_send_without_nagle_delay():
+    """Connections accepted on bind_socket's socket get TCP_NODELAY from asyncio (it sets it
+    only for IPPROTO_TCP sockets): without it a response's body, written after its head,
+    waits for the client's delayed ACK (~40 ms per small answer on a kept-alive connection)."""
+    import socket
+
+    async def accepted_nodelay() -> int:
+        listener = bind_socket("127.0.0.1", 0)
+        options: list[int] = []
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            options.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            while not options:
+                await asyncio.sleep(0.01)
+            writer.close()
+        return options[0]
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_fuzzed_bodies_get_4xx_never_5xx(net, miner):
     """Signed junk of every shape: always a 4xx ErrorResponse, never a crash or a 500."""
     from hypothesis import HealthCheck, given, settings

@@ -274,9 +274,13 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
 
 # ----------------------------------------------------------------------------- running
 def bind_socket(ip: str, port: int) -> socket.socket:
-    """A listening socket on ip:port, or a one-line NicheError (port in use, bad address)."""
+    """A listening socket on ip:port, or a one-line NicheError (port in use, bad address).
+
+    Made with proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose
+    socket says so, and without it a response's body (written after its head) waits for the
+    peer's delayed ACK, ~40 ms per small response on a kept-alive connection."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((ip, port))
