@@ -137,6 +137,14 @@ def _request(model: str, seed: int, version: int | None = None, **params) -> Gen
     return request
 
 
+def _challenge(engine, model: str, seed: int) -> GenerateRequest:
+    """A request as a validator's challenge is (validator/challenges.py): its parameters
+    resolved by the model (size, steps, guidance explicit), so the validator knows the size
+    it checks the answer against."""
+    request = _request(model, seed)
+    return request.model_copy(update={"params": engine.resolve(request.params)})
+
+
 def _serve(engine, chain, wallets):
     config = MinerConfig(netuid=NETUID, requests_per_minute=0, max_queue=64,
                          max_inflight_per_ip=0)
@@ -167,16 +175,17 @@ async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[
     direct, path, fresh = [], [], []
     async with client._http() as http:
         for seed in range(3):  # warm-up: first calls allocate
-            await _timed_query(client, target, _request(model, seed), http)
+            await _timed_query(client, target, _challenge(engine, model, seed), http)
         for i in range(n):
-            request = _request(model, 100 + i)
+            request = _challenge(engine, model, 100 + i)
             started = time.perf_counter()
             engine.generate_with_states(engine.resolve(request.params))
             direct.append(time.perf_counter() - started)
-            path.append(await _timed_query(client, target, _request(model, 100 + i), http))
+            path.append(await _timed_query(client, target, _challenge(engine, model, 100 + i),
+                                           http))
             started = time.perf_counter()
             async with client._http() as own:
-                await _timed_query(client, target, _request(model, 100 + i), own)
+                await _timed_query(client, target, _challenge(engine, model, 100 + i), own)
             fresh.append(time.perf_counter() - started)
     return {"direct": statistics.median(direct), "path": statistics.median(path),
             "fresh": statistics.median(fresh),
@@ -219,9 +228,9 @@ def bare_http_floor(seconds: float, n: int) -> float:
     return result
 
 
-async def throughput(client: MinerClient, target, model: str, concurrency: int,
+async def throughput(engine, client: MinerClient, target, model: str, concurrency: int,
                      total: int) -> float:
-    queue = [_request(model, 1000 + i) for i in range(total)]
+    queue = [_challenge(engine, model, 1000 + i) for i in range(total)]
     async with client._http() as http:
         async def worker() -> None:
             while queue:
@@ -383,11 +392,12 @@ def main() -> int:
     parser.add_argument("--parts", default="abcd", help="which of (a)-(d) to run (default all)")
     args = parser.parse_args()
 
-    from niche.devnet.tiny import ensure_tiny_models
-    from niche.models.engine import Engine
     from niche.models.quiet import quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries()  # before the engine's imports: they warn about optional backends
+    from niche.devnet.tiny import ensure_tiny_models
+    from niche.models.engine import Engine
+
     engine = Engine(models=[args.model], model_root=ensure_tiny_models(), device="cpu")
     n = args.requests
     print(f"{os.cpu_count()} CPU(s), load average {_load()} at the start")
@@ -400,7 +410,7 @@ def main() -> int:
             service, server = _serve(engine, chain, wallets)
             target = (1, service.hotkey, server.url)
             a = asyncio.run(tiny(engine, client, target, args.model, args.pairs))
-            rates = {c: asyncio.run(throughput(client, target, args.model, c, n * 2))
+            rates = {c: asyncio.run(throughput(engine, client, target, args.model, c, n * 2))
                      for c in (1, 4, 16)} if "c" in args.parts else {}
             server.stop()
             service.close()
