@@ -249,6 +249,19 @@ def test_info_health_openapi(net, miner):
     assert info.ok and info.info.hotkey == miner.hotkey
 
 
+def test_signed_endpoints_take_only_post_on_their_exact_path(miner):
+    """The signed handlers are reached directly (niche/miner/direct_routes.py); every other
+    method or path still goes through FastAPI's routing: 405, 404 or its redirect."""
+    for path in ("/v1/generate", "/v1/states"):
+        assert httpx.get(miner.url + path).status_code == 405
+        assert httpx.put(miner.url + path, content=b"{}").status_code == 405
+        trailing = httpx.post(miner.url + path + "/", content=b"{}")
+        assert trailing.status_code in (307, 404)
+    assert httpx.post(miner.url + "/v1/nothing", content=b"{}").status_code == 404
+    unsigned = httpx.post(miner.url + "/v1/generate", content=b"{}")
+    assert unsigned.status_code == 401 and error(unsigned).reason == "unsigned"
+
+
 def test_rate_limit_429(net):
     with running_miner(net, StubEngine(), requests_per_minute=6) as m:  # bucket of 1
         codes = [signed_post(m, net.wallets["hi"], body_of(make_request())).status_code

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from niche import __version__
 from niche.auth import AuthFailure, claimed_hotkey
 from niche.errors import NicheError
+from niche.miner.direct_routes import DirectRoutes
 from niche.miner.limits import Refusal
 from niche.miner.service import MinerService, short
 from niche.protocol import (
@@ -84,6 +85,16 @@ def binary_image_format(accept: str, version: int) -> str | None:
     return requested_image_format(accept, writable=ANSWER_IMAGE_FORMATS)
 
 
+def header_map(request: Request) -> dict[str, str]:
+    """The request's headers as one plain dict (names lower-case, the first of a repeated
+    name kept, as Starlette's `Headers.get` does), built once: the checks below read it ~10
+    times, and each Starlette lookup decodes every header again."""
+    headers: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
 def _request_target(request: Request) -> str:
     raw = request.scope.get("raw_path") or request.url.path.encode()
     target = raw.decode("latin-1")
@@ -132,10 +143,11 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         admitted = False
         peer = request.client.host if request.client else "-"
         try:
-            service.precheck(request.headers)
+            headers = header_map(request)
+            service.precheck(headers)
             if inflight[0] >= service.config.max_inflight:
                 raise Refusal(503, "busy", f"{inflight[0]} requests in flight; retry later")
-            per_peer = service.inflight_cap(claimed_hotkey(request.headers))
+            per_peer = service.inflight_cap(claimed_hotkey(headers))
             if per_peer and inflight_by_peer.get(peer, 0) >= per_peer:
                 raise Refusal(503, "busy", f"{per_peer} requests in flight from {peer}; "
                               "retry later")
@@ -145,7 +157,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             try:
                 body = await within(
                     read_capped(request.stream(), service.config.max_body_bytes,
-                                request.headers.get("content-length")),
+                                headers.get("content-length")),
                     service.config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
@@ -153,14 +165,14 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 raise Refusal(408, "body_timeout", f"body not received within "
                               f"{service.config.body_timeout:g}s") from None
             caller_key, neuron = service.authenticate(
-                request.headers, body, method=request.method, path=_request_target(request))
+                headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
             service.rate_check(caller_key, neuron)
             if len(body) <= INLINE_PARSE_BYTES:  # a thread hop costs more than the parse
                 parsed = service.parse(body)
             else:  # up to ~24 MB of JSON (a conditioning image): off the event loop
                 parsed = await asyncio.to_thread(service.parse, body)
-            image_format = binary_image_format(request.headers.get("accept", ""),
+            image_format = binary_image_format(headers.get("accept", ""),
                                                parsed.protocol_version)
             answer = await service.generate(parsed, neuron, caller_key,
                                             image_format=image_format or "png")
@@ -202,20 +214,21 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         """The committed sampler states of one of the caller's earlier answers (audits)."""
         caller, status, reason = "-", 500, "internal_error"
         try:
-            service.precheck(request.headers)
+            headers = header_map(request)
+            service.precheck(headers)
             try:
                 body = await within(
                     read_capped(request.stream(), STATES_BODY_BYTES,
-                                request.headers.get("content-length")),
+                                headers.get("content-length")),
                     service.config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
             except asyncio.TimeoutError:
                 raise Refusal(408, "body_timeout", "body not received in time") from None
             caller_key, _ = service.authenticate(
-                request.headers, body, method=request.method, path=_request_target(request))
+                headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
-            binary = accepts(request.headers.get("accept", ""), STATES_MEDIA_TYPE)
+            binary = accepts(headers.get("accept", ""), STATES_MEDIA_TYPE)
             answer = await asyncio.to_thread(service.fetch_states, body, caller_key,
                                              binary=binary)
             status, reason = 200, "ok"
@@ -253,6 +266,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             return body
         return JSONResponse({**body, "reason": reason}, status_code=503)
 
+    app.add_middleware(DirectRoutes, routes={("POST", GENERATE_PATH): generate,
+                                             ("POST", STATES_PATH): states})
     default_openapi = app.openapi
 
     def openapi():

@@ -289,8 +289,7 @@ class MinerService:
 
     def authenticate(self, headers: Mapping[str, str], body: bytes, *, method: str,
                      path: str) -> tuple[str, Neuron | None]:
-        """(caller hotkey, neuron): blacklist on the claimed hotkey, then the signature."""
-        self.precheck(headers)
+        """(caller hotkey, neuron) from the signature; `precheck` ran on `headers` first."""
         hotkey = self.verifier.verify(headers, body, method=method, path=path)
         return hotkey, self.caller_policy(hotkey)
 
