@@ -275,7 +275,7 @@ class MinerClient:
             return result
         limit = timeout if timeout is not None else request.timeout + self.grace
         request = self.in_version(request, t.hotkey)
-        cap, _ = self._answer_bounds(request)
+        cap, limits = self._answer_bounds(request)
         body = request.model_dump_json(exclude_none=True).encode()
         accept = (self._answer_accept if request.protocol_version >= BINARY_SINCE
                   else "application/json")
@@ -321,22 +321,23 @@ class MinerClient:
             return result
         # Decoding a big PNG is CPU work: off the event loop, unless the answer is small and
         # so is what it may decode to (a thread round trip costs more on a busy box).
-        _, limits = self._answer_bounds(request)
         if len(raw) <= INLINE_CHECK_BYTES and limits.max_pixels <= INLINE_CHECK_PIXELS:
-            self._check_answer(result, request, raw, media)
+            self._check_answer(result, request, raw, media, limits)
         else:
-            await asyncio.to_thread(self._check_answer, result, request, raw, media)
+            await asyncio.to_thread(self._check_answer, result, request, raw, media, limits)
         return result
 
     def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes,
-                      media: str = "application/json") -> None:
+                      media: str = "application/json", limits: ImageLimits | None = None
+                      ) -> None:
         """An answer is either binary (protocol 4+, `wire.ANSWER_MEDIA_TYPE`: the header,
         then PNG or WebP bytes) or JSON with a base64 PNG or WebP (any version); nothing
         else. Either way every check below runs on the bytes received."""
         def fail(status: QueryStatus, reason: str) -> None:
             result.status, result.reason = status, reason[:300]
 
-        _, limits = self._answer_bounds(request)
+        if limits is None:
+            _, limits = self._answer_bounds(request)
         expected = request.protocol_version
         binary = media == ANSWER_MEDIA_TYPE
         if binary:
