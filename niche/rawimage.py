@@ -22,6 +22,7 @@ times three, never what the frame would like it to be.
 from __future__ import annotations
 
 import struct
+import threading
 
 import numpy as np
 import zstandard
@@ -42,6 +43,29 @@ _MAX_WINDOW = 1 << 26
 """Largest zstd window a reader accepts (64 MiB covers a 4096x4096 frame in one window)."""
 
 
+_contexts = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor (a zstd context is not thread-safe). A new one per image
+    allocates and clears zstd's tables each time: twice the cost of compressing a 64x64
+    answer; the frames are the same bytes either way."""
+    compressor = getattr(_contexts, "compressor", None)
+    if compressor is None:
+        compressor = _contexts.compressor = zstandard.ZstdCompressor(
+            level=LEVEL, write_content_size=True)
+    return compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor, with the window cap (see `_compressor`)."""
+    decompressor = getattr(_contexts, "decompressor", None)
+    if decompressor is None:
+        decompressor = _contexts.decompressor = zstandard.ZstdDecompressor(
+            max_window_size=_MAX_WINDOW)
+    return decompressor
+
+
 class BadRawImage(ValueError):
     """Bytes that are not a readable RGB-ZSTD image under the caps: the message is one line."""
 
@@ -58,8 +82,7 @@ def encode(image: Image.Image) -> bytes:
     pixels = np.asarray(rgb, dtype=np.uint8).reshape(height, width, 3)
     filtered = pixels.copy()
     np.subtract(pixels[:, 1:], pixels[:, :-1], out=filtered[:, 1:])  # uint8: mod 256
-    frame = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(
-        filtered.tobytes())
+    frame = _compressor().compress(filtered.tobytes())
     return _HEADER.pack(MAGIC, width, height, FILTER_SUB) + frame
 
 
@@ -95,8 +118,8 @@ def decode(data: bytes, *, max_side: int, max_pixels: int) -> Image.Image:
         what = "no content size" if declared < 0 else f"{declared} bytes"
         raise BadRawImage(f"zstd frame declares {what}, {width}x{height} RGB is {expected}")
     try:
-        raw = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompress(
-            frame, max_output_size=expected, allow_extra_data=False)
+        raw = _decompressor().decompress(frame, max_output_size=expected,
+                                         allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise BadRawImage(f"corrupt zstd frame: {str(exc)[:120]}") from None
     if len(raw) != expected:
