@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 import torch
 from PIL import Image
 
@@ -28,6 +29,7 @@ from niche.metrics_server import start_metrics_server
 from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
 from niche.protocol import GenerateRequest, GenerationParams, ModelInfo, PipelineKind
+from niche.validator.client import MinerClient
 
 NETUID = 1
 STAKES = {"hi": 100.0, "mid": 50.0, "lo": 10.0, "low": 2.0}
@@ -126,6 +128,35 @@ def build_net(root) -> SimpleNamespace:
     chain.register(NETUID, wallets["nopermit"])
     return SimpleNamespace(chain=chain, wallets=wallets, root=root,
                            miner_hotkey=wallets["miner"].hotkey.ss58_address)
+
+
+class RecordingClient(MinerClient):
+    """The validator's client, noting (path, Accept sent, media type received) of every
+    signed request it makes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exchanges: list[tuple[str, str, str]] = []
+
+    async def _exchange(self, http, method, url, path, body, receiver, cap,
+                        accept="application/json"):
+        status, media, raw = await super()._exchange(http, method, url, path, body, receiver,
+                                                     cap, accept)
+        self.exchanges.append((path, accept, media))
+        return status, media, raw
+
+
+def module_net(name: str):
+    """A module-scoped `net` fixture: `build_net` in a temporary folder named `name`, its
+    chain closed after the module (`net = module_net("mynet")` in a test module)."""
+
+    @pytest.fixture(scope="module")
+    def net(tmp_path_factory):
+        built = build_net(tmp_path_factory.mktemp(name))
+        yield built
+        built.chain.close()
+
+    return net
 
 
 @contextlib.contextmanager

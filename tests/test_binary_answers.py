@@ -47,18 +47,13 @@ from niche.wire import (
 )
 from tests.miner_support import (
     StubEngine,
-    build_net,
     make_request,
+    module_net,
     round_with_two_versions,
     running_miner,
 )
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("binary"))
-    yield net
-    net.chain.close()
+net = module_net("binary")
 
 
 def _raw_post(miner, wallet, request, accept: str) -> httpx.Response:

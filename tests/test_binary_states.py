@@ -21,38 +21,26 @@ from hypothesis import strategies as st
 
 from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
+from niche.protocol import STATES_PATH
 from niche.states import commit, state_bytes
 from niche.validator.client import MinerClient
 from niche.wire import STATES_MAGIC, STATES_MEDIA_TYPE, BadBody, pack_states, unpack_states
-from tests.miner_support import StubEngine, build_net, make_request, running_miner
+from tests.miner_support import (
+    RecordingClient,
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+)
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("binstates"))
-    yield net
-    net.chain.close()
-
-
-class _MediaClient(MinerClient):
-    """The validator's client, noting the media type of each states body it received."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.media: list[str] = []
-
-    async def _exchange(self, *args, **kwargs):
-        status, media, raw = await super()._exchange(*args, **kwargs)
-        if args[3] == "/v1/states":
-            self.media.append(media)
-        return status, media, raw
+net = module_net("binstates")
 
 
 def test_protocol_4_fetches_raw_float32_and_protocol_3_base64(net):
     with running_miner(net, StubEngine()) as miner:
         fetched, media = {}, {}
         for versions in ((2, 3), (2, 3, 4)):
-            client = _MediaClient(net.wallets["hi"], protocol_versions=versions)
+            client = RecordingClient(net.wallets["hi"], protocol_versions=versions)
 
             async def audit(client=client):
                 await client.info(miner.url, miner.hotkey)
@@ -63,7 +51,8 @@ def test_protocol_4_fetches_raw_float32_and_protocol_3_base64(net):
                 return await client.fetch_states(target, answer.response.request_id,
                                                  commitment, list(range(1, 13)))
             fetched[versions[-1]] = asyncio.run(audit())
-            media[versions[-1]] = client.media
+            media[versions[-1]] = [got for path, _, got in client.exchanges
+                                   if path == STATES_PATH]
     assert media == {3: ["application/json"] * 2, 4: [STATES_MEDIA_TYPE] * 2}  # two chunks
     for version, result in fetched.items():
         assert result.ok, (version, result.reason)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from miner_support import NETUID, build_net, make_request
+from miner_support import NETUID, make_request, module_net
 
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
@@ -113,11 +113,7 @@ class MinerProcess:
         self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("faultnet"))
-    yield net
-    net.chain.close()
+net = module_net("faultnet")
 
 
 def _in_thread(fn):

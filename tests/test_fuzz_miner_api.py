@@ -17,7 +17,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from miner_support import build_net, make_request, running_miner
+from miner_support import make_request, module_net, running_miner
 from PIL import Image
 from schemathesis.generation.modes import GenerationMode
 
@@ -43,11 +43,7 @@ def _checks():
             checks.content_type_conformance, checks.response_schema_conformance]
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("fuzznet"))
-    yield net
-    net.chain.close()
+net = module_net("fuzznet")
 
 
 @pytest.fixture(scope="module")

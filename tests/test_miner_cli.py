@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-from miner_support import NETUID, build_net, make_request
+from miner_support import NETUID, make_request, module_net
 
 from niche.cli import main
 from niche.validator.client import MinerClient, QueryStatus
@@ -21,11 +20,7 @@ from niche.validator.client import MinerClient, QueryStatus
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("clinet"))
-    yield net
-    net.chain.close()
+net = module_net("clinet")
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from miner_support import build_net, make_request, running_miner
+from miner_support import make_request, module_net, running_miner
 from PIL import Image
 
 from niche.imaging import encode_b64, encode_image, image_sha256
@@ -19,11 +19,7 @@ def engine(tiny_engine):
     return tiny_engine
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("e2enet"))
-    yield net
-    net.chain.close()
+net = module_net("e2enet")
 
 
 def test_real_engine_behind_the_miner(net, engine):

@@ -17,8 +17,8 @@ from miner_support import (
     MIN_STAKE,
     NETUID,
     StubEngine,
-    build_net,
     make_request,
+    module_net,
     running_miner,
     signed_post,
 )
@@ -30,12 +30,7 @@ from niche.miner.server import bind_socket
 from niche.protocol import ErrorResponse, GenerateResponse, InfoResponse
 from niche.validator.client import MinerClient, QueryStatus
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("minernet"))
-    yield net
-    net.chain.close()
+net = module_net("minernet")
 
 
 @pytest.fixture(scope="module")

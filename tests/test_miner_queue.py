@@ -6,7 +6,13 @@ import threading
 import time
 
 import pytest
-from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+from miner_support import (
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+    signed_post,
+)
 
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
 from niche.protocol import ErrorResponse
@@ -109,11 +115,7 @@ def test_rate_limiter_token_bucket_and_stake_share():
     assert RateLimiter(0).allow("x")  # disabled
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("queuenet"))
-    yield net
-    net.chain.close()
+net = module_net("queuenet")
 
 
 def test_busy_gpu_serves_biggest_stake_first_over_http(net):

@@ -4,7 +4,13 @@ its stake share of the in-flight slots from one address (never fewer than the ba
 from __future__ import annotations
 
 import pytest
-from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+from miner_support import (
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+    signed_post,
+)
 
 from niche.miner.limits import inflight_cap
 
@@ -17,11 +23,7 @@ def test_inflight_cap_scales_with_the_stake_share():
     assert inflight_cap(0, 48, 0.5) == 0  # no per-address bound stays none
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("stakenet"))
-    yield net
-    net.chain.close()
+net = module_net("stakenet")
 
 
 def test_ten_times_the_stake_gets_ten_times_the_budget(net):

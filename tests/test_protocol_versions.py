@@ -5,8 +5,6 @@ speaks) and one speaking 2..3 answer the same validator (2..3): each negotiated 
 over StubEngine, then the real Engine on tiny checkpoints for a full validator round)."""
 from __future__ import annotations
 
-import pytest
-
 from niche.auth import verify_response
 from niche.protocol import (
     MIN_PROTOCOL_VERSION,
@@ -18,8 +16,8 @@ from niche.protocol import (
 from niche.validator.client import MinerClient, QueryStatus
 from tests.miner_support import (
     StubEngine,
-    build_net,
     make_request,
+    module_net,
     round_with_two_versions,
     running_miner,
 )
@@ -44,11 +42,7 @@ def test_info_of_a_protocol_2_miner_and_of_a_newer_one_both_read():
     assert newer.speaks() == [3, 4]  # unknown fields ignored, not refused
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("versions"))
-    yield net
-    net.chain.close()
+net = module_net("versions")
 
 
 async def _ask(client, miner, **request):

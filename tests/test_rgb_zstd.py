@@ -40,12 +40,18 @@ from niche.imaging import (
     to_png,
 )
 from niche.miner.server import binary_image_format
-from niche.protocol import GenerateResponse, GenerationParams
+from niche.protocol import GENERATE_PATH, GenerateResponse, GenerationParams
 from niche.rawimage import HEADER_BYTES, BadRawImage
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 from niche.validator.organic import OrganicQueue
 from niche.wire import ANSWER_MEDIA_TYPE, answer_accept, requested_image_format
-from tests.miner_support import StubEngine, build_net, make_request, running_miner
+from tests.miner_support import (
+    RecordingClient,
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+)
 from tests.test_binary_answers import _hostile_miner
 
 CAPS = {"max_side": 1024, "max_pixels": 1024 * 1024}
@@ -304,32 +310,12 @@ def test_what_a_validator_sends_and_what_a_miner_writes():
     assert png_only._answer_accept == plain
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("rgbzstd"))
-    yield net
-    net.chain.close()
-
-
-class _Recording(MinerClient):
-    """The validator's client, noting the Accept it sent and the media type it got."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: list[tuple[str, str]] = []
-
-    async def _exchange(self, http, method, url, path, body, receiver, cap,
-                        accept="application/json"):
-        status, media, raw = await super()._exchange(http, method, url, path, body, receiver,
-                                                     cap, accept)
-        if path == "/v1/generate":
-            self.seen.append((accept, media))
-        return status, media, raw
+net = module_net("rgbzstd")
 
 
 def test_a_validator_that_reads_only_png_gets_png_from_a_v4_miner(net):
-    png_only = _Recording(net.wallets["hi"], image_limits=ImageLimits(formats=("PNG",)))
-    fast = _Recording(net.wallets["hi"])
+    png_only = RecordingClient(net.wallets["hi"], image_limits=ImageLimits(formats=("PNG",)))
+    fast = RecordingClient(net.wallets["hi"])
     with running_miner(net, StubEngine()) as miner:
         async def ask(client, seed):
             info = await client.info(miner.url, miner.hotkey)
@@ -341,8 +327,12 @@ def test_a_validator_that_reads_only_png_gets_png_from_a_v4_miner(net):
         assert result.status is QueryStatus.OK, result.reason
         assert result.response.protocol_version == 4 and result.image.size == (48, 40)
         assert result.response.image_sha256 == image_sha256(result.image_bytes)
-    assert png_only.seen == [(answer_accept(()), ANSWER_MEDIA_TYPE)]
-    assert fast.seen == [(answer_accept(("rgb-zstd",)), ANSWER_MEDIA_TYPE)]
+    def generate_exchanges(client: RecordingClient) -> list[tuple[str, str]]:
+        return [(accept, media) for path, accept, media in client.exchanges
+                if path == GENERATE_PATH]
+
+    assert generate_exchanges(png_only) == [(answer_accept(()), ANSWER_MEDIA_TYPE)]
+    assert generate_exchanges(fast) == [(answer_accept(("rgb-zstd",)), ANSWER_MEDIA_TYPE)]
     assert plain.image_bytes[:8] == PNG_SIGNATURE and quick.image_bytes[:4] == b"NRZ1"
     assert plain.image.tobytes() == quick.image.tobytes() == \
         Image.new("RGB", (48, 40), (300 % 256, 1, 7)).tobytes()

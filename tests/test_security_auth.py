@@ -12,16 +12,17 @@ import time
 import httpx
 import pytest
 from bittensor import http_auth
-from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+from miner_support import (
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+    signed_post,
+)
 
 from niche.protocol import ErrorResponse
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("secnet"))
-    yield net
-    net.chain.close()
+net = module_net("secnet")
 
 
 @pytest.fixture(scope="module")

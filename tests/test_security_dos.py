@@ -14,18 +14,18 @@ import socket
 import time
 
 import httpx
-import pytest
 from bittensor import http_auth
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from miner_support import StubEngine, build_net, make_request, running_miner, signed_post
+from miner_support import (
+    StubEngine,
+    make_request,
+    module_net,
+    running_miner,
+    signed_post,
+)
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("dosnet"))
-    yield net
-    net.chain.close()
+net = module_net("dosnet")
 
 
 def _body() -> bytes:

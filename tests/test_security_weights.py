@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bittensor as bt
 import pytest
-from miner_support import NETUID, build_net
+from miner_support import NETUID, module_net
 from test_chain_subtensor import FakeStorage
 from test_faults_chain import LocalBackedSDK, _FluxOnly, adapter
 
@@ -55,11 +55,7 @@ class SetWeightsSDK(LocalBackedSDK):
         return self._do(run)
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    net = build_net(tmp_path_factory.mktemp("weightsnet"))
-    yield net
-    net.chain.close()
+net = module_net("weightsnet")
 
 
 @pytest.mark.parametrize("commit_reveal, function", [
