@@ -77,7 +77,7 @@ from niche.miner.server import create_app  # noqa: E402
 from niche.miner.service import Answer, MinerConfig, MinerService  # noqa: E402
 from niche.protocol import GenerateRequest, GenerateResponse, GenerationParams  # noqa: E402
 from niche.states import commit  # noqa: E402
-from niche.validator.client import MinerClient, QueryStatus  # noqa: E402
+from niche.validator.client import MinerClient, QueryResult, QueryStatus  # noqa: E402
 from niche.wire import pack_answer, unpack_answer  # noqa: E402
 
 NETUID = 1
@@ -158,7 +158,9 @@ def _serve(engine, chain, wallets):
     return service, BackgroundServer(create_app(service, refresh_metagraph=False)).start()
 
 
-async def _timed_query(client: MinerClient, target, request, http) -> float:
+async def _answered(client: MinerClient, target, request, http) -> tuple[float, QueryResult]:
+    """(seconds, result) of one query through the path; exits unless it answered OK in the
+    request's protocol version."""
     started = time.perf_counter()
     result = await client.query(target, request, http=http)
     elapsed = time.perf_counter() - started
@@ -167,7 +169,11 @@ async def _timed_query(client: MinerClient, target, request, http) -> float:
     if result.response is None or result.response.protocol_version != request.protocol_version:
         raise SystemExit(f"asked in protocol {request.protocol_version}, answered in "
                          f"{result.response and result.response.protocol_version}")
-    return elapsed
+    return elapsed, result
+
+
+async def _timed_query(client: MinerClient, target, request, http) -> float:
+    return (await _answered(client, target, request, http))[0]
 
 
 def _ms(seconds: float) -> str:
@@ -188,12 +194,10 @@ async def tiny(engine, client: MinerClient, target, model: str, n: int) -> dict[
             started = time.perf_counter()
             engine.generate_with_states(engine.resolve(request.params))
             out["direct"].append(time.perf_counter() - started)
-            challenge = _challenge(engine, model, 100 + i)
-            started = time.perf_counter()
-            result = await client.query(target, challenge, http=http)
-            out["path"].append(time.perf_counter() - started)
-            if result.status is not QueryStatus.OK or result.response is None:
-                raise SystemExit(f"the path failed: {result.status} {result.reason}")
+            elapsed, result = await _answered(client, target,
+                                              _challenge(engine, model, 100 + i), http)
+            out["path"].append(elapsed)
+            assert result.response is not None  # _answered checked it
             out["engine"].append(result.response.generation_seconds)
             started = time.perf_counter()
             async with client._http() as own:
