@@ -20,6 +20,7 @@ import torch
 
 from niche.errors import ConfigError
 from niche.models.spec import ComponentSource, MemoryMode, ModelSpec
+from niche.models.token_counter import TokenCounter
 from niche.protocol import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class Family(ABC):
         self.fast = fast
         self.fast_applied: list[str] = []  # what apply_fast did (bench reports it)
         self._counting_lock = threading.Lock()
-        self._counting_tokenizer: Any = None
+        self._token_counter: TokenCounter | None = None
 
     # ------------------------------------------------------------------ loading helpers
     def source(self, key: str) -> tuple[str, dict[str, Any]]:
@@ -159,18 +160,15 @@ class Family(ABC):
         """The pipeline's tokenizer whose length limit bounds the prompt."""
 
     def token_count(self, text: str) -> int:
-        """Tokens the text encoder that bounds the prompt would see (max_sequence_length).
-
-        Counted on a private copy of the tokenizer, under its own lock: transformers'
-        tokenizers keep their truncation and padding settings in the shared Rust object, so
-        a count (`truncation=False`) running beside a generation's encode (padding to
-        max_length) silently changes the padding of that prompt's embeddings, and an honest
-        answer no longer matches its own request. Requests are resolved outside the engine
-        lock, so they must never touch the pipeline's tokenizer."""
-        with self._counting_lock:
-            if self._counting_tokenizer is None:
-                self._counting_tokenizer = deepcopy(self.bounding_tokenizer())
-            return len(self._counting_tokenizer(text, truncation=False).input_ids)
+        """Tokens the text encoder that bounds the prompt would see (max_sequence_length),
+        counted on a private copy of its tokenizer (niche/models/token_counter.py says why):
+        requests are resolved outside the engine lock, so they must never touch the
+        pipeline's own tokenizer."""
+        if self._token_counter is None:
+            with self._counting_lock:
+                if self._token_counter is None:
+                    self._token_counter = TokenCounter(self.bounding_tokenizer())
+        return self._token_counter.count(text)
 
     @abstractmethod
     def run(self, params: GenerationParams, items: list[BatchItem],
