@@ -128,6 +128,6 @@ def decode(data: bytes, *, max_side: int, max_pixels: int) -> Image.Image:
         raise BadRawImage(f"zstd frame decoded to {len(raw)} bytes, expected {expected}")
     filtered = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
     pixels = np.cumsum(filtered, axis=1, dtype=np.uint8)  # undoes sub, mod 256
-    # the image keeps the array as its (read-only) memory: no copy, and less Python than
-    # Image.fromarray's inspection of the array interface
-    return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+    # what Image.fromarray ends in for RGB (Pillow unpacks the rows into its own pixels),
+    # without its inspection of the array interface first
+    return Image.frombytes("RGB", (width, height), pixels)
