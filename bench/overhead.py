@@ -85,6 +85,11 @@ from niche.wire import pack_answer, unpack_answer  # noqa: E402
 
 NETUID = 1
 SIDE = 1024
+SCHNELL_STATES = ("FLUX.1-schnell, 4 steps", 4)
+DEV_STATES = ("FLUX.1-dev, 28 steps", 28)
+"""(b)'s answers commit to FLUX-sized states (packed 1x4096x64 float32, 1 MiB each at
+1024x1024): schnell's 4, and FLUX.1-dev's 28, the most any model the subnet runs commits
+(Kolors' 30 are 256 KiB each)."""
 
 
 class FixedTimeEngine:
@@ -110,9 +115,13 @@ class FixedTimeEngine:
     def compute_dtype(self, model: str) -> str:
         return self._dtype
 
-    def generate_with_states(self, params, image=None):
-        if self.seconds:
-            time.sleep(self.seconds)
+    def generate_with_states(self, params, image=None, *, on_state=None):
+        """As a GPU engine: each state is handed over as its step (seconds / N) ends."""
+        for state in self.states:
+            if self.seconds:
+                time.sleep(self.seconds / len(self.states))
+            if on_state is not None:
+                on_state(state)
         return self.image, list(self.states)
 
 
@@ -396,7 +405,7 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
         ("image encode (4: RGB-ZSTD / 3: PNG by fpng)", encode4, encode),
         ("sha256 of the image bytes", sha4, sha),
-        ("sha256 of 4 x 1 MiB states (commitment)",
+        (f"sha256 of {len(states)} x 1 MiB states (commitment)",
          *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
@@ -558,15 +567,18 @@ def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: f
     smooth = small.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
     from image_codecs import photo_like
 
-    for content, image in (("tiny model upscaled", smooth),
-                           ("photo-like", Image.fromarray(photo_like()))):
-        _big_answer(engine, chain, wallets, client, model, sleep, n, content, image)
+    photo = Image.fromarray(photo_like())
+    for content, image, states in (("tiny model upscaled", smooth, SCHNELL_STATES),
+                                   ("photo-like", photo, SCHNELL_STATES),
+                                   ("photo-like", photo, DEV_STATES)):
+        _big_answer(engine, chain, wallets, client, model, sleep, n, content, image, states)
 
 
 def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
-                n: int, content: str, big: Image.Image) -> None:
+                n: int, content: str, big: Image.Image, states: tuple[str, int]) -> None:
+    label, steps = states
     flux_states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
-                   for i in range(4)]
+                   for i in range(steps)]
     stand_in = FixedTimeEngine(engine, sleep, big, flux_states)
     service, server = _serve(stand_in, chain, wallets)
     target = (1, service.hotkey, server.url)
@@ -577,7 +589,8 @@ def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: 
     png, fast = encode_image(big), encode_image(big, "RGB-ZSTD")
     print(f"(b) 1024x1024 {content} answer (RGB-ZSTD {len(fast) / 2**20:.2f} MiB, PNG "
           f"{len(png) / 2**20:.2f} MiB; + commitment to "
-          f"4 x 1 MiB states) around a {sleep:.2f} s stand-in, {m} requests each, interleaved")
+          f"{steps} x 1 MiB states, {label}) around a {sleep:.2f} s stand-in, {m} requests "
+          "each, interleaved")
     for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
         b = statistics.median(runs[version])
         print(f"    {label} {_ms(b)} (median)   ratio {b / sleep:.3f}   added "

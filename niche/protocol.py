@@ -13,6 +13,10 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""What `json.dumps(..., sort_keys=True, separators=(",", ":"))` writes, built once: dumps
+builds a new encoder for every call with non-default arguments (on the answer's path)."""
+
 PROTOCOL_VERSION = 4
 """The newest version this niche speaks; bumped on any incompatible change.
 2: answers commit to their sampler states (`StatesCommitment`), fetched at /v1/states.
@@ -148,8 +152,7 @@ class StatesCommitment(_Strict):
         """One hash over the whole commitment (what the answer signature covers). An empty
         `kernels` is left out, so a protocol-2/3 commitment hashes as it always did."""
         fields = self.model_dump(mode="json")  # an empty `kernels` is excluded
-        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return hashlib.sha256(_CANONICAL_JSON.encode(fields).encode()).hexdigest()
 
 
 class GenerateResponse(_Strict):

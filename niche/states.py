@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,31 @@ def state_bytes(state: torch.Tensor) -> bytes:
     return array.astype("<f4", copy=False).tobytes()
 
 
-def states_bytes(states: Sequence[torch.Tensor]) -> tuple[list[int], list[bytes]]:
-    """(shape, each state's raw bytes) of x_1..x_N, converted once: the commitment hashes
-    them and the miner's store keeps them (28 MiB for FLUX.1-dev at 28 steps, 1024x1024)."""
+RawState = bytes | memoryview
+"""A state's raw float32 little-endian C-order bytes: `bytes`, or a flat byte view of the
+memory of a tensor its holder owns (`state_view`)."""
+
+
+def state_view(state: torch.Tensor) -> memoryview:
+    """`state_bytes` without the copy: a flat read-only byte view of the state's own memory
+    (converted first unless it is a float32 CPU C-contiguous tensor, a copy anyway). The view
+    keeps that memory alive and sees any later write to the tensor, so its holder must own
+    the tensor: `generate_with_states`' states are fresh tensors nobody else keeps."""
+    array = state.detach().to("cpu", torch.float32).contiguous().numpy()
+    return memoryview(array.astype("<f4", copy=False)).cast("B").toreadonly()
+
+
+def states_bytes(states: Sequence[torch.Tensor]) -> tuple[list[int], list[memoryview]]:
+    """(shape, each state's raw bytes as a `state_view`) of x_1..x_N, not copied: the
+    commitment hashes them and the miner's store keeps them. A copy of FLUX.1-dev's 28
+    states at 1024x1024 (28 MiB, fresh pages each answer) cost 13 ms of the answer's path on
+    this 2-core box (bench/overhead.py (b))."""
     if not states or len(states) > MAX_STATES:
         raise ValueError(f"an answer commits to 1..{MAX_STATES} states, not {len(states)}")
     shape = list(states[0].shape)
     if any(list(s.shape) != shape for s in states):
         raise ValueError("all states of one answer have one shape")
-    return shape, [state_bytes(s) for s in states]
+    return shape, [state_view(s) for s in states]
 
 
 _HASHERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
@@ -49,17 +65,79 @@ _HASHERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
 this machine, 9 ms on two."""
 
 
-def _sha256_all(raw: Sequence[bytes]) -> list[str]:
+def _sha256_all(raw: Sequence[RawState]) -> list[str]:
     if len(raw) < 4 or sum(len(r) for r in raw) < (4 << 20):
         return [hashlib.sha256(r).hexdigest() for r in raw]
     return list(_HASHERS.map(lambda r: hashlib.sha256(r).hexdigest(), raw))
 
 
-def commit_raw(shape: Sequence[int], raw: Sequence[bytes], compute_dtype: str,
-               kernels: Mapping[str, str] | None = None) -> StatesCommitment:
-    """The commitment of states already converted (`states_bytes`)."""
+def _sha256(raw: RawState) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def commit_raw(shape: Sequence[int], raw: Sequence[RawState], compute_dtype: str,
+               kernels: Mapping[str, str] | None = None, *,
+               sha256: Sequence[str] | None = None) -> StatesCommitment:
+    """The commitment of states already converted (`states_bytes`); `sha256`: their digests
+    when already computed (`StreamedHashes`)."""
+    digests = list(sha256) if sha256 is not None else _sha256_all(raw)
+    if len(digests) != len(raw):
+        raise ValueError(f"{len(digests)} digests for {len(raw)} states")
     return StatesCommitment(shape=list(shape), compute_dtype=compute_dtype,
-                            kernels=dict(kernels or {}), sha256=_sha256_all(raw))
+                            kernels=dict(kernels or {}), sha256=digests)
+
+
+class StreamedHashes:
+    """Hashes an answer's states while the engine still computes the next ones: the engine
+    hands each recorded state to `add` (its `on_state`), big ones are hashed at once on the
+    hashing threads, and `finish` waits only for what is left, usually the last state. A GPU
+    box hashes step k while it computes step k+1; FLUX.1-dev's 28 states at 1024x1024 are
+    28 MiB, 9 ms of hashing on this 2-core box (bench/overhead.py (b)).
+
+    `finish` gives the digests only for exactly the tensors it was handed, in order; for
+    anything else (another list, a failed `add`) it gives None and the caller hashes the
+    states it holds, so a commitment is always the hash of the states the miner keeps."""
+
+    STREAM_BYTES = 256 * 1024
+    """Smaller states (the tiny models') are hashed in `finish`: a thread hop per state
+    would cost more than the hash."""
+
+    def __init__(self) -> None:
+        self._seen: list[torch.Tensor] = []
+        self._views: list[memoryview | None] = []
+        self._hashes: list[Future[str] | None] = []
+        self._failed = False
+
+    def add(self, state: torch.Tensor) -> None:
+        """The engine recorded `state` (a fresh tensor it no longer writes to)."""
+        try:
+            self._seen.append(state)
+            if state.numel() * 4 < self.STREAM_BYTES:
+                self._views.append(None)
+                self._hashes.append(None)
+                return
+            view = state_view(state)
+            self._views.append(view)
+            self._hashes.append(_HASHERS.submit(_sha256, view))
+        except Exception:  # e.g. the hashing threads shut down at exit: finish says None
+            self._failed = True
+
+    def finish(self, states: Sequence[torch.Tensor]
+               ) -> tuple[list[int], list[memoryview], list[str]] | None:
+        """(shape, views, digests) of `states` if they are the tensors `add` was handed, in
+        order; else None."""
+        if self._failed or len(states) != len(self._seen) or any(
+                a is not b for a, b in zip(states, self._seen, strict=True)):
+            return None
+        if not states or len(states) > MAX_STATES or any(
+                s.shape != states[0].shape for s in states):
+            return None  # the caller's states_bytes says what is wrong
+        views = [v if v is not None else state_view(s)
+                 for v, s in zip(self._views, states, strict=True)]
+        digests = [h.result() if h is not None else _sha256(v)
+                   for h, v in zip(self._hashes, views, strict=True)]
+        shape = list(states[0].shape)
+        return shape, views, digests
 
 
 def commit(states: Sequence[torch.Tensor], compute_dtype: str,

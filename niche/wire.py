@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -87,7 +88,7 @@ class StatesHeader(_Header):
 Header = TypeVar("Header", bound=_Header)
 
 
-def pack(magic: bytes, header: BaseModel, parts: list[bytes]) -> bytes:
+def pack(magic: bytes, header: BaseModel, parts: Sequence[bytes | memoryview]) -> bytes:
     """magic | len(header) | header JSON | parts, as one body."""
     encoded = header.model_dump_json().encode()
     if len(encoded) > MAX_HEADER_BYTES:
@@ -133,7 +134,8 @@ def pack_answer(answer: GenerateResponse, image: bytes, image_format: str) -> by
     """A binary answer: `answer` without its base64 image, then the image bytes."""
     header = AnswerHeader(image_format=image_format.lower(),  # type: ignore[arg-type]
                           image_length=len(image),
-                          answer=answer.model_copy(update={"image": ""}))
+                          answer=answer.model_copy(update={"image": ""}) if answer.image
+                          else answer)
     return pack(ANSWER_MAGIC, header, [image])
 
 
@@ -195,7 +197,7 @@ def requested_image_format(accept: str, writable: tuple[str, ...] = ANSWER_IMAGE
 
 # ----------------------------------------------------------------------------- states
 def pack_states(protocol_version: int, request_id: str,
-                states: list[tuple[int, bytes]]) -> bytes:
+                states: Sequence[tuple[int, bytes | memoryview]]) -> bytes:
     """A binary states fetch: (index, raw float32 bytes) in order."""
     header = StatesHeader(protocol_version=protocol_version, request_id=request_id,
                           states=[StatePart(index=i, length=len(raw)) for i, raw in states])

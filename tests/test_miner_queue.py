@@ -7,6 +7,7 @@ import time
 
 import pytest
 from miner_support import (
+    NETUID,
     StubEngine,
     make_request,
     module_net,
@@ -15,6 +16,7 @@ from miner_support import (
 )
 
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal
+from niche.miner.service import MinerConfig, MinerService
 from niche.protocol import ErrorResponse
 
 
@@ -169,3 +171,40 @@ def test_request_that_cannot_start_in_time_is_refused_at_once(net):
     assert ErrorResponse.model_validate(resp.json()).reason == "cannot_start_in_time"
     assert queued == 0 and calls == ["long"]
     assert took < 20.0  # not after waiting out its own timeout (a bound no load can break)
+
+
+def test_a_cancelled_generate_holds_the_gpu_until_its_work_ends(net):
+    """A handler cancelled mid-generation (a server shutdown, a client gone) frees its gate
+    slot when the GPU is done with the work, not before: the next request must not start
+    beside a generation that is still running."""
+    engine = StubEngine()
+    service = MinerService(engine, net.wallets["miner"],
+                           MinerConfig(netuid=NETUID, requests_per_minute=0), chain=net.chain)
+
+    async def scenario() -> None:
+        engine.hold()
+        task = asyncio.create_task(service.generate(make_request("held"), None, "caller"))
+        while not engine.running.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert service.gate.busy  # the GPU is still generating
+        engine.release()
+        for _ in range(400):
+            if not service.gate.busy:
+                break
+            await asyncio.sleep(0.005)
+        assert not service.gate.busy
+        answer = await asyncio.wait_for(
+            service.generate(make_request("next"), None, "caller"), 10)
+        assert answer.response.image_sha256 and engine.calls == ["held", "next"]
+        with pytest.raises(Refusal) as failed:  # an engine error: a 500, and the slot freed
+            await service.generate(make_request("explode"), None, "caller")
+        assert failed.value.status == 500 and failed.value.reason == "generation_failed"
+        assert not service.gate.busy
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()

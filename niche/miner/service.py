@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import PIL.Image
 from pydantic import BaseModel, ValidationError
@@ -56,13 +57,13 @@ from niche.protocol import (
     first_validation_error,
 )
 from niche.runtime import runtime_info
-from niche.states import commit_raw, states_bytes
+from niche.states import StreamedHashes, commit_raw, states_bytes
 from niche.wire import BINARY_SINCE, pack_answer, pack_states
 
 if TYPE_CHECKING:
     from bittensor import Wallet
 
-    from niche.models.engine import ImageEngine
+    from niche.models.engine import ImageEngine, StreamsStates
 
 log = logging.getLogger("niche.miner")
 
@@ -142,6 +143,17 @@ class Answer:
         return pack_answer(self.response, self.image, self.image_format)
 
 
+def streams_states(engine: object) -> bool:
+    """Whether `engine.generate_with_states` takes `on_state` (models.engine.StreamsStates),
+    read from the method itself: a wrapper that forwards other attributes to an Engine (the
+    localnet's cheats, a bench's stand-in) has its own method and may not take it."""
+    method = getattr(engine, "generate_with_states", None)
+    try:
+        return method is not None and "on_state" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or a proxy without a signature
+        return False
+
+
 class MinerService:
     """Engine + wallet + chain view + limits. One per process and GPU."""
 
@@ -160,6 +172,7 @@ class MinerService:
         self.limiter = RateLimiter(config.requests_per_minute,
                                    stake_proportional=config.stake_proportional_rate)
         self.concurrency = engine_concurrency(engine)
+        self._streams_states = streams_states(engine)
         self.gate = PriorityGate(config.max_queue, initial_estimate=config.initial_estimate,
                                  slots=self.concurrency, clock=clock)
         self.metrics = MinerMetrics()
@@ -380,20 +393,63 @@ class MinerService:
               image_format: str = "png") -> tuple[float, bytes, str, StatesCommitment, str]:
         """GPU worker thread: generate (keeping the sampler states), encode in
         `image_format`, hash, sign."""
+        hashes = StreamedHashes() if self._streams_states else None
         started = time.perf_counter()
         left = None if deadline is None else deadline - self.clock()
         with request_deadline(left) if left is not None else contextlib.nullcontext():
-            result, states = self.engine.generate_with_states(params, image)
+            if hashes is not None:  # the states are hashed while the next steps run
+                result, states = cast("StreamsStates", self.engine).generate_with_states(
+                    params, image, on_state=hashes.add)
+            else:
+                result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
         data = encode_image(result, image_format)
         digest = image_sha256(data)
-        shape, raw = states_bytes(states)  # converted once: hashed, then kept
+        streamed = hashes.finish(states) if hashes is not None else None
+        if streamed is not None:
+            shape, raw, digests = streamed
+        else:
+            (shape, raw), digests = states_bytes(states), None  # views, not copies
         commitment = commit_raw(shape, raw, self.engine.compute_dtype(params.model),
-                                kernels=declared_kernels(self.engine, params.model, version))
+                                kernels=declared_kernels(self.engine, params.model, version),
+                                sha256=digests)
         self.states.put_raw(caller, request_id, raw)
         signature = sign_response(self.keypair, request_id, digest, commitment.digest(),
                                   version=version)
         return seconds, data, digest, commitment, signature
+
+    def _run_work(self, params: GenerationParams, image: PIL.Image.Image | None,
+                  request: GenerateRequest, caller: str, deadline: float,
+                  image_format: str) -> asyncio.Future:
+        """`_work` on the GPU thread; the future of its result on this loop. The gate slot
+        is released when the work ends, whatever becomes of the future (a cancelled
+        handler does not free a GPU that is still busy). One callback on the loop settles
+        both: run_in_executor + shield take two more loop turns to wake the handler."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future = loop.create_future()
+
+        def settle(work: Future) -> None:  # on the loop
+            error = None if work.cancelled() else work.exception()
+            ok = not work.cancelled() and error is None
+            self.gate.release(work.result()[0] if ok else None)
+            self.metrics.busy.set(self.gate.running)
+            if answered.done():  # the handler was cancelled
+                return
+            if work.cancelled():  # the executor was shut down before it ran
+                answered.cancel()
+            elif error is None:
+                answered.set_result(work.result())
+            else:
+                answered.set_exception(error)
+
+        def finished(work: Future) -> None:  # on the GPU thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, work)
+
+        self.executor.submit(self._work, params, image, request.request_id, caller,
+                             request.protocol_version, deadline, image_format
+                             ).add_done_callback(finished)
+        return answered
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
                        caller: str, *, image_format: str = "png") -> Answer:
@@ -405,19 +461,9 @@ class MinerService:
         waited = await self.gate.acquire(stake, deadline)
         self.metrics.queue_seconds.observe(waited)
         self.metrics.busy.set(self.gate.running)
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, self._work, params, image,
-                                      request.request_id, caller, request.protocol_version,
-                                      deadline, image_format)
-
-        def _finished(f: asyncio.Future) -> None:
-            ok = not f.cancelled() and f.exception() is None
-            self.gate.release(f.result()[0] if ok else None)
-            self.metrics.busy.set(self.gate.running)
-
-        future.add_done_callback(_finished)
+        answered = self._run_work(params, image, request, caller, deadline, image_format)
         try:
-            seconds, data, digest, commitment, signature = await asyncio.shield(future)
+            seconds, data, digest, commitment, signature = await answered
         except EngineUnavailable as exc:
             log.warning("request %s refused: %s", request.request_id, exc)
             raise Refusal(503, "replicas_unavailable", str(exc)) from None

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from niche.errors import ConfigError
-from niche.states import state_bytes
+from niche.states import RawState, state_bytes
 
 log = logging.getLogger("niche.miner")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("niche.miner")
 @dataclass(frozen=True)
 class _Kept:
     expires: float
-    states: tuple[bytes, ...]
+    states: tuple[RawState, ...]
 
     @property
     def size(self) -> int:
@@ -74,7 +74,7 @@ class DiskStates:
                               ) from None
         with self._lock:
             self._prune()
-        self._queue: queue.Queue[tuple[str, str, tuple[bytes, ...]] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[str, str, tuple[RawState, ...]] | None] = queue.Queue(
             maxsize=64)
         self._writer = threading.Thread(target=self._write_loop, name="niche-states-writer",
                                         daemon=True)
@@ -84,7 +84,7 @@ class DiskStates:
     def bytes_held(self) -> int:
         return self._bytes
 
-    def put(self, hotkey: str, request_id: str, states: Sequence[bytes]) -> None:
+    def put(self, hotkey: str, request_id: str, states: Sequence[RawState]) -> None:
         """Queue the answer's states for the writer thread."""
         if sum(len(s) for s in states) <= self.max_bytes and self._writer.is_alive():
             self._queue.put((hotkey, request_id, tuple(states)))
@@ -105,7 +105,7 @@ class DiskStates:
             finally:
                 self._queue.task_done()
 
-    def _write(self, hotkey: str, request_id: str, states: tuple[bytes, ...]) -> None:
+    def _write(self, hotkey: str, request_id: str, states: tuple[RawState, ...]) -> None:
         size = sum(len(s) for s in states)
         with self._lock:
             try:
@@ -190,8 +190,9 @@ class StateStore:
     def put(self, hotkey: str, request_id: str, states: Sequence[torch.Tensor]) -> None:
         self.put_raw(hotkey, request_id, [state_bytes(s) for s in states])
 
-    def put_raw(self, hotkey: str, request_id: str, raw: Sequence[bytes]) -> None:
-        """`put` of states already converted to their raw bytes (the answer hashed them)."""
+    def put_raw(self, hotkey: str, request_id: str, raw: Sequence[RawState]) -> None:
+        """`put` of states already as their raw bytes or views (`states_bytes`: the answer
+        hashed them); views are kept as they are, so the store must own their tensors."""
         kept = _Kept(self._clock() + self.ttl, tuple(raw))
         if kept.size > self.max_bytes:
             return  # larger than the whole budget: nothing to keep (the fetch says so)
@@ -206,7 +207,7 @@ class StateStore:
             self._bytes += kept.size
             self._evict()
 
-    def get(self, hotkey: str, request_id: str) -> tuple[bytes, ...] | None:
+    def get(self, hotkey: str, request_id: str) -> tuple[RawState, ...] | None:
         """The states of that caller's answer, or None (never made, expired or evicted)."""
         with self._lock:
             self._evict()

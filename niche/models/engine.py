@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -98,6 +98,15 @@ class ImageEngine(Protocol):
                         states: Mapping[int, torch.Tensor],
                         kernels: Mapping[str, str] | None = None
                         ) -> dict[int, torch.Tensor]: ...
+
+
+class StreamsStates(Protocol):
+    """An engine whose `generate_with_states` also hands each state over as its step ends
+    (`Engine`), so the miner hashes states during generation."""
+
+    def generate_with_states(self, params: GenerationParams, image: ImageArg = None, *,
+                             on_state: Callable[[torch.Tensor], None] | None = None
+                             ) -> tuple[PIL.Image.Image, list[torch.Tensor]]: ...
 
 
 class Engine:
@@ -301,12 +310,15 @@ class Engine:
     def generate(self, params: GenerationParams, image: ImageArg = None) -> PIL.Image.Image:
         return self.generate_batch([(params, image)])[0]
 
-    def generate_with_states(self, params: GenerationParams, image: ImageArg = None
+    def generate_with_states(self, params: GenerationParams, image: ImageArg = None, *,
+                             on_state: Callable[[torch.Tensor], None] | None = None
                              ) -> tuple[PIL.Image.Image, list[torch.Tensor]]:
         """`generate`'s image (the same bits) and the sampler states x_1..x_N after every
-        denoising step: float32 CPU tensors with batch dimension 1 in the family's latent
-        layout (FLUX: packed (1, tokens, 64); Kolors: (1, 4, h/8, w/8))."""
-        return self.generate_batch_with_states([(params, image)], fuse=False)[0]
+        denoising step: fresh float32 CPU tensors (the caller may keep them; the engine
+        never writes to them again) with batch dimension 1 in the family's latent layout
+        (FLUX: packed (1, tokens, 64); Kolors: (1, 4, h/8, w/8)). `on_state` is handed each
+        of those tensors as soon as its step is done (the miner hashes them meanwhile)."""
+        return self._generate([(params, image)], False, capture=True, on_state=on_state)[0]
 
     def generate_batch(
         self, requests: Sequence[tuple[GenerationParams, ImageArg]],
@@ -329,7 +341,8 @@ class Engine:
         return self._generate(requests, fuse, capture=True)
 
     def _generate(self, requests: Sequence[tuple[GenerationParams, ImageArg]],
-                  fuse: bool | None, capture: bool
+                  fuse: bool | None, capture: bool,
+                  on_state: Callable[[torch.Tensor], None] | None = None
                   ) -> list[tuple[PIL.Image.Image, list[torch.Tensor]]]:
         fuse = self.fuse_batches if fuse is None else fuse
         resolved = []
@@ -353,6 +366,8 @@ class Engine:
             def record(step: int, latents: torch.Tensor, states=states) -> None:
                 for b, row in enumerate(states):
                     row.append(latents[b:b + 1].detach().to("cpu", torch.float32).clone())
+                    if on_state is not None:
+                        on_state(row[-1])
 
             with self._lock, torch.no_grad(), attention_backend(self.attention):
                 cond = self.conditioning_image(full, image)
