@@ -27,10 +27,13 @@ context, a loop, a thread pool, a TCP connection): the box, not the path. (a) pr
     path around a replayed real answer (no engine time): back to back, and after 20 ms idle
     before each request. The two differ only in how cold this box's caches are when the
     path runs, which is what separates the path's own cost from the box's.
-(b) 1024x1024: the same path around a stand-in engine that sleeps a fixed time (default
+(b) 1024x1024: the same path around a stand-in engine that takes a fixed time (default
     1.0 s, what a GPU takes) and returns a 1024x1024 image (a real tiny-model generation
-    upscaled) and four FLUX-sized states (1 MiB each); protocol 4 (binary) and protocol 3
-    (JSON) interleaved; then each phase on the same payload, one at a time.
+    upscaled, then photo-like content) and FLUX-sized states (1 MiB each): FLUX.1-schnell's
+    4, then FLUX.1-dev's 28 (the most any model the subnet runs commits), each handed over
+    as its step ends, as `Engine.generate_with_states(on_state=...)` does; protocol 4
+    (binary) and protocol 3 (JSON) interleaved; then each phase on the same payload, one at
+    a time (the states' hashing, alone there, runs during the steps in the path).
 (c) requests/second through the path at concurrency 1, 4 and 16 (tiny model), beside the
     direct engine's rate.
 (d) an audit's states fetch at 1024x1024 for a 30-step Kolors answer (latent 1x4x128x128)
@@ -405,7 +408,7 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
         ("image encode (4: RGB-ZSTD / 3: PNG by fpng)", encode4, encode),
         ("sha256 of the image bytes", sha4, sha),
-        (f"sha256 of {len(states)} x 1 MiB states (commitment)",
+        (f"sha256 of {len(states)} x 1 MiB states (in the path: during steps)",
          *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
