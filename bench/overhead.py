@@ -119,10 +119,14 @@ class FixedTimeEngine:
         return self._dtype
 
     def generate_with_states(self, params, image=None, *, on_state=None):
-        """As a GPU engine: each state is handed over as its step (seconds / N) ends."""
-        for state in self.states:
-            if self.seconds:
-                time.sleep(self.seconds / len(self.states))
+        """As a GPU engine: each state is handed over as its step (seconds / N) ends. Each
+        step ends on its own mark from the start, so the sleeps' overshoots do not add up
+        (28 of them added 3-8 ms)."""
+        started = time.perf_counter()
+        for step, state in enumerate(self.states, start=1):
+            left = started + self.seconds * step / len(self.states) - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
             if on_state is not None:
                 on_state(state)
         return self.image, list(self.states)
