@@ -412,7 +412,7 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
         ("image encode (4: RGB-ZSTD / 3: PNG by fpng)", encode4, encode),
         ("sha256 of the image bytes", sha4, sha),
-        (f"sha256 of {len(states)} x 1 MiB states (in the path: during steps)",
+        (f"sha256 of {len(states)} x 1 MiB states, during steps",
          *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
