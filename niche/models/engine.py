@@ -365,7 +365,9 @@ class Engine:
 
             def record(step: int, latents: torch.Tensor, states=states) -> None:
                 for b, row in enumerate(states):
-                    row.append(latents[b:b + 1].detach().to("cpu", torch.float32).clone())
+                    # one copy, whatever the device: `.to` then `.clone` copied a GPU state
+                    # twice (the second on CPU, into fresh pages, while the GPU waits)
+                    row.append(latents[b:b + 1].detach().to("cpu", torch.float32, copy=True))
                     if on_state is not None:
                         on_state(row[-1])
 
