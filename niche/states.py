@@ -41,8 +41,13 @@ def state_view(state: torch.Tensor) -> memoryview:
     """`state_bytes` without the copy: a flat read-only byte view of the state's own memory
     (converted first unless it is a float32 CPU C-contiguous tensor, a copy anyway). The view
     keeps that memory alive and sees any later write to the tensor, so its holder must own
-    the tensor: `generate_with_states`' states are fresh tensors nobody else keeps."""
-    array = state.detach().to("cpu", torch.float32).contiguous().numpy()
+    the tensor: `generate_with_states`' states are fresh tensors nobody else keeps. A tensor
+    that is a slice of larger memory is copied, so a store that counts the view's bytes
+    never holds more than it counts."""
+    tensor = state.detach().to("cpu", torch.float32).contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * 4:
+        tensor = tensor.clone()
+    array = tensor.numpy()
     return memoryview(array.astype("<f4", copy=False)).cast("B").toreadonly()
 
 

@@ -186,6 +186,10 @@ def test_state_views_are_the_hashed_bytes_without_a_copy(tmp_path):
     shape, raw = states_bytes(layouts)
     assert shape == [1, 8, 6, 4] and [bytes(r) for r in raw] == expected
     assert np.shares_memory(raw[0].obj, base.numpy())  # float32 CPU: no copy
+    batch = torch.randn((4, 8, 6, 4), generator=gen)  # a slice pins the whole batch: copied
+    _, (sliced,) = states_bytes([batch[1:2]])
+    assert bytes(sliced) == state_bytes(batch[1:2])
+    assert not np.shares_memory(sliced.obj, batch.numpy())
     assert all(r.readonly and len(r) == base.numel() * 4 for r in raw)
     digests = commit_raw(shape, raw, "float32").sha256
     assert digests == [hashlib.sha256(e).hexdigest() for e in expected]

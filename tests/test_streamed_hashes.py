@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from miner_support import NETUID, StubEngine, module_net
@@ -14,7 +15,7 @@ from niche import states as states_module
 from niche.imaging import encode_image
 from niche.miner.service import MinerConfig, MinerService, streams_states
 from niche.protocol import GenerateRequest, GenerationParams
-from niche.states import StreamedHashes, commit, state_bytes
+from niche.states import StreamedHashes, commit, state_bytes, states_bytes
 
 net = module_net("streamnet")
 
@@ -76,6 +77,8 @@ def test_the_engine_hands_over_the_very_tensors_it_returns(tiny_engine):
     image, states = tiny_engine.generate_with_states(params, on_state=seen.append)
     assert len(states) == 30 and len(seen) == 30
     assert all(a is b for a, b in zip(seen, states, strict=True))
+    _, views = states_bytes(states)  # fresh tensors of their own: kept without a copy
+    assert all(np.shares_memory(v.obj, s.numpy()) for v, s in zip(views, states, strict=True))
     plain_image, plain_states = tiny_engine.generate_with_states(params)
     assert encode_image(image) == encode_image(plain_image)
     assert all(torch.equal(a, b) for a, b in zip(states, plain_states, strict=True))
