@@ -31,14 +31,41 @@ def _python(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
 
 
-def test_free_port_is_bindable():
+def test_free_port_is_bindable_and_outside_what_the_kernel_hands_out():
+    """The plan's ports are bound seconds later: one from the kernel's ephemeral range could
+    be taken meanwhile by any outgoing connection or port-0 listener."""
     import socket
 
-    port = free_port()
-    assert 1024 <= port <= 65535
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
-        assert sock.getsockname() == ("127.0.0.1", port)
+    from niche.devnet.localnet.supervisor import ephemeral_ports
+
+    low, high = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+            assert sock.getsockname() == ("127.0.0.1", port)
+
+
+def test_free_port_skips_ports_in_use_and_falls_back_to_the_os(monkeypatch, tmp_path):
+    import random
+    import socket
+
+    from niche.devnet.localnet import supervisor
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        taken, other = held.getsockname()[1], free_port()
+        picks = iter([taken, taken, other])
+        monkeypatch.setattr(random.SystemRandom, "choice", lambda self, seq: next(picks))
+        assert free_port() == other
+    narrow = tmp_path / "ip_local_port_range"
+    narrow.write_text("10500\t60999\n")  # too few ports below it: the OS picks
+    monkeypatch.setattr(supervisor, "EPHEMERAL_RANGE_FILE", narrow)
+    assert supervisor.ephemeral_ports() == (10500, 60999)
+    assert 10500 <= free_port() <= 65535
+    monkeypatch.setattr(supervisor, "EPHEMERAL_RANGE_FILE", tmp_path / "missing")
+    assert supervisor.ephemeral_ports() == (32768, 60999)
 
 
 def test_dead_child_is_named_with_its_log_and_the_rest_stop(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -84,8 +85,44 @@ def _deliver(signum: int, handler: Any) -> None:
     # SIG_IGN: it was ignored before, it stays ignored
 
 
+LOWEST_PICKED_PORT = 10000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        low, high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now (the OS picks it)."""
+    """A port that is free right now, picked at random below the kernel's ephemeral range.
+
+    A process of the plan binds its port seconds later (pm2, imports, model loads). A port the
+    OS picked (bind to port 0) is back in the ephemeral pool by then, and any outgoing
+    connection or port-0 listener on the box may take it first: `niche localnet` under a
+    busy test run lost a miner that way ("port ... already in use"). Below that range only an
+    explicit bind can take it."""
+    low, _ = ephemeral_ports()
+    candidates = range(LOWEST_PICKED_PORT, low)
+    if len(candidates) >= 1000:
+        pick = random.SystemRandom()
+        for _ in range(100):
+            port = pick.choice(candidates)
+            if _bindable(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
