@@ -13,6 +13,7 @@ import yaml
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
+from niche.devnet.localnet.supervisor import free_port
 from niche.devnet.servers import BackgroundServer
 from niche.miner.server import create_app
 from niche.miner.service import MinerConfig, MinerService
@@ -178,7 +179,6 @@ def test_an_unreachable_miner_is_unavailable_not_a_cheat(production_engine, tmp_
     """A miner gone between its answer and the audit: the fetch retries until its deadline
     and the verdict is 'unavailable' (a fault), while the other answers of the same audit
     are judged as usual."""
-    import socket
 
     from niche.validator.audit import AuditConfig, Auditor
     from niche.validator.challenges import Challenge
@@ -188,9 +188,7 @@ def test_an_unreachable_miner_is_unavailable_not_a_cheat(production_engine, tmp_
     chain, miner, validator = one_miner_chain(tmp_path)
     service, server = start_miner(chain, miner, production_engine)
     client = MinerClient(validator)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     try:
         from niche.protocol import GenerateRequest
 

@@ -11,6 +11,7 @@ import pytest
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.cli import main
+from niche.devnet.localnet.supervisor import free_port
 
 NETUID = 1
 
@@ -35,18 +36,12 @@ def busy_port():
         yield sock.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _base(role: str, root: Path) -> dict[str, str]:
     flags = {"--netuid": str(NETUID), "--subtensor.network": "localnet",
              "--localnet.path": str(root / "chain.db"), "--wallet.name": role,
              "--wallet.hotkey": "hot", "--wallet.path": str(root / "wallets")}
     if role == "miner":
-        flags.update({"--axon.ip": "127.0.0.1", "--axon.port": str(_free_port()),
+        flags.update({"--axon.ip": "127.0.0.1", "--axon.port": str(free_port()),
                       "--model": "flux-schnell", "--states.path": str(root / "st.sqlite")})
     else:
         flags.update({"--models": "flux-schnell",

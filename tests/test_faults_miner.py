@@ -12,7 +12,6 @@ import asyncio
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import httpx
 import pytest
 from miner_support import NETUID, make_request, module_net
 
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 
 TESTS = Path(__file__).resolve().parent
@@ -61,12 +61,6 @@ MINER = textwrap.dedent("""
     serve(service, "127.0.0.1", port)
     print("EXITING", flush=True)
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MinerProcess:

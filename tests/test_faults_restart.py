@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
@@ -108,9 +108,7 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
     chain.create_subnet(NETUID, max_validators=4)
     chain.register(NETUID, wallets["validator"], stake=100.0)
     uid = chain.register(NETUID, wallets["miner"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     miner = MinerProcess(tmp_path, port, tmp_path / "miner-states.sqlite")
     config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
                              state_path=tmp_path / "state.db", audit_fraction=1.0,

@@ -15,18 +15,13 @@ import httpx
 from miner_support import NETUID, make_request, module_net
 
 from niche.cli import main
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.client import MinerClient, QueryStatus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 net = module_net("clinet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def argv(net, wallet: str, port: int, *extra: str) -> list[str]:

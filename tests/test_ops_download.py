@@ -7,13 +7,13 @@ missing and the command that fetches it; progress bars are on for the neurons.""
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from niche.cli import main
+from niche.devnet.localnet.supervisor import free_port
 from niche.devnet.servers import BackgroundServer
 from niche.errors import ConfigError
 from niche.models.download import select_files
@@ -125,9 +125,7 @@ def test_not_enough_disk_is_one_line_before_any_download(tmp_path, monkeypatch, 
 
 
 def test_offline_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nobody listens here once closed
+    port = free_port()  # nobody listens here once closed
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     rc = main(["models", "download", "--model", "flux-schnell", "--dest", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from niche.cli import build_parser, main
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 from niche.validator.state import ValidatorState
 
@@ -62,12 +63,6 @@ def test_niche_help_lists_download_under_models(capsys):
     assert "download" in line
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def busy_port():
     with socket.socket() as sock:
@@ -99,7 +94,7 @@ def test_busy_metrics_port_stops_the_miner_before_the_models(tmp_path, busy_port
     code = main(["miner", "--netuid", "1", "--subtensor.network", "localnet",
                  "--localnet.path", str(tmp_path / "chain.sqlite"), "--wallet.name", "m",
                  "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "w"),
-                 "--axon.ip", "127.0.0.1", "--axon.port", str(_free_port()),
+                 "--axon.ip", "127.0.0.1", "--axon.port", str(free_port()),
                  "--model", "flux-schnell",
                  "--model-path", str(tmp_path / "no-models"), "--metrics.port", str(busy_port)])
     err = capsys.readouterr().err.strip().splitlines()

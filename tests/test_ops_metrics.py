@@ -4,8 +4,6 @@ incentive and registration; the validator exports rounds, answers, audits, failu
 weights set."""
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 import torch
@@ -13,6 +11,7 @@ from miner_support import NETUID, StubEngine, build_net, running_miner
 
 from niche.chain.wallets import create_wallet
 from niche.cli import build_parser
+from niche.devnet.localnet.supervisor import free_port
 from niche.errors import ConfigError
 from niche.metrics_server import start_metrics_server
 from niche.miner.metrics import MinerMetrics
@@ -91,9 +90,7 @@ def test_validator_exports_rounds_answers_audits_and_weights(tmp_path, tiny_engi
     chain.register(NETUID, wallets["validator"], stake=100.0)
     for name in ("honest", "dead"):
         chain.register(NETUID, wallets[name])
-    with socket.socket() as s:  # an endpoint nobody listens on
-        s.bind(("127.0.0.1", 0))
-        chain.serve(NETUID, wallets["dead"], "127.0.0.1", s.getsockname()[1])
+    chain.serve(NETUID, wallets["dead"], "127.0.0.1", free_port())  # nobody listens there
     config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1,
                              state_path=tmp_path / "state.db", audit_fraction=1.0, seed=3,
                              epoch_length=1000, round_interval=0, info_timeout=5.0,

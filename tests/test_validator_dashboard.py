@@ -18,6 +18,7 @@ from gateway_support import NETUID, make_chain, running_miners
 
 from niche.chain.local import LocalChain
 from niche.cli import main
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.client import MinerClient
 from niche.validator.dashboard import latency_summary, snapshot, start_dashboard
 from niche.validator.service import Validator, ValidatorConfig
@@ -48,9 +49,7 @@ class Only:
 
 
 def _dead_endpoint(net, name: str) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     net.chain.serve(NETUID, net.wallets[name], "127.0.0.1", port)
 
 

@@ -20,6 +20,7 @@ from miner_support import announced_miners
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
+from niche.devnet.localnet.supervisor import free_port
 from niche.miner.service import MinerConfig
 from niche.validator.client import MinerClient
 from niche.validator.scoring import ScoringConfig
@@ -94,11 +95,8 @@ def net(tmp_path_factory):
 
 
 def _dead_endpoint(chain, wallet):
-    import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     chain.serve(NETUID, wallet, "127.0.0.1", port)
 
 

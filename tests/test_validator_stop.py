@@ -4,10 +4,10 @@ round; in any other round they are."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
+from niche.devnet.localnet.supervisor import free_port
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
@@ -21,9 +21,7 @@ def test_a_stop_mid_round_zeroes_no_miner_going_down(tmp_path, tiny_engine):
     chain.create_subnet(NETUID, max_validators=4)
     chain.register(NETUID, wallets["validator"], stake=100.0)
     uid = chain.register(NETUID, wallets["gone"])
-    with socket.socket() as s:  # a miner that has just stopped: nobody listens on its port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a miner that has just stopped: nobody listens on its port
     chain.serve(NETUID, wallets["gone"], "127.0.0.1", port)
     config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), seed=1,
                              state_path=tmp_path / "state.db", epoch_length=1000,
