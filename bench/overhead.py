@@ -29,9 +29,10 @@ context, a loop, a thread pool, a TCP connection): the box, not the path. (a) pr
     path runs, which is what separates the path's own cost from the box's.
 (b) 1024x1024: the same path around a stand-in engine that takes a fixed time (default
     1.0 s, what a GPU takes) and returns a 1024x1024 image (a real tiny-model generation
-    upscaled, then photo-like content) and FLUX-sized states (1 MiB each): FLUX.1-schnell's
-    4, then FLUX.1-dev's 28 (the most any model the subnet runs commits), each handed over
-    as its step ends, as `Engine.generate_with_states(on_state=...)` does; protocol 4
+    upscaled, then photo-like content) and the states of a production answer:
+    FLUX.1-schnell's 4 and FLUX.1-dev's 28 (1 MiB each; the most bytes any model commits),
+    Kolors' 30 (256 KiB each), each handed over as its step ends, as
+    `Engine.generate_with_states(on_state=...)` does; protocol 4
     (binary) and protocol 3 (JSON) interleaved; then each phase on the same payload, one at
     a time (the states' hashing, alone there, runs during the steps in the path).
 (c) requests/second through the path at concurrency 1, 4 and 16 (tiny model), beside the
@@ -88,11 +89,14 @@ from niche.wire import pack_answer, unpack_answer  # noqa: E402
 
 NETUID = 1
 SIDE = 1024
-SCHNELL_STATES = ("FLUX.1-schnell, 4 steps", 4)
-DEV_STATES = ("FLUX.1-dev, 28 steps", 28)
-"""(b)'s answers commit to FLUX-sized states (packed 1x4096x64 float32, 1 MiB each at
-1024x1024): schnell's 4, and FLUX.1-dev's 28, the most any model the subnet runs commits
-(Kolors' 30 are 256 KiB each)."""
+FLUX_STATE = (1, 4096, 64)
+KOLORS_STATE = (1, 4, 128, 128)
+SCHNELL_STATES = ("FLUX.1-schnell, 4 steps", 4, FLUX_STATE)
+DEV_STATES = ("FLUX.1-dev, 28 steps", 28, FLUX_STATE)
+KOLORS_STATES = ("Kolors, 30 steps", 30, KOLORS_STATE)
+"""(b)'s answers commit to the states of the subnet's production settings at 1024x1024:
+FLUX's packed 1x4096x64 float32 latents (1 MiB each), schnell's 4 and FLUX.1-dev's 28 (the
+most bytes any model commits), and Kolors' 30 of 1x4x128x128 (256 KiB each)."""
 
 
 class FixedTimeEngine:
@@ -412,7 +416,7 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
         ("request signature + its check (auth)", *[median_ms(request_auth, r)] * 2),
         ("image encode (4: RGB-ZSTD / 3: PNG by fpng)", encode4, encode),
         ("sha256 of the image bytes", sha4, sha),
-        (f"sha256 of {len(states)} x 1 MiB states, during steps",
+        (f"sha256 of {len(states)} states ({states[0].numel() * 4 / 2**20:g} MiB), in steps",
          *[median_ms(lambda: commit(states, "bfloat16"), r)] * 2),
         ("answer signature (sr25519)", sign, sign),
         ("body: binary pack / base64 + JSON dump",
@@ -577,16 +581,19 @@ def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: f
     photo = Image.fromarray(photo_like())
     for content, image, states in (("tiny model upscaled", smooth, SCHNELL_STATES),
                                    ("photo-like", photo, SCHNELL_STATES),
-                                   ("photo-like", photo, DEV_STATES)):
+                                   ("photo-like", photo, DEV_STATES),
+                                   ("photo-like", photo, KOLORS_STATES)):
         _big_answer(engine, chain, wallets, client, model, sleep, n, content, image, states)
 
 
 def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
-                n: int, content: str, big: Image.Image, states: tuple[str, int]) -> None:
-    label, steps = states
-    flux_states = [torch.randn((1, 4096, 64), generator=torch.Generator().manual_seed(i))
-                   for i in range(steps)]
-    stand_in = FixedTimeEngine(engine, sleep, big, flux_states)
+                n: int, content: str, big: Image.Image,
+                states: tuple[str, int, tuple[int, ...]]) -> None:
+    label, steps, shape = states
+    answer_states = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
+                     for i in range(steps)]
+    state_mib = answer_states[0].numel() * 4 / 2**20
+    stand_in = FixedTimeEngine(engine, sleep, big, answer_states)
     service, server = _serve(stand_in, chain, wallets)
     target = (1, service.hotkey, server.url)
     m = max(5, n // 2)
@@ -596,14 +603,15 @@ def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: 
     png, fast = encode_image(big), encode_image(big, "RGB-ZSTD")
     print(f"(b) 1024x1024 {content} answer (RGB-ZSTD {len(fast) / 2**20:.2f} MiB, PNG "
           f"{len(png) / 2**20:.2f} MiB; + commitment to "
-          f"{steps} x 1 MiB states, {label}) around a {sleep:.2f} s stand-in, {m} requests "
+          f"{steps} x {state_mib:g} MiB states, {label}) around a {sleep:.2f} s stand-in, "
+          f"{m} requests "
           "each, interleaved")
     for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
         b = statistics.median(runs[version])
         print(f"    {label} {_ms(b)} (median)   ratio {b / sleep:.3f}   added "
               f"{(b - sleep) * 1000:.1f} ms")
     print("    target: the node adds < 30 ms")
-    rows = phases(big, flux_states, wallets["miner"], 7)
+    rows = phases(big, answer_states, wallets["miner"], 7)
     print(f"    each phase alone (median of 7)        {'protocol 4':>11} {'protocol 3':>11}")
     for name, v4, v3 in rows:
         print(f"      {name:<44} {v4:7.2f} ms  {v3:7.2f} ms")
