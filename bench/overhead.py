@@ -589,7 +589,7 @@ def big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: f
 def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: float,
                 n: int, content: str, big: Image.Image,
                 states: tuple[str, int, tuple[int, ...]]) -> None:
-    label, steps, shape = states
+    setting, steps, shape = states
     answer_states = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
                      for i in range(steps)]
     state_mib = answer_states[0].numel() * 4 / 2**20
@@ -603,9 +603,8 @@ def _big_answer(engine, chain, wallets, client: MinerClient, model: str, sleep: 
     png, fast = encode_image(big), encode_image(big, "RGB-ZSTD")
     print(f"(b) 1024x1024 {content} answer (RGB-ZSTD {len(fast) / 2**20:.2f} MiB, PNG "
           f"{len(png) / 2**20:.2f} MiB; + commitment to "
-          f"{steps} x {state_mib:g} MiB states, {label}) around a {sleep:.2f} s stand-in, "
-          f"{m} requests "
-          "each, interleaved")
+          f"{steps} x {state_mib:g} MiB states, {setting}) around a {sleep:.2f} s stand-in, "
+          f"{m} requests each, interleaved")
     for version, label in ((4, "protocol 4 (binary)"), (3, "protocol 3 (JSON)  ")):
         b = statistics.median(runs[version])
         print(f"    {label} {_ms(b)} (median)   ratio {b / sleep:.3f}   added "
