@@ -26,10 +26,19 @@ class BadState(ValueError):
     """A state that does not match its commitment (size, hash, values): the answer fails."""
 
 
+def _float32_cpu(state: torch.Tensor) -> torch.Tensor:
+    """The state as a float32 CPU C-contiguous tensor (itself when it already is one)."""
+    return state.detach().to("cpu", torch.float32).contiguous()
+
+
+def _little_endian(tensor: torch.Tensor) -> memoryview:
+    """A view of a float32 CPU C-contiguous tensor's values as little-endian float32."""
+    return memoryview(tensor.numpy().astype("<f4", copy=False))
+
+
 def state_bytes(state: torch.Tensor) -> bytes:
     """Raw float32 little-endian C-order bytes: what is hashed and sent."""
-    array = state.detach().to("cpu", torch.float32).contiguous().numpy()
-    return array.astype("<f4", copy=False).tobytes()
+    return _little_endian(_float32_cpu(state)).tobytes()
 
 
 RawState = bytes | memoryview
@@ -44,11 +53,13 @@ def state_view(state: torch.Tensor) -> memoryview:
     the tensor: `generate_with_states`' states are fresh tensors nobody else keeps. A tensor
     that is a slice of larger memory is copied, so a store that counts the view's bytes
     never holds more than it counts."""
-    tensor = state.detach().to("cpu", torch.float32).contiguous()
+    tensor = _float32_cpu(state)
     if tensor.untyped_storage().nbytes() != tensor.numel() * 4:
         tensor = tensor.clone()
-    array = tensor.numpy()
-    return memoryview(array.astype("<f4", copy=False)).cast("B").toreadonly()
+    values = _little_endian(tensor)
+    if not values.nbytes:  # memoryview cannot cast a shape with a zero in it
+        return memoryview(b"")
+    return values.cast("B").toreadonly()
 
 
 def states_bytes(states: Sequence[torch.Tensor]) -> tuple[list[int], list[memoryview]]:
@@ -72,8 +83,8 @@ this machine, 9 ms on two."""
 
 def _sha256_all(raw: Sequence[RawState]) -> list[str]:
     if len(raw) < 4 or sum(len(r) for r in raw) < (4 << 20):
-        return [hashlib.sha256(r).hexdigest() for r in raw]
-    return list(_HASHERS.map(lambda r: hashlib.sha256(r).hexdigest(), raw))
+        return [_sha256(r) for r in raw]
+    return list(_HASHERS.map(_sha256, raw))
 
 
 def _sha256(raw: RawState) -> str:

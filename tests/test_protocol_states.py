@@ -190,6 +190,10 @@ def test_state_views_are_the_hashed_bytes_without_a_copy(tmp_path):
     _, (sliced,) = states_bytes([batch[1:2]])
     assert bytes(sliced) == state_bytes(batch[1:2])
     assert not np.shares_memory(sliced.obj, batch.numpy())
+    from niche.states import state_view
+
+    for odd in (torch.zeros(0, 4), torch.tensor(2.5)):  # no element; no dimension
+        assert bytes(state_view(odd)) == state_bytes(odd)
     assert all(r.readonly and len(r) == base.numel() * 4 for r in raw)
     digests = commit_raw(shape, raw, "float32").sha256
     assert digests == [hashlib.sha256(e).hexdigest() for e in expected]
