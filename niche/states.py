@@ -67,12 +67,17 @@ def states_bytes(states: Sequence[torch.Tensor]) -> tuple[list[int], list[memory
     commitment hashes them and the miner's store keeps them. A copy of FLUX.1-dev's 28
     states at 1024x1024 (28 MiB, fresh pages each answer) cost 13 ms of the answer's path on
     this 2-core box (bench/overhead.py (b))."""
+    return _answer_shape(states), [state_view(s) for s in states]
+
+
+def _answer_shape(states: Sequence[torch.Tensor]) -> list[int]:
+    """The one shape of an answer's 1..MAX_STATES states; ValueError otherwise."""
     if not states or len(states) > MAX_STATES:
         raise ValueError(f"an answer commits to 1..{MAX_STATES} states, not {len(states)}")
     shape = list(states[0].shape)
     if any(list(s.shape) != shape for s in states):
         raise ValueError("all states of one answer have one shape")
-    return shape, [state_view(s) for s in states]
+    return shape
 
 
 _HASHERS = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
@@ -145,14 +150,14 @@ class StreamedHashes:
         if self._failed or len(states) != len(self._seen) or any(
                 a is not b for a, b in zip(states, self._seen, strict=True)):
             return None
-        if not states or len(states) > MAX_STATES or any(
-                s.shape != states[0].shape for s in states):
+        try:
+            shape = _answer_shape(states)
+        except ValueError:
             return None  # the caller's states_bytes says what is wrong
         views = [v if v is not None else state_view(s)
                  for v, s in zip(self._views, states, strict=True)]
         digests = [h.result() if h is not None else _sha256(v)
                    for h, v in zip(self._hashes, views, strict=True)]
-        shape = list(states[0].shape)
         return shape, views, digests
 
 
