@@ -59,6 +59,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from bittensor import resolve_signer
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from PIL import Image
@@ -377,9 +378,10 @@ def phases(image: Image.Image, states: list[torch.Tensor], wallet, repeats: int
     fast_limits = ImageLimits(formats=ANSWER_FORMATS)
     request_body = _request("flux-schnell", 1).model_dump_json().encode()
     verifier = RequestVerifier(keypair.ss58_address)
+    signer = resolve_signer(wallet, role="hotkey")  # once, as MinerClient holds it
 
     def request_auth() -> None:
-        headers = sign_request(wallet, method="POST", path="/v1/generate", body=request_body,
+        headers = sign_request(signer, method="POST", path="/v1/generate", body=request_body,
                                receiver=keypair.ss58_address)
         verifier.verify(headers, request_body, method="POST", path="/v1/generate")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -175,20 +175,43 @@ def answer_accept(image_formats: tuple[str, ...]) -> str:
     return ", ".join([*ranges, ANSWER_MEDIA_TYPE, "application/json"])
 
 
+def accept_listings(accept: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """(media type, parameters) of each listing of an Accept header, names lower-cased,
+    values unquoted; a listing with q=0 is left out: RFC 9110 says it is *not* acceptable."""
+    for media_range in accept.split(","):
+        media_type, *parts = (part.strip() for part in media_range.split(";"))
+        params: dict[str, str] = {}
+        for key, _, value in (part.partition("=") for part in parts):
+            params.setdefault(key.strip().lower(), value.strip().strip('"'))
+        if _refused(params.get("q")):
+            continue
+        yield media_type.lower(), params
+
+
+def _refused(q: str | None) -> bool:
+    """Whether a q value says "not acceptable" (0, 0.0, ...); a malformed one does not."""
+    try:
+        return q is not None and float(q) <= 0.0
+    except ValueError:
+        return False
+
+
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether an Accept header lists `media_type` itself, not with q=0 (a wildcard does
+    not count: the binary bodies are for peers that name them)."""
+    return any(listed == media_type for listed, _ in accept_listings(accept))
+
+
 def requested_image_format(accept: str, writable: tuple[str, ...] = ANSWER_IMAGE_FORMATS
                            ) -> str | None:
     """The image format a binary answer should carry for this Accept header: the first
     listing of the answer media type whose `image` parameter is in `writable` ("png" for a
     listing without it); None when the header does not ask for binary answers at all."""
     chosen: str | None = None
-    for media_range in accept.split(","):
-        media_type, *params = (part.strip() for part in media_range.split(";"))
-        if media_type.lower() != ANSWER_MEDIA_TYPE:
+    for media_type, params in accept_listings(accept):
+        if media_type != ANSWER_MEDIA_TYPE:
             continue
-        named = [value.strip().strip('"').lower() for key, _, value in
-                 (param.partition("=") for param in params) if key.strip().lower()
-                 == IMAGE_PARAMETER]
-        fmt = named[0] if named else "png"
+        fmt = params.get(IMAGE_PARAMETER, "png").lower()
         if fmt in writable:
             return fmt
         chosen = chosen or ("png" if "png" in writable else None)

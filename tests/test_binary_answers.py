@@ -90,10 +90,13 @@ def test_protocol_3_and_4_miners_side_by_side(net):
                             answer_accept(("rgb-zstd",)))
         v3_fast = _raw_post(old, net.wallets["hi"], _in(make_request(seed=5), 3),
                             answer_accept(("rgb-zstd",)))
+        refused = _raw_post(new, net.wallets["hi"], _in(make_request(seed=5), 4),
+                            f"{ANSWER_MEDIA_TYPE}; q=0, application/json")
     assert v3.headers["content-type"] == "application/json" and "image" in v3.json()
     assert v3_fast.headers["content-type"] == "application/json"  # v3 knows no binary
     assert v4.headers["content-type"] == ANSWER_MEDIA_TYPE and v4.content[:4] == ANSWER_MAGIC
     assert v4_json.headers["content-type"] == "application/json"  # asked for JSON: JSON
+    assert refused.headers["content-type"] == "application/json"  # q=0: not acceptable
     answer, png, fmt = unpack_answer(v4.content)  # binary without image=: PNG
     assert fmt == "png" and image_sha256(png) == answer.image_sha256 and answer.image == ""
     assert png == to_png(png)  # users get the signed bytes themselves

@@ -44,7 +44,13 @@ from niche.protocol import GENERATE_PATH, GenerateResponse, GenerationParams
 from niche.rawimage import HEADER_BYTES, BadRawImage
 from niche.validator.client import MinerClient, MinerTarget, QueryStatus
 from niche.validator.organic import OrganicQueue
-from niche.wire import ANSWER_MEDIA_TYPE, answer_accept, requested_image_format
+from niche.wire import (
+    ANSWER_MEDIA_TYPE,
+    STATES_MEDIA_TYPE,
+    accepts,
+    answer_accept,
+    requested_image_format,
+)
 from tests.miner_support import (
     RecordingClient,
     StubEngine,
@@ -289,9 +295,29 @@ A = ANSWER_MEDIA_TYPE
     (f"{A}; image=webp, {A}; image=rgb-zstd", "webp"),
     (f"{A}; image=png, {A}; image=rgb-zstd", "png"),
     (f"{A}; charset=utf-8; image=rgb-zstd", "rgb-zstd"),
+    # q=0 says "not acceptable" (RFC 9110): such a listing is skipped, whatever it names
+    (f"{A}; q=0, application/json", None),
+    (f"{A};q=0.000", None),
+    (f"{A}; image=rgb-zstd; q=0, {A}, application/json", "png"),
+    (f"{A}; image=rgb-zstd; Q=0, {A}; image=webp", "webp"),
+    (f"{A}; q=0.001; image=rgb-zstd", "rgb-zstd"),
+    (f"{A}; q=high", "png"),  # a malformed q does not refuse
+    (f"{A}; q", "png"),
 ])
 def test_requested_image_format(accept, expected):
     assert requested_image_format(accept) == expected
+
+
+@pytest.mark.parametrize("accept, expected", [
+    (STATES_MEDIA_TYPE, True),
+    (f"application/json, {STATES_MEDIA_TYPE.upper()}; q=0.5", True),
+    (f"{STATES_MEDIA_TYPE}; q=0, application/json", False),
+    ("*/*", False),  # binary bodies are for peers that name them
+    (f"{STATES_MEDIA_TYPE}x", False),
+    ("", False),
+])
+def test_accepts_names_the_media_type_itself(accept, expected):
+    assert accepts(accept, STATES_MEDIA_TYPE) is expected
 
 
 def test_what_a_validator_sends_and_what_a_miner_writes():

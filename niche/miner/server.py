@@ -51,6 +51,7 @@ from niche.wire import (
     ANSWER_MEDIA_TYPE,
     BINARY_SINCE,
     STATES_MEDIA_TYPE,
+    accepts,
     requested_image_format,
 )
 
@@ -69,11 +70,6 @@ def _error(status: int, reason: str, detail: str = "", field: str | None = None
            ) -> JSONResponse:
     body = ErrorResponse(reason=reason, detail=detail, field=field)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
-
-
-def accepts(accept: str, media_type: str) -> bool:
-    """Whether an Accept header names `media_type` itself (a wildcard does not count)."""
-    return any(part.split(";")[0].strip().lower() == media_type for part in accept.split(","))
 
 
 def binary_image_format(accept: str, version: int) -> str | None:
