@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable
 from enum import Enum
@@ -126,6 +127,9 @@ class StatesCommitment(_Strict):
     compute just the states that will be checked."""
 
     shape: list[int] = Field(min_length=1, max_length=6)
+    """Each size at least 1, and at most MAX_STATE_ELEMENTS elements in all: a shape no
+    state can have (a negative size, a product that overflows) would make every audit of
+    the answer fail on the validator's side instead of the miner's."""
     sha256: list[str] = Field(min_length=1, max_length=MAX_STATES)
     compute_dtype: str = Field(pattern=r"^(float32|bfloat16|float16)$")
     kernels: dict[str, str] = Field(default_factory=dict, max_length=MAX_KERNEL_DECLARATIONS,
@@ -133,6 +137,16 @@ class StatesCommitment(_Strict):
     """Protocol 4+: the kernel choices that change a step's bits (`attention`: one of
     ATTENTION_BACKENDS; `weights`: the weight storage, e.g. `gguf-q8`). Empty from a
     protocol-2/3 miner (the validator assumes the defaults). Covered by `digest`."""
+
+    @field_validator("shape")
+    @classmethod
+    def _bounded_shape(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError(f"state shape {value} has a size below 1")
+        if math.prod(value) > MAX_STATE_ELEMENTS:  # Python ints: no overflow
+            raise ValueError(f"state shape {value} holds more than {MAX_STATE_ELEMENTS} "
+                             "elements")
+        return value
 
     @field_validator("kernels")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -177,8 +178,9 @@ def _expected_bytes(index: int, commitment: StatesCommitment) -> int:
     """The byte length of committed state x_index, checked before anything is read."""
     if not 1 <= index <= len(commitment.sha256):
         raise BadState(f"state {index} is not among the {len(commitment.sha256)} committed")
-    elements = int(np.prod(commitment.shape))
-    if not 0 < elements <= MAX_STATE_ELEMENTS:
+    shape = commitment.shape  # bounded by StatesCommitment; checked again in Python ints
+    elements = math.prod(shape)
+    if min(shape, default=0) < 1 or not 0 < elements <= MAX_STATE_ELEMENTS:
         raise BadState(f"committed shape {commitment.shape} is out of bounds")
     return elements * 4
 
@@ -205,7 +207,11 @@ def decode_state_bytes(raw: bytes | memoryview, index: int, commitment: StatesCo
         raise BadState(f"state {index}: {len(raw)} bytes, expected {expected}")
     if hashlib.sha256(raw).hexdigest() != commitment.sha256[index - 1]:
         raise BadState(f"state {index} does not match the hash the answer committed to")
-    array = np.frombuffer(raw, dtype="<f4").reshape(commitment.shape)
+    try:
+        array = np.frombuffer(raw, dtype="<f4").reshape(commitment.shape)
+    except ValueError:  # unreachable through the checks above; the miner's shape if it is
+        raise BadState(f"state {index} cannot take the committed shape "
+                       f"{commitment.shape}") from None
     if not np.isfinite(array).all():
         raise BadState(f"state {index} holds NaN or infinite values")
     return torch.from_numpy(array.astype(np.float32))

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import math
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from niche.imaging import (
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
+    MAX_STATE_ELEMENTS,
     MAX_STATES_PER_FETCH,
     PROTOCOL_VERSION,
     STATES_PATH,
@@ -447,9 +449,8 @@ class MinerClient:
                              indices=chunk).model_dump_json().encode()
         accept = (f"{STATES_MEDIA_TYPE}, application/json" if version >= BINARY_SINCE
                   else "application/json")  # protocol 4: the raw float32 states
-        elements = 1
-        for size in commitment.shape:
-            elements *= size
+        # the commitment's shape is bounded (StatesCommitment); the cap never trusts it more
+        elements = min(math.prod(commitment.shape), MAX_STATE_ELEMENTS)
         cap = len(chunk) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
         attempts = 0
         while True:
