@@ -1,6 +1,26 @@
 """Errors a user can act on. The CLI prints their message on one line, no traceback."""
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character escaped (a newline becomes the two characters
+    backslash-n): peer-supplied text in a reason or a log line cannot start a forged line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class OneLineReason:
+    """Dataclass mixin: whatever is assigned to `reason` (often a peer's words) is stored
+    on one line."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "reason" and isinstance(value, str):
+            value = one_line(value)
+        super().__setattr__(name, value)
+
 
 class NicheError(Exception):
     exit_code = 1

@@ -14,6 +14,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from niche.errors import one_line
+
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 """What `json.dumps(..., sort_keys=True, separators=(",", ":"))` writes, built once: dumps
 builds a new encoder for every call with non-default arguments (on the answer's path)."""
@@ -288,6 +290,7 @@ def first_validation_error(exc: ValidationError) -> tuple[str, str]:
     """(dotted location, message) of the first problem pydantic found, plus how many more:
     one line a caller can act on instead of pydantic's multi-line dump."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
+    where = one_line(".".join(str(part) for part in first.get("loc", ())))  # a peer's keys
     more = exc.error_count() - 1
-    return where, str(first.get("msg", "")) + (f" (+{more} more)" if more > 0 else "")
+    return where, one_line(str(first.get("msg", ""))) + (f" (+{more} more)" if more > 0
+                                                         else "")

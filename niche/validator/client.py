@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from niche import rawimage
 from niche.auth import sign_request, verify_response
-from niche.errors import InvalidRequest
+from niche.errors import InvalidRequest, OneLineReason
 from niche.imaging import (
     ANSWER_FORMATS,
     ImageLimits,
@@ -108,7 +108,7 @@ class MinerTarget:
 
 
 @dataclass
-class QueryResult:
+class QueryResult(OneLineReason):
     uid: int
     hotkey: str
     status: QueryStatus
@@ -128,7 +128,7 @@ class QueryResult:
 
 
 @dataclass
-class InfoResult:
+class InfoResult(OneLineReason):
     uid: int
     hotkey: str
     status: QueryStatus
@@ -374,7 +374,7 @@ class MinerClient:
             return fail(QueryStatus.WRONG_REQUEST_ID,
                         f"answered {answer.request_id!r}, asked {request.request_id!r}")
         if answer.miner_hotkey != result.hotkey:
-            return fail(QueryStatus.WRONG_HOTKEY, f"answer claims hotkey {answer.miner_hotkey}")
+            return fail(QueryStatus.WRONG_HOTKEY, f"answer claims hotkey {answer.miner_hotkey!r}")
         if answer.model != request.params.model:
             return fail(QueryStatus.INVALID_RESPONSE,
                         f"answered with model {answer.model!r}, asked {request.params.model!r}")
@@ -558,7 +558,11 @@ class MinerClient:
             return result
         try:
             info = InfoResponse.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:
+            where, message = first_validation_error(exc)
+            result.status, result.reason = QueryStatus.INVALID_RESPONSE, f"{where}: {message}"
+            return result
+        except ValueError as exc:
             result.status, result.reason = QueryStatus.INVALID_RESPONSE, str(exc)[:300]
             return result
         if info.hotkey != hotkey:
@@ -587,7 +591,7 @@ class MinerClient:
 
 
 @dataclass
-class StatesFetch:
+class StatesFetch(OneLineReason):
     """States fetched for one answer (index -> float32 tensor), or why none can be used:
     `unavailable` for faults of availability (the miner could not be reached in time, or no
     longer had them), `validator_error` for the validator's own failures; neither is fraud."""
