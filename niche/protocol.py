@@ -179,7 +179,9 @@ class GenerateResponse(_Strict):
     protocol_version: int = PROTOCOL_VERSION
     request_id: str
     model: str
-    image: str = Field(max_length=MAX_IMAGE_B64_CHARS, description="base64 lossless PNG or WebP")
+    image: str = Field(max_length=MAX_IMAGE_B64_CHARS,
+                       description="base64 of the lossless image: PNG or WebP, or RGB-ZSTD "
+                       "(niche/rawimage.py) for a peer whose limits list it")
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     miner_hotkey: str
     signature: str

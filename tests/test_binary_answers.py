@@ -386,3 +386,19 @@ def test_png_for_users_and_the_fallback_writer(monkeypatch):
         assert Image.open(io.BytesIO(out)).format == {"jpg": "JPEG"}.get(fmt, fmt.upper())
     with pytest.raises(InvalidRequest, match="cannot write GIF"):
         imaging.encode_as(image, "gif")
+
+
+def test_the_miner_reads_repeated_accept_fields_as_one_list(net):
+    """RFC 9110: Accept sent twice is one list. The second field asks for RGB-ZSTD."""
+    request = _in(make_request(seed=11), 4)
+    body = request.model_dump_json(exclude_none=True).encode()
+    with running_miner(net, StubEngine()) as miner:
+        headers = sign_request(net.wallets["hi"], method="POST", path="/v1/generate",
+                               body=body, receiver=miner.hotkey)
+        answer = httpx.post(miner.url + "/v1/generate", content=body, timeout=30,
+                            headers=[*headers.items(), ("Content-Type", "application/json"),
+                                     ("Accept", f"{ANSWER_MEDIA_TYPE}; note=\"a,b\"; q=0"),
+                                     ("Accept", f"{ANSWER_MEDIA_TYPE}; image=rgb-zstd")])
+    assert answer.status_code == 200 and answer.headers["content-type"] == ANSWER_MEDIA_TYPE
+    _, image, fmt = unpack_answer(answer.content)
+    assert fmt == "rgb-zstd" and image[:4] == b"NRZ1"

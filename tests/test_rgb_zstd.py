@@ -303,6 +303,14 @@ A = ANSWER_MEDIA_TYPE
     (f"{A}; q=0.001; image=rgb-zstd", "rgb-zstd"),
     (f"{A}; q=high", "png"),  # a malformed q does not refuse
     (f"{A}; q", "png"),
+    # a quoted value keeps its commas and semicolons (RFC 9110 quoted-string)
+    (f'{A}; foo="x,y"; q=0, application/json', None),
+    (f'{A}; foo="a,b;c"; image=rgb-zstd', "rgb-zstd"),
+    (f'{A}; image="rgb-zstd"; note="say \\"hi\\", then go"', "rgb-zstd"),
+    (f'{A}; foo="unterminated, {A}; image=rgb-zstd', "png"),
+    # only the first MAX_ACCEPT_CHARS are read
+    ("x/y, " * 2000 + f"{A}; image=rgb-zstd", None),
+    ("x/y, " * 1000 + f"{A}; image=rgb-zstd", "rgb-zstd"),
 ])
 def test_requested_image_format(accept, expected):
     assert requested_image_format(accept) == expected
@@ -312,6 +320,7 @@ def test_requested_image_format(accept, expected):
     (STATES_MEDIA_TYPE, True),
     (f"application/json, {STATES_MEDIA_TYPE.upper()}; q=0.5", True),
     (f"{STATES_MEDIA_TYPE}; q=0, application/json", False),
+    (f'{STATES_MEDIA_TYPE}; foo="a,b"; q=0, application/json', False),
     ("*/*", False),  # binary bodies are for peers that name them
     (f"{STATES_MEDIA_TYPE}x", False),
     ("", False),

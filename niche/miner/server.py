@@ -83,11 +83,16 @@ def binary_image_format(accept: str, version: int) -> str | None:
 
 def header_map(request: Request) -> dict[str, str]:
     """The request's headers as one plain dict (names lower-case, the first of a repeated
-    name kept, as Starlette's `Headers.get` does), built once: the checks below read it ~10
-    times, and each Starlette lookup decodes every header again."""
+    name kept, as Starlette's `Headers.get` does, except Accept, whose repeated fields are one
+    list: RFC 9110), built once: the checks below read it ~10 times, and each Starlette lookup
+    decodes every header again."""
     headers: dict[str, str] = {}
     for name, value in request.scope["headers"]:
-        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        key = name.decode("latin-1").lower()
+        if key not in headers:
+            headers[key] = value.decode("latin-1")
+        elif key == "accept":
+            headers[key] += ", " + value.decode("latin-1")
     return headers
 
 

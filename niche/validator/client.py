@@ -333,8 +333,10 @@ class MinerClient:
                       media: str = "application/json", limits: ImageLimits | None = None
                       ) -> None:
         """An answer is either binary (protocol 4+, `wire.ANSWER_MEDIA_TYPE`: the header,
-        then PNG or WebP bytes) or JSON with a base64 PNG or WebP (any version); nothing
-        else. Either way every check below runs on the bytes received."""
+        then the image bytes in the format it declares) or JSON with the image in base64 (any
+        version); nothing else. The image is one of `limits.formats` (RGB-ZSTD, PNG or WebP
+        for a validator: a JSON answer may carry RGB-ZSTD too, as the gateway's organic queue
+        keeps one). Either way every check below runs on the bytes received."""
         def fail(status: QueryStatus, reason: str) -> None:
             result.status, result.reason = status, reason[:300]
 
