@@ -154,8 +154,9 @@ class StatesCommitment(_Strict):
     @classmethod
     def _bounded_kernels(cls, value: dict[str, str]) -> dict[str, str]:
         for key, choice in value.items():
-            if not re.match(KERNEL_NAME_PATTERN, key) or not re.match(KERNEL_NAME_PATTERN,
-                                                                        choice):
+            # fullmatch: re.match's `$` also matches before a final newline
+            if not re.fullmatch(KERNEL_NAME_PATTERN, key) or \
+                    not re.fullmatch(KERNEL_NAME_PATTERN, choice):
                 raise ValueError(f"kernel declaration {key!r}: {choice!r} is not a short "
                                  "lower-case name")
         attention = value.get("attention")

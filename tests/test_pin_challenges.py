@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import uuid
 from types import SimpleNamespace
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_challenge_workload_and_wire_request():
     req = c.request()
     assert (req.request_id, req.params, req.image, req.timeout) == (
         c.request_id, c.params, None, 32.0)
-    assert len(c.request_id) == 24 and int(c.request_id, 16) >= 0  # 12 random bytes, hex
+    # a uuid4's hex, as the gateway's ids: a miner cannot tell challenges from users
+    assert uuid.UUID(hex=c.request_id).version == 4 and len(c.request_id) == 32
     assert (c.uid, c.hotkey, c.timeout) == (7, "hk7", 32.0)
     p = c.params
     assert (p.model, p.pipeline, p.width, p.height, p.steps, p.guidance) == (

@@ -56,27 +56,35 @@ def attention_backend(name: str) -> Iterator[None]:
             yield
 
 
-def attention_problem(name: str, device: str | torch.device) -> str | None:
-    """Why backend `name` cannot run on `device` (None: it can). Probed once per backend
-    and device (every audit asks) with one small attention call in the half-precision
-    dtype the GPU backends need."""
+def attention_problem(name: str, device: str | torch.device, dtype: str | None = None
+                      ) -> str | None:
+    """Why backend `name` cannot run on `device` in `dtype` (None: it can). Probed once per
+    backend, device and dtype (every audit asks) with one small attention call, in `dtype`
+    (an audit's: the recomputation runs in the miner's declared dtype, and flash attention,
+    for one, takes no float32), else in the half precision the GPU backends need."""
     if name == DEFAULT_ATTENTION:
         return None
     if name not in ATTENTION_BACKENDS:
         return f"unknown attention backend {name!r} (known: {', '.join(ATTENTION_BACKENDS)})"
-    return _probe(name, str(torch.device(device)))
+    return _probe(name, str(torch.device(device)), dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _probe(name: str, device_name: str) -> str | None:
+def _probe(name: str, device_name: str, dtype_name: str | None) -> str | None:
     device = torch.device(device_name)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype_name is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif isinstance(getattr(torch, dtype_name, None), torch.dtype):
+        dtype = getattr(torch, dtype_name)
+    else:
+        return f"unknown dtype {dtype_name!r}"
     q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
     try:
         with attention_backend(name), torch.no_grad():
             torch.nn.functional.scaled_dot_product_attention(q, q, q)
     except RuntimeError as exc:
-        return f"attention backend {name} does not run on {device.type}: " \
+        where = device.type if dtype_name is None else f"{device.type} in {dtype_name}"
+        return f"attention backend {name} does not run on {where}: " \
                f"{str(exc).splitlines()[0][:160]}"
     return None
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from niche.models.kernels import DEFAULT_ATTENTION
+from niche.models.memory import is_out_of_memory
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
 from niche.validator.steps import StepChecker, choose_steps, states_needed
@@ -208,7 +210,17 @@ class Auditor:
                             states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
         try:
             return await asyncio.to_thread(self._check, challenge, result, states, plan)
-        except Exception as exc:  # OUR failure (out of memory, a bug): no miner pays for it
+        except Exception as exc:
+            declared = result.response.states.kernels if result.response is not None and \
+                result.response.states is not None else {}
+            attention = declared.get("attention", DEFAULT_ATTENTION)
+            if attention != DEFAULT_ATTENTION and not is_out_of_memory(exc):
+                # the backend the miner chose does not run this recomputation here: its
+                # choice, not our failure (else declaring one would freeze its score)
+                return AuditResult(False, 0.0, f"cannot reproduce the declared attention "
+                                   f"backend {attention}: {type(exc).__name__}: "
+                                   f"{str(exc)[:160]}", unverifiable=True)
+            # OUR failure (out of memory, a bug): no miner pays for it
             log.error("audit of %s failed on the validator's side: %s: %s",
                       challenge.request_id, type(exc).__name__, exc)
             return unaudited(f"validator error: {type(exc).__name__}: {exc}"[:300])

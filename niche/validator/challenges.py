@@ -13,6 +13,7 @@ nobody else. No global RNG anywhere.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -172,7 +173,9 @@ class ChallengeFactory:
                     cond = self.conditioner(target.model, pipeline, width, height, rng)
                     conditions[target.model] = (cond, to_b64(encode_image(cond)))
                 image, b64 = conditions[target.model]
-            request_id = rng.bytes(12).hex()
+            # shaped as the gateway's ids (uuid4().hex), so the id does not tell a miner
+            # which requests are challenges and which are users'
+            request_id = uuid.UUID(bytes=rng.bytes(16), version=4).hex
             challenges.append(Challenge(target.uid, target.hotkey, request_id, params,
                                         plan.timeout, image, b64))
         return challenges

@@ -445,7 +445,8 @@ class Validator:
             image = result.image
             if (result.status.value != OK or image is None or result.latency is None
                     or result.latency > c.timeout or shape_problem(image, *c.params.size)
-                    or result.response is None or result.response.states is None):
+                    or result.response is None or result.response.states is None
+                    or self._unreproducible(c, result)):
                 continue
             fp = fingerprint(image)
             if self.answers.match(fp) is not None or fp.sha256 in seen:
@@ -504,6 +505,12 @@ class Validator:
                 outcomes[c.uid] = replace(base, status=scoring.NO_STATES, reason=(
                     "the answer commits to no sampler states, so it cannot be audited"))
                 continue
+            problem = self._unreproducible(c, result)
+            if problem:  # every such answer, audited or not: else it pays when not drawn
+                outcomes[c.uid] = replace(base, status=scoring.UNVERIFIABLE, audited=True,
+                                          audit_passed=None,
+                                          reason=f"{scoring.UNVERIFIABLE}: {problem}")
+                continue
             fp = fingerprint(image)
             earlier = self.answers.match(fp)
             twin = seen_this_round.get(fp.sha256)
@@ -518,6 +525,15 @@ class Validator:
             self.answers.add(answer)
             fresh.append(answer)
         return fresh
+
+    def _unreproducible(self, challenge: Challenge, result: QueryResult) -> str | None:
+        """Why this validator could never audit the answer (its declared dtype or kernels;
+        known without a GPU and before any draw), or None."""
+        states = result.response.states if result.response is not None else None
+        if states is None:
+            return None
+        return self.auditor.steps.unreproducible(challenge.params.model, states.compute_dtype,
+                                                 states.kernels)
 
     async def _audit(self, challenges: list[Challenge],
                      answered: dict[int, tuple[Challenge, QueryResult]],
@@ -595,8 +611,8 @@ class Validator:
                 log.info("organic request %s left %s: %s", item.challenge.request_id,
                          result.verdict, result.reason)
                 self.organic.record(item.id, None, f"{result.verdict}: {result.reason}")
-                if result.unavailable:  # else serving users cheaply, then dropping their
-                    self._organic_unavailable(item, result, outcomes)  # fetches, would pay
+                if result.unavailable or result.unverifiable:  # else serving users cheaply,
+                    self._organic_unpaid(item, result, outcomes)  # then dodging, would pay
                 continue
             self.organic.record(item.id, result.passed, result.reason,
                                 round(result.similarity, 4))
@@ -613,16 +629,17 @@ class Validator:
                         item.challenge.request_id, result.reason)
 
     @staticmethod
-    def _organic_unavailable(item: Any, result: AuditResult,
-                             outcomes: dict[int, Outcome]) -> None:
-        """An organic answer whose states could not be fetched costs the miner what an
-        unavailable challenge does (no exclusion), unless it already failed this round."""
+    def _organic_unpaid(item: Any, result: AuditResult, outcomes: dict[int, Outcome]) -> None:
+        """An organic answer whose states could not be fetched, or whose declared dtype or
+        kernels this validator cannot recompute, costs the miner what an unavailable
+        challenge does (no exclusion; scaled so that a dodge never pays, however rarely
+        organic answers are drawn), unless it already failed this round."""
         uid, hotkey = item.target.uid, item.target.hotkey
         base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model)
         if base.audit_passed is False:
             return
-        outcomes[uid] = scoring.unavailable(base, f"organic {item.challenge.request_id}: "
-                                                  f"{result.reason}")
+        outcomes[uid] = scoring.unavailable(base, f"organic {item.challenge.request_id} "
+                                                  f"{result.verdict}: {result.reason}")
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid

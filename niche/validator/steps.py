@@ -258,7 +258,7 @@ class StepChecker:
                     f"{dtype} to hold it too)")
         declared = dict(kernels or {})
         attention = declared.pop("attention", DEFAULT_ATTENTION)
-        problem = attention_problem(attention, getattr(engine, "device", "cpu"))
+        problem = attention_problem(attention, getattr(engine, "device", "cpu"), dtype)
         if problem:
             return f"cannot reproduce the declared kernels: {problem}"
         own_kernels = getattr(engine, "kernels", None)
