@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -76,7 +77,9 @@ class AuditConfig:
     regenerate_fraction: float = 0.0
     """Share of audited answers also regenerated in full and compared (a backstop)."""
     fetch_timeout: float = 30.0
-    """Seconds a miner has to send the states an audit asks for."""
+    """Seconds a miner has to send the states of all its audited answers of one round
+    together (fetched one answer after another): a miner that sends them slowly delays
+    the round by at most this much, however many of its answers are audited."""
     parallel_fetches: int = 8
     """Answers whose states are fetched or held at once: a 28-step FLUX.1-dev audit at
     1024x1024 holds 12-14 MiB of states until its check is done, so 256 answers fetched at
@@ -121,6 +124,21 @@ class AuditResult:
         return "passed" if self.passed else "failed"
 
 
+class FetchBudget:
+    """One miner's seconds for sending states during one audit, and its turn: its fetches
+    run one after another and each gets what the earlier ones left."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.spent = seconds, 0.0
+        self.turn = asyncio.Lock()
+
+    def left(self) -> float:
+        return self.seconds - self.spent
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
+
+
 def unaudited(reason: str) -> AuditResult:
     """The verdict of an answer the validator itself failed to audit."""
     return AuditResult(False, 0.0, reason, unaudited=True)
@@ -154,19 +172,27 @@ class Auditor:
         plans = [self.plan(draw, int(challenge.params.steps or 0)) for challenge, _, _ in items]
         slots = asyncio.Semaphore(self.config.parallel_fetches)
         engine_turn = asyncio.Lock()
+        budgets = {target.hotkey: FetchBudget(self.config.fetch_timeout)
+                   for _, _, target in items}
 
         async def one(challenge: Challenge, result: QueryResult, target: MinerTarget,
                       plan: list[int]) -> AuditResult:
-            async with slots:
+            budget = budgets[target.hotkey]
+            async with budget.turn:  # a miner's fetches one after another, on its budget
+                await slots.acquire()  # held until the check is done: bounds the memory
                 try:
-                    fetched = await self._fetch(challenge, result, target, plan)
-                except Exception as exc:  # noqa: BLE001 - ours: no miner pays for it
-                    return unaudited(f"validator error while fetching: "
-                                     f"{type(exc).__name__}: {exc}"[:300])
+                    fetched = await self._fetch_within(challenge, result, target, plan,
+                                                       budget)
+                except BaseException:
+                    slots.release()
+                    raise
+            try:
                 if isinstance(fetched, AuditResult):
                     return fetched
                 async with engine_turn:
                     return await self._check_safely(challenge, result, fetched, plan)
+            finally:
+                slots.release()
 
         results = list(await asyncio.gather(*[
             one(challenge, result, target, plan)
@@ -186,8 +212,27 @@ class Auditor:
                  ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
         return results
 
+    async def _fetch_within(self, challenge: Challenge, result: QueryResult,
+                            target: MinerTarget, plan: list[int], budget: FetchBudget
+                            ) -> dict[int, torch.Tensor] | AuditResult:
+        """`_fetch` on what is left of the miner's budget for this audit."""
+        left = budget.left()
+        if left <= 0:
+            return AuditResult(False, 0.0, f"states: not sent: this miner's other audited "
+                               f"answers used the round's {budget.seconds:.0f}s for states",
+                               unavailable=True)
+        started = time.monotonic()
+        try:
+            return await self._fetch(challenge, result, target, plan, timeout=left)
+        except Exception as exc:  # noqa: BLE001 - ours: no miner pays for it
+            return unaudited(f"validator error while fetching: "
+                             f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            budget.spend(time.monotonic() - started)
+
     async def _fetch(self, challenge: Challenge, result: QueryResult, target: MinerTarget,
-                     plan: list[int]) -> dict[int, torch.Tensor] | AuditResult:
+                     plan: list[int], timeout: float | None = None
+                     ) -> dict[int, torch.Tensor] | AuditResult:
         answer = result.response
         if answer is None or answer.states is None or result.image is None:
             return AuditResult(False, 0.0, "answer committed to no states")
@@ -197,7 +242,8 @@ class Auditor:
             return AuditResult(False, 0.0, problem, unverifiable=True)
         fetch = await self.client.fetch_states(
             target, challenge.request_id, answer.states,
-            states_needed(plan, len(answer.states.sha256)), timeout=self.config.fetch_timeout)
+            states_needed(plan, len(answer.states.sha256)),
+            timeout=self.config.fetch_timeout if timeout is None else timeout)
         if fetch.validator_error:
             return unaudited(f"states: {fetch.reason}")
         if fetch.unavailable:

@@ -460,14 +460,14 @@ class MinerClient:
             left = deadline - time.monotonic()
             fault = ""
             if left <= 0:
-                return StatesFetch({}, f"states not sent within {timeout:.0f}s "
+                return StatesFetch({}, f"states not sent within {timeout:.3g}s "
                                        f"({attempts - 1} tries)", unavailable=True)
             try:
                 status, media, raw = await within(
                     self._exchange(http, "POST", t.url or "", STATES_PATH, body, t.hotkey,
                                    cap, accept), left)
             except asyncio.TimeoutError:
-                fault = f"states not sent within {timeout:.0f}s"
+                fault = f"states not sent within {timeout:.3g}s"
             except _AWAY as exc:  # refused, reset, cut short, garbled: the miner is away
                 fault = f"{type(exc).__name__}: {exc}"[:200]
             except (BodyTooLarge, _Undecodable) as exc:
