@@ -44,6 +44,12 @@ def register(subparsers) -> None:
     g.add_argument("--gateway.hedge_after", dest="hedge_after", type=float, default=None,
                    help="also ask a second miner when the first has not answered after this "
                         "many seconds (default: no hedging)")
+    g.add_argument("--gateway.body_timeout", dest="body_timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body; a slower one "
+                        "gets 408 (default 30)")
+    g.add_argument("--gateway.max_inflight_per_key", dest="max_inflight_per_key", type=int,
+                   default=16, help="requests one API key may have open at once; one more "
+                   "gets 429 (default 16)")
     g.add_argument("--gateway.refresh_interval", dest="refresh_interval", type=float,
                    default=30.0, help="seconds between metagraph / score refreshes (30)")
     g.add_argument("--gateway.public_url", dest="public_url", default=None,
@@ -179,7 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
                               "https://app.example")
     config = GatewayConfig(deadline=args.deadline, audit_fraction=args.audit_fraction,
                            refresh_interval=args.refresh_interval, public_url=args.public_url,
-                           cors_origins=tuple(args.cors_origins))
+                           cors_origins=tuple(args.cors_origins),
+                           body_timeout=args.body_timeout,
+                           max_inflight_per_key=args.max_inflight_per_key)
     wallet = wallet_from_args(args)
     chain = chain_from_args(args)
     try:

@@ -6,29 +6,33 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
+from niche.errors import one_line
 from niche.gateway.access_log import AccessLog
 from niche.gateway.errors import (
+    ClientGone,
     GatewayError,
     bad_request,
+    client_gone_handler,
     gateway_error_handler,
     http_error_handler,
 )
-from niche.gateway.forms import form_fields, one_image, parse_form
-from niche.gateway.keys import ApiKey
+from niche.gateway.forms import form_fields, one_image, read_form
+from niche.gateway.keys import ApiKey, InFlight
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
-from niche.gateway.service import Gateway, Job
+from niche.gateway.service import Gateway, GatewayConfig, Job
 from niche.protocol import PipelineKind
-from niche.transport import BodyTooLarge, read_capped
+from niche.transport import BodyTooLarge, read_capped, within
 
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 VARIATION_PROMPT = "a variation of the image"
@@ -49,7 +53,15 @@ def optional_key(request: Request) -> ApiKey | None:
     return api_key(request)
 
 
-Key = Annotated[ApiKey, Depends(api_key)]
+async def key_slot(request: Request, key: Annotated[ApiKey, Depends(api_key)]
+                   ) -> AsyncIterator[ApiKey]:
+    """The caller's key, holding one of its in-flight slots until the answer is sent (a
+    stream's last byte included), or a 429 when the key has too many open."""
+    with request.app.state.inflight.hold(key):
+        yield key
+
+
+Key = Annotated[ApiKey, Depends(key_slot, scope="request")]
 MaybeKey = Annotated["ApiKey | None", Depends(optional_key)]
 
 
@@ -66,6 +78,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                   openapi_url=None)
     app.add_exception_handler(GatewayError, gateway_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(ClientGone, client_gone_handler)
     if gateway.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
                            allow_methods=["GET", "POST"],
@@ -74,6 +87,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                                            *EXPOSED_QUOTA_HEADERS], max_age=600)
     app.add_middleware(AccessLog)
     app.state.gateway = gateway
+    app.state.inflight = InFlight(gateway.config.max_inflight_per_key)
 
     async def images(request: Request, key: ApiKey, fields: dict, event: str) -> Response:
         model = "-"
@@ -102,9 +116,9 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def generations(request: Request, key: Key) -> Response:
-        raw = await _body(request, gateway.config.max_body_bytes)
+        raw = await _body(request, gateway.config)
         try:
-            fields = json.loads(raw)
+            fields = json.loads(raw, parse_int=_json_int, parse_constant=_json_constant)
         except (ValueError, RecursionError):
             fields = None
         if not isinstance(fields, dict):
@@ -116,8 +130,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def edits(request: Request, key: Key) -> Response:
         """An image and a prompt: the image guides a new one through the pipeline that
         `pipeline` names (default controlnet-canny; `input_fidelity: low` means ip-adapter)."""
-        form = parse_form(request.headers.get("content-type"),
-                          await _body(request, gateway.config.max_body_bytes))
+        form = await read_form(request.headers.get("content-type"),
+                               await _body(request, gateway.config))
         fields = form_fields(form)
         fields["image"] = one_image(form)
         if "pipeline" not in fields:
@@ -129,8 +143,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/images/variations")
     async def variations(request: Request, key: Key) -> Response:
         """Images like the uploaded one: IP-Adapter, with an optional `prompt`."""
-        form = parse_form(request.headers.get("content-type"),
-                          await _body(request, gateway.config.max_body_bytes))
+        form = await read_form(request.headers.get("content-type"),
+                               await _body(request, gateway.config))
         fields = form_fields(form)
         fields["image"] = one_image(form)
         fields.setdefault("pipeline", PipelineKind.IP_ADAPTER.value)
@@ -156,7 +170,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/v1/models/{name}")
     async def model(name: str, key: MaybeKey) -> JSONResponse:
         if name not in gateway.catalog.specs:
-            raise GatewayError(404, f"unknown model '{name[:64]}'; this gateway serves: "
+            raise GatewayError(404, f"unknown model '{one_line(name[:64])}'; this gateway "
+                                    "serves: "
                                     f"{', '.join(sorted(gateway.catalog.specs))}",
                                param="model", code="model_not_found")
         return JSONResponse(card(name).model_dump(), headers=quota_headers(key))
@@ -230,12 +245,51 @@ async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
         gateway.keys.refund(job.key, n - sent)
 
 
-async def _body(request: Request, cap: int) -> bytes:
+async def _body(request: Request, config: GatewayConfig) -> bytes:
+    """The whole body, within the size cap and the time the config allows (a 413 or a 408
+    that closes the connection); a client that hangs up is `ClientGone`, not a 500."""
+    cap = config.max_body_bytes
     try:
-        return await read_capped(request.stream(), cap, request.headers.get("content-length"))
+        return await within(read_capped(request.stream(), cap,
+                                        request.headers.get("content-length")),
+                            config.body_timeout)
     except BodyTooLarge:
         raise GatewayError(413, f"request body over {cap // (1024 * 1024)} MB; send a "
                                 "smaller conditioning image", code="body_too_large") from None
+    except TimeoutError:
+        raise GatewayError(408, f"the request body did not arrive within "
+                                f"{config.body_timeout:g}s; send it at once (check the "
+                                "connection, or send a smaller image)", code="body_timeout",
+                           headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+class _BadNumber:
+    """A JSON number no field takes (over MAX_INT_DIGITS digits, NaN, Infinity): kept as
+    this marker so the request model refuses it under the field's name."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+MAX_INT_DIGITS = 64
+"""Longer integer literals are refused unparsed (Python's int() of thousands of digits is
+refused anyway, and slow before that)."""
+
+
+def _json_int(text: str) -> int | _BadNumber:
+    """json's `parse_int`: a too long literal becomes a marker, not a ValueError that
+    would blame the whole body."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        return _BadNumber(f"a number of {digits} digits is too long")
+    return int(text)
+
+
+def _json_constant(name: str) -> _BadNumber:
+    """json's `parse_constant` (NaN, Infinity, -Infinity): no field takes one."""
+    return _BadNumber(f"{name} is not a number this API takes")
 
 
 def _parse(fields: dict) -> ImagesRequest:
@@ -249,8 +303,16 @@ def _parse(fields: dict) -> ImagesRequest:
             raise bad_request("the body must be a JSON object with at least 'model' and "
                               "'prompt' (OpenAI images API)", code="invalid_body") from None
         param = ".".join(loc)
-        message = "unknown parameter" if first.get("type") == "extra_forbidden" \
-            else str(first.get("msg", "invalid"))
+        message = _problem(first)
         more = len(errors) - 1
         raise bad_request(f"{param}: {message}" + (f" (+{more} more)" if more > 0 else ""),
                           param, code="invalid_parameter") from None
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One validation error in words, naming no user value (so it stays one line)."""
+    if error.get("type") == "extra_forbidden":
+        return "unknown parameter"
+    if isinstance(error.get("input"), _BadNumber):
+        return error["input"].why
+    return one_line(str(error.get("msg", "invalid")))

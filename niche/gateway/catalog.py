@@ -10,14 +10,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from niche.errors import InvalidRequest
+from niche.errors import InvalidRequest, one_line
 from niche.gateway.errors import bad_request
 from niche.gateway.schemas import ImagesRequest
-from niche.imaging import ImageLimits, decode_image
+from niche.imaging import DEFAULT_LIMITS, ImageLimits, decode_image
 from niche.models.spec import ModelSpec, load_spec
 from niche.protocol import MAX_SEED, GenerationParams
 
-_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+"""Matched whole (`fullmatch`: `$` would let a final newline through)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ModelCatalog:
                               "model", code="model_not_found")
         spec = self.specs.get(model)
         if spec is None:
-            raise bad_request(f"unknown model '{model}'; this gateway serves: "
+            raise bad_request(f"unknown model '{one_line(model)}'; this gateway serves: "
                               f"{', '.join(sorted(self.specs))} (GET /v1/models)", "model",
                               code="model_not_found")
         return spec
@@ -57,10 +58,10 @@ class ModelCatalog:
         """`size` "WxH" checked against the model's limits; None: the model's default."""
         if size is None or size == "auto":
             return spec.defaults.width, spec.defaults.height
-        match = _SIZE.match(size)
+        match = _SIZE.fullmatch(size)
         advice = f"{spec.name} accepts {self.sizes_text(spec)}"
         if match is None:
-            raise bad_request(f"size '{size}' is not WIDTHxHEIGHT; {advice}", "size")
+            raise bad_request(f"size '{one_line(size)}' is not WIDTHxHEIGHT; {advice}", "size")
         width, height = int(match.group(1)), int(match.group(2))
         lim = spec.limits
         rule = (f"each side must be a multiple of {lim.size_multiple} within "
@@ -115,10 +116,12 @@ class ModelCatalog:
             ip_adapter_scale=request.ip_adapter_scale) for seed in seeds]
 
     def check_image(self, spec: ModelSpec, image_b64: str) -> None:
-        """Decode the conditioning image under the model's pixel cap: a bomb, a lie about
-        the format or bad base64 is a 400 before any miner is asked."""
-        side = min(8192, spec.limits.max_image_pixels)
-        limits = ImageLimits(max_pixels=spec.limits.max_image_pixels, max_side=side)
+        """Decode the conditioning image under the caps the miners apply (the model's pixel
+        cap, imaging's side cap): a bomb, a lie about the format, bad base64 or an image a
+        miner would refuse is a 400 before any miner is asked."""
+        limits = ImageLimits(max_pixels=min(DEFAULT_LIMITS.max_pixels,
+                                            spec.limits.max_image_pixels),
+                             max_side=DEFAULT_LIMITS.max_side)
         try:
             decode_image(image_b64, field="image", limits=limits)
         except InvalidRequest as exc:

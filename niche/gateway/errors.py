@@ -4,7 +4,7 @@ AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx APIStatusError).
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 INVALID_REQUEST = "invalid_request_error"
@@ -34,6 +34,15 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return GatewayError(400, message, param=param, code=code)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its request body arrived: nothing to answer
+    and nothing wrong on our side (logged as one 499 line, not a 500)."""
+
+
+CLIENT_CLOSED = 499
+"""nginx's status for a request the client abandoned; only the access log ever sees it."""
+
+
 async def gateway_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -47,3 +56,8 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
                else str(exc.detail))
     return JSONResponse(GatewayError(exc.status_code, message, type=kind).body(),
                         status_code=exc.status_code)
+
+
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    """Nobody reads this answer; it only gives the access log its status."""
+    return Response(status_code=CLIENT_CLOSED)

@@ -2,13 +2,19 @@
 /variations) turned into the same `ImagesRequest` the JSON endpoint takes.
 
 Parsed with the standard library's MIME parser over a body already capped in size, so no
-extra dependency; form values are text, so each is converted to the type its field takes
-(a wrong one is a 400 naming the field)."""
+extra dependency. That parser is pure Python and slow on many parts or lines, so the part
+count and each part's header block are bounded first (a few C-speed scans), and a large
+body is parsed on a worker thread: one hostile form cannot stall the event loop. Form
+values are text, so each is converted to the type its field takes, as strictly as JSON
+would (a wrong one is a 400 naming the field)."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import email.message
 import email.parser
 import email.policy
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +24,17 @@ from niche.gateway.schemas import ImagesRequest
 
 FILE_FIELDS = ("image", "image[]", "mask", "markup")
 
+MAX_PARTS = len(ImagesRequest.model_fields) + 2
+"""Every field of the images API once, plus the image and a mask (refused, but by name)."""
+MAX_PART_HEAD_BYTES = 4096
+"""A part's header block (Content-Disposition, Content-Type): a few hundred bytes in practice."""
+INLINE_PARSE_BYTES = 256 * 1024
+"""Bodies up to this size are parsed on the event loop (a thread hop costs more)."""
+
+_INT = re.compile(r"-?[0-9]{1,19}")
+_FLOAT = re.compile(r"-?(?:[0-9]{1,19}(?:\.[0-9]{0,19})?|\.[0-9]{1,19})(?:[eE][-+]?[0-9]{1,2})?")
+"""What JSON accepts for a number: ASCII digits only (no " 2", "２", "1_0", "nan" or "inf")."""
+
 
 @dataclass
 class Form:
@@ -25,11 +42,52 @@ class Form:
     files: dict[str, list[bytes]] = field(default_factory=dict)
 
 
-def parse_form(content_type: str | None, body: bytes) -> Form:
-    """Fields and files of a multipart body; a body that is not one is a 400."""
+async def read_form(content_type: str | None, body: bytes) -> Form:
+    """`parse_form`, on a worker thread when the body is large."""
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse_form(content_type, body)
+    return await asyncio.to_thread(parse_form, content_type, body)
+
+
+def _boundary(content_type: str | None) -> bytes:
     if not content_type or not content_type.lower().startswith("multipart/form-data"):
         raise bad_request("this endpoint takes multipart/form-data (an image file and "
                           "fields), as the openai client sends it", code="invalid_body")
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    boundary = header.get_boundary()
+    if not boundary:
+        raise bad_request("multipart/form-data without a boundary parameter",
+                          code="invalid_body")
+    return boundary.encode("latin-1", errors="replace")
+
+
+def _check_shape(boundary: bytes, body: bytes) -> None:
+    """Bound what the MIME parser will walk before it starts: the number of parts and the
+    size of each part's header block."""
+    delimiter = b"--" + boundary
+    if body.count(delimiter) > MAX_PARTS + 1:  # the closing delimiter is one more
+        raise bad_request(f"the form has more than {MAX_PARTS} parts; an images request "
+                          "takes each field at most once and one image",
+                          code="too_many_parts")
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        if len(part) > MAX_PART_HEAD_BYTES and not _head_ends(part):
+            raise bad_request(f"a form part has a header block over {MAX_PART_HEAD_BYTES} "
+                              "bytes (or no blank line after its headers)",
+                              code="invalid_body")
+
+
+def _head_ends(part: bytes) -> bool:
+    """The blank line closing the part's headers comes within MAX_PART_HEAD_BYTES."""
+    window = part[:MAX_PART_HEAD_BYTES + 4]
+    return b"\r\n\r\n" in window or b"\n\n" in window
+
+
+def parse_form(content_type: str | None, body: bytes) -> Form:
+    """Fields and files of a multipart body; a body that is not one is a 400."""
+    _check_shape(_boundary(content_type), body)
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():
@@ -74,12 +132,11 @@ def _convert(name: str, text: str, kind: type) -> object:
         raise bad_request(f"{name}: must be true or false, got {text[:20]!r}", name,
                           code="invalid_parameter")
     if kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
+        if (_INT if kind is int else _FLOAT).fullmatch(text) is None:
             what = "an integer" if kind is int else "a number"
-            raise bad_request(f"{name}: must be {what}, got {text[:20]!r}", name,
-                              code="invalid_parameter") from None
+            raise bad_request(f"{name}: must be {what} in ASCII digits, got {text[:20]!r}",
+                              name, code="invalid_parameter")
+        return kind(text)
     return text
 
 

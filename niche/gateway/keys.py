@@ -5,12 +5,13 @@ The rate is a token bucket in memory (a restart refills it, which costs nothing)
 daily quota is counted in SQLite per UTC day, so it survives restarts."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from niche.errors import InvalidRequest
@@ -199,3 +200,33 @@ class KeyStore:
         with self.db.tx() as c:
             c.execute("UPDATE usage SET images = MAX(0, images - ?) WHERE key_id=? AND day=?",
                       (images, key.id, _day(self._clock())))
+
+
+class InFlight:
+    """Requests each key has open right now, capped: a key holder cannot take every one of
+    the server's connection slots (slow uploads, long generations) and lock others out.
+    Used from the event loop only, so a plain dict suffices."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: ApiKey) -> Iterator[None]:
+        """One slot of `key` for the duration, or a 429 when all of them are taken."""
+        held = self._open.get(key.id, 0)
+        if held >= self.per_key:
+            raise GatewayError(
+                429, f"API key {key.id} already has {held} requests in flight, the most this "
+                     "gateway allows per key; wait for one to finish (or cancel stalled "
+                     "uploads) and retry", type=RATE_LIMIT, code="too_many_concurrent_requests",
+                headers={"Retry-After": "1"})
+        self._open[key.id] = held + 1
+        try:
+            yield
+        finally:
+            left = self._open[key.id] - 1
+            if left:
+                self._open[key.id] = left
+            else:
+                del self._open[key.id]

@@ -5,8 +5,14 @@ among those that serve the model, with probability growing with the validator's 
 (`floor` keeps new miners in the draw). A miner that times out, errs or returns a bad
 answer is skipped for `cooldown` seconds and the image is asked of the next miner, until
 the client's deadline; with `hedge_after`, a second miner is asked when the first is slow
-and the first good answer wins. A miner's 400 naming a request field (a prompt over the
-model's token limit) is the user's error and is returned as such, not retried.
+and the first good answer wins.
+
+A miner's 400 naming a request field (a prompt over the model's token limit) is unsigned
+and unverifiable here, so it is that miner's answer, not the user's error: the image is
+asked of the next miner. The user gets a 400 only when the miners agree (every one of at
+least two, or the only one serving the model, refused the same field), worded by the
+gateway, never with the miner's text; a refusal another miner contradicts by delivering
+cools the refuser down like any failure.
 
 Budgets: each miner's `Candidate.rate` (requests per minute left after the validator's
 challenges, see directory.py) is a token bucket here and its `concurrency` the most
@@ -35,6 +41,14 @@ from niche.validator.client import MinerClient, QueryResult, QueryStatus
 
 USER_FIELDS = ("prompt", "negative_prompt", "image", "params.prompt", "params.negative_prompt")
 
+REFUSED = {
+    "prompt": "the usual cause is a prompt longer than the model's token limit; shorten it",
+    "negative_prompt": "the usual cause is a negative_prompt longer than the model's token "
+                       "limit; shorten it",
+    "image": "send another PNG, WebP or JPEG (at most 4096 px a side)",
+}
+"""The gateway's own advice for each field a miner may blame (its text is never relayed)."""
+
 
 BUSY_STATUSES = (429, 503)
 """A miner's refusals for load: it is saturated, not failing."""
@@ -48,6 +62,23 @@ class _Budget:
     last: float
     inflight: int = 0
     busy_until: float = field(default=0.0)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A miner's 400 blaming a field the user sent."""
+
+    candidate: Candidate
+    result: QueryResult
+    field: str
+
+
+def _blamed_field(result: QueryResult) -> str | None:
+    """The user's field a miner's 400 blames, if it blames one."""
+    if result.http_status != 400 or result.error is None:
+        return None
+    field = result.error.field
+    return field.removeprefix("params.") if field in USER_FIELDS else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +186,12 @@ class Router:
 
         return sorted(pool, key=key, reverse=True)
 
+    def _refusals_wrong(self, refusals: list[Refusal]) -> None:
+        """The miners blamed the user's request, which was not shown to be at fault: each
+        failed (cooled down), as for any other bad answer."""
+        for refusal in refusals:
+            self._failed(refusal.candidate, refusal.result)
+
     def _failed(self, candidate: Candidate, result: QueryResult) -> None:
         self._cooling[candidate.target.hotkey] = self._clock() + self.cooldown
         self.metrics.miner_failures.labels(result.status.value).inc()
@@ -188,6 +225,7 @@ class Router:
         soonest = math.inf  # seconds until a skipped miner has budget again
 
         gave_up: set[str] = set()  # hotkeys that failed this request (not for load)
+        refusals: list[Refusal] = []  # miners that blamed a field of the user's
         rate_limited = False  # a skipped miner was out of rate budget (not only busy)
 
         def launch() -> bool:
@@ -217,7 +255,7 @@ class Router:
             return False
 
         try:
-            while self._clock() < deadline:
+            while self._clock() < deadline and not _settled(refusals):
                 if not pending and not launch():
                     # every miner has its concurrency in use: wait for a slot within the
                     # deadline (a user's n=4 queues on a one-miner model); out of rate
@@ -241,12 +279,14 @@ class Router:
                 for task in done:
                     candidate, request, result = task.result()
                     if result.ok:
+                        self._refusals_wrong(refusals)
                         return Delivered(candidate, request, result, attempts)
-                    if result.http_status == 400 and result.error is not None \
-                            and result.error.field in USER_FIELDS:
-                        field = result.error.field.removeprefix("params.")
-                        raise bad_request(f"{field}: {result.error.detail or result.error.reason}",
-                                          field)
+                    field = _blamed_field(result)
+                    if field is not None:  # unverified: ask another miner
+                        refusals.append(Refusal(candidate, result, field))
+                        gave_up.add(candidate.target.hotkey)
+                        failures.append(f"uid {candidate.target.uid}: refused the {field}")
+                        continue
                     if result.http_status in BUSY_STATUSES:
                         self._busy(candidate)  # saturated, not failing: no long cooldown
                         self.metrics.miner_failures.labels(result.status.value).inc()
@@ -259,6 +299,11 @@ class Router:
                                     + (f" ({clip(result.reason)})" if result.reason else ""))
         finally:
             await cancel_all(pending)
+        agreed = _agreed(refusals, len(queue))
+        if agreed:
+            raise bad_request(f"{agreed}: refused by {len(refusals)} of the miners serving "
+                              f"{params.model}; {REFUSED[agreed]}", agreed)
+        self._refusals_wrong(refusals)
         said = "; ".join(failures[-4:]) or "no answer yet"
         if self._clock() >= deadline:
             raise GatewayError(504, f"no miner delivered an image within the deadline "
@@ -268,6 +313,24 @@ class Router:
             raise self.saturated(params.model, queue, soonest)
         raise GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
                                 "later", type=SERVER_ERROR, code="all_miners_failed")
+
+
+AGREEING_REFUSALS = 3
+"""Refusals of one field that end a request without asking the rest of the miners."""
+
+
+def _settled(refusals: list[Refusal]) -> bool:
+    """Enough miners blamed the same field: a too-long prompt is not sent to every miner."""
+    return len(refusals) >= AGREEING_REFUSALS and len({r.field for r in refusals}) == 1
+
+
+def _agreed(refusals: list[Refusal], serving: int) -> str | None:
+    """The field the miners agree is the user's fault: every refusal names it, and at least
+    two miners refused (or every miner serving the model, when fewer serve it)."""
+    fields = {r.field for r in refusals}
+    if len(fields) != 1 or len(refusals) < min(2, serving):
+        return None
+    return fields.pop()
 
 
 async def cancel_all(tasks: set[asyncio.Task]) -> None:

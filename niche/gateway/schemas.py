@@ -48,7 +48,8 @@ class ImagesRequest(BaseModel):
     """Seconds the client will wait; retries on other miners happen within it."""
     # OpenAI's output options
     output_format: Literal["png", "webp", "jpeg"] = "png"
-    """png: the miner's own bytes (what `niche verify` checks); webp/jpeg: re-encoded here."""
+    """Written here from the miner's checked pixels: png (lossless, the pixels `niche
+    verify` checks, none of the miner's chunks), webp or jpeg."""
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
     background: Literal["auto", "opaque"] | None = None
     moderation: StrictStr | None = Field(default=None, max_length=32)

@@ -22,7 +22,6 @@ from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usag
 from niche.gateway.store import ImageStore
 from niche.imaging import (
     ANSWER_FORMATS,
-    PNG_SIGNATURE,
     ImageLimits,
     bytes_to_image,
     encode_image,
@@ -47,9 +46,15 @@ class GatewayConfig:
     url_ttl: float = 3600.0
     max_body_bytes: int = 32 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API (CORS); empty: none."""
     stream_heartbeat: float = 5.0
     """Seconds between progress comments on a streamed answer."""
-    """Browser origins allowed to call the API (CORS); empty: none."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send its whole request body (a 32 MB upload at 10 Mbit/s
+    takes 27 s); a slower one gets 408, so a trickled body cannot hold a connection."""
+    max_inflight_per_key: int = 16
+    """Requests one key may have open at once (uploads, generations, streams); one more
+    gets 429."""
 
     def __post_init__(self) -> None:
         from niche.errors import ConfigError
@@ -58,6 +63,8 @@ class GatewayConfig:
             raise ConfigError("--gateway.audit_fraction must be in [0, 1]")
         if self.deadline <= 0 or self.refresh_interval <= 0 or self.url_ttl <= 0:
             raise ConfigError("--gateway.deadline, refresh_interval and url_ttl must be > 0")
+        if self.body_timeout <= 0 or self.max_inflight_per_key < 1:
+            raise ConfigError("gateway body_timeout must be > 0 and max_inflight_per_key >= 1")
 
 
 @dataclass
@@ -236,12 +243,13 @@ class Gateway:
                          base_url: str) -> ImageData:
         params = item.request.params
         assert item.result.image_bytes is not None
-        data = item.result.image_bytes
-        if request.output_format != "png":
+        # always written here from the checked pixels: the miner's own bytes (a PNG's text
+        # chunks, padding, a colour profile) never reach the user; the audit gets them
+        if request.output_format == "png":
+            data = await asyncio.to_thread(answer_png, item)
+        else:
             data = await asyncio.to_thread(reencode, item, request.output_format,
                                            request.output_compression)
-        elif data[:8] != PNG_SIGNATURE:  # an RGB-ZSTD or WebP answer: users asked for PNG
-            data = await asyncio.to_thread(answer_png, item)
         b64, url = None, None
         if request.response_format == "url":
             token = await asyncio.to_thread(self.images.put, data)
@@ -259,6 +267,7 @@ class Gateway:
                          seconds=round(item.result.latency or 0.0, 4), attempts=item.attempts)
 
     def _queue_audit(self, item: Delivered) -> None:
+        """The answer as the miner signed it (its own bytes, not the user's PNG)."""
         assert self.queue is not None and item.result.response is not None
         target: MinerTarget = item.candidate.target
         try:

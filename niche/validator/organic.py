@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,13 +63,16 @@ class OrganicItem:
 
 
 class OrganicQueue:
-    """Open (creating if needed) the queue at `path`. Safe to share between threads."""
+    """Open (creating if needed) the queue at `path`. Safe to share between threads: they
+    share one connection, whose transactions a lock keeps apart (one thread's BEGIN inside
+    another's transaction, or its ROLLBACK undoing the other's insert, would drop answers)."""
 
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time,
                  max_pending: int = 2000):
         self.path = Path(path).expanduser()
         self._clock = clock
         self.max_pending = max_pending
+        self._lock = threading.Lock()
         try:
             self._conn = open_shared(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
@@ -96,7 +100,9 @@ class OrganicQueue:
 
     def counts(self) -> dict[str, int]:
         """Rows by status (for the gateway's metrics)."""
-        rows = self._conn.execute("SELECT status, COUNT(*) FROM organic GROUP BY status")
+        with self._lock:
+            rows = self._conn.execute("SELECT status, COUNT(*) FROM organic GROUP BY status"
+                                      ).fetchall()
         return {str(status): int(n) for status, n in rows}
 
     # ------------------------------------------------------------------ validator side
@@ -140,13 +146,13 @@ class OrganicQueue:
     @contextlib.contextmanager
     def _tx(self):
         try:
-            with immediate_transaction(self._conn) as conn:
+            with self._lock, immediate_transaction(self._conn) as conn:
                 yield conn
         except sqlite3.Error as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with self._lock, contextlib.suppress(sqlite3.Error):
             self._conn.close()
 
 
