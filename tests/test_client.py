@@ -170,3 +170,24 @@ def test_info_checks_the_hotkey(wallets, fake):
     assert wrong.status is QueryStatus.WRONG_HOTKEY
     assert none.status is QueryStatus.NO_ENDPOINT
     client.close()
+
+
+def test_a_round_larger_than_the_connection_pool_waits_for_no_connection(tmp_path):
+    """A round's requests all go out at once: one waiting for a pooled connection would
+    spend its own timeout on other miners' answers (a 256-miner subnet queried whole sends
+    1024 requests; the pool's default is 256)."""
+    app = FastAPI()
+
+    @app.post("/v1/generate")
+    async def slow_refusal():
+        await asyncio.sleep(1.0)  # a generation's time, then a refusal: any answer will do
+        return JSONResponse({"reason": "busy", "detail": "try later"}, status_code=503)
+
+    client = MinerClient(create_wallet("v", "hot", tmp_path), max_connections=2)
+    with BackgroundServer(app) as server:
+        targets = [(uid, f"5miner{uid}", server.url) for uid in range(6)]
+        results = asyncio.run(client.query_many(
+            targets, lambda t: make_request(seed=t.uid).model_copy(update={"timeout": 1.5}),
+            deadline=1.8))
+    assert [r.status for r in results] == [QueryStatus.HTTP_ERROR] * 6, \
+        [r.reason for r in results]

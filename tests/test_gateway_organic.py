@@ -116,6 +116,43 @@ def test_queue_claims_young_rows_once_skips_old_ones_and_stays_bounded(tmp_path)
     assert queue.counts() == {"claimed": 1}  # unfinished rows are never pruned
 
 
+def test_verdict_rows_drop_their_images_and_go_after_a_week(tmp_path):
+    """At production sizes a row holds ~6 MiB of base64 (a 1024x1024 answer, a conditioning
+    image): kept after its verdict, the queue grew by ~13 GiB a day."""
+    from niche.validator.organic import VERDICTS_KEPT_SECONDS
+
+    now = [1000.0]
+    queue = OrganicQueue(tmp_path / "q.sqlite", clock=lambda: now[0])
+    target = MinerTarget(4, "5miner", "http://127.0.0.1:1")
+    big = Image.effect_noise((1024, 1024), 64).convert("RGB")  # ~1 MiB of PNG
+    image, sha = encode_b64(big)
+
+    def submit(rid: str) -> None:
+        request = _request(rid).model_copy(update={"image": image})
+        answer = _answer(rid).model_copy(update={"image": image, "image_sha256": sha})
+        assert queue.submit(target, request, answer, 0.5)
+
+    submit("too-old-row")
+    now[0] += 400
+    submit("audited-row")
+    (claimed,) = queue.claim(limit=1, max_age=300)  # and the first is skipped: too old
+    assert claimed.challenge.request_id == "audited-row"
+    queue.record(claimed.id, True, "", 0.99)
+    now[0] += 100
+    submit("waiting-row")
+    db = sqlite3.connect(tmp_path / "q.sqlite")
+    sizes = dict(db.execute("SELECT status, length(request) + length(response) FROM organic"))
+    assert sizes["passed"] < 4096 and sizes["skipped"] < 4096  # verdicts: no images
+    assert sizes["pending"] > 2 * len(image)  # still to audit: both images kept
+    kept = GenerateResponse.model_validate_json(db.execute(
+        "SELECT response FROM organic WHERE status='passed'").fetchone()[0])
+    assert kept.request_id == "audited-row" and kept.image == "" and kept.image_sha256 == sha
+    now[0] += VERDICTS_KEPT_SECONDS - 50
+    assert queue.claim(limit=0, max_age=300) == []
+    rows = list(db.execute("SELECT status, reason FROM organic"))
+    assert rows == [("skipped", "too old to audit")]  # the week-old verdicts are gone
+
+
 def test_unreadable_rows_are_skipped_with_a_reason(tmp_path):
     queue = OrganicQueue(tmp_path / "q.sqlite")
     target = MinerTarget(1, "5miner", "http://127.0.0.1:1")

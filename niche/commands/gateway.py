@@ -40,7 +40,8 @@ def register(subparsers) -> None:
                    help="share of delivered images queued for audit (default 0.1)")
     g.add_argument("--gateway.deadline", dest="deadline", type=float, default=60.0,
                    help="seconds a request may take, retries included, when the client "
-                        "sends no 'timeout' (default 60)")
+                        "sends no 'timeout' (default 60), or twice the model's timeout "
+                        "scaled by the request's pixels x steps when that is longer")
     g.add_argument("--gateway.hedge_after", dest="hedge_after", type=float, default=None,
                    help="also ask a second miner when the first has not answered after this "
                         "many seconds (default: no hedging)")

@@ -27,6 +27,7 @@ from niche.imaging import (
     encode_image,
     to_png,
 )
+from niche.models.spec import ModelSpec
 from niche.protocol import MAX_SEED, GenerationParams
 from niche.validator.client import MinerTarget
 from niche.validator.organic import OrganicQueue, QueueError
@@ -37,7 +38,8 @@ log = logging.getLogger("niche.gateway")
 @dataclass
 class GatewayConfig:
     deadline: float = 60.0
-    """Seconds a request may take when the client does not say (`timeout`)."""
+    """Seconds a request may take when the client does not say (`timeout`), at least: a
+    request larger than its model's defaults gets more (`default_deadline`)."""
     audit_fraction: float = 0.1
     """Share of delivered images queued for the validator's audit."""
     refresh_interval: float = 30.0
@@ -188,7 +190,8 @@ class Gateway:
                                     "(GET /v1/models lists what is served)",
                                type=SERVER_ERROR, code="no_miner_available")
         quota = self.keys.admit(key, request.n)
-        deadline = started + (request.timeout or self.config.deadline)
+        deadline = started + (request.timeout or default_deadline(
+            spec, all_params[0], self.config.deadline))
         return Job(key, request, spec.name, seeds, all_params, quota, started, deadline)
 
     async def deliver(self, job: Job, heartbeat: float | None = None
@@ -301,3 +304,20 @@ def build_gateway(chain, wallet, netuid: int, *, models: list[str], db_path: Pat
     queue = OrganicQueue(queue_path) if queue_path is not None else None
     return Gateway(config, ModelCatalog.load(models, model_root), KeyStore(db),
                    ImageStore(db, ttl=config.url_ttl), directory, router, metrics, queue)
+
+
+RETRY_ROOM = 2.0
+"""A request's default deadline holds this many of its expected generations: room to ask a
+second miner when the first fails."""
+
+
+def default_deadline(spec: ModelSpec, params: GenerationParams, floor: float) -> float:
+    """Seconds a request may take when the client sends no `timeout`: `floor`
+    (`--gateway.deadline`), or more for a request larger than the model's defaults, whose
+    timeout (`spec.defaults.timeout`) is scaled by pixels x steps, with room for a retry. A
+    1536x1536, 50-step FLUX.1-dev image (4x the work of its 1024x1024, 28-step default)
+    would otherwise be cut off at 60 s while an honest miner computes it."""
+    d = spec.defaults
+    work = (params.width or d.width) * (params.height or d.height) * (params.steps or d.steps)
+    scale = max(1.0, work / (d.width * d.height * d.steps))
+    return max(floor, RETRY_ROOM * d.timeout * scale)

@@ -62,6 +62,15 @@ class OrganicItem:
     target: MinerTarget
 
 
+VERDICTS_KEPT_SECONDS = 7 * 24 * 3600.0
+"""Audited rows are deleted after this (each claim); their images are dropped at once."""
+_DROP_IMAGES = ("request = CASE WHEN json_valid(request) THEN json_remove(request, '$.image') "
+                "ELSE '' END, response = CASE WHEN json_valid(response) THEN "
+                "json_set(response, '$.image', '') ELSE '' END")
+"""A verdict row keeps the request and answer without their images (a 1024x1024 answer and
+a conditioning image are ~6 MiB of base64; the audit was their only use): ~1 KB a row."""
+
+
 class OrganicQueue:
     """Open (creating if needed) the queue at `path`. Safe to share between threads: they
     share one connection, whose transactions a lock keeps apart (one thread's BEGIN inside
@@ -112,9 +121,11 @@ class OrganicQueue:
         store, and no miner may pay for the validator being late)."""
         now = self._clock()
         with self._tx() as c:
-            c.execute("UPDATE organic SET status=?, reason=?, audited=? "
+            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
                       "WHERE status=? AND created < ?",
                       (SKIPPED, "too old to audit", now, PENDING, now - max_age))
+            c.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
+                      (PENDING, CLAIMED, now - VERDICTS_KEPT_SECONDS))
             rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency "
                              "FROM organic WHERE status=? ORDER BY id LIMIT ?",
                              (PENDING, max(0, limit))).fetchall()
@@ -134,10 +145,11 @@ class OrganicQueue:
         """The verdict on one claimed answer (None: not audited, `reason` says why)."""
         status = SKIPPED if passed is None else PASSED if passed else FAILED
         with self._tx() as c:
-            c.execute("UPDATE organic SET status=?, reason=?, similarity=?, audited=? "
-                      "WHERE id=?", (status, reason[:300], similarity, self._clock(), item_id))
+            c.execute(f"UPDATE organic SET status=?, reason=?, similarity=?, audited=?, "
+                      f"{_DROP_IMAGES} WHERE id=?",
+                      (status, reason[:300], similarity, self._clock(), item_id))
 
-    def prune(self, keep_seconds: float) -> None:
+    def prune(self, keep_seconds: float = VERDICTS_KEPT_SECONDS) -> None:
         """Forget audited rows older than `keep_seconds`."""
         with self._tx() as c:
             c.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
