@@ -54,9 +54,10 @@ STATES_PATH = "/v1/states"
 MAX_STATES = 200
 """Most denoising steps an answer can commit to (GenerationParams.steps' bound)."""
 MAX_STATES_PER_FETCH = 8
-"""States in one /v1/states answer: at most 8 x 4 MiB of float32 (a 4096x4096 latent) plus
-base64, so one answer stays under the validator's byte cap; an audit that needs more states
-(2 per random step, 14 for Kolors at 30 steps) sends several requests."""
+"""States in one /v1/states answer: at most 8 x 4 MiB of float32 (the largest state,
+MAX_STATE_ELEMENTS) plus base64, so one answer stays under the validator's byte cap; an
+audit that needs more states (2 per random step, 14 for Kolors at 30 steps) sends several
+requests."""
 MAX_KERNEL_DECLARATIONS = 8
 KERNEL_NAME_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}$"
 ATTENTION_BACKENDS = ("default", "math", "flash", "efficient", "cudnn")
@@ -64,7 +65,10 @@ ATTENTION_BACKENDS = ("default", "math", "flash", "efficient", "cudnn")
 (`default`: torch's own choice per device). Backends round differently, so the validator
 recomputes with the declared one."""
 MAX_STATE_ELEMENTS = 4 * 512 * 512
-"""Float32 values in one state: a 4096x4096 image's latent (FLUX packed 64 x 256^2)."""
+"""Float32 values in one state (4 MiB): FLUX's packed latent up to 2048x2048 (64 x 128^2
+tokens: the default `Limits.max_size`; the shipped specs stop at 1536), Kolors' 4 x 512^2 up
+to 4096x4096. A spec allowing
+FLUX above 2048 would need it raised: its answers' commitments would be refused."""
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
