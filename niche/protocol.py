@@ -67,8 +67,8 @@ recomputes with the declared one."""
 MAX_STATE_ELEMENTS = 4 * 512 * 512
 """Float32 values in one state (4 MiB): FLUX's packed latent up to 2048x2048 (64 x 128^2
 tokens: the default `Limits.max_size`; the shipped specs stop at 1536), Kolors' 4 x 512^2 up
-to 4096x4096. A spec allowing
-FLUX above 2048 would need it raised: its answers' commitments would be refused."""
+to 4096x4096. A spec allowing FLUX above 2048 would need it raised: its answers'
+commitments would be refused."""
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
