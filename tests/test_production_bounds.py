@@ -33,3 +33,25 @@ def test_flux_dev_at_its_largest_gets_minutes_not_the_flat_minute():
     largest = GenerationParams(model="flux-dev", prompt="x", seed=1, width=1536, height=1536,
                                steps=50)
     assert default_deadline(spec, largest, floor=60.0) > 400  # 2 x 60 s x 4.0
+
+
+def test_url_answers_are_kept_within_their_byte_cap(tmp_path):
+    """`response_format: url` images: an hour of 100 images a minute is ~13 GiB of PNG, so
+    the store keeps the newest within `max_bytes` and the oldest links answer 404 first."""
+    from niche.gateway.db import GatewayDB
+    from niche.gateway.store import ImageStore
+
+    now = [1000.0]
+    store = ImageStore(GatewayDB(tmp_path / "gateway.sqlite"), ttl=3600.0,
+                       max_bytes=10_000, clock=lambda: now[0])
+    tokens = []
+    for i in range(8):
+        tokens.append(store.put(bytes([i]) * 3000))
+        now[0] += 1
+    kept = [store.get(t) is not None for t in tokens]
+    assert kept == [False] * 5 + [True] * 3  # 3 x 3000 bytes fit in 10,000
+    assert store.get(tokens[-1]) == bytes([7]) * 3000
+    huge = store.put(b"x" * 50_000)  # larger than the cap alone: kept, all else goes
+    assert store.get(huge) is not None and all(store.get(t) is None for t in tokens)
+    now[0] += 3601
+    assert store.get(huge) is None  # and the ttl still holds

@@ -46,6 +46,8 @@ class GatewayConfig:
     public_url: str | None = None
     """Base of `url` answers (default: the URL the request came to)."""
     url_ttl: float = 3600.0
+    url_max_bytes: int = 2 << 30
+    """Bytes of `url` answers kept at once (the oldest go first past it)."""
     max_body_bytes: int = 32 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the API (CORS); empty: none."""
@@ -302,8 +304,9 @@ def build_gateway(chain, wallet, netuid: int, *, models: list[str], db_path: Pat
                                validator_state=validator_state)
     router = Router(directory, client, metrics, cooldown=cooldown, hedge_after=hedge_after)
     queue = OrganicQueue(queue_path) if queue_path is not None else None
-    return Gateway(config, ModelCatalog.load(models, model_root), KeyStore(db),
-                   ImageStore(db, ttl=config.url_ttl), directory, router, metrics, queue)
+    images = ImageStore(db, ttl=config.url_ttl, max_bytes=config.url_max_bytes)
+    return Gateway(config, ModelCatalog.load(models, model_root), KeyStore(db), images,
+                   directory, router, metrics, queue)
 
 
 RETRY_ROOM = 2.0

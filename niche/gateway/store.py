@@ -10,10 +10,15 @@ from niche.gateway.db import GatewayDB
 
 
 class ImageStore:
-    def __init__(self, db: GatewayDB, ttl: float = 3600.0,
+    """Kept until `ttl` passes, and within `max_bytes` in all: at 100 images a minute a
+    1024x1024 PNG each, an hour is ~13 GiB, so past the cap the oldest go first (their
+    links then answer 404, as an expired one does)."""
+
+    def __init__(self, db: GatewayDB, ttl: float = 3600.0, max_bytes: int = 2 << 30,
                  clock: Callable[[], float] = time.time):
         self.db = db
         self.ttl = ttl
+        self.max_bytes = max_bytes
         self._clock = clock
 
     def put(self, png: bytes) -> str:
@@ -22,6 +27,10 @@ class ImageStore:
         with self.db.tx() as c:
             c.execute("DELETE FROM images WHERE expires <= ?", (now,))
             c.execute("INSERT INTO images VALUES (?, ?, ?)", (token, now + self.ttl, png))
+            # the newest first, until the cap: what is past it goes (this one always stays)
+            c.execute("DELETE FROM images WHERE token IN (SELECT token FROM (SELECT token, "
+                      "SUM(length(png)) OVER (ORDER BY expires DESC, rowid DESC) AS kept "
+                      "FROM images) WHERE kept > ? AND token != ?)", (self.max_bytes, token))
         return token
 
     def get(self, token: str) -> bytes | None:
