@@ -125,3 +125,32 @@ def test_fetches_of_several_miners_overlap_up_to_parallel_fetches(tiny_engine, t
             server.stop()
     assert [r.verdict for r in results] == ["passed"] * 8, [r.reason for r in results]
     assert Watching.peak == 2
+
+
+def test_answers_the_audit_reaches_after_the_states_keep_time_are_unaudited(tiny_engine,
+                                                                            tmp_path):
+    """Miners keep states 600 s; a validator whose audit runs longer (many answers, a slow
+    GPU) would fetch a 404 and count it against an honest miner. What it reaches too late
+    is its own failure: unaudited, no penalty."""
+    params = tiny_engine.resolve(GenerationParams(model="flux-schnell", prompt="a cat",
+                                                  seed=7, steps=4, width=64, height=64))
+    image, states = tiny_engine.generate_with_states(params)
+    commitment = commit(states, "float32")
+    auditor = Auditor(tiny_engine, Verifier(tiny_engine), StepChecker(tiny_engine),
+                      MinerClient(create_wallet("v", "hot", tmp_path)),
+                      AuditConfig(states_kept=0.9))
+    with BackgroundServer(_states_server(states, 0.5)) as server:
+        items = []
+        for n in range(3):
+            request_id = f"kept-answer-{n:04d}"
+            response = GenerateResponse(request_id=request_id, model="flux-schnell",
+                                        image="", image_sha256="0" * 64, miner_hotkey="m",
+                                        signature="00", generation_seconds=0.1,
+                                        miner_version="x", states=commitment)
+            items.append((Challenge(1, "m", request_id, params, 30.0),
+                          QueryResult(1, "m", QueryStatus.OK, latency=0.1, response=response,
+                                      image=image), MinerTarget(1, "m", server.url)))
+        results = asyncio.run(auditor.audit(items, np.random.default_rng(3)))
+    assert [r.verdict for r in results] == ["passed", "passed", "unaudited"], \
+        [r.reason for r in results]
+    assert "states keep time" in results[2].reason

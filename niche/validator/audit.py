@@ -80,6 +80,11 @@ class AuditConfig:
     """Seconds a miner has to send the states of all its audited answers of one round
     together (fetched one answer after another): a miner that sends them slowly delays
     the round by at most this much, however many of its answers are audited."""
+    states_kept: float = 540.0
+    """Seconds after the audit starts within which a fetch may still start: miners keep
+    states 600 s by default (`--states.ttl`), less the round's answer time. An answer the
+    audit reaches later is `unaudited` (the validator was too slow, no miner pays for it)
+    instead of a 404 counted against an honest miner as unavailable."""
     parallel_fetches: int = 8
     """Answers whose states are fetched or held at once: a 28-step FLUX.1-dev audit at
     1024x1024 holds 12-14 MiB of states until its check is done, so 256 answers fetched at
@@ -174,12 +179,19 @@ class Auditor:
         engine_turn = asyncio.Lock()
         budgets = {target.hotkey: FetchBudget(self.config.fetch_timeout)
                    for _, _, target in items}
+        too_late = time.monotonic() + self.config.states_kept
 
         async def one(challenge: Challenge, result: QueryResult, target: MinerTarget,
                       plan: list[int]) -> AuditResult:
             budget = budgets[target.hotkey]
             async with budget.turn:  # a miner's fetches one after another, on its budget
                 await slots.acquire()  # held until the check is done: bounds the memory
+                if time.monotonic() > too_late:
+                    slots.release()
+                    return unaudited(f"the audit reached this answer {self.config.states_kept:.0f}"
+                                     "s after it began, past the miners' states keep time "
+                                     "(audit fewer answers per round: --neuron.sample_size, "
+                                     "--neuron.audit_fraction)")
                 try:
                     fetched = await self._fetch_within(challenge, result, target, plan,
                                                        budget)
