@@ -13,6 +13,7 @@ import asyncio
 import time
 
 import numpy as np
+from audit_support import PeakFetches
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -90,19 +91,9 @@ def test_fetches_of_several_miners_overlap_up_to_parallel_fetches(tiny_engine, t
     image, states = tiny_engine.generate_with_states(params)
     commitment = commit(states, "float32")
 
-    class Watching(MinerClient):
-        active = peak = 0
-
-        async def fetch_states(self, *args, **kwargs):
-            Watching.active += 1
-            Watching.peak = max(Watching.peak, Watching.active)
-            try:
-                return await super().fetch_states(*args, **kwargs)
-            finally:
-                Watching.active -= 1
-
+    client = PeakFetches(create_wallet("v", "hot", tmp_path))
     auditor = Auditor(tiny_engine, Verifier(tiny_engine), StepChecker(tiny_engine),
-                      Watching(create_wallet("v", "hot", tmp_path)),
+                      client,
                       AuditConfig(parallel_fetches=2))
     servers = [BackgroundServer(_states_server(states, 0.2)).start() for _ in range(4)]
     try:
@@ -124,7 +115,7 @@ def test_fetches_of_several_miners_overlap_up_to_parallel_fetches(tiny_engine, t
         for server in servers:
             server.stop()
     assert [r.verdict for r in results] == ["passed"] * 8, [r.reason for r in results]
-    assert Watching.peak == 2
+    assert client.peak == 2
 
 
 def test_answers_the_audit_reaches_after_the_states_keep_time_are_unaudited(tiny_engine,

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import yaml
+from audit_support import PeakFetches
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
@@ -306,21 +307,9 @@ def test_states_held_at_once_are_bounded_by_parallel_fetches(tiny_engine, tmp_pa
     from niche.validator.steps import StepChecker
     from niche.validator.verify import Verifier
 
-    class Watching(MinerClient):
-        active = peak = 0
-
-        async def fetch_states(self, *args, **kwargs):
-            Watching.active += 1
-            Watching.peak = max(Watching.peak, Watching.active)
-            try:
-                await asyncio.sleep(0.05)  # a network's latency: the fetches could overlap
-                return await super().fetch_states(*args, **kwargs)
-            finally:
-                Watching.active -= 1
-
     chain, miner, validator = one_miner_chain(tmp_path)
     service, server = start_miner(chain, miner, tiny_engine)
-    client = Watching(validator)
+    client = PeakFetches(validator, delay=0.05)  # a network's latency
     try:
         target = MinerTarget(1, miner.hotkey.ss58_address, f"http://127.0.0.1:{server.port}")
         items = []
@@ -340,4 +329,4 @@ def test_states_held_at_once_are_bounded_by_parallel_fetches(tiny_engine, tmp_pa
         service.close()
         chain.close()
     assert [v.verdict for v in verdicts] == ["passed"] * 5
-    assert Watching.peak == 1
+    assert client.peak == 1
