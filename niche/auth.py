@@ -105,12 +105,18 @@ def sign_request(wallet, *, method: str, path: str, body: bytes, receiver: str,
 
 @dataclass
 class RequestVerifier:
-    """Verifies incoming requests for the miner hotkey `self_hotkey`."""
+    """Verifies incoming requests for the miner hotkey `self_hotkey`.
+
+    `not_before_ns` (wall-clock ns; the miner passes its start): a nonce older than it is
+    refused. The replay store is memory only, so without it a request captured before a
+    restart could be sent again within its freshness window; an honest client signs each
+    send afresh, so no fresh request predates this process."""
 
     self_hotkey: str
     max_age: float = http_auth.DEFAULT_MAX_AGE
     allowed_skew: float = http_auth.DEFAULT_ALLOWED_SKEW
     nonce_store: BoundedNonceStore | None = None
+    not_before_ns: int | None = None
 
     def __post_init__(self) -> None:
         if self.nonce_store is None:
@@ -136,6 +142,9 @@ class RequestVerifier:
                 if isinstance(exc, cls):
                     raise AuthFailure(status, reason, str(exc)) from None
             raise AuthFailure(401, "unauthorized", str(exc)) from None
+        if self.not_before_ns is not None and caller.nonce_ns < self.not_before_ns:
+            raise AuthFailure(401, "stale_request", "signed before this miner started "
+                              "(a restart forgets earlier nonces); sign the request again")
         return caller.hotkey_ss58
 
 

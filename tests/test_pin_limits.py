@@ -254,6 +254,8 @@ def test_queue_serves_highest_stake_then_arrival_order_and_reports_wait():
 
 
 def test_full_queue_is_refused():
+    """A full queue refuses a request with no more stake than its lowest waiter; one with
+    more takes that waiter's place (the waiter gets the 503)."""
     clock = Clock(0.0)
     gate = PriorityGate(max_queue=2, initial_estimate=1.0, clock=clock)
 
@@ -262,7 +264,7 @@ def test_full_queue_is_refused():
         tasks = [asyncio.ensure_future(gate.acquire(1.0, 100.0)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(Refusal) as info:
-            await gate.acquire(99.0, 100.0)
+            await gate.acquire(1.0, 100.0)
         assert (info.value.status, info.value.reason) == (503, "queue_full")
         assert str(info.value) == "queue_full: 2 requests already waiting"
         tasks[0].cancel()
@@ -271,9 +273,15 @@ def test_full_queue_is_refused():
         tasks.append(asyncio.ensure_future(gate.acquire(1.0, 100.0)))
         await asyncio.sleep(0)
         assert gate.depth == 2
-        for t in tasks:
+        richer = asyncio.ensure_future(gate.acquire(99.0, 100.0))
+        await asyncio.sleep(0)
+        assert gate.depth == 2  # it took the latest stake-1 waiter's place
+        with pytest.raises(Refusal) as displaced:
+            await tasks[-1]
+        assert (displaced.value.status, displaced.value.reason) == (503, "queue_full")
+        for t in (*tasks, richer):
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, richer, return_exceptions=True)
 
     run(scenario())
 

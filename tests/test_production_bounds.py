@@ -55,3 +55,25 @@ def test_url_answers_are_kept_within_their_byte_cap(tmp_path):
     assert store.get(huge) is not None and all(store.get(t) is None for t in tokens)
     now[0] += 3601
     assert store.get(huge) is None  # and the ttl still holds
+
+
+def test_a_signature_stays_fresh_for_as_long_as_its_body_may_take(tmp_path):
+    """The miner checks a signature's age once the whole body is in, and a body may take
+    `body_timeout`: a round's ~96 conditioning images (~280 MiB) need 22 s at 100 Mbit/s."""
+    import time
+
+    from niche.auth import RequestVerifier, sign_request
+    from niche.chain.wallets import create_wallet
+    from niche.miner.service import MinerConfig
+
+    config = MinerConfig(netuid=1)
+    assert config.auth_max_age >= config.body_timeout
+    validator = create_wallet("v", "hot", tmp_path)
+    miner = create_wallet("m", "hot", tmp_path).hotkey.ss58_address
+    verifier = RequestVerifier(miner, max_age=config.auth_max_age,
+                               allowed_skew=config.auth_allowed_skew)
+    body = b'{"a conditioning image": "..."}'
+    signed = sign_request(validator, method="POST", path="/v1/generate", body=body,
+                          receiver=miner, nonce_ns=time.time_ns() - 25 * 10**9)
+    assert verifier.verify(signed, body, method="POST", path="/v1/generate") == \
+        validator.hotkey.ss58_address

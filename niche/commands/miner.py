@@ -55,6 +55,12 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--limits.max_inflight_per_ip", dest="max_inflight_per_ip", type=int,
                      default=8, help="of those, held at once from one address (default 8; "
                                      "0: no bound)")
+    lim.add_argument("--limits.max_connections_per_ip", dest="max_connections_per_ip",
+                     type=int, default=64, help="open connections from one address (an IPv6 "
+                     "peer: its /64); more are closed at once (default 64; 0: no bound)")
+    lim.add_argument("--limits.states_per_minute", dest="states_per_minute", type=float,
+                     default=240.0, help="per-hotkey token bucket for /v1/states, apart from "
+                     "generate's (default 240; 0 disables)")
     lim.add_argument("--queue.max_size", dest="queue_max_size", type=int, default=16,
                      help="requests waiting for the GPU before 503 (default 16)")
     lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
@@ -133,6 +139,9 @@ def config_from_args(args: argparse.Namespace):
     if args.max_inflight < 1 or args.max_inflight_per_ip < 0:
         raise ConfigError("--limits.max_inflight must be >= 1 and "
                           "--limits.max_inflight_per_ip >= 0")
+    if args.max_connections_per_ip < 0 or args.states_per_minute < 0:
+        raise ConfigError("--limits.max_connections_per_ip and --limits.states_per_minute "
+                          "must be >= 0")
     if args.states_max_mb <= 0 or args.states_disk_mb <= 0 or args.states_ttl <= 0:
         raise ConfigError("--states.max_mb, --states.disk_mb and --states.ttl must be > 0")
     if args.localnet_cheat is not None:
@@ -149,6 +158,8 @@ def config_from_args(args: argparse.Namespace):
         requests_per_minute=args.requests_per_minute,
         stake_proportional_rate=args.stake_proportional,
         max_inflight=args.max_inflight, max_inflight_per_ip=args.max_inflight_per_ip,
+        max_connections_per_ip=args.max_connections_per_ip,
+        states_requests_per_minute=args.states_per_minute,
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
         keep_running_when_deregistered=args.keep_running_deregistered,
         states_max_bytes=int(args.states_max_mb * 1024 * 1024), states_ttl=args.states_ttl,

@@ -2,18 +2,22 @@
 
 - `RateLimiter`: a token bucket per hotkey (fixed rate, or a share of a total rate
   proportional to the caller's stake among permitted validators).
-- `inflight_cap`: requests one address may hold open (fixed, or scaled by stake too).
+- `inflight_cap`: requests one address may hold open (fixed, or scaled by stake too);
+  `PeerSlots` counts them, an unauthenticated request only ever at the base cap.
+- `FetchSlots`: states answers being made or sent, per caller and in all.
 - `PriorityGate`: one generation at a time per slot (one slot per GPU or replica); waiting
-  requests are served highest stake first.
+  requests are served highest stake first, and a full queue gives a newcomer with more stake
+  the place of its lowest-stake waiter.
   A request that cannot finish before its own timeout (estimated from recent generation
   durations and its place in the queue) is refused at once with 429 rather than queued, and
-  a waiter whose deadline passes while queued is dropped before it reaches the GPU.
+  a waiter leaves the queue (429) as soon as it can no longer finish in time.
 
 Both live on the event loop (the gate) or behind a lock (the limiter); neither blocks.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
@@ -21,8 +25,9 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 
 class Refusal(Exception):
@@ -84,6 +89,82 @@ def inflight_cap(per_address: int, total: int, stake_share: float | None) -> int
     return max(per_address, min(total, math.ceil(total * max(0.0, min(1.0, stake_share)))))
 
 
+def _add(counts: dict[str, int], key: str, n: int) -> None:
+    left = counts.get(key, 0) + n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+class PeerSlots:
+    """Generate requests held per peer address, those not yet authenticated counted apart.
+
+    Before its signature is checked a request is bounded by the base cap alone: a claimed
+    hotkey is a header anyone can write, so it must not buy the claimed validator's
+    stake-scaled share. Once the signature verifies, the request counts against the cap of
+    the hotkey that signed it (`prove`). With fixed caps (`scaled` False) the base cap bounds
+    everything an address holds, as it always did."""
+
+    def __init__(self, base: int, *, scaled: bool = False):
+        self.base, self.scaled = base, scaled
+        self.held: dict[str, int] = {}
+        self.unproven: dict[str, int] = {}
+
+    def enter(self, peer: str) -> None:
+        """A request's headers arrived from `peer`; Refusal(503) over the base cap."""
+        counted = self.unproven if self.scaled else self.held
+        if self.base and counted.get(peer, 0) >= self.base:
+            raise Refusal(503, "busy", f"{self.base} requests in flight from {peer}; "
+                          "retry later")
+        _add(self.held, peer, 1)
+        _add(self.unproven, peer, 1)
+
+    def prove(self, peer: str, cap: int) -> None:
+        """Its signature verified; Refusal(503) when `peer` now holds more than `cap` (the
+        signer's own cap). The request is proven either way: `leave(peer, proven=True)`."""
+        _add(self.unproven, peer, -1)
+        if cap and self.held.get(peer, 0) > cap:
+            raise Refusal(503, "busy", f"{cap} requests in flight from {peer}; retry later")
+
+    def leave(self, peer: str, *, proven: bool) -> None:
+        _add(self.held, peer, -1)
+        if not proven:
+            _add(self.unproven, peer, -1)
+
+
+class FetchSlots:
+    """States answers being read, encoded or sent: at most `per_caller` for one hotkey (429)
+    and `total` in all (503; 0: no bound). An answer of 8 FLUX.1-dev states is ~11 MB of
+    JSON held until the peer has read it, so these bound the miner's memory; an honest
+    validator fetches one answer's states one request after another."""
+
+    def __init__(self, per_caller: int, total: int):
+        self.per_caller, self.total = per_caller, total
+        self.held: dict[str, int] = {}
+        self.in_all = 0
+
+    def take(self, caller: str) -> Callable[[], None]:
+        """A slot for `caller`, or Refusal; returns its release (safe to call twice)."""
+        if self.per_caller and self.held.get(caller, 0) >= self.per_caller:
+            raise Refusal(429, "too_many_fetches", f"{self.per_caller} states requests of "
+                          "this caller in flight; send them one after another")
+        if self.total and self.in_all >= self.total:
+            raise Refusal(503, "busy", f"{self.in_all} states requests in flight; retry later")
+        _add(self.held, caller, 1)
+        self.in_all += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                _add(self.held, caller, -1)
+                self.in_all -= 1
+
+        return release
+
+
 # ----------------------------------------------------------------------------- the queue
 @dataclass(order=True)
 class _Waiter:
@@ -91,6 +172,7 @@ class _Waiter:
     seq: int
     deadline: float = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    timer: asyncio.TimerHandle | None = field(default=None, compare=False)
 
 
 class PriorityGate:
@@ -111,7 +193,8 @@ class PriorityGate:
         self._heap: list[_Waiter] = []
         self._seq = itertools.count()
         self.running = 0
-        self._started: deque[float] = deque()  # start times of the running ones, oldest first
+        self._runs: deque[tuple[float, float]] = deque()
+        """(start, deadline) of the running generations, oldest first."""
 
     @property
     def busy(self) -> bool:
@@ -138,14 +221,21 @@ class PriorityGate:
         if not self.busy:
             return 0.0
         ahead = sum(1 for w in self._heap if not w.future.done() and -w.priority >= stake)
-        remaining = max(0.0, est - (self._clock() - self._started[0]))
+        remaining = max(0.0, est - (self._clock() - self._runs[0][0]))
         return remaining + (ahead // self.slots) * est
+
+    def overdue(self) -> float:
+        """Seconds the most overdue running generation is past its request's deadline (0
+        when none is): far past it, the engine is hung rather than slow."""
+        now = self._clock()
+        return max([0.0, *(now - deadline for _, deadline in self._runs)])
 
     async def acquire(self, stake: float, deadline: float) -> float:
         """Wait for the slot; returns seconds waited. `deadline` is on this gate's clock.
 
-        Raises Refusal(429) when the request cannot finish by its deadline, Refusal(503)
-        when the queue is full."""
+        Raises Refusal(429) when the request cannot finish by its deadline (at once, or
+        later while it waits), Refusal(503) when the queue is full of waiters with as much
+        stake or more (a lower-stake waiter gives up its place, with that 503)."""
         start = self._clock()
         est = self.estimate() or 0.0
         if not self.busy and self.depth == 0:
@@ -153,18 +243,21 @@ class PriorityGate:
                 raise Refusal(429, "cannot_finish_in_time",
                               f"generation takes ~{est:.1f}s, timeout is "
                               f"{max(0.0, deadline - start):.1f}s")
-            self._start()
+            self._start(deadline)
             return 0.0
-        if self.depth >= self.max_queue:
-            raise Refusal(503, "queue_full", f"{self.depth} requests already waiting")
+        displaced = self._displaced_by(stake) if self.depth >= self.max_queue else None
         wait = self.expected_wait(stake)
         if start + wait + est > deadline:
             raise Refusal(429, "cannot_start_in_time",
                           f"expected start in {wait:.1f}s + ~{est:.1f}s generation exceeds "
                           f"the {max(0.0, deadline - start):.1f}s timeout")
+        if displaced is not None:
+            self._drop(displaced, Refusal(503, "queue_full", "displaced from the full queue "
+                                          "by a request with more stake"))
         waiter = _Waiter(-float(stake), next(self._seq), deadline,
                          asyncio.get_running_loop().create_future())
         heapq.heappush(self._heap, waiter)
+        self._arm(waiter)
         try:
             await waiter.future
         except asyncio.CancelledError:
@@ -173,31 +266,96 @@ class PriorityGate:
                     and waiter.future.exception() is None:
                 self.release(None)
             else:
-                waiter.future.cancel()
+                self._drop(waiter, None)
             raise
         return self._clock() - start
 
-    def _start(self) -> None:
+    def _displaced_by(self, stake: float) -> _Waiter:
+        """The full queue's lowest-stake waiter (the latest of equals), which a newcomer with
+        more `stake` replaces; Refusal(503) when there is none with less."""
+        live = [w for w in self._heap if not w.future.done()]
+        lowest = max(live, key=lambda w: (w.priority, w.seq), default=None)
+        if lowest is None or -lowest.priority >= stake:
+            raise Refusal(503, "queue_full", f"{len(live)} requests already waiting")
+        return lowest
+
+    def _drop(self, waiter: _Waiter, refusal: Refusal | None) -> None:
+        """Take `waiter` out of the queue: refused with `refusal`, or cancelled (None)."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        with contextlib.suppress(ValueError):
+            self._heap.remove(waiter)
+            heapq.heapify(self._heap)
+        if waiter.future.done():
+            return
+        if refusal is None:
+            waiter.future.cancel()
+        else:
+            waiter.future.set_exception(refusal)
+
+    def _arm(self, waiter: _Waiter) -> None:
+        """Wake at the last moment `waiter` could still start and finish by its deadline: a
+        waiter leaves the queue then (429), not only when the running generation ends."""
+        left = waiter.deadline - (self.estimate() or 0.0) - self._clock()
+        waiter.timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expire,
+                                                             waiter)
+
+    def _expire(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        if waiter.future.done():
+            return
+        if self._clock() + (self.estimate() or 0.0) >= waiter.deadline:
+            self._drop(waiter, _deadline_passed())
+        else:  # woke early (the estimate shrank, or an injected clock): wait again
+            self._arm(waiter)
+
+    def _start(self, deadline: float) -> None:
         self.running += 1
-        self._started.append(self._clock())
+        self._runs.append((self._clock(), deadline))
 
     def release(self, seconds: float | None) -> None:
         """A running generation ended (`seconds` it took, None if it never ran)."""
         if seconds is not None:
             self.record(seconds)
         self.running = max(0, self.running - 1)
-        if self._started:
-            self._started.popleft()
+        if self._runs:
+            self._runs.popleft()
         est = self.estimate() or 0.0
         while self._heap:
             waiter = heapq.heappop(self._heap)
+            if waiter.timer is not None:
+                waiter.timer.cancel()
             if waiter.future.done():
                 continue
             now = self._clock()
             if now + est > waiter.deadline:
-                waiter.future.set_exception(Refusal(
-                    429, "deadline_passed", "could not start before its timeout"))
+                waiter.future.set_exception(_deadline_passed())
                 continue
-            self._start()
+            self._start(waiter.deadline)
             waiter.future.set_result(None)
             return
+
+
+def _deadline_passed() -> Refusal:
+    return Refusal(429, "deadline_passed", "could not start before its timeout")
+
+
+T = TypeVar("T")
+
+
+async def unless_gone(work: Awaitable[T], gone: Callable[[], Awaitable[None]]) -> T:
+    """`work`, cancelled if `gone()` returns first (the caller disconnected): Refusal 499
+    client_gone. A queued request whose caller gave up so leaves the queue instead of taking
+    the GPU for an answer nobody reads."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.wait((task,))  # its cleanup (leaving the queue) ran
+    raise Refusal(499, "client_gone", "the client disconnected before its answer")

@@ -16,23 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from niche import __version__
-from niche.auth import AuthFailure, claimed_hotkey
+from niche.auth import AuthFailure
 from niche.errors import NicheError
 from niche.miner.direct_routes import DirectRoutes
-from niche.miner.limits import Refusal
+from niche.miner.limits import FetchSlots, PeerSlots, Refusal
 from niche.miner.service import MinerService, short
 from niche.protocol import (
     GENERATE_PATH,
@@ -70,6 +73,36 @@ def _error(status: int, reason: str, detail: str = "", field: str | None = None
            ) -> JSONResponse:
     body = ErrorResponse(reason=reason, detail=detail, field=field)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+
+def _disconnected(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """What returns once the peer is gone (awaited after the request body was read: uvicorn's
+    receive then waits until the connection closes or the response is complete)."""
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    return gone
+
+
+class ReleasedWhenSent(Response):
+    """A response that calls `release` once its bytes have left or its peer is gone, so a
+    states slot covers the answer's memory until then (a send that stalls is cut by the
+    connection's send deadline). uvicorn returns from a send as soon as the bytes are in the
+    transport's buffer and waits for it to drain only before the next send: the empty last
+    part is that wait."""
+
+    def __init__(self, content: bytes, media_type: str, release: Callable[[], None]):
+        super().__init__(content, media_type=media_type)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._release()
 
 
 def binary_image_format(accept: str, version: int) -> str | None:
@@ -124,8 +157,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                   docs_url=None, redoc_url=None)
     app.state.service = service
     metrics = service.metrics
+    config = service.config
     inflight = [0]  # generate requests between admission and answer (event-loop only)
-    inflight_by_peer: dict[str, int] = {}
+    peer_slots = PeerSlots(config.max_inflight_per_ip, scaled=config.stake_proportional_rate)
+    fetch_slots = FetchSlots(config.states_inflight_per_caller, config.states_inflight)
     error_responses: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in
                        (400, 401, 403, 408, 413, 422, 429, 500, 503)}
 
@@ -141,33 +176,31 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
     async def generate(request: Request):
         started = time.monotonic()
         caller, status, reason = "-", 500, "internal_error"
-        admitted = False
+        admitted = proven = False
         peer = request.client.host if request.client else "-"
         try:
             headers = header_map(request)
             service.precheck(headers)
-            if inflight[0] >= service.config.max_inflight:
+            if inflight[0] >= config.max_inflight:
                 raise Refusal(503, "busy", f"{inflight[0]} requests in flight; retry later")
-            per_peer = service.inflight_cap(claimed_hotkey(headers))
-            if per_peer and inflight_by_peer.get(peer, 0) >= per_peer:
-                raise Refusal(503, "busy", f"{per_peer} requests in flight from {peer}; "
-                              "retry later")
+            peer_slots.enter(peer)  # the claimed hotkey is unproven: the base cap only
             inflight[0] += 1
-            inflight_by_peer[peer] = inflight_by_peer.get(peer, 0) + 1
             admitted = True
             try:
                 body = await within(
-                    read_capped(request.stream(), service.config.max_body_bytes,
+                    read_capped(request.stream(), config.max_body_bytes,
                                 headers.get("content-length")),
-                    service.config.body_timeout)
+                    config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
             except asyncio.TimeoutError:
                 raise Refusal(408, "body_timeout", f"body not received within "
-                              f"{service.config.body_timeout:g}s") from None
+                              f"{config.body_timeout:g}s") from None
             caller_key, neuron = service.authenticate(
                 headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
+            proven = True
+            peer_slots.prove(peer, service.inflight_cap(caller_key))
             service.rate_check(caller_key, neuron)
             if len(body) <= INLINE_PARSE_BYTES:  # a thread hop costs more than the parse
                 parsed = service.parse(body)
@@ -176,7 +209,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             image_format = binary_image_format(headers.get("accept", ""),
                                                parsed.protocol_version)
             answer = await service.generate(parsed, neuron, caller_key,
-                                            image_format=image_format or "png")
+                                            image_format=image_format or "png",
+                                            gone=_disconnected(request.receive))
             status, reason = 200, "ok"
             if image_format is not None:
                 return Response(answer.binary_body(), media_type=ANSWER_MEDIA_TYPE)
@@ -193,10 +227,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         finally:
             if admitted:
                 inflight[0] -= 1
-                if inflight_by_peer.get(peer, 0) > 1:
-                    inflight_by_peer[peer] -= 1
-                else:
-                    inflight_by_peer.pop(peer, None)
+                peer_slots.leave(peer, proven=proven)
             metrics.requests.labels(str(status)).inc()
             if status != 200:
                 metrics.refusals.labels(reason).inc()
@@ -212,8 +243,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             "schema": {"$ref": "#/components/schemas/StatesRequest"}}}}},
     )
     async def states(request: Request):
-        """The committed sampler states of one of the caller's earlier answers (audits)."""
+        """The committed sampler states of one of the caller's earlier answers (audits),
+        within the caller's states budget and in-flight share (FetchSlots)."""
         caller, status, reason = "-", 500, "internal_error"
+        release: Callable[[], None] | None = None
         try:
             headers = header_map(request)
             service.precheck(headers)
@@ -221,7 +254,7 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 body = await within(
                     read_capped(request.stream(), STATES_BODY_BYTES,
                                 headers.get("content-length")),
-                    service.config.body_timeout)
+                    config.body_timeout)
             except BodyTooLarge as exc:
                 raise Refusal(413, "body_too_large", str(exc)) from None
             except asyncio.TimeoutError:
@@ -229,13 +262,19 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             caller_key, _ = service.authenticate(
                 headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
+            service.states_rate_check(caller_key)
+            release = fetch_slots.take(caller_key)
             binary = accepts(headers.get("accept", ""), STATES_MEDIA_TYPE)
             answer = await asyncio.to_thread(service.fetch_states, body, caller_key,
                                              binary=binary)
             status, reason = 200, "ok"
             if isinstance(answer, bytes):
-                return Response(answer, media_type=STATES_MEDIA_TYPE)
-            return Response(answer.model_dump_json().encode(), media_type="application/json")
+                sent = ReleasedWhenSent(answer, STATES_MEDIA_TYPE, release)
+            else:
+                sent = ReleasedWhenSent(answer.model_dump_json().encode(), "application/json",
+                                        release)
+            release = None  # the response releases it once sent
+            return sent
         except (Refusal, AuthFailure) as exc:
             status, reason = exc.status, exc.reason
             return _error(exc.status, exc.reason, exc.detail, getattr(exc, "field", None))
@@ -243,6 +282,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             log.exception("unexpected error serving states to %s", caller)
             return _error(500, "internal_error", type(exc).__name__)
         finally:
+            if release is not None:
+                release()
             metrics.state_fetches.labels(str(status)).inc()
             log.info("states caller=%s status=%d%s", caller, status,
                      f" {reason}" if status != 200 else "")
@@ -252,7 +293,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
         answer = await asyncio.to_thread(service.info)  # the replicas' states: an RPC on Ray
         return JSONResponse(answer.model_dump(mode="json"))
 
-    @app.get("/healthz", responses={503: {"description": "not ok: deregistered"}})
+    @app.get("/healthz", responses={503: {"description": "not ok: deregistered, no replica "
+                                          "up, or a generation stuck far past its timeout"}})
     async def healthz():
         ok, reason = service.health
         body: dict[str, Any] = {"ok": ok, "busy": service.gate.busy,
@@ -311,22 +353,103 @@ def bind_socket(ip: str, port: int) -> socket.socket:
     return sock
 
 
-def _with_header_deadline(base: type, seconds: float) -> type:
-    """uvicorn's HTTP protocol `base` plus a deadline for each request's headers: without it
-    a peer that never finishes its headers holds a connection (and a limit_concurrency slot)
-    for ever, and 1024 such peers make every caller get 503. `base` reports a complete
-    request head through `_head_received` (see the two subclasses below)."""
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may hold, enforced in uvicorn's protocol (below the app)."""
+
+    header_timeout: float = 15.0
+    """Seconds for each request's headers (also the idle limit between requests)."""
+    total: int = 1024
+    """Open connections in all (uvicorn's limit_concurrency)."""
+    per_peer: int = 0
+    """Open connections from one peer address (peer_key); 0: no bound."""
+    send_timeout: float = 0.0
+    """Seconds an answer may sit unread in the send buffer; 0: no bound."""
+    json_overload: bool = False
+    """Answer a request over `total` with a one-line ErrorResponse (503 busy) instead of
+    uvicorn's plain-text 503."""
+
+
+def connection_limits(config: Any) -> ConnectionLimits:
+    """The miner's connection limits from its MinerConfig; another app (None) gets the header
+    deadline and uvicorn's own limit only."""
+    if config is None:
+        return ConnectionLimits()
+    return ConnectionLimits(header_timeout=config.header_timeout, total=config.max_connections,
+                            per_peer=config.max_connections_per_ip,
+                            send_timeout=config.send_timeout, json_overload=True)
+
+
+def peer_key(peername: Any) -> str | None:
+    """The address a per-peer connection cap counts: the host, or an IPv6 host's /64 (one
+    site's allocation, which a single machine can fill with addresses)."""
+    if not peername or not isinstance(peername, tuple):
+        return None
+    host = str(peername[0])
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return host
+
+
+OVERLOADED = ErrorResponse(reason="busy", detail="too many open connections; retry later"
+                           ).model_dump_json(exclude_none=True).encode()
+
+
+async def _overloaded(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(OVERLOADED)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": OVERLOADED})
+
+
+def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
+    """uvicorn's HTTP protocol `base` plus, per connection:
+    - a deadline for each request's headers: without it a peer that never finishes its
+      headers holds a connection (and a limit_concurrency slot) for ever;
+    - a cap on connections per peer address (`limits.per_peer`): one more is closed at once,
+      so one host cannot hold the `limits.total` that every caller shares (1024 idle
+      connections from one address made every validator get 503);
+    - a send deadline: an answer left unread (no progress) for `limits.send_timeout` drops
+      the connection, freeing the answer's memory;
+    - with `limits.json_overload`, a request over `limits.total` gets a one-line JSON 503.
+    `base` reports a complete request head through `_head_received` (see the two
+    subclasses below). One class per server: `_peers` is that server's count."""
 
     class Protocol(base):
+        _peers: dict[str, int] = {}
+        _peer: str | None = None
+        _refused = False
         _deadline = None
+        _stall = None
+        _stall_size = 0
         _awaiting_headers = True
         """No complete request head since the connection opened or the last response."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if limits.json_overload:
+                self._app = self.app  # type: ignore[has-type]
+                self.app = self._guarded
+                self.limit_concurrency = None  # checked in _guarded instead
+
+        async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+            # this request's task is already in self.tasks, its connection in connections
+            if len(self.connections) > limits.total or len(self.tasks) > limits.total:
+                await _overloaded(send)
+            else:
+                await self._app(scope, receive, send)
 
         def _arm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
             self._awaiting_headers = True
-            self._deadline = self.loop.call_later(seconds, self._headers_overdue)
+            self._deadline = self.loop.call_later(limits.header_timeout, self._headers_overdue)
 
         def _head_received(self) -> None:
             self._awaiting_headers = False
@@ -338,6 +461,16 @@ def _with_header_deadline(base: type, seconds: float) -> type:
                 self.transport.close()
 
         def connection_made(self, transport) -> None:
+            peer = peer_key(transport.get_extra_info("peername"))
+            if limits.per_peer and peer is not None \
+                    and self._peers.get(peer, 0) >= limits.per_peer:
+                self._refused = True  # never seen by uvicorn: no slot, no task
+                log.debug("connection from %s refused: %d open", peer, limits.per_peer)
+                transport.close()
+                return
+            if peer is not None:
+                self._peer = peer
+                self._peers[peer] = self._peers.get(peer, 0) + 1
             super().connection_made(transport)
             self._arm()
 
@@ -345,20 +478,54 @@ def _with_header_deadline(base: type, seconds: float) -> type:
             super().on_response_complete()
             self._arm()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if limits.send_timeout and self._stall is None:
+                self._watch_send()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def _watch_send(self) -> None:
+            self._stall_size = self.transport.get_write_buffer_size()
+            self._stall = self.loop.call_later(limits.send_timeout, self._send_overdue)
+
+        def _send_overdue(self) -> None:
+            self._stall = None
+            if self.transport.is_closing():
+                return
+            if self.transport.get_write_buffer_size() < self._stall_size:
+                self._watch_send()  # the peer reads, slowly: give it another period
+            else:
+                self.transport.abort()
+
         def connection_lost(self, exc) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
+            if self._refused:
+                return
+            for timer in (self._deadline, self._stall):
+                if timer is not None:
+                    timer.cancel()
+            if self._peer is not None:
+                left = self._peers.get(self._peer, 0) - 1
+                if left > 0:
+                    self._peers[self._peer] = left
+                else:
+                    self._peers.pop(self._peer, None)
+                self._peer = None
             super().connection_lost(exc)
 
     return Protocol
 
 
-def _h11_with_header_deadline(seconds: float) -> type:
+def _h11_with_header_deadline(limits: ConnectionLimits) -> type:
     """h11 (pure Python): a request head is complete once h11 leaves IDLE for it."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class Protocol(_with_header_deadline(H11Protocol, seconds)):  # type: ignore[misc]
+    class Protocol(_with_header_deadline(H11Protocol, limits)):  # type: ignore[misc]
         def handle_events(self) -> None:
             super().handle_events()
             if self.conn.their_state is not h11.IDLE:
@@ -367,12 +534,12 @@ def _h11_with_header_deadline(seconds: float) -> type:
     return Protocol
 
 
-def _httptools_with_header_deadline(seconds: float) -> type:
+def _httptools_with_header_deadline(limits: ConnectionLimits) -> type:
     """httptools (llhttp, C): parses a request in ~1/3 of h11's time, ~0.9 ms of a tiny
     answer's path (bench/overhead.py (a)); it calls on_headers_complete per request head."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class Protocol(_with_header_deadline(HttpToolsProtocol, seconds)):  # type: ignore[misc]
+    class Protocol(_with_header_deadline(HttpToolsProtocol, limits)):  # type: ignore[misc]
         def on_headers_complete(self) -> None:
             self._head_received()
             super().on_headers_complete()
@@ -380,17 +547,23 @@ def _httptools_with_header_deadline(seconds: float) -> type:
     return Protocol
 
 
-def http_protocol(header_timeout: float):
-    """uvicorn's fastest HTTP/1.1 protocol here (httptools, else h11), with the deadline for
-    each request's headers."""
+def http_protocol(limits: ConnectionLimits):
+    """uvicorn's fastest HTTP/1.1 protocol here (httptools, else h11), with the connection
+    limits above."""
     try:
         import httptools  # noqa: F401
     except ImportError:  # pragma: no cover - httptools is a dependency
-        return _h11_with_header_deadline(header_timeout)
-    return _httptools_with_header_deadline(header_timeout)
+        return _h11_with_header_deadline(limits)
+    return _httptools_with_header_deadline(limits)
 
 
-def uvicorn_server(app: FastAPI):
+def uvicorn_server(app: FastAPI, *, proxy_headers: bool | None = None):
+    """uvicorn for `app`, its limits from the miner's config when `app` is the miner's.
+
+    `proxy_headers`: trust X-Forwarded-For/-Proto from 127.0.0.1 (uvicorn's default). None:
+    off for the miner, whose per-address caps must count the real peer (through a local
+    tunnel or port-forward the header would let each request pick its address), on for
+    other apps (the gateway names its public address behind its TLS proxy)."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -399,10 +572,12 @@ def uvicorn_server(app: FastAPI):
             yield
 
     service = getattr(app.state, "service", None)
-    header_timeout = getattr(getattr(service, "config", None), "header_timeout", 15.0)
+    limits = connection_limits(getattr(service, "config", None))
+    if proxy_headers is None:
+        proxy_headers = service is None
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=30, limit_concurrency=1024,
-                            http=http_protocol(header_timeout))
+                            timeout_keep_alive=30, limit_concurrency=limits.total,
+                            proxy_headers=proxy_headers, http=http_protocol(limits))
     return _Server(config)
 
 

@@ -4,13 +4,15 @@ is made, encoded and signed.
 Order of checks on a generate request (cheapest and least trusting first):
   1. from the headers, before the body is read: btauth headers present (401), claimed hotkey
      allowed by the metagraph snapshot (403); then the HTTP layer bounds requests in flight
-     (503) and the body size (413),
-  2. signature over the exact body, receiver, freshness, replay (401/403),
+     (503; per address the base cap, whatever hotkey is claimed) and the body size (413),
+  2. signature over the exact body, receiver, freshness, replay, not signed before this
+     process started (401/403); then the signer's own per-address cap (503),
   3. per-hotkey rate limit (429),
   4. protocol version, schema, engine.resolve, image decode (400/422) - before queueing,
   5. stake-priority queue admission (429/503), generation in a GPU worker thread (one per
      replica; 503 when every replica is lost past the deadline, 500 on any other failure),
-     PNG encode, sha256, response signature.
+     PNG encode, sha256, response signature. A waiter leaves the queue with 429 once it
+     can no longer finish in time, and when its caller disconnects.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import EngineUnavailable, InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_image, image_sha256, to_b64
-from niche.miner.limits import PriorityGate, RateLimiter, Refusal, inflight_cap
+from niche.miner.limits import PriorityGate, RateLimiter, Refusal, inflight_cap, unless_gone
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
 from niche.models.deadline import request_deadline
@@ -86,7 +88,12 @@ class MinerConfig:
     max_queue: int = 16
     max_body_bytes: int = MAX_IMAGE_B64_CHARS + 64 * 1024
     metagraph_refresh: float = 60.0
-    auth_max_age: float = 10.0
+    auth_max_age: float = 40.0
+    """Seconds a signature stays fresh, counted when the whole body has arrived: at least
+    `body_timeout`. A validator sends a round's requests at once, and ~96 of them carry a
+    1024x1024 conditioning image (~280 MiB in all: 22 s at 100 Mbit/s); at bittensor's 10 s
+    the last ones were refused as stale. Replays stay refused: the nonce store keeps every
+    nonce for this long, and nothing signed before the miner started is taken."""
     auth_allowed_skew: float = 2.0
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     initial_estimate: float | None = None
@@ -97,7 +104,31 @@ class MinerConfig:
     before their body is read, so memory stays under max_inflight x max_body_bytes."""
     max_inflight_per_ip: int = 8
     """Of those, at most this many from one peer address (0: no per-address bound), so one
-    host claiming a validator's hotkey cannot hold every slot."""
+    host claiming a validator's hotkey cannot hold every slot. With stake-proportional
+    limits a verified caller's address may hold its stake share instead, but requests whose
+    signature is not checked yet never more than this."""
+    max_connections: int = 1024
+    """Open connections in all (uvicorn's limit_concurrency); a request over it gets a
+    one-line 503 `overloaded`."""
+    max_connections_per_ip: int = 64
+    """Open connections from one peer address (an IPv6 peer: its /64); one more is closed at
+    once (0: no bound), so one host's idle connections cannot take `max_connections`."""
+    send_timeout: float = 30.0
+    """Seconds a peer may leave an answer unread (the miner's send buffer full, no progress)
+    before its connection is dropped; a peer that never reads would hold the answer's
+    memory for ever."""
+    states_requests_per_minute: float = 240.0
+    """Per-hotkey token bucket for /v1/states, apart from generate's (an audit of one answer
+    takes two requests); 0 disables."""
+    states_inflight_per_caller: int = 2
+    """/v1/states requests one hotkey may have in flight (read, encoded or being sent); more
+    get 429. A validator fetches one answer's states one request after another."""
+    states_inflight: int = 8
+    """/v1/states requests in flight from every caller together; more get 503 (an answer of
+    8 FLUX.1-dev states is ~11 MB of JSON)."""
+    stuck_after: float = 60.0
+    """Seconds a generation may run past its request's timeout before /healthz says not ok
+    (a hung engine or GPU: the queue would wait behind it for ever)."""
     header_timeout: float = 15.0
     """Seconds a connection may take to send a request's headers (also the idle limit between
     keep-alive requests); uvicorn alone would hold a half-sent request for ever."""
@@ -168,9 +199,11 @@ class MinerService:
         self.chain = chain
         self.clock = clock
         self.verifier = RequestVerifier(self.hotkey, max_age=config.auth_max_age,
-                                        allowed_skew=config.auth_allowed_skew)
+                                        allowed_skew=config.auth_allowed_skew,
+                                        not_before_ns=time.time_ns())
         self.limiter = RateLimiter(config.requests_per_minute,
                                    stake_proportional=config.stake_proportional_rate)
+        self.states_limiter = RateLimiter(config.states_requests_per_minute)
         self.concurrency = engine_concurrency(engine)
         self._streams_states = streams_states(engine)
         self.gate = PriorityGate(config.max_queue, initial_estimate=config.initial_estimate,
@@ -237,6 +270,10 @@ class MinerService:
         """(ok, why not) for /healthz."""
         if self.registration.reason is not None:
             return False, self.registration.reason
+        overdue = self.gate.overdue()
+        if overdue > self.config.stuck_after:
+            return False, (f"a generation has run {overdue:.0f}s past its request's timeout: "
+                           "the engine or GPU looks hung (restart the miner)")
         return True, ""
 
     def check_registered(self) -> Neuron:
@@ -313,8 +350,9 @@ class MinerService:
         return 1.0
 
     def inflight_cap(self, hotkey: str | None) -> int:
-        """Requests one address may hold in flight for `hotkey` (limits.inflight_cap:
-        scaled by its stake with stake-proportional limits)."""
+        """Requests one address may hold in flight for the VERIFIED `hotkey`
+        (limits.inflight_cap: scaled by its stake with stake-proportional limits); before the
+        signature is checked only `max_inflight_per_ip` applies (PeerSlots)."""
         share = (self.stake_share(self._neurons.get(hotkey or ""))
                  if self.config.stake_proportional_rate else None)
         return inflight_cap(self.config.max_inflight_per_ip, self.config.max_inflight, share)
@@ -324,6 +362,12 @@ class MinerService:
         if not self.limiter.allow(hotkey, share):
             raise Refusal(429, "rate_limited",
                           f"more than {self.limiter.rate_for(share):g} requests per minute")
+
+    def states_rate_check(self, hotkey: str) -> None:
+        """/v1/states has its own budget: audits must not eat the challenges' rate."""
+        if not self.states_limiter.allow(hotkey):
+            raise Refusal(429, "rate_limited", f"more than {self.states_limiter.rpm:g} "
+                          "states requests per minute")
 
     # ------------------------------------------------------------------ requests
     def parse(self, body: bytes) -> GenerateRequest:
@@ -452,13 +496,19 @@ class MinerService:
         return answered
 
     async def generate(self, request: GenerateRequest, neuron: Neuron | None,
-                       caller: str, *, image_format: str = "png") -> Answer:
+                       caller: str, *, image_format: str = "png",
+                       gone: Callable[[], Awaitable[None]] | None = None) -> Answer:
         """Generate, encode (`image_format`: "png", or what a binary answer's Accept asked
-        for), commit to the states, sign; Refusal for what the caller can act on."""
+        for), commit to the states, sign; Refusal for what the caller can act on. `gone`:
+        returns when the caller disconnects; a request waiting in the queue then leaves it
+        (watched only while it waits: a free GPU starts at once, at no cost)."""
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0
         deadline = self.clock() + request.timeout
-        waited = await self.gate.acquire(stake, deadline)
+        if gone is not None and (self.gate.busy or self.gate.depth):
+            waited = await unless_gone(self.gate.acquire(stake, deadline), gone)
+        else:
+            waited = await self.gate.acquire(stake, deadline)
         self.metrics.queue_seconds.observe(waited)
         self.metrics.busy.set(self.gate.running)
         answered = self._run_work(params, image, request, caller, deadline, image_format)
