@@ -77,3 +77,34 @@ def test_a_signature_stays_fresh_for_as_long_as_its_body_may_take(tmp_path):
                           receiver=miner, nonce_ns=time.time_ns() - 25 * 10**9)
     assert verifier.verify(signed, body, method="POST", path="/v1/generate") == \
         validator.hotkey.ss58_address
+
+
+def test_states_dropped_for_space_before_their_ttl_are_said(tmp_path, caplog):
+    """The byte cap, not the ttl, decides how long states stay once several GPUs answer
+    behind one hotkey (8 GiB holds 292 FLUX.1-dev answers of 28 MiB: 7 minutes at 42 answers
+    a minute). An audit then finds them gone; the operator reads why, with the flag to raise."""
+    import logging
+
+    from niche.miner.state_store import StateStore
+
+    now = [0.0]
+    answer = [b"\x00" * 4000]  # a 28 MiB answer, scaled down with the cap
+    memory = StateStore(max_bytes=10_000, ttl=600.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="niche.miner"):
+        for i in range(3):
+            memory.put_raw("validator", f"answer-{i}", answer)
+            now[0] += 60
+    assert memory.early.count == 1 and memory.get("validator", "answer-0") is None
+    (said,) = [r.getMessage() for r in caplog.records if "dropped for space" in r.getMessage()]
+    assert "120s old" in said and "--states.max_mb" in said
+    now[0] += 600  # past the ttl: going then is no early drop
+    memory.put_raw("validator", "answer-3", answer)
+    assert memory.early.count == 1
+
+    disk = StateStore(max_bytes=4000, ttl=600.0, path=tmp_path / "states.sqlite",
+                      disk_max_bytes=10_000)
+    for i in range(3):
+        disk.put_raw("validator", f"answer-{i}", answer)
+    disk.close()  # writes what is queued
+    assert disk.disk is not None and disk.disk.early.count == 1
+    assert disk.early.count == 0  # memory's drops are the disk's to keep: none said

@@ -77,8 +77,10 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                     help="MiB of states kept in memory; oldest go first (default 512)")
     st.add_argument("--states.disk_mb", dest="states_disk_mb", type=float, default=8192.0,
                     help="MiB of states kept on disk (--states.path); a 28-step FLUX.1-dev "
-                         "answer at 1024x1024 is 28 MiB, so the default holds the ttl at "
-                         "production sizes (default 8192)")
+                         "answer at 1024x1024 is 28 MiB, so the default holds 292 of them: "
+                         "the ttl at up to ~29 answers a minute; give it ttl x answers a "
+                         "minute / 60 x 28 MiB beyond that (the log says when states go "
+                         "early) (default 8192)")
     st.add_argument("--states.ttl", dest="states_ttl", type=float, default=600.0,
                     help="seconds an answer's states stay fetchable (default 600)")
     parser.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -48,6 +49,32 @@ CREATE TABLE IF NOT EXISTS states (
 """
 
 
+class EarlyDrops:
+    """Answers whose states went for space before their ttl: counted, and said in one log
+    line at most every `every` seconds. An audit that asks for them finds them gone
+    (`unavailable` to the validator), so the operator must give the store more bytes: at
+    production sizes (28 MiB a FLUX.1-dev answer) the cap, not the ttl, decides how long
+    states stay once several GPUs answer behind one hotkey."""
+
+    def __init__(self, ttl: float, every: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.ttl, self.every, self._clock = ttl, every, clock
+        self.count = 0
+        self._said = -math.inf
+
+    def dropped(self, age: float, flag: str, cap: int) -> None:
+        if age >= self.ttl:
+            return
+        self.count += 1
+        now = self._clock()
+        if now - self._said >= self.every:
+            self._said = now
+            log.warning("states of an answer %.0fs old dropped for space, before the %.0fs "
+                        "ttl (%d so far): %s (%d MiB) holds less than the ttl at this rate; "
+                        "raise it, or audits will find states gone", max(0.0, age), self.ttl,
+                        self.count, flag, cap // (1024 * 1024))
+
+
 class DiskStates:
     """The on-disk half: one row per answer, expiry on the wall clock (it outlives the
     process), oldest rows deleted first when over `max_bytes`. `put` queues the write for
@@ -58,6 +85,7 @@ class DiskStates:
                  clock: Callable[[], float] = time.time):
         self.path = Path(path).expanduser()
         self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
+        self.early = EarlyDrops(ttl)
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,13 +173,15 @@ class DiskStates:
             self._db.execute("DELETE FROM states WHERE expires <= ?", (self._clock(),))
             self._bytes -= int(gone)
         while self._bytes > self.max_bytes:
-            row = self._db.execute("SELECT rowid, size FROM states ORDER BY rowid LIMIT 1"
-                                   ).fetchone()
+            row = self._db.execute("SELECT rowid, size, expires FROM states ORDER BY rowid "
+                                   "LIMIT 1").fetchone()
             if row is None:
                 self._bytes = 0
                 break
             self._db.execute("DELETE FROM states WHERE rowid=?", (row[0],))
             self._bytes -= int(row[1])
+            self.early.dropped(self.ttl - (float(row[2]) - self._clock()), "--states.disk_mb",
+                               self.max_bytes)
 
     def close(self) -> None:
         """Write what is queued, then close the file."""
@@ -175,6 +205,7 @@ class StateStore:
         self._kept: OrderedDict[tuple[str, str], _Kept] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.early = EarlyDrops(ttl)
         self.disk = (DiskStates(path, disk_max_bytes or max_bytes, ttl) if path is not None
                      else None)
         """Keeps what memory evicts too: at production sizes memory holds minutes, not the
@@ -228,3 +259,6 @@ class StateStore:
                 break
             del self._kept[key]
             self._bytes -= kept.size
+            if kept.expires > now and self.disk is None:  # the only copy, gone early
+                self.early.dropped(self.ttl - (kept.expires - now), "--states.max_mb",
+                                   self.max_bytes)
