@@ -108,3 +108,23 @@ def test_states_dropped_for_space_before_their_ttl_are_said(tmp_path, caplog):
     disk.close()  # writes what is queued
     assert disk.disk is not None and disk.disk.early.count == 1
     assert disk.early.count == 0  # memory's drops are the disk's to keep: none said
+
+
+def test_the_ray_object_store_grows_with_the_replicas():
+    """Each replica's answer crosses Ray's object store: ~115 MiB at 1536x1536 and 50
+    FLUX.1-dev steps, so four replicas answering together overflowed a fixed 256 MiB."""
+    from niche.commands.engine_args import add_backend_args
+    from niche.errors import ConfigError
+    from niche.models.ray_backend import RayConfig
+
+    assert RayConfig(replicas=1).store_mb() == 256
+    assert RayConfig(replicas=4).store_mb() >= 4 * 115
+    assert RayConfig(replicas=4, object_store_mb=1024).store_mb() == 1024
+    with pytest.raises(ConfigError, match="object_store_mb"):
+        RayConfig(object_store_mb=10)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_backend_args(parser)
+    args = parser.parse_args(["--ray.object_store_mb", "2048"])
+    assert args.ray_object_store_mb == 2048

@@ -83,6 +83,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray.address", dest="ray_address", default=None,
                    help="an existing Ray cluster (`ray start --head`): auto or HOST:PORT "
                         "(default: start a local Ray instance for the replicas)")
+    g.add_argument("--ray.object_store_mb", dest="ray_object_store_mb", type=int, default=None,
+                   help="MiB of object store for a local Ray instance (answers pass through "
+                        "it; default 160 per replica, at least 256)")
 
 
 def model_dirs_from_args(args: argparse.Namespace) -> dict[str, Path]:
@@ -168,4 +171,5 @@ def backend_engine_from_args(args: argparse.Namespace, models: Sequence[str]) ->
            if k in ("NICHE_NUM_THREADS", "NICHE_TINY_DIR", "HF_HOME", "HF_HUB_OFFLINE")}
     return RayEngine(kwargs, RayConfig(replicas=args.engine_replicas, gpus_per_replica=gpus,
                                        cpus_per_replica=args.engine_cpus_per_replica,
-                                       address=args.ray_address, env=env))
+                                       address=args.ray_address, env=env,
+                                       object_store_mb=args.ray_object_store_mb))

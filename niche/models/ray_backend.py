@@ -57,6 +57,10 @@ def _ray():
     return ray, serve
 
 
+STORE_MB_PER_REPLICA = 160
+"""Object store per replica: room for one answer at the largest settings (~115 MiB)."""
+
+
 @dataclass(frozen=True)
 class RayConfig:
     """How many replicas, what each holds, and which Ray cluster runs them."""
@@ -68,8 +72,11 @@ class RayConfig:
     """An existing cluster (`ray start --head`; "auto" or host:port); None: start a local
     Ray instance sized for the replicas."""
     app_name: str = "niche-engine"
-    object_store_mb: int = 256
-    """Object store of a local Ray instance (images and states pass through it)."""
+    object_store_mb: int | None = None
+    """Object store of a local Ray instance (images and states pass through it); None:
+    `STORE_MB_PER_REPLICA` per replica, at least 256. A replica's answer at the largest
+    settings (1536x1536, 50 FLUX.1-dev steps) is ~115 MiB of states and image, so four
+    replicas answering together spilled a fixed 256 MiB store to disk."""
     retry_seconds: float = 30.0
     """How long a call is retried after a replica failure when no request deadline is set."""
     env: Mapping[str, str] = field(default_factory=dict)
@@ -80,6 +87,14 @@ class RayConfig:
             raise ConfigError("--engine.replicas must be >= 1")
         if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise ConfigError("--engine.gpus_per_replica and cpus_per_replica must be >= 0")
+        if self.object_store_mb is not None and self.object_store_mb < 78:
+            raise ConfigError("--ray.object_store_mb must be >= 78 (Ray's own minimum)")
+
+    def store_mb(self) -> int:
+        """MiB of object store a local Ray instance gets."""
+        if self.object_store_mb is not None:
+            return self.object_store_mb
+        return max(256, STORE_MB_PER_REPLICA * self.replicas)
 
 
 class EngineReplica:
@@ -140,7 +155,7 @@ class RayEngine:
                 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
                 need = max(1, int(round(config.replicas * config.cpus_per_replica + 0.499)))
                 init.update(num_cpus=need,
-                            object_store_memory=config.object_store_mb * 1024 * 1024)
+                            object_store_memory=config.store_mb() * 1024 * 1024)
             try:
                 ray.init(**init)
             except ConnectionError as exc:
