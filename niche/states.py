@@ -207,11 +207,7 @@ def decode_state_bytes(raw: bytes | memoryview, index: int, commitment: StatesCo
         raise BadState(f"state {index}: {len(raw)} bytes, expected {expected}")
     if hashlib.sha256(raw).hexdigest() != commitment.sha256[index - 1]:
         raise BadState(f"state {index} does not match the hash the answer committed to")
-    try:
-        array = np.frombuffer(raw, dtype="<f4").reshape(commitment.shape)
-    except ValueError:  # unreachable through the checks above; the miner's shape if it is
-        raise BadState(f"state {index} cannot take the committed shape "
-                       f"{commitment.shape}") from None
+    array = np.frombuffer(raw, dtype="<f4").reshape(commitment.shape)  # sizes checked >= 1
     if not np.isfinite(array).all():
         raise BadState(f"state {index} holds NaN or infinite values")
     return torch.from_numpy(array.astype(np.float32))

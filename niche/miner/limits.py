@@ -89,7 +89,8 @@ def inflight_cap(per_address: int, total: int, stake_share: float | None) -> int
     return max(per_address, min(total, math.ceil(total * max(0.0, min(1.0, stake_share)))))
 
 
-def _add(counts: dict[str, int], key: str, n: int) -> None:
+def add_count(counts: dict[str, int], key: str, n: int) -> None:
+    """`counts[key] += n`, the key gone at 0: per-peer counts stay as large as the peers."""
     left = counts.get(key, 0) + n
     if left > 0:
         counts[key] = left
@@ -117,20 +118,20 @@ class PeerSlots:
         if self.base and counted.get(peer, 0) >= self.base:
             raise Refusal(503, "busy", f"{self.base} requests in flight from {peer}; "
                           "retry later")
-        _add(self.held, peer, 1)
-        _add(self.unproven, peer, 1)
+        add_count(self.held, peer, 1)
+        add_count(self.unproven, peer, 1)
 
     def prove(self, peer: str, cap: int) -> None:
         """Its signature verified; Refusal(503) when `peer` now holds more than `cap` (the
         signer's own cap). The request is proven either way: `leave(peer, proven=True)`."""
-        _add(self.unproven, peer, -1)
+        add_count(self.unproven, peer, -1)
         if cap and self.held.get(peer, 0) > cap:
             raise Refusal(503, "busy", f"{cap} requests in flight from {peer}; retry later")
 
     def leave(self, peer: str, *, proven: bool) -> None:
-        _add(self.held, peer, -1)
+        add_count(self.held, peer, -1)
         if not proven:
-            _add(self.unproven, peer, -1)
+            add_count(self.unproven, peer, -1)
 
 
 class FetchSlots:
@@ -151,7 +152,7 @@ class FetchSlots:
                           "this caller in flight; send them one after another")
         if self.total and self.in_all >= self.total:
             raise Refusal(503, "busy", f"{self.in_all} states requests in flight; retry later")
-        _add(self.held, caller, 1)
+        add_count(self.held, caller, 1)
         self.in_all += 1
         released = False
 
@@ -159,7 +160,7 @@ class FetchSlots:
             nonlocal released
             if not released:
                 released = True
-                _add(self.held, caller, -1)
+                add_count(self.held, caller, -1)
                 self.in_all -= 1
 
         return release

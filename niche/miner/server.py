@@ -35,7 +35,7 @@ from niche import __version__
 from niche.auth import AuthFailure
 from niche.errors import NicheError
 from niche.miner.direct_routes import DirectRoutes
-from niche.miner.limits import FetchSlots, PeerSlots, Refusal
+from niche.miner.limits import FetchSlots, PeerSlots, Refusal, add_count
 from niche.miner.service import MinerService, short
 from niche.protocol import (
     GENERATE_PATH,
@@ -470,7 +470,7 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
                 return
             if peer is not None:
                 self._peer = peer
-                self._peers[peer] = self._peers.get(peer, 0) + 1
+                add_count(self._peers, peer, 1)
             super().connection_made(transport)
             self._arm()
 
@@ -509,11 +509,7 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
                 if timer is not None:
                     timer.cancel()
             if self._peer is not None:
-                left = self._peers.get(self._peer, 0) - 1
-                if left > 0:
-                    self._peers[self._peer] = left
-                else:
-                    self._peers.pop(self._peer, None)
+                add_count(self._peers, self._peer, -1)
                 self._peer = None
             super().connection_lost(exc)
 

@@ -109,7 +109,7 @@ class MinerConfig:
     signature is not checked yet never more than this."""
     max_connections: int = 1024
     """Open connections in all (uvicorn's limit_concurrency); a request over it gets a
-    one-line 503 `overloaded`."""
+    one-line 503 `busy`."""
     max_connections_per_ip: int = 64
     """Open connections from one peer address (an IPv6 peer: its /64); one more is closed at
     once (0: no bound), so one host's idle connections cannot take `max_connections`."""

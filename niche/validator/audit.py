@@ -186,15 +186,9 @@ class Auditor:
             budget = budgets[target.hotkey]
             async with budget.turn:  # a miner's fetches one after another, on its budget
                 await slots.acquire()  # held until the check is done: bounds the memory
-                if time.monotonic() > too_late:
-                    slots.release()
-                    return unaudited(f"the audit reached this answer {self.config.states_kept:.0f}"
-                                     "s after it began, past the miners' states keep time "
-                                     "(audit fewer answers per round: --neuron.sample_size, "
-                                     "--neuron.audit_fraction)")
                 try:
                     fetched = await self._fetch_within(challenge, result, target, plan,
-                                                       budget)
+                                                       budget, too_late)
                 except BaseException:
                     slots.release()
                     raise
@@ -225,9 +219,14 @@ class Auditor:
         return results
 
     async def _fetch_within(self, challenge: Challenge, result: QueryResult,
-                            target: MinerTarget, plan: list[int], budget: FetchBudget
-                            ) -> dict[int, torch.Tensor] | AuditResult:
-        """`_fetch` on what is left of the miner's budget for this audit."""
+                            target: MinerTarget, plan: list[int], budget: FetchBudget,
+                            too_late: float) -> dict[int, torch.Tensor] | AuditResult:
+        """`_fetch` on what is left of the miner's budget for this audit, unless it would
+        start after `too_late` (monotonic), when the miner may no longer keep the states."""
+        if time.monotonic() > too_late:
+            return unaudited(f"the audit reached this answer {self.config.states_kept:.0f}s "
+                             "after it began, past the miners' states keep time (audit fewer "
+                             "answers per round: --neuron.sample_size, --neuron.audit_fraction)")
         left = budget.left()
         if left <= 0:
             return AuditResult(False, 0.0, f"states: not sent: this miner's other audited "

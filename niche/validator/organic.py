@@ -124,8 +124,7 @@ class OrganicQueue:
             c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
                       "WHERE status=? AND created < ?",
                       (SKIPPED, "too old to audit", now, PENDING, now - max_age))
-            c.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
-                      (PENDING, CLAIMED, now - VERDICTS_KEPT_SECONDS))
+            _delete_verdicts(c, now - VERDICTS_KEPT_SECONDS)
             rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency "
                              "FROM organic WHERE status=? ORDER BY id LIMIT ?",
                              (PENDING, max(0, limit))).fetchall()
@@ -152,8 +151,7 @@ class OrganicQueue:
     def prune(self, keep_seconds: float = VERDICTS_KEPT_SECONDS) -> None:
         """Forget audited rows older than `keep_seconds`."""
         with self._tx() as c:
-            c.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
-                      (PENDING, CLAIMED, self._clock() - keep_seconds))
+            _delete_verdicts(c, self._clock() - keep_seconds)
 
     @contextlib.contextmanager
     def _tx(self):
@@ -166,6 +164,12 @@ class OrganicQueue:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._conn.close()
+
+
+def _delete_verdicts(conn: sqlite3.Connection, created_before: float) -> None:
+    """Rows that have their verdict (neither waiting nor claimed), older than that."""
+    conn.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
+                 (PENDING, CLAIMED, created_before))
 
 
 def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,

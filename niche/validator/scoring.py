@@ -153,6 +153,13 @@ class Outcome:
         return self.status == UNAVAILABLE
 
 
+def unverifiable(outcome: Outcome, reason: str) -> Outcome:
+    """`outcome` of an answer whose declared dtype or kernels this validator cannot
+    recompute: earns nothing (a zero reward), but is no caught cheat (no exclusion)."""
+    return replace(outcome, status=UNVERIFIABLE, reason=f"{UNVERIFIABLE}: {reason}",
+                   audited=True, audit_passed=None)
+
+
 def unavailable(outcome: Outcome, reason: str) -> Outcome:
     """`outcome` after its audit could not fetch the states (connection, timeout, lost on
     a restart): earns nothing this round, but is no caught cheat (audit_passed stays None,

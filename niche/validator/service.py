@@ -507,9 +507,7 @@ class Validator:
                 continue
             problem = self._unreproducible(c, result)
             if problem:  # every such answer, audited or not: else it pays when not drawn
-                outcomes[c.uid] = replace(base, status=scoring.UNVERIFIABLE, audited=True,
-                                          audit_passed=None,
-                                          reason=f"{scoring.UNVERIFIABLE}: {problem}")
+                outcomes[c.uid] = scoring.unverifiable(base, problem)
                 continue
             fp = fingerprint(image)
             earlier = self.answers.match(fp)
@@ -716,9 +714,8 @@ def applied(outcome: Outcome, result: AuditResult) -> Outcome:
     if result.unaudited:
         return replace(outcome, status=scoring.UNAUDITED,
                        reason=f"{scoring.UNAUDITED}: {result.reason}")
-    if result.unverifiable:  # earns nothing (a zero reward), but no caught cheat
-        return replace(outcome, status=scoring.UNVERIFIABLE, audited=True, audit_passed=None,
-                       reason=f"{scoring.UNVERIFIABLE}: {result.reason}")
+    if result.unverifiable:
+        return scoring.unverifiable(outcome, result.reason)
     if result.unavailable:
         return scoring.unavailable(outcome, result.reason)
     reason = "" if result.passed else f"{scoring.AUDIT_FAILED}: {result.reason}"
