@@ -3,7 +3,9 @@ and miners (real wallets), real miner servers on 127.0.0.1 running the given eng
 session's tiny Engine, or a wrapper of it), and the real gateway app under uvicorn."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,8 +50,10 @@ def running_miners(net: SimpleNamespace, engines: Mapping[str, object]
 def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                     models: tuple[str, ...] = ("flux-schnell", "kolors"),
                     validator_state: Path | None = None, config: GatewayConfig | None = None,
-                    **kwargs) -> Iterator[SimpleNamespace]:
-    """The gateway app on 127.0.0.1 with one ready key (`key`, 600/min, 1000/day)."""
+                    expect_miners: int = 0, **kwargs) -> Iterator[SimpleNamespace]:
+    """The gateway app on 127.0.0.1 with one ready key (`key`, 600/min, 1000/day);
+    `expect_miners`: wait until its directory lists that many (a miner whose /v1/info was
+    slow at the gateway's start on a loaded box is listed only at the next refresh)."""
     gateway = build_gateway(net.chain, net.validator, NETUID, models=list(models),
                             db_path=net.root / "gateway.sqlite",
                             queue_path=net.root / "organic.sqlite",
@@ -57,8 +61,17 @@ def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                             config=config or GatewayConfig(audit_fraction=1.0), **kwargs)
     key, _ = gateway.keys.create("tests", per_minute=600, per_day=1000)
     with BackgroundServer(gateway_app(gateway)) as server:
+        if expect_miners:
+            _await_directory(gateway, expect_miners)
         yield SimpleNamespace(gateway=gateway, server=server, url=server.url, key=key,
                               base_url=server.url + "/v1")
+
+
+def _await_directory(gateway, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(gateway.directory.candidates) < count and time.monotonic() < deadline:
+        asyncio.run(gateway.directory.refresh())
+    assert len(gateway.directory.candidates) >= count, gateway.directory.last_error
 
 
 @contextlib.contextmanager

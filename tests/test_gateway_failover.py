@@ -65,7 +65,8 @@ def test_killing_the_routed_miner_mid_request_still_delivers(tmp_path, tiny_root
     try:
         for name in procs:
             _wait_up(urls[name], procs[name])
-        with running_gateway(net, tiny_root, models=("flux-schnell",)) as gw:
+        with running_gateway(net, tiny_root, models=("flux-schnell",),
+                             expect_miners=2) as gw:
             assert gw.gateway.directory.counts() == {"flux-schnell": 2}
             client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
             answers: list = []
@@ -130,7 +131,7 @@ def test_a_slow_miner_is_hedged_and_the_first_good_answer_wins(tmp_path, tiny_en
     try:
         with running_miners(net, {"miner1": slow, "miner2": fast}), \
                 running_gateway(net, tiny_root, models=("flux-schnell",),
-                                hedge_after=0.5) as gw:
+                                hedge_after=0.5, expect_miners=2) as gw:
             gw.gateway.router.order = lambda model: sorted(  # the slow miner first
                 gw.gateway.directory.serving(model), key=lambda c: c.target.uid)
             client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
@@ -149,7 +150,8 @@ def test_deadline_and_all_failed_are_504_and_502(tmp_path, tiny_engine, tiny_roo
     hung, broken = Gate(tiny_engine, "flux-schnell"), Gate(tiny_engine, "flux-schnell", True)
     try:
         with running_miners(net, {"miner1": hung, "miner2": broken}), \
-                running_gateway(net, tiny_root, models=("flux-schnell",)) as gw:
+                running_gateway(net, tiny_root, models=("flux-schnell",),
+                                expect_miners=2) as gw:
             client = openai.OpenAI(api_key=gw.key, base_url=gw.base_url, max_retries=0)
             with pytest.raises(openai.APIStatusError) as caught:
                 client.images.generate(model="flux-schnell", prompt="x",

@@ -216,9 +216,11 @@ class Validator:
         return plans
 
     # ------------------------------------------------------------------ the loop
-    def stop(self, *_: Any) -> None:
+    def stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Finish the round in hand, then exit (a signal handler, or called directly)."""
         if not self._stop.is_set():
-            log.info("stop requested: finishing the current round")
+            cause = signal.Signals(signum).name if signum is not None else "stop"
+            log.info("%s received: finishing the current round", cause)
         self._stop.set()
 
     def run(self) -> int:
