@@ -92,6 +92,7 @@ def test_miner_process_serves_endpoint_and_stops_cleanly(net, tmp_path):
     assert f"endpoint 127.0.0.1:{port} served on subnet {NETUID}" in text
     assert "generate caller=" in text and "status=200" in text
     assert "miner stopped" in text
+    assert "answers' states kept 600s for the audits:" in text and "cap auto:" in text
 
 
 def test_cheat_flag_is_localnet_only(net, capsys):

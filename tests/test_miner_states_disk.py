@@ -95,3 +95,83 @@ def test_the_disk_keeps_what_memory_evicts(tmp_path):
     kept = store.get("5validator", "first-answer")
     assert kept is not None and len(kept) == 3 and kept[2] == states[2].numpy().tobytes()
     store.close()
+
+
+class _Disk:
+    """A disk of `size` bytes holding only the states file (its -wal and -shm beside it):
+    what statvfs would say of a disk that small, from the files' real sizes."""
+
+    def __init__(self, path, size: int):
+        self.path, self.size = path, size
+
+    def __call__(self, folder) -> tuple[int, int]:
+        used = sum(p.stat().st_size for p in folder.glob(self.path.name + "*"))
+        return self.size, self.size - used
+
+
+def test_auto_cap_keeps_every_answer_for_the_ttl_when_the_disk_has_room(tmp_path):
+    """The default (--states.disk_mb auto): no fixed byte count decides how many answers
+    keep their states; a miner with many GPUs keeps them all for the ttl."""
+    path = tmp_path / "s.sqlite"
+    disk = DiskStates(path, None, ttl=600, disk_usage=_Disk(path, 64 * 2**30))
+    blob = b"\x01" * (256 * 1024)
+    for i in range(40):  # 10 MiB: more than a fixed cap of 8 MiB would hold
+        disk.put("hk", f"r{i}", [blob] * 1)
+    disk.flush()
+    assert all(disk.get("hk", f"r{i}") == (blob,) for i in range(40))
+    assert disk.early.count == 0
+    assert "cap auto" in disk.describe() and "MiB free" in disk.describe()
+    disk.close()
+
+
+def test_auto_cap_leaves_the_reserve_free_and_says_so(tmp_path, caplog):
+    """When the disk runs down to its reserve (10 %, at least 4 GiB), the oldest answers go
+    first and the log says what to do; the disk never fills up."""
+    path = tmp_path / "s.sqlite"
+    reserve = 4 * 2**30
+    room = 16 * 2**20  # what the disk has beyond the reserve (the -wal takes up to 4 MiB)
+    disk = DiskStates(path, None, ttl=600, disk_usage=_Disk(path, reserve + room))
+    blob = b"\x02" * 2**20
+    with caplog.at_level("WARNING", logger="niche.miner"):
+        for i in range(40):  # 40 MiB into 16 MiB of room
+            disk.put("hk", f"r{i}", [blob])
+            disk.flush()
+    assert disk.get("hk", "r39") == (blob,) and disk.get("hk", "r0") is None
+    assert 0 < disk.bytes_held <= room
+    used = sum(p.stat().st_size for p in tmp_path.glob("s.sqlite*"))
+    assert used <= room + 2 * len(blob)  # the -wal of the last write, at most
+    assert disk.early.count > 0
+    said = [r.getMessage() for r in caplog.records if "dropped for space" in r.getMessage()]
+    assert len(said) == 1 and "--states.disk_mb auto" in said[0] \
+        and "free disk space" in said[0]
+    disk.close()
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ([], None), (["--states.disk_mb", "auto"], None), (["--states.disk_mb", "AUTO "], None),
+    (["--states.disk_mb", "2048"], 2048 * 2**20)])
+def test_disk_mb_flag(flag, expected):
+    import argparse
+
+    from niche.commands.miner import add_miner_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_miner_args(parser)
+    config = config_from_args(parser.parse_args(["--netuid", "3", "--axon.ip", "127.0.0.1",
+                                                 *flag]))
+    assert config.states_disk_max_bytes == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "lots", ""])
+def test_bad_disk_mb_is_one_line(value, capsys):
+    import argparse
+
+    from niche.commands.miner import add_miner_args
+
+    parser = argparse.ArgumentParser()
+    add_miner_args(parser)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--netuid", "3", "--states.disk_mb", value])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--states.disk_mb" in error and "auto" in error

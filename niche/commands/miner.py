@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 from pathlib import Path
 
 DEFAULT_PORT = 8091
@@ -75,12 +76,13 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                          "counts those audits as unavailable, which earns nothing)")
     st.add_argument("--states.max_mb", dest="states_max_mb", type=float, default=512.0,
                     help="MiB of states kept in memory; oldest go first (default 512)")
-    st.add_argument("--states.disk_mb", dest="states_disk_mb", type=float, default=8192.0,
-                    help="MiB of states kept on disk (--states.path); a 28-step FLUX.1-dev "
-                         "answer at 1024x1024 is 28 MiB, so the default holds 292 of them: "
-                         "the ttl at up to ~29 answers a minute; give it ttl x answers a "
-                         "minute / 60 x 28 MiB beyond that (the log says when states go "
-                         "early) (default 8192)")
+    st.add_argument("--states.disk_mb", dest="states_disk_mb", type=_disk_mb, default=None,
+                    metavar="MIB|auto",
+                    help="MiB of states kept on disk (--states.path), oldest dropped first; "
+                         "'auto' (default): every answer for the ttl while the disk keeps "
+                         "10%% of its size (at least 4 GiB) free. A 28-step FLUX.1-dev "
+                         "answer at 1024x1024 is 28 MiB: a fixed cap holds ttl x answers a "
+                         "minute / 60 x 28 MiB (the log says when states go early)")
     st.add_argument("--states.ttl", dest="states_ttl", type=float, default=600.0,
                     help="seconds an answer's states stay fetchable (default 600)")
     parser.add_argument("--keep-running-when-deregistered", dest="keep_running_deregistered",
@@ -144,8 +146,8 @@ def config_from_args(args: argparse.Namespace):
     if args.max_connections_per_ip < 0 or args.states_per_minute < 0:
         raise ConfigError("--limits.max_connections_per_ip and --limits.states_per_minute "
                           "must be >= 0")
-    if args.states_max_mb <= 0 or args.states_disk_mb <= 0 or args.states_ttl <= 0:
-        raise ConfigError("--states.max_mb, --states.disk_mb and --states.ttl must be > 0")
+    if args.states_max_mb <= 0 or args.states_ttl <= 0:
+        raise ConfigError("--states.max_mb and --states.ttl must be > 0")
     if args.localnet_cheat is not None:
         from niche.devnet.localnet.cheat_names import CHEATS
 
@@ -165,8 +167,23 @@ def config_from_args(args: argparse.Namespace):
         max_queue=args.queue_max_size, metagraph_refresh=args.metagraph_refresh,
         keep_running_when_deregistered=args.keep_running_deregistered,
         states_max_bytes=int(args.states_max_mb * 1024 * 1024), states_ttl=args.states_ttl,
-        states_disk_max_bytes=int(args.states_disk_mb * 1024 * 1024),
+        states_disk_max_bytes=(None if args.states_disk_mb is None
+                               else int(args.states_disk_mb * 1024 * 1024)),
     )
+
+
+def _disk_mb(text: str) -> float | None:
+    """--states.disk_mb: 'auto' (None) or MiB > 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number of MiB"
+                                         ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'auto' or MiB > 0")
+    return value
 
 
 def states_path_from_args(args: argparse.Namespace, hotkey: str) -> Path | None:
@@ -208,8 +225,15 @@ def _run(args: argparse.Namespace) -> int:
         if config.states_path is not None:  # an unwritable file
             from niche.miner.state_store import DiskStates
 
-            DiskStates(config.states_path, config.states_disk_max_bytes,
-                       config.states_ttl).close()
+            disk = DiskStates(config.states_path, config.states_disk_max_bytes,
+                              config.states_ttl)
+            log.info("answers' states kept %.0fs for the audits: %s", config.states_ttl,
+                     disk.describe())
+            disk.close()
+        else:
+            log.info("answers' states kept %.0fs for the audits, in memory only (%d MiB; "
+                     "a restart loses them)", config.states_ttl,
+                     config.states_max_bytes // 2**20)
     chain = open_chain(args, args.netuid)
     from niche.miner.service import MinerService
 

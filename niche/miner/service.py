@@ -139,10 +139,11 @@ class MinerConfig:
     """Memory for the sampler states of recent answers, kept for the validators' audits
     (at 1024x1024 a 4-step FLUX.1-schnell answer holds 4 MiB, a 28-step FLUX.1-dev one
     28 MiB, a 30-step Kolors one 7.5 MiB)."""
-    states_disk_max_bytes: int = 8 * 1024 * 1024 * 1024
-    """Disk for the same states (`states_path`): enough for the ttl at production sizes
-    (FLUX.1-dev at ~10 answers a minute is 2.8 GiB in 10 minutes), so organic answers, audited
-    minutes later, still have theirs."""
+    states_disk_max_bytes: int | None = None
+    """Disk for the same states (`states_path`); None (auto): every answer for the ttl while
+    the disk keeps 10 % (at least 4 GiB) free (`state_store.DiskStates`), so organic
+    answers, audited minutes later, still have theirs however many GPUs answer (FLUX.1-dev
+    is 28 MiB an answer at 1024x1024: 60 answers a minute hold 16.4 GiB over 600 s)."""
     states_ttl: float = 600.0
     """Seconds an answer's states stay fetchable."""
     states_path: Path | None = None

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -62,7 +63,7 @@ class EarlyDrops:
         self.count = 0
         self._said = -math.inf
 
-    def dropped(self, age: float, flag: str, cap: int) -> None:
+    def dropped(self, age: float, flag: str, cap: int, advice: str = "raise it") -> None:
         if age >= self.ttl:
             return
         self.count += 1
@@ -71,20 +72,38 @@ class EarlyDrops:
             self._said = now
             log.warning("states of an answer %.0fs old dropped for space, before the %.0fs "
                         "ttl (%d so far): %s (%d MiB) holds less than the ttl at this rate; "
-                        "raise it, or audits will find states gone", max(0.0, age), self.ttl,
-                        self.count, flag, cap // (1024 * 1024))
+                        "%s, or audits will find states gone", max(0.0, age), self.ttl,
+                        self.count, flag, max(0, cap) // (1024 * 1024), advice)
+
+
+WAL_KEEP_BYTES = 64 * 1024 * 1024
+AUTO_RESERVE_MIN = 4 * 1024 * 1024 * 1024
+
+
+def _total_and_free(folder: Path) -> tuple[int, int]:
+    usage = shutil.disk_usage(folder)
+    return usage.total, usage.free
 
 
 class DiskStates:
     """The on-disk half: one row per answer, expiry on the wall clock (it outlives the
-    process), oldest rows deleted first when over `max_bytes`. `put` queues the write for
+    process), oldest rows deleted first when over the cap. `put` queues the write for
     a writer thread (at most `backlog` answers wait; more block the caller); `flush` waits
-    for the queue. Thread-safe."""
+    for the queue. Thread-safe.
 
-    def __init__(self, path: Path, max_bytes: int, ttl: float,
-                 clock: Callable[[], float] = time.time):
+    The cap: `max_bytes`, or with `max_bytes=None` (`--states.disk_mb auto`, the default)
+    every answer for the whole ttl as long as the disk keeps `auto_reserve` free. How many
+    bytes the ttl needs is answers a minute x bytes an answer, which a miner with more GPUs
+    behind one hotkey cannot be asked to work out (a fixed 8 GiB held ~29 FLUX.1-dev answers
+    a minute), while the ttl already bounds what is kept, and the GPUs bound how fast it
+    comes."""
+
+    def __init__(self, path: Path, max_bytes: int | None, ttl: float,
+                 clock: Callable[[], float] = time.time, *,
+                 disk_usage: Callable[[Path], tuple[int, int]] | None = None):
         self.path = Path(path).expanduser()
         self.max_bytes, self.ttl, self._clock = max_bytes, ttl, clock
+        self._disk_usage = disk_usage or _total_and_free
         self.early = EarlyDrops(ttl)
         self._lock = threading.Lock()
         try:
@@ -93,7 +112,10 @@ class DiskStates:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+            # the log shrinks back after a checkpoint: a 28 MiB answer goes through it
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
             self._db.execute(_SCHEMA)
+            self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
             self._bytes = int(self._db.execute(
                 "SELECT COALESCE(SUM(size), 0) FROM states").fetchone()[0])
         except (OSError, sqlite3.Error) as exc:
@@ -114,7 +136,8 @@ class DiskStates:
 
     def put(self, hotkey: str, request_id: str, states: Sequence[RawState]) -> None:
         """Queue the answer's states for the writer thread."""
-        if sum(len(s) for s in states) <= self.max_bytes and self._writer.is_alive():
+        if (self.max_bytes is None or sum(len(s) for s in states) <= self.max_bytes) \
+                and self._writer.is_alive():
             self._queue.put((hotkey, request_id, tuple(states)))
 
     def flush(self) -> None:
@@ -172,7 +195,8 @@ class DiskStates:
         if gone:
             self._db.execute("DELETE FROM states WHERE expires <= ?", (self._clock(),))
             self._bytes -= int(gone)
-        while self._bytes > self.max_bytes:
+        cap = self.cap()
+        while self._bytes > cap:
             row = self._db.execute("SELECT rowid, size, expires FROM states ORDER BY rowid "
                                    "LIMIT 1").fetchone()
             if row is None:
@@ -180,8 +204,40 @@ class DiskStates:
                 break
             self._db.execute("DELETE FROM states WHERE rowid=?", (row[0],))
             self._bytes -= int(row[1])
-            self.early.dropped(self.ttl - (float(row[2]) - self._clock()), "--states.disk_mb",
-                               self.max_bytes)
+            if self.max_bytes is not None:
+                self.early.dropped(self.ttl - (float(row[2]) - self._clock()),
+                                   "--states.disk_mb", cap)
+            else:
+                self.early.dropped(self.ttl - (float(row[2]) - self._clock()),
+                                   f"--states.disk_mb auto (the disk under {self.path.parent} "
+                                   f"keeps {self.auto_reserve() // 2**20} MiB free)", cap,
+                                   "free disk space or point --states.path at a bigger disk")
+
+    def describe(self) -> str:
+        """One line for the start-up log: where, and how many bytes it may hold now."""
+        with self._lock:
+            cap = self.cap()
+        held = f"{self._bytes // 2**20} MiB held"
+        if self.max_bytes is not None:
+            return f"{self.path} (cap {cap // 2**20} MiB, {held})"
+        return (f"{self.path} (cap auto: {max(0, cap) // 2**20} MiB now, the disk keeping "
+                f"{self.auto_reserve() // 2**20} MiB free; {held})")
+
+    def auto_reserve(self) -> int:
+        """What `--states.disk_mb auto` leaves free: 10 % of the disk, at least 4 GiB (logs,
+        model downloads and the rest of the box need it more than an old answer's states)."""
+        total, _ = self._disk_usage(self.path.parent)
+        return max(AUTO_RESERVE_MIN, total // 10)
+
+    def cap(self) -> int:
+        """Bytes of states this store may hold now. In auto mode: what it holds, plus the
+        file's free pages, plus the disk's free space, less the reserve; deleting rows moves
+        their bytes to free pages, so the cap stays put while rows go (lock held)."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        _, free = self._disk_usage(self.path.parent)
+        pages = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return self._bytes + pages * self._page + free - self.auto_reserve()
 
     def close(self) -> None:
         """Write what is queued, then close the file."""
@@ -194,7 +250,8 @@ class DiskStates:
 
 class StateStore:
     """(caller hotkey, request_id) -> raw float32 states x_1..x_N of that answer; in memory,
-    and on disk too when given a `path`."""
+    and on disk too when given a `path` (`disk_max_bytes`: its cap; None: `DiskStates`'s
+    auto cap)."""
 
     def __init__(self, max_bytes: int = 512 * 1024 * 1024, ttl: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, *, path: Path | None = None,
@@ -206,8 +263,7 @@ class StateStore:
         self._bytes = 0
         self._lock = threading.Lock()
         self.early = EarlyDrops(ttl)
-        self.disk = (DiskStates(path, disk_max_bytes or max_bytes, ttl) if path is not None
-                     else None)
+        self.disk = DiskStates(path, disk_max_bytes, ttl) if path is not None else None
         """Keeps what memory evicts too: at production sizes memory holds minutes, not the
         ttl (a 28-step FLUX.1-dev answer at 1024x1024 is 28 MiB of states)."""
 
