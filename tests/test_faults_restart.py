@@ -101,8 +101,30 @@ class RestartingClient(MinerClient):
         return await super().fetch_states(target, request_id, *args, **kwargs)
 
 
+class SkewedClient(RestartingClient):
+    """As RestartingClient, on a validator whose clock runs `skew` seconds behind the
+    miner's (inside the 40 s a miner accepts): the restarted miner refuses requests signed
+    before it started (401 stale_request) until this clock passes its start."""
+
+    def __init__(self, wallet, miner: MinerProcess, skew: float):
+        super().__init__(wallet, miner)
+        self.skew = skew
+
+    async def _exchange(self, *args, **kwargs):
+        real = time.time_ns
+        behind = int(self.skew * 1e9)
+        with pytest.MonkeyPatch.context() as patch:  # what sign_request reads as "now"
+            patch.setattr(time, "time_ns", lambda: real() - behind)
+            return await super()._exchange(*args, **kwargs)
+
+
 @pytest.mark.slow
-def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine):
+@pytest.mark.parametrize("skew", [0.0, 5.0])
+def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine,
+                                                                      skew):
+    """skew: the validator's clock behind the miner's; with 5 s the restarted miner answers
+    401 to the first fetches, which the validator signs again and retries (a refusal that
+    re-signing cures is a fault of availability, never a cheat)."""
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
     chain = LocalChain(tmp_path / "chain.db", create=True)
     chain.create_subnet(NETUID, max_validators=4)
@@ -114,10 +136,11 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
                              state_path=tmp_path / "state.db", audit_fraction=1.0,
                              epoch_length=1000, round_interval=0, info_timeout=5.0)
     state = ValidatorState(config.state_path)
-    client = RestartingClient(wallets["validator"], miner)
+    client = SkewedClient(wallets["validator"], miner, skew)
     validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
     try:
         miner.start()
+        time.sleep(skew)  # the first start is long past, as in production
         report = asyncio.run(validator.run_round())
     finally:
         miner.kill()
@@ -132,3 +155,5 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
     log = miner.log.read_text()
     assert log.count("listening on 127.0.0.1") == 2  # it was really restarted
     assert "states caller=" in log and "status=200" in log.split("listening on")[-1], log
+    if skew:
+        assert "status=401 stale_request" in log.split("listening on")[-1], log

@@ -116,6 +116,10 @@ class AuditResult:
     unverifiable: bool = False
     """The answer declares a dtype or kernels this validator cannot reproduce: it earns
     nothing (else declaring the unreproducible would dodge every audit), no exclusion."""
+    refused: bool = False
+    """With `unavailable`: the miner refused this validator itself (401 / 403 on the
+    states fetch). Unavailable, unless the round finds the validator at fault
+    (`forgive_refusals`)."""
 
     @property
     def verdict(self) -> str:
@@ -147,6 +151,30 @@ class FetchBudget:
 def unaudited(reason: str) -> AuditResult:
     """The verdict of an answer the validator itself failed to audit."""
     return AuditResult(False, 0.0, reason, unaudited=True)
+
+
+REFUSALS_FOR_FAULT = 3
+"""Refused fetches in one audit batch, more than half of it, that put the fault on the
+validator: several miners refusing it at once is about the validator (its permit, stake or
+clock as the miners see them); one miner refusing it is that miner's unavailability."""
+
+
+def forgive_refusals(results: list[AuditResult], own_problem: str | None) -> list[AuditResult]:
+    """`results` with the refused fetches left unaudited (no verdict, no charge) when the
+    fault is this validator's: the chain says it cannot validate now (`own_problem`), or
+    most of the batch refused it; otherwise as they are (unavailable)."""
+    refused = [r for r in results if r.refused]
+    if not refused:
+        return results
+    if own_problem is None and not (len(refused) >= REFUSALS_FOR_FAULT
+                                    and 2 * len(refused) > len(results)):
+        return results
+    why = own_problem or (f"{len(refused)} of {len(results)} miners refused this "
+                          "validator's states fetch")
+    log.warning("states fetches refused by %d miner(s) left unaudited, not charged: %s "
+                "(check this validator's permit, stake and clock)", len(refused), why[:200])
+    return [unaudited(f"{r.reason} (the validator's fault: {why[:120]})") if r.refused else r
+            for r in results]
 
 
 class Auditor:
@@ -258,7 +286,8 @@ class Auditor:
         if fetch.validator_error:
             return unaudited(f"states: {fetch.reason}")
         if fetch.unavailable:
-            return AuditResult(False, 0.0, f"states: {fetch.reason}", unavailable=True)
+            return AuditResult(False, 0.0, f"states: {fetch.reason}", unavailable=True,
+                               refused=fetch.refused)
         if not fetch.ok:
             return AuditResult(False, 0.0, f"states: {fetch.reason}")
         return fetch.states

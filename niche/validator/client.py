@@ -457,13 +457,16 @@ class MinerClient:
         elements = min(math.prod(commitment.shape), MAX_STATE_ELEMENTS)
         cap = len(chunk) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
         attempts = 0
+        auth_refused = False  # the last try was a 401
         while True:
             attempts += 1
             left = deadline - time.monotonic()
             fault = ""
             if left <= 0:
                 return StatesFetch({}, f"states not sent within {timeout:.3g}s "
-                                       f"({attempts - 1} tries)", unavailable=True)
+                                       f"({attempts - 1} tries)", unavailable=True,
+                                   refused=auth_refused)
+            auth_refused = False
             try:
                 status, media, raw = await within(
                     self._exchange(http, "POST", t.url or "", STATES_PATH, body, t.hotkey,
@@ -485,13 +488,23 @@ class MinerClient:
                 if status == 404:  # not kept (restarted without its store, or expired)
                     return StatesFetch({}, "states request refused: HTTP 404 (states not "
                                            "kept)", unavailable=True)
-                if status >= 500 or status in (408, 429):
+                if status == 403:  # this validator's permit or stake, as the miner sees it
+                    return StatesFetch({}, f"states request refused: HTTP 403 "
+                                           f"({_error_reason(raw)})", unavailable=True,
+                                       refused=True)
+                if status >= 500 or status in (401, 408, 429):
+                    # 401: e.g. signed (by this clock) before the miner restarted; each try
+                    # is signed afresh, so a retry cures what re-signing can
                     fault = f"states request refused: HTTP {status}"
+                    if status == 401:
+                        fault += f" ({_error_reason(raw)})"
+                        auth_refused = True
                 else:
                     return StatesFetch({}, f"states request refused: HTTP {status}")
             left = deadline - time.monotonic()
             if left <= retry_delay:
-                return StatesFetch({}, f"{fault} ({attempts} tries)", unavailable=True)
+                return StatesFetch({}, f"{fault} ({attempts} tries)", unavailable=True,
+                                   refused=auth_refused)
             await asyncio.sleep(min(retry_delay * attempts, left - retry_delay))
 
     async def query_many(
@@ -598,16 +611,28 @@ class MinerClient:
 class StatesFetch(OneLineReason):
     """States fetched for one answer (index -> float32 tensor), or why none can be used:
     `unavailable` for faults of availability (the miner could not be reached in time, or no
-    longer had them), `validator_error` for the validator's own failures; neither is fraud."""
+    longer had them), `validator_error` for the validator's own failures; neither is fraud.
+    `refused` (with `unavailable`): the miner refused this validator itself (401 after
+    fresh signatures until the deadline, or 403): about the caller's standing or clock, so
+    never fraud; the round decides whether the miner or the validator is at fault."""
 
     states: dict[int, torch.Tensor]
     reason: str = ""
     unavailable: bool = False
     validator_error: bool = False
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.reason
+
+
+def _error_reason(raw: bytes) -> str:
+    """The `reason` of a miner's error body (ErrorResponse), or "-"."""
+    try:
+        return ErrorResponse.model_validate_json(raw).reason[:60] or "-"
+    except (ValidationError, ValueError):
+        return "-"
 
 
 def _read_binary_states(raw: bytes, request_id: str, commitment: StatesCommitment,

@@ -39,7 +39,13 @@ from niche.errors import ConfigError, InvalidRequest
 from niche.protocol import GenerationParams, PipelineKind
 from niche.runtime import RuntimeWatch, describe, runtime_info
 from niche.validator import scoring
-from niche.validator.audit import AuditConfig, Auditor, AuditResult, unaudited
+from niche.validator.audit import (
+    AuditConfig,
+    Auditor,
+    AuditResult,
+    forgive_refusals,
+    unaudited,
+)
 from niche.validator.challenges import (
     Challenge,
     ChallengeFactory,
@@ -554,7 +560,7 @@ class Validator:
         items = [(*answered[uid], by_uid[uid]) for uid in picked]
         items += [(*probes[i], by_uid[probes[i][0].uid]) for i in picked_probes]
         try:
-            results = await self.auditor.audit(items, self._audit_rng)
+            results = self._forgiven(await self.auditor.audit(items, self._audit_rng))
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
             self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
@@ -598,8 +604,8 @@ class Validator:
         if not auditable:
             return
         try:
-            results = await self.auditor.audit(
-                [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng)
+            results = self._forgiven(await self.auditor.audit(
+                [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng))
         except Exception as exc:  # OUR failure: no miner pays for it, the rows say why
             log.error("organic audit failed on the validator's side: %s: %s",
                       type(exc).__name__, exc)
@@ -627,6 +633,22 @@ class Validator:
                                     reason=f"organic {scoring.AUDIT_FAILED}: {result.reason}")
             log.warning("uid %d failed the audit of organic request %s: %s", uid,
                         item.challenge.request_id, result.reason)
+
+    def _forgiven(self, results: list[AuditResult]) -> list[AuditResult]:
+        """`audit.forgive_refusals` with this validator's standing on the chain now (read
+        only when a miner refused it): a permit lost since the round began, or several
+        miners refusing at once, is the validator's fault, not the miners'."""
+        if not any(r.refused for r in results):
+            return results
+        try:
+            neuron = self.chain.metagraph(self.config.netuid).by_hotkey(self.hotkey)
+        except ChainError as exc:
+            log.warning("chain unreadable while miners refused this validator (%s): the "
+                        "refusals are judged by their number alone", exc)
+            return forgive_refusals(results, None)
+        problem = ("this validator's hotkey is not registered" if neuron is None
+                   else permit_problem(neuron, self.config.netuid))
+        return forgive_refusals(results, problem)
 
     @staticmethod
     def _organic_unpaid(item: Any, result: AuditResult, outcomes: dict[int, Outcome]) -> None:
