@@ -19,6 +19,8 @@ from niche.validator.scoring import ScoringConfig
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
 
+SIGNER = "5validator"
+
 
 class CheatsUsers(Only):
     """Honest on challenges; on what looks like user traffic (here: the word 'organic' in
@@ -49,7 +51,7 @@ def test_a_miner_cheating_users_is_caught_by_the_organic_audit(tmp_path, tiny_en
             if len(served_by) == 2:
                 break
         assert len(served_by) == 2, served_by
-        queue = OrganicQueue(tmp_path / "organic.sqlite")
+        queue = OrganicQueue(tmp_path / "organic.sqlite", signer=net.validator_hotkey)
         assert queue.counts()["pending"] == sum(served_by.values())
 
         config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1,
@@ -95,7 +97,8 @@ def _request(request_id: str) -> GenerateRequest:
 
 def test_queue_claims_young_rows_once_skips_old_ones_and_stays_bounded(tmp_path):
     now = [1000.0]
-    queue = OrganicQueue(tmp_path / "q.sqlite", clock=lambda: now[0], max_pending=3)
+    queue = OrganicQueue(tmp_path / "q.sqlite", signer=SIGNER, clock=lambda: now[0],
+                         max_pending=3)
     target = MinerTarget(4, "5miner", "http://127.0.0.1:1")
     assert queue.submit(target, _request("old-request"), _answer("old-request"), 0.5)
     now[0] += 400
@@ -122,7 +125,7 @@ def test_verdict_rows_drop_their_images_and_go_after_a_week(tmp_path):
     from niche.validator.organic import VERDICTS_KEPT_SECONDS
 
     now = [1000.0]
-    queue = OrganicQueue(tmp_path / "q.sqlite", clock=lambda: now[0])
+    queue = OrganicQueue(tmp_path / "q.sqlite", signer=SIGNER, clock=lambda: now[0])
     target = MinerTarget(4, "5miner", "http://127.0.0.1:1")
     big = Image.effect_noise((1024, 1024), 64).convert("RGB")  # ~1 MiB of PNG
     image, sha = encode_b64(big)
@@ -154,7 +157,7 @@ def test_verdict_rows_drop_their_images_and_go_after_a_week(tmp_path):
 
 
 def test_unreadable_rows_are_skipped_with_a_reason(tmp_path):
-    queue = OrganicQueue(tmp_path / "q.sqlite")
+    queue = OrganicQueue(tmp_path / "q.sqlite", signer=SIGNER)
     target = MinerTarget(1, "5miner", "http://127.0.0.1:1")
     queue.submit(target, _request("bad-image-1"), _answer("bad-image-1"), None)
     queue.submit(target, _request("bad-json-22"), _answer("bad-json-22"), None)
@@ -173,7 +176,7 @@ def test_unreadable_rows_are_skipped_with_a_reason(tmp_path):
 def test_a_queue_that_cannot_be_opened_says_where(tmp_path):
     (tmp_path / "q.sqlite").write_text("not a database at all" * 100)
     with pytest.raises(QueueError, match="q.sqlite"):
-        OrganicQueue(tmp_path / "q.sqlite")
+        OrganicQueue(tmp_path / "q.sqlite", signer=SIGNER)
 
 
 def organic_config(tmp_path, queue_path) -> ValidatorConfig:
@@ -186,7 +189,7 @@ def organic_config(tmp_path, queue_path) -> ValidatorConfig:
 def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_engine):
     net = make_chain(tmp_path, miners=1)
     queue_path = tmp_path / "organic.sqlite"
-    queue = OrganicQueue(queue_path)
+    queue = OrganicQueue(queue_path, signer=net.validator_hotkey)
     miner = net.wallets["miner1"].hotkey.ss58_address
     uid = net.uids["miner1"]
     kolors = GenerateRequest(request_id="kolors-req", params=GenerationParams(
@@ -226,7 +229,7 @@ def test_an_organic_answer_whose_states_cannot_be_fetched_costs_like_a_challenge
 
     net = make_chain(tmp_path, miners=1)  # registered, no endpoint served: nothing answers
     queue_path = tmp_path / "organic.sqlite"
-    queue = OrganicQueue(queue_path)
+    queue = OrganicQueue(queue_path, signer=net.validator_hotkey)
     miner = net.wallets["miner1"].hotkey.ss58_address
     uid = net.uids["miner1"]
     answer = _answer("away-miner").model_copy(update={"states": StatesCommitment(

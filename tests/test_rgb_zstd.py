@@ -401,7 +401,7 @@ def test_the_organic_queue_keeps_a_binary_answer_s_pixels(tmp_path):
                               model="flux-schnell", image="", image_sha256=image_sha256(data),
                               miner_hotkey="5miner", signature="00", generation_seconds=0.1,
                               miner_version="t")
-    queue = OrganicQueue(tmp_path / "q.sqlite")
+    queue = OrganicQueue(tmp_path / "q.sqlite", signer="5validator")
     target = MinerTarget(3, "5miner", "http://127.0.0.1:1")
     assert queue.submit(target, request, answer, 0.25, image=data)
     (item,) = queue.claim(limit=5, max_age=300)

@@ -119,8 +119,8 @@ def test_an_organic_answer_declared_unreproducible_costs_as_an_unavailable_one(
                                 compute_dtype="bfloat16"))  # the validator holds float32
     request = GenerateRequest(request_id=request_id, params=GenerationParams(
         model="flux-schnell", prompt="x", seed=1, steps=4, width=64, height=64))
-    OrganicQueue(queue_path).submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), request,
-                                    answer, 0.1)
+    queue = OrganicQueue(queue_path, signer=net.validator.hotkey.ss58_address)
+    queue.submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), request, answer, 0.1)
     config = ValidatorConfig(netuid=GATEWAY_NETUID, models=("flux-schnell",),
                              state_path=tmp_path / "v.sqlite", organic_queue=queue_path,
                              scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))

@@ -9,6 +9,12 @@ miner's score and excludes it, exactly like a failed challenge: a miner cannot b
 challenges and cheap on users. Users never wait: the audit happens rounds later.
 
 Two processes write one file: WAL journal, short transactions, a busy timeout.
+
+Each row names the hotkey that signed the request (`signer`: the gateway runs on its
+validator's wallet) and the chance the gateway queued it (`draw`): a validator claims only
+its own rows (a miner keeps states per caller, so another hotkey's fetch finds none and would
+charge an honest miner), and a dodged organic audit costs 1/draw times a dodged challenge's
+(the gateway samples a tenth of the answers; a miner must not dodge the rest for free).
 """
 from __future__ import annotations
 
@@ -46,6 +52,14 @@ CREATE TABLE IF NOT EXISTS organic (
     similarity REAL, audited REAL);
 CREATE INDEX IF NOT EXISTS organic_status ON organic (status, created);
 """
+_ADDED_COLUMNS = {"signer": "TEXT NOT NULL DEFAULT ''", "draw": "REAL NOT NULL DEFAULT 1.0",
+                  "claimed": "REAL"}
+"""Columns a queue file written by an older release lacks (added on open)."""
+
+STALE_CLAIM_SECONDS = 1800.0
+"""A row claimed this long ago by a validator that never wrote its verdict (it crashed or was
+killed mid-round) is let go as skipped: the miner's states are gone by then (600 s), and the
+row's images must not stay forever."""
 
 
 class QueueError(Exception):
@@ -60,7 +74,14 @@ class OrganicItem:
     challenge: Challenge
     result: QueryResult
     target: MinerTarget
+    draw: float = 1.0
+    """The chance the gateway queued this answer: a dodge of its audit costs 1/draw times
+    a dodged challenge's, and a passed one counts for 1/draw answers served."""
 
+
+MIN_DRAW = 0.01
+"""The smallest draw a row is believed to have (a row's own value is the gateway's word,
+and the penalty and the credit both scale with 1/draw)."""
 
 VERDICTS_KEPT_SECONDS = 7 * 24 * 3600.0
 """Audited rows are deleted after this (each claim); their images are dropped at once."""
@@ -76,14 +97,22 @@ class OrganicQueue:
     share one connection, whose transactions a lock keeps apart (one thread's BEGIN inside
     another's transaction, or its ROLLBACK undoing the other's insert, would drop answers)."""
 
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time,
-                 max_pending: int = 2000):
+    def __init__(self, path: Path | str, *, signer: str, draw: float = 1.0,
+                 clock: Callable[[], float] = time.time, max_pending: int = 2000):
+        """`signer`: the hotkey whose rows these are (the gateway's wallet writes them, its
+        validator claims them); `draw`: the share of answers the gateway queues."""
+        if not signer:
+            raise QueueError("organic audit queue: no signer hotkey given")
+        if not 0.0 < draw <= 1.0:
+            raise QueueError(f"organic audit queue: draw {draw!r} is not in (0, 1]")
         self.path = Path(path).expanduser()
+        self.signer, self.draw = signer, float(draw)
         self._clock = clock
         self.max_pending = max_pending
         self._lock = threading.Lock()
         try:
             self._conn = open_shared(self.path, _SCHEMA)
+            _add_missing_columns(self._conn)
         except (sqlite3.Error, OSError) as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
 
@@ -101,10 +130,10 @@ class OrganicQueue:
             if pending >= self.max_pending:
                 return False
             c.execute("INSERT INTO organic (created, uid, hotkey, url, request, response, "
-                      "latency, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      "latency, status, signer, draw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (self._clock(), target.uid, target.hotkey, target.url or "",
                        request.model_dump_json(exclude_none=True), answer.model_dump_json(),
-                       latency, PENDING))
+                       latency, PENDING, self.signer, self.draw))
         return True
 
     def counts(self) -> dict[str, int]:
@@ -116,20 +145,29 @@ class OrganicQueue:
 
     # ------------------------------------------------------------------ validator side
     def claim(self, limit: int, max_age: float) -> list[OrganicItem]:
-        """Up to `limit` pending answers younger than `max_age` seconds, oldest first, marked
-        claimed; older pending ones are skipped (their states are gone from the miner's
-        store, and no miner may pay for the validator being late)."""
+        """Up to `limit` of this signer's pending answers younger than `max_age` seconds,
+        oldest first, marked claimed; older pending ones are skipped (their states are gone
+        from the miner's store, and no miner may pay for the validator being late), and so
+        are claims a stopped validator left (`STALE_CLAIM_SECONDS`) and rows an older
+        release queued without a signer (whose hotkey asked is unknown)."""
         now = self._clock()
         with self._tx() as c:
             c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
                       "WHERE status=? AND created < ?",
                       (SKIPPED, "too old to audit", now, PENDING, now - max_age))
+            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
+                      "WHERE status=? AND COALESCE(claimed, created) < ?",
+                      (SKIPPED, "claimed by a validator that stopped before its verdict", now,
+                       CLAIMED, now - STALE_CLAIM_SECONDS))
+            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
+                      "WHERE status=? AND signer=''",
+                      (SKIPPED, "queued by an older gateway: signer unknown", now, PENDING))
             _delete_verdicts(c, now - VERDICTS_KEPT_SECONDS)
-            rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency "
-                             "FROM organic WHERE status=? ORDER BY id LIMIT ?",
-                             (PENDING, max(0, limit))).fetchall()
-            c.executemany("UPDATE organic SET status=? WHERE id=?",
-                          [(CLAIMED, r[0]) for r in rows])
+            rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency, draw "
+                             "FROM organic WHERE status=? AND signer=? ORDER BY id LIMIT ?",
+                             (PENDING, self.signer, max(0, limit))).fetchall()
+            c.executemany("UPDATE organic SET status=?, claimed=? WHERE id=?",
+                          [(CLAIMED, now, r[0]) for r in rows])
         items = []
         for row in rows:
             item = _item(*row)
@@ -166,6 +204,19 @@ class OrganicQueue:
             self._conn.close()
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a queue file of an older release up to this schema (the gateway or the
+    validator, whichever opens it first; the other finds the columns there)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(organic)")}
+    for name, kind in _ADDED_COLUMNS.items():
+        if name not in have:
+            try:
+                conn.execute(f"ALTER TABLE organic ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:  # the other process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+
+
 def _delete_verdicts(conn: sqlite3.Connection, created_before: float) -> None:
     """Rows that have their verdict (neither waiting nor claimed), older than that."""
     conn.execute("DELETE FROM organic WHERE status NOT IN (?, ?) AND created < ?",
@@ -173,7 +224,7 @@ def _delete_verdicts(conn: sqlite3.Connection, created_before: float) -> None:
 
 
 def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
-          response_json: str, latency: float | None) -> OrganicItem | str:
+          response_json: str, latency: float | None, draw: float) -> OrganicItem | str:
     """The Auditor's view of a queued row, or why the row cannot be audited."""
     try:
         request = GenerateRequest.model_validate_json(request_json)
@@ -193,5 +244,6 @@ def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
     result = QueryResult(uid, hotkey, QueryStatus.OK, latency=latency,
                          request_id=request.request_id, response=answer, image=image,
                          image_bytes=data)
-    return OrganicItem(int(item_id), challenge, result, MinerTarget(uid, hotkey, url or None))
+    return OrganicItem(int(item_id), challenge, result, MinerTarget(uid, hotkey, url or None),
+                       draw=min(1.0, max(float(draw), MIN_DRAW)))
 

@@ -138,8 +138,15 @@ class Outcome:
     """Valid answers among the probes (in time, well formed, new, not failing an audit)."""
     span: float | None = None
     """Seconds from sending the probes to the last valid answer."""
-    organic: int = 0
-    """Organic answers (the gateway's users) of this miner that passed their audit."""
+    organic: float = 0.0
+    """Organic answers (the gateway's users) this miner served, as their passed audits
+    show them: each passed audit counts for 1/draw answers (the gateway queues a `draw`
+    share of them), so serving users pays for the GPU time they take from challenges."""
+    unavailable_answers: float = 0.0
+    """This round's audited answers whose states could not be fetched, each weighted by
+    `audit_fraction` over the chance it was drawn (a challenge or a volume probe: 1; an
+    organic answer: audit_fraction / its draw): the EMA takes `unavailable_zeros` zero
+    rewards per unit, so dodging any one audit never pays however rarely it is drawn."""
 
     @property
     def valid(self) -> bool:
@@ -160,12 +167,17 @@ def unverifiable(outcome: Outcome, reason: str) -> Outcome:
                    audited=True, audit_passed=None)
 
 
-def unavailable(outcome: Outcome, reason: str) -> Outcome:
-    """`outcome` after its audit could not fetch the states (connection, timeout, lost on
+def unavailable(outcome: Outcome, reason: str, answers: float = 1.0) -> Outcome:
+    """`outcome` after an audit could not fetch the states (connection, timeout, lost on
     a restart): earns nothing this round, but is no caught cheat (audit_passed stays None,
-    so nothing excludes the hotkey)."""
+    so nothing excludes the hotkey). `answers`: that answer's weight (see
+    `Outcome.unavailable_answers`), added to the round's earlier ones; the first reason
+    stays."""
+    if outcome.status == UNAVAILABLE:
+        return replace(outcome, unavailable_answers=outcome.unavailable_answers + answers)
     return replace(outcome, status=UNAVAILABLE, reason=f"{UNAVAILABLE}: {reason}",
-                   audited=True, audit_passed=None)
+                   audited=True, audit_passed=None,
+                   unavailable_answers=outcome.unavailable_answers + answers)
 
 
 def speed_reward(latency: float, timeout: float, fastest: float, cfg: ScoringConfig) -> float:
@@ -273,7 +285,8 @@ class ScoreBook:
             if o.status == UNAUDITED:  # no verdict: neither paid nor penalised
                 continue
             if o.unavailable:  # a fault: zero rewards, no exclusion
-                entry.score *= (1.0 - a) ** self.cfg.unavailable_zeros
+                entry.score *= (1.0 - a) ** (self.cfg.unavailable_zeros
+                                             * max(1.0, o.unavailable_answers))
                 continue
             entry.score = (1.0 - a) * entry.score + a * float(rewards.get(o.uid, 0.0))
         for hotkey in [h for h, until in self.excluded_until.items() if until <= round_index]:

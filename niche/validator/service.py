@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -60,7 +60,7 @@ from niche.validator.challenges import (
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.metrics import ValidatorMetrics
-from niche.validator.organic import OrganicQueue
+from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -191,13 +191,14 @@ class Validator:
                                StepChecker(engine, config.step_thresholds,
                                            extra_engines=extra_engines),
                                client, config.audit)
-        self.organic = OrganicQueue(config.organic_queue) if config.organic_queue else None
+        self.organic = (OrganicQueue(config.organic_queue, signer=self.hotkey)
+                        if config.organic_queue else None)
         self.metrics = ValidatorMetrics()
         self.runtime = RuntimeWatch(runtime_info(engine))
         log.info("runtime: %s", describe(self.runtime.mine))
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
-        self._organic_passed: dict[int, int] = {}
+        self._organic_passed: dict[int, float] = {}
         """uid -> organic answers that passed their audit this round (count as volume)."""
         self._scored_on: dict[int, tuple[str, ...]] = {}
         """uid -> the models it is scored on (logged when it changes)."""
@@ -435,11 +436,16 @@ class Validator:
                      neurons: list[Neuron]
                      ) -> tuple[dict[int, tuple[Challenge, QueryResult]],
                                 list[tuple[Challenge, QueryResult]]]:
-        """Every challenge at once (a miner's volume probes beside its scored one)."""
+        """Every challenge at once (a miner's volume probes beside its scored one), in a
+        secret random order: a miner must not tell its scored challenge from its probes by
+        which arrives first (a probe's dodged audit costs as much, but a probe answered with
+        garbage would still pay when unaudited)."""
         by_uid = {n.uid: n for n in neurons}
         sent = challenges + probes
-        pairs = [(by_uid[c.uid], c.request()) for c in sent]
-        results = await self.client.query_many(pairs)
+        order = self._secret_order(len(sent))
+        shuffled = await self.client.query_many(
+            [(by_uid[sent[i].uid], sent[i].request()) for i in order])
+        results = _unshuffled(order, shuffled)
         answered = {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
         return answered, list(zip(probes, results[len(challenges):], strict=True))
 
@@ -559,8 +565,10 @@ class Validator:
         by_uid = {n.uid: as_target(n) for n in neurons}
         items = [(*answered[uid], by_uid[uid]) for uid in picked]
         items += [(*probes[i], by_uid[probes[i][0].uid]) for i in picked_probes]
-        try:
-            results = self._forgiven(await self.auditor.audit(items, self._audit_rng))
+        order = self._secret_order(len(items))  # a miner's fetches come one after another:
+        try:  # the first must not say which answer is the scored one
+            results = self._forgiven(_unshuffled(order, await self.auditor.audit(
+                [items[i] for i in order], self._audit_rng)))
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
             self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
@@ -576,7 +584,12 @@ class Validator:
                 continue
             failed.append(i)  # an unverified probe never counts toward volume
             uid = probes[i][0].uid
-            if result.unaudited or result.unavailable or result.unverifiable:
+            if result.unavailable:  # a dodged probe costs what a dodged challenge does, or
+                if outcomes[uid].audit_passed is not False:  # garbage probes would pay
+                    outcomes[uid] = scoring.unavailable(outcomes[uid],
+                                                        f"volume probe: {result.reason}")
+                continue
+            if result.unaudited or result.unverifiable:
                 continue  # no verdict on the probe: it only goes uncounted
             outcomes[uid] = replace(outcomes[uid], audited=True, audit_passed=False,
                                     reason=f"{scoring.AUDIT_FAILED}: volume probe: "
@@ -622,9 +635,9 @@ class Validator:
                 continue
             self.organic.record(item.id, result.passed, result.reason,
                                 round(result.similarity, 4))
-            if result.passed:
+            if result.passed:  # one passed audit stands for 1/draw answers served
                 self._organic_passed[item.target.uid] = \
-                    self._organic_passed.get(item.target.uid, 0) + 1
+                    self._organic_passed.get(item.target.uid, 0.0) + 1.0 / item.draw
                 continue
             uid, hotkey = item.target.uid, item.target.hotkey
             base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model,
@@ -633,6 +646,10 @@ class Validator:
                                     reason=f"organic {scoring.AUDIT_FAILED}: {result.reason}")
             log.warning("uid %d failed the audit of organic request %s: %s", uid,
                         item.challenge.request_id, result.reason)
+
+    def _secret_order(self, n: int) -> list[int]:
+        """A permutation of range(n) from the audit's secret randomness."""
+        return [int(i) for i in self._audit_rng.permutation(n)]
 
     def _forgiven(self, results: list[AuditResult]) -> list[AuditResult]:
         """`audit.forgive_refusals` with this validator's standing on the chain now (read
@@ -650,18 +667,21 @@ class Validator:
                    else permit_problem(neuron, self.config.netuid))
         return forgive_refusals(results, problem)
 
-    @staticmethod
-    def _organic_unpaid(item: Any, result: AuditResult, outcomes: dict[int, Outcome]) -> None:
+    def _organic_unpaid(self, item: OrganicItem, result: AuditResult,
+                        outcomes: dict[int, Outcome]) -> None:
         """An organic answer whose states could not be fetched, or whose declared dtype or
         kernels this validator cannot recompute, costs the miner what an unavailable
-        challenge does (no exclusion; scaled so that a dodge never pays, however rarely
-        organic answers are drawn), unless it already failed this round."""
+        challenge does times audit_fraction / the gateway's draw (no exclusion; scaled so
+        that a dodge never pays, however rarely organic answers are drawn), unless it
+        already failed this round."""
         uid, hotkey = item.target.uid, item.target.hotkey
         base = outcomes.get(uid) or Outcome(uid, hotkey, item.challenge.params.model)
         if base.audit_passed is False:
             return
+        weight = max(self.config.audit_fraction, MIN_DRAW) / item.draw
         outcomes[uid] = scoring.unavailable(base, f"organic {item.challenge.request_id} "
-                                                  f"{result.verdict}: {result.reason}")
+                                                  f"{result.verdict}: {result.reason}",
+                                            answers=weight)
 
     def _maybe_set_weights(self, report: RoundReport) -> None:
         netuid = self.config.netuid
@@ -729,6 +749,17 @@ class Validator:
                 f"{report.rewards.get(o.uid, 0.0):>7.3f} {scores.get(o.uid, 0.0):>6.3f}  "
                 f"{o.reason[:80]}")
         return "\n".join(lines)
+
+
+T = TypeVar("T")
+
+
+def _unshuffled(order: Sequence[int], shuffled: Sequence[T]) -> list[T]:
+    """Results of `[items[i] for i in order]` back in the items' order."""
+    out: list[T | None] = [None] * len(order)
+    for position, index in enumerate(order):
+        out[index] = shuffled[position]
+    return cast("list[T]", out)
 
 
 def applied(outcome: Outcome, result: AuditResult) -> Outcome:
