@@ -220,6 +220,22 @@ def extra_dtypes(args: argparse.Namespace, engine, models) -> list[str]:
             if {d} != own]
 
 
+def unheld_default_dtypes(engine, extra: list, models) -> list[str]:
+    """One warning per model whose configured dtype (what its miners run by default) this
+    validator does not recompute in: every such answer would be unverifiable (paid 0),
+    e.g. Kolors (float16) under a validator started with --dtype bfloat16."""
+    lines = []
+    for model in models:
+        default = engine.spec(model).dtype
+        held = [engine.compute_dtype(model)] + [e.compute_dtype(model) for e in extra]
+        if default not in held:
+            lines.append(f"{model}: this validator recomputes it in {', '.join(held)}, but "
+                         f"its miners run {default} by default: their answers are "
+                         f"unverifiable (paid 0); drop --dtype, or add --verify.dtypes "
+                         f"{default}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from niche.commands.startup import run_exiting_cleanly_on_sigterm
 
@@ -287,6 +303,8 @@ def _run(args: argparse.Namespace) -> int:
                 engine = engine_from_args(args, config.models)
                 extra = [engine_from_args(args, config.models, dtype=dtype)
                          for dtype in extra_dtypes(args, engine, config.models)]
+                for line in unheld_default_dtypes(engine, extra, config.models):
+                    logging.getLogger("niche.validator").warning("%s", line)
                 validator = Validator(config, chain, wallet, engine, MinerClient(wallet), state,
                                       extra_engines=extra)
                 from niche.commands.metrics_args import metrics_server_from_args
