@@ -81,8 +81,15 @@ class AnswerIndex:
         self._answers.append(answer)
         self._array = None
 
+    def exact(self, fp: Fingerprint) -> Answer | None:
+        """An earlier answer with these very pixels, else None."""
+        return self._by_sha.get(fp.sha256)
+
     def match(self, fp: Fingerprint) -> Answer | None:
-        """An earlier answer this one copies (exactly or perceptually), else None."""
+        """An earlier answer this one copies (exactly or perceptually), else None. A
+        perceptual match alone is no proof: distinct honest images share a 64-bit dHash
+        within 4 bits once in ~1e6 pairs, so the validator audits such an answer instead
+        of zeroing it (the step check tells a replay from a fresh computation exactly)."""
         exact = self._by_sha.get(fp.sha256)
         if exact is not None:
             return exact

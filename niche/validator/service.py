@@ -199,6 +199,9 @@ class Validator:
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self._organic_passed: dict[int, float] = {}
+        self._must_audit: set[str] = set()
+        """Request ids of this round's answers that look like an earlier answer: audited
+        whatever the audit fraction draws."""
         """uid -> organic answers that passed their audit this round (count as volume)."""
         self._scored_on: dict[int, tuple[str, ...]] = {}
         """uid -> the models it is scored on (logged when it changes)."""
@@ -342,6 +345,7 @@ class Validator:
                                                status=scoring.NO_MODEL,
                                                reason="no pipeline this validator can ask")
         answered, probed = await self._query(challenges, probes, candidates)
+        self._must_audit = set()
         fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
         valid_probes = self._probe_checks(probed, round_index, fresh)
         await self._audit(challenges, answered, outcomes, candidates, valid_probes)
@@ -463,8 +467,10 @@ class Validator:
                     or self._unreproducible(c, result)):
                 continue
             fp = fingerprint(image)
-            if self.answers.match(fp) is not None or fp.sha256 in seen:
+            if self.answers.exact(fp) is not None or fp.sha256 in seen:
                 continue
+            if self.answers.match(fp) is not None:  # perceptually: audited for sure
+                self._must_audit.add(c.request_id)
             seen.add(fp.sha256)
             answer = Answer(fp.sha256, fp.phash, c.uid, round_index)
             self.answers.add(answer)
@@ -524,7 +530,7 @@ class Validator:
                 outcomes[c.uid] = scoring.unverifiable(base, problem)
                 continue
             fp = fingerprint(image)
-            earlier = self.answers.match(fp)
+            earlier = self.answers.exact(fp)
             twin = seen_this_round.get(fp.sha256)
             if earlier is not None or twin is not None:
                 what = (f"same image as uid {earlier.uid} in round {earlier.round}"
@@ -532,6 +538,11 @@ class Validator:
                 outcomes[c.uid] = replace(base, status=DUPLICATE, reason=what)
             else:
                 outcomes[c.uid] = base
+                similar = self.answers.match(fp)
+                if similar is not None:  # perceptually: audited for sure, never zeroed
+                    self._must_audit.add(c.request_id)
+                    log.info("uid %d's answer looks like uid %d's of round %d: audited",
+                             c.uid, similar.uid, similar.round)
             seen_this_round[fp.sha256] = c.uid
             answer = Answer(fp.sha256, fp.phash, c.uid, round_index)
             self.answers.add(answer)
@@ -556,10 +567,14 @@ class Validator:
         dropped from `valid_probes` either way when it fails)."""
         valid = [c.uid for c in challenges if outcomes[c.uid].status == OK]
         picked = scoring.choose_audits(self._audit_rng, valid, self.config.audit_fraction)
+        picked += [c.uid for c in challenges if c.uid in valid and c.uid not in picked
+                   and c.request_id in self._must_audit]
         probes = list(valid_probes)
         live = [i for i, (c, _) in enumerate(probes) if outcomes[c.uid].status == OK]
         picked_probes = scoring.choose_audits(self._audit_rng, live,
                                               self.config.audit_fraction)
+        picked_probes += [i for i in live if i not in picked_probes
+                          and probes[i][0].request_id in self._must_audit]
         if not picked and not picked_probes:
             return
         by_uid = {n.uid: as_target(n) for n in neurons}
