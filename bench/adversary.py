@@ -34,6 +34,15 @@ honest variants above half their threshold (both must be 0).
 
     PYTHONPATH=. .venv/bin/python bench/adversary.py [--quick] [--requests 2]
         [--models flux-dev kolors] [--steps production|calibrated|both] [--json out.json]
+        [--dtype bfloat16] [--step-counts 8 30] [--compile] [--profile [--profile-json F]]
+
+`--dtype` measures every model in that dtype (declared as such) instead of its production
+one; `--step-counts` replaces the production / calibrated step counts. `--compile` adds an
+undeclared torch.compile (inductor) engine next to the undeclared math attention: both stand
+in for the noise of other hardware in the same dtype, and for Kolors both must stay <= half
+the threshold like the honest rows (`NOISE_BOUND`). `--profile` skips the chosen-set chains
+and prints, per step of each schedule, the honest worst, the noise worst, the smallest error of
+any single-step cache / CFG trick, and the threshold in force: what the bands are fitted to.
 """
 from __future__ import annotations
 
@@ -71,6 +80,13 @@ CONTROLNETS = (PipelineKind.CONTROLNET_CANNY, PipelineKind.CONTROLNET_DEPTH)
 QUANT_SAVING = 0.25
 """int8 / fp8 tensor cores against bfloat16 (public W8A8 / fp8 figures, about 25 %)."""
 LAST_RUN: list[Row] = []
+NOISE_BOUND = {("kolors", "float16")}
+"""(model, dtype) whose undeclared other attention backend and torch.compile (the "info:"
+rows, the stand-ins for other hardware) must stay <= half the threshold too. Not FLUX, not
+Kolors in bfloat16: there another attention backend or inductor moves a step by 0.3x-0.7x of
+the smallest cache, so no threshold passes it and still catches caches: it must be declared."""
+PER_STEP_CHEATS = ("cache: reuse output", "cache: extrapolate output",
+                   "cfg: reuse uncond branch", "cfg: drop guidance")
 
 
 @dataclass
@@ -87,15 +103,23 @@ class Row:
     """probability that one audit catches it (worst request)"""
     live: float | None = None
     errors: list[list[float]] = field(default_factory=list)
+    dtype: str = ""
 
 
 # ------------------------------------------------------------------ engines and requests
-def engines(root: Path, model: str, device: str = "cpu") -> dict[str, Engine]:
-    dtype = DTYPE[model]
-    kw = {"models": [model], "model_root": root, "dtype": dtype, "num_threads": 1,
-          "device": device}
-    return {"validator": Engine(**kw), "threads2": Engine(**{**kw, "num_threads": 2}),
-            "math": Engine(**kw, attention="math")}
+def engines(root: Path, model: str, device: str = "cpu", dtype: str | None = None,
+            pipelines: Sequence[str] | None = None, compile_: bool = False
+            ) -> dict[str, Engine]:
+    kw = {"models": [model], "model_root": root, "dtype": dtype or DTYPE[model],
+          "num_threads": 1, "device": device}
+    if pipelines:
+        kw["pipelines"] = {model: list(pipelines)}
+    out = {"validator": Engine(**kw), "threads2": Engine(**{**kw, "num_threads": 2}),
+           "math": Engine(**kw, attention="math")}
+    if compile_:  # inductor on the denoiser only, not declared: a noise stand-in
+        out["compiled"] = Engine(**kw)
+        step_cheats.denoiser(out["compiled"], model).compile()
+    return out
 
 
 def request(model: str, pipeline: PipelineKind, steps: int, i: int) -> GenerationParams:
@@ -119,10 +143,11 @@ def all_errors(engine: Engine, params: GenerationParams, image, chain: dict[int,
     return [step_error(xs[k], xs[k + 1], recomputed[k]) for k in range(n)]
 
 
-def thresholds_for(checker: StepChecker, params: GenerationParams, n: int) -> list[float]:
+def thresholds_for(checker: StepChecker, params: GenerationParams, n: int,
+                   dtype: str | None = None) -> list[float]:
     t = checker.thresholds
-    return [t.threshold(params.model, params.pipeline.value, DTYPE[params.model], k, n)
-            for k in range(n)]
+    dtype = dtype or DTYPE[params.model]
+    return [t.threshold(params.model, params.pipeline.value, dtype, k, n) for k in range(n)]
 
 
 def catch_probability(visible: Sequence[bool], n: int, k: int | None = None) -> float:
@@ -329,6 +354,10 @@ class Case:
     pipeline: PipelineKind
     steps: int
     requests: int
+    dtype: str = ""
+
+    def __post_init__(self) -> None:
+        self.dtype = self.dtype or DTYPE[self.model]
 
 
 def visible_of(errors: Sequence[float], thresholds: Sequence[float]) -> list[bool]:
@@ -351,16 +380,15 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
     v = eng["validator"]
     n = case.steps
     rows: dict[str, Row] = {}
-
-    calibration = CALIBRATION.setdefault((case.model, case.pipeline.value, n), {
-        "honest": [0.0] * n, "cheat": [math.inf] * n})
+    calibration = _calibration(case)
 
     def add(name, honest, saved, errors, thr):
         if honest:
-            calibration["honest"] = [max(a, b) for a, b in zip(calibration["honest"], errors,
-                                                                  strict=True)]
+            calibration["honest"] = _worse(calibration["honest"], errors)
+        elif name.startswith("info:"):
+            _record_noise(calibration, name, errors)
         row = rows.setdefault(name, Row(case.model, case.pipeline.value, n, name, honest,
-                                        saved, 0.0, 1.0))
+                                        saved, 0.0, 1.0, dtype=case.dtype))
         row.errors.append([round(e, 6) for e in errors])
         row.worst_ratio = max(row.worst_ratio, worst_ratio(errors, thr))
         row.catch = min(row.catch, catch_probability(visible_of(errors, thr), n))
@@ -373,35 +401,12 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
     for i in range(case.requests):
         params = v.resolve(request(case.model, case.pipeline, n, i))
         image = cond_image(case.pipeline, i)
-        thr = thresholds_for(checker, params, n)
+        thr = thresholds_for(checker, params, n, case.dtype)
         chain, history = honest_history(v, params, image)
-        add("honest (validator's own kernels)", True, 0.0, all_errors(v, params, image, chain),
-            thr)
-        add("honest, 2 threads", True, 0.0,
-            all_errors(v, params, image, step_cheats.honest(eng["threads2"], params, image)),
-            thr)
-        other = params.model_copy(update={"prompt": "a dragon over a castle", "seed": 7})
-        fused = eng["validator"].generate_batch_with_states([(params, image), (other, image)],
-                                                            fuse=True)[0][1]
-        add("honest, fused batch of 2", True, 0.0,
-            all_errors(v, params, image, step_cheats.as_chain(fused)), thr)
-        math_chain = step_cheats.honest(eng["math"], params, image)
-        add("honest, math attention (declared)", True, 0.0,
-            all_errors(v, params, image, math_chain, kernels={"attention": "math"}), thr)
-        add("info: math attention NOT declared", False, 0.0,
-            all_errors(v, params, image, math_chain), thr)
-        # caches and CFG tricks: the cheater's per-step search, then the chosen set for real
-        transforms: list[tuple[str, Transform, float, list[int]]] = [
-            ("cache: reuse output", reuse, 1.0, list(range(1, n))),
-            ("cache: extrapolate output", extrapolate, 1.0, list(range(2, n))),
-        ]
-        if cfg and (params.guidance or 0) > 1:
-            transforms += [("cfg: reuse uncond branch", uncond_reuse, 0.5, list(range(1, n))),
-                           ("cfg: drop guidance", drop_cfg, 0.5, list(range(n)))]
-        for name, transform, per_step, allowed in transforms:
+        honest_rows(eng, params, image, chain, thr, add)
+        for name, transform, per_step, allowed in cache_transforms(params, n, cfg):
             single = single_step_errors(v, params, image, chain, history, transform)
-            calibration["cheat"] = [min(c, e) if e > 0 else c
-                                    for c, e in zip(calibration["cheat"], single, strict=True)]
+            _record_cheat(calibration, name, single, allowed)
             ratios = [e / t for e, t in zip(single, thr, strict=True)]
             for size, chosen in greedy_sets(ratios, allowed, sizes).items():
                 if name == "cfg: drop guidance":  # late steps only: a suffix, as people do
@@ -432,6 +437,123 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
     return list(rows.values())
 
 
+def _worse(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [max(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def _calibration(case: Case) -> dict:
+    n = case.steps
+    return CALIBRATION.setdefault((case.model, case.pipeline.value, n, case.dtype), {
+        "honest": [0.0] * n, "noise": [0.0] * n, "cheat": [math.inf] * n,
+        "cheat_by": {}, "noise_by": {}})
+
+
+def _record_noise(calibration: dict, name: str, errors: Sequence[float]) -> None:
+    calibration["noise"] = _worse(calibration["noise"], errors)
+    by = calibration["noise_by"]
+    by[name] = _worse(by.get(name, [0.0] * len(errors)), errors)
+
+
+def _record_cheat(calibration: dict, name: str, single: Sequence[float],
+                  allowed: Sequence[int]) -> None:
+    """The smallest error of cheating at each step alone (steps where the trick is the
+    honest computation, e.g. reusing at step 0, are left out)."""
+    n = len(single)
+    ok = set(allowed)
+    by = calibration["cheat_by"].setdefault(name, [math.inf] * n)
+    for k, e in enumerate(single):
+        if k in ok and e > 0:
+            by[k] = min(by[k], e)
+            calibration["cheat"][k] = min(calibration["cheat"][k], e)
+
+
+def cache_transforms(params: GenerationParams, n: int, cfg: bool
+                     ) -> list[tuple[str, Transform, float, list[int]]]:
+    """(name, transform, evaluations saved per step, steps it can be applied to)."""
+    out: list[tuple[str, Transform, float, list[int]]] = [
+        ("cache: reuse output", reuse, 1.0, list(range(1, n))),
+        ("cache: extrapolate output", extrapolate, 1.0, list(range(2, n))),
+    ]
+    if cfg and (params.guidance or 0) > 1:
+        out += [("cfg: reuse uncond branch", uncond_reuse, 0.5, list(range(1, n))),
+                ("cfg: drop guidance", drop_cfg, 0.5, list(range(n)))]
+    return out
+
+
+def honest_rows(eng: dict[str, Engine], params: GenerationParams, image, chain: dict,
+                thr: Sequence[float], add: Callable) -> None:
+    """The honest variants (declared kernels) and the noise stand-ins ("info:", undeclared)."""
+    v = eng["validator"]
+    add("honest (validator's own kernels)", True, 0.0, all_errors(v, params, image, chain), thr)
+    add("honest, 2 threads", True, 0.0,
+        all_errors(v, params, image, step_cheats.honest(eng["threads2"], params, image)), thr)
+    other = params.model_copy(update={"prompt": "a dragon over a castle", "seed": 7})
+    fused = v.generate_batch_with_states([(params, image), (other, image)], fuse=True)[0][1]
+    add("honest, fused batch of 2", True, 0.0,
+        all_errors(v, params, image, step_cheats.as_chain(fused)), thr)
+    math_chain = step_cheats.honest(eng["math"], params, image)
+    add("honest, math attention (declared)", True, 0.0,
+        all_errors(v, params, image, math_chain, kernels={"attention": "math"}), thr)
+    add("info: math attention NOT declared", False, 0.0,
+        all_errors(v, params, image, math_chain), thr)
+    if "compiled" in eng:
+        add("info: torch.compile NOT declared", False, 0.0,
+            all_errors(v, params, image, step_cheats.honest(eng["compiled"], params, image)),
+            thr)
+
+
+def profile_case(case: Case, eng: dict[str, Engine], checker: StepChecker) -> dict:
+    """Per step: the honest worst, the noise stand-ins' worst, the smallest error of each
+    single-step cache / CFG trick, and the threshold (no chosen-set chains)."""
+    v = eng["validator"]
+    n = case.steps
+    calibration = _calibration(case)
+    thr: list[float] = []
+
+    def add(name, honest, saved, errors, thr_):
+        if honest:
+            calibration["honest"] = _worse(calibration["honest"], errors)
+        else:
+            _record_noise(calibration, name, errors)
+
+    for i in range(case.requests):
+        params = v.resolve(request(case.model, case.pipeline, n, i))
+        image = cond_image(case.pipeline, i)
+        thr = thresholds_for(checker, params, n, case.dtype)
+        chain, history = honest_history(v, params, image)
+        honest_rows(eng, params, image, chain, thr, add)
+        for name, transform, _per_step, allowed in cache_transforms(
+                params, n, case.model == "kolors"):
+            single = single_step_errors(v, params, image, chain, history, transform)
+            _record_cheat(calibration, name, single, allowed)
+    return {"model": case.model, "pipeline": case.pipeline.value, "steps": n,
+            "dtype": case.dtype, "threshold": thr, **calibration}
+
+
+def print_profile(p: dict) -> None:
+    n = p["steps"]
+    print(f"\n== profile {p['model']} / {p['pipeline']}, {n} steps, {p['dtype']} "
+          "(errors; ratios to the threshold in force)")
+    print(f"{'k':>3}{'(k+1)/N':>8}{'thr':>10}{'honest':>10}{'noise':>10}{'cheat min':>11}"
+          f"{'noise/thr':>10}{'cheat/thr':>10}  least visible trick")
+    for k in range(n):
+        t, h, z, c = p["threshold"][k], p["honest"][k], p["noise"][k], p["cheat"][k]
+        who = min(p["cheat_by"], key=lambda name: p["cheat_by"][name][k], default="")
+        cs = "-" if math.isinf(c) else f"{c:.3g}"
+        cr = "-" if math.isinf(c) else f"{c / t:.2f}"
+        print(f"{k:>3}{(k + 1) / n:>8.3f}{t:>10.3g}{h:>10.3g}{z:>10.3g}{cs:>11}"
+              f"{max(h, z) / t:>10.2f}{cr:>10}  {who if cs != '-' else ''}")
+    for name, errs in p["noise_by"].items():
+        worst = max(e / t for e, t in zip(errs, p["threshold"], strict=True))
+        print(f"{name}: worst/thr {worst:.2f}")
+    noisiest = max(max(h, z) / t for h, z, t in zip(p["honest"], p["noise"], p["threshold"],
+                                                    strict=True))
+    finite = [p["cheat"][k] / p["threshold"][k] for k in range(n)
+              if math.isfinite(p["cheat"][k])]
+    print(f"worst honest-or-noise/thr {noisiest:.2f}; smallest single-step cheat/thr "
+          f"{min(finite) if finite else math.inf:.2f}")
+
+
 # ------------------------------------------------------------------ the real fetch in the loop
 def live_auditor(root: Path, model: str, audits: int) -> Callable:
     """Serve a cheat chain from a real miner on 127.0.0.1 and audit it `audits` times with
@@ -455,7 +577,7 @@ def print_rows(rows: Sequence[Row]) -> None:
     if not rows:
         return
     r0 = rows[0]
-    print(f"\n== {r0.model} / {r0.pipeline}, {r0.steps} steps ({DTYPE[r0.model]}; plan: step 0 "
+    print(f"\n== {r0.model} / {r0.pipeline}, {r0.steps} steps ({r0.dtype}; plan: step 0 "
           f"+ {random_steps_needed(r0.steps)} random)")
     print(f"{'variant':<40}{'saved':>7}{'worst err/thr':>15}{'caught/audit':>14}{'live':>7}")
     for r in rows:
@@ -468,54 +590,89 @@ def print_rows(rows: Sequence[Row]) -> None:
 def holes(rows: Sequence[Row]) -> tuple[list[Row], list[Row]]:
     cheats = [r for r in rows if not r.honest and not r.name.startswith("info:")
               and r.saved >= MIN_SAVING - 1e-9 and r.catch < MIN_DETECTION]
-    honest = [r for r in rows if r.honest and r.worst_ratio > 0.5]
+    honest = [r for r in rows if (r.honest or (r.name.startswith("info:")
+                                               and noise_bound(r.model, r.dtype)))
+              and r.worst_ratio > 0.5]
     return cheats, honest
 
 
+def _samples(calibration: dict) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
+    """{(model, dtype): [(where, honest, noise, cheat), ...]} over every measured step."""
+    out: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for key, data in calibration.items():
+        model, _pipeline, n = key[:3]
+        dtype = key[3] if len(key) > 3 else DTYPE[model]
+        noise = data.get("noise", [0.0] * n)
+        for k in range(n):
+            out.setdefault((model, dtype), []).append(
+                ((k + 1) / n, data["honest"][k], noise[k], data["cheat"][k]))
+    return out
+
+
+def noise_bound(model: str, dtype: str) -> bool:
+    return (model, dtype) in NOISE_BOUND
+
+
 def suggest_bands(calibration: dict, margin: float = 2.0) -> tuple[dict, list[str]]:
-    """Bands for `StepThresholds.from_file`, from the measured per-step data: per model and
-    band of the schedule (the defaults' band edges), the threshold is the geometric mean of
-    `margin` x the honest worst (floored at 1/8 of the cheat minimum, for hardware not
-    measured) and the smallest cheat error, over every step count measured. The measured
-    dtype gets it; the other dtypes keep the defaults' ratios to it. Notes name the bands
-    where no threshold separates them."""
-    from niche.validator.steps import DEFAULT_STEP_BANDS
+    """Bands for `StepThresholds.from_file` ("geometric": each band's value holds at its
+    `upto`, geometric in between), from the measured per-step data. Per model and measured
+    dtype, at each of the defaults' band points, the value is the geometric mean of `margin` x
+    the largest honest error near it (and of the noise stand-ins where they are bound,
+    `NOISE_BOUND`; floored at 1/8 of the cheat minimum, for hardware not measured) and the
+    smallest single-step cheat error near it ("near": between the neighbouring points), over
+    every step count measured. Dtypes not measured keep the defaults' ratios to a measured
+    one. Notes name every measured step where the interpolated threshold does not separate
+    them (margin x honest above it, or a cheat at or below it)."""
+    from niche.validator.steps import DEFAULT_STEP_BANDS, STATE_DTYPES, Band, StepThresholds
 
     out: dict[str, list[dict]] = {}
-    notes = []
-    models = sorted({m for m, _, _ in calibration})
-    for model in models:
-        defaults = DEFAULT_STEP_BANDS[model]
-        dtype = DTYPE[model]
-        bands = []
-        lower = 0.0
-        for band in defaults:
-            honest, cheat = 0.0, math.inf
-            for (m, _pipeline, n), data in calibration.items():
-                if m != model:
-                    continue
-                for k in range(n):
-                    if lower < (k + 1) / n <= band.upto + 1e-12:
-                        honest = max(honest, data["honest"][k])
-                        cheat = min(cheat, data["cheat"][k])
-            if not math.isfinite(cheat):
-                bands.append(dict(upto=band.upto, float32=band.float32,
-                                  bfloat16=band.bfloat16, float16=band.float16))
-                lower = band.upto
+    notes: list[str] = []
+    samples = _samples(calibration)
+    for model in sorted({m for m, _ in samples}):
+        defaults = sorted(DEFAULT_STEP_BANDS[model], key=lambda b: b.upto)
+        edges = [b.upto for b in defaults]
+        measured: dict[str, list[float]] = {}
+        for (m, dtype), rows in samples.items():
+            if m != model:
                 continue
-            low = max(margin * honest, cheat / 8)
-            value = math.sqrt(low * cheat)
-            if margin * honest >= cheat:
-                notes.append(f"{model} band <= {band.upto}: honest x{margin} "
-                             f"{margin * honest:.3g} >= smallest cheat {cheat:.3g}: no "
-                             "threshold separates them")
-            scale = value / band.for_dtype(dtype)
-            bands.append(dict(upto=band.upto, float32=float(f"{band.float32 * scale:.3g}"),
-                              bfloat16=float(f"{band.bfloat16 * scale:.3g}"),
-                              float16=float(f"{band.float16 * scale:.3g}")))
-            lower = band.upto
+            values = []
+            for i, band in enumerate(defaults):
+                lo = edges[i - 1] if i > 0 else 0.0
+                hi = edges[i + 1] if i + 1 < len(edges) else 1.0
+                near = [r for r in rows if lo < r[0] <= hi + 1e-12]
+                cheat = min((r[3] for r in near), default=math.inf)
+                if not math.isfinite(cheat):
+                    values.append(band.for_dtype(dtype))
+                    continue
+                bound = noise_bound(model, dtype)
+                low = max(max(margin * r[1], margin * r[2] if bound else 0.0) for r in near)
+                values.append(math.sqrt(max(low, cheat / 8) * cheat))
+            measured[dtype] = values
+        ref = sorted(measured)[0]
+        table = {d: measured.get(d) or [v * b.for_dtype(d) / b.for_dtype(ref)
+                                        for v, b in zip(measured[ref], defaults, strict=True)]
+                 for d in STATE_DTYPES}
+        bands = [dict(upto=b.upto, **{d: float(f"{table[d][i]:.3g}") for d in STATE_DTYPES})
+                 for i, b in enumerate(defaults)]
         out[model] = bands
-    return {"bands": out}, notes
+        check = StepThresholds({model: tuple(Band(**b) for b in bands)})
+        for (m, dtype), rows in samples.items():
+            if m != model:
+                continue
+            for where, honest, noise, cheat in rows:
+                thr = _threshold_at(check, model, dtype, where)
+                worst = max(honest, noise if noise_bound(model, dtype) else 0.0)
+                if margin * worst > thr or cheat <= thr:
+                    notes.append(f"{model} {dtype} at {where:.3f} of the schedule: threshold "
+                                 f"{thr:.3g}, honest x{margin} {margin * worst:.3g}, smallest "
+                                 f"cheat {cheat:.3g}: no threshold separates them")
+    return {"interpolation": "geometric", "bands": out}, notes
+
+
+def _threshold_at(t, model: str, dtype: str, where: float) -> float:
+    """The threshold at `where` = (k + 1) / N along the schedule."""
+    n = 1000000
+    return t.threshold(model, None, dtype, max(0, round(where * n) - 1), n)
 
 
 def summary(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
@@ -549,14 +706,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "`niche validator --verify.step_bands FILE`)")
     ap.add_argument("--bands", type=Path, default=None, metavar="FILE",
                     help="judge with these bands instead of the defaults")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="run and declare every model in this dtype (default: each "
+                         "model's production dtype: FLUX bfloat16, Kolors float16)")
+    ap.add_argument("--step-counts", type=int, nargs="+", default=None, metavar="N",
+                    help="these step counts instead of --steps' production / calibrated ones")
+    ap.add_argument("--compile", action="store_true",
+                    help="also an undeclared torch.compile (inductor) engine, a noise "
+                         "stand-in like the undeclared math attention")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-step table only (honest, noise, smallest single-step cheat, "
+                         "threshold): no chosen-set chains, no quantized / resampled / "
+                         "low-resolution cheats")
+    ap.add_argument("--profile-json", type=Path, default=None, metavar="FILE",
+                    help="with --profile: write the per-step data here")
     args = ap.parse_args(argv)
     quiet_libraries()
     root = args.model_path or ensure_tiny_models()
     requests = 1 if args.quick else args.requests
     started = time.perf_counter()
     all_rows: list[Row] = []
+    profiles: list[dict] = []
     for model in args.models:
-        eng = engines(root, model, args.device)
+        dtype = args.dtype or DTYPE[model]
+        only = None
+        if model == "kolors" and (args.pipelines or args.quick):
+            only = [PipelineKind(p).value for p in args.pipelines or ["txt2img"]]
+        eng = engines(root, model, args.device, dtype, only, args.compile)
         checker = StepChecker(eng["validator"], StepThresholds.from_file(args.bands)
                               if args.bands else StepThresholds())
         live = live_auditor(root, model, args.live) if args.live else None
@@ -566,14 +742,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                      [PipelineKind.TXT2IMG] if args.quick else list(PipelineKind))
         counts = {"production": [PRODUCTION[model]], "calibrated": [CALIBRATED[model]],
                   "both": sorted({PRODUCTION[model], CALIBRATED[model]}, reverse=True)}
-        for n in counts[args.steps]:
+        for n in args.step_counts or counts[args.steps]:
             for pipeline in kinds:
-                rows = run_case(Case(model, pipeline, n, requests), eng, checker, args.quick,
-                                live)
+                case = Case(model, pipeline, n, requests, dtype)
+                if args.profile:
+                    profiles.append(profile_case(case, eng, checker))
+                    print_profile(profiles[-1])
+                    sys.stdout.flush()
+                    continue
+                rows = run_case(case, eng, checker, args.quick, live)
                 print_rows(rows)
                 sys.stdout.flush()
                 all_rows += rows
     LAST_RUN[:] = all_rows
+    if args.profile_json:
+        args.profile_json.write_text(json.dumps(profiles, indent=1))
     if args.live:
         print("\n" + LIVE_NOTE)
     cheats, honest = holes(all_rows)

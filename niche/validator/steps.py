@@ -26,6 +26,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import PIL.Image
 import torch
@@ -38,6 +39,12 @@ from niche.protocol import GenerationParams, first_validation_error
 from niche.validator.verify import Verifier, VerifyConfig
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
+INTERPOLATIONS = ("geometric", "step")
+"""How a model's bands give the threshold between their points (`StepThresholds.threshold`):
+"geometric" (the defaults, and bands files that say so): each band's values hold exactly at
+its `upto`, and in between the threshold moves geometrically from one band's value to the
+next, so it has no jump anywhere; "step" (bands files without "interpolation", the meaning
+before): each band's values hold for its whole range, jumping at every boundary."""
 
 
 def step_error(x_k: torch.Tensor, x_next_claimed: torch.Tensor,
@@ -55,8 +62,11 @@ def step_error(x_k: torch.Tensor, x_next_claimed: torch.Tensor,
 
 @dataclass(frozen=True)
 class Band:
-    """Thresholds for the steps that end at most `upto` of the way along the schedule
-    ((k + 1) / N <= upto), one per declared network dtype."""
+    """Thresholds, one per declared network dtype, at the point `upto` of the schedule: for
+    the step that ends there ((k + 1) / N == upto), and, interpolated geometrically, for the
+    steps between this point and its neighbours (before the first point: the first band's
+    values). Under "step" interpolation (an old bands file): for every step that ends at
+    most `upto` along and after the previous band's `upto`."""
 
     upto: float
     float32: float
@@ -77,15 +87,22 @@ class Band:
 # leaves a measured honest worst of at most half of it, and sits below the smallest step
 # error of every cheat tried at production step counts (caches, CFG tricks, int8 / fp8
 # compute, resampled schedules, low-resolution steps).
-# Kolors float16 (production): a cache on one of the first steps of 30 changes it by only
-# 3.5e-3 of its update, so the first quarter is 1.5e-3 (2.3x below it; an undeclared other
-# attention backend <= 0.41x, torch.compile <= 0.38x); later bands 2x-5x below every cheat.
+# Kolors, geometric between the points (`INTERPOLATIONS`: no loose step right after a
+# boundary), measured per step at 8, 20, 25, 30, 40 and 50 steps (bench/adversary.py
+# --profile --compile, docs/step-check.md). float16 (production): an undeclared other
+# attention backend and torch.compile (the stand-ins for other hardware) stay <= 0.39x, and
+# the least visible single-step cache / CFG trick is >= 2.6x (a reused output on step 1 of 25,
+# 2.1e-3 of its update, is the tightest). bfloat16: 1.25x float16; every cheat >= 2.6x, but
+# an undeclared other kernel moves a bfloat16 step by 0.7x-0.9x of the smallest cheat (1.4x-2.5x
+# these), so, as for FLUX, other kernels must be declared. float32: 1/4 of float16 (not
+# re-measured).
 _KOLORS = (
-    Band(0.25, float32=4e-4, bfloat16=3e-3, float16=1.5e-3),
-    Band(0.5, float32=2e-3, bfloat16=1.6e-2, float16=8e-3),
-    Band(0.75, float32=4e-3, bfloat16=3.2e-2, float16=1.6e-2),
-    Band(0.875, float32=5.2e-3, bfloat16=4.2e-2, float16=2.1e-2),
-    Band(1.0, float32=9.2e-3, bfloat16=7.4e-2, float16=3.7e-2),
+    Band(0.1, float32=2e-4, bfloat16=1e-3, float16=8e-4),
+    Band(0.25, float32=5.5e-4, bfloat16=2.75e-3, float16=2.2e-3),
+    Band(0.5, float32=1.75e-3, bfloat16=8.75e-3, float16=7e-3),
+    Band(0.75, float32=3.75e-3, bfloat16=1.875e-2, float16=1.5e-2),
+    Band(0.875, float32=5.5e-3, bfloat16=2.75e-2, float16=2.2e-2),
+    Band(1.0, float32=1e-2, bfloat16=5e-2, float16=4e-2),
 )
 # FLUX (bfloat16 in production): the smallest cheat step error at N = 28 (a reused output
 # early in the schedule, int8 W8A8) is 1.3e-2 to 1.5e-2, an undeclared other attention
@@ -114,21 +131,33 @@ class _BandModel(BaseModel):
 
 
 class _BandsFile(BaseModel):
-    """A bands file: {"model" or "model/pipeline": [band, ...]} (bench/adversary.py
-    --write-bands writes one from measurements on the validator's own weights)."""
+    """A bands file: {"interpolation": "geometric" | "step", "bands": {"model" or
+    "model/pipeline": [band, ...]}} (bench/adversary.py --write-bands writes one from
+    measurements on the validator's own weights, "geometric"). Without "interpolation" a
+    file keeps the meaning it had before: "step" (`INTERPOLATIONS`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    interpolation: Literal["geometric", "step"] = "step"
     bands: dict[str, list[_BandModel]] = Field(min_length=1)
 
 
 @dataclass
 class StepThresholds:
     """Per `model/pipeline` (then `model`) bands along the schedule; the largest allowed
-    step_error for step k of N under the miner's declared dtype."""
+    step_error for step k of N under the miner's declared dtype. `interpolation` says, per
+    bands key, how the threshold goes between the bands' points (`INTERPOLATIONS`; a key
+    not in it: "geometric")."""
 
     bands: Mapping[str, Sequence[Band]] = field(
         default_factory=lambda: dict(DEFAULT_STEP_BANDS))
+    interpolation: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, how in self.interpolation.items():
+            if how not in INTERPOLATIONS:
+                raise ValueError(f"{key}: unknown interpolation {how!r} (known: "
+                                 f"{', '.join(INTERPOLATIONS)})")
 
     @classmethod
     def from_file(cls, path: Path) -> StepThresholds:
@@ -143,29 +172,51 @@ class StepThresholds:
             raise ConfigError(f"step bands file {path}: {where}: {message}") from None
         bands = dict(DEFAULT_STEP_BANDS)
         for key, rows in parsed.bands.items():
-            if not rows or sorted(r.upto for r in rows)[-1] != 1.0:
+            uptos = sorted(r.upto for r in rows)
+            if not rows or uptos[-1] != 1.0:
                 raise ConfigError(f"step bands file {path}: {key}: the last band must end at "
                                   "upto 1.0")
+            if parsed.interpolation == "geometric" and len(set(uptos)) != len(uptos):
+                raise ConfigError(f"step bands file {path}: {key}: two bands at the same "
+                                  "upto")
             bands[key] = tuple(Band(**r.model_dump()) for r in sorted(rows,
                                                                        key=lambda r: r.upto))
-        return cls(bands)
+        return cls(bands, {key: parsed.interpolation for key in parsed.bands})
 
-    def bands_for(self, model: str, pipeline: str | None = None) -> Sequence[Band]:
+    def _key(self, model: str, pipeline: str | None) -> str:
         pipeline = getattr(pipeline, "value", pipeline)
         for key in (f"{model}/{pipeline}" if pipeline else None, model):
             if key and key in self.bands:
-                return self.bands[key]
+                return key
         raise KeyError(f"no step thresholds for {model}" + (f"/{pipeline}" if pipeline else ""))
+
+    def bands_for(self, model: str, pipeline: str | None = None) -> Sequence[Band]:
+        return self.bands[self._key(model, pipeline)]
 
     def threshold(self, model: str, pipeline: str | None, dtype: str, step: int,
                   n_steps: int) -> float:
+        """The threshold for step k of N, at `where` = (k + 1) / N along the schedule:
+        geometric interpolation between the two bands whose points surround it (no jump at
+        a boundary: under a step function the steps right after each boundary are the
+        loosest of the schedule, and a cheater caches exactly there), or, for "step" bands,
+        the value of the first band with `where` <= upto."""
         if not 0 <= step < n_steps:
             raise ValueError(f"step {step} not in [0, {n_steps})")
+        if dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(STATE_DTYPES)})")
         where = (step + 1) / n_steps
-        bands = sorted(self.bands_for(model, pipeline), key=lambda b: b.upto)
+        key = self._key(model, pipeline)
+        bands = sorted(self.bands[key], key=lambda b: b.upto)
+        geometric = self.interpolation.get(key, "geometric") == "geometric"
+        before: Band | None = None
         for band in bands:
             if where <= band.upto + 1e-12:
-                return band.for_dtype(dtype)
+                if not geometric or before is None or band.upto - before.upto <= 1e-12:
+                    return band.for_dtype(dtype)
+                low, high = before.for_dtype(dtype), band.for_dtype(dtype)
+                frac = (where - before.upto) / (band.upto - before.upto)
+                return low * (high / low) ** frac
+            before = band
         return bands[-1].for_dtype(dtype)
 
 
@@ -254,8 +305,9 @@ class StepChecker:
         if engine is None:
             held = ", ".join(self.dtypes(model)) or "none"
             return (f"cannot reproduce {model} in declared dtype {dtype}: this validator "
-                    f"recomputes it in {held} (the subnet's dtype; add --verify.dtypes "
-                    f"{dtype} to hold it too)")
+                    f"recomputes it in {held} (the miner: run {model}'s configured dtype "
+                    f"without --dtype; the validator: add --verify.dtypes {dtype} to hold "
+                    f"it too)")
         declared = dict(kernels or {})
         attention = declared.pop("attention", DEFAULT_ATTENTION)
         problem = attention_problem(attention, getattr(engine, "device", "cpu"), dtype)
