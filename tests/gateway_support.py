@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -113,3 +114,31 @@ class Only:
 
     def served(self):
         return [m for m in self._engine.served() if m.model == self._model]
+
+
+class Switch(Only):
+    """The given engine serving `model`, switchable at run time: `mode` "ok", "fail" (a GPU
+    error on every generation) or "stall" (hangs, without an error, until `release` is set).
+    `calls` counts the generations it was asked for."""
+
+    def __init__(self, engine, model: str):
+        super().__init__(engine, model)
+        self.mode = "ok"
+        self.calls = 0
+        self.release = threading.Event()
+
+    def generate_with_states(self, params, image=None):
+        self.calls += 1
+        if self.mode == "fail":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        if self.mode == "stall":
+            self.release.wait(60)
+        return self._engine.generate_with_states(params, image)
+
+
+def reset_routing(gw: SimpleNamespace) -> None:
+    """Forget what the router learnt (cooldowns, drawn order patches) between tests that
+    share one subnet; the observed pace is kept (it is what a running gateway has)."""
+    router = gw.gateway.router
+    router._cooling.clear()
+    router.__dict__.pop("order", None)  # a test's fixed order, back to the weighted draw

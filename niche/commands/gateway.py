@@ -44,7 +44,9 @@ def register(subparsers) -> None:
                         "scaled by the request's pixels x steps when that is longer")
     g.add_argument("--gateway.hedge_after", dest="hedge_after", type=float, default=None,
                    help="also ask a second miner when the first has not answered after this "
-                        "many seconds (default: no hedging)")
+                        "many seconds (default: per attempt, 3x the time that miner, else the "
+                        "model's miners, took for the same work, at least 5 s, at most the "
+                        "model's timeout scaled by the work and half the request's deadline)")
     g.add_argument("--gateway.body_timeout", dest="body_timeout", type=float, default=30.0,
                    help="seconds a client has to send its whole request body; a slower one "
                         "gets 408 (default 30)")
@@ -180,6 +182,9 @@ def _serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("niche.gateway")
     if args.netuid is None:
         raise ConfigError("--netuid is required")
+    if args.hedge_after is not None and args.hedge_after < 0:
+        raise ConfigError("--gateway.hedge_after must be >= 0 seconds (leave it out for the "
+                          "default, derived from each model's expected time)")
     for origin in args.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"--gateway.cors_origins: {origin!r} is not an origin like "

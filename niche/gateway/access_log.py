@@ -3,7 +3,9 @@ id, latency and the miners that answered, e.g.
 `POST /v1/images/generations 200 key=3f2a9c1d 0.412s miners=1,2`.
 
 A plain ASGI wrapper (not a BaseHTTPMiddleware), so a streamed answer is timed to its last
-byte and an unhandled exception is logged as the 500 the server sends."""
+byte and an unhandled exception is logged as the 500 the server sends. A stream that ended
+early says so: `200 (stream error 504)` (a warning) or `200 (stream abandoned, 1 of 4
+images sent)` when the client hung up."""
 from __future__ import annotations
 
 import logging
@@ -34,8 +36,9 @@ class AccessLog:
         try:
             await self.app(scope, receive, capture)
         finally:
-            extra = state.get("stream_error")
-            shown = f"{status} (stream error {extra})" if extra else str(status)
+            extra, abandoned = state.get("stream_error"), state.get("stream_abandoned")
+            shown = f"{status} (stream error {extra})" if extra \
+                else f"{status} (stream abandoned, {abandoned})" if abandoned else str(status)
             level = logging.WARNING if status >= 500 or extra else logging.INFO
             log.log(level, "%s %s %s key=%s %.3fs miners=%s", scope.get("method", "-"),
                     scope.get("path", "-"), shown, state.get("key_id", "-"),

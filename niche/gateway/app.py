@@ -26,8 +26,9 @@ from niche.gateway.errors import (
     client_gone_handler,
     gateway_error_handler,
     http_error_handler,
+    shown_name,
 )
-from niche.gateway.forms import form_fields, one_image, read_form
+from niche.gateway.forms import MAX_IMAGE_BYTES, MB, form_fields, one_image, read_form
 from niche.gateway.keys import ApiKey, InFlight
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
 from niche.gateway.service import Gateway, GatewayConfig, Job
@@ -43,6 +44,7 @@ def api_key(request: Request) -> ApiKey:
     """The caller's key (a dependency: a 401 before the body is read)."""
     key = request.app.state.gateway.keys.authenticate(request.headers.get("authorization"))
     request.state.key_id = key.id
+    request.state.key = key  # error answers carry its quota headers too
     return key
 
 
@@ -76,13 +78,25 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="niche gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_exception_handler(GatewayError, gateway_error_handler)
+    def quota_headers(key: ApiKey | None) -> dict[str, str]:
+        return gateway.keys.quota(key).headers() if key is not None else {}
+
+    async def keyed_error(request: Request, exc: Exception) -> Response:
+        """OpenAI's error body; an answer to a request with a valid key carries the key's
+        standing (`x-ratelimit-*`), as every other answer does."""
+        assert isinstance(exc, GatewayError)
+        exc.headers = {**quota_headers(getattr(request.state, "key", None)), **exc.headers}
+        return await gateway_error_handler(request, exc)
+
+    app.add_exception_handler(GatewayError, keyed_error)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(ClientGone, client_gone_handler)
     if gateway.config.cors_origins:
+        # any request header: the openai SDKs send x-stainless-* (arch, os, runtime, retry
+        # count, timeout...) and add more over time; the origin list and the bearer key
+        # (no cookies) are what guard the API
         app.add_middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"],
+                           allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"],
                            expose_headers=["x-niche-seeds", "x-niche-miners", "Retry-After",
                                            *EXPOSED_QUOTA_HEADERS], max_age=600)
     app.add_middleware(AccessLog)
@@ -157,9 +171,6 @@ def create_app(gateway: Gateway) -> FastAPI:
                          sizes=gateway.catalog.sizes_text(spec),
                          pipelines=[p.value for p in spec.pipelines])
 
-    def quota_headers(key: ApiKey | None) -> dict[str, str]:
-        return gateway.keys.quota(key).headers() if key is not None else {}
-
     @app.get("/v1/models")
     async def models(key: MaybeKey) -> JSONResponse:
         counts = gateway.directory.counts()
@@ -176,15 +187,19 @@ def create_app(gateway: Gateway) -> FastAPI:
                                param="model", code="model_not_found")
         return JSONResponse(card(name).model_dump(), headers=quota_headers(key))
 
-    @app.get("/v1/files/{name}")
+    @app.api_route("/v1/files/{name}", methods=["GET", "HEAD"])
     async def files(name: str) -> Response:
-        token = name.rsplit(".", 1)[0]
-        data = gateway.images.get(token) if len(token) <= 64 else None
-        if data is None:
+        """A `url` answer, only under the name it was given (`<token>.<its format>`)."""
+        token, _, ext = name.partition(".")
+        entry = gateway.images.entry(token) if len(token) <= 64 else None
+        if entry is None or ext != _format(entry[0]):
             raise GatewayError(404, "no such image (url answers expire after "
                                     f"{gateway.config.url_ttl / 60:.0f} minutes)",
                                code="not_found")
-        return Response(data, media_type=_media_type(data))
+        data, expires = entry
+        return Response(data, media_type=MEDIA_TYPES[ext], headers={
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": f"private, max-age={max(0, int(expires - time.time()))}"})
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -205,12 +220,13 @@ EXPOSED_QUOTA_HEADERS = [f"x-ratelimit-{what}-{unit}" for what in ("limit", "rem
                          for unit in ("requests", "images")]
 
 
-def _media_type(data: bytes) -> str:
+def _format(data: bytes) -> str:
+    """The format of an image the gateway itself wrote (png, webp or jpeg)."""
     if data[8:12] == b"WEBP":
-        return MEDIA_TYPES["webp"]
+        return "webp"
     if data[:3] == b"\xff\xd8\xff":
-        return MEDIA_TYPES["jpeg"]
-    return MEDIA_TYPES["png"]
+        return "jpeg"
+    return "png"
 
 
 async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
@@ -219,7 +235,7 @@ async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
     arrives (with niche's fields), `: ...` comments as progress while miners work, and an
     `error` event (the OpenAI error body) if an image fails; undelivered images are given
     back to the quota, whatever ends the stream."""
-    n, sent, miners = len(job.params), 0, []
+    n, sent, miners, ended = len(job.params), 0, [], False
     yield f": niche: {n} image{'s' if n != 1 else ''} asked of the miners\n\n".encode()
     try:
         async for got in gateway.deliver(job, heartbeat=gateway.config.stream_heartbeat):
@@ -237,11 +253,15 @@ async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
                        **data.model_dump(exclude={"b64_json", "url", "revised_prompt"})}
             yield f"event: {event}.completed\ndata: {json.dumps(payload)}\n\n".encode()
         gateway.finished(job, sent)
+        ended = True
     except GatewayError as exc:
         request.state.stream_error = exc.status
         yield f"event: error\ndata: {json.dumps(exc.body())}\n\n".encode()
+        ended = True
     finally:
         request.state.miners = ",".join(miners) or "-"
+        if not ended:  # the client hung up (or the server stopped) mid-stream
+            request.state.stream_abandoned = f"{sent} of {n} images sent"
         gateway.keys.refund(job.key, n - sent)
 
 
@@ -302,7 +322,7 @@ def _parse(fields: dict) -> ImagesRequest:
         if first.get("type") == "model_type" or not loc:
             raise bad_request("the body must be a JSON object with at least 'model' and "
                               "'prompt' (OpenAI images API)", code="invalid_body") from None
-        param = ".".join(loc)
+        param = shown_name(".".join(loc))
         message = _problem(first)
         more = len(errors) - 1
         raise bad_request(f"{param}: {message}" + (f" (+{more} more)" if more > 0 else ""),
@@ -313,6 +333,9 @@ def _problem(error: Mapping[str, Any]) -> str:
     """One validation error in words, naming no user value (so it stays one line)."""
     if error.get("type") == "extra_forbidden":
         return "unknown parameter"
+    if error.get("loc") == ("image",) and error.get("type") == "string_too_long":
+        return (f"over {MAX_IMAGE_BYTES * 4 // 3 // MB} MB of base64 (an image file over "
+                f"{MAX_IMAGE_BYTES // MB} MB); send a smaller or compressed image")
     if isinstance(error.get("input"), _BadNumber):
         return error["input"].why
     return one_line(str(error.get("msg", "invalid")))

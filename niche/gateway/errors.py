@@ -34,6 +34,24 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return GatewayError(400, message, param=param, code=code)
 
 
+MAX_SHOWN_NAME = 64
+"""Characters of a client's field name repeated in a message or `param`."""
+
+
+def shown_name(name: str) -> str:
+    """A field name the client chose, safe to repeat: control and other unprintable
+    characters escaped (one line), cut to MAX_SHOWN_NAME with an ellipsis."""
+    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                      for ch in name)
+    return escaped if len(escaped) <= MAX_SHOWN_NAME else escaped[:MAX_SHOWN_NAME] + "…"
+
+
+def unknown_parameter(name: str) -> GatewayError:
+    """400 for a field the API does not take, naming it safely."""
+    shown = shown_name(name)
+    return bad_request(f"{shown}: unknown parameter", shown, code="invalid_parameter")
+
+
 class ClientGone(Exception):
     """The client closed its connection before its request body arrived: nothing to answer
     and nothing wrong on our side (logged as one 499 line, not a 500)."""
@@ -49,13 +67,13 @@ async def gateway_error_handler(request: Request, exc: Exception) -> JSONRespons
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """404 / 405 from routing, in the same shape."""
+    """404 / 405 from routing, in the same shape, with routing's headers (a 405's Allow)."""
     assert isinstance(exc, StarletteHTTPException)
     kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
     message = ("not found: " + request.url.path if exc.status_code == 404
                else str(exc.detail))
     return JSONResponse(GatewayError(exc.status_code, message, type=kind).body(),
-                        status_code=exc.status_code)
+                        status_code=exc.status_code, headers=dict(exc.headers or {}))
 
 
 async def client_gone_handler(request: Request, exc: Exception) -> Response:

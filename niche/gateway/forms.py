@@ -19,10 +19,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from niche.gateway.errors import bad_request
+from niche.gateway.errors import bad_request, shown_name, unknown_parameter
 from niche.gateway.schemas import ImagesRequest
+from niche.protocol import MAX_IMAGE_B64_CHARS
 
 FILE_FIELDS = ("image", "image[]", "mask", "markup")
+
+MAX_IMAGE_BYTES = MAX_IMAGE_B64_CHARS * 3 // 4
+"""An uploaded image's largest size: what the miners take as base64 (24 MiB), decoded."""
+MB = 1024 * 1024
 
 MAX_PARTS = len(ImagesRequest.model_fields) + 2
 """Every field of the images API once, plus the image and a mask (refused, but by name)."""
@@ -103,7 +108,8 @@ def parse_form(content_type: str | None, body: bytes) -> Form:
             form.files.setdefault(name.removesuffix("[]"), []).append(data)
         else:
             if name in form.values:
-                raise bad_request(f"{name}: given twice", name, code="invalid_parameter")
+                shown = shown_name(name)
+                raise bad_request(f"{shown}: given twice", shown, code="invalid_parameter")
             form.values[name] = data.decode("utf-8", errors="replace")
     return form
 
@@ -158,10 +164,32 @@ def one_image(form: Form) -> str:
                           "guided by it (docs/gateway.md)", "mask")
     extra = sorted(set(form.files) - {"image", "mask"})
     if extra:
-        raise bad_request(f"{extra[0]}: unknown parameter", extra[0], code="invalid_parameter")
+        raise _file_for_text(extra[0])
     images = form.files.get("image", [])
     if not images:
         raise bad_request("image: an image file is required (PNG, WebP or JPEG)", "image")
     if len(images) > 1:
         raise bad_request(f"image: one image per request, got {len(images)}", "image")
+    _check_upload(images[0])
     return base64.b64encode(images[0]).decode()
+
+
+def _file_for_text(name: str) -> Exception:
+    """A file part under a name that is not the image: a text field sent as a file (curl's
+    `-F prompt=@p.txt`) is told so; any other name is unknown."""
+    if name not in ImagesRequest.model_fields:
+        return unknown_parameter(name)
+    return bad_request(f"{name}: send {name} as a text field, not a file (with curl, "
+                       f"-F '{name}=<file.txt' reads a file into a text field)", name,
+                       code="invalid_parameter")
+
+
+def _check_upload(data: bytes) -> None:
+    """An empty or oversized image file is refused by what it is, before decoding."""
+    if not data:
+        raise bad_request("image: the uploaded file is empty; send a PNG, WebP or JPEG",
+                          "image", code="invalid_image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise bad_request(f"image: the file is {len(data) / MB:.1f} MB; at most "
+                          f"{MAX_IMAGE_BYTES // MB} MB (send a smaller or compressed image, "
+                          "e.g. a JPEG)", "image", code="image_too_large")

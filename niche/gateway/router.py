@@ -1,11 +1,20 @@
-"""Which miner draws an image, and what happens when it fails.
+"""Which miner draws an image, and what happens when it fails or stalls.
 
 Each image is one signed `GenerateRequest` (a fresh request id per attempt) to a miner drawn
 among those that serve the model, with probability growing with the validator's score
 (`floor` keeps new miners in the draw). A miner that times out, errs or returns a bad
 answer is skipped for `cooldown` seconds and the image is asked of the next miner, until
-the client's deadline; with `hedge_after`, a second miner is asked when the first is slow
-and the first good answer wins.
+the client's deadline. A miner in cooldown gets no request while a healthy one is merely
+busy (the image waits for the healthy one's slot): only when no healthy miner can take it
+in time.
+
+A miner that hangs (no error, no answer) is not waited on: past the time the request
+should take there (`Router.timing`: 3x what that miner, or the model's miners, took for
+the same work, at least 5 s, at most the model's timeout scaled by the work and half the
+client's deadline), a second miner is asked too and the first good answer wins
+(`hedge_after` overrides the time). An attempt still unanswered past that time when the
+image is settled (a faster miner won, the deadline passed, the client left) was a stalled
+miner: it is cooled down like a timeout.
 
 A miner's 400 naming a request field (a prompt over the model's token limit) is unsigned
 and unverifiable here, so it is that miner's answer, not the user's error: the image is
@@ -53,6 +62,24 @@ REFUSED = {
 BUSY_STATUSES = (429, 503)
 """A miner's refusals for load: it is saturated, not failing."""
 
+HEDGE_FLOOR = 5.0
+"""Seconds every attempt gets before it counts as late: network, a miner's queue and a
+loaded GPU vary, and asking a second miner doubles the subnet's work for that image."""
+HEDGE_FACTOR = 3.0
+"""An attempt is late at this many times the time its miner (else the model's miners)
+took for the same work."""
+RETRY_ROOM = 2.0
+"""A deadline holds this many attempts: the first is hedged by half of it at the latest."""
+PACE_WEIGHT = 0.3
+"""Weight of the newest answer in a miner's observed pace (an exponential average)."""
+DEFAULT_LIMIT = 30.0
+"""Seconds a request may take at a miner when the model's timeout is not known."""
+
+
+def work(params: GenerationParams) -> float:
+    """A request's work in pixel-steps (what its generation time grows with)."""
+    return float(max(1, (params.width or 1) * (params.height or 1) * (params.steps or 1)))
+
 
 @dataclass
 class _Budget:
@@ -89,9 +116,45 @@ class Delivered:
     attempts: int
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    candidate: Candidate
+    started: float
+    hedge_at: float
+    """Monotonic time to ask another miner too."""
+    late_at: float
+    """Monotonic time past which an unanswered attempt is a stalled miner (cooled down)."""
+
+
+@dataclass
+class _Search:
+    """One image's search for a miner: who was asked, what they said, what is running."""
+
+    queue: list[Candidate]
+    pending: dict[asyncio.Task, _Attempt] = field(default_factory=dict)
+    asked: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    attempts: int = 0
+    delivered: bool = False
+    busy: int = 0
+    """Miners that refused for load (429/503)."""
+    skipped: bool = False
+    """At the last pick, a miner was passed over for having no budget (rate or slot)."""
+    slot_wait: bool = False
+    """At the last pick, a miner passed over was only waiting for a free slot."""
+    soonest: float = math.inf
+    """Seconds until a miner passed over has budget again."""
+
+    def hedge_due(self) -> float:
+        """When every running attempt is overdue (-inf: none runs)."""
+        return max((a.hedge_at for a in self.pending.values()), default=-math.inf)
+
+
 class Router:
     def __init__(self, directory: MinerDirectory, client: MinerClient, metrics: GatewayMetrics,
                  *, cooldown: float = 30.0, floor: float = 0.05, hedge_after: float | None = None,
+                 limit: Callable[[GenerationParams], float] | None = None,
                  rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic):
         self.directory = directory
         self.client = client
@@ -99,10 +162,16 @@ class Router:
         self.cooldown = cooldown
         self.floor = floor
         self.hedge_after = hedge_after
+        """Seconds before another miner is asked too (None: derived per attempt, `timing`)."""
+        self.limit = limit or (lambda params: DEFAULT_LIMIT)
+        """Seconds an honest miner may take for a request (the model's timeout, scaled)."""
         self.rng = rng or random.Random()
         self._clock = clock
         self._cooling: dict[str, float] = {}  # hotkey -> monotonic time it may serve again
         self._budgets: dict[str, _Budget] = {}
+        self._pace: dict[tuple[str, str], float] = {}  # (hotkey or "", model) -> s per work
+        self._freed: asyncio.Event | None = None
+        self._freed_loop: asyncio.AbstractEventLoop | None = None
         self.busy_cooldown = 5.0
         """Seconds a miner that refused for load (429/503) gets no new request."""
         self.http: aiohttp.ClientSession | None = None
@@ -146,6 +215,16 @@ class Router:
         budget = self._budgets.get(c.target.hotkey)
         if budget is not None:
             budget.inflight = max(0, budget.inflight - 1)
+        if self._freed is not None:  # images waiting for a slot look again
+            self._freed.set()
+            self._freed = None
+
+    def _slot_freed(self) -> asyncio.Event:
+        """Set when any in-flight slot comes back (one event per loop: tests run several)."""
+        loop = asyncio.get_running_loop()
+        if self._freed is None or self._freed_loop is not loop:
+            self._freed, self._freed_loop = asyncio.Event(), loop
+        return self._freed
 
     def _releaser(self, c: Candidate) -> Callable[[asyncio.Future], None]:
         def release(_: asyncio.Future) -> None:
@@ -190,11 +269,48 @@ class Router:
         """The miners blamed the user's request, which was not shown to be at fault: each
         failed (cooled down), as for any other bad answer."""
         for refusal in refusals:
-            self._failed(refusal.candidate, refusal.result)
+            self._failed(refusal.candidate, refusal.result.status.value)
 
-    def _failed(self, candidate: Candidate, result: QueryResult) -> None:
+    def _failed(self, candidate: Candidate, status: str) -> None:
         self._cooling[candidate.target.hotkey] = self._clock() + self.cooldown
-        self.metrics.miner_failures.labels(result.status.value).inc()
+        self.metrics.miner_failures.labels(status).inc()
+
+    def cooling(self, c: Candidate) -> bool:
+        """`c` failed lately and is skipped while a healthy miner can take the image."""
+        return self._cooling.get(c.target.hotkey, 0.0) > self._clock()
+
+    # ------------------------------------------------------------------ timing
+    def observe(self, c: Candidate, params: GenerationParams, latency: float | None) -> None:
+        """A delivered answer's time, as that miner's and the model's pace (s per work)."""
+        if not latency or latency <= 0:
+            return
+        pace = latency / work(params)
+        for key in ((c.target.hotkey, params.model), ("", params.model)):
+            old = self._pace.get(key)
+            self._pace[key] = pace if old is None else old + PACE_WEIGHT * (pace - old)
+
+    def usual(self, c: Candidate, params: GenerationParams) -> float | None:
+        """Seconds `c` usually takes for `params` (else the model's miners; None: unseen)."""
+        pace = self._pace.get((c.target.hotkey, params.model)) \
+            or self._pace.get(("", params.model))
+        return pace * work(params) if pace else None
+
+    def slow(self, c: Candidate, params: GenerationParams) -> float:
+        """Seconds past which `c` is slow for `params`: HEDGE_FACTOR x its usual time, at
+        most the model's scaled timeout (also the guess for a model never seen)."""
+        limit = self.limit(params)
+        usual = self.usual(c, params)
+        return min(limit, HEDGE_FACTOR * usual) if usual else limit
+
+    def timing(self, c: Candidate, params: GenerationParams, cap: float
+               ) -> tuple[float, float]:
+        """(hedge, late): seconds after sending to `c` to ask another miner too, and past
+        which an unanswered attempt is a stalled miner. Late is `slow`, at least
+        HEDGE_FLOOR; the hedge comes at late or `cap` (a share of the client's deadline),
+        whichever is first, unless `hedge_after` says."""
+        late = max(HEDGE_FLOOR, self.slow(c, params))
+        hedge = self.hedge_after if self.hedge_after is not None else min(late, cap)
+        return hedge, late
 
     async def _ask(self, candidate: Candidate, params: GenerationParams, image: str | None,
                    timeout: float) -> tuple[Candidate, GenerateRequest, QueryResult]:
@@ -210,109 +326,161 @@ class Router:
 
     async def generate(self, params: GenerationParams, image: str | None,
                        deadline: float) -> Delivered:
-        """One image before `deadline` (monotonic seconds), or a 502/503/504 GatewayError."""
+        """One image before `deadline` (monotonic seconds), or a 4xx/5xx GatewayError."""
         queue = self.order(params.model)
         if not queue:
             raise GatewayError(503, f"no miner serves {params.model} right now; retry later "
                                     "(GET /v1/models lists what is served)",
                                type=SERVER_ERROR, code="no_miner_available")
-        pending: set[asyncio.Task] = set()
-        failures: list[str] = []
-        attempts = 0
-        tried = 0  # candidates considered (sent to, or skipped for having no budget)
-        busy = 0  # miners that refused for load
-        skipped = 0  # miners passed over for having no budget left
-        soonest = math.inf  # seconds until a skipped miner has budget again
-
-        gave_up: set[str] = set()  # hotkeys that failed this request (not for load)
-        refusals: list[Refusal] = []  # miners that blamed a field of the user's
-        rate_limited = False  # a skipped miner was out of rate budget (not only busy)
-
-        def launch() -> bool:
-            """Send to the next miner with budget; False when none is left."""
-            nonlocal attempts, tried, soonest, skipped, rate_limited
-            while tried < len(queue):
-                candidate = queue[tried]
-                tried += 1
-                if candidate.target.hotkey in gave_up:
-                    continue
-                wait = self.wait_for(candidate)
-                if wait > 0:
-                    soonest = min(soonest, wait)
-                    skipped += 1
-                    rate_limited = rate_limited or self.out_of_rate(candidate)
-                    continue
-                self._take(candidate)
-                if attempts:
-                    self.metrics.retries.labels(params.model).inc()
-                attempts += 1
-                task = asyncio.ensure_future(
-                    self._ask(candidate, params, image, deadline - self._clock()))
-                # done or cancelled (even before it ran), the in-flight slot comes back
-                task.add_done_callback(self._releaser(candidate))
-                pending.add(task)
-                return True
-            return False
-
+        s = _Search(queue)
         try:
-            while self._clock() < deadline and not _settled(refusals):
-                if not pending and not launch():
-                    # every miner has its concurrency in use: wait for a slot within the
-                    # deadline (a user's n=4 queues on a one-miner model); out of rate
-                    # budget or refusing for load: 429 below, with when to retry
-                    if busy or rate_limited or not skipped \
-                            or self._clock() + soonest >= deadline:
-                        break
-                    await asyncio.sleep(soonest)
-                    queue, tried, skipped, soonest = self.order(params.model), 0, 0, math.inf
+            while self._clock() < deadline and not _settled(s.refusals):
+                due = not s.pending or self._clock() >= s.hedge_due()
+                if due and self._launch(s, params, image, deadline):
                     continue
-                remaining = deadline - self._clock()
-                can_hedge = self.hedge_after is not None and tried < len(queue)
-                wait = min(remaining, self.hedge_after) if can_hedge and self.hedge_after \
-                    else remaining
-                done, pending = await asyncio.wait(pending, timeout=max(0.0, wait),
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    if can_hedge and self._clock() < deadline and launch():
-                        self.metrics.hedges.labels(params.model).inc()
-                    continue
-                for task in done:
-                    candidate, request, result = task.result()
-                    if result.ok:
-                        self._refusals_wrong(refusals)
-                        return Delivered(candidate, request, result, attempts)
-                    field = _blamed_field(result)
-                    if field is not None:  # unverified: ask another miner
-                        refusals.append(Refusal(candidate, result, field))
-                        gave_up.add(candidate.target.hotkey)
-                        failures.append(f"uid {candidate.target.uid}: refused the {field}")
-                        continue
-                    if result.http_status in BUSY_STATUSES:
-                        self._busy(candidate)  # saturated, not failing: no long cooldown
-                        self.metrics.miner_failures.labels(result.status.value).inc()
-                        busy += 1
-                        soonest = min(soonest, self.busy_cooldown)
-                        continue
-                    self._failed(candidate, result)
-                    gave_up.add(candidate.target.hotkey)
-                    failures.append(f"uid {candidate.target.uid}: {result.status.value}"
-                                    + (f" ({clip(result.reason)})" if result.reason else ""))
+                if not s.pending and not s.slot_wait:
+                    break  # nobody left to ask, nor a slot to wait for
+                for task in await self._next(s, deadline, wake_on_slot=due and s.slot_wait):
+                    delivered = self._settle(s, task, params)
+                    if delivered is not None:
+                        return delivered
         finally:
-            await cancel_all(pending)
-        agreed = _agreed(refusals, len(queue))
+            await self._abandon(s, params)
+        raise self._outcome(s, params, deadline)
+
+    def _pick(self, s: _Search, params: GenerationParams, deadline: float
+              ) -> Candidate | None:
+        """The next miner to ask: the first in the drawn order with budget now that is not
+        cooling down; a cooling one only when no healthy miner frees a slot in time (about
+        two of its generations before the deadline)."""
+        now = self._clock()
+        s.skipped, s.slot_wait, s.soonest = False, False, math.inf
+        fallback: Candidate | None = None
+        healthy_soon = False
+        for c in s.queue:
+            if c.target.hotkey in s.asked:
+                continue
+            wait, cooling = self.wait_for(c), self.cooling(c)
+            if wait <= 0:
+                if not cooling:
+                    return c
+                fallback = fallback or c
+                continue
+            s.skipped, s.soonest = True, min(s.soonest, wait)
+            if self.out_of_rate(c):
+                continue
+            s.slot_wait = True
+            expected = self.usual(c, params) or self.limit(params)
+            healthy_soon = healthy_soon or (not cooling and deadline - now >= 2 * expected)
+        return None if healthy_soon else fallback
+
+    def _launch(self, s: _Search, params: GenerationParams, image: str | None,
+                deadline: float) -> bool:
+        """Send the image to the next miner (a hedge when another attempt runs)."""
+        candidate = self._pick(s, params, deadline)
+        if candidate is None:
+            return False
+        now = self._clock()
+        # at most half the time left: an image queued late still has room for a hedge
+        hedge, late = self.timing(candidate, params, (deadline - now) / RETRY_ROOM)
+        self._take(candidate)
+        if s.attempts:
+            self.metrics.retries.labels(params.model).inc()
+        if s.pending:
+            self.metrics.hedges.labels(params.model).inc()
+        s.attempts += 1
+        s.asked.add(candidate.target.hotkey)
+        task = asyncio.ensure_future(self._ask(candidate, params, image, deadline - now))
+        # done or cancelled (even before it ran), the in-flight slot comes back
+        task.add_done_callback(self._releaser(candidate))
+        s.pending[task] = _Attempt(candidate, now, now + hedge, now + late)
+        return True
+
+    async def _next(self, s: _Search, deadline: float, *, wake_on_slot: bool
+                    ) -> set[asyncio.Task]:
+        """Attempts that ended, waiting at most until the next hedge or the deadline (or,
+        with `wake_on_slot`, until a miner's slot comes back: empty then)."""
+        now = self._clock()
+        due = s.hedge_due()
+        until = deadline if wake_on_slot or now >= due else min(deadline, due)
+        waiters: set[asyncio.Future] = set(s.pending)
+        freed = asyncio.ensure_future(self._slot_freed().wait()) if wake_on_slot else None
+        if freed is not None:
+            waiters.add(freed)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=max(0.0, until - now),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if freed is not None:
+                freed.cancel()
+        return {task for task in s.pending if task in done}
+
+    def _settle(self, s: _Search, task: asyncio.Task, params: GenerationParams
+                ) -> Delivered | None:
+        """One ended attempt: the image, or why not (and what that costs the miner)."""
+        attempt = s.pending.pop(task)
+        candidate, request, result = task.result()
+        uid = candidate.target.uid
+        if result.ok:
+            self.observe(candidate, params, result.latency)
+            self._refusals_wrong(s.refusals)
+            s.delivered = True
+            return Delivered(candidate, request, result, s.attempts)
+        field = _blamed_field(result)
+        if field is not None:  # unverified: ask another miner
+            s.refusals.append(Refusal(candidate, result, field))
+            s.failures.append(f"uid {uid}: refused the {field}")
+            return None
+        if result.http_status in BUSY_STATUSES:
+            self._busy(candidate)  # saturated, not failing: no long cooldown
+            self.metrics.miner_failures.labels(result.status.value).inc()
+            s.busy += 1
+            return None
+        if result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
+            self._failed(candidate, result.status.value)
+        # else: the client's short deadline ran out, not the miner's fair time
+        s.failures.append(f"uid {uid}: {result.status.value}"
+                          + (f" ({clip(result.reason)})" if result.reason else ""))
+        return None
+
+    async def _abandon(self, s: _Search, params: GenerationParams) -> None:
+        """Cancel the attempts still running; one that ran too long is a stalled miner,
+        cooled down as a timeout whatever ended the search (a faster miner, the deadline,
+        the client hanging up), so the next image is not drawn to it again."""
+        now = self._clock()
+        for attempt in s.pending.values():
+            if now >= self._too_long(s, attempt, params):
+                self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
+                s.failures.append(f"uid {attempt.candidate.target.uid}: timeout (no answer "
+                                  f"in {now - attempt.started:.1f}s)")
+        await cancel_all(set(s.pending))
+
+    def _too_long(self, s: _Search, attempt: _Attempt, params: GenerationParams) -> float:
+        """When an unanswered attempt counts as stalled: its late time; or, when another
+        miner delivered (showing the work could be done sooner, with its time now in the
+        model's pace), its hedge time once it is also slow, with no floor."""
+        if not s.delivered:
+            return attempt.late_at
+        return max(attempt.hedge_at, attempt.started + self.slow(attempt.candidate, params))
+
+    def _outcome(self, s: _Search, params: GenerationParams, deadline: float
+                 ) -> GatewayError:
+        """The error for an image no miner delivered."""
+        agreed = _agreed(s.refusals, len(s.queue))
         if agreed:
-            raise bad_request(f"{agreed}: refused by {len(refusals)} of the miners serving "
-                              f"{params.model}; {REFUSED[agreed]}", agreed)
-        self._refusals_wrong(refusals)
-        said = "; ".join(failures[-4:]) or "no answer yet"
+            return bad_request(f"{agreed}: refused by {len(s.refusals)} of the miners serving "
+                               f"{params.model}; {REFUSED[agreed]}", agreed)
+        self._refusals_wrong(s.refusals)
+        said = "; ".join(s.failures[-4:]) or "no answer yet"
         if self._clock() >= deadline:
-            raise GatewayError(504, f"no miner delivered an image within the deadline "
-                                    f"({attempts} tried: {said}); retry, or raise 'timeout'",
-                               type=SERVER_ERROR, code="deadline_exceeded")
-        if busy or skipped:  # miners out of budget or refusing for load
-            raise self.saturated(params.model, queue, soonest)
-        raise GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
-                                "later", type=SERVER_ERROR, code="all_miners_failed")
+            return GatewayError(504, f"no miner delivered an image within the deadline "
+                                     f"({s.attempts} tried: {said}); retry, or raise 'timeout'",
+                                type=SERVER_ERROR, code="deadline_exceeded")
+        if s.busy or s.skipped:  # miners out of budget or refusing for load
+            soonest = min(s.soonest, self.busy_cooldown if s.busy else math.inf)
+            return self.saturated(params.model, s.queue, soonest)
+        return GatewayError(502, f"every miner serving {params.model} failed ({said}); retry "
+                                 "later", type=SERVER_ERROR, code="all_miners_failed")
 
 
 AGREEING_REFUSALS = 3

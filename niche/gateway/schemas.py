@@ -7,9 +7,9 @@ stock clients work unchanged.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from niche.protocol import MAX_IMAGE_B64_CHARS, MAX_PROMPT_CHARS, MAX_SEED, PipelineKind
 
@@ -59,6 +59,22 @@ class ImagesRequest(BaseModel):
     input_fidelity: Literal["high", "low"] | None = None
     """Edits only: without `pipeline`, high keeps the image's edges (controlnet-canny) and
     low keeps its look (ip-adapter)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI types its optional fields "integer or null" etc.: an explicit null (what
+        SDK wrappers send for an argument left as None) means the field's default."""
+        if not isinstance(data, dict):
+            return data
+        return {name: value for name, value in data.items()
+                if value is not None or name not in DEFAULTED}
+
+
+DEFAULTED = frozenset(name for name, info in ImagesRequest.model_fields.items()
+                      if not info.is_required() and info.default is not None)
+"""Fields whose explicit null is dropped, so their default applies (n, response_format,
+output_format, stream, negative_prompt, pipeline)."""
 
 
 class ImageData(BaseModel):

@@ -17,7 +17,8 @@ from niche.gateway.directory import MinerDirectory
 from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
 from niche.gateway.keys import ApiKey, KeyStore, Quota
 from niche.gateway.metrics import GatewayMetrics
-from niche.gateway.router import Delivered, Router, cancel_all
+from niche.gateway.router import RETRY_ROOM as ROUTER_RETRY_ROOM
+from niche.gateway.router import Delivered, Router, cancel_all, work
 from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
 from niche.imaging import (
@@ -302,25 +303,35 @@ def build_gateway(chain, wallet, netuid: int, *, models: list[str], db_path: Pat
     metrics = GatewayMetrics()
     directory = MinerDirectory(chain, netuid, client, own_hotkey=wallet.hotkey.ss58_address,
                                validator_state=validator_state)
-    router = Router(directory, client, metrics, cooldown=cooldown, hedge_after=hedge_after)
-    queue = OrganicQueue(queue_path) if queue_path is not None else None
+    catalog = ModelCatalog.load(models, model_root)
+    router = Router(directory, client, metrics, cooldown=cooldown, hedge_after=hedge_after,
+                    limit=lambda params: honest_seconds(catalog.specs[params.model], params))
+    queue = (OrganicQueue(queue_path, signer=wallet.hotkey.ss58_address,
+                          draw=config.audit_fraction or 1.0)
+             if queue_path is not None else None)
     images = ImageStore(db, ttl=config.url_ttl, max_bytes=config.url_max_bytes)
-    return Gateway(config, ModelCatalog.load(models, model_root), KeyStore(db), images,
-                   directory, router, metrics, queue)
+    return Gateway(config, catalog, KeyStore(db), images, directory, router, metrics, queue)
 
 
-RETRY_ROOM = 2.0
+RETRY_ROOM = ROUTER_RETRY_ROOM
 """A request's default deadline holds this many of its expected generations: room to ask a
-second miner when the first fails."""
+second miner when the first fails or stalls (the router hedges by half of it)."""
+
+
+def honest_seconds(spec: ModelSpec, params: GenerationParams) -> float:
+    """Seconds an honest miner may take for `params`: the model's timeout
+    (`spec.defaults.timeout`, what the validator's challenges allow at the default size and
+    steps) scaled by pixels x steps when the request is larger."""
+    d = spec.defaults
+    explicit = params.model_copy(update={"width": params.width or d.width,
+                                         "height": params.height or d.height,
+                                         "steps": params.steps or d.steps})
+    return d.timeout * max(1.0, work(explicit) / (d.width * d.height * d.steps))
 
 
 def default_deadline(spec: ModelSpec, params: GenerationParams, floor: float) -> float:
     """Seconds a request may take when the client sends no `timeout`: `floor`
-    (`--gateway.deadline`), or more for a request larger than the model's defaults, whose
-    timeout (`spec.defaults.timeout`) is scaled by pixels x steps, with room for a retry. A
-    1536x1536, 50-step FLUX.1-dev image (4x the work of its 1024x1024, 28-step default)
-    would otherwise be cut off at 60 s while an honest miner computes it."""
-    d = spec.defaults
-    work = (params.width or d.width) * (params.height or d.height) * (params.steps or d.steps)
-    scale = max(1.0, work / (d.width * d.height * d.steps))
-    return max(floor, RETRY_ROOM * d.timeout * scale)
+    (`--gateway.deadline`), or more for a request larger than the model's defaults, with room
+    for a retry. A 1536x1536, 50-step FLUX.1-dev image (4x the work of its 1024x1024, 28-step
+    default) would otherwise be cut off at 60 s while an honest miner computes it."""
+    return max(floor, RETRY_ROOM * honest_seconds(spec, params))

@@ -34,6 +34,11 @@ class ImageStore:
         return token
 
     def get(self, token: str) -> bytes | None:
-        rows = self.db.read("SELECT png FROM images WHERE token=? AND expires > ?",
+        entry = self.entry(token)
+        return entry[0] if entry is not None else None
+
+    def entry(self, token: str) -> tuple[bytes, float] | None:
+        """The image and when it expires (wall-clock seconds), while it is kept."""
+        rows = self.db.read("SELECT png, expires FROM images WHERE token=? AND expires > ?",
                             (token, self._clock()))
-        return bytes(rows[0][0]) if rows else None
+        return (bytes(rows[0][0]), float(rows[0][1])) if rows else None
