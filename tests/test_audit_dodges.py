@@ -223,7 +223,7 @@ def test_claims_a_stopped_validator_left_are_let_go(tmp_path):
     assert status == "skipped" and "stopped before its verdict" in reason and image == ""
 
 
-def test_a_queue_file_of_an_older_release_is_upgraded_and_its_rows_let_go(tmp_path):
+def test_a_queue_file_of_an_older_release_is_upgraded_and_its_rows_let_go(tmp_path, caplog):
     path = tmp_path / "q.sqlite"
     old = sqlite3.connect(path)
     old.executescript("""
@@ -243,8 +243,10 @@ def test_a_queue_file_of_an_older_release_is_upgraded_and_its_rows_let_go(tmp_pa
     again = OrganicQueue(path, signer="5ours")  # the other process opens it too
     target = MinerTarget(4, "5miner", "http://127.0.0.1:1")
     queue.submit(target, _request("new-row-0001"), _answer("new-row-0001"), 0.5)
-    (item,) = again.claim(10, 300)
+    with caplog.at_level("WARNING", logger="niche.validator"):
+        (item,) = again.claim(10, 300)
     assert item.challenge.request_id == "new-row-0001" and item.draw == 0.5
+    assert "1 answer(s) queued by a gateway older than this validator" in caplog.text
     rows = dict(sqlite3.connect(path).execute(
         "SELECT json_extract(request, '$.request_id'), reason FROM organic"))
     assert rows["old-row-0001"] == "queued by an older gateway: signer unknown"

@@ -109,17 +109,25 @@ def test_a_hanging_miner_is_bypassed_by_default_and_cooled_down(gw):
     assert gw.switch.calls == calls + 1
 
 
-def test_a_short_client_timeout_still_leaves_room_for_a_second_miner(gw):
+def test_a_short_client_timeout_still_leaves_room_for_a_second_miner(gw, monkeypatch):
     """A fresh router (nothing observed yet) with the client's own 8 s: the first attempt
-    gets half of it, not all of it."""
+    gets half of it, not all of it. The beaten miner's pace is unknown, so its attempt is
+    watched, not cancelled: stalled past its late time (the model's timeout, 6 s here),
+    it is cooled down then."""
     _miner1_first(gw)
-    gw.gateway.router._pace.clear()
+    router = gw.gateway.router
+    router._pace.clear()
+    monkeypatch.setattr(router, "limit", lambda params: 6.0)
     gw.switch.mode = "stall"
     item = gw.client.images.generate(model=MODEL, prompt="short", size="64x64",
                                      extra_body={"timeout": 8}).data[0]
     assert item.miner_uid == gw.net.uids["miner2"] and item.attempts == 2
-    # beaten by a miner 10x+ faster: cooled down, though it never answered at all
-    assert gw.net.wallets["miner1"].hotkey.ss58_address in gw.gateway.router._cooling
+    stalled = gw.net.wallets["miner1"].hotkey.ss58_address
+    assert stalled not in router._cooling and router._watching  # not judged yet
+    deadline = time.monotonic() + 15
+    while router._watching and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not router._watching and stalled in router._cooling
 
 
 def _router(hedge_after: float | None = None) -> tuple[Router, Candidate, GenerationParams]:
@@ -143,6 +151,27 @@ def test_attempt_timing_follows_the_observed_pace_with_a_floor_and_the_model_lim
     assert router.timing(miner, big, cap=60.0)[0] == pytest.approx(4 * 10.05)
     fixed, _, _ = _router(hedge_after=1.5)
     assert fixed.timing(miner, params, cap=30.0)[0] == 1.5  # --gateway.hedge_after
+
+
+def test_a_miner_is_judged_stalled_by_its_own_pace_never_the_models():
+    """The model's pace is the fastest miners' (maybe cheats with fewer steps): it may
+    hedge an unseen miner early (asking a second miner costs nobody anything), but never
+    cool it down; an honest 7 s miner was cooled as a timeout on every request, its own pace
+    never learnt because the faster miner always ended its attempt first."""
+    from types import SimpleNamespace
+
+    from niche.gateway.router import _Attempt
+
+    router, miner, params = _router()
+    fast = Candidate(MinerTarget(2, "5b", None), frozenset({MODEL}), 1.0)
+    router.observe(fast, params, 0.5)  # the model's pace, set by the fastest
+    hedge, late = router.timing(miner, params, cap=30.0)
+    assert (hedge, late) == (HEDGE_FLOOR, 24.0)
+    attempt = _Attempt(miner, started=100.0, hedge_at=100.0 + hedge, late_at=100.0 + late)
+    beaten = SimpleNamespace(delivered=True)
+    assert router._too_long(beaten, attempt, params) == 124.0  # unseen: the model's timeout
+    router.observe(miner, params, 2.0)  # its own pace, once it delivered
+    assert router._too_long(beaten, attempt, params) == pytest.approx(106.0)  # 3 x 2 s
 
 
 # ---------------------------------------------------------------- 2. explicit nulls

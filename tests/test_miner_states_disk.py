@@ -175,3 +175,32 @@ def test_bad_disk_mb_is_one_line(value, capsys):
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--states.disk_mb" in error and "auto" in error
+
+
+def test_auto_reserve_is_bounded_so_a_big_full_disk_still_keeps_states(tmp_path):
+    """2 TB with 150 GB free: 10 % of the disk alone (200 GB) would keep nothing (every
+    answer's states deleted as written); the reserve stops at 32 GiB."""
+    def big_disk(_folder) -> tuple[int, int]:
+        return 2 * 10**12, 150 * 10**9
+
+    disk = DiskStates(tmp_path / "s.sqlite", None, ttl=600, disk_usage=big_disk)
+    assert disk.auto_reserve() == 32 * 2**30
+    assert disk.cap() == 150 * 10**9 - 32 * 2**30
+    blob = b"\x03" * 2**20
+    disk.put("hk", "r1", [blob])
+    disk.flush()
+    assert disk.get("hk", "r1") == (blob,) and disk.problem() is None
+    disk.close()
+
+
+def test_a_store_that_keeps_nothing_says_so(tmp_path):
+    def full_disk(_folder) -> tuple[int, int]:
+        return 100 * 2**30, 3 * 2**30  # below the 10 GiB it keeps free
+
+    disk = DiskStates(tmp_path / "s.sqlite", None, ttl=600, disk_usage=full_disk)
+    problem = disk.problem()
+    assert problem is not None and "free disk space" in problem and "\n" not in problem
+    disk.close()
+    small = DiskStates(tmp_path / "t.sqlite", 16 * 2**20, ttl=600)
+    assert "--states.disk_mb 16 holds no 28 MiB answer" in small.problem()
+    small.close()

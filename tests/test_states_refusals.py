@@ -42,17 +42,30 @@ PASSED = AuditResult(True, 1.0)
 def test_refusals_put_the_fault_on_the_validator_only_when_most_refuse(refused, others,
                                                                        forgiven):
     results = [_refused(i) for i in range(refused)] + [PASSED] * others
-    out = forgive_refusals(results, None)
+    hotkeys = [f"5miner{i}" for i in range(refused + others)]
+    out = forgive_refusals(results, hotkeys, None)
     assert [r.unaudited for r in out[:refused]] == [forgiven] * refused
     assert all(r.unavailable != forgiven for r in out[:refused])
     assert out[refused:] == results[refused:]  # the rest as they were
 
 
+@pytest.mark.parametrize("answers", [3, 4, 8])
+def test_one_miner_refusing_many_answers_is_never_the_validators_fault(answers):
+    """Refusals are counted per miner: one hotkey with its scored answer, its probes and
+    its organic answers in one batch, refusing them all, is still that miner's dodge."""
+    results = [_refused(i) for i in range(answers)] + [PASSED]
+    hotkeys = ["5dodger"] * answers + ["5honest"]
+    assert forgive_refusals(results, hotkeys, None) == results
+    alone = forgive_refusals(results[:answers], hotkeys[:answers], None)
+    assert alone == results[:answers]
+
+
 def test_the_chain_saying_the_validator_lost_its_permit_forgives_any_refusal():
-    out = forgive_refusals([_refused(), PASSED, PASSED, PASSED], "no validator permit")
+    out = forgive_refusals([_refused(), PASSED, PASSED, PASSED], ["5a", "5b", "5c", "5d"],
+                           "no validator permit")
     assert out[0].unaudited and not out[0].unavailable and "validator's fault" in out[0].reason
     assert out[1:] == [PASSED] * 3
-    assert forgive_refusals([PASSED], "no validator permit") == [PASSED]
+    assert forgive_refusals([PASSED], ["5a"], "no validator permit") == [PASSED]
 
 
 class _Hooked(MinerClient):

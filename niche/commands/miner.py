@@ -229,6 +229,9 @@ def _run(args: argparse.Namespace) -> int:
                               config.states_ttl)
             log.info("answers' states kept %.0fs for the audits: %s", config.states_ttl,
                      disk.describe())
+            problem = disk.problem()
+            if problem:
+                log.error("states store: %s", problem)
             disk.close()
         else:
             log.info("answers' states kept %.0fs for the audits, in memory only (%d MiB; "

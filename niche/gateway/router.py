@@ -175,6 +175,12 @@ class Router:
         self.busy_cooldown = 5.0
         """Seconds a miner that refused for load (429/503) gets no new request."""
         self.http: aiohttp.ClientSession | None = None
+        self._watching: set[asyncio.Task] = set()
+        """Beaten attempts of miners whose pace is unknown, left to finish (see `_watch`)."""
+
+    async def close(self) -> None:
+        """Cancel the attempts still watched (the gateway is stopping)."""
+        await cancel_all(set(self._watching))
 
     # ------------------------------------------------------------------ budgets
     def _bucket(self, c: Candidate, now: float) -> _Budget:
@@ -289,11 +295,25 @@ class Router:
             old = self._pace.get(key)
             self._pace[key] = pace if old is None else old + PACE_WEIGHT * (pace - old)
 
-    def usual(self, c: Candidate, params: GenerationParams) -> float | None:
-        """Seconds `c` usually takes for `params` (else the model's miners; None: unseen)."""
-        pace = self._pace.get((c.target.hotkey, params.model)) \
-            or self._pace.get(("", params.model))
+    def usual(self, c: Candidate, params: GenerationParams, *, own: bool = False
+              ) -> float | None:
+        """Seconds `c` usually takes for `params` (else, unless `own`, the model's miners';
+        None: unseen)."""
+        pace = self._pace.get((c.target.hotkey, params.model))
+        if pace is None and not own:
+            pace = self._pace.get(("", params.model))
         return pace * work(params) if pace else None
+
+    def stalled(self, c: Candidate, params: GenerationParams) -> float:
+        """Seconds past which `c`, unanswered, is a stalled miner (cooled down as a
+        timeout): HEDGE_FACTOR x its OWN usual time, at least HEDGE_FLOOR, at most the
+        model's scaled timeout; the timeout itself while its own pace is unknown. Never
+        the model's pace: the fastest miners set that (maybe with fewer steps than asked),
+        and an honest slower miner whose attempts a faster one always ends first would
+        be cooled on every request and its own pace never learnt."""
+        limit = self.limit(params)
+        usual = self.usual(c, params, own=True)
+        return max(HEDGE_FLOOR, min(limit, HEDGE_FACTOR * usual)) if usual else limit
 
     def slow(self, c: Candidate, params: GenerationParams) -> float:
         """Seconds past which `c` is slow for `params`: HEDGE_FACTOR x its usual time, at
@@ -305,12 +325,13 @@ class Router:
     def timing(self, c: Candidate, params: GenerationParams, cap: float
                ) -> tuple[float, float]:
         """(hedge, late): seconds after sending to `c` to ask another miner too, and past
-        which an unanswered attempt is a stalled miner. Late is `slow`, at least
-        HEDGE_FLOOR; the hedge comes at late or `cap` (a share of the client's deadline),
-        whichever is first, unless `hedge_after` says."""
-        late = max(HEDGE_FLOOR, self.slow(c, params))
-        hedge = self.hedge_after if self.hedge_after is not None else min(late, cap)
-        return hedge, late
+        which an unanswered attempt is a stalled miner (`stalled`). The hedge comes at
+        `slow` (at least HEDGE_FLOOR; the model's pace stands in for an unseen miner's: a
+        second miner asked costs nobody anything) or `cap` (a share of the client's
+        deadline), whichever is first, unless `hedge_after` says."""
+        slow = max(HEDGE_FLOOR, self.slow(c, params))
+        hedge = self.hedge_after if self.hedge_after is not None else min(slow, cap)
+        return hedge, self.stalled(c, params)
 
     async def _ask(self, candidate: Candidate, params: GenerationParams, image: str | None,
                    timeout: float) -> tuple[Candidate, GenerateRequest, QueryResult]:
@@ -448,20 +469,61 @@ class Router:
         cooled down as a timeout whatever ended the search (a faster miner, the deadline,
         the client hanging up), so the next image is not drawn to it again."""
         now = self._clock()
-        for attempt in s.pending.values():
+        cancel = set()
+        for task, attempt in s.pending.items():
+            if task.done():  # answered in the same moment as the winner: not stalled
+                continue
             if now >= self._too_long(s, attempt, params):
                 self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
                 s.failures.append(f"uid {attempt.candidate.target.uid}: timeout (no answer "
                                   f"in {now - attempt.started:.1f}s)")
-        await cancel_all(set(s.pending))
+            elif s.delivered and self.usual(attempt.candidate, params, own=True) is None:
+                self._watch(task, attempt, params)  # learn its pace, or that it stalled
+                continue
+            cancel.add(task)
+        await cancel_all(cancel | {t for t in s.pending if t.done()})
+
+    def _watch(self, task: asyncio.Task, attempt: _Attempt, params: GenerationParams
+               ) -> None:
+        """A faster miner won, but this miner's own pace is unknown: whether it is slower
+        or stalled cannot be told yet, so its attempt (the miner computes the image anyway;
+        its in-flight slot stays taken until then) may finish until its late time: an
+        answer teaches its pace, none by then cools it down as a stalled miner. Neither
+        cancelling it (its pace never learnt) nor cooling it (an honest slower miner cooled
+        on every image) would be fair."""
+        async def watch() -> None:
+            try:
+                left = max(0.0, attempt.late_at - self._clock())
+                candidate, _, result = await asyncio.wait_for(asyncio.shield(task), left)
+            except asyncio.TimeoutError:
+                self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
+                await cancel_all({task})
+                return
+            except asyncio.CancelledError:  # the gateway stops: the attempt goes too
+                task.cancel()
+                raise
+            except Exception:  # the attempt's own bug: nothing learnt, nobody blamed
+                return
+            if result.ok:
+                self.observe(candidate, params, result.latency)
+            elif result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
+                self._failed(candidate, result.status.value)
+
+        watcher = asyncio.ensure_future(watch())
+        self._watching.add(watcher)
+        watcher.add_done_callback(self._watching.discard)
 
     def _too_long(self, s: _Search, attempt: _Attempt, params: GenerationParams) -> float:
         """When an unanswered attempt counts as stalled: its late time; or, when another
-        miner delivered (showing the work could be done sooner, with its time now in the
-        model's pace), its hedge time once it is also slow, with no floor."""
+        miner delivered, its hedge time once it is also slow by its OWN pace (no floor);
+        a miner whose pace is unknown keeps its late time (the model's scaled timeout)."""
         if not s.delivered:
             return attempt.late_at
-        return max(attempt.hedge_at, attempt.started + self.slow(attempt.candidate, params))
+        own = self.usual(attempt.candidate, params, own=True)
+        if own is None:
+            return attempt.late_at
+        return max(attempt.hedge_at, attempt.started + min(self.limit(params),
+                                                           HEDGE_FACTOR * own))
 
     def _outcome(self, s: _Search, params: GenerationParams, deadline: float
                  ) -> GatewayError:

@@ -145,6 +145,7 @@ class Gateway:
     async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        await self.router.close()
         if self.router.http is not None:
             await self.router.http.close()
 

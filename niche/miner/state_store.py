@@ -78,6 +78,9 @@ class EarlyDrops:
 
 WAL_KEEP_BYTES = 64 * 1024 * 1024
 AUTO_RESERVE_MIN = 4 * 1024 * 1024 * 1024
+AUTO_RESERVE_MAX = 32 * 1024 * 1024 * 1024
+"""The reserve is 10 % of the disk within these: a 2 TB disk 93 % used still has 140 GB for
+states (10 % alone would keep nothing: every answer's states deleted as written)."""
 
 
 def _total_and_free(folder: Path) -> tuple[int, int]:
@@ -225,9 +228,27 @@ class DiskStates:
 
     def auto_reserve(self) -> int:
         """What `--states.disk_mb auto` leaves free: 10 % of the disk, at least 4 GiB (logs,
-        model downloads and the rest of the box need it more than an old answer's states)."""
+        model downloads and the rest of the box need it more than an old answer's states),
+        at most 32 GiB."""
         total, _ = self._disk_usage(self.path.parent)
-        return max(AUTO_RESERVE_MIN, total // 10)
+        return min(AUTO_RESERVE_MAX, max(AUTO_RESERVE_MIN, total // 10))
+
+    def problem(self, answer_bytes: int = 28 * 2**20) -> str | None:
+        """Why this store cannot keep even one answer of `answer_bytes` (a 28-step
+        FLUX.1-dev answer at 1024x1024 by default), in one line with the fix; None if it
+        can. Said at the miner's start: every audit of an answer whose states are gone is
+        charged as a dodge."""
+        with self._lock:
+            cap = self.cap()
+        if cap >= answer_bytes:
+            return None
+        if self.max_bytes is not None:
+            return (f"--states.disk_mb {self.max_bytes // 2**20} holds no "
+                    f"{answer_bytes // 2**20} MiB answer: raise it")
+        return (f"the disk under {self.path.parent} has {max(0, cap) // 2**20} MiB for states "
+                f"beyond the {self.auto_reserve() // 2**20} MiB it keeps free: audits will find "
+                "states gone; free disk space, point --states.path at a bigger disk or set "
+                "--states.disk_mb")
 
     def cap(self) -> int:
         """Bytes of states this store may hold now. In auto mode: what it holds, plus the

@@ -154,22 +154,29 @@ def unaudited(reason: str) -> AuditResult:
 
 
 REFUSALS_FOR_FAULT = 3
-"""Refused fetches in one audit batch, more than half of it, that put the fault on the
-validator: several miners refusing it at once is about the validator (its permit, stake or
-clock as the miners see them); one miner refusing it is that miner's unavailability."""
+"""Miners (distinct hotkeys) of one audit batch, more than half of its miners, whose refusals
+put the fault on the validator: several miners refusing it at once is about the validator
+(its permit, stake or clock as the miners see them); one miner refusing it, however many of
+its answers are in the batch, is that miner's unavailability."""
 
 
-def forgive_refusals(results: list[AuditResult], own_problem: str | None) -> list[AuditResult]:
-    """`results` with the refused fetches left unaudited (no verdict, no charge) when the
-    fault is this validator's: the chain says it cannot validate now (`own_problem`), or
-    most of the batch refused it; otherwise as they are (unavailable)."""
+def forgive_refusals(results: list[AuditResult], hotkeys: list[str],
+                     own_problem: str | None) -> list[AuditResult]:
+    """`results` (of the answers of miners `hotkeys`, in order) with the refused fetches
+    left unaudited (no verdict, no charge) when the fault is this validator's: the chain
+    says it cannot validate now (`own_problem`), or most of the batch's miners refused it;
+    otherwise as they are (unavailable)."""
+    if len(hotkeys) != len(results):
+        raise ValueError(f"{len(hotkeys)} hotkeys for {len(results)} results")
     refused = [r for r in results if r.refused]
     if not refused:
         return results
-    if own_problem is None and not (len(refused) >= REFUSALS_FOR_FAULT
-                                    and 2 * len(refused) > len(results)):
+    refusing = {h for h, r in zip(hotkeys, results, strict=True) if r.refused}
+    miners = set(hotkeys)
+    if own_problem is None and not (len(refusing) >= REFUSALS_FOR_FAULT
+                                    and 2 * len(refusing) > len(miners)):
         return results
-    why = own_problem or (f"{len(refused)} of {len(results)} miners refused this "
+    why = own_problem or (f"{len(refusing)} of {len(miners)} miners refused this "
                           "validator's states fetch")
     log.warning("states fetches refused by %d miner(s) left unaudited, not charged: %s "
                 "(check this validator's permit, stake and clock)", len(refused), why[:200])

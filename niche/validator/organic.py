@@ -19,6 +19,7 @@ charge an honest miner), and a dodged organic audit costs 1/draw times a dodged 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -41,6 +42,8 @@ from niche.protocol import GenerateRequest, GenerateResponse
 from niche.sqlite_files import immediate_transaction, open_shared
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerTarget, QueryResult, QueryStatus
+
+log = logging.getLogger("niche.validator")
 
 PENDING, CLAIMED, PASSED, FAILED, SKIPPED = "pending", "claimed", "passed", "failed", "skipped"
 
@@ -159,15 +162,20 @@ class OrganicQueue:
                       "WHERE status=? AND COALESCE(claimed, created) < ?",
                       (SKIPPED, "claimed by a validator that stopped before its verdict", now,
                        CLAIMED, now - STALE_CLAIM_SECONDS))
-            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
-                      "WHERE status=? AND signer=''",
-                      (SKIPPED, "queued by an older gateway: signer unknown", now, PENDING))
+            unsigned = c.execute(
+                f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
+                "WHERE status=? AND signer=''",
+                (SKIPPED, "queued by an older gateway: signer unknown", now, PENDING)).rowcount
             _delete_verdicts(c, now - VERDICTS_KEPT_SECONDS)
             rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency, draw "
                              "FROM organic WHERE status=? AND signer=? ORDER BY id LIMIT ?",
                              (PENDING, self.signer, max(0, limit))).fetchall()
             c.executemany("UPDATE organic SET status=?, claimed=? WHERE id=?",
                           [(CLAIMED, now, r[0]) for r in rows])
+        if unsigned:
+            log.warning("organic queue %s: %d answer(s) queued by a gateway older than this "
+                        "validator (no signer) let go unaudited: upgrade the gateway",
+                        self.path, unsigned)
         items = []
         for row in rows:
             item = _item(*row)

@@ -583,7 +583,7 @@ class Validator:
         order = self._secret_order(len(items))  # a miner's fetches come one after another:
         try:  # the first must not say which answer is the scored one
             results = self._forgiven(_unshuffled(order, await self.auditor.audit(
-                [items[i] for i in order], self._audit_rng)))
+                [items[i] for i in order], self._audit_rng)), [t.hotkey for _, _, t in items])
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
             self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
@@ -633,7 +633,8 @@ class Validator:
             return
         try:
             results = self._forgiven(await self.auditor.audit(
-                [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng))
+                [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng),
+                [i.target.hotkey for i in auditable])
         except Exception as exc:  # OUR failure: no miner pays for it, the rows say why
             log.error("organic audit failed on the validator's side: %s: %s",
                       type(exc).__name__, exc)
@@ -666,7 +667,8 @@ class Validator:
         """A permutation of range(n) from the audit's secret randomness."""
         return [int(i) for i in self._audit_rng.permutation(n)]
 
-    def _forgiven(self, results: list[AuditResult]) -> list[AuditResult]:
+    def _forgiven(self, results: list[AuditResult], hotkeys: list[str]
+                  ) -> list[AuditResult]:
         """`audit.forgive_refusals` with this validator's standing on the chain now (read
         only when a miner refused it): a permit lost since the round began, or several
         miners refusing at once, is the validator's fault, not the miners'."""
@@ -677,10 +679,10 @@ class Validator:
         except ChainError as exc:
             log.warning("chain unreadable while miners refused this validator (%s): the "
                         "refusals are judged by their number alone", exc)
-            return forgive_refusals(results, None)
+            return forgive_refusals(results, hotkeys, None)
         problem = ("this validator's hotkey is not registered" if neuron is None
                    else permit_problem(neuron, self.config.netuid))
-        return forgive_refusals(results, problem)
+        return forgive_refusals(results, hotkeys, problem)
 
     def _organic_unpaid(self, item: OrganicItem, result: AuditResult,
                         outcomes: dict[int, Outcome]) -> None:
