@@ -398,12 +398,7 @@ def run_case(case: Case, eng: dict[str, Engine], checker: StepChecker, quick: bo
     cfg = kolors
     sizes = sorted({max(1, math.ceil(MIN_SAVING * n)), max(1, n // 10), max(1, n // 4),
                     max(1, n // 2)})
-    for i in range(case.requests):
-        params = v.resolve(request(case.model, case.pipeline, n, i))
-        image = cond_image(case.pipeline, i)
-        thr = thresholds_for(checker, params, n, case.dtype)
-        chain, history = honest_history(v, params, image)
-        honest_rows(eng, params, image, chain, thr, add)
+    for i, params, image, thr, chain, history in _requests(case, v, checker, eng, add):
         for name, transform, per_step, allowed in cache_transforms(params, n, cfg):
             single = single_step_errors(v, params, image, chain, history, transform)
             _record_cheat(calibration, name, single, allowed)
@@ -502,6 +497,19 @@ def honest_rows(eng: dict[str, Engine], params: GenerationParams, image, chain: 
             thr)
 
 
+def _requests(case: Case, v, checker: StepChecker, eng: dict[str, Engine], add):
+    """Per request of `case`: (index, params, conditioning image, thresholds, honest chain
+    and history), its honest variants' rows already added."""
+    n = case.steps
+    for i in range(case.requests):
+        params = v.resolve(request(case.model, case.pipeline, n, i))
+        image = cond_image(case.pipeline, i)
+        thr = thresholds_for(checker, params, n, case.dtype)
+        chain, history = honest_history(v, params, image)
+        honest_rows(eng, params, image, chain, thr, add)
+        yield i, params, image, thr, chain, history
+
+
 def profile_case(case: Case, eng: dict[str, Engine], checker: StepChecker) -> dict:
     """Per step: the honest worst, the noise stand-ins' worst, the smallest error of each
     single-step cache / CFG trick, and the threshold (no chosen-set chains)."""
@@ -516,12 +524,9 @@ def profile_case(case: Case, eng: dict[str, Engine], checker: StepChecker) -> di
         else:
             _record_noise(calibration, name, errors)
 
-    for i in range(case.requests):
-        params = v.resolve(request(case.model, case.pipeline, n, i))
-        image = cond_image(case.pipeline, i)
-        thr = thresholds_for(checker, params, n, case.dtype)
-        chain, history = honest_history(v, params, image)
-        honest_rows(eng, params, image, chain, thr, add)
+    for _, params, image, request_thr, chain, history in _requests(case, v, checker, eng,
+                                                                   add):
+        thr = request_thr  # one schedule: the same thresholds for every request
         for name, transform, _per_step, allowed in cache_transforms(
                 params, n, case.model == "kolors"):
             single = single_step_errors(v, params, image, chain, history, transform)

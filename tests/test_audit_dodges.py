@@ -21,7 +21,7 @@ import sqlite3
 import pytest
 from gateway_support import make_chain
 from miner_support import make_request
-from test_gateway_organic import _answer, _request, organic_config
+from test_gateway_organic import _answer, _request, audit_queue_once, organic_config
 from test_validator_service import NETUID, Only, miners
 from test_validator_volume import Claims
 
@@ -140,17 +140,12 @@ def test_a_dodged_organic_audit_costs_audit_fraction_over_draw_challenges(tmp_pa
         shape=[1, 16, 64], sha256=["ab" * 32] * 4, compute_dtype="float32")})
     queue.submit(MinerTarget(uid, net.wallets["miner1"].hotkey.ss58_address,
                              "http://127.0.0.1:1"), _request("away-miner-01"), answer, 0.1)
-    config = organic_config(tmp_path, queue_path)
-    with ValidatorState(config.state_path) as state:
-        validator = Validator(config, net.chain, net.validator, tiny_engine,
-                              MinerClient(net.validator), state)
-        outcomes: dict = {}
-        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+    validator, outcomes = audit_queue_once(net, tmp_path, queue_path, tiny_engine)
     net.chain.close()
     outcome = outcomes[uid]
     assert outcome.status == scoring.UNAVAILABLE and outcome.unavailable_answers == \
         pytest.approx(10.0)
-    cfg = config.scoring
+    cfg = validator.config.scoring
     book = scoring.ScoreBook(cfg)
     book.uids[uid] = scoring.UidScore(hotkey=outcome.hotkey, score=0.5)
     book.apply(0, [outcome], {})
@@ -188,12 +183,7 @@ def test_a_passed_organic_audit_counts_for_one_over_draw_answers(tmp_path, tiny_
         assert result.ok, result.reason
         queue.submit(as_target(neuron), request, result.response, result.latency,
                      image=result.image_bytes)
-        config = organic_config(tmp_path, queue_path)
-        with ValidatorState(config.state_path) as state:
-            validator = Validator(config, net.chain, net.validator, tiny_engine,
-                                  MinerClient(net.validator), state)
-            outcomes: dict = {}
-            asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+        validator, outcomes = audit_queue_once(net, tmp_path, queue_path, tiny_engine)
     net.chain.close()
     assert validator._organic_passed == {neuron.uid: pytest.approx(4.0)}, outcomes
 

@@ -186,6 +186,17 @@ def organic_config(tmp_path, queue_path) -> ValidatorConfig:
                            scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
 
 
+def audit_queue_once(net, tmp_path, queue_path, engine) -> tuple[Validator, dict]:
+    """A validator on `queue_path` audits its pending rows once: (validator, outcomes)."""
+    config = organic_config(tmp_path, queue_path)
+    with ValidatorState(config.state_path) as state:
+        validator = Validator(config, net.chain, net.validator, engine,
+                              MinerClient(net.validator), state)
+        outcomes: dict = {}
+        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+    return validator, outcomes
+
+
 def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_engine):
     net = make_chain(tmp_path, miners=1)
     queue_path = tmp_path / "organic.sqlite"
@@ -236,12 +247,7 @@ def test_an_organic_answer_whose_states_cannot_be_fetched_costs_like_a_challenge
         shape=[1, 16, 64], sha256=["ab" * 32] * 4, compute_dtype="float32")})
     queue.submit(MinerTarget(uid, miner, "http://127.0.0.1:1"), _request("away-miner"),
                  answer, 0.1)
-    config = organic_config(tmp_path, queue_path)
-    with ValidatorState(config.state_path) as state:
-        validator = Validator(config, net.chain, net.validator, tiny_engine,
-                              MinerClient(net.validator), state)
-        outcomes: dict = {}
-        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+    _, outcomes = audit_queue_once(net, tmp_path, queue_path, tiny_engine)
     assert outcomes[uid].status == scoring.UNAVAILABLE and outcomes[uid].audit_passed is None
     assert "organic away-miner" in outcomes[uid].reason
     status, reason = sqlite3.connect(queue_path).execute(
