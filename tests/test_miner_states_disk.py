@@ -202,5 +202,5 @@ def test_a_store_that_keeps_nothing_says_so(tmp_path):
     assert problem is not None and "free disk space" in problem and "\n" not in problem
     disk.close()
     small = DiskStates(tmp_path / "t.sqlite", 16 * 2**20, ttl=600)
-    assert "--states.disk_mb 16 holds no 28 MiB answer" in small.problem()
+    assert small.problem() is None  # the operator's size (a schnell answer is 4 MiB)
     small.close()

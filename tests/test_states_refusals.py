@@ -161,3 +161,22 @@ def test_one_miner_refusing_the_fetch_is_unavailable_not_forgiven(tmp_path, tiny
     for name in ("miner2", "miner3"):
         assert outcomes[uids[name]].audit_passed and report.rewards[uids[name]] > 0, table
     chain.close()
+
+
+def test_several_hotkeys_of_one_coldkey_or_one_box_count_as_one_miner():
+    """Three hotkeys refusing, two honest miners beside them: forgiven only when the three
+    are three operators; one coldkey, or one host, behind them is one miner dodging."""
+    results = [_refused(i) for i in range(3)] + [PASSED] * 2
+    hotkeys = ["5sybA", "5sybB", "5sybC", "5honest1", "5honest2"]
+    apart = forgive_refusals(results, hotkeys, None,
+                             coldkeys={"5sybA": "5cA", "5sybB": "5cB", "5sybC": "5cC"},
+                             hosts={"5sybA": "10.0.0.1", "5sybB": "10.0.0.2",
+                                    "5sybC": "10.0.0.3"})
+    assert all(r.unaudited for r in apart[:3])
+    one_coldkey = forgive_refusals(results, hotkeys, None,
+                                   coldkeys={h: "5cold" for h in hotkeys[:3]})
+    assert one_coldkey == results
+    one_box = forgive_refusals(results, hotkeys, None,
+                               hosts={"5sybA": "10.0.0.9", "5sybB": "10.0.0.9",
+                                      "5sybC": "10.0.0.8"})
+    assert one_box == results

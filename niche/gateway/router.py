@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -61,6 +62,8 @@ REFUSED = {
 
 BUSY_STATUSES = (429, 503)
 """A miner's refusals for load: it is saturated, not failing."""
+
+log = logging.getLogger("niche.gateway")
 
 HEDGE_FLOOR = 5.0
 """Seconds every attempt gets before it counts as late: network, a miner's queue and a
@@ -177,9 +180,11 @@ class Router:
         self.http: aiohttp.ClientSession | None = None
         self._watching: set[asyncio.Task] = set()
         """Beaten attempts of miners whose pace is unknown, left to finish (see `_watch`)."""
+        self._closed = False
 
     async def close(self) -> None:
-        """Cancel the attempts still watched (the gateway is stopping)."""
+        """Cancel the attempts still watched, and watch no more (the gateway is stopping)."""
+        self._closed = True
         await cancel_all(set(self._watching))
 
     # ------------------------------------------------------------------ budgets
@@ -411,7 +416,10 @@ class Router:
             self.metrics.hedges.labels(params.model).inc()
         s.attempts += 1
         s.asked.add(candidate.target.hotkey)
-        task = asyncio.ensure_future(self._ask(candidate, params, image, deadline - now))
+        # the image ends at the client's deadline, the attempt not before its late time:
+        # a beaten or cut-short attempt may still teach the miner's pace or its stall
+        task = asyncio.ensure_future(self._ask(candidate, params, image,
+                                               max(deadline - now, late)))
         # done or cancelled (even before it ran), the in-flight slot comes back
         task.add_done_callback(self._releaser(candidate))
         s.pending[task] = _Attempt(candidate, now, now + hedge, now + late)
@@ -471,7 +479,9 @@ class Router:
         now = self._clock()
         cancel = set()
         for task, attempt in s.pending.items():
-            if task.done():  # answered in the same moment as the winner: not stalled
+            if task.done():  # answered in the same moment as the winner: judged as late
+                if not task.cancelled() and task.exception() is None:
+                    self._judge_late(attempt, params, task.result()[2])
                 continue
             if now >= self._too_long(s, attempt, params):
                 self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
@@ -491,10 +501,14 @@ class Router:
         answer teaches its pace, none by then cools it down as a stalled miner. Neither
         cancelling it (its pace never learnt) nor cooling it (an honest slower miner cooled
         on every image) would be fair."""
+        if self._closed:
+            task.cancel()
+            return
+
         async def watch() -> None:
             try:
                 left = max(0.0, attempt.late_at - self._clock())
-                candidate, _, result = await asyncio.wait_for(asyncio.shield(task), left)
+                _, _, result = await asyncio.wait_for(asyncio.shield(task), left)
             except asyncio.TimeoutError:
                 self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
                 await cancel_all({task})
@@ -502,16 +516,30 @@ class Router:
             except asyncio.CancelledError:  # the gateway stops: the attempt goes too
                 task.cancel()
                 raise
-            except Exception:  # the attempt's own bug: nothing learnt, nobody blamed
+            except Exception as exc:  # the attempt's own bug: nothing learnt, nobody blamed
+                log.warning("watching uid %d's attempt failed on the gateway's side: %s: %s",
+                            attempt.candidate.target.uid, type(exc).__name__, exc)
                 return
-            if result.ok:
-                self.observe(candidate, params, result.latency)
-            elif result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
-                self._failed(candidate, result.status.value)
+            self._judge_late(attempt, params, result)
 
         watcher = asyncio.ensure_future(watch())
         self._watching.add(watcher)
         watcher.add_done_callback(self._watching.discard)
+
+    def _judge_late(self, attempt: _Attempt, params: GenerationParams,
+                    result: QueryResult) -> None:
+        """An attempt that ended after its image was settled, judged as `_settle` judges:
+        an answer teaches the miner's pace, a refusal for load is a short pause, a timeout
+        before its late time blames nobody, any other failure cools it down."""
+        candidate = attempt.candidate
+        if result.ok:  # `_ask` made an unusable answer INVALID_RESPONSE
+            self.observe(candidate, params, result.latency)
+        elif _blamed_field(result) is not None:
+            return  # a field of the user's refused: no fault of the miner's
+        elif result.http_status in BUSY_STATUSES:
+            self._busy(candidate)
+        elif result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
+            self._failed(candidate, result.status.value)
 
     def _too_long(self, s: _Search, attempt: _Attempt, params: GenerationParams) -> float:
         """When an unanswered attempt counts as stalled: its late time; or, when another

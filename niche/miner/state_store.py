@@ -234,17 +234,16 @@ class DiskStates:
         return min(AUTO_RESERVE_MAX, max(AUTO_RESERVE_MIN, total // 10))
 
     def problem(self, answer_bytes: int = 28 * 2**20) -> str | None:
-        """Why this store cannot keep even one answer of `answer_bytes` (a 28-step
+        """Why the auto cap cannot keep even one answer of `answer_bytes` (a 28-step
         FLUX.1-dev answer at 1024x1024 by default), in one line with the fix; None if it
-        can. Said at the miner's start: every audit of an answer whose states are gone is
-        charged as a dodge."""
+        can, or when the operator set the cap. Said at the miner's start: every audit of an
+        answer whose states are gone is charged as a dodge."""
+        if self.max_bytes is not None:  # the operator's own size, for the answers it serves
+            return None
         with self._lock:
             cap = self.cap()
         if cap >= answer_bytes:
             return None
-        if self.max_bytes is not None:
-            return (f"--states.disk_mb {self.max_bytes // 2**20} holds no "
-                    f"{answer_bytes // 2**20} MiB answer: raise it")
         return (f"the disk under {self.path.parent} has {max(0, cap) // 2**20} MiB for states "
                 f"beyond the {self.auto_reserve() // 2**20} MiB it keeps free: audits will find "
                 "states gone; free disk space, point --states.path at a bigger disk or set "

@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -161,22 +161,28 @@ its answers are in the batch, is that miner's unavailability."""
 
 
 def forgive_refusals(results: list[AuditResult], hotkeys: list[str],
-                     own_problem: str | None) -> list[AuditResult]:
+                     own_problem: str | None, *, coldkeys: Mapping[str, str] | None = None,
+                     hosts: Mapping[str, str] | None = None) -> list[AuditResult]:
     """`results` (of the answers of miners `hotkeys`, in order) with the refused fetches
     left unaudited (no verdict, no charge) when the fault is this validator's: the chain
-    says it cannot validate now (`own_problem`), or most of the batch's miners refused it;
-    otherwise as they are (unavailable)."""
+    says it cannot validate now (`own_problem`), or most of the batch's miners refused it,
+    counted as operators: the fewest of distinct hotkeys, coldkeys and hosts among the
+    refusing (several hotkeys of one coldkey or one box are one miner that dodges), over
+    every hotkey of the batch; otherwise as they are (unavailable)."""
     if len(hotkeys) != len(results):
         raise ValueError(f"{len(hotkeys)} hotkeys for {len(results)} results")
     refused = [r for r in results if r.refused]
     if not refused:
         return results
     refusing = {h for h, r in zip(hotkeys, results, strict=True) if r.refused}
+    operators = min(len(refusing),
+                    len({(coldkeys or {}).get(h, h) for h in refusing}),
+                    len({(hosts or {}).get(h, h) for h in refusing}))
     miners = set(hotkeys)
-    if own_problem is None and not (len(refusing) >= REFUSALS_FOR_FAULT
-                                    and 2 * len(refusing) > len(miners)):
+    if own_problem is None and not (operators >= REFUSALS_FOR_FAULT
+                                    and 2 * operators > len(miners)):
         return results
-    why = own_problem or (f"{len(refusing)} of {len(miners)} miners refused this "
+    why = own_problem or (f"{operators} of {len(miners)} miners refused this "
                           "validator's states fetch")
     log.warning("states fetches refused by %d miner(s) left unaudited, not charged: %s "
                 "(check this validator's permit, stake and clock)", len(refused), why[:200])

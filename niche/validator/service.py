@@ -675,14 +675,18 @@ class Validator:
         if not any(r.refused for r in results):
             return results
         try:
-            neuron = self.chain.metagraph(self.config.netuid).by_hotkey(self.hotkey)
+            metagraph = self.chain.metagraph(self.config.netuid)
         except ChainError as exc:
             log.warning("chain unreadable while miners refused this validator (%s): the "
                         "refusals are judged by their number alone", exc)
             return forgive_refusals(results, hotkeys, None)
+        neuron = metagraph.by_hotkey(self.hotkey)
         problem = ("this validator's hotkey is not registered" if neuron is None
                    else permit_problem(neuron, self.config.netuid))
-        return forgive_refusals(results, hotkeys, problem)
+        return forgive_refusals(
+            results, hotkeys, problem,
+            coldkeys={n.hotkey: n.coldkey for n in metagraph.neurons},
+            hosts={n.hotkey: n.endpoint.ip for n in metagraph.neurons if n.endpoint})
 
     def _organic_unpaid(self, item: OrganicItem, result: AuditResult,
                         outcomes: dict[int, Outcome]) -> None:
