@@ -183,3 +183,33 @@ def test_n_images_from_a_one_miner_model_queue_for_its_slot(tmp_path, tiny_engin
                                         n=3, size="64x64", response_format="b64_json")
     assert len(images.data) == 3 and len({i.b64_json for i in images.data}) == 3
     net.chain.close()
+
+
+@pytest.mark.parametrize(("interval", "per_minute"), [
+    (4.0, 15.0),  # faster than the default guess: the challenges' share grows
+    (12.0, 5.0), (60.0, 5.0),  # the default 12 s, or slower: the conservative 5 stays
+    (0.0, 5.0)])  # back to back: unknown until rounds are on file
+def test_the_gateway_leaves_the_configured_round_rate_before_rounds_are_on_file(
+        tmp_path, interval, per_minute):
+    """Before two rounds are in the state file, the gateway planned for 5 rounds a minute
+    whatever the validator ran: at 4 s rounds users took the challenges' share of a miner's
+    60/min and honest challenges got 429 (scored as errors)."""
+    from niche.gateway.directory import read_validator_state
+
+    path = tmp_path / "state.db"
+    with ValidatorState(path) as state:
+        state.record_round_interval(interval)
+    assert read_validator_state(path).rounds_per_minute == pytest.approx(per_minute)
+
+
+def test_a_validator_records_its_round_interval_at_start(tmp_path, tiny_engine):
+    from niche.gateway.directory import read_validator_state
+
+    net = make_chain(tmp_path, miners=1)
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), round_interval=3.0,
+                             state_path=tmp_path / "v.sqlite")
+    with ValidatorState(config.state_path) as state:
+        Validator(config, net.chain, net.validator, tiny_engine, MinerClient(net.validator),
+                  state)
+    net.chain.close()
+    assert read_validator_state(config.state_path).rounds_per_minute == pytest.approx(20.0)

@@ -373,3 +373,28 @@ def test_an_abandoned_stream_is_logged_as_such(gw, caplog):
         time.sleep(0.1)
     raise AssertionError(lines)
 
+
+
+# ---------------------------------------------------------------- several images, one fails
+def test_several_failed_images_leave_no_unread_failure(gw, monkeypatch, caplog):
+    """n=2, both images fail in the same moment: the request fails as documented (all or
+    nothing), and no failure is left unread (asyncio logged "Task exception was never
+    retrieved" at ERROR for 1 in 5 two-image requests under load)."""
+    import gc
+
+    from niche.gateway.errors import GatewayError
+
+    reset_routing(gw)
+
+    async def all_fail(params, image, deadline):
+        raise GatewayError(502, "every miner serving flux-schnell failed", code="x")
+
+    monkeypatch.setattr(gw.gateway.router, "generate", all_fail)
+    with caplog.at_level("ERROR", logger="asyncio"):
+        with pytest.raises(openai.APIStatusError) as caught:
+            gw.client.images.generate(model=MODEL, prompt="two", size="64x64", n=2)
+        gc.collect()
+        time.sleep(0.2)
+        gc.collect()
+    assert caught.value.status_code == 502
+    assert "never retrieved" not in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -82,10 +83,26 @@ def read_validator_state(path: Path | None) -> ValidatorView:
         starts = [float(ts) for (ts,) in db.execute(
             "SELECT MIN(ts) FROM history WHERE ts > ? GROUP BY round ORDER BY 1",
             (time.time() - 300.0,))]
-    rate = DEFAULT_ROUNDS_PER_MINUTE
+        interval_row = db.execute("SELECT value FROM meta WHERE key='round_interval'"
+                                  ).fetchone()
+    rate = configured_rate(interval_row[0] if interval_row else None)
     if len(starts) >= 2 and starts[-1] > starts[0]:
         rate = 60.0 * (len(starts) - 1) / (starts[-1] - starts[0])
     return ValidatorView(scores, excluded, rate)
+
+
+def configured_rate(interval: str | None) -> float:
+    """Rounds per minute before two rounds are on file: the validator's configured round
+    interval (a validator at 4 s rounds challenges 15 times a minute, not the 5 assumed
+    of the default 12 s: users took the challenges' share of miners' rates and honest
+    miners' challenges got 429), else DEFAULT_ROUNDS_PER_MINUTE."""
+    try:
+        seconds = float(interval) if interval is not None else 0.0
+    except ValueError:
+        return DEFAULT_ROUNDS_PER_MINUTE
+    if not math.isfinite(seconds) or seconds <= 0:
+        return DEFAULT_ROUNDS_PER_MINUTE
+    return max(DEFAULT_ROUNDS_PER_MINUTE, 60.0 / seconds)
 
 
 def inflight_share(concurrency: int) -> int:

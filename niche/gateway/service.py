@@ -212,13 +212,17 @@ class Gateway:
                                                    return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     yield None
-                for task in done:
+                # the images that arrived first (a stream sends them), then the first failure
+                for task in sorted(done, key=lambda t: t.cancelled() or t.exception() is not None):
                     item = task.result()
                     self.metrics.miner_latency.labels(job.model).observe(
                         item.result.latency or 0.0)
                     yield tasks[task], item
         finally:
             await cancel_all(pending)
+            for task in tasks:  # every failure read: none is logged as never retrieved
+                if task.done() and not task.cancelled():
+                    task.exception()
 
     async def generate(self, key: ApiKey, request: ImagesRequest, base_url: str
                        ) -> tuple[ImagesResponse, dict[str, str]]:

@@ -167,6 +167,7 @@ class Validator:
         self.engine = engine
         self.client = client
         self.state = state
+        state.record_round_interval(config.round_interval)  # the gateway's first guess
         self.hotkey = wallet.hotkey.ss58_address
         state.bind(chain.network, config.netuid, self.hotkey)
         self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")

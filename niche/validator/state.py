@@ -234,6 +234,15 @@ class ValidatorState:
                 f"{netuid}, hotkey {hotkey}: pass that validator's own --neuron.state_path (or "
                 "leave it out: the default path is per network, netuid and hotkey)")
 
+    def record_round_interval(self, seconds: float) -> None:
+        """The validator's configured seconds between round starts, for its gateway: until
+        two rounds are on file it is the only rate the gateway can leave the challenges."""
+        try:
+            with_tx(self._conn, lambda c: c.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('round_interval', ?)", (repr(seconds),)))
+        except sqlite3.Error as exc:
+            raise _explain(exc, self.path, "recording the round interval") from exc
+
     @property
     def identity(self) -> tuple[str, int, str] | None:
         """(network, netuid, hotkey) the file belongs to (None: not bound yet)."""
