@@ -165,6 +165,9 @@ def test_ray_miner_serves_a_validator_round(ray_engine, tiny_engine, tmp_path):
     from niche.validator.state import ValidatorState
 
     assert tiny_engine.num_threads == ray_engine.num_threads
+    # a replica replaced by an earlier test (or a health check lagging on a loaded box) may
+    # not be RUNNING yet: the miner then rightly declares one; this round wants both
+    _wait(lambda: ray_engine.live_replicas() == 2, 180, "both replicas running")
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "ray")}
     chain = LocalChain(tmp_path / "chain.db", create=True)
     chain.create_subnet(1, weights_rate_limit=2, max_validators=4)
