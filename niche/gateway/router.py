@@ -316,15 +316,14 @@ class Router:
         the model's pace: the fastest miners set that (maybe with fewer steps than asked),
         and an honest slower miner whose attempts a faster one always ends first would
         be cooled on every request and its own pace never learnt."""
-        limit = self.limit(params)
-        usual = self.usual(c, params, own=True)
-        return max(HEDGE_FLOOR, min(limit, HEDGE_FACTOR * usual)) if usual else limit
+        slow = self.slow(c, params, own=True)
+        return slow if self.usual(c, params, own=True) is None else max(HEDGE_FLOOR, slow)
 
-    def slow(self, c: Candidate, params: GenerationParams) -> float:
-        """Seconds past which `c` is slow for `params`: HEDGE_FACTOR x its usual time, at
-        most the model's scaled timeout (also the guess for a model never seen)."""
+    def slow(self, c: Candidate, params: GenerationParams, *, own: bool = False) -> float:
+        """Seconds past which `c` is slow for `params`: HEDGE_FACTOR x its usual time (see
+        `usual`), at most the model's scaled timeout (also the guess for an unseen one)."""
         limit = self.limit(params)
-        usual = self.usual(c, params)
+        usual = self.usual(c, params, own=own)
         return min(limit, HEDGE_FACTOR * usual) if usual else limit
 
     def timing(self, c: Candidate, params: GenerationParams, cap: float
@@ -450,27 +449,43 @@ class Router:
         attempt = s.pending.pop(task)
         candidate, request, result = task.result()
         uid = candidate.target.uid
-        if result.ok:
-            self.observe(candidate, params, result.latency)
+        verdict = self._judge(attempt, params, result)
+        if verdict == "delivered":
             self._refusals_wrong(s.refusals)
             s.delivered = True
             return Delivered(candidate, request, result, s.attempts)
-        field = _blamed_field(result)
-        if field is not None:  # unverified: ask another miner
-            s.refusals.append(Refusal(candidate, result, field))
+        if verdict == "refused":  # unverified: ask another miner
+            field = _blamed_field(result)
+            s.refusals.append(Refusal(candidate, result, str(field)))
             s.failures.append(f"uid {uid}: refused the {field}")
-            return None
-        if result.http_status in BUSY_STATUSES:
-            self._busy(candidate)  # saturated, not failing: no long cooldown
+        elif verdict == "busy":
             self.metrics.miner_failures.labels(result.status.value).inc()
             s.busy += 1
-            return None
-        if result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
-            self._failed(candidate, result.status.value)
-        # else: the client's short deadline ran out, not the miner's fair time
-        s.failures.append(f"uid {uid}: {result.status.value}"
-                          + (f" ({clip(result.reason)})" if result.reason else ""))
+        else:
+            s.failures.append(f"uid {uid}: {result.status.value}"
+                              + (f" ({clip(result.reason)})" if result.reason else ""))
         return None
+
+    def _judge(self, attempt: _Attempt, params: GenerationParams, result: QueryResult
+               ) -> str:
+        """What an ended attempt says of its miner, and what that costs it: "delivered" (its
+        time teaches its pace), "refused" (a field of the user's blamed: no fault of the
+        miner's yet), "busy" (refused for load: a short pause, not a cooldown), "failed"
+        (cooled down) or "cut" (a timeout before its late time: the client's short
+        deadline, not the miner's fair time, so nobody is blamed)."""
+        candidate = attempt.candidate
+        if result.ok:  # `_ask` made an unusable answer INVALID_RESPONSE
+            self.observe(candidate, params, result.latency)
+            return "delivered"
+        if _blamed_field(result) is not None:
+            return "refused"
+        if result.http_status in BUSY_STATUSES:
+            self._busy(candidate)
+            return "busy"
+        if result.status is QueryStatus.TIMEOUT and self._clock() < attempt.late_at:
+            return "cut"
+        self._failed(candidate, result.status.value)
+        return "failed"
 
     async def _abandon(self, s: _Search, params: GenerationParams) -> None:
         """Cancel the attempts still running; one that ran too long is a stalled miner,
@@ -481,7 +496,7 @@ class Router:
         for task, attempt in s.pending.items():
             if task.done():  # answered in the same moment as the winner: judged as late
                 if not task.cancelled() and task.exception() is None:
-                    self._judge_late(attempt, params, task.result()[2])
+                    self._judge(attempt, params, task.result()[2])
                 continue
             if now >= self._too_long(s, attempt, params):
                 self._failed(attempt.candidate, QueryStatus.TIMEOUT.value)
@@ -520,38 +535,20 @@ class Router:
                 log.warning("watching uid %d's attempt failed on the gateway's side: %s: %s",
                             attempt.candidate.target.uid, type(exc).__name__, exc)
                 return
-            self._judge_late(attempt, params, result)
+            self._judge(attempt, params, result)
 
         watcher = asyncio.ensure_future(watch())
         self._watching.add(watcher)
         watcher.add_done_callback(self._watching.discard)
 
-    def _judge_late(self, attempt: _Attempt, params: GenerationParams,
-                    result: QueryResult) -> None:
-        """An attempt that ended after its image was settled, judged as `_settle` judges:
-        an answer teaches the miner's pace, a refusal for load is a short pause, a timeout
-        before its late time blames nobody, any other failure cools it down."""
-        candidate = attempt.candidate
-        if result.ok:  # `_ask` made an unusable answer INVALID_RESPONSE
-            self.observe(candidate, params, result.latency)
-        elif _blamed_field(result) is not None:
-            return  # a field of the user's refused: no fault of the miner's
-        elif result.http_status in BUSY_STATUSES:
-            self._busy(candidate)
-        elif result.status is not QueryStatus.TIMEOUT or self._clock() >= attempt.late_at:
-            self._failed(candidate, result.status.value)
-
     def _too_long(self, s: _Search, attempt: _Attempt, params: GenerationParams) -> float:
         """When an unanswered attempt counts as stalled: its late time; or, when another
         miner delivered, its hedge time once it is also slow by its OWN pace (no floor);
         a miner whose pace is unknown keeps its late time (the model's scaled timeout)."""
-        if not s.delivered:
+        if not s.delivered or self.usual(attempt.candidate, params, own=True) is None:
             return attempt.late_at
-        own = self.usual(attempt.candidate, params, own=True)
-        if own is None:
-            return attempt.late_at
-        return max(attempt.hedge_at, attempt.started + min(self.limit(params),
-                                                           HEDGE_FACTOR * own))
+        return max(attempt.hedge_at,
+                   attempt.started + self.slow(attempt.candidate, params, own=True))
 
     def _outcome(self, s: _Search, params: GenerationParams, deadline: float
                  ) -> GatewayError:

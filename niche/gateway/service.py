@@ -17,8 +17,7 @@ from niche.gateway.directory import MinerDirectory
 from niche.gateway.errors import SERVER_ERROR, GatewayError, bad_request
 from niche.gateway.keys import ApiKey, KeyStore, Quota
 from niche.gateway.metrics import GatewayMetrics
-from niche.gateway.router import RETRY_ROOM as ROUTER_RETRY_ROOM
-from niche.gateway.router import Delivered, Router, cancel_all, work
+from niche.gateway.router import RETRY_ROOM, Delivered, Router, cancel_all, work
 from niche.gateway.schemas import ImageData, ImagesRequest, ImagesResponse, Usage
 from niche.gateway.store import ImageStore
 from niche.imaging import (
@@ -318,11 +317,6 @@ def build_gateway(chain, wallet, netuid: int, *, models: list[str], db_path: Pat
     return Gateway(config, catalog, KeyStore(db), images, directory, router, metrics, queue)
 
 
-RETRY_ROOM = ROUTER_RETRY_ROOM
-"""A request's default deadline holds this many of its expected generations: room to ask a
-second miner when the first fails or stalls (the router hedges by half of it)."""
-
-
 def honest_seconds(spec: ModelSpec, params: GenerationParams) -> float:
     """Seconds an honest miner may take for `params`: the model's timeout
     (`spec.defaults.timeout`, what the validator's challenges allow at the default size and
@@ -338,5 +332,6 @@ def default_deadline(spec: ModelSpec, params: GenerationParams, floor: float) ->
     """Seconds a request may take when the client sends no `timeout`: `floor`
     (`--gateway.deadline`), or more for a request larger than the model's defaults, with room
     for a retry. A 1536x1536, 50-step FLUX.1-dev image (4x the work of its 1024x1024, 28-step
-    default) would otherwise be cut off at 60 s while an honest miner computes it."""
+    default) would otherwise be cut off at 60 s while an honest miner computes it. Room for
+    RETRY_ROOM attempts: a second miner when the first fails or stalls."""
     return max(floor, RETRY_ROOM * honest_seconds(spec, params))

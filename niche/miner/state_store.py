@@ -199,6 +199,9 @@ class DiskStates:
             self._db.execute("DELETE FROM states WHERE expires <= ?", (self._clock(),))
             self._bytes -= int(gone)
         cap = self.cap()
+        if self._bytes <= cap:
+            return
+        flag, advice = self._cap_advice()
         while self._bytes > cap:
             row = self._db.execute("SELECT rowid, size, expires FROM states ORDER BY rowid "
                                    "LIMIT 1").fetchone()
@@ -207,14 +210,15 @@ class DiskStates:
                 break
             self._db.execute("DELETE FROM states WHERE rowid=?", (row[0],))
             self._bytes -= int(row[1])
-            if self.max_bytes is not None:
-                self.early.dropped(self.ttl - (float(row[2]) - self._clock()),
-                                   "--states.disk_mb", cap)
-            else:
-                self.early.dropped(self.ttl - (float(row[2]) - self._clock()),
-                                   f"--states.disk_mb auto (the disk under {self.path.parent} "
-                                   f"keeps {self.auto_reserve() // 2**20} MiB free)", cap,
-                                   "free disk space or point --states.path at a bigger disk")
+            self.early.dropped(self.ttl - (float(row[2]) - self._clock()), flag, cap, advice)
+
+    def _cap_advice(self) -> tuple[str, str]:
+        """(what sets the cap, what to do) for the log line of states dropped early."""
+        if self.max_bytes is not None:
+            return "--states.disk_mb", "raise it"
+        return (f"--states.disk_mb auto (the disk under {self.path.parent} keeps "
+                f"{self.auto_reserve() // 2**20} MiB free)",
+                "free disk space or point --states.path at a bigger disk")
 
     def describe(self) -> str:
         """One line for the start-up log: where, and how many bytes it may hold now."""

@@ -155,17 +155,13 @@ class OrganicQueue:
         release queued without a signer (whose hotkey asked is unknown)."""
         now = self._clock()
         with self._tx() as c:
-            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
-                      "WHERE status=? AND created < ?",
-                      (SKIPPED, "too old to audit", now, PENDING, now - max_age))
-            c.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
-                      "WHERE status=? AND COALESCE(claimed, created) < ?",
-                      (SKIPPED, "claimed by a validator that stopped before its verdict", now,
-                       CLAIMED, now - STALE_CLAIM_SECONDS))
-            unsigned = c.execute(
-                f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
-                "WHERE status=? AND signer=''",
-                (SKIPPED, "queued by an older gateway: signer unknown", now, PENDING)).rowcount
+            _let_go(c, now, "too old to audit", "status=? AND created < ?",
+                    (PENDING, now - max_age))
+            _let_go(c, now, "claimed by a validator that stopped before its verdict",
+                    "status=? AND COALESCE(claimed, created) < ?",
+                    (CLAIMED, now - STALE_CLAIM_SECONDS))
+            unsigned = _let_go(c, now, "queued by an older gateway: signer unknown",
+                               "status=? AND signer=''", (PENDING,))
             _delete_verdicts(c, now - VERDICTS_KEPT_SECONDS)
             rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency, draw "
                              "FROM organic WHERE status=? AND signer=? ORDER BY id LIMIT ?",
@@ -223,6 +219,13 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as exc:  # the other process added it first
                 if "duplicate column" not in str(exc):
                     raise
+
+
+def _let_go(conn: sqlite3.Connection, now: float, reason: str, where: str,
+            args: tuple[object, ...]) -> int:
+    """Rows matching `where` skipped unaudited for `reason`, their images dropped; how many."""
+    return conn.execute(f"UPDATE organic SET status=?, reason=?, audited=?, {_DROP_IMAGES} "
+                        f"WHERE {where}", (SKIPPED, reason, now, *args)).rowcount
 
 
 def _delete_verdicts(conn: sqlite3.Connection, created_before: float) -> None:

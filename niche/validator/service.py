@@ -167,9 +167,9 @@ class Validator:
         self.engine = engine
         self.client = client
         self.state = state
-        state.record_round_interval(config.round_interval)  # the gateway's first guess
         self.hotkey = wallet.hotkey.ss58_address
         state.bind(chain.network, config.netuid, self.hotkey)
+        state.record_round_interval(config.round_interval)  # the gateway's first guess
         self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")
         self.permit_missing: str | None = None
         """Why rounds are being skipped (the permit was lost mid-run), None while it is held."""
@@ -200,10 +200,10 @@ class Validator:
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self._organic_passed: dict[int, float] = {}
+        """uid -> organic answers that passed their audit this round (count as volume)."""
         self._must_audit: set[str] = set()
         """Request ids of this round's answers that look like an earlier answer: audited
         whatever the audit fraction draws."""
-        """uid -> organic answers that passed their audit this round (count as volume)."""
         self._scored_on: dict[int, tuple[str, ...]] = {}
         """uid -> the models it is scored on (logged when it changes)."""
         self.reports: list[RoundReport] = []

@@ -202,8 +202,6 @@ class StepThresholds:
         the value of the first band with `where` <= upto."""
         if not 0 <= step < n_steps:
             raise ValueError(f"step {step} not in [0, {n_steps})")
-        if dtype not in STATE_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(STATE_DTYPES)})")
         where = (step + 1) / n_steps
         key = self._key(model, pipeline)
         bands = sorted(self.bands[key], key=lambda b: b.upto)
