@@ -213,3 +213,24 @@ def test_a_validator_records_its_round_interval_at_start(tmp_path, tiny_engine):
                   state)
     net.chain.close()
     assert read_validator_state(config.state_path).rounds_per_minute == pytest.approx(20.0)
+
+
+def test_a_validator_refused_its_state_file_writes_nothing_there(tmp_path, tiny_engine):
+    """Another validator's state file is refused before anything is written to it (its
+    gateway would read this one's round interval as its own)."""
+    import sqlite3
+
+    from niche.validator.state import StateError
+
+    net = make_chain(tmp_path, miners=1)
+    path = tmp_path / "other.sqlite"
+    with ValidatorState(path) as state:
+        state.bind(net.chain.network, NETUID + 1, "5Other")
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), round_interval=3.0,
+                             state_path=path)
+    with ValidatorState(path) as state, pytest.raises(StateError):
+        Validator(config, net.chain, net.validator, tiny_engine, MinerClient(net.validator),
+                  state)
+    net.chain.close()
+    rows = sqlite3.connect(path).execute("SELECT key FROM meta").fetchall()
+    assert ("round_interval",) not in rows
