@@ -142,3 +142,21 @@ def reset_routing(gw: SimpleNamespace) -> None:
     router = gw.gateway.router
     router._cooling.clear()
     router.__dict__.pop("order", None)  # a test's fixed order, back to the weighted draw
+
+
+class Gate(Only):
+    """The tiny engine behind a gate: generations wait until `open` is set (a slow or hung
+    miner), or fail (`broken`: a miner whose GPU errs)."""
+
+    def __init__(self, engine, model: str, broken: bool = False):
+        super().__init__(engine, model)
+        self.open = threading.Event()
+        self.waiting = threading.Event()
+        self.broken = broken
+
+    def generate_with_states(self, params, image=None):
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        self.waiting.set()
+        self.open.wait(60)
+        return self._engine.generate_with_states(params, image)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from gateway_support import NETUID, Only, make_chain, running_gateway, running_miners
+from gateway_support import NETUID, Gate, Only, make_chain, running_gateway, running_miners
 from PIL import Image
 
 from niche.devnet.localnet.supervisor import free_port
@@ -103,24 +103,6 @@ def test_killing_the_routed_miner_mid_request_still_delivers(tmp_path, tiny_root
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
         net.chain.close()
-
-
-class Gate(Only):
-    """The tiny engine behind a gate: generations wait until `open` is set (a slow or hung
-    miner), or fail (`broken`: a miner whose GPU errs)."""
-
-    def __init__(self, engine, model: str, broken: bool = False):
-        super().__init__(engine, model)
-        self.open = threading.Event()
-        self.waiting = threading.Event()
-        self.broken = broken
-
-    def generate_with_states(self, params, image=None):
-        if self.broken:
-            raise RuntimeError("CUDA error: an illegal memory access")
-        self.waiting.set()
-        self.open.wait(60)
-        return self._engine.generate_with_states(params, image)
 
 
 def test_a_slow_miner_is_hedged_and_the_first_good_answer_wins(tmp_path, tiny_engine,

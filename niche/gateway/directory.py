@@ -10,7 +10,10 @@ file, times the challenges it sends a miner per round) and a margin, and keeps a
 miner's advertised concurrency in flight (more would only queue behind the challenges).
 
 Refreshed in the background; a failed refresh keeps the last good view, so a chain or
-state-file hiccup never takes the gateway down."""
+state-file hiccup never takes the gateway down. A miner whose /v1/info fails for a reason
+of availability (timeout, unreachable, 429/5xx) keeps its last good view for `info_grace`
+seconds: one slow answer on a busy box must not cost an honest miner its users until the
+next refresh (if it is really gone, the router's attempts fail over and cool it down)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from niche.chain.base import Chain, ChainError
 from niche.protocol import InfoResponse
-from niche.validator.client import MinerClient, MinerTarget
+from niche.validator.client import InfoResult, MinerClient, MinerTarget, QueryStatus
 
 log = logging.getLogger("niche.gateway")
 
@@ -38,6 +41,9 @@ CHALLENGES_PER_ROUND = 4
 MINER_INFLIGHT_PER_IP = 8
 """A miner's default cap on requests in flight from one address (ours: the validator's
 challenges and the gateway's requests, when both run on one machine)."""
+INFO_GRACE = 90.0
+"""Seconds a miner keeps its last good /v1/info view while its info fails for a reason of
+availability (three refreshes at the default 30 s interval)."""
 HEADROOM = 0.9
 """Share of a miner's rate the validator and gateway plan to use together: the rest
 absorbs clock drift between the miner's token bucket and ours."""
@@ -105,6 +111,16 @@ def configured_rate(interval: str | None) -> float:
     return max(DEFAULT_ROUNDS_PER_MINUTE, 60.0 / seconds)
 
 
+def transient(result: InfoResult) -> bool:
+    """An info failure of availability (timeout, unreachable, 429 or 5xx): it says nothing
+    about what the miner serves, so its last good view still holds. A refusal (401/403) or a
+    bad answer is the miner's word and drops it."""
+    if result.status in (QueryStatus.TIMEOUT, QueryStatus.UNREACHABLE):
+        return True
+    status = result.http_status or 0
+    return result.status is QueryStatus.HTTP_ERROR and (status == 429 or status >= 500)
+
+
 def inflight_share(concurrency: int) -> int:
     """Requests in flight the gateway may keep at a miner serving `concurrency` at once."""
     challenges = min(concurrency, CHALLENGES_PER_ROUND)
@@ -130,20 +146,30 @@ def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: floa
 class MinerDirectory:
     def __init__(self, chain: Chain, netuid: int, client: MinerClient, *,
                  own_hotkey: str, validator_state: Path | None = None,
-                 info_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 info_timeout: float = 5.0, info_grace: float = INFO_GRACE,
+                 clock: Callable[[], float] = time.monotonic):
         self.chain = chain
         self.netuid = netuid
         self.client = client
         self.own_hotkey = own_hotkey
         self.validator_state = validator_state
         self.info_timeout = info_timeout
+        self.info_grace = info_grace
         self._clock = clock
         self.candidates: list[Candidate] = []
         self.refreshed_at: float | None = None
         self.last_error = ""
+        self._good: dict[str, tuple[str | None, InfoResponse, float]] = {}
+        """hotkey -> (endpoint, its last good info, when that info was fetched)."""
+        self._started = 0
+        self._installed = 0
+        """Refreshes are numbered as they start; one that ends after a later one installed
+        its view is dropped (a slow refresh must not bring back an older world)."""
 
     async def refresh(self) -> None:
         """One refresh; keeps the previous view on any failure (and says why in the log)."""
+        self._started += 1
+        ticket = self._started
         try:
             metagraph = await asyncio.to_thread(self.chain.metagraph, self.netuid)
         except ChainError as exc:
@@ -165,17 +191,28 @@ class MinerDirectory:
         ours = next((n.stake for n in metagraph.neurons if n.hotkey == self.own_hotkey), 0.0)
         share = ours / permitted if permitted > 0 else 1.0
         candidates = []
-        for neuron, info in zip(neurons, infos, strict=True):
-            if not info.ok or info.info is None:
+        unusable = {hotkey: "excluded by the validator" for hotkey in view.excluded}
+        now = self._clock()
+        for neuron, result in zip(neurons, infos, strict=True):
+            url = neuron.endpoint.url if neuron.endpoint else None
+            info = self._view(neuron.uid, neuron.hotkey, url, result, now)
+            if isinstance(info, str):
+                unusable[neuron.hotkey] = info
                 continue
             hotkey, score = view.scores.get(neuron.uid, (neuron.hotkey, 0.0))
             candidates.append(Candidate(
-                MinerTarget(neuron.uid, neuron.hotkey, neuron.endpoint.url
-                            if neuron.endpoint else None),
-                frozenset(m.model for m in info.info.models),
+                MinerTarget(neuron.uid, neuron.hotkey, url),
+                frozenset(m.model for m in info.models),
                 score if hotkey == neuron.hotkey else 0.0,
-                concurrency=inflight_share(info.info.concurrency),
-                rate=organic_rate(info.info, share, view.rounds_per_minute)))
+                concurrency=inflight_share(info.concurrency),
+                rate=organic_rate(info, share, view.rounds_per_minute)))
+        if ticket < self._installed:
+            return  # a refresh started later has installed a newer view
+        self._installed = ticket
+        listed = {n.hotkey for n in neurons}
+        for hotkey in [h for h in self._good if h not in listed]:
+            del self._good[hotkey]  # deregistered, endpoint gone or excluded
+        self._log_changes(candidates, unusable)
         self.candidates = candidates
         self.refreshed_at = self._clock()
         self.last_error = ""
@@ -184,8 +221,47 @@ class MinerDirectory:
         return [c for c in self.candidates if model in c.models]
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for c in self.candidates:
-            for model in c.models:
-                out[model] = out.get(model, 0) + 1
-        return out
+        return _counts(self.candidates)
+
+    def _view(self, uid: int, hotkey: str, url: str | None, result: InfoResult, now: float
+              ) -> InfoResponse | str:
+        """The info to route `hotkey` by: this refresh's, or (after a failure of availability
+        at the same endpoint) the last good one for `info_grace` seconds; else why not."""
+        if result.ok and result.info is not None:
+            self._good[hotkey] = (url, result.info, now)
+            return result.info
+        last = self._good.get(hotkey)
+        if last is not None and transient(result) and last[0] == url \
+                and now - last[2] <= self.info_grace:
+            log.info("miner uid %d: /v1/info failed (%s: %s); routing by its view of %.0fs ago "
+                     "(kept up to %.0fs)", uid, result.status, result.reason, now - last[2],
+                     self.info_grace)
+            return last[1]
+        self._good.pop(hotkey, None)
+        return f"/v1/info: {result.status}" + (f": {result.reason}" if result.reason else "")
+
+    def _log_changes(self, candidates: list[Candidate], unusable: dict[str, str]) -> None:
+        """One line per miner that joined or left the routing view (why users' requests
+        moved is then in the log, not guessed)."""
+        before = {c.target.hotkey: c for c in self.candidates}
+        after = {c.target.hotkey: c for c in candidates}
+        if not before and after:
+            log.info("directory: %d miners serve (%s)", len(after), ", ".join(
+                f"{model}: {count}" for model, count in sorted(_counts(candidates).items())))
+            return
+        for hotkey, c in after.items():
+            if hotkey not in before:
+                log.info("directory: uid %d joined (%s)", c.target.uid,
+                         ", ".join(sorted(c.models)) or "no model")
+        for hotkey, c in before.items():
+            if hotkey not in after:
+                log.warning("directory: uid %d left the routing view (%s)", c.target.uid,
+                            unusable.get(hotkey, "no longer on chain with an endpoint"))
+
+
+def _counts(candidates: list[Candidate]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in candidates:
+        for model in c.models:
+            out[model] = out.get(model, 0) + 1
+    return out

@@ -73,6 +73,9 @@ HEDGE_FACTOR = 3.0
 took for the same work."""
 RETRY_ROOM = 2.0
 """A deadline holds this many attempts: the first is hedged by half of it at the latest."""
+REDRAW_EVERY = 1.0
+"""Seconds between looks at the directory while a hedge is due and every miner drawn was
+asked: a miner listed again after a blip takes the image instead of the deadline."""
 PACE_WEIGHT = 0.3
 """Weight of the newest answer in a miner's observed pace (an exponential average)."""
 DEFAULT_LIMIT = 30.0
@@ -377,8 +380,12 @@ class Router:
               ) -> Candidate | None:
         """The next miner to ask: the first in the drawn order with budget now that is not
         cooling down; a cooling one only when no healthy miner frees a slot in time (about
-        two of its generations before the deadline)."""
+        two of its generations before the deadline). Once every miner drawn was asked, the
+        miners the directory listed since are drawn too (one back from a blip)."""
         now = self._clock()
+        if all(c.target.hotkey in s.asked for c in s.queue):
+            known = {c.target.hotkey for c in s.queue}  # miners listed since the image began
+            s.queue += [c for c in self.order(params.model) if c.target.hotkey not in known]
         s.skipped, s.slot_wait, s.soonest = False, False, math.inf
         fallback: Candidate | None = None
         healthy_soon = False
@@ -427,10 +434,14 @@ class Router:
     async def _next(self, s: _Search, deadline: float, *, wake_on_slot: bool
                     ) -> set[asyncio.Task]:
         """Attempts that ended, waiting at most until the next hedge or the deadline (or,
-        with `wake_on_slot`, until a miner's slot comes back: empty then)."""
+        with `wake_on_slot`, until a miner's slot comes back; with a hedge overdue and no
+        one to ask, REDRAW_EVERY: empty then)."""
         now = self._clock()
         due = s.hedge_due()
-        until = deadline if wake_on_slot or now >= due else min(deadline, due)
+        if wake_on_slot:
+            until = deadline
+        else:
+            until = min(deadline, due if now < due else now + REDRAW_EVERY)
         waiters: set[asyncio.Future] = set(s.pending)
         freed = asyncio.ensure_future(self._slot_freed().wait()) if wake_on_slot else None
         if freed is not None:
