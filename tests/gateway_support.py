@@ -60,6 +60,7 @@ def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                             queue_path=net.root / "organic.sqlite",
                             validator_state=validator_state, model_root=tiny_root,
                             config=config or GatewayConfig(audit_fraction=1.0), **kwargs)
+    gateway.audit_queue_wait = 60.0  # tests read the queue right after the answer
     key, _ = gateway.keys.create("tests", per_minute=600, per_day=1000)
     with BackgroundServer(gateway_app(gateway)) as server:
         if expect_miners:

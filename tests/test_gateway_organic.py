@@ -174,7 +174,7 @@ def test_unreadable_rows_are_skipped_with_a_reason(tmp_path):
 
 
 def test_a_queue_that_cannot_be_opened_says_where(tmp_path):
-    (tmp_path / "q.sqlite").write_text("not a database at all" * 100)
+    (tmp_path / "q.sqlite").mkdir()  # a folder where the file should be
     with pytest.raises(QueueError, match="q.sqlite"):
         OrganicQueue(tmp_path / "q.sqlite", signer=SIGNER)
 
@@ -186,6 +186,12 @@ def organic_config(tmp_path, queue_path) -> ValidatorConfig:
                            scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
 
 
+async def audit_and_record(validator: Validator, metagraph, outcomes: dict) -> None:
+    """The round's organic audit and, as after the round is saved, its verdicts written."""
+    await validator._audit_organic(metagraph, outcomes)
+    await validator._record_organic()
+
+
 def audit_queue_once(net, tmp_path, queue_path, engine) -> tuple[Validator, dict]:
     """A validator on `queue_path` audits its pending rows once: (validator, outcomes)."""
     config = organic_config(tmp_path, queue_path)
@@ -193,7 +199,7 @@ def audit_queue_once(net, tmp_path, queue_path, engine) -> tuple[Validator, dict
         validator = Validator(config, net.chain, net.validator, engine,
                               MinerClient(net.validator), state)
         outcomes: dict = {}
-        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+        asyncio.run(audit_and_record(validator, net.chain.metagraph(NETUID), outcomes))
     return validator, outcomes
 
 
@@ -221,7 +227,7 @@ def test_rows_the_validator_cannot_audit_cost_no_miner_anything(tmp_path, tiny_e
 
         validator.auditor.audit = broken  # type: ignore[method-assign]
         outcomes: dict = {}
-        asyncio.run(validator._audit_organic(net.chain.metagraph(NETUID), outcomes))
+        asyncio.run(audit_and_record(validator, net.chain.metagraph(NETUID), outcomes))
     assert outcomes == {}
     reasons = [r[0] for r in sqlite3.connect(queue_path).execute(
         "SELECT reason FROM organic WHERE status='skipped' ORDER BY id")]

@@ -36,6 +36,10 @@ class GatewayMetrics:
                                       "by status", ["status"], registry=r)
         self.audits_queued = Counter("niche_gateway_audits_queued", "Organic answers queued "
                                      "for the validator's audit", registry=r)
+        self.audits_not_queued = Counter(
+            "niche_gateway_audits_not_queued", "Organic answers drawn for audit but not "
+            "queued (the queue file failed, or too many writes were waiting on it)",
+            registry=r)
         self.audits = Gauge("niche_gateway_audits", "Organic audit queue rows by status "
                             "(pending, claimed, passed, failed, skipped)", ["status"],
                             registry=r)

@@ -9,6 +9,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,11 @@ class Job:
         return Usage(images=images, steps=images * int(self.params[0].steps or 0))
 
 
+MAX_QUEUE_WRITES = 32
+"""Organic answers whose audit-queue write may wait at once (each holds an answer of up to
+~6 MiB): past that the queue file is stuck, and more are counted and let go."""
+QUEUE_WRITE_TIMEOUT = 15.0
+"""Seconds a stopping gateway waits for the audit-queue writes still running."""
 ANSWER_LIMITS = ImageLimits(max_side=8192, max_pixels=8192 * 8192, formats=ANSWER_FORMATS)
 """What an answer's bytes are read under when the client's decoded image is not at hand."""
 
@@ -132,7 +138,13 @@ class Gateway:
         self.metrics = metrics
         self.queue = queue
         self.rng = rng or random.Random(secrets.randbits(64))
+        self.audit_queue_wait = 1.0
+        """Seconds an answer waits for its audit-queue write before it goes to the user."""
         self._refresher: asyncio.Task | None = None
+        self._queue_writer = ThreadPoolExecutor(1, thread_name_prefix="organic-queue")
+        """The queue's writes, one at a time and apart from the default pool: a queue file
+        locked by another process holds its writes, never the re-encodes users wait for."""
+        self._queue_writes: set[asyncio.Future] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -144,6 +156,9 @@ class Gateway:
     async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._queue_writes:  # answers drawn for audit are not dropped at a clean stop
+            await asyncio.wait(self._queue_writes, timeout=QUEUE_WRITE_TIMEOUT)
+        self._queue_writer.shutdown(wait=False, cancel_futures=True)
         await self.router.close()
         if self.router.http is not None:
             await self.router.http.close()
@@ -268,13 +283,28 @@ class Gateway:
         else:
             b64 = base64.b64encode(data).decode()
         if self.queue is not None and self.rng.random() < self.config.audit_fraction:
-            await asyncio.to_thread(self._queue_audit, item)
+            await self._queue_in_background(item)
         return ImageData(b64_json=b64, url=url, seed=params.seed, pipeline=params.pipeline.value,
                          steps=int(params.steps or 0),
                          width=int(params.width or 0), height=int(params.height or 0),
                          miner_uid=item.candidate.target.uid,
                          miner_hotkey=item.candidate.target.hotkey,
                          seconds=round(item.result.latency or 0.0, 4), attempts=item.attempts)
+
+    async def _queue_in_background(self, item: Delivered) -> None:
+        """Queue the answer for audit, waiting at most `audit_queue_wait` for the write (a
+        few ms, unless another process holds the queue file): the user's image never waits
+        on the audit queue, and the write finishes behind the answer."""
+        if len(self._queue_writes) >= MAX_QUEUE_WRITES:
+            self.metrics.audits_not_queued.inc()
+            log.warning("organic answer not queued for audit: %d writes already wait on %s",
+                        len(self._queue_writes), self.queue.path if self.queue else "-")
+            return
+        write = asyncio.get_running_loop().run_in_executor(self._queue_writer,
+                                                           self._queue_audit, item)
+        self._queue_writes.add(write)
+        write.add_done_callback(self._queue_writes.discard)
+        await asyncio.wait({write}, timeout=self.audit_queue_wait)
 
     def _queue_audit(self, item: Delivered) -> None:
         """The answer as the miner signed it (its own bytes, not the user's PNG)."""
@@ -285,6 +315,7 @@ class Gateway:
                                  item.result.latency, image=item.result.image_bytes):
                 self.metrics.audits_queued.inc()
         except QueueError as exc:  # the user still gets the image
+            self.metrics.audits_not_queued.inc()
             log.warning("organic answer not queued for audit: %s", exc)
 
 

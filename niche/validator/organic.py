@@ -23,13 +23,13 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from niche.errors import InvalidRequest
+from niche.errors import InvalidRequest, NicheError
 from niche.imaging import (
     ANSWER_FORMATS,
     ImageLimits,
@@ -65,8 +65,13 @@ killed mid-round) is let go as skipped: the miner's states are gone by then (600
 row's images must not stay forever."""
 
 
-class QueueError(Exception):
+class QueueError(NicheError):
     """The queue file cannot be used (the message says which and why)."""
+
+
+CORRUPT = ("file is not a database", "database disk image is malformed")
+"""sqlite3 errors that say the file is not a usable database (moved aside, not fatal: the
+queue holds answers waiting for an audit, worth less than the gateway and the validator)."""
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,42 @@ class OrganicQueue:
         self._clock = clock
         self.max_pending = max_pending
         self._lock = threading.Lock()
+        self._conn, self._file = self._open()
+
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """A connection to the queue file and the file's (device, inode); a corrupt file is
+        moved aside (`<name>.corrupt-<time>`) and a fresh queue started."""
         try:
-            self._conn = open_shared(self.path, _SCHEMA)
-            _add_missing_columns(self._conn)
+            try:
+                conn = _connect(self.path)
+            except sqlite3.DatabaseError as exc:
+                if not any(sign in str(exc) for sign in CORRUPT):
+                    raise
+                aside = _move_aside(self.path)
+                log.warning("organic audit queue %s is not a usable database (%s): moved to %s, "
+                            "starting an empty queue (its unaudited answers are not audited)",
+                            self.path, exc, aside)
+                conn = _connect(self.path)
+            stat = self.path.stat()
         except (sqlite3.Error, OSError) as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
+        return conn, (stat.st_dev, stat.st_ino)
+
+    def _reopen_if_replaced(self) -> None:
+        """The file deleted or replaced under us (an operator cleaning up, the other process
+        moving a corrupt one aside): writes would go to a file nobody reads. Reopen."""
+        try:
+            stat = self.path.stat()
+            current = (stat.st_dev, stat.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current == self._file:
+            return
+        log.warning("organic audit queue %s was %s while open: reopening it", self.path,
+                    "deleted" if current is None else "replaced")
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        self._conn, self._file = self._open()
 
     # ------------------------------------------------------------------ gateway side
     def submit(self, target: MinerTarget, request: GenerateRequest, answer: GenerateResponse,
@@ -184,11 +220,18 @@ class OrganicQueue:
     def record(self, item_id: int, passed: bool | None, reason: str = "",
                similarity: float | None = None) -> None:
         """The verdict on one claimed answer (None: not audited, `reason` says why)."""
-        status = SKIPPED if passed is None else PASSED if passed else FAILED
+        self.record_many([(item_id, passed, reason, similarity)])
+
+    def record_many(self, verdicts: Sequence[tuple[int, bool | None, str, float | None]]
+                    ) -> None:
+        """Verdicts (id, passed, reason, similarity) on claimed answers, in one transaction."""
+        now = self._clock()
         with self._tx() as c:
-            c.execute(f"UPDATE organic SET status=?, reason=?, similarity=?, audited=?, "
-                      f"{_DROP_IMAGES} WHERE id=?",
-                      (status, reason[:300], similarity, self._clock(), item_id))
+            c.executemany(f"UPDATE organic SET status=?, reason=?, similarity=?, audited=?, "
+                          f"{_DROP_IMAGES} WHERE id=?",
+                          [(SKIPPED if passed is None else PASSED if passed else FAILED,
+                            reason[:300], similarity, now, item_id)
+                           for item_id, passed, reason, similarity in verdicts])
 
     def prune(self, keep_seconds: float = VERDICTS_KEPT_SECONDS) -> None:
         """Forget audited rows older than `keep_seconds`."""
@@ -198,14 +241,39 @@ class OrganicQueue:
     @contextlib.contextmanager
     def _tx(self):
         try:
-            with self._lock, immediate_transaction(self._conn) as conn:
-                yield conn
+            with self._lock:
+                self._reopen_if_replaced()
+                with immediate_transaction(self._conn) as conn:
+                    yield conn
         except sqlite3.Error as exc:
             raise QueueError(f"organic audit queue {self.path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """The shared connection, the schema of this release in place."""
+    conn = open_shared(path, _SCHEMA)
+    try:
+        _add_missing_columns(conn)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a corrupt queue file (and drop its journal files) so a fresh one can start;
+    another process may have moved it first."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    with contextlib.suppress(FileNotFoundError):
+        path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + suffix).unlink()
+    return aside
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

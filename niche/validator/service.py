@@ -60,7 +60,7 @@ from niche.validator.challenges import (
 from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_problem
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.metrics import ValidatorMetrics
-from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue
+from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue, QueueError
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -200,6 +200,9 @@ class Validator:
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self._organic_passed: dict[int, float] = {}
+        self._organic_verdicts: list[tuple[int, bool | None, str, float | None]] = []
+        """This round's organic verdicts (id, passed, reason, similarity), written after it
+        is saved."""
         """uid -> organic answers that passed their audit this round (count as volume)."""
         self._must_audit: set[str] = set()
         """Request ids of this round's answers that look like an earlier answer: audited
@@ -351,7 +354,7 @@ class Validator:
         valid_probes = self._probe_checks(probed, round_index, fresh)
         await self._audit(challenges, answered, outcomes, candidates, valid_probes)
         self._count_volume(challenges, answered, outcomes, probed, valid_probes)
-        self._organic_passed = {}
+        self._organic_passed, self._organic_verdicts = {}, []
         await self._audit_organic(metagraph, outcomes)  # a failed organic audit has the last word
         for uid, passed in self._organic_passed.items():  # serving users counts as volume
             if uid in outcomes and outcomes[uid].audit_passed is not False:
@@ -368,6 +371,7 @@ class Validator:
         self.answers.prune(round_index - self.config.answer_memory_rounds)
         self.state.save_round(round_index, self.book, final, rewards, fresh,
                               keep_answer_rounds=self.config.answer_memory_rounds)
+        await self._record_organic()  # after the round is saved: see _record_organic
         report = RoundReport(round_index, metagraph.block, final, rewards,
                              seconds=time.monotonic() - started, scores=self.book.scores())
         self._maybe_set_weights(report)
@@ -618,15 +622,21 @@ class Validator:
         excludes the miner this round, whatever its challenge answer was."""
         if self.organic is None:
             return
-        items = self.organic.claim(self.config.organic_per_round, self.config.organic_max_age)
+        try:
+            items = await asyncio.to_thread(self.organic.claim, self.config.organic_per_round,
+                                            self.config.organic_max_age)
+        except QueueError as exc:  # the gateway's side file: the round goes on without it
+            self.metrics.failures.labels("organic_queue").inc()
+            log.warning("organic audits skipped this round: %s", exc)
+            return
         current = {n.hotkey: n for n in metagraph.neurons}
         auditable = []
         for item in items:
             neuron = current.get(item.target.hotkey)
             if neuron is None or neuron.uid != item.target.uid:
-                self.organic.record(item.id, None, "miner no longer registered")
+                self._organic_verdict(item.id, None, "miner no longer registered")
             elif item.challenge.params.model not in self.plans:
-                self.organic.record(item.id, None, f"model {item.challenge.params.model} "
+                self._organic_verdict(item.id, None, f"model {item.challenge.params.model} "
                                                    "is not served by this validator")
             else:
                 auditable.append(replace(item, target=as_target(neuron)))
@@ -640,18 +650,18 @@ class Validator:
             log.error("organic audit failed on the validator's side: %s: %s",
                       type(exc).__name__, exc)
             for item in auditable:
-                self.organic.record(item.id, None, f"validator error: {type(exc).__name__}")
+                self._organic_verdict(item.id, None, f"validator error: {type(exc).__name__}")
             return
         for item, result in zip(auditable, results, strict=True):
             if result.unaudited or result.unavailable or result.unverifiable:  # no fraud
                 log.info("organic request %s left %s: %s", item.challenge.request_id,
                          result.verdict, result.reason)
-                self.organic.record(item.id, None, f"{result.verdict}: {result.reason}")
+                self._organic_verdict(item.id, None, f"{result.verdict}: {result.reason}")
                 if result.unavailable or result.unverifiable:  # else serving users cheaply,
                     self._organic_unpaid(item, result, outcomes)  # then dodging, would pay
                 continue
-            self.organic.record(item.id, result.passed, result.reason,
-                                round(result.similarity, 4))
+            self._organic_verdict(item.id, result.passed, result.reason,
+                                  round(result.similarity, 4))
             if result.passed:  # one passed audit stands for 1/draw answers served
                 self._organic_passed[item.target.uid] = \
                     self._organic_passed.get(item.target.uid, 0.0) + 1.0 / item.draw
@@ -663,6 +673,27 @@ class Validator:
                                     reason=f"organic {scoring.AUDIT_FAILED}: {result.reason}")
             log.warning("uid %d failed the audit of organic request %s: %s", uid,
                         item.challenge.request_id, result.reason)
+
+    def _organic_verdict(self, item_id: int, passed: bool | None, reason: str,
+                         similarity: float | None = None) -> None:
+        """A verdict for the queue, written once the round is saved (`_record_organic`)."""
+        self._organic_verdicts.append((item_id, passed, reason, similarity))
+
+    async def _record_organic(self) -> None:
+        """Write this round's organic verdicts to the queue, after the round (its penalties,
+        exclusions and credits) is saved: a validator killed between the two leaves the rows
+        claimed, let go unaudited later, never marked failed with the penalty lost. A queue
+        that fails now costs nothing but the rows' verdicts (the round is saved)."""
+        verdicts, self._organic_verdicts = self._organic_verdicts, []
+        if self.organic is None or not verdicts:
+            return
+        try:
+            await asyncio.to_thread(self.organic.record_many, verdicts)
+        except QueueError as exc:
+            self.metrics.failures.labels("organic_queue").inc()
+            log.warning("%d organic verdict(s) not written to the queue (the round's scores "
+                        "are saved; the rows are let go unaudited later): %s", len(verdicts),
+                        exc)
 
     def _secret_order(self, n: int) -> list[int]:
         """A permutation of range(n) from the audit's secret randomness."""
