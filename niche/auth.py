@@ -138,14 +138,28 @@ class RequestVerifier:
         except NonceStoreFull:
             raise AuthFailure(503, "busy", "replay store full; retry later") from None
         except http_auth.AuthError as exc:
+            detail = str(exc) + (_clock_gap(headers) if isinstance(exc, http_auth.StaleRequest)
+                                 else "")
             for cls, (status, reason) in _REASONS.items():
                 if isinstance(exc, cls):
-                    raise AuthFailure(status, reason, str(exc)) from None
+                    raise AuthFailure(status, reason, detail) from None
             raise AuthFailure(401, "unauthorized", str(exc)) from None
         if self.not_before_ns is not None and caller.nonce_ns < self.not_before_ns:
             raise AuthFailure(401, "stale_request", "signed before this miner started "
                               "(a restart forgets earlier nonces); sign the request again")
         return caller.hotkey_ss58
+
+
+def _clock_gap(headers: Mapping[str, str]) -> str:
+    """How far the signer's clock is from ours, by its nonce (for both operators' logs)."""
+    raw = next((v for k, v in headers.items() if k.lower() == http_auth.HEADER_NONCE.lower()),
+               "")
+    try:
+        gap = int(raw) / 1e9 - time.time()
+    except ValueError:
+        return ""
+    return (f" (the signer's clock is {abs(gap):.1f}s {'ahead of' if gap > 0 else 'behind'} "
+            "this miner's: check NTP on both)")
 
 
 # ----------------------------------------------------------------------------- responses

@@ -9,9 +9,16 @@ exercised end to end in test_miner_e2e.py.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +41,7 @@ from niche.validator.client import MinerClient
 NETUID = 1
 STAKES = {"hi": 100.0, "mid": 50.0, "lo": 10.0, "low": 2.0}
 MIN_STAKE = 5.0
+NICHE = str(Path(sys.executable).with_name("niche"))
 
 
 class StubEngine:
@@ -240,3 +248,55 @@ def round_with_two_versions(tmp_path, engine, versions: Mapping[str, tuple[int, 
     assert report.weights is not None and set(report.weights) == set(uids.values()), table
     return SimpleNamespace(client=client, hotkeys={n: wallets[n].hotkey.ss58_address
                                                    for n in versions})
+
+
+class MinerProcess:
+    """`niche miner` serving the tiny FLUX, states kept in `states`."""
+
+    def __init__(self, root: Path, port: int, states: Path,
+                 env: Mapping[str, str] | None = None):
+        self.root, self.port, self.states = root, port, states
+        self.env = dict(env or {})
+        self.log = root / "miner.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [NICHE, "miner", "--netuid", str(NETUID), "--subtensor.network", "localnet",
+                "--localnet.path", str(self.root / "chain.db"), "--wallet.name", "miner",
+                "--wallet.hotkey", "hot", "--wallet.path", str(self.root / "wallets"),
+                "--axon.ip", "127.0.0.1", "--axon.port", str(self.port), "--tiny",
+                "--model", "flux-schnell", "--device", "cpu", "--dtype", "float32", "--states.path",
+                str(self.states), "--metagraph.refresh", "3600"]
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"miner exited {self.proc.returncode}:\n"
+                                     f"{self.log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"miner not up in 120 s:\n{self.log.read_text()}")
+
+    def wait_written(self, request_id: str, timeout: float = 30.0) -> None:
+        """Until the miner's states file holds `request_id`'s states."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sqlite3.Error):
+                with contextlib.closing(sqlite3.connect(
+                        f"file:{self.states}?mode=ro", uri=True)) as db:
+                    if db.execute("SELECT 1 FROM states WHERE request_id=?",
+                                  (request_id,)).fetchone():
+                        return
+            time.sleep(0.01)
+        raise AssertionError(f"states of {request_id} not on disk within {timeout:.0f}s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)

@@ -9,17 +9,10 @@ between an answer and its audit."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
+from miner_support import MinerProcess
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
@@ -29,57 +22,6 @@ from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
 
 NETUID = 1
-NICHE = str(Path(sys.executable).with_name("niche"))
-
-
-class MinerProcess:
-    """`niche miner` serving the tiny FLUX, states kept in `states`."""
-
-    def __init__(self, root: Path, port: int, states: Path):
-        self.root, self.port, self.states = root, port, states
-        self.log = root / "miner.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        argv = [NICHE, "miner", "--netuid", str(NETUID), "--subtensor.network", "localnet",
-                "--localnet.path", str(self.root / "chain.db"), "--wallet.name", "miner",
-                "--wallet.hotkey", "hot", "--wallet.path", str(self.root / "wallets"),
-                "--axon.ip", "127.0.0.1", "--axon.port", str(self.port), "--tiny",
-                "--model", "flux-schnell", "--device", "cpu", "--dtype", "float32", "--states.path",
-                str(self.states), "--metagraph.refresh", "3600"]
-        with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"miner exited {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"miner not up in 120 s:\n{self.log.read_text()}")
-
-    def wait_written(self, request_id: str, timeout: float = 30.0) -> None:
-        """Until the miner's states file holds `request_id`'s states."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):
-                with contextlib.closing(sqlite3.connect(
-                        f"file:{self.states}?mode=ro", uri=True)) as db:
-                    if db.execute("SELECT 1 FROM states WHERE request_id=?",
-                                  (request_id,)).fetchone():
-                        return
-            time.sleep(0.01)
-        raise AssertionError(f"states of {request_id} not on disk within {timeout:.0f}s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
 
 
 class RestartingClient(MinerClient):

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from niche import rawimage
 from niche.auth import sign_request, verify_response
+from niche.clock_skew import ClockOffsets
 from niche.errors import InvalidRequest, OneLineReason
 from niche.imaging import (
     ANSWER_FORMATS,
@@ -189,6 +190,8 @@ class MinerClient:
         self.protocol_versions = tuple(sorted(set(protocol_versions)))
         """Versions this validator speaks; the newest is used with a miner not asked yet."""
         self._negotiated: dict[str, int] = {}
+        self.clock_offsets = ClockOffsets()
+        """Each miner's clock as seen in its refusals: requests to it are signed by it."""
         self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
         self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192,
@@ -249,23 +252,30 @@ class MinerClient:
     async def _exchange(self, http: aiohttp.ClientSession, method: str, url: str, path: str,
                         body: bytes, receiver: str, cap: int, accept: str = "application/json"
                         ) -> tuple[int, str, bytes]:
-        """(status, media type, body) of one signed request; the body read under `cap`."""
+        """(status, media type, body) of one signed request; the body read under `cap`.
+        Refused as stale by a miner whose clock differs from ours, it is signed again by
+        that miner's clock and sent once more (niche/clock_skew.py)."""
         if self._signer is None:  # resolved once: a fresh one costs ~1.4 ms per request
             self._signer = resolve_signer(self.wallet, role="hotkey")
-        headers = sign_request(self._signer, method=method, path=path, body=body,
-                               receiver=receiver)
-        headers["Content-Type"] = "application/json"
-        headers["Accept"] = accept
-        headers["Accept-Encoding"] = "identity"  # count the bytes that arrive; no zip bombs
-        async with http.request(method, url.rstrip("/") + path, data=body or None,
-                                headers=headers, allow_redirects=False) as resp:
-            encoding = resp.headers.get("content-encoding", "identity").lower()
-            if encoding != "identity":
-                raise _Undecodable(f"content-encoding {encoding} not accepted")
-            body = await read_capped(resp.content.iter_any(), cap,
-                                     resp.headers.get("content-length"))
-            media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-            return resp.status, media, body
+        for attempt in range(2):
+            headers = sign_request(self._signer, method=method, path=path, body=body,
+                                   receiver=receiver,
+                                   nonce_ns=self.clock_offsets.nonce_ns(receiver))
+            headers["Content-Type"] = "application/json"
+            headers["Accept"] = accept
+            headers["Accept-Encoding"] = "identity"  # count the bytes that arrive; no bombs
+            async with http.request(method, url.rstrip("/") + path, data=body or None,
+                                    headers=headers, allow_redirects=False) as resp:
+                encoding = resp.headers.get("content-encoding", "identity").lower()
+                if encoding != "identity":
+                    raise _Undecodable(f"content-encoding {encoding} not accepted")
+                answer = await read_capped(resp.content.iter_any(), cap,
+                                           resp.headers.get("content-length"))
+                media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                if attempt or not self.clock_offsets.learn(receiver, resp.status, answer,
+                                                           resp.headers.get("date")):
+                    break
+        return resp.status, media, answer
 
     # ------------------------------------------------------------------ generate
     async def query(self, target: TargetLike, request: GenerateRequest, *,
