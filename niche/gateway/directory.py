@@ -28,12 +28,11 @@ from pathlib import Path
 from niche.chain.base import Chain, ChainError
 from niche.protocol import InfoResponse
 from niche.validator.client import InfoResult, MinerClient, MinerTarget, QueryStatus
+from niche.validator.pacing import HEADROOM, caller_rate
 
 log = logging.getLogger("niche.gateway")
 
 
-DEFAULT_MINER_RATE = 60.0
-"""Requests per minute assumed of a miner that does not say (the miner's default)."""
 DEFAULT_ROUNDS_PER_MINUTE = 5.0
 """Validator rounds per minute assumed before its state file shows them (12 s rounds)."""
 CHALLENGES_PER_ROUND = 4
@@ -44,9 +43,6 @@ challenges and the gateway's requests, when both run on one machine)."""
 INFO_GRACE = 90.0
 """Seconds a miner keeps its last good /v1/info view while its info fails for a reason of
 availability (three refreshes at the default 30 s interval)."""
-HEADROOM = 0.9
-"""Share of a miner's rate the validator and gateway plan to use together: the rest
-absorbs clock drift between the miner's token bucket and ours."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +128,9 @@ def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: floa
     """Requests per minute the gateway may send a miner: its rate for our hotkey (scaled by
     our stake share when it shares by stake) less the validator's challenges and a margin;
     None when the miner sets no limit."""
-    rpm = info.requests_per_minute
+    rpm = caller_rate(info, stake_share)
     if rpm is None:
-        rpm = DEFAULT_MINER_RATE
-    if rpm <= 0:
         return None
-    if info.stake_proportional:
-        rpm = max(1.0, rpm * max(0.0, min(1.0, stake_share)))
     challenges = rounds_per_minute * min(info.concurrency, CHALLENGES_PER_ROUND)
     return max(0.0, HEADROOM * rpm - challenges)
 

@@ -36,7 +36,7 @@ from niche.chain.registration import (
     require_permit,
 )
 from niche.errors import ConfigError, InvalidRequest
-from niche.protocol import GenerationParams, PipelineKind
+from niche.protocol import GenerationParams, InfoResponse, PipelineKind
 from niche.runtime import RuntimeWatch, describe, runtime_info
 from niche.validator import scoring
 from niche.validator.audit import (
@@ -61,6 +61,7 @@ from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_pr
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.metrics import ValidatorMetrics
 from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue, QueueError
+from niche.validator.pacing import caller_rate, paced_interval
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -201,6 +202,10 @@ class Validator:
         self._stop = threading.Event()
         self._organic_passed: dict[int, float] = {}
         self._organic_verdicts: list[tuple[int, bool | None, str, float | None]] = []
+        self._advertised: dict[int, InfoResponse] = {}
+        """uid -> its last /v1/info (its rate limit paces the rounds)."""
+        self.paced_interval = 0.0
+        """Seconds the miners' advertised rates need between round starts (`_pace`)."""
         """This round's organic verdicts (id, passed, reason, similarity), written after it
         is saved."""
         """uid -> organic answers that passed their audit this round (count as volume)."""
@@ -265,7 +270,8 @@ class Validator:
                 if self.exit_code or (self.config.rounds is not None
                                       and done >= self.config.rounds):
                     break
-                wait = self.config.round_interval - (time.monotonic() - started)
+                wait = max(self.config.round_interval, self.paced_interval) - \
+                    (time.monotonic() - started)
                 if wait > 0:
                     self._stop.wait(wait)
         finally:
@@ -341,6 +347,7 @@ class Validator:
         declared: dict[int, int] = {}
         targets = await self._targets(candidates, outcomes, declared,
                                       model_rng(self.seed, round_index))
+        self._pace(metagraph, declared)
         extra = [t for t in targets for _ in range(declared.get(t.uid, 1) - 1)]
         challenges, probes = primaries(self.factory.make_round(rng, targets + extra))
         for target in targets:
@@ -429,7 +436,31 @@ class Validator:
             if declared is not None:
                 declared[neuron.uid] = max(1, min(int(served.concurrency),
                                                   self.config.scoring.volume_cap))
+            self._advertised[neuron.uid] = served
         return targets
+
+    def _pace(self, metagraph: Metagraph, declared: dict[int, int]) -> None:
+        """The shortest round interval at which this round's requests (a challenge and the
+        volume probes per miner) stay within each miner's advertised rate for this hotkey
+        (niche/validator/pacing.py); the next round waits for it, with one log line when
+        it is longer than --neuron.round_interval."""
+        permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
+        ours = metagraph.by_hotkey(self.hotkey)
+        share = (ours.stake / permitted) if ours is not None and permitted > 0 else 1.0
+        slowest, paced = None, 0.0
+        for uid, requests in declared.items():
+            info = self._advertised.get(uid)
+            needed = paced_interval(requests, caller_rate(info, share) if info else None)
+            if needed > paced:
+                slowest, paced = uid, needed
+        if slowest is not None and paced > self.config.round_interval and \
+                round(paced) != round(self.paced_interval):
+            info = self._advertised[slowest]
+            log.info("rounds at least %.1fs apart (not %gs): uid %d allows %g requests a "
+                     "minute (its /v1/info) and a round sends it %d", paced,
+                     self.config.round_interval, slowest, caller_rate(info, share) or 0,
+                     declared[slowest])
+        self.paced_interval = paced
 
     def _log_scored_on(self, uid: int, offered: dict, shares) -> None:
         """One INFO line per miner when the models it is scored on change."""
