@@ -28,9 +28,9 @@ class RestartingClient(MinerClient):
     """The validator's client; its first states fetch is preceded by a SIGKILL and a
     restart of the miner (the test's only hook: everything else is the real path)."""
 
-    def __init__(self, wallet, miner: MinerProcess):
+    def __init__(self, wallet, miner: MinerProcess, moved: bool = False):
         super().__init__(wallet)
-        self.miner, self.restarts = miner, 0
+        self.miner, self.restarts, self.moved = miner, 0, moved
 
     async def fetch_states(self, target, request_id, *args, **kwargs):
         if self.restarts == 0:
@@ -39,6 +39,8 @@ class RestartingClient(MinerClient):
             # (docs/miner.md: a SIGKILL loses at most those): kill once they are there.
             await asyncio.to_thread(self.miner.wait_written, request_id)
             self.miner.kill()
+            if self.moved:  # restarted on another port (published on chain at start)
+                self.miner.port = free_port()
             await asyncio.to_thread(self.miner.start)
         return await super().fetch_states(target, request_id, *args, **kwargs)
 
@@ -48,8 +50,8 @@ class SkewedClient(RestartingClient):
     miner's (inside the 40 s a miner accepts): the restarted miner refuses requests signed
     before it started (401 stale_request) until this clock passes its start."""
 
-    def __init__(self, wallet, miner: MinerProcess, skew: float):
-        super().__init__(wallet, miner)
+    def __init__(self, wallet, miner: MinerProcess, skew: float, moved: bool = False):
+        super().__init__(wallet, miner, moved)
         self.skew = skew
 
     async def _exchange(self, *args, **kwargs):
@@ -61,12 +63,13 @@ class SkewedClient(RestartingClient):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("skew", [0.0, 5.0])
+@pytest.mark.parametrize(("skew", "moved"), [(0.0, False), (5.0, False), (0.0, True)])
 def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine,
-                                                                      skew):
+                                                                      skew, moved):
     """skew: the validator's clock behind the miner's; with 5 s the restarted miner answers
     401 to the first fetches, which the validator signs again and retries (a refusal that
-    re-signing cures is a fault of availability, never a cheat)."""
+    re-signing cures is a fault of availability, never a cheat). moved: the miner comes
+    back on another port, which it publishes: the fetch follows it there."""
     wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
     chain = LocalChain(tmp_path / "chain.db", create=True)
     chain.create_subnet(NETUID, max_validators=4)
@@ -78,7 +81,7 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
                              state_path=tmp_path / "state.db", audit_fraction=1.0,
                              epoch_length=1000, round_interval=0, info_timeout=5.0)
     state = ValidatorState(config.state_path)
-    client = SkewedClient(wallets["validator"], miner, skew)
+    client = SkewedClient(wallets["validator"], miner, skew, moved)
     validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
     try:
         miner.start()

@@ -17,10 +17,11 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -163,6 +164,8 @@ class _Undecodable(Exception):
     pass
 
 
+log = logging.getLogger("niche.validator")
+
 _AWAY = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
          aiohttp.ClientResponseError)
 """Faults of availability on a request: refused, reset, a body cut short, a garbled
@@ -192,6 +195,9 @@ class MinerClient:
         self._negotiated: dict[str, int] = {}
         self.clock_offsets = ClockOffsets()
         """Each miner's clock as seen in its refusals: requests to it are signed by it."""
+        self.endpoint_of: Callable[[str], Awaitable[str | None]] | None = None
+        """A miner's endpoint URL on chain now (by hotkey), asked when a states fetch cannot
+        connect (the validator sets it; None: fetch where the round found the miner)."""
         self.max_response_bytes = max_response_bytes
         self.max_connections = max_connections
         self.image_limits = image_limits or ImageLimits(max_side=8192, max_pixels=8192 * 8192,
@@ -453,6 +459,23 @@ class MinerClient:
                                validator_error=True)
         return StatesFetch(states)
 
+    async def _moved_to(self, t: MinerTarget, url: str) -> str:
+        """Where `t` serves now, by the chain (`endpoint_of`), after a connection to `url`
+        failed: a miner restarted on another port between its answer and the audit is
+        fetched from there, not charged as unavailable."""
+        if self.endpoint_of is None:
+            return url
+        try:
+            now = await self.endpoint_of(t.hotkey)
+        except Exception as exc:  # the chain's hiccup: keep retrying where it was
+            log.debug("endpoint lookup for %s failed: %s", t.hotkey, exc)
+            return url
+        if now and now != url:
+            log.info("uid %d moved from %s to %s (its endpoint on chain): fetching there",
+                     t.uid, url, now)
+            return now
+        return url
+
     async def _fetch_chunk(self, http: aiohttp.ClientSession, t: MinerTarget, request_id: str,
                            commitment: StatesCommitment, chunk: list[int], deadline: float,
                            retry_delay: float, timeout: float) -> StatesFetch:
@@ -468,6 +491,7 @@ class MinerClient:
         cap = len(chunk) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
         attempts = 0
         auth_refused = False  # the last try was a 401
+        url = t.url or ""
         while True:
             attempts += 1
             left = deadline - time.monotonic()
@@ -479,12 +503,13 @@ class MinerClient:
             auth_refused = False
             try:
                 status, media, raw = await within(
-                    self._exchange(http, "POST", t.url or "", STATES_PATH, body, t.hotkey,
-                                   cap, accept), left)
+                    self._exchange(http, "POST", url, STATES_PATH, body, t.hotkey, cap,
+                                   accept), left)
             except asyncio.TimeoutError:
                 fault = f"states not sent within {timeout:.3g}s"
             except _AWAY as exc:  # refused, reset, cut short, garbled: the miner is away
                 fault = f"{type(exc).__name__}: {exc}"[:200]
+                url = await self._moved_to(t, url)
             except (BodyTooLarge, _Undecodable) as exc:
                 return StatesFetch({}, str(exc))
             except (aiohttp.ClientError, ValueError) as exc:  # its endpoint is unusable

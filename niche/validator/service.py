@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import signal
 import threading
@@ -137,6 +138,8 @@ class ValidatorConfig:
             self.scoring = replace(self.scoring, audit_fraction=self.audit_fraction)
 
 
+ENDPOINTS_FRESH = 5.0
+"""Seconds a metagraph read for miners' endpoints is reused during audits."""
 STOP_FAULTS = frozenset({"timeout", "unreachable", "no_endpoint", "http_error",
                          scoring.UNAVAILABLE})
 """What a miner answers when it is being stopped (the whole machine going down, `pm2 stop
@@ -206,6 +209,8 @@ class Validator:
         """uid -> its last /v1/info (its rate limit paces the rounds)."""
         self.paced_interval = 0.0
         """Seconds the miners' advertised rates need between round starts (`_pace`)."""
+        self._endpoints: tuple[float, dict[str, str]] = (-math.inf, {})
+        self.client.endpoint_of = self._endpoint_of
         """This round's organic verdicts (id, passed, reason, similarity), written after it
         is saved."""
         """uid -> organic answers that passed their audit this round (count as volume)."""
@@ -438,6 +443,16 @@ class Validator:
                                                   self.config.scoring.volume_cap))
             self._advertised[neuron.uid] = served
         return targets
+
+    async def _endpoint_of(self, hotkey: str) -> str | None:
+        """`hotkey`'s endpoint URL on chain now (the metagraph read at most every 5 s): a
+        miner that restarted on another port mid-audit is fetched there."""
+        read_at, urls = self._endpoints
+        if time.monotonic() - read_at > ENDPOINTS_FRESH:
+            metagraph = await asyncio.to_thread(self.chain.metagraph, self.config.netuid)
+            urls = {n.hotkey: n.endpoint.url for n in metagraph.neurons if n.endpoint}
+            self._endpoints = (time.monotonic(), urls)
+        return urls.get(hotkey)
 
     def _pace(self, metagraph: Metagraph, declared: dict[int, int]) -> None:
         """The shortest round interval at which this round's requests (a challenge and the
