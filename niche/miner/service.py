@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import ipaddress
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from niche import __version__
 from niche.auth import AuthFailure, RequestVerifier, claimed_hotkey, has_auth_headers, sign_response
-from niche.chain.base import Chain, ChainError, Metagraph, Neuron
+from niche.chain.base import Chain, ChainError, Endpoint, Metagraph, Neuron
 from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import EngineUnavailable, InvalidRequest
@@ -230,6 +231,8 @@ class MinerService:
         """Set by the server: asks it to stop serving (the deregistration stop)."""
         self._endpoint: tuple[str, int] | None = None
         self._endpoint_published = True
+        self._other_endpoint: Endpoint | None = None
+        """The endpoint of another process the chain showed for this hotkey (warned once)."""
         if metagraph is not None:
             self.set_metagraph(metagraph)
         elif chain is not None:
@@ -298,16 +301,41 @@ class MinerService:
         else:
             log.warning("%s", outcome.message)
 
+    def needs_publishing(self, metagraph: Metagraph) -> bool:
+        """Whether this miner's endpoint must be published again: the rate limit deferred it,
+        or the chain shows another endpoint for this hotkey (another process served it and
+        may have stopped since: validators would call a dead port for ever). One WARNING per
+        other endpoint seen."""
+        if self._endpoint is None:
+            return False
+        if not self._endpoint_published:  # deferred: the chain still shows an older one
+            return True
+        neuron = metagraph.by_hotkey(self.hotkey)
+        shown = neuron.endpoint if neuron is not None else None
+        ours = Endpoint(*self._endpoint)
+        if shown is None:  # none, or none readable (0.0.0.0): serving again cannot help
+            return False
+        if same_endpoint(shown, ours):
+            self._other_endpoint = None
+            return False
+        if shown != self._other_endpoint:
+            self._other_endpoint = shown
+            log.warning("chain endpoint for hotkey %s is %s:%d, this miner serves %s:%d: "
+                        "another process may serve this hotkey; publishing ours again",
+                        self.hotkey, shown.ip, shown.port, ours.ip, ours.port)
+        return True
+
     async def refresh_loop(self) -> None:
         """Background task: keep the metagraph snapshot fresh (a failed read keeps the old),
-        watch the registration, and retry an endpoint publication the rate limit deferred."""
+        watch the registration, and publish the endpoint again when the chain does not show
+        it (a publication the rate limit deferred, another process on this hotkey)."""
         while True:
             await asyncio.sleep(self.config.metagraph_refresh)
             try:
                 mg = await asyncio.to_thread(self.refresh_metagraph)
                 log.debug("metagraph refreshed: block %d, %d neurons", mg.block,
                           len(mg.neurons))
-                if not self._endpoint_published and self._endpoint is not None:
+                if self._endpoint is not None and self.needs_publishing(mg):
                     await asyncio.to_thread(self.announce, *self._endpoint)
             except Exception as exc:  # the miner keeps serving with the last snapshot
                 log.warning("metagraph refresh failed (keeping the last snapshot): %s", exc)
@@ -612,6 +640,14 @@ def engine_concurrency(engine: Any) -> int:
     """Generations an engine runs at once: its `concurrency` (replicas), else 1."""
     value = getattr(engine, "concurrency", 1)
     return value if isinstance(value, int) and value >= 1 else 1
+
+
+def same_endpoint(a: Endpoint, b: Endpoint) -> bool:
+    """Equal endpoints, whichever way the chain spells an IPv6 address."""
+    try:
+        return a.port == b.port and ipaddress.ip_address(a.ip) == ipaddress.ip_address(b.ip)
+    except ValueError:  # not an address: as written
+        return a == b
 
 
 def short(hotkey: Any) -> str:

@@ -50,6 +50,36 @@ CREATE TABLE IF NOT EXISTS states (
 """
 
 
+_COLUMNS = ["hotkey", "request_id", "expires", "size", "lengths", "data"]
+_COMPANIONS = ("-wal", "-shm", "-journal")
+_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT ("malformed"), SQLITE_NOTADB ("not a database")
+
+
+class _Unusable(Exception):
+    """The states file is not a states store this version can use (a corrupt file, another
+    schema): a cache, so it is moved aside rather than refusing to start."""
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite refused the file's contents (not its permissions, a lock or the
+    disk): sqlite3 raises a bare DatabaseError for exactly those before Python 3.11."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return type(exc) is sqlite3.DatabaseError
+    return code & 0xFF in _CORRUPT_CODES
+
+
+def _check_tables(db: sqlite3.Connection, path: Path) -> None:
+    """A SQLite file with other tables is someone's database given as --states.path by
+    mistake: refused, never moved aside or written to."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+              if not row[0].startswith("sqlite_")}
+    if tables - {"states"}:
+        raise ConfigError(f"--states.path {path} is another SQLite database (tables: "
+                          f"{', '.join(sorted(tables))}), not a states store: pick another "
+                          "file or pass --states.memory_only")
+
+
 class EarlyDrops:
     """Answers whose states went for space before their ttl: counted, and said in one log
     line at most every `every` seconds. An audit that asks for them finds them gone
@@ -99,7 +129,10 @@ class DiskStates:
     bytes the ttl needs is answers a minute x bytes an answer, which a miner with more GPUs
     behind one hotkey cannot be asked to work out (a fixed 8 GiB held ~29 FLUX.1-dev answers
     a minute), while the ttl already bounds what is kept, and the GPUs bound how fast it
-    comes."""
+    comes.
+
+    A file that is not a usable store (corrupt, another schema) is moved aside at start:
+    it is a cache, and refusing to start would lose every audit instead of a few."""
 
     def __init__(self, path: Path, max_bytes: int | None, ttl: float,
                  clock: Callable[[], float] = time.time, *,
@@ -109,29 +142,74 @@ class DiskStates:
         self._disk_usage = disk_usage or _total_and_free
         self.early = EarlyDrops(ttl)
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
-            # the log shrinks back after a checkpoint: a 28 MiB answer goes through it
-            self._db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
-            self._db.execute(_SCHEMA)
-            self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-            self._bytes = int(self._db.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM states").fetchone()[0])
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"--states.path {self.path}: cannot open the states store "
-                              f"({exc}); pick a writable file or pass --states.memory_only"
-                              ) from None
-        with self._lock:
-            self._prune()
+        self._open()
         self._queue: queue.Queue[tuple[str, str, tuple[RawState, ...]] | None] = queue.Queue(
             maxsize=64)
         self._writer = threading.Thread(target=self._write_loop, name="niche-states-writer",
                                         daemon=True)
         self._writer.start()
+
+    def _open(self) -> None:
+        """Open the file. One that is not a usable states store (garbage, a malformed image,
+        another schema) is a disposable cache: moved aside, and the miner starts with an
+        empty one. What moving cannot fix (permissions, a folder, a lock) is a
+        ConfigError."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._connect()
+            except _Unusable as exc:
+                self._move_aside(str(exc))
+                self._connect()
+        except (OSError, sqlite3.Error, _Unusable) as exc:
+            raise ConfigError(f"--states.path {self.path}: cannot open the states store "
+                              f"({exc}); make it writable by this user, pick another file "
+                              "or pass --states.memory_only") from None
+
+    def _connect(self) -> None:
+        """Open, set up, read the file's totals and prune it; _Unusable when it is not a
+        states store this version can use."""
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0,
+                             check_same_thread=False)
+        try:
+            _check_tables(db, self.path)  # before anything is written to the file
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+            # the log shrinks back after a checkpoint: a 28 MiB answer goes through it
+            db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+            db.execute(_SCHEMA)
+            columns = [row[1] for row in db.execute("PRAGMA table_info(states)")]
+            if columns != _COLUMNS:
+                raise _Unusable(f"its states table has columns {', '.join(columns)}, not "
+                                f"{', '.join(_COLUMNS)}")
+            self._page = int(db.execute("PRAGMA page_size").fetchone()[0])
+            self._bytes = int(db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM states").fetchone()[0])
+            with self._lock:
+                self._db = db
+                self._prune()
+        except BaseException as exc:
+            db.close()
+            if isinstance(exc, sqlite3.DatabaseError) and _corrupt(exc):
+                raise _Unusable(str(exc)) from exc
+            raise
+
+    def _move_aside(self, why: str) -> None:
+        """Rename the file (and its -wal/-shm/-journal) to `<name>.corrupt-<UTC time>`,
+        kept for a look rather than deleted; one WARNING line says so."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}"), n + 1
+        self.path.rename(aside)
+        for suffix in _COMPANIONS:
+            companion = self.path.with_name(self.path.name + suffix)
+            if companion.exists():
+                companion.rename(aside.with_name(aside.name + suffix))
+        log.warning("states store %s is unusable (%s): moved aside to %s, starting with an "
+                    "empty one (audits of answers from before find no states)", self.path,
+                    why, aside)
 
     @property
     def bytes_held(self) -> int:
