@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
                 logging.getLogger("niche.validator").warning("%s", notice)
         with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
             state.bind(chain.network, config.netuid, hotkey)
-            logging.getLogger("niche.validator").info("%s", resume_line(state))
+            log_resume(state, config.netuid, hotkey)
             from niche.commands.dashboard_args import dashboard_from_args
 
             dashboard = dashboard_from_args(args, config.state_path)
@@ -320,6 +320,19 @@ def _run(args: argparse.Namespace) -> int:
                     dashboard.close()
     finally:
         chain.close()
+
+
+def log_resume(state, netuid: int, hotkey: str) -> None:
+    """The resume line; for a new file, a WARNING naming this netuid and hotkey's file under
+    another network folder (the network spelled differently must not silently restart at
+    round 0)."""
+    from niche.validator.state import other_network_notice
+
+    log = logging.getLogger("niche.validator")
+    log.info("%s", resume_line(state))
+    notice = other_network_notice(state.path, netuid, hotkey) if state.round_index == 0 else None
+    if notice:
+        log.warning("%s", notice)
 
 
 def resume_line(state) -> str:

@@ -4,23 +4,35 @@ reasons, recent answer fingerprints and the last weights.
 Each round is written in ONE transaction (WAL journal), so a validator killed at any moment
 restarts from the last complete round; a read-only, full or corrupt file is reported in one
 actionable line and the existing content is never half-overwritten.
+
+One writer per file: the writer holds an exclusive flock on `<state>.lock` while it is open
+(two validators on one file would each rewrite the scores and exclusions, un-excluding the
+other's cheats). Readers (`read_only=True`, the dashboard, the gateway) take no lock and
+write nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import re
 import sqlite3
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from niche.errors import NicheError
+from niche.errors import ConfigError, NicheError
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 
 SCHEMA_VERSION = 1
+DEFAULT_ROOT = Path("~/.niche/validator")
 LEGACY_DEFAULT_PATH = Path("~/.niche/validator/state.sqlite")
 """The default before state files were keyed by network, netuid and hotkey."""
 APPLICATION_ID = 0x4E494348  # "NICH": marks the file as ours
@@ -48,18 +60,16 @@ CREATE TABLE IF NOT EXISTS weights (
 
 
 def default_state_path(network: str, netuid: int, hotkey: str,
-                       root: Path = Path("~/.niche/validator")) -> Path:
+                       root: Path = DEFAULT_ROOT) -> Path:
     """~/.niche/validator/<network>/netuid<N>/<hotkey>/state.sqlite (a ws:// URL as network
     is made a folder name), so two validators or two subnets never share a file."""
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", network).strip("_") or "network"
     return root / folder / f"netuid{int(netuid)}" / hotkey / "state.sqlite"
 
 
-def find_state_file(root: Path = Path("~/.niche/validator")) -> Path:
+def find_state_file(root: Path = DEFAULT_ROOT) -> Path:
     """The one state file under the default root (`niche validator status` with no --state):
     several validators on one box must say which."""
-    from niche.errors import ConfigError
-
     base = root.expanduser()
     found = sorted(base.glob("*/netuid*/*/state.sqlite"))
     if len(found) == 1:
@@ -81,6 +91,35 @@ def legacy_state_notice(path: Path, legacy: Path = LEGACY_DEFAULT_PATH) -> str |
     return (f"a validator state file from before state files were keyed by network, netuid "
             f"and hotkey is at {old}; it is NOT used. If it is this validator's (same network, "
             f"netuid and hotkey), move it: mkdir -p {new.parent} && mv {old} {new}")
+
+
+def other_network_notice(path: Path, netuid: int, hotkey: str,
+                         root: Path = DEFAULT_ROOT) -> str | None:
+    """One line when a new default state file has a sibling with rounds for the same netuid
+    and hotkey under another network folder: `finney` and its wss:// URL (or `local` and
+    ws://127.0.0.1:9944) are different folders, and a validator moved to its own node would
+    otherwise restart from round 0 without a word. Never switches by itself."""
+    base, mine = root.expanduser(), path.expanduser()
+    if len(mine.parents) < 4 or mine.parents[3] != base:
+        return None  # an explicit --neuron.state_path elsewhere: the operator chose it
+    pattern = f"*/netuid{int(netuid)}/{glob.escape(hotkey)}/state.sqlite"
+    found = [(rounds_on_file(other), other) for other in sorted(base.glob(pattern))
+             if other != mine]
+    found = [(rounds, other) for rounds, other in found if rounds]
+    if not found:
+        return None
+    rounds, other = max(found, key=lambda pair: pair[0] or 0)
+    return (f"found {other} (round {rounds}) for this netuid and hotkey under network "
+            f"{other.parts[-4]}: pass --neuron.state_path {other} to keep its scores")
+
+
+def rounds_on_file(path: Path) -> int | None:
+    """Rounds completed in a state file, read without a lock (None: unreadable)."""
+    try:
+        with ValidatorState(path, read_only=True) as state:
+            return state.round_index
+    except (NicheError, sqlite3.Error, ValueError):
+        return None
 
 
 class StateError(NicheError):
@@ -142,23 +181,108 @@ def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
     return StateError(f"validator state {path}: {doing} failed: {exc} ({hint})")
 
 
-class ValidatorState:
-    """Open (creating if needed) and check a state file. One writer per file."""
+_HELD: dict[Path, list[int]] = {}
+"""Lock file -> [descriptor, writers open in this process]. flock refuses a second
+descriptor even in the same process; one process may open its own file twice."""
+_HELD_GUARD = threading.Lock()
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path).expanduser()
-        self._check_access()
+
+def lock_path(path: Path) -> Path:
+    """The sidecar file the writer of `path` holds locked."""
+    return path.with_name(path.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text() or "{}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
+        return f"pid {int(info['pid'])}, started {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid not written yet"
+
+
+def _take_writer_lock(path: Path) -> Path:
+    """Hold `<path>.lock` exclusively (flock, non-blocking) for this process, or refuse in
+    one line naming the holder. The kernel lets go when the process ends, however it ends."""
+    lock = lock_path(path)
+    key = lock.resolve()
+    with _HELD_GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key
         try:
-            self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"validator state {path}: cannot create its lock file {lock}: "
+                             f"{exc.strerror}; pass another --neuron.state_path") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"validator state {path} is in use by another process "
+                              f"({_holder(lock)}): one validator per state file; stop it or "
+                              "pass another --neuron.state_path") from None
+        with contextlib.suppress(OSError):  # who holds it is for the message only
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(),
+                                     "command": " ".join(sys.argv)[:200]}).encode())
+        _HELD[key] = [fd, 1]
+    return key
+
+
+def _release_writer_lock(key: Path) -> None:
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.close(held[0])  # closing the descriptor releases the lock
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """`mode=ro`: never writes, never waits on the writer. A WAL file closed cleanly in a
+    folder this process cannot write has no -shm to share and SQLite refuses it; with no
+    -wal beside it everything is in the main file, so it is read as immutable."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "readonly" not in str(exc).lower() or Path(f"{path}-wal").exists():
+            raise
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+
+
+class ValidatorState:
+    """Open (creating if needed) and check a state file. One writer per file, enforced by
+    a lock (see the module's docstring); `read_only=True` reads beside a running writer
+    (or on a read-only file) and creates, locks and writes nothing."""
+
+    def __init__(self, path: Path | str, *, read_only: bool = False):
+        self.path = Path(path).expanduser()
+        self.read_only = read_only
+        self._unlock: weakref.finalize | None = None
+        if not read_only:
+            self._check_access()
+            key = _take_writer_lock(self.path)
+            self._unlock = weakref.finalize(self, _release_writer_lock, key)
+        try:
+            self._conn = (_connect_read_only(self.path) if read_only else
+                          sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0))
         except sqlite3.Error as exc:
+            self._let_go()
             raise _explain(exc, self.path, "open") from exc
         try:
             self._init()
         except sqlite3.Error as exc:
-            self._conn.close()
+            self.close()
             raise _explain(exc, self.path, "open") from exc
         except StateError:
-            self._conn.close()
+            self.close()
             raise
 
     def _check_access(self) -> None:
@@ -190,6 +314,12 @@ class ValidatorState:
         if check != "ok":
             raise StateError(f"validator state {self.path}: integrity check failed ({check}); "
                              "move the file aside to start fresh")
+        if self.read_only:
+            if not tables:
+                raise StateError(f"validator state {self.path}: no validator has written it "
+                                 "yet")
+            self._check_version()
+            return
         c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=FULL")
         c.execute("PRAGMA foreign_keys=ON")
@@ -206,6 +336,9 @@ class ValidatorState:
             except BaseException:
                 _rollback(c)
                 raise
+        self._check_version()
+
+    def _check_version(self) -> None:
         version = int(self._meta("schema_version") or "0")
         if version > SCHEMA_VERSION:
             raise StateError(f"validator state {self.path}: schema version {version} was written "
@@ -356,6 +489,12 @@ class ValidatorState:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Release the writer's lock (once; the connection is closed first)."""
+        if self._unlock is not None:
+            self._unlock()
 
     def __enter__(self) -> ValidatorState:
         return self

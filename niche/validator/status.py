@@ -1,5 +1,7 @@
 """`niche validator status`: what a validator's state file holds (scores, exclusions, last
-round, last weights), read without a chain or models, while the validator runs or not."""
+round, last weights), read without a chain or models, while the validator runs or not: it
+opens the file read-only (`mode=ro`), so it needs no write access and never takes or waits
+for the running validator's lock."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +18,7 @@ def read_status(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
                           "--neuron.state_path")
-    with ValidatorState(path) as state:
+    with ValidatorState(path, read_only=True) as state:
         rounds = state.round_index
         book = state.load_book(ScoringConfig())
         weights = state.last_weights()

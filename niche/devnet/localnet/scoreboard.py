@@ -49,7 +49,7 @@ def collect(plan: LocalnetPlan) -> tuple[list[ScoreRow], dict]:
     scores: dict[int, float] = {}
     rows_by_uid: dict[int, list] = {}
     if validator.state_path and Path(validator.state_path).exists():
-        with ValidatorState(validator.state_path) as state:
+        with ValidatorState(validator.state_path, read_only=True) as state:
             rounds_done = state.round_index
             book = state.load_book(ScoringConfig())
             scores = {uid: entry.score for uid, entry in book.uids.items()}
