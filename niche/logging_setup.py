@@ -32,6 +32,24 @@ LOG_FILE_BYTES = 10 * 1024 * 1024
 LOG_FILE_COUNT = 5
 
 
+def _log_file_handler(folder: Path, log_file: Path) -> logging.Handler:
+    """The rotating handler of --logging.logging_dir; a folder that cannot be made or
+    written is a configuration error (exit 2, one line), not a traceback."""
+    from niche.errors import ConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--logging.logging_dir {folder} is a file, not a folder: pass a "
+                          "folder (created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--logging.logging_dir {folder}: cannot write "
+                          f"{exc.filename or log_file} ({exc.strerror or exc}): pass a "
+                          "writable folder") from None
+
+
 def setup_logging(debug: bool = False, *, trace: bool = False, logging_dir: Path | None = None,
                   process: str = "niche", progress: bool = True) -> Path | None:
     """Configure the root logger; returns the log file when `logging_dir` is given."""
@@ -42,15 +60,13 @@ def setup_logging(debug: bool = False, *, trace: bool = False, logging_dir: Path
     log_file = None
     if logging_dir is not None:
         folder = Path(logging_dir).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
         log_file = folder / f"{process}.log"
+        handler = _log_file_handler(folder, log_file)
         root = logging.getLogger()
         for old in [h for h in root.handlers if isinstance(h, logging.FileHandler)
                     and Path(h.baseFilename) == log_file.resolve()]:
             root.removeHandler(old)  # set up twice in one process: one file handler
             old.close()
-        handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         logging.getLogger().addHandler(handler)
     for noisy in NOISY_LOGGERS:

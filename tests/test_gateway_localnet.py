@@ -73,6 +73,7 @@ def test_openai_client_against_localnet_and_niche_verify(tmp_path, tiny_root):
                      "a red lighthouse", "--seed", str(answer.data[0].seed + 7), "--width",
                      "64", "--height", "64", "--candidate", str(tmp_path / "image0.png")],
             capture_output=True, text=True, env=env, timeout=300)
+        assert wrong.returncode == 1, wrong.stderr  # a mismatch exits 1
         assert json.loads(wrong.stdout.strip().splitlines()[-1])["match"] is False
     finally:
         proc.send_signal(signal.SIGINT)

@@ -26,7 +26,7 @@ def test_generate_states_then_verify_them(tmp_path, capsys):
     assert sorted(honest["steps"], key=int) == [str(k) for k in range(8)]
     assert all(s["error"] == 0.0 for s in honest["steps"].values())  # same dtype, same bits
     # the same states claimed for another prompt: step 0 already disagrees
-    assert main([*verify, "--prompt", "a blue square"]) == 0
+    assert main([*verify, "--prompt", "a blue square"]) == 1  # a mismatch exits 1
     cheat = _last_json(capsys)
     assert cheat["match"] is False and cheat["reason"].startswith("step 0")
     assert cheat["steps"]["0"]["error"] > 10 * cheat["steps"]["0"]["threshold"]

@@ -150,7 +150,7 @@ def test_verify_command(tiny_root, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["match"] is True and out["similarity"] == 1.0
     assert out["threshold"] == DEFAULT_THRESHOLDS["flux-schnell"]
-    assert main(common + [str(bad), "--threshold", "0.5"]) == 0
+    assert main(common + [str(bad), "--threshold", "0.5"]) == 1  # a mismatch exits 1
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["match"] is False and out["similarity"] < 0.5 and out["threshold"] == 0.5
     assert main(common + [str(tmp_path / "missing.png")]) == 2

@@ -121,6 +121,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-threads must be at least 1, not {args.num_threads}")
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """A cuda device torch cannot use is refused in one line, before any torch.cuda call."""
+    import torch
+
+    from niche.models.engine import no_cuda_reason, resolve_device
+
+    device = resolve_device(args.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(no_cuda_reason(device))
+
+
 def p90(values: list[float]) -> float:
     """Nearest-rank 90th percentile (the slowest of few runs, as an operator reads it)."""
     ordered = sorted(values)
@@ -279,6 +290,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     subnet = _subnet(args)
     quiet_libraries()
+    _check_device(args)
     results = [bench_model(args, model) for model in args.models]
     verified = all(v.verifies for r in results for v in r.verification.values())
     verdicts = [model_verdict(r, subnet) for r in results]

@@ -116,6 +116,11 @@ def _keys(args: argparse.Namespace):
 
 
 def run_keys_create(args: argparse.Namespace) -> int:
+    from niche.errors import ConfigError
+
+    for flag, value in (("--per-minute", args.per_minute), ("--per-day", args.per_day)):
+        if value < 1:  # before the key database is opened (or created)
+            raise ConfigError(f"{flag} must be >= 1, not {value}")
     store = _keys(args)
     secret, key = store.create(args.name, args.per_minute, args.per_day)
     db = str(store.db.path)
@@ -169,10 +174,10 @@ def _validator_state(args: argparse.Namespace, network: str, hotkey: str) -> Pat
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from niche.chain.base import ChainError
-    from niche.commands.chain_args import chain_from_args, wallet_from_args
+    from niche.commands.chain_args import wallet_from_args
     from niche.commands.logging_args import setup_logging_from_args
     from niche.commands.metrics_args import metrics_server_from_args
+    from niche.commands.startup import configuration_errors, open_chain
     from niche.errors import ConfigError
     from niche.gateway.app import create_app
     from niche.gateway.service import GatewayConfig, build_gateway
@@ -194,19 +199,22 @@ def _serve(args: argparse.Namespace) -> int:
                            cors_origins=tuple(args.cors_origins),
                            body_timeout=args.body_timeout,
                            max_inflight_per_key=args.max_inflight_per_key)
-    wallet = wallet_from_args(args)
-    chain = chain_from_args(args)
+    # as the miner and validator: a missing wallet or hotkey, chain file or subnet, a busy
+    # port are the operator's configuration (exit 2, which pm2 does not restart)
+    with configuration_errors():
+        wallet = wallet_from_args(args)
+    chain = open_chain(args, args.netuid)
     try:
-        if not chain.subnet_exists(args.netuid):
-            raise ChainError(f"subnet {args.netuid} does not exist on {chain.network}")
-        gateway = build_gateway(
-            chain, wallet, args.netuid, models=list(args.models),
-            db_path=Path(args.db).expanduser(), queue_path=Path(args.queue).expanduser(),
-            validator_state=_validator_state(args, chain.network, wallet.hotkey.ss58_address),
-            model_root=args.model_path, config=config, hedge_after=args.hedge_after)
-        sock = bind_socket(args.ip, args.port)
+        with configuration_errors():  # a busy port: before the key database is created
+            sock = bind_socket(args.ip, args.port, port_flag="--gateway.port")
         metrics = None
         try:
+            gateway = build_gateway(
+                chain, wallet, args.netuid, models=list(args.models),
+                db_path=Path(args.db).expanduser(), queue_path=Path(args.queue).expanduser(),
+                validator_state=_validator_state(args, chain.network,
+                                                 wallet.hotkey.ss58_address),
+                model_root=args.model_path, config=config, hedge_after=args.hedge_after)
             metrics = metrics_server_from_args(args, gateway.metrics.registry)
             server = uvicorn_server(create_app(gateway))
             log.info("gateway listening on http://%s:%d (signing as %s); keys and usage in "
@@ -215,7 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
                      gateway.keys.db.path, gateway.keys.db.path)
             if args.cors_origins:
                 log.info("CORS: browsers may call the API from %s", ", ".join(args.cors_origins))
-            with stop_on_signals(server):
+            with stop_on_signals(server, log):
                 server.run(sockets=[sock])
         finally:
             if metrics is not None:

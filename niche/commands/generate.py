@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from niche.errors import InvalidRequest
+from niche.errors import ConfigError, InvalidRequest, NicheError
 
 if TYPE_CHECKING:
     from niche.models.engine import Engine
@@ -52,6 +54,57 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p.add_argument_group("engine"))  # dtype: the model's, as a miner
 
 
+def _writable_folder(folder: Path, what: str) -> None:
+    """ConfigError unless `folder` is an existing folder a file can be created in (probed
+    with a temporary file, removed at once: a read-only or virtual file system such as /proc
+    says no only when asked)."""
+    if not folder.exists():
+        raise ConfigError(f"{what}: folder {folder} does not exist: create it first "
+                          f"(mkdir -p {folder}) or pick a path in an existing folder")
+    if not folder.is_dir():
+        raise ConfigError(f"{what}: {folder} is not a folder: pick a path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".niche-probe-")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write in {folder} ({exc.strerror or exc}): pick a "
+                          "writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: Path, flag: str, example: str = "image.png") -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, a missing
+    or unwritable parent folder. Creates nothing (missing parent folders are not made: a
+    typo would otherwise create folders anywhere, at / included)."""
+    what = f"{flag} {path}"
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder: name a file, e.g. {path / example}")
+    if path.exists():  # overwritten (a device such as /dev/null included) if writable
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{what} exists and is not writable: pick another path")
+    else:
+        _writable_folder(path.parent, what)
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: an existing
+    file, a missing or unwritable parent. Creates nothing."""
+    what = f"{flag} {path}"
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{what} exists and is not a folder: pick a folder path")
+        _writable_folder(path, what)
+    else:
+        _writable_folder(path.parent, what)
+
+
+def _write_output(path: Path, flag: str, write) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise NicheError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+
+
 def _params(args: argparse.Namespace):
     from pydantic import ValidationError
 
@@ -76,6 +129,11 @@ def _generate(args: argparse.Namespace) -> int:
     from niche.imaging import load_image_file
 
     params = _params(args)
+    check_output_file(args.out, "--out")  # before minutes of loading and generating
+    if args.states_out is not None:
+        check_output_file(args.states_out, "--states-out", "image.states")
+        if args.states_out.resolve() == args.out.resolve():
+            raise ConfigError("--states-out names the same file as --out: pick another")
     image = load_image_file(args.image) if args.image else None
     return _run(engine_from_request_args(args), args, params, image)
 
@@ -97,10 +155,10 @@ def _run(engine, args, params, image) -> int:
     if args.states_out:
         from niche.states import save_states_file
 
-        save_states_file(args.states_out, states, engine.compute_dtype(full.model))
+        _write_output(args.states_out, "--states-out", lambda: save_states_file(
+            args.states_out, states, engine.compute_dtype(full.model)))
     data = encode_image(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(data)
+    _write_output(args.out, "--out", lambda: args.out.write_bytes(data))
     print(json.dumps({"model": full.model, "pipeline": full.pipeline.value, "seed": full.seed,
                       "steps": full.steps, "width": full.width, "height": full.height,
                       "seconds": round(seconds, 4), "sha256": hashlib.sha256(data).hexdigest(),

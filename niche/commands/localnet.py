@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--miners", type=int, default=3, help="number of miners (default 3)")
     parser.add_argument("--validators", type=int, default=1, help="number of validators (1)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="validator rounds, then stop by itself and exit 0 "
+                        help="validator rounds (at least 1), then stop by itself and exit 0 "
                              "(default: run until Ctrl-C)")
     parser.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                         help="models, assigned to miners in turn (default flux-schnell kolors)")
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                              "the validator catch it: " + "; ".join(
                                  f"{name}: {what}" for name, what in CHEATS.items()))
     parser.add_argument("--audit-fraction", type=float, default=1.0,
-                        help="share of answers the validator audits (default 1.0)")
+                        help="share of answers the validator audits, 0..1 (default 1.0)")
     parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR).expanduser(),
                         help=f"chain file, wallets, state and logs (default {DEFAULT_WORKDIR}); "
                              "one localnet at a time per workdir (a second is refused)")
@@ -46,13 +46,24 @@ def register(subparsers) -> None:
                         help="do not start the OpenAI-compatible gateway (docs/gateway.md)")
     parser.add_argument("--miner1-args", dest="miner1_args", default="", metavar="FLAGS",
                         help="extra `niche miner` flags for miner1, one string, e.g. "
-                             "\"--engine.backend ray --engine.replicas 2\"")
+                             "\"--engine.backend ray --engine.replicas 2\"; a single flag needs "
+                             "the = form, else it is read as a flag of localnet: "
+                             "--miner1-args=--engine.fast")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from niche.devnet.localnet.lock import workdir_lock
+    from niche.devnet.localnet.plan import check_arguments
+    from niche.errors import ConfigError
 
+    # the arguments first: a refused run creates nothing (not even the workdir's lock)
+    check_arguments(miners=args.miners, validators=args.validators, models=args.models,
+                    cheats=args.cheat, rounds=args.rounds, audit_fraction=args.audit_fraction)
+    try:
+        shlex.split(args.miner1_args)
+    except ValueError as exc:
+        raise ConfigError(f"--miner1-args: {exc} in {args.miner1_args!r}") from None
     with workdir_lock(args.workdir):  # a second localnet on this workdir is refused
         return _run(args)
 

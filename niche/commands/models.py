@@ -51,12 +51,23 @@ def register(subparsers) -> None:
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
+    from niche.commands.generate import check_output_folder
+    from niche.errors import NicheError
+
+    if args.out is not None:
+        args.out = args.out.expanduser()
+        check_output_folder(args.out, "--out")  # an existing file, /proc/...: one line
     from niche.models.quiet import quiet_libraries
 
     quiet_libraries()
     from niche.devnet.tiny import build_tiny_models, ensure_tiny_models
 
-    root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
+    try:
+        root = build_tiny_models(args.out) if args.out else ensure_tiny_models()
+    except OSError as exc:
+        where = exc.filename or args.out or "the tiny cache"
+        raise NicheError(f"cannot write the tiny checkpoints to {where}: "
+                         f"{exc.strerror or exc}") from None
     print(root)
     return 0
 

@@ -4,8 +4,9 @@ With `--states FILE` (what `niche generate --states-out` writes, what a miner co
 the step check (recompute step 0 from the seed and random steps from the file's states,
 decode x_N against the candidate). Without: regenerate the request and compare.
 
-Prints one JSON line: {"match": bool, ...}. Exit code 0 whether or not it matches (the JSON
-says); errors exit non-zero.
+Prints one JSON line: {"match": bool, ...}. Exit code 0 when the candidate matches, 1 when
+it does not (a script can trust `niche verify ... && accept`), 2 for a usage or configuration
+error (a bad flag, a missing file).
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def register(subparsers) -> None:
         "verify", help="check a candidate image against a regenerated reference",
         description="Regenerate the request with the engine and compare the candidate image "
                     "with the validator's metric (SSIM, detail correlation, detail energy at "
-                    "full resolution). Same request flags as `niche generate`.")
+                    "full resolution). Same request flags as `niche generate`. Prints one "
+                    "JSON line {\"match\": ...}.",
+        epilog="exit status: 0 the candidate matches, 1 it does not match, 2 a usage or "
+               "configuration error (bad flag, missing or unreadable file).")
     from niche.commands.generate import add_request_args
 
     add_request_args(p)
@@ -48,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     params = _params(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise InvalidRequest("must be in [0, 1]", field="threshold")
+    if args.save_reference is not None:
+        from niche.commands.generate import check_output_file
+
+        check_output_file(args.save_reference, "--save-reference")  # before regenerating
     candidate = load_image_file(args.candidate)  # bounded decode: a bomb is refused
     image = load_image_file(args.image) if args.image else None
     from niche.models.quiet import quiet_libraries
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         "details": {k: round(v, 6) for k, v in verdict.details.as_dict().items()}
         if verdict.details else {},
     }))
-    return 0
+    return 0 if verdict.passed else 1
 
 
 def _step_check(args: argparse.Namespace, engine, params, image, candidate,
@@ -109,4 +117,4 @@ def _step_check(args: argparse.Namespace, engine, params, image, candidate,
                            "threshold": round(verdict.thresholds[k], 6)}
                   for k in sorted(verdict.errors)},
     }))
-    return 0
+    return 0 if verdict.passed else 1

@@ -331,12 +331,13 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
 
 
 # ----------------------------------------------------------------------------- running
-def bind_socket(ip: str, port: int) -> socket.socket:
+def bind_socket(ip: str, port: int, *, port_flag: str = "--axon.port") -> socket.socket:
     """A listening socket on ip:port, or a one-line NicheError (port in use, bad address).
 
     Made with proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose
     socket says so, and without it a response's body (written after its head) waits for the
-    peer's delayed ACK, ~40 ms per small response on a kept-alive connection."""
+    peer's delayed ACK, ~40 ms per small response on a kept-alive connection. `port_flag`
+    is the flag the busy-port advice names (the gateway's is --gateway.port)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -347,7 +348,7 @@ def bind_socket(ip: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise NicheError(f"port {port} on {ip} is already in use: stop the other process "
-                             "or pick another --axon.port") from None
+                             f"or pick another {port_flag}") from None
         raise NicheError(f"cannot listen on {ip}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
@@ -578,8 +579,10 @@ def uvicorn_server(app: FastAPI, *, proxy_headers: bool | None = None):
 
 
 @contextlib.contextmanager
-def stop_on_signals(server) -> Iterator[None]:
-    """SIGTERM/SIGINT: finish in-flight requests and stop; a second SIGINT forces it."""
+def stop_on_signals(server, logger: logging.Logger | None = None) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish in-flight requests and stop; a second SIGINT forces it. The
+    stop is logged on `logger` (default: the miner's)."""
+    say = logger or log
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -587,7 +590,7 @@ def stop_on_signals(server) -> Iterator[None]:
     def handler(sig, _frame) -> None:
         if server.should_exit and sig == signal.SIGINT:
             server.force_exit = True
-        log.info("%s received: stopping", signal.Signals(sig).name)
+        say.info("%s received: stopping", signal.Signals(sig).name)
         server.should_exit = True
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -265,7 +265,21 @@ def _missing_in_pipeline(root: Path) -> list[str]:
 
 
 def fetch_command(model: str, folder: Path | None) -> str:
-    """The command that fetches `model` to where the engine looked."""
+    """The command that fetches `model` to where the engine looked (the download writes
+    DEST/<model>/, so that is `folder` only when the folder is named after the model)."""
     if folder is None:
         return f"niche models download --model {model}"
-    return f"niche models download --model {model} --dest {Path(folder).parent}"
+    folder = Path(folder)
+    if folder.name == model:
+        return f"niche models download --model {model} --dest {folder.parent}"
+    return f"niche models download --model {model} --dest {folder}"
+
+
+def fetch_advice(model: str, folder: Path | None) -> str:
+    """`fetch it with `COMMAND``, plus the --model-dir that then finds the files when the
+    folder the engine looked in is not named after the model (--model-dir MODEL=DIR)."""
+    advice = f"fetch it with `{fetch_command(model, folder)}`"
+    if folder is not None and Path(folder).name != model:
+        advice += (f" and pass --model-dir {model}={Path(folder) / model} (the download "
+                   f"writes DEST/{model}/)")
+    return advice

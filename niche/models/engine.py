@@ -63,6 +63,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def no_cuda_reason(device: str) -> str:
+    """Why `device` (a cuda one) cannot run here, with what to do about it."""
+    if torch.version.cuda is None:
+        return (f"device {device} requested but this torch ({torch.__version__}) is the CPU "
+                "build: install the CUDA build with `NICHE_TORCH=cuda bash scripts/setup.sh` "
+                "(it replaces the CPU build), or pass --device cpu")
+    return (f"device {device} requested but torch (CUDA {torch.version.cuda} build) sees no "
+            "CUDA device: check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or pass --device cpu")
+
+
 class ImageEngine(Protocol):
     """What the miner, the verifier and the validator need of an engine. `Engine` is the one
     that serves; the localnet's cheating wrapper and test doubles stand in for it."""
@@ -144,7 +154,7 @@ class Engine:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}")
         device = resolve_device(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("device cuda requested but torch sees no CUDA device")
+            raise ConfigError(no_cuda_reason(device))
         if not models:
             raise ConfigError("no models to serve")
         self.device = device
@@ -466,7 +476,7 @@ def _uses_single_files(spec: ModelSpec, folder: Path | None) -> bool:
 def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseException) -> str:
     """One line: what is missing and the command that fetches it, else the loader's reason
     (diffusers' own message may point at "the stacktrace above", which nobody prints)."""
-    from niche.models.download import fetch_command, missing_on_disk
+    from niche.models.download import fetch_advice, missing_on_disk
 
     where = folder or "the hub (ids in its config)"
     if isinstance(exc, ConfigError) and _uses_single_files(spec, folder):
@@ -477,8 +487,8 @@ def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseExcepti
     if missing:
         shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4
                                           else "")
-        return (f"model {name} is not complete on this machine: missing {shown}; fetch it "
-                f"with `{fetch_command(name, folder)}`")
+        return (f"model {name} is not complete on this machine: missing {shown}; "
+                f"{fetch_advice(name, folder)}")
     text = str(exc).strip()
     first = text.splitlines()[0] if text else repr(exc)
     return f"cannot load model {name} from {where}: {first}"

@@ -193,10 +193,12 @@ class Dashboard(LocalServer):
     """A running dashboard: http://host:port/ (the page) and /api/state (its data)."""
 
 
-def start_dashboard(state_path: Path | str, port: int, host: str = DEFAULT_HOST) -> Dashboard:
+def start_dashboard(state_path: Path | str, port: int, host: str = DEFAULT_HOST, *,
+                    port_flag: str = "--dashboard.port") -> Dashboard:
     """Serve the dashboard of `state_path` in a daemon thread (port 0: any free port); a busy
-    port is a one-line configuration error, raised before anything slow starts."""
-    with binding(host, port, "--dashboard.port", "cannot serve the dashboard on"):
+    port is a one-line configuration error, raised before anything slow starts, naming
+    `port_flag` (`niche validator dashboard` passes its own --port)."""
+    with binding(host, port, port_flag, "cannot serve the dashboard on"):
         server = ThreadingHTTPServer((host, port), _handler(Path(state_path).expanduser()))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)

@@ -32,9 +32,16 @@ def workdir_lock(workdir: Path) -> Iterator[Path]:
     """Hold WORKDIR's lock for the body; ConfigError (exit 2) when another process holds
     it. Yields the lock file."""
     folder = Path(workdir).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--workdir {folder} is a file, not a folder: pass another "
+                          "--workdir (a folder, created if missing)")
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"--workdir {folder}: cannot create {exc.filename or path} "
+                          f"({exc.strerror or exc}): pass another --workdir") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -66,6 +66,32 @@ def _chain_and_wallet_args(plan_chain: str, netuid: int, wallet_path: Path, name
     ]
 
 
+def check_arguments(*, miners: int, validators: int, models: Sequence[str],
+                    cheats: Sequence[str], rounds: int | None, audit_fraction: float) -> None:
+    """ConfigError (exit 2) for a localnet that cannot run as asked, before anything is
+    created on disk or a child is started."""
+    from niche.models.spec import available_models
+
+    if miners < 1 or validators < 1:
+        raise ConfigError("localnet needs at least one miner and one validator")
+    unknown = sorted(set(models) - set(available_models()))
+    if unknown:
+        raise ConfigError(f"--models: unknown {unknown}; known: {available_models()}")
+    bad = sorted(set(cheats) - set(CHEATS))
+    if bad:
+        raise ConfigError(f"--cheat: unknown {bad}; choose from {list(CHEATS)}")
+    if len(cheats) > miners:  # each cheat takes one miner: an extra one would be dropped
+        raise ConfigError(f"--cheat given {len(cheats)} times for {miners} miner(s): each "
+                          f"cheat makes one miner dishonest; pass --miners {len(cheats)} or "
+                          f"more (--miners {len(cheats) + 1} keeps an honest miner1)")
+    if rounds is not None and rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, not {rounds} (leave it out to run "
+                          "until Ctrl-C)")
+    if not 0.0 <= audit_fraction <= 1.0:
+        raise ConfigError(f"--audit-fraction must be in [0, 1] (the share of answers the "
+                          f"validator audits), not {audit_fraction}")
+
+
 def prepare(
     workdir: Path,
     *,
@@ -89,16 +115,9 @@ def prepare(
     from niche.chain.local import LocalChain
     from niche.chain.wallets import create_wallet
     from niche.devnet.tiny import ensure_tiny_models
-    from niche.models.spec import available_models
 
-    if miners < 1 or validators < 1:
-        raise ConfigError("localnet needs at least one miner and one validator")
-    unknown = sorted(set(models) - set(available_models()))
-    if unknown:
-        raise ConfigError(f"--models: unknown {unknown}; known: {available_models()}")
-    bad = sorted(set(cheats) - set(CHEATS))
-    if bad:
-        raise ConfigError(f"--cheat: unknown {bad}; choose from {list(CHEATS)}")
+    check_arguments(miners=miners, validators=validators, models=models, cheats=cheats,
+                    rounds=rounds, audit_fraction=audit_fraction)
 
     workdir = Path(workdir).expanduser().resolve()
     if fresh and workdir.exists():
