@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,41 @@ def test_the_validator_command_is_refused_before_models_load(tmp_path, capsys):
     finally:
         first.kill()
         first.wait(timeout=30)
+
+
+def test_a_foreign_or_other_subnets_state_file_is_a_configuration_error(tmp_path, capsys):
+    """Exit 2 (pm2 holds it) in one line, not exit 1 (pm2 restarted the validator every
+    14 s): another subnet's state file, and an SQLite file that is no validator state; the
+    status command says its own flag."""
+    wallet = create_wallet("validator", "hot", tmp_path / "wallets")
+    chain = LocalChain(tmp_path / "chain.db", create=True, block_time=0.05)
+    try:
+        for netuid in (1, 2):
+            chain.create_subnet(netuid, max_uids=4, immunity_period=0, weights_rate_limit=0,
+                                min_validator_stake=1.0)
+            chain.register(netuid, wallet, stake=100.0)
+    finally:
+        chain.close()
+    other_subnet = tmp_path / "netuid1.sqlite"
+    with ValidatorState(other_subnet) as state:
+        state.bind("localnet", 1, wallet.hotkey.ss58_address)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    for path, says in ((other_subnet, "netuid 1"), (foreign, "not a niche validator state")):
+        before = path.read_bytes()
+        code = main(["validator", "--netuid", "2", "--subtensor.network", "localnet",
+                     "--localnet.path", str(tmp_path / "chain.db"), "--wallet.name",
+                     "validator", "--wallet.hotkey", "hot", "--wallet.path",
+                     str(tmp_path / "wallets"), "--models", "flux-schnell", "--tiny",
+                     "--neuron.state_path", str(path), "--neuron.rounds", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], err
+        assert path.read_bytes() == before
+    code = main(["validator", "status", "--state", str(foreign)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "pass another --state" in err[0] and "--neuron.state_path" not in err[0]
 
 
 def test_status_and_readers_work_beside_a_running_validator_and_change_nothing(tmp_path,

@@ -151,7 +151,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
                           "--neuron.state_path")
-    dashboard = start_dashboard(path, args.port, args.host)
+    dashboard = start_dashboard(path, args.port, args.host, port_flag="--port")
     print(f"dashboard of {path} on {dashboard.url} (Ctrl-C stops it)", flush=True)
     try:
         threading.Event().wait()
@@ -291,8 +291,14 @@ def _run(args: argparse.Namespace) -> int:
             notice = legacy_state_notice(config.state_path)
             if notice:
                 logging.getLogger("niche.validator").warning("%s", notice)
-        with ValidatorState(config.state_path) as state:  # a bad state file fails fast too
-            state.bind(chain.network, config.netuid, hotkey)
+        with configuration_errors():  # a bad or foreign state file: exit 2, pm2 holds it
+            state = ValidatorState(config.state_path)
+            try:
+                state.bind(chain.network, config.netuid, hotkey)
+            except BaseException:
+                state.close()
+                raise
+        with state:
             log_resume(state, config.netuid, hotkey)
             from niche.commands.dashboard_args import dashboard_from_args
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from niche.errors import ConfigError
 from niche.validator.scoring import ScoringConfig
-from niche.validator.state import ValidatorState
+from niche.validator.state import StateError, ValidatorState
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -18,7 +18,12 @@ def read_status(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
                           "--neuron.state_path")
-    with ValidatorState(path, read_only=True) as state:
+    try:
+        state = ValidatorState(path, read_only=True)
+    except StateError as exc:  # said for the validator: here the file comes from --state
+        raise ConfigError(str(exc).replace("pass another --neuron.state_path",
+                                           "pass another --state")) from None
+    with state:
         rounds = state.round_index
         book = state.load_book(ScoringConfig())
         weights = state.last_weights()
