@@ -106,7 +106,7 @@ def test_missing_state_and_busy_port_are_one_line(tmp_path, capsys):
         port = busy.getsockname()[1]
         assert main(["validator", "dashboard", "--state", str(state), "--port", str(port)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"error: --dashboard.port {port} on 127.0.0.1 is already in use: "
+        assert err == [f"error: --port {port} on 127.0.0.1 is already in use: "
                        "pick another port"]
     dashboard = start_dashboard(state, 0)
     try:
