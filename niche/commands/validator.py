@@ -173,14 +173,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def build_config(args: argparse.Namespace):
     from niche.errors import ConfigError
+
+    if args.netuid is None:  # before the imports below (torch, diffusers: seconds)
+        raise ConfigError("--netuid is required")
     from niche.validator.audit import AuditConfig
     from niche.validator.scoring import ScoringConfig
     from niche.validator.service import ValidatorConfig
     from niche.validator.steps import StepThresholds
     from niche.validator.verify import VerifyConfig
 
-    if args.netuid is None:
-        raise ConfigError("--netuid is required")
     shares = _pairs(args.emission_share, "--neuron.emission_share") or {
         m: 1.0 / len(args.models) for m in args.models}
     unknown = sorted(set(shares) - set(args.models))
@@ -244,7 +245,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from niche.commands.logging_args import setup_logging_from_args
+    from niche.errors import ConfigError
 
+    if args.netuid is None:  # before logging's set-up imports the model libraries (seconds)
+        raise ConfigError("--netuid is required")
     setup_logging_from_args(args, "niche-validator")
     from niche.commands.startup import configuration_errors, open_chain
 
