@@ -3,6 +3,8 @@
 # chain file and a wallet, registers the hotkey, starts the miner under pm2 with the SAME
 # config file (localnet chain, tiny checkpoints, CPU), waits for /healthz, shows the miner's
 # own metagraph row and metrics, then deletes the pm2 app. Nothing touches a real network.
+# Everything it writes (chain, wallets, the app's pm2 logs) is under REHEARSAL_DIR
+# (default ~/.niche/rehearsal); pm2's own files are under PM2_HOME as usual.
 #   bash scripts/rehearse-miner-pm2.sh            # KEEP=1 leaves the app running
 # Run it after `bash scripts/setup.sh` (it uses .venv/bin/niche and node_modules/.bin/pm2).
 set -euo pipefail
@@ -25,7 +27,7 @@ METRICS_PORT="$(free_port)"
 export NICHE_BIN="$NICHE" NETUID=1 SUBTENSOR_NETWORK=localnet LOCALNET_PATH="$DIR/chain.db" \
     WALLET_NAME=rehearsal WALLET_HOTKEY=miner WALLET_PATH="$DIR/wallets" \
     AXON_IP=127.0.0.1 AXON_PORT METRICS_PORT MODEL="flux-schnell kolors" DEVICE=cpu \
-    EXTRA_ARGS="--tiny"
+    EXTRA_ARGS="--tiny" NICHE_LOG_DIR="$DIR/logs"
 APP=niche-miner-rehearsal-miner
 "$PM2" delete "$APP" >/dev/null 2>&1 || true
 "$PM2" start configs/pm2/miner.config.js
@@ -47,4 +49,4 @@ text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).
 print("\n".join(l for l in text.splitlines() if l.startswith(("niche_miner_registered", "niche_miner_uid"))))
 PYEOF
 "$NICHE" chain metagraph "${NET[@]}" --hotkey "$HOTKEY"
-echo "[rehearsal] ok: configs/pm2/miner.config.js serves on localnet (app $APP)"
+echo "[rehearsal] ok: configs/pm2/miner.config.js serves on localnet (app $APP, logs $DIR/logs)"

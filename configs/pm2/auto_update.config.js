@@ -5,7 +5,7 @@
 //   PROCESSES="niche-miner-miner-default" pm2 start configs/pm2/auto_update.config.js
 //   DRY_RUN=1 ... only logs what it would do.
 const path = require("path");
-const { env, root } = require("./common");
+const { env, root, logDir, ensureDir } = require("./common");
 
 const args = env("PROCESSES", "").split(/\s+/).filter(Boolean);
 if (args.length === 0) throw new Error("set PROCESSES to the pm2 names to restart on update");
@@ -21,8 +21,8 @@ module.exports = {
     cwd: root,
     autorestart: false, // a one-shot check; cron_restart runs it again
     cron_restart: env("SCHEDULE", "*/30 * * * *"),
-    out_file: path.join(root, "logs", "niche-auto-update.out.log"),
-    error_file: path.join(root, "logs", "niche-auto-update.err.log"),
+    out_file: path.join(ensureDir(logDir), "niche-auto-update.out.log"),
+    error_file: path.join(logDir, "niche-auto-update.err.log"),
     time: true,
   }],
 };

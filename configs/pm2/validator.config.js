@@ -17,6 +17,7 @@ const args = argsFromEnv("validator", [
   ["STATE_PATH", "--neuron.state_path"],
   ["EMISSION_SHARE", "--neuron.emission_share", "list"],
   ["PROMPTS_FILE", "--neuron.prompts_file"],
+  ["ORGANIC_QUEUE", "--neuron.organic_queue"], // the gateway's (gateway.config.js)
   ["DASHBOARD_PORT", "--dashboard.port"],
   ["DASHBOARD_HOST", "--dashboard.host"],
 ]);
