@@ -36,6 +36,41 @@ def test_rounds_faster_than_the_miners_rate_are_paced_not_refused(tmp_path, tiny
     assert statuses == ["ok", "ok", "ok"], [o.reason for r in validator.reports
                                             for o in r.outcomes]
     assert validator.paced_interval == 60.0 / (0.9 * RATE)
-    assert (f"rounds at least 5.6s apart (not 0s): uid {net.uids['miner1']} allows 12 "
-            "requests a minute (its /v1/info) and a round sends it 1") in caplog.text
+    assert "rounds at least 5.6s apart (not 0s): the median miner's advertised rate" in \
+        caplog.text
+    net.chain.close()
+
+
+def test_one_slow_miner_sits_rounds_out_instead_of_slowing_every_round(tmp_path, tiny_engine,
+                                                                       caplog):
+    """A miner advertising 6 requests a minute (hostile or modest) must not space every
+    round 11 s apart: the rounds follow the median miner, and it is asked as often as its
+    own rate allows, never refused for the validator's pace."""
+    import time
+
+    net = make_chain(tmp_path, miners=3)
+    fast = MinerConfig(netuid=NETUID, requests_per_minute=60.0)
+    slow = MinerConfig(netuid=NETUID, requests_per_minute=6.0)
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=4, seed=2,
+                             state_path=tmp_path / "v.sqlite", round_interval=0,
+                             audit_fraction=0.0,
+                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    caplog.set_level(logging.INFO, logger="niche.validator")
+    miners = {name: (Only(tiny_engine, "flux-schnell"), net.wallets[name], cfg)
+              for name, cfg in (("miner1", fast), ("miner2", fast), ("miner3", slow))}
+    with announced_miners(net.chain, miners), ValidatorState(config.state_path) as state:
+        validator = Validator(config, net.chain, net.validator, tiny_engine,
+                              MinerClient(net.validator), state)
+        started = time.monotonic()
+        assert validator.run() == 0
+        took = time.monotonic() - started
+    outcomes = [o for report in validator.reports for o in report.outcomes]
+    assert all(o.status == "ok" for o in outcomes), [o.reason for o in outcomes]
+    slow_uid = net.uids["miner3"]
+    assert [o.uid for o in outcomes].count(slow_uid) == 1  # asked once in ~4 s: its rate
+    assert sum(1 for o in outcomes if o.uid != slow_uid) == 8  # the others every round
+    assert validator.paced_interval == 60.0 / (0.9 * 60.0)
+    assert took < 15.0, f"4 rounds took {took:.1f}s: paced to the slowest miner"
+    assert f"uids [{slow_uid}] sit out rounds until their advertised rate allows" in \
+        caplog.text
     net.chain.close()

@@ -1,8 +1,12 @@
 """How often a validator may ask a miner: the miner's advertised rate for this caller (its
 /v1/info `requests_per_minute`, its share by stake when it says `stake_proportional`). A
 validator whose rounds send more than that gets 429s it caused itself, and would score
-honest miners zero for its own pace: the round interval is stretched instead."""
+honest miners zero for its own pace: the round interval is stretched to what the median
+miner allows, and a slower miner is asked only as often as its own rate allows."""
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from niche.protocol import InfoResponse
 
@@ -30,3 +34,36 @@ def paced_interval(requests: int, rate: float | None) -> float:
     if rate is None or requests <= 0:
         return 0.0
     return 60.0 * requests / (HEADROOM * rate)
+
+
+class RateBudgets:
+    """This validator's copy of each miner's token bucket for its hotkey (a miner refills
+    `rate / 60` a second up to `max(1, rate / 6)`; ours refills HEADROOM of that): a miner is
+    never sent more than it advertised, even when its rate is far below the others' (the
+    rounds are paced to the median miner; one miner advertising 1 request a minute must not
+    slow every round to a minute)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allowance(self, hotkey: str, rate: float | None) -> int | None:
+        """Requests `hotkey` may be sent now (None: it sets no limit)."""
+        if rate is None:
+            return None
+        now = self._clock()
+        capacity = max(1.0, HEADROOM * rate / 6.0)
+        tokens, last = self._buckets.get(hotkey, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * HEADROOM * rate / 60.0)
+        self._buckets[hotkey] = (tokens, now)
+        return int(tokens + 1e-9)
+
+    def spend(self, hotkey: str, requests: int) -> None:
+        if hotkey in self._buckets:
+            tokens, last = self._buckets[hotkey]
+            self._buckets[hotkey] = (tokens - requests, last)
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the buckets of hotkeys no longer on the subnet."""
+        for hotkey in [h for h in self._buckets if h not in keep]:
+            del self._buckets[hotkey]

@@ -62,7 +62,7 @@ from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_pr
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.metrics import ValidatorMetrics
 from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue, QueueError
-from niche.validator.pacing import caller_rate, paced_interval
+from niche.validator.pacing import RateBudgets, caller_rate, paced_interval
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import Answer, ValidatorState
@@ -208,7 +208,9 @@ class Validator:
         self._advertised: dict[int, InfoResponse] = {}
         """uid -> its last /v1/info (its rate limit paces the rounds)."""
         self.paced_interval = 0.0
-        """Seconds the miners' advertised rates need between round starts (`_pace`)."""
+        """Seconds the median miner's advertised rate needs between round starts (`_pace`)."""
+        self._budgets = RateBudgets()
+        self._paced_uids: set[int] = set()
         self._endpoints: tuple[float, dict[str, str]] = (-math.inf, {})
         self.client.endpoint_of = self._endpoint_of
         """This round's organic verdicts (id, passed, reason, similarity), written after it
@@ -352,7 +354,7 @@ class Validator:
         declared: dict[int, int] = {}
         targets = await self._targets(candidates, outcomes, declared,
                                       model_rng(self.seed, round_index))
-        self._pace(metagraph, declared)
+        targets = self._pace(metagraph, targets, declared)
         extra = [t for t in targets for _ in range(declared.get(t.uid, 1) - 1)]
         challenges, probes = primaries(self.factory.make_round(rng, targets + extra))
         for target in targets:
@@ -454,28 +456,43 @@ class Validator:
             self._endpoints = (time.monotonic(), urls)
         return urls.get(hotkey)
 
-    def _pace(self, metagraph: Metagraph, declared: dict[int, int]) -> None:
-        """The shortest round interval at which this round's requests (a challenge and the
-        volume probes per miner) stay within each miner's advertised rate for this hotkey
-        (niche/validator/pacing.py); the next round waits for it, with one log line when
-        it is longer than --neuron.round_interval."""
+    def _pace(self, metagraph: Metagraph, targets: list[Target], declared: dict[int, int]
+              ) -> list[Target]:
+        """Keep this round within each miner's advertised rate for this hotkey
+        (niche/validator/pacing.py): the rounds are spaced to what the median miner allows
+        for its challenge and volume probes (one log line when that is longer than
+        --neuron.round_interval), and a miner whose own budget is spent gets fewer probes or
+        sits the round out (not scored; one log line the first time)."""
         permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
         ours = metagraph.by_hotkey(self.hotkey)
         share = (ours.stake / permitted) if ours is not None and permitted > 0 else 1.0
-        slowest, paced = None, 0.0
-        for uid, requests in declared.items():
-            info = self._advertised.get(uid)
-            needed = paced_interval(requests, caller_rate(info, share) if info else None)
-            if needed > paced:
-                slowest, paced = uid, needed
-        if slowest is not None and paced > self.config.round_interval and \
-                round(paced) != round(self.paced_interval):
-            info = self._advertised[slowest]
-            log.info("rounds at least %.1fs apart (not %gs): uid %d allows %g requests a "
-                     "minute (its /v1/info) and a round sends it %d", paced,
-                     self.config.round_interval, slowest, caller_rate(info, share) or 0,
-                     declared[slowest])
+        rates = {t.uid: caller_rate(self._advertised[t.uid], share) for t in targets
+                 if t.uid in self._advertised}
+        needs = sorted(paced_interval(declared.get(uid, 1), rate)
+                       for uid, rate in rates.items())
+        paced = needs[(len(needs) - 1) // 2] if needs else 0.0  # the (lower) median
+        if paced > self.config.round_interval and round(paced) != round(self.paced_interval):
+            log.info("rounds at least %.1fs apart (not %gs): the median miner's advertised "
+                     "rate (its /v1/info) allows no more for a challenge and its volume "
+                     "probes", paced, self.config.round_interval)
         self.paced_interval = paced
+        kept, waiting = [], []
+        for target in targets:
+            allowed = self._budgets.allowance(target.hotkey, rates.get(target.uid))
+            if allowed is not None and allowed < 1:
+                waiting.append(target.uid)
+                continue
+            if allowed is not None:
+                declared[target.uid] = min(declared.get(target.uid, 1), allowed)
+                self._budgets.spend(target.hotkey, declared[target.uid])
+            kept.append(target)
+        first = [uid for uid in waiting if uid not in self._paced_uids]
+        if first:
+            log.info("uids %s sit out rounds until their advertised rate allows a request "
+                     "(asked as often as it allows, not scored meanwhile)", first)
+        self._paced_uids |= set(waiting)
+        self._budgets.forget({n.hotkey for n in metagraph.neurons})
+        return kept
 
     def _log_scored_on(self, uid: int, offered: dict, shares) -> None:
         """One INFO line per miner when the models it is scored on change."""
