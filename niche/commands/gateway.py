@@ -108,11 +108,13 @@ def localnet_keys_line(serve_args: list[str]) -> str:
             f"--gateway.db {db}")
 
 
-def _keys(args: argparse.Namespace):
+def _keys(args: argparse.Namespace, create: bool = True):
+    """The key store of --gateway.db; `create=False` (list, revoke): a missing file is one
+    line, not a new empty database somewhere a typo put it."""
     from niche.gateway.db import GatewayDB
     from niche.gateway.keys import KeyStore
 
-    return KeyStore(GatewayDB(Path(args.db).expanduser()))
+    return KeyStore(GatewayDB(Path(args.db).expanduser(), create=create))
 
 
 def run_keys_create(args: argparse.Namespace) -> int:
@@ -134,7 +136,7 @@ def run_keys_create(args: argparse.Namespace) -> int:
 
 
 def run_keys_list(args: argparse.Namespace) -> int:
-    store = _keys(args)
+    store = _keys(args, create=False)
     print(f"keys in {store.db.path}")
     print(f"{'id':<9} {'name':<20} {'created (UTC)':<20} {'state':<8} {'per min':>7} "
           f"{'per day':>7} {'today':>6}")
@@ -149,7 +151,7 @@ def run_keys_list(args: argparse.Namespace) -> int:
 def run_keys_revoke(args: argparse.Namespace) -> int:
     from niche.errors import InvalidRequest
 
-    if not _keys(args).revoke(args.key_id):
+    if not _keys(args, create=False).revoke(args.key_id):
         raise InvalidRequest(f"no active key {args.key_id!r} (see `niche gateway keys list`)",
                              field="key_id")
     print(f"revoked {args.key_id}")

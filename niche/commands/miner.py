@@ -214,40 +214,59 @@ def _run(args: argparse.Namespace) -> int:
     log = logging.getLogger("niche.miner")
     from niche.commands.chain_args import wallet_from_args
     from niche.commands.startup import configuration_errors, open_chain
-    from niche.miner.server import bind_socket, serve
 
     # Configuration first, each error one line and exit 2 (pm2 holds it), before minutes
-    # of model loading: flags, wallet and hotkey, states file, chain file and subnet.
+    # of model loading: flags, wallet and hotkey, chain file and subnet, then (nothing is
+    # created on disk before those are known good) the registration and the states file.
     with configuration_errors():
         config = config_from_args(args)
         wallet = wallet_from_args(args)
         config.states_path = states_path_from_args(args, wallet.hotkey.ss58_address)
-        if config.states_path is not None:  # an unwritable file
-            from niche.miner.state_store import DiskStates
-
-            disk = DiskStates(config.states_path, config.states_disk_max_bytes,
-                              config.states_ttl)
-            log.info("answers' states kept %.0fs for the audits: %s", config.states_ttl,
-                     disk.describe())
-            problem = disk.problem()
-            if problem:
-                log.error("states store: %s", problem)
-            disk.close()
-        else:
-            log.info("answers' states kept %.0fs for the audits, in memory only (%d MiB; "
-                     "a restart loses them)", config.states_ttl,
-                     config.states_max_bytes // 2**20)
     chain = open_chain(args, args.netuid)
-    from niche.miner.service import MinerService
-
-    # The registration (exit 3), then the ports and the models (exit 2).
+    # The registration (exit 3), the states file, then the ports and the models (exit 2).
     chain.metagraph(args.netuid).require(wallet.hotkey.ss58_address, "miner")
+    with configuration_errors():
+        held = _check_states(config, log)
+    try:
+        return _serve_miner(args, config, wallet, chain, log)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _check_states(config, log: logging.Logger):
+    """Open the states file once (an unwritable file, another miner on it: exit 2) and keep
+    its lock (`StatesLock`) until the miner stops: a second miner on the same hotkey is
+    refused here, not minutes later after loading its models. None: memory only."""
+    if config.states_path is None:
+        log.info("answers' states kept %.0fs for the audits, in memory only (%d MiB; "
+                 "a restart loses them)", config.states_ttl, config.states_max_bytes // 2**20)
+        return None
+    from niche.miner.state_store import DiskStates, StatesLock
+
+    disk = DiskStates(config.states_path, config.states_disk_max_bytes, config.states_ttl)
+    try:
+        log.info("answers' states kept %.0fs for the audits: %s", config.states_ttl,
+                 disk.describe())
+        problem = disk.problem()
+        if problem:
+            log.error("states store: %s", problem)
+        held = StatesLock(config.states_path)  # this process holds it already
+    finally:
+        disk.close()
+    return held
+
+
+def _serve_miner(args: argparse.Namespace, config, wallet, chain, log: logging.Logger) -> int:
     from niche.commands.engine_args import (
         backend_engine_from_args,
         model_dirs_from_args,
         model_root_from_args,
         quants_from_args,
     )
+    from niche.commands.startup import configuration_errors
+    from niche.miner.server import bind_socket, serve
+    from niche.miner.service import MinerService
     from niche.models.engine import ImageEngine, resolve_device
     from niche.models.variants import check_models
 

@@ -1,5 +1,11 @@
 """The gateway's own SQLite file (keys, daily usage, url answers): WAL, short transactions,
-one connection shared by the gateway's threads under a lock."""
+one connection shared by the gateway's threads under a lock.
+
+The file is marked as the gateway's (SQLite's `PRAGMA application_id`, as the validator
+marks its state file): a new file gets the mark, a gateway file from before the mark (the
+gateway's tables, application_id 0) is adopted, and any other SQLite file (a validator's
+state, a miner's states, a chain file given as --gateway.db by mistake) is refused in one
+line before anything is written to it."""
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +13,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from niche.errors import ConfigError
 from niche.sqlite_files import immediate_transaction, open_shared
+
+APPLICATION_ID = 0x4E475759  # "NGWY": marks the file as a niche gateway database
+VALIDATOR_APPLICATION_ID = 0x4E494348  # niche.validator.state.APPLICATION_ID ("NICH")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -22,16 +32,79 @@ CREATE TABLE IF NOT EXISTS images (
     token TEXT PRIMARY KEY, expires REAL NOT NULL, png BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS images_expires ON images (expires);
 """
+_TABLES = frozenset({"keys", "usage", "images"})
+_KEY_COLUMNS = ["id", "name", "hash", "created", "revoked", "per_minute", "per_day"]
+
+
+def missing_db_message(path: Path) -> str:
+    return f"no gateway database at {path}: pass the --gateway.db the gateway uses"
+
+
+def _seems(app_id: int, tables: set[str]) -> str:
+    """What a SQLite file that is not a gateway database seems to be, for the refusal."""
+    if app_id == VALIDATOR_APPLICATION_ID:
+        return "a niche validator state file (--neuron.state_path)"
+    if tables == {"states"}:
+        return "a niche miner states store (--states.path)"
+    if "organic" in tables:
+        return "a gateway/validator organic audit queue (--gateway.organic_queue)"
+    if {"subnets", "neurons"} <= tables:
+        return "a niche localnet chain file (--localnet.path)"
+    if {"uids", "exclusions", "history"} <= tables:
+        return "a niche validator state file (--neuron.state_path)"
+    if app_id:
+        return f"another application's SQLite database (application_id {app_id:#x})"
+    return f"another SQLite database (tables: {', '.join(sorted(tables))})"
+
+
+def _check_file(path: Path) -> None:
+    """Refuse (ConfigError, one line) an existing SQLite file that is not a gateway
+    database; read-only, writes nothing. A missing or empty file, a gateway database and
+    one written before the application_id mark pass."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10.0)
+    try:
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")
+            if not row[0].startswith("sqlite_")}
+        if app_id == APPLICATION_ID:
+            return
+        if app_id == 0 and not tables:
+            return  # an empty database: made ours on open
+        if app_id == 0 and "keys" in tables and tables <= _TABLES and [
+                row[1] for row in conn.execute("PRAGMA table_info(keys)")] == _KEY_COLUMNS:
+            return  # written by a release before the mark: adopted on open
+    finally:
+        conn.close()
+    raise ConfigError(f"--gateway.db {path} is {_seems(app_id, tables)}, not a gateway "
+                      "database: nothing was written to it; pass the --gateway.db the gateway "
+                      "uses (default ~/.niche/gateway/gateway.sqlite)")
 
 
 class GatewayDB:
-    def __init__(self, path: Path | str):
+    """`create=False` (read-only key commands: list, revoke) refuses a missing file in one
+    line and creates neither it nor its folder."""
+
+    def __init__(self, path: Path | str, *, create: bool = True):
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
+        if not create and not self.path.exists():
+            raise ConfigError(missing_db_message(self.path))
         try:
+            _check_file(self.path)
             self._conn = open_shared(self.path, _SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"gateway database {self.path}: {exc} (check that the folder "
+                              "is writable, or pass another --gateway.db)") from exc
+        try:
+            if int(self._conn.execute("PRAGMA application_id").fetchone()[0]) != \
+                    APPLICATION_ID:  # a new file, or one from before the mark: ours now
+                self._conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        except sqlite3.Error as exc:
+            self.close()
+            raise ConfigError(f"gateway database {self.path}: {exc} (check that the file "
                               "is writable, or pass another --gateway.db)") from exc
 
     @contextlib.contextmanager
@@ -46,3 +119,10 @@ class GatewayDB:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
+
+
+def open_existing(path: Path | str) -> GatewayDB:
+    """The gateway database at `path` for a command that only reads or changes existing
+    keys (`keys list`, `keys revoke`): a missing file is a ConfigError ("no gateway
+    database at ...") and nothing is created."""
+    return GatewayDB(path, create=False)

@@ -153,6 +153,9 @@ class MinerDirectory:
         self.last_error = ""
         self._good: dict[str, tuple[str | None, InfoResponse, float]] = {}
         """hotkey -> (endpoint, its last good info, when that info was fetched)."""
+        self._state_missing: bool | None = None
+        """Whether the configured validator state file was missing at the last read (None:
+        not read yet): its absence is said once, and again only when it changes."""
         self._started = 0
         self._installed = 0
         """Refreshes are numbered as they start; one that ends after a later one installed
@@ -169,7 +172,7 @@ class MinerDirectory:
             log.warning("directory refresh: %s (keeping the last view)", self.last_error)
             return
         try:
-            view = await asyncio.to_thread(read_validator_state, self.validator_state)
+            view = await asyncio.to_thread(self._read_state)
         except sqlite3.Error as exc:
             self.last_error = f"validator state {self.validator_state}: {exc}"
             log.warning("directory refresh: %s (keeping the last scores)", self.last_error)
@@ -208,6 +211,25 @@ class MinerDirectory:
         self.candidates = candidates
         self.refreshed_at = self._clock()
         self.last_error = ""
+
+    def _read_state(self) -> ValidatorView:
+        """read_validator_state, saying in one WARNING when the configured file is missing
+        (routing then ignores the validator's exclusions: its cheats get users) at the
+        first read and whenever it goes missing again, one INFO line when it appears; never
+        at every refresh."""
+        path = self.validator_state
+        if path is not None:
+            missing = not Path(path).expanduser().exists()
+            if missing != bool(self._state_missing):
+                if missing:
+                    log.warning("validator state %s does not exist: no scores or exclusions: "
+                                "routing to every miner; pass the validator's "
+                                "--neuron.state_path as --gateway.validator_state", path)
+                elif self._state_missing is not None:
+                    log.info("validator state %s is there now: routing by the validator's "
+                             "scores and exclusions", path)
+            self._state_missing = missing
+        return read_validator_state(path)
 
     def serving(self, model: str) -> list[Candidate]:
         return [c for c in self.candidates if model in c.models]

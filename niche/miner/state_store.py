@@ -11,14 +11,18 @@ its states: a restart is a fault of availability, never taken for a cheat. A cle
 writes what is queued before it exits."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
 import queue
 import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,6 +110,79 @@ class EarlyDrops:
                         self.count, flag, max(0, cap) // (1024 * 1024), advice)
 
 
+_HELD: dict[Path, list[int]] = {}
+"""Lock file -> [descriptor, holders in this process]: flock refuses a second descriptor
+even in the same process, and one miner process opens its own store more than once (the
+start-up check, then the service)."""
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: Path) -> Path:
+    """The sidecar file the miner using the states file `path` holds locked."""
+    return path.with_name(path.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text() or "{}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
+        return f"pid {int(info['pid'])}, started {started}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid not written yet"
+
+
+def _release(key: Path) -> None:
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.close(held[0])  # closing the descriptor lets the lock go
+
+
+class StatesLock:
+    """An exclusive, non-blocking flock on `<states file>.lock` (with the holder's pid and
+    start time in it) for as long as it is held: two miners on one hotkey would both serve
+    and share one states file. Re-entrant within a process; the kernel lets go when the
+    process ends, however it ends."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser()
+        lock = lock_path(self.path)
+        key = lock.resolve()
+        with _HELD_GUARD:
+            if key in _HELD:
+                _HELD[key][1] += 1
+            else:
+                try:
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    raise ConfigError(f"--states.path {self.path}: cannot create its lock file "
+                                      f"{lock} ({exc.strerror}); make the folder writable by "
+                                      "this user, pick another file or pass "
+                                      "--states.memory_only") from None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise ConfigError(
+                        f"states store {self.path} is in use by another miner "
+                        f"({_holder(lock)}): one miner per hotkey; stop it, or give this one "
+                        "its own --wallet.hotkey / --states.path") from None
+                with contextlib.suppress(OSError):  # who holds it: for the message only
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps({"pid": os.getpid(),
+                                             "started": time.time()}).encode())
+                _HELD[key] = [fd, 1]
+        self._finalizer = weakref.finalize(self, _release, key)
+
+    def release(self) -> None:
+        """Let go (once; later calls do nothing)."""
+        self._finalizer()
+
+
 WAL_KEEP_BYTES = 64 * 1024 * 1024
 AUTO_RESERVE_MIN = 4 * 1024 * 1024 * 1024
 AUTO_RESERVE_MAX = 32 * 1024 * 1024 * 1024
@@ -132,7 +209,9 @@ class DiskStates:
     comes.
 
     A file that is not a usable store (corrupt, another schema) is moved aside at start:
-    it is a cache, and refusing to start would lose every audit instead of a few."""
+    it is a cache, and refusing to start would lose every audit instead of a few. The file
+    is locked (`StatesLock`, taken before anything is read or moved aside) from open to
+    close: a second miner on the same file is refused in one line."""
 
     def __init__(self, path: Path, max_bytes: int | None, ttl: float,
                  clock: Callable[[], float] = time.time, *,
@@ -156,15 +235,27 @@ class DiskStates:
         ConfigError."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--states.path {self.path}: cannot open the states store "
+                              f"({exc}); make it writable by this user, pick another file "
+                              "or pass --states.memory_only") from None
+        # the lock before anything is read or moved aside: one miner never moves (or
+        # writes) a file another one is using
+        self._held = StatesLock(self.path)
+        try:
             try:
                 self._connect()
             except _Unusable as exc:
                 self._move_aside(str(exc))
                 self._connect()
         except (OSError, sqlite3.Error, _Unusable) as exc:
+            self._held.release()
             raise ConfigError(f"--states.path {self.path}: cannot open the states store "
                               f"({exc}); make it writable by this user, pick another file "
                               "or pass --states.memory_only") from None
+        except BaseException:
+            self._held.release()
+            raise
 
     def _connect(self) -> None:
         """Open, set up, read the file's totals and prune it; _Unusable when it is not a
@@ -348,6 +439,7 @@ class DiskStates:
             self._writer.join(timeout=30)
         with self._lock:
             self._db.close()
+        self._held.release()
 
 
 class StateStore:
