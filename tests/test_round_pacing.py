@@ -65,10 +65,14 @@ def test_one_slow_miner_sits_rounds_out_instead_of_slowing_every_round(tmp_path,
         assert validator.run() == 0
         took = time.monotonic() - started
     outcomes = [o for report in validator.reports for o in report.outcomes]
-    assert all(o.status == "ok" for o in outcomes), [o.reason for o in outcomes]
     slow_uid = net.uids["miner3"]
-    assert [o.uid for o in outcomes].count(slow_uid) == 1  # asked once in ~4 s: its rate
+    assert all(o.status == "ok" for o in outcomes if o.uid != slow_uid)
     assert sum(1 for o in outcomes if o.uid != slow_uid) == 8  # the others every round
+    # asked once in ~4 s (its rate), never refused; the rounds it sits out pay nothing, so
+    # a rate that is never spent cannot freeze a good score
+    assert [o.status for o in outcomes if o.uid == slow_uid] == \
+        ["ok", "own_rate_limit", "own_rate_limit", "own_rate_limit"]
+    assert validator.reports[-1].rewards.get(slow_uid, 0.0) == 0.0
     assert validator.paced_interval == 60.0 / (0.9 * 60.0)
     assert took < 15.0, f"4 rounds took {took:.1f}s: paced to the slowest miner"
     assert f"uids [{slow_uid}] sit out rounds until their advertised rate allows" in \

@@ -59,6 +59,10 @@ UNAVAILABLE = "states_unavailable"
 UNVERIFIABLE = "unverifiable"
 """An audited answer declaring a dtype or kernels the validator cannot reproduce: a zero
 reward (the EMA decays), no exclusion."""
+OWN_RATE = "own_rate_limit"
+"""A miner whose advertised rate for this validator allows no request this round (a rate
+below the median miner's): a zero reward for the rounds it offers no service, so a miner
+cannot freeze a good score by advertising a rate that is never spent; no exclusion."""
 UNAUDITED = "unaudited"
 """An answer picked for audit that the validator itself could not audit (its own error, a
 dtype or kernel it cannot reproduce): not paid as verified, and no penalty either: the EMA

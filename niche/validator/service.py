@@ -354,7 +354,7 @@ class Validator:
         declared: dict[int, int] = {}
         targets = await self._targets(candidates, outcomes, declared,
                                       model_rng(self.seed, round_index))
-        targets = self._pace(metagraph, targets, declared)
+        targets = self._pace(metagraph, targets, declared, outcomes)
         extra = [t for t in targets for _ in range(declared.get(t.uid, 1) - 1)]
         challenges, probes = primaries(self.factory.make_round(rng, targets + extra))
         for target in targets:
@@ -456,13 +456,14 @@ class Validator:
             self._endpoints = (time.monotonic(), urls)
         return urls.get(hotkey)
 
-    def _pace(self, metagraph: Metagraph, targets: list[Target], declared: dict[int, int]
-              ) -> list[Target]:
+    def _pace(self, metagraph: Metagraph, targets: list[Target], declared: dict[int, int],
+              outcomes: dict[int, Outcome]) -> list[Target]:
         """Keep this round within each miner's advertised rate for this hotkey
         (niche/validator/pacing.py): the rounds are spaced to what the median miner allows
         for its challenge and volume probes (one log line when that is longer than
         --neuron.round_interval), and a miner whose own budget is spent gets fewer probes or
-        sits the round out (not scored; one log line the first time)."""
+        sits the round out (a zero reward: a rate that is never spent must not freeze a
+        score; one log line the first time)."""
         permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
         ours = metagraph.by_hotkey(self.hotkey)
         share = (ours.stake / permitted) if ours is not None and permitted > 0 else 1.0
@@ -481,6 +482,10 @@ class Validator:
             allowed = self._budgets.allowance(target.hotkey, rates.get(target.uid))
             if allowed is not None and allowed < 1:
                 waiting.append(target.uid)
+                outcomes[target.uid] = Outcome(
+                    target.uid, target.hotkey, target.model, status=scoring.OWN_RATE,
+                    reason=f"its advertised rate ({rates[target.uid]:g} a minute for this "
+                           "validator) allows no request this round")
                 continue
             if allowed is not None:
                 declared[target.uid] = min(declared.get(target.uid, 1), allowed)
@@ -489,7 +494,7 @@ class Validator:
         first = [uid for uid in waiting if uid not in self._paced_uids]
         if first:
             log.info("uids %s sit out rounds until their advertised rate allows a request "
-                     "(asked as often as it allows, not scored meanwhile)", first)
+                     "(asked as often as it allows; a zero reward meanwhile)", first)
         self._paced_uids |= set(waiting)
         self._budgets.forget({n.hotkey for n in metagraph.neurons})
         return kept
