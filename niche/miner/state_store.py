@@ -11,12 +11,9 @@ its states: a restart is a fault of availability, never taken for a cheat. A cle
 writes what is queued before it exits."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
-import os
 import queue
 import shutil
 import sqlite3
@@ -30,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from niche import file_lock
 from niche.errors import ConfigError
+from niche.file_lock import lock_path
 from niche.states import RawState, state_bytes
 
 log = logging.getLogger("niche.miner")
@@ -110,38 +109,6 @@ class EarlyDrops:
                         self.count, flag, max(0, cap) // (1024 * 1024), advice)
 
 
-_HELD: dict[Path, list[int]] = {}
-"""Lock file -> [descriptor, holders in this process]: flock refuses a second descriptor
-even in the same process, and one miner process opens its own store more than once (the
-start-up check, then the service)."""
-_HELD_GUARD = threading.Lock()
-
-
-def lock_path(path: Path) -> Path:
-    """The sidecar file the miner using the states file `path` holds locked."""
-    return path.with_name(path.name + ".lock")
-
-
-def _holder(lock: Path) -> str:
-    try:
-        info = json.loads(lock.read_text() or "{}")
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
-        return f"pid {int(info['pid'])}, started {started}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "pid not written yet"
-
-
-def _release(key: Path) -> None:
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _HELD[key]
-            os.close(held[0])  # closing the descriptor lets the lock go
-
-
 class StatesLock:
     """An exclusive, non-blocking flock on `<states file>.lock` (with the holder's pid and
     start time in it) for as long as it is held: two miners on one hotkey would both serve
@@ -150,33 +117,19 @@ class StatesLock:
 
     def __init__(self, path: Path):
         self.path = Path(path).expanduser()
-        lock = lock_path(self.path)
-        key = lock.resolve()
-        with _HELD_GUARD:
-            if key in _HELD:
-                _HELD[key][1] += 1
-            else:
-                try:
-                    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-                except OSError as exc:
-                    raise ConfigError(f"--states.path {self.path}: cannot create its lock file "
-                                      f"{lock} ({exc.strerror}); make the folder writable by "
-                                      "this user, pick another file or pass "
-                                      "--states.memory_only") from None
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    raise ConfigError(
-                        f"states store {self.path} is in use by another miner "
-                        f"({_holder(lock)}): one miner per hotkey; stop it, or give this one "
-                        "its own --wallet.hotkey / --states.path") from None
-                with contextlib.suppress(OSError):  # who holds it: for the message only
-                    os.ftruncate(fd, 0)
-                    os.write(fd, json.dumps({"pid": os.getpid(),
-                                             "started": time.time()}).encode())
-                _HELD[key] = [fd, 1]
-        self._finalizer = weakref.finalize(self, _release, key)
+        try:
+            key = file_lock.acquire(self.path)
+        except file_lock.LockHeld as held:
+            raise ConfigError(
+                f"states store {self.path} is in use by another miner ({held.holder}): one "
+                "miner per hotkey; stop it, or give this one its own --wallet.hotkey / "
+                "--states.path") from None
+        except OSError as exc:
+            raise ConfigError(f"--states.path {self.path}: cannot create its lock file "
+                              f"{lock_path(self.path)} ({exc.strerror}); make the folder "
+                              "writable by this user, pick another file or pass "
+                              "--states.memory_only") from None
+        self._finalizer = weakref.finalize(self, file_lock.release, key)
 
     def release(self) -> None:
         """Let go (once; later calls do nothing)."""

@@ -13,14 +13,11 @@ write nothing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import os
 import re
 import sqlite3
-import sys
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -28,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from niche import file_lock
 from niche.errors import ConfigError, NicheError
+from niche.file_lock import lock_path
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 
 SCHEMA_VERSION = 1
@@ -181,64 +180,19 @@ def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
     return StateError(f"validator state {path}: {doing} failed: {exc} ({hint})")
 
 
-_HELD: dict[Path, list[int]] = {}
-"""Lock file -> [descriptor, writers open in this process]. flock refuses a second
-descriptor even in the same process; one process may open its own file twice."""
-_HELD_GUARD = threading.Lock()
-
-
-def lock_path(path: Path) -> Path:
-    """The sidecar file the writer of `path` holds locked."""
-    return path.with_name(path.name + ".lock")
-
-
-def _holder(lock: Path) -> str:
-    try:
-        info = json.loads(lock.read_text() or "{}")
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
-        return f"pid {int(info['pid'])}, started {started}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "pid not written yet"
-
-
 def _take_writer_lock(path: Path) -> Path:
-    """Hold `<path>.lock` exclusively (flock, non-blocking) for this process, or refuse in
-    one line naming the holder. The kernel lets go when the process ends, however it ends."""
-    lock = lock_path(path)
-    key = lock.resolve()
-    with _HELD_GUARD:
-        if key in _HELD:
-            _HELD[key][1] += 1
-            return key
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StateError(f"validator state {path}: cannot create its lock file {lock}: "
-                             f"{exc.strerror}; pass another --neuron.state_path") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"validator state {path} is in use by another process "
-                              f"({_holder(lock)}): one validator per state file; stop it or "
-                              "pass another --neuron.state_path") from None
-        with contextlib.suppress(OSError):  # who holds it is for the message only
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(),
-                                     "command": " ".join(sys.argv)[:200]}).encode())
-        _HELD[key] = [fd, 1]
-    return key
-
-
-def _release_writer_lock(key: Path) -> None:
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _HELD[key]
-            os.close(held[0])  # closing the descriptor releases the lock
+    """Hold `<path>.lock` for this process (niche/file_lock.py), or refuse in one line
+    naming the holder."""
+    try:
+        return file_lock.acquire(path)
+    except file_lock.LockHeld as held:
+        raise ConfigError(f"validator state {path} is in use by another process "
+                          f"({held.holder}): one validator per state file; stop it or pass "
+                          "another --neuron.state_path") from None
+    except OSError as exc:
+        raise StateError(f"validator state {path}: cannot create its lock file "
+                         f"{lock_path(path)}: {exc.strerror}; pass another "
+                         "--neuron.state_path") from exc
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -269,7 +223,7 @@ class ValidatorState:
         if not read_only:
             self._check_access()
             key = _take_writer_lock(self.path)
-            self._unlock = weakref.finalize(self, _release_writer_lock, key)
+            self._unlock = weakref.finalize(self, file_lock.release, key)
         try:
             self._conn = (_connect_read_only(self.path) if read_only else
                           sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0))

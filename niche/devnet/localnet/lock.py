@@ -14,17 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from niche.errors import ConfigError
+from niche.file_lock import holder
 
 LOCK_NAME = "localnet.lock"
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
-        return f"pid {int(info['pid'])}, started {started}: {info.get('command', 'niche')}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its pid yet"
 
 
 @contextlib.contextmanager
@@ -46,7 +38,7 @@ def workdir_lock(workdir: Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{folder} is in use by another niche localnet ({_holder(path)}); "
+            raise ConfigError(f"{folder} is in use by another niche localnet ({holder(path)}); "
                               "stop it or pass another --workdir") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(),
