@@ -11,16 +11,14 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from cli_support import NICHE, ROOT, one_line_error
 
-ROOT = Path(__file__).resolve().parent.parent
-NICHE = [sys.executable, "-m", "niche.cli"]
 TINY_FLUX = ["--tiny", "--model", "flux-schnell", "--num-threads", "1", "--width", "64",
              "--height", "64"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a CUDA device")
@@ -30,15 +28,6 @@ HAS_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Lin
 def niche(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*NICHE, *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout, **kwargs)
-
-
-def one_line_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The process's single stderr line (library chatter aside): `error: ...`, exit `code`."""
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------------ 7: verify's exit code

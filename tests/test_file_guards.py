@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import NICHE, ROOT, one_line_error
 from gateway_support import make_chain
 from miner_support import NETUID, MinerProcess, build_net
 
@@ -32,23 +33,12 @@ from niche.validator.client import MinerClient
 from niche.validator.state import APPLICATION_ID as VALIDATOR_ID
 from niche.validator.state import ValidatorState
 
-ROOT = Path(__file__).resolve().parent.parent
-NICHE = [sys.executable, "-m", "niche.cli"]
-
 
 def niche(*args: str, timeout: float = 300, cwd: Path = ROOT,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*NICHE, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-
-def one_line_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 def _tables(path: Path) -> set[str]:

@@ -45,8 +45,8 @@ function argsFromEnv(command, table) {
   return args;
 }
 
-// Flags both neurons take.
-const COMMON_FLAGS = [
+// The subnet, the chain and the wallet: every neuron and the gateway take them.
+const CHAIN_FLAGS = [
   ["NETUID", "--netuid"],
   ["SUBTENSOR_NETWORK", "--subtensor.network"],
   ["SUBTENSOR_CHAIN_ENDPOINT", "--subtensor.chain_endpoint"],
@@ -54,6 +54,11 @@ const COMMON_FLAGS = [
   ["WALLET_NAME", "--wallet.name"],
   ["WALLET_HOTKEY", "--wallet.hotkey"],
   ["WALLET_PATH", "--wallet.path"],
+];
+
+// Flags both neurons take.
+const COMMON_FLAGS = [
+  ...CHAIN_FLAGS,
   ["MODEL_PATH", "--model-path"],
   ["MODEL_DIR", "--model-dir", "list"],
   ["DEVICE", "--device"],
@@ -88,4 +93,4 @@ function nicheApp({ name, args, logDir: dir = logDir, autorestart = true, killTi
   };
 }
 
-module.exports = { env, root, niche, logDir, ensureDir, nicheApp, argsFromEnv, words, COMMON_FLAGS, STOP_EXIT_CODES };
+module.exports = { env, root, niche, logDir, ensureDir, nicheApp, argsFromEnv, words, CHAIN_FLAGS, COMMON_FLAGS, STOP_EXIT_CODES };

@@ -6,16 +6,10 @@
 // the same ORGANIC_QUEUE; VALIDATOR_STATE is the validator's STATE_PATH when it was given one.
 // A variable that is not set passes no flag, so every default is `niche gateway serve`'s own
 // (`niche gateway serve --help`); EXTRA_ARGS="--flag value ..." passes any other flag.
-const { env, nicheApp, argsFromEnv } = require("./common");
+const { env, nicheApp, argsFromEnv, CHAIN_FLAGS } = require("./common");
 
 const args = argsFromEnv(["gateway", "serve"], [
-  ["NETUID", "--netuid"],
-  ["SUBTENSOR_NETWORK", "--subtensor.network"],
-  ["SUBTENSOR_CHAIN_ENDPOINT", "--subtensor.chain_endpoint"],
-  ["LOCALNET_PATH", "--localnet.path"],
-  ["WALLET_NAME", "--wallet.name"],
-  ["WALLET_HOTKEY", "--wallet.hotkey"],
-  ["WALLET_PATH", "--wallet.path"],
+  ...CHAIN_FLAGS,
   ["GATEWAY_IP", "--gateway.ip"],
   ["GATEWAY_PORT", "--gateway.port"],
   ["GATEWAY_DB", "--gateway.db"],
