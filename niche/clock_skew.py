@@ -22,6 +22,9 @@ MIN_OFFSET = 0.5
 ahead, just past the miner's skew, reads as 0.8-1.8 s through a whole-second `Date`)."""
 DATE_LEAD = 1.2
 """Seconds added to a `Date` (whole seconds, truncated) for the clock to sign by."""
+RELEARN_AFTER = 60.0
+"""Seconds before a miner's offset may be learnt again: a miner flipping its `Date` on every
+refusal would otherwise buy a retry and a log line per request."""
 MAX_OFFSET = 3600.0
 """Offsets beyond an hour are not believed (a clock that far off needs an operator)."""
 
@@ -29,10 +32,13 @@ MAX_OFFSET = 3600.0
 class ClockOffsets:
     """Seconds to add to this machine's clock when signing for each receiver hotkey."""
 
-    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+    def __init__(self, clock: Callable[[], int] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         """`clock`: this machine's wall clock in ns (time.time_ns, read at each call)."""
         self._clock = clock or (lambda: time.time_ns())
+        self._monotonic = monotonic
         self._offsets: dict[str, float] = {}
+        self._learnt_at: dict[str, float] = {}
 
     def nonce_ns(self, receiver: str) -> int:
         """The nonce for a request to `receiver`: now, by its clock as last learnt."""
@@ -54,11 +60,16 @@ class ClockOffsets:
         old = self._offsets.get(receiver, 0.0)
         if abs(offset) > MAX_OFFSET or abs(offset - old) < MIN_OFFSET:
             return False
+        now = self._monotonic()
+        last = self._learnt_at.get(receiver)
+        if last is not None and now - last < RELEARN_AFTER:
+            return False  # learnt a minute ago: a clock does not move like that, a liar does
         self._offsets[receiver] = offset
-        log.warning("miner %s refused a signature as stale: its clock is %.1fs %s this "
-                    "machine's; signing for it by its clock from now on (check NTP, e.g. "
-                    "`timedatectl`, on both machines)", receiver, abs(offset),
-                    "ahead of" if offset > 0 else "behind")
+        self._learnt_at[receiver] = now
+        (log.warning if last is None else log.debug)(
+            "miner %s refused a signature as stale: its clock is %.1fs %s this machine's; "
+            "signing for it by its clock from now on (check NTP, e.g. `timedatectl`, on both "
+            "machines)", receiver, abs(offset), "ahead of" if offset > 0 else "behind")
         return True
 
 

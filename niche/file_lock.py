@@ -28,8 +28,10 @@ class LockHeld(Exception):
 
 
 def lock_path(path: Path) -> Path:
-    """The sidecar file held locked by the one process using `path`."""
-    return path.with_name(path.name + ".lock")
+    """The sidecar file held locked by the one process using `path`, beside the file the
+    path resolves to (a symlink to a state file must not name a lock of its own)."""
+    real = Path(path).expanduser().resolve()
+    return real.with_name(real.name + ".lock")
 
 
 def holder(lock: Path) -> str:

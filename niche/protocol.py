@@ -263,7 +263,7 @@ class InfoResponse(_Strict):
     concurrency: int = Field(default=1, ge=1, le=256)
     """Requests served at once (the miner's live engine replicas); validators send up to
     this many challenges at once and pay for the throughput delivered (docs/scoring.md)."""
-    requests_per_minute: float | None = Field(default=None, ge=0.0)
+    requests_per_minute: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     """Generate requests a caller may send per minute (0: no limit; None: not said, an
     older miner); with `stake_proportional`, the budget of a caller holding all validator
     stake, shared by stake. A validator and its gateway (one hotkey) share it."""

@@ -129,3 +129,24 @@ def test_a_miner_box_whose_clock_is_off_is_scored_and_audited(tmp_path, tiny_eng
     for report in validator.reports:
         (outcome,) = report.outcomes
         assert outcome.status == "ok" and outcome.audit_passed is True, outcome.reason
+
+
+def test_a_miner_flipping_its_date_buys_no_retry_and_no_log_line_per_request(caplog):
+    """A liar answering every request stale with a Date +100 s, then -100 s, ...: learnt
+    once a minute at most (one retry, one WARNING), not on every request."""
+    now = [1_800_000_000.0]
+    mono = [0.0]
+    offsets = ClockOffsets(clock=lambda: int(now[0] * 1e9), monotonic=lambda: mono[0])
+    stale = b'{"reason": "stale_request"}'
+
+    def date(delta: float) -> str:
+        return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now[0] + delta))
+
+    caplog.set_level(logging.DEBUG, logger="niche.validator")
+    learnt = [offsets.learn("5liar", 401, stale, date(100 if i % 2 else -100))
+              for i in range(50)]
+    assert learnt.count(True) == 1
+    mono[0] += 61.0  # a minute later a real clock may have been corrected
+    assert offsets.learn("5liar", 401, stale, date(100))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1

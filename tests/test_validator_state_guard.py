@@ -280,3 +280,17 @@ def test_a_new_state_file_warns_of_this_hotkeys_rounds_under_another_network_spe
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     # an explicit --neuron.state_path outside the default root is the operator's choice
     assert other_network_notice(tmp_path / "mine" / "state.sqlite", 7, "5Hot") is None
+
+
+def test_a_symlink_to_a_held_state_file_is_refused_too(tmp_path):
+    path = tmp_path / "state.sqlite"
+    alias = tmp_path / "alias.sqlite"
+    holder = _holder(path)
+    try:
+        alias.symlink_to(path)
+        assert lock_path(alias) == lock_path(path)
+        with pytest.raises(ConfigError, match=f"in use by another process \\(pid {holder.pid},"):
+            ValidatorState(alias)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

@@ -255,7 +255,7 @@ class Router:
     def saturated(self, model: str, pool: list[Candidate], wait: float) -> GatewayError:
         """429 for a model whose miners have no budget left, with when to retry."""
         seconds = max(1, math.ceil(min(wait, 60.0)))
-        limit = sum(c.rate for c in pool if c.rate is not None)
+        limit = sum(c.rate for c in pool if c.rate is not None and math.isfinite(c.rate))
         return GatewayError(
             429, f"every miner serving {model} is at capacity; retry in {seconds}s",
             type=RATE_LIMIT, code="capacity_exhausted",

@@ -166,6 +166,10 @@ class _Undecodable(Exception):
 
 log = logging.getLogger("niche.validator")
 
+ENDPOINT_LOOKUP_TIMEOUT = 5.0
+"""Seconds a states fetch waits for the chain to say where a miner that cannot be reached
+serves now (past it, the fetch retries where it was)."""
+
 _AWAY = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
          aiohttp.ClientResponseError)
 """Faults of availability on a request: refused, reset, a body cut short, a garbled
@@ -466,7 +470,7 @@ class MinerClient:
         if self.endpoint_of is None:
             return url
         try:
-            now = await self.endpoint_of(t.hotkey)
+            now = await within(self.endpoint_of(t.hotkey), ENDPOINT_LOOKUP_TIMEOUT)
         except Exception as exc:  # the chain's hiccup: keep retrying where it was
             log.debug("endpoint lookup for %s failed: %s", t.hotkey, exc)
             return url

@@ -5,6 +5,7 @@ honest miners zero for its own pace: the round interval is stretched to what the
 miner allows, and a slower miner is asked only as often as its own rate allows."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -21,19 +22,25 @@ def caller_rate(info: InfoResponse, stake_share: float) -> float | None:
     """Requests per minute `info`'s miner allows a caller holding `stake_share` of the
     validators' stake; None when it sets no limit."""
     rpm = DEFAULT_MINER_RATE if info.requests_per_minute is None else info.requests_per_minute
-    if rpm <= 0:
+    if not math.isfinite(rpm) or rpm <= 0:  # inf is refused at parsing; never trust it here
         return None
     if info.stake_proportional:
         rpm = max(1.0, rpm * max(0.0, min(1.0, stake_share)))
     return rpm
 
 
+MAX_PACED_INTERVAL = 30.0
+"""Most seconds the miners' rates may space rounds beyond --neuron.round_interval: miners
+advertising tiny rates (a sybil majority of a round's sample) must not stop scoring for
+hours; slower miners sit rounds out instead."""
+
+
 def paced_interval(requests: int, rate: float | None) -> float:
     """Seconds a round sending `requests` to a miner allowing `rate` a minute must last
-    (0: no limit) to stay within HEADROOM of it."""
+    (0: no limit) to stay within HEADROOM of it; at most MAX_PACED_INTERVAL."""
     if rate is None or requests <= 0:
         return 0.0
-    return 60.0 * requests / (HEADROOM * rate)
+    return min(MAX_PACED_INTERVAL, 60.0 * requests / (HEADROOM * rate))
 
 
 class RateBudgets:
@@ -56,7 +63,7 @@ class RateBudgets:
         tokens, last = self._buckets.get(hotkey, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * HEADROOM * rate / 60.0)
         self._buckets[hotkey] = (tokens, now)
-        return int(tokens + 1e-9)
+        return int(min(tokens, capacity) + 1e-9)
 
     def spend(self, hotkey: str, requests: int) -> None:
         if hotkey in self._buckets:

@@ -212,6 +212,7 @@ class Validator:
         self._budgets = RateBudgets()
         self._paced_uids: set[int] = set()
         self._endpoints: tuple[float, dict[str, str]] = (-math.inf, {})
+        self._endpoints_reading: asyncio.Task | None = None
         self.client.endpoint_of = self._endpoint_of
         """This round's organic verdicts (id, passed, reason, similarity), written after it
         is saved."""
@@ -269,7 +270,7 @@ class Validator:
                     wait = max(self.config.round_interval, 1.0)
                     log.warning("round %d not run: %s; retrying in %.0fs",
                                 self.state.round_index, exc, wait)
-                    self._stop.wait(wait)
+                    self._stop.wait(min(wait, threading.TIMEOUT_MAX))
                     continue
                 log.info(self.format_report(report))
                 self.reports = (self.reports + [report])[-10:]
@@ -280,7 +281,7 @@ class Validator:
                 wait = max(self.config.round_interval, self.paced_interval) - \
                     (time.monotonic() - started)
                 if wait > 0:
-                    self._stop.wait(wait)
+                    self._stop.wait(min(wait, threading.TIMEOUT_MAX))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -447,14 +448,23 @@ class Validator:
         return targets
 
     async def _endpoint_of(self, hotkey: str) -> str | None:
-        """`hotkey`'s endpoint URL on chain now (the metagraph read at most every 5 s): a
-        miner that restarted on another port mid-audit is fetched there."""
+        """`hotkey`'s endpoint URL on chain now (the metagraph read at most every 5 s, one
+        read at a time: the fetches of several miners failing at once share it): a miner
+        that restarted on another port mid-audit is fetched there."""
         read_at, urls = self._endpoints
         if time.monotonic() - read_at > ENDPOINTS_FRESH:
-            metagraph = await asyncio.to_thread(self.chain.metagraph, self.config.netuid)
-            urls = {n.hotkey: n.endpoint.url for n in metagraph.neurons if n.endpoint}
-            self._endpoints = (time.monotonic(), urls)
+            loop = asyncio.get_running_loop()
+            reading = self._endpoints_reading
+            if reading is None or reading.get_loop() is not loop or reading.done():
+                reading = self._endpoints_reading = loop.create_task(self._read_endpoints())
+            urls = await asyncio.shield(reading)
         return urls.get(hotkey)
+
+    async def _read_endpoints(self) -> dict[str, str]:
+        metagraph = await asyncio.to_thread(self.chain.metagraph, self.config.netuid)
+        urls = {n.hotkey: n.endpoint.url for n in metagraph.neurons if n.endpoint}
+        self._endpoints = (time.monotonic(), urls)
+        return urls
 
     def _pace(self, metagraph: Metagraph, targets: list[Target], declared: dict[int, int],
               outcomes: dict[int, Outcome]) -> list[Target]:
