@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 
 def open_shared(path: Path, schema: str) -> sqlite3.Connection:
@@ -37,3 +38,22 @@ def immediate_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connecti
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def connect_read_only(path: Path | str, timeout: float = 5.0) -> sqlite3.Connection:
+    """Another process's SQLite file, read-only (`mode=ro`): never writes, never takes a
+    write lock. The path is URI-quoted (a `?`, `#` or `%` in it is part of the name). A WAL
+    file closed cleanly in a folder this process cannot write has no -shm to share and
+    SQLite refuses it; with no -wal beside it everything is in the main file, so it is read
+    as immutable."""
+    path = Path(path).expanduser()
+    uri = f"file:{quote(str(path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if "readonly" not in str(exc).lower() or Path(f"{path}-wal").exists():
+            raise
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)

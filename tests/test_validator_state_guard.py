@@ -294,3 +294,16 @@ def test_a_symlink_to_a_held_state_file_is_refused_too(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_readers_take_a_path_with_uri_characters_as_a_name(tmp_path):
+    """`?`, `#` and `%` in a folder name are part of the path, not of the SQLite URI."""
+    folder = tmp_path / "odd?name#with%25"
+    folder.mkdir()
+    path = folder / "state.sqlite"
+    with ValidatorState(path) as state:
+        state.bind("localnet", 1, "5hotkey")
+    assert read_status(path)["rounds_completed"] == 0
+    assert read_validator_state(path).scores == {}
+    with ValidatorState(path, read_only=True) as state:
+        assert state.round_index == 0

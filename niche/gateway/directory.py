@@ -17,6 +17,7 @@ next refresh (if it is really gone, the router's attempts fail over and cool it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from niche.chain.base import Chain, ChainError
 from niche.protocol import InfoResponse
+from niche.sqlite_files import connect_read_only
 from niche.validator.client import InfoResult, MinerClient, MinerTarget, QueryStatus
 from niche.validator.pacing import HEADROOM, caller_rate
 
@@ -71,10 +73,9 @@ class ValidatorView:
 
 def read_validator_state(path: Path | None) -> ValidatorView:
     """Scores and live exclusions from a validator state file, opened read-only."""
-    if path is None or not Path(path).exists():
+    if path is None or not Path(path).expanduser().exists():
         return ValidatorView()
-    uri = f"file:{Path(path).expanduser()}?mode=ro"
-    with sqlite3.connect(uri, uri=True, timeout=2.0) as db:
+    with contextlib.closing(connect_read_only(path, timeout=2.0)) as db:
         round_row = db.execute("SELECT value FROM meta WHERE key='round'").fetchone()
         current = int(round_row[0]) if round_row else 0
         scores = {int(uid): (str(hotkey), float(score)) for uid, hotkey, score in

@@ -24,6 +24,7 @@ from typing import Any
 
 from niche.errors import ConfigError
 from niche.local_server import DEFAULT_HOST, LocalServer, binding
+from niche.sqlite_files import connect_read_only
 
 log = logging.getLogger("niche.dashboard")
 
@@ -54,7 +55,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise ConfigError(f"no validator state at {path}: give --state (the validator's "
                           "--neuron.state_path)")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+    return connect_read_only(path, timeout=2.0)
 
 
 def first_id(db: sqlite3.Connection, round_index: int) -> int:

@@ -23,11 +23,11 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from niche import file_lock
 from niche.errors import ConfigError, NicheError
 from niche.file_lock import lock_path
+from niche.sqlite_files import connect_read_only
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 
 SCHEMA_VERSION = 1
@@ -195,22 +195,6 @@ def _take_writer_lock(path: Path) -> Path:
                          "--neuron.state_path") from exc
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """`mode=ro`: never writes, never waits on the writer. A WAL file closed cleanly in a
-    folder this process cannot write has no -shm to share and SQLite refuses it; with no
-    -wal beside it everything is in the main file, so it is read as immutable."""
-    uri = f"file:{quote(str(path))}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
-    try:
-        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.OperationalError as exc:
-        conn.close()
-        if "readonly" not in str(exc).lower() or Path(f"{path}-wal").exists():
-            raise
-    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
-
-
 class ValidatorState:
     """Open (creating if needed) and check a state file. One writer per file, enforced by
     a lock (see the module's docstring); `read_only=True` reads beside a running writer
@@ -225,7 +209,7 @@ class ValidatorState:
             key = _take_writer_lock(self.path)
             self._unlock = weakref.finalize(self, file_lock.release, key)
         try:
-            self._conn = (_connect_read_only(self.path) if read_only else
+            self._conn = (connect_read_only(self.path) if read_only else
                           sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0))
         except sqlite3.Error as exc:
             self._let_go()

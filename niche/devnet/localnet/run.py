@@ -60,12 +60,15 @@ def _wait_healthy(sup: Supervisor, miners: list[ProcessPlan], timeout: float,
 
 def _read_state(validator: ProcessPlan, sql: str, args: tuple = ()) -> list[tuple]:
     """Read the validator's state file without ever taking a write lock on it."""
+    import contextlib
     import sqlite3
+
+    from niche.sqlite_files import connect_read_only
 
     if not validator.state_path or not Path(validator.state_path).exists():
         return []
     try:
-        with sqlite3.connect(f"file:{validator.state_path}?mode=ro", uri=True, timeout=1) as db:
+        with contextlib.closing(connect_read_only(validator.state_path, timeout=1)) as db:
             return db.execute(sql, args).fetchall()
     except sqlite3.Error:
         return []
