@@ -136,6 +136,14 @@ def test_the_gateway_share_leaves_the_challenges_theirs():
     assert organic_rate(info(requests_per_minute=6.0), 1.0, 30.0) == 0.0  # nothing left
     # in flight: its concurrency, within the 8 per address less a round's challenges
     assert [inflight_share(c) for c in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 4]
+    # at once: the miner's bucket (rate / 6, with our margin) less a round's challenges, so
+    # the validator's round and the gateway's burst fit in it together
+    from niche.gateway.directory import organic_burst
+
+    assert organic_burst(info(requests_per_minute=60.0, concurrency=2), 1.0) == \
+        pytest.approx(0.9 * 10 - 2)
+    assert organic_burst(info(requests_per_minute=6.0, concurrency=4), 1.0) == 1.0
+    assert organic_burst(info(requests_per_minute=0.0), 1.0) == float("inf")
 
 
 def test_a_model_without_budget_left_is_429_with_retry_after(tmp_path):

@@ -60,6 +60,9 @@ class Candidate:
     rate: float | None = None
     """Requests per minute the gateway may send it, the challenges' share taken out (None:
     the miner sets no rate limit)."""
+    burst: float = math.inf
+    """Requests the gateway may send it at once: the miner's bucket less a round's
+    challenges (the validator's burst and ours must fit in it together)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class ValidatorView:
     excluded: frozenset[str] = frozenset()
     rounds_per_minute: float = DEFAULT_ROUNDS_PER_MINUTE
     """How often the validator challenges each miner, from its recent rounds."""
+    measured: bool = False
+    """`rounds_per_minute` comes from two recent rounds on file (else the validator's
+    recorded interval, or the default): until then the gateway reads the file often."""
 
 
 def read_validator_state(path: Path | None) -> ValidatorView:
@@ -89,9 +95,10 @@ def read_validator_state(path: Path | None) -> ValidatorView:
         interval_row = db.execute("SELECT value FROM meta WHERE key='round_interval'"
                                   ).fetchone()
     rate = configured_rate(interval_row[0] if interval_row else None)
-    if len(starts) >= 2 and starts[-1] > starts[0]:
+    measured = len(starts) >= 2 and starts[-1] > starts[0]
+    if measured:
         rate = 60.0 * (len(starts) - 1) / (starts[-1] - starts[0])
-    return ValidatorView(scores, excluded, rate)
+    return ValidatorView(scores, excluded, rate, measured)
 
 
 def configured_rate(interval: str | None) -> float:
@@ -136,6 +143,15 @@ def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: floa
     return max(0.0, HEADROOM * rpm - challenges)
 
 
+def organic_burst(info: InfoResponse, stake_share: float) -> float:
+    """Requests the gateway may send a miner at once: the miner's bucket for our hotkey
+    (rate / 6, as niche/miner/limits.py) less the challenges a round sends at once."""
+    rpm = caller_rate(info, stake_share)
+    if rpm is None:
+        return math.inf
+    return max(1.0, HEADROOM * rpm / 6.0 - min(info.concurrency, CHALLENGES_PER_ROUND))
+
+
 class MinerDirectory:
     def __init__(self, chain: Chain, netuid: int, client: MinerClient, *,
                  own_hotkey: str, validator_state: Path | None = None,
@@ -150,6 +166,8 @@ class MinerDirectory:
         self.info_grace = info_grace
         self._clock = clock
         self.candidates: list[Candidate] = []
+        self.pace_measured = False
+        """The validator's round rate was measured from its file (`ValidatorView.measured`)."""
         self.refreshed_at: float | None = None
         self.last_error = ""
         self._good: dict[str, tuple[str | None, InfoResponse, float]] = {}
@@ -201,7 +219,8 @@ class MinerDirectory:
                 frozenset(m.model for m in info.models),
                 score if hotkey == neuron.hotkey else 0.0,
                 concurrency=inflight_share(info.concurrency),
-                rate=organic_rate(info, share, view.rounds_per_minute)))
+                rate=organic_rate(info, share, view.rounds_per_minute),
+                burst=organic_burst(info, share)))
         if ticket < self._installed:
             return  # a refresh started later has installed a newer view
         self._installed = ticket
@@ -210,6 +229,7 @@ class MinerDirectory:
             del self._good[hotkey]  # deregistered, endpoint gone or excluded
         self._log_changes(candidates, unusable)
         self.candidates = candidates
+        self.pace_measured = view.measured
         self.refreshed_at = self._clock()
         self.last_error = ""
 

@@ -192,7 +192,7 @@ class Router:
 
     # ------------------------------------------------------------------ budgets
     def _bucket(self, c: Candidate, now: float) -> _Budget:
-        capacity = max(1.0, (c.rate or 0.0) / 6.0)
+        capacity = max(1.0, min((c.rate or 0.0) / 6.0, c.burst))
         budget = self._budgets.get(c.target.hotkey)
         if budget is None:
             budget = self._budgets[c.target.hotkey] = _Budget(capacity, now)

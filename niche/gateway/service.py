@@ -93,6 +93,8 @@ class Job:
         return Usage(images=images, steps=images * int(self.params[0].steps or 0))
 
 
+EARLY_REFRESH = 5.0
+"""Seconds between directory refreshes until the validator's round rate is measured."""
 MAX_QUEUE_WRITES = 32
 """Organic answers whose audit-queue write may wait at once (each holds an answer of up to
 ~6 MiB): past that the queue file is stuck, and more are counted and let go."""
@@ -165,7 +167,10 @@ class Gateway:
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh_interval)
+            # until the validator's round rate is measured from its file, read it often:
+            # the challenges' share of each miner's rate depends on it
+            await asyncio.sleep(self.config.refresh_interval if self.directory.pace_measured
+                                else min(self.config.refresh_interval, EARLY_REFRESH))
             try:
                 await self.directory.refresh()
                 self._update_gauges()

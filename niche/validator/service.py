@@ -138,6 +138,9 @@ class ValidatorConfig:
             self.scoring = replace(self.scoring, audit_fraction=self.audit_fraction)
 
 
+RATE_RETRY_WAIT = 1.2
+"""Seconds before asking again what a miner refused as over its rate (its bucket refills a
+request a second at the default 60 a minute)."""
 ENDPOINTS_FRESH = 5.0
 """Seconds a metagraph read for miners' endpoints is reused during audits."""
 STOP_FAULTS = frozenset({"timeout", "unreachable", "no_endpoint", "http_error",
@@ -486,6 +489,11 @@ class Validator:
             log.info("rounds at least %.1fs apart (not %gs): the median miner's advertised "
                      "rate (its /v1/info) allows no more for a challenge and its volume "
                      "probes", paced, self.config.round_interval)
+        effective = max(self.config.round_interval, paced)
+        if abs(effective - max(self.config.round_interval, self.paced_interval)) > 0.5:
+            # the gateway leaves the challenges the share this pace takes (until it has
+            # measured two rounds, this is all it knows)
+            self.state.record_round_interval(effective)
         self.paced_interval = paced
         kept, waiting = [], []
         for target in targets:
@@ -530,11 +538,36 @@ class Validator:
         by_uid = {n.uid: n for n in neurons}
         sent = challenges + probes
         order = self._secret_order(len(sent))
+        started = time.monotonic()
         shuffled = await self.client.query_many(
             [(by_uid[sent[i].uid], sent[i].request()) for i in order])
         results = _unshuffled(order, shuffled)
+        await self._retry_rate_limited(sent, results, by_uid, started)
         answered = {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
         return answered, list(zip(probes, results[len(challenges):], strict=True))
+
+    async def _retry_rate_limited(self, sent: list[Challenge], results: list[QueryResult],
+                                  by_uid: dict[int, Neuron], started: float) -> None:
+        """Ask once more, RATE_RETRY_WAIT later, what a miner refused as over its rate:
+        this validator kept within each miner's rate (`_pace`), so the refusal spent tokens
+        its gateway took from the same hotkey's bucket, not the miner's fault. The answer's
+        latency counts from the first send: a refusal never buys a head start."""
+        again = [i for i, r in enumerate(results)
+                 if r.http_status == 429 and r.error is not None
+                 and r.error.reason == "rate_limited"]
+        if not again:
+            return
+        await asyncio.sleep(RATE_RETRY_WAIT)
+        resent = time.monotonic()
+        retried = await self.client.query_many(
+            [(by_uid[sent[i].uid], sent[i].request()) for i in again])
+        for i, result in zip(again, retried, strict=True):
+            if result.latency is not None:
+                result.latency += resent - started
+            results[i] = result
+        log.info("uids %s refused a request as over their rate (this hotkey's gateway shares "
+                 "it): asked once more, latency counted from the first send",
+                 sorted({sent[i].uid for i in again}))
 
     def _probe_checks(self, probed: list[tuple[Challenge, QueryResult]], round_index: int,
                       fresh: list[Answer]) -> list[tuple[Challenge, QueryResult]]:
