@@ -37,6 +37,20 @@ def test_an_infinite_rate_is_refused_at_parsing_and_never_trusted():
     assert budgets.allowance("5tiny", 1e-300) == 0
 
 
+def test_a_refusal_for_rate_empties_our_copy_of_the_bucket():
+    """Ours said 9 tokens, the miner said 429 (its gateway drew on the same hotkey): ours
+    starts again from empty, the retry spent from it, so retries cannot keep the miner's
+    bucket empty round after round."""
+    now = [0.0]
+    budgets = RateBudgets(clock=lambda: now[0])
+    assert budgets.allowance("5m", 60.0) == 9
+    budgets.drained("5m")
+    budgets.spend("5m", 1)  # the retry
+    assert budgets.allowance("5m", 60.0) == 0
+    now[0] += 60.0 / (0.9 * 60.0) * 2  # two requests' worth of our refill later
+    assert budgets.allowance("5m", 60.0) == 1
+
+
 @pytest.fixture
 def validator(tmp_path, tiny_engine):
     net = make_chain(tmp_path, miners=5)

@@ -70,6 +70,13 @@ class RateBudgets:
             tokens, last = self._buckets[hotkey]
             self._buckets[hotkey] = (tokens - requests, last)
 
+    def drained(self, hotkey: str) -> None:
+        """The miner refused for its rate: its bucket is empty whatever ours says (its
+        gateway shares it, or a restart left ours full); ours starts again from empty."""
+        if hotkey in self._buckets:
+            tokens, last = self._buckets[hotkey]
+            self._buckets[hotkey] = (min(tokens, 0.0), last)
+
     def forget(self, keep: set[str]) -> None:
         """Drop the buckets of hotkeys no longer on the subnet."""
         for hotkey in [h for h in self._buckets if h not in keep]:

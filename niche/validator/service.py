@@ -542,21 +542,29 @@ class Validator:
         shuffled = await self.client.query_many(
             [(by_uid[sent[i].uid], sent[i].request()) for i in order])
         results = _unshuffled(order, shuffled)
-        await self._retry_rate_limited(sent, results, by_uid, started)
+        await self._retry_rate_limited(challenges, results, by_uid, started)
         answered = {c.uid: (c, r) for c, r in zip(challenges, results, strict=False)}
         return answered, list(zip(probes, results[len(challenges):], strict=True))
 
-    async def _retry_rate_limited(self, sent: list[Challenge], results: list[QueryResult],
-                                  by_uid: dict[int, Neuron], started: float) -> None:
-        """Ask once more, RATE_RETRY_WAIT later, what a miner refused as over its rate:
-        this validator kept within each miner's rate (`_pace`), so the refusal spent tokens
-        its gateway took from the same hotkey's bucket, not the miner's fault. The answer's
-        latency counts from the first send: a refusal never buys a head start."""
-        again = [i for i, r in enumerate(results)
+    async def _retry_rate_limited(self, challenges: list[Challenge],
+                                  results: list[QueryResult], by_uid: dict[int, Neuron],
+                                  started: float) -> None:
+        """Ask once more, RATE_RETRY_WAIT later, a scored challenge a miner refused as over
+        its rate: this validator kept within each miner's rate (`_pace`), so the refusal
+        spent tokens its gateway took from the same hotkey's bucket, not the miner's fault.
+        Volume probes are not asked again (a refused probe verifies nothing), and the retry
+        is spent from the miner's budget like any request, so retries cannot keep its
+        bucket empty round after round. The answer's latency counts from the first send: a
+        refusal never buys a head start."""
+        again = [i for i, r in enumerate(results[:len(challenges)])
                  if r.http_status == 429 and r.error is not None
                  and r.error.reason == "rate_limited"]
         if not again:
             return
+        for i in again:
+            self._budgets.drained(challenges[i].hotkey)
+            self._budgets.spend(challenges[i].hotkey, 1)
+        sent = challenges
         await asyncio.sleep(RATE_RETRY_WAIT)
         resent = time.monotonic()
         retried = await self.client.query_many(
