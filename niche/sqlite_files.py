@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -57,3 +58,33 @@ def connect_read_only(path: Path | str, timeout: float = 5.0) -> sqlite3.Connect
         if "readonly" not in str(exc).lower() or Path(f"{path}-wal").exists():
             raise
     return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+
+
+_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT ("malformed"), SQLITE_NOTADB ("not a database")
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite refused the file's contents (not its permissions, a lock or the
+    disk): sqlite3 raises a bare DatabaseError for exactly those before Python 3.11."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return type(exc) is sqlite3.DatabaseError
+    return code & 0xFF in _CORRUPT_CODES
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a corrupt side file (and its -wal/-shm/-journal) to `<name>.corrupt-<UTC time>`,
+    kept for a look rather than deleted, so a fresh one can start; where it went. Another
+    process sharing the file may have moved it first: then there is nothing to move."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
+    with contextlib.suppress(FileNotFoundError):
+        path.rename(aside)
+    for suffix in _COMPANIONS:
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + suffix).rename(aside.with_name(aside.name + suffix))
+    return aside

@@ -30,6 +30,7 @@ import torch
 from niche import file_lock
 from niche.errors import ConfigError
 from niche.file_lock import lock_path
+from niche.sqlite_files import corrupt, move_aside
 from niche.states import RawState, state_bytes
 
 log = logging.getLogger("niche.miner")
@@ -54,22 +55,11 @@ CREATE TABLE IF NOT EXISTS states (
 
 
 _COLUMNS = ["hotkey", "request_id", "expires", "size", "lengths", "data"]
-_COMPANIONS = ("-wal", "-shm", "-journal")
-_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT ("malformed"), SQLITE_NOTADB ("not a database")
 
 
 class _Unusable(Exception):
     """The states file is not a states store this version can use (a corrupt file, another
     schema): a cache, so it is moved aside rather than refusing to start."""
-
-
-def _corrupt(exc: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite refused the file's contents (not its permissions, a lock or the
-    disk): sqlite3 raises a bare DatabaseError for exactly those before Python 3.11."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        return type(exc) is sqlite3.DatabaseError
-    return code & 0xFF in _CORRUPT_CODES
 
 
 def _check_tables(db: sqlite3.Connection, path: Path) -> None:
@@ -234,23 +224,13 @@ class DiskStates:
                 self._prune()
         except BaseException as exc:
             db.close()
-            if isinstance(exc, sqlite3.DatabaseError) and _corrupt(exc):
+            if isinstance(exc, sqlite3.DatabaseError) and corrupt(exc):
                 raise _Unusable(str(exc)) from exc
             raise
 
     def _move_aside(self, why: str) -> None:
-        """Rename the file (and its -wal/-shm/-journal) to `<name>.corrupt-<UTC time>`,
-        kept for a look rather than deleted; one WARNING line says so."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while aside.exists():
-            aside, n = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}"), n + 1
-        self.path.rename(aside)
-        for suffix in _COMPANIONS:
-            companion = self.path.with_name(self.path.name + suffix)
-            if companion.exists():
-                companion.rename(aside.with_name(aside.name + suffix))
+        """The unusable file out of the way (sqlite_files.move_aside); one WARNING says so."""
+        aside = move_aside(self.path)
         log.warning("states store %s is unusable (%s): moved aside to %s, starting with an "
                     "empty one (audits of answers from before find no states)", self.path,
                     why, aside)

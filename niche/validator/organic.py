@@ -39,7 +39,7 @@ from niche.imaging import (
     to_b64,
 )
 from niche.protocol import GenerateRequest, GenerateResponse
-from niche.sqlite_files import immediate_transaction, open_shared
+from niche.sqlite_files import corrupt, immediate_transaction, move_aside, open_shared
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerTarget, QueryResult, QueryStatus
 
@@ -67,11 +67,6 @@ row's images must not stay forever."""
 
 class QueueError(NicheError):
     """The queue file cannot be used (the message says which and why)."""
-
-
-CORRUPT = ("file is not a database", "database disk image is malformed")
-"""sqlite3 errors that say the file is not a usable database (moved aside, not fatal: the
-queue holds answers waiting for an audit, worth less than the gateway and the validator)."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +122,9 @@ class OrganicQueue:
             try:
                 conn = _connect(self.path)
             except sqlite3.DatabaseError as exc:
-                if not any(sign in str(exc) for sign in CORRUPT):
-                    raise
-                aside = _move_aside(self.path)
+                if not corrupt(exc):  # a corrupt queue is moved aside, never fatal: it
+                    raise  # holds answers waiting for an audit, worth less than either side
+                aside = move_aside(self.path)
                 log.warning("organic audit queue %s is not a usable database (%s): moved to %s, "
                             "starting an empty queue (its unaudited answers are not audited)",
                             self.path, exc, aside)
@@ -262,18 +257,6 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename a corrupt queue file (and drop its journal files) so a fresh one can start;
-    another process may have moved it first."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    with contextlib.suppress(FileNotFoundError):
-        path.rename(aside)
-    for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            path.with_name(path.name + suffix).unlink()
-    return aside
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
