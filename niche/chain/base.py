@@ -89,6 +89,16 @@ class Metagraph:
     def by_uid(self, uid: int) -> Neuron | None:
         return next((n for n in self.neurons if n.uid == uid), None)
 
+    def stake_share(self, hotkey: str, missing: float) -> float:
+        """`hotkey`'s share of the permitted validators' stake, as a miner sharing its rate
+        by stake computes it (1 when no validator holds stake; `missing` when `hotkey` is
+        not on the subnet)."""
+        permitted = sum(n.stake for n in self.neurons if n.validator_permit)
+        neuron = self.by_hotkey(hotkey)
+        if neuron is None:
+            return missing
+        return neuron.stake / permitted if permitted > 0 else 1.0
+
     @property
     def total_stake(self) -> float:
         return sum(n.stake for n in self.neurons)

@@ -13,10 +13,9 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 from niche.errors import ConfigError
-from niche.sqlite_files import immediate_transaction, open_shared
+from niche.sqlite_files import connect_read_only, immediate_transaction, open_shared
 
 APPLICATION_ID = 0x4E475759  # "NGWY": marks the file as a niche gateway database
 VALIDATOR_APPLICATION_ID = 0x4E494348  # niche.validator.state.APPLICATION_ID ("NICH")
@@ -34,10 +33,6 @@ CREATE INDEX IF NOT EXISTS images_expires ON images (expires);
 """
 _TABLES = frozenset({"keys", "usage", "images"})
 _KEY_COLUMNS = ["id", "name", "hash", "created", "revoked", "per_minute", "per_day"]
-
-
-def missing_db_message(path: Path) -> str:
-    return f"no gateway database at {path}: pass the --gateway.db the gateway uses"
 
 
 def _seems(app_id: int, tables: set[str]) -> str:
@@ -63,7 +58,7 @@ def _check_file(path: Path) -> None:
     one written before the application_id mark pass."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10.0)
+    conn = connect_read_only(path, timeout=10.0)
     try:
         app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
         tables = {row[0] for row in conn.execute(
@@ -91,7 +86,8 @@ class GatewayDB:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
         if not create and not self.path.exists():
-            raise ConfigError(missing_db_message(self.path))
+            raise ConfigError(f"no gateway database at {self.path}: pass the --gateway.db "
+                              "the gateway uses")
         try:
             _check_file(self.path)
             self._conn = open_shared(self.path, _SCHEMA)
@@ -119,10 +115,3 @@ class GatewayDB:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
-
-
-def open_existing(path: Path | str) -> GatewayDB:
-    """The gateway database at `path` for a command that only reads or changes existing
-    keys (`keys list`, `keys revoke`): a missing file is a ConfigError ("no gateway
-    database at ...") and nothing is created."""
-    return GatewayDB(path, create=False)

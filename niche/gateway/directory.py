@@ -201,9 +201,7 @@ class MinerDirectory:
                    if n.endpoint is not None and n.hotkey != self.own_hotkey
                    and n.hotkey not in view.excluded]
         infos = await self.client.info_many(neurons, timeout=self.info_timeout)
-        permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
-        ours = next((n.stake for n in metagraph.neurons if n.hotkey == self.own_hotkey), 0.0)
-        share = ours / permitted if permitted > 0 else 1.0
+        share = metagraph.stake_share(self.own_hotkey, missing=0.0)
         candidates = []
         unusable = {hotkey: "excluded by the validator" for hotkey in view.excluded}
         now = self._clock()

@@ -207,19 +207,21 @@ class Validator:
         """Our libraries/device/dtypes; a miner running others gets one warning per change."""
         self._stop = threading.Event()
         self._organic_passed: dict[int, float] = {}
+        """uid -> organic answers that passed their audit this round (count as volume)."""
         self._organic_verdicts: list[tuple[int, bool | None, str, float | None]] = []
+        """This round's organic verdicts (id, passed, reason, similarity), written after it
+        is saved."""
         self._advertised: dict[int, InfoResponse] = {}
         """uid -> its last /v1/info (its rate limit paces the rounds)."""
         self.paced_interval = 0.0
         """Seconds the median miner's advertised rate needs between round starts (`_pace`)."""
         self._budgets = RateBudgets()
         self._paced_uids: set[int] = set()
+        """uids already said to sit rounds out (said once)."""
         self._endpoints: tuple[float, dict[str, str]] = (-math.inf, {})
+        """(when read, hotkey -> endpoint URL) for the audit fetches' `endpoint_of`."""
         self._endpoints_reading: asyncio.Task | None = None
         self.client.endpoint_of = self._endpoint_of
-        """This round's organic verdicts (id, passed, reason, similarity), written after it
-        is saved."""
-        """uid -> organic answers that passed their audit this round (count as volume)."""
         self._must_audit: set[str] = set()
         """Request ids of this round's answers that look like an earlier answer: audited
         whatever the audit fraction draws."""
@@ -477,9 +479,7 @@ class Validator:
         --neuron.round_interval), and a miner whose own budget is spent gets fewer probes or
         sits the round out (a zero reward: a rate that is never spent must not freeze a
         score; one log line the first time)."""
-        permitted = sum(n.stake for n in metagraph.neurons if n.validator_permit)
-        ours = metagraph.by_hotkey(self.hotkey)
-        share = (ours.stake / permitted) if ours is not None and permitted > 0 else 1.0
+        share = metagraph.stake_share(self.hotkey, missing=1.0)
         rates = {t.uid: caller_rate(self._advertised[t.uid], share) for t in targets
                  if t.uid in self._advertised}
         needs = sorted(paced_interval(declared.get(uid, 1), rate)
@@ -564,18 +564,17 @@ class Validator:
         for i in again:
             self._budgets.drained(challenges[i].hotkey)
             self._budgets.spend(challenges[i].hotkey, 1)
-        sent = challenges
         await asyncio.sleep(RATE_RETRY_WAIT)
         resent = time.monotonic()
         retried = await self.client.query_many(
-            [(by_uid[sent[i].uid], sent[i].request()) for i in again])
+            [(by_uid[challenges[i].uid], challenges[i].request()) for i in again])
         for i, result in zip(again, retried, strict=True):
             if result.latency is not None:
                 result.latency += resent - started
             results[i] = result
         log.info("uids %s refused a request as over their rate (this hotkey's gateway shares "
                  "it): asked once more, latency counted from the first send",
-                 sorted({sent[i].uid for i in again}))
+                 sorted({challenges[i].uid for i in again}))
 
     def _probe_checks(self, probed: list[tuple[Challenge, QueryResult]], round_index: int,
                       fresh: list[Answer]) -> list[tuple[Challenge, QueryResult]]:
