@@ -300,3 +300,15 @@ class MinerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    """`predicate()`'s first truthy value, polled every 50 ms; AssertionError naming `what`
+    after `timeout` seconds (a deadline for hangs only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -4,11 +4,12 @@ that neither re-serves an unchanged endpoint nor crashes on a changed one. Real 
 file, real wallets, real uvicorn on 127.0.0.1 via `niche.miner.server.serve`."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-import time
 
 import httpx
+import miner_support
 import pytest
 
 from niche.chain.base import Endpoint
@@ -37,14 +38,7 @@ def net(tmp_path):
     chain.close()
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(miner_support.wait_for, timeout=60.0)
 
 
 class Running:

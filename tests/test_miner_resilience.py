@@ -11,6 +11,7 @@
 Real SQLite files, real LocalChain files, real wallets, real miner services on 127.0.0.1."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import miner_support
 import pytest
 from miner_support import (
     MIN_STAKE,
@@ -195,14 +197,7 @@ def test_niche_miner_gets_past_a_corrupt_states_file(tmp_path, caplog, capsys):
 # ---------------------------------------------------------------------- the endpoint
 
 
-def wait_for(predicate, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(miner_support.wait_for, timeout=15.0)
 
 
 def _other_process_lines(caplog) -> list[str]:

@@ -4,10 +4,11 @@ deregistered mid-run -> ERROR line and exit code 3 after the round is persisted.
 LocalChain files, real wallets, the real Engine on tiny checkpoints (no miners needed)."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-import time
 
+import miner_support
 import pytest
 
 from niche.chain.base import NotRegisteredError
@@ -67,13 +68,7 @@ class InThread:
         self.thread.join(120)
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(miner_support.wait_for, timeout=120.0)
 
 
 def test_cli_refuses_to_start_without_a_permit(net, capsys):
