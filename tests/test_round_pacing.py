@@ -19,14 +19,19 @@ from niche.validator.state import ValidatorState
 RATE = 12.0  # requests a minute: a bucket of 2, one more every 5 s
 
 
+def _fast_validator(tmp_path, *, rounds: int, audit_fraction: float) -> ValidatorConfig:
+    """A flux-schnell validator asked for rounds back to back (interval 0)."""
+    return ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=rounds, seed=2,
+                           state_path=tmp_path / "v.sqlite", round_interval=0,
+                           audit_fraction=audit_fraction,
+                           scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+
+
 def test_rounds_faster_than_the_miners_rate_are_paced_not_refused(tmp_path, tiny_engine,
                                                                   caplog):
     net = make_chain(tmp_path, miners=1)
     miner = MinerConfig(netuid=NETUID, requests_per_minute=RATE)
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=3, seed=2,
-                             state_path=tmp_path / "v.sqlite", round_interval=0,
-                             audit_fraction=0.0,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    config = _fast_validator(tmp_path, rounds=3, audit_fraction=0.0)
     caplog.set_level(logging.INFO, logger="niche.validator")
     with announced_miners(net.chain, {"miner1": (Only(tiny_engine, "flux-schnell"),
                                                  net.wallets["miner1"], miner)}), \
@@ -61,10 +66,7 @@ def test_one_slow_miner_sits_rounds_out_instead_of_slowing_every_round(tmp_path,
     net = make_chain(tmp_path, miners=3)
     fast = MinerConfig(netuid=NETUID, requests_per_minute=60.0)
     slow = MinerConfig(netuid=NETUID, requests_per_minute=6.0)
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=4, seed=2,
-                             state_path=tmp_path / "v.sqlite", round_interval=0,
-                             audit_fraction=0.0,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    config = _fast_validator(tmp_path, rounds=4, audit_fraction=0.0)
     caplog.set_level(logging.INFO, logger="niche.validator")
     miners = {name: (Only(tiny_engine, "flux-schnell"), net.wallets[name], cfg)
               for name, cfg in (("miner1", fast), ("miner2", fast), ("miner3", slow))}
@@ -103,10 +105,7 @@ def test_a_challenge_refused_for_the_gateways_share_is_asked_again_not_zeroed(
 
     net = make_chain(tmp_path, miners=1)
     miner = MinerConfig(netuid=NETUID, requests_per_minute=60.0)  # a bucket of 10
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=2,
-                             state_path=tmp_path / "v.sqlite", round_interval=0,
-                             audit_fraction=1.0,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    config = _fast_validator(tmp_path, rounds=1, audit_fraction=1.0)
     caplog.set_level(logging.INFO, logger="niche.validator")
     with announced_miners(net.chain, {"miner1": (Only(tiny_engine, "flux-schnell"),
                                                  net.wallets["miner1"], miner)}) as running, \
