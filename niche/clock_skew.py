@@ -9,11 +9,12 @@ Offsets are per receiver: a signature is bound to its receiver, so a miner that 
 `Date` only gets its own requests signed at the time it asked for."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+
+from niche.protocol import ErrorResponse
 
 log = logging.getLogger("niche.validator")
 
@@ -74,10 +75,12 @@ class ClockOffsets:
 
 
 def _says_stale(body: bytes) -> bool:
-    """The miner's error answer names `stale_request` (niche's ErrorResponse)."""
+    """The miner's error answer names `stale_request` (niche's ErrorResponse). Read by
+    pydantic's bounded parser: the body is the miner's, and `json.loads` of 3,000 `[` raises
+    RecursionError, which would end the caller's request as the validator's own failure."""
     if len(body) > 4096:
         return False
     try:
-        return json.loads(body).get("reason") == "stale_request"
-    except (ValueError, AttributeError):
+        return ErrorResponse.model_validate_json(body).reason == "stale_request"
+    except ValueError:  # pydantic's ValidationError too: not JSON, too deep, another shape
         return False

@@ -164,6 +164,12 @@ class _Undecodable(Exception):
     pass
 
 
+class _OwnFailure(Exception):
+    """The validator could not make its request (its signer, its own request body): its
+    failure, never the miner's. Anything raised later, while reading what the miner sent,
+    is the miner's answer."""
+
+
 log = logging.getLogger("niche.validator")
 
 ENDPOINT_LOOKUP_TIMEOUT = 5.0
@@ -265,12 +271,8 @@ class MinerClient:
         """(status, media type, body) of one signed request; the body read under `cap`.
         Refused as stale by a miner whose clock differs from ours, it is signed again by
         that miner's clock and sent once more (niche/clock_skew.py)."""
-        if self._signer is None:  # resolved once: a fresh one costs ~1.4 ms per request
-            self._signer = resolve_signer(self.wallet, role="hotkey")
         for attempt in range(2):
-            headers = sign_request(self._signer, method=method, path=path, body=body,
-                                   receiver=receiver,
-                                   nonce_ns=self.clock_offsets.nonce_ns(receiver))
+            headers = self._signed_headers(method, path, body, receiver)
             headers["Content-Type"] = "application/json"
             headers["Accept"] = accept
             headers["Accept-Encoding"] = "identity"  # count the bytes that arrive; no bombs
@@ -286,6 +288,17 @@ class MinerClient:
                                                            resp.headers.get("date")):
                     break
         return resp.status, media, answer
+
+    def _signed_headers(self, method: str, path: str, body: bytes, receiver: str
+                        ) -> dict[str, str]:
+        try:
+            if self._signer is None:  # resolved once: a fresh one costs ~1.4 ms per request
+                self._signer = resolve_signer(self.wallet, role="hotkey")
+            return sign_request(self._signer, method=method, path=path, body=body,
+                                receiver=receiver,
+                                nonce_ns=self.clock_offsets.nonce_ns(receiver))
+        except Exception as exc:
+            raise _OwnFailure(f"signing: {type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ generate
     async def query(self, target: TargetLike, request: GenerateRequest, *,
@@ -345,10 +358,18 @@ class MinerClient:
             return result
         # Decoding a big PNG is CPU work: off the event loop, unless the answer is small and
         # so is what it may decode to (a thread round trip costs more on a busy box).
-        if len(raw) <= INLINE_CHECK_BYTES and limits.max_pixels <= INLINE_CHECK_PIXELS:
-            self._check_answer(result, request, raw, media, limits)
-        else:
-            await asyncio.to_thread(self._check_answer, result, request, raw, media, limits)
+        try:
+            if len(raw) <= INLINE_CHECK_BYTES and limits.max_pixels <= INLINE_CHECK_PIXELS:
+                self._check_answer(result, request, raw, media, limits)
+            else:
+                await asyncio.to_thread(self._check_answer, result, request, raw, media,
+                                        limits)
+        except Exception as exc:  # raised by what the miner sent: its answer, not a crash
+            log.warning("uid %d: checking its answer raised %s: scored as invalid", t.uid,
+                        type(exc).__name__, exc_info=True)
+            result.response = result.image = result.image_bytes = None
+            result.status = QueryStatus.INVALID_RESPONSE
+            result.reason = f"unreadable answer: {type(exc).__name__}: {exc}"[:300]
         return result
 
     def _check_answer(self, result: QueryResult, request: GenerateRequest, raw: bytes,
@@ -458,9 +479,13 @@ class MinerClient:
                     if not part.ok:
                         return part
                     states.update(part.states)
-        except Exception as exc:  # signing, our own bugs: the validator's side, not the miner's
-            return StatesFetch({}, f"validator error: {type(exc).__name__}: {exc}"[:300],
-                               validator_error=True)
+        except _OwnFailure as exc:  # the validator's side, not the miner's
+            return StatesFetch({}, f"validator error: {exc}"[:300], validator_error=True)
+        except Exception as exc:  # raised by what the miner sent: a dodge must not be free
+            log.warning("uid %d: reading its states answer raised %s: counted as a failed "
+                        "fetch", t.uid, type(exc).__name__, exc_info=True)
+            return StatesFetch({}, f"unreadable states answer: {type(exc).__name__}: "
+                                   f"{exc}"[:300])
         return StatesFetch(states)
 
     async def _moved_to(self, t: MinerTarget, url: str) -> str:
@@ -486,8 +511,11 @@ class MinerClient:
         """One signed /v1/states request for at most MAX_STATES_PER_FETCH states, retried on
         faults of availability until `deadline`."""
         version = self.version_for(t.hotkey)
-        body = StatesRequest(protocol_version=version, request_id=request_id,
-                             indices=chunk).model_dump_json().encode()
+        try:
+            body = StatesRequest(protocol_version=version, request_id=request_id,
+                                 indices=chunk).model_dump_json().encode()
+        except ValidationError as exc:
+            raise _OwnFailure(f"states request: {exc}") from exc
         accept = (f"{STATES_MEDIA_TYPE}, application/json" if version >= BINARY_SINCE
                   else "application/json")  # protocol 4: the raw float32 states
         # the commitment's shape is bounded (StatesCommitment); the cap never trusts it more
