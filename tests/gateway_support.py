@@ -18,6 +18,7 @@ from niche.chain.wallets import create_wallet
 from niche.devnet.servers import BackgroundServer
 from niche.gateway.app import create_app as gateway_app
 from niche.gateway.service import GatewayConfig, build_gateway
+from niche.miner.server import ConnectionLimits
 from niche.miner.service import MinerConfig
 
 NETUID = 1
@@ -51,7 +52,8 @@ def running_miners(net: SimpleNamespace, engines: Mapping[str, object]
 def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                     models: tuple[str, ...] = ("flux-schnell", "kolors"),
                     validator_state: Path | None = None, config: GatewayConfig | None = None,
-                    expect_miners: int = 0, **kwargs) -> Iterator[SimpleNamespace]:
+                    expect_miners: int = 0, limits: ConnectionLimits | None = None,
+                    **kwargs) -> Iterator[SimpleNamespace]:
     """The gateway app on 127.0.0.1 with one ready key (`key`, 600/min, 1000/day);
     `expect_miners`: wait until its directory lists that many (a miner whose /v1/info was
     slow at the gateway's start on a loaded box is listed only at the next refresh)."""
@@ -62,7 +64,7 @@ def running_gateway(net: SimpleNamespace, tiny_root: Path, *,
                             config=config or GatewayConfig(audit_fraction=1.0), **kwargs)
     gateway.audit_queue_wait = 60.0  # tests read the queue right after the answer
     key, _ = gateway.keys.create("tests", per_minute=600, per_day=1000)
-    with BackgroundServer(gateway_app(gateway)) as server:
+    with BackgroundServer(gateway_app(gateway), limits=limits) as server:
         if expect_miners:
             _await_directory(gateway, expect_miners)
         yield SimpleNamespace(gateway=gateway, server=server, url=server.url, key=key,

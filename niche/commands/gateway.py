@@ -53,6 +53,12 @@ def register(subparsers) -> None:
     g.add_argument("--gateway.max_inflight_per_key", dest="max_inflight_per_key", type=int,
                    default=16, help="requests one API key may have open at once; one more "
                    "gets 429 (default 16)")
+    g.add_argument("--gateway.max_connections_per_ip", dest="max_connections_per_ip",
+                   type=int, default=64,
+                   help="open connections one address may hold; one more is closed at once "
+                        "(default 64; 0: no bound). Trusted proxies (FORWARDED_ALLOW_IPS, "
+                        "default 127.0.0.1) are not counted: their one address carries every "
+                        "user")
     g.add_argument("--gateway.refresh_interval", dest="refresh_interval", type=float,
                    default=30.0, help="seconds between metagraph / score refreshes (30)")
     g.add_argument("--gateway.public_url", dest="public_url", default=None,
@@ -182,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     from niche.commands.startup import configuration_errors, open_chain
     from niche.errors import ConfigError
     from niche.gateway.app import create_app
+    from niche.gateway.connections import gateway_limits
     from niche.gateway.service import GatewayConfig, build_gateway
     from niche.miner.server import bind_socket, stop_on_signals, uvicorn_server
 
@@ -192,6 +199,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.hedge_after is not None and args.hedge_after < 0:
         raise ConfigError("--gateway.hedge_after must be >= 0 seconds (leave it out for the "
                           "default, derived from each model's expected time)")
+    if args.max_connections_per_ip < 0:
+        raise ConfigError("--gateway.max_connections_per_ip must be >= 0 (0: no bound)")
     for origin in args.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"--gateway.cors_origins: {origin!r} is not an origin like "
@@ -218,7 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
                                                  wallet.hotkey.ss58_address),
                 model_root=args.model_path, config=config, hedge_after=args.hedge_after)
             metrics = metrics_server_from_args(args, gateway.metrics.registry)
-            server = uvicorn_server(create_app(gateway))
+            server = uvicorn_server(create_app(gateway),
+                                    limits=gateway_limits(args.max_connections_per_ip))
             log.info("gateway listening on http://%s:%d (signing as %s); keys and usage in "
                      "%s (add a key: niche gateway keys create --name NAME --gateway.db %s)",
                      args.ip, sock.getsockname()[1], wallet.hotkey.ss58_address,

@@ -9,17 +9,18 @@ from collections.abc import Iterator
 
 from fastapi import FastAPI
 
-from niche.miner.server import bind_socket, uvicorn_server
+from niche.miner.server import ConnectionLimits, bind_socket, uvicorn_server
 
 
 class BackgroundServer:
     """Run an app with uvicorn in a daemon thread on 127.0.0.1 (tests, localnet tools)."""
 
-    def __init__(self, app: FastAPI, ip: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: FastAPI, ip: str = "127.0.0.1", port: int = 0,
+                 limits: ConnectionLimits | None = None):
         self.sock = bind_socket(ip, port)
         self.ip = ip
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn_server(app)
+        self.server = uvicorn_server(app, limits=limits)
         self.thread = threading.Thread(target=self.server.run,
                                        kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -367,8 +367,25 @@ class ConnectionLimits:
     send_timeout: float = 0.0
     """Seconds an answer may sit unread in the send buffer; 0: no bound."""
     json_overload: bool = False
-    """Answer a request over `total` with a one-line ErrorResponse (503 busy) instead of
+    """Answer a request over `total` with a one-line JSON 503 (`error_body`) instead of
     uvicorn's plain-text 503."""
+    max_head_bytes: int = 64 * 1024
+    """Bytes a request head (request line and headers) may take: a longer one gets a 431 and
+    the connection closes. httptools has no bound of its own, and uvicorn keeps every header
+    in memory: a peer sending one endless header grew a process by 185 MB and slowed every
+    other request 100-fold until the header deadline. Signed requests take ~1.5 KiB."""
+    exempt: frozenset[str] = frozenset()
+    """Peer addresses `per_peer` does not count: trusted reverse proxies, whose one address
+    carries every user (the proxy bounds its own clients)."""
+    error_body: Callable[[int, str, str], bytes] | None = None
+    """(status, reason, detail) -> the JSON body of a refusal made below the app (431, 503);
+    None: niche's ErrorResponse (the miner's)."""
+
+    def body(self, status: int, reason: str, detail: str) -> bytes:
+        if self.error_body is not None:
+            return self.error_body(status, reason, detail)
+        return ErrorResponse(reason=reason, detail=detail).model_dump_json(
+            exclude_none=True).encode()
 
 
 def connection_limits(config: Any) -> ConnectionLimits:
@@ -398,15 +415,21 @@ def peer_key(peername: Any) -> str | None:
     return host
 
 
-OVERLOADED = ErrorResponse(reason="busy", detail="too many open connections; retry later"
-                           ).model_dump_json(exclude_none=True).encode()
+OVERLOADED = ("busy", "too many open connections; retry later")
+HEAD_TOO_LARGE = "request_header_fields_too_large"
 
 
-async def _overloaded(send: Send) -> None:
+async def _overloaded(send: Send, body: bytes) -> None:
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(OVERLOADED)).encode()), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": OVERLOADED})
+        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raw_refusal(status: int, phrase: str, body: bytes) -> bytes:
+    """A whole HTTP/1.1 response, written straight to the socket (no request to answer)."""
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
 def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
@@ -418,9 +441,14 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
       connections from one address made every validator get 503);
     - a send deadline: an answer left unread (no progress) for `limits.send_timeout` drops
       the connection, freeing the answer's memory;
-    - with `limits.json_overload`, a request over `limits.total` gets a one-line JSON 503.
+    - with `limits.json_overload`, a request over `limits.total` gets a one-line JSON 503;
+    - a cap on each request head's bytes (`limits.max_head_bytes`): a longer head gets a
+      JSON 431 and the connection closes.
     `base` reports a complete request head through `_head_received` (see the two
     subclasses below). One class per server: `_peers` is that server's count."""
+    overloaded = limits.body(503, *OVERLOADED)
+    head_too_large = _raw_refusal(431, "Request Header Fields Too Large", limits.body(
+        431, HEAD_TOO_LARGE, f"request line and headers over {limits.max_head_bytes} bytes"))
 
     class Protocol(base):
         _peers: dict[str, int] = {}
@@ -429,6 +457,7 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
         _deadline = None
         _stall = None
         _stall_size = 0
+        _head_bytes = 0
         _awaiting_headers = True
         """No complete request head since the connection opened or the last response."""
 
@@ -442,7 +471,7 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
         async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
             # this request's task is already in self.tasks, its connection in connections
             if len(self.connections) > limits.total or len(self.tasks) > limits.total:
-                await _overloaded(send)
+                await _overloaded(send, overloaded)
             else:
                 await self._app(scope, receive, send)
 
@@ -450,10 +479,24 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
             if self._deadline is not None:
                 self._deadline.cancel()
             self._awaiting_headers = True
+            self._head_bytes = 0
             self._deadline = self.loop.call_later(limits.header_timeout, self._headers_overdue)
 
         def _head_received(self) -> None:
             self._awaiting_headers = False
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused or self.transport.is_closing():
+                return
+            super().data_received(data)
+            # counted after parsing: a chunk that completes the head may carry a body too
+            if self._awaiting_headers and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.max_head_bytes:
+                    log.debug("request head from %s over %d bytes: refused", self._peer,
+                              limits.max_head_bytes)
+                    self.transport.write(head_too_large)
+                    self.transport.close()
 
         def _headers_overdue(self) -> None:
             self._deadline = None
@@ -463,7 +506,7 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
 
         def connection_made(self, transport) -> None:
             peer = peer_key(transport.get_extra_info("peername"))
-            if limits.per_peer and peer is not None \
+            if limits.per_peer and peer is not None and peer not in limits.exempt \
                     and self._peers.get(peer, 0) >= limits.per_peer:
                 self._refused = True  # never seen by uvicorn: no slot, no task
                 log.debug("connection from %s refused: %d open", peer, limits.per_peer)
@@ -554,8 +597,10 @@ def http_protocol(limits: ConnectionLimits):
     return _httptools_with_header_deadline(limits)
 
 
-def uvicorn_server(app: FastAPI, *, proxy_headers: bool | None = None):
-    """uvicorn for `app`, its limits from the miner's config when `app` is the miner's.
+def uvicorn_server(app: FastAPI, *, proxy_headers: bool | None = None,
+                   limits: ConnectionLimits | None = None):
+    """uvicorn for `app` under `limits` (None: from the miner's config when `app` is the
+    miner's, else the defaults).
 
     `proxy_headers`: trust X-Forwarded-For/-Proto from 127.0.0.1 (uvicorn's default). None:
     off for the miner, whose per-address caps must count the real peer (through a local
@@ -569,7 +614,7 @@ def uvicorn_server(app: FastAPI, *, proxy_headers: bool | None = None):
             yield
 
     service = getattr(app.state, "service", None)
-    limits = connection_limits(getattr(service, "config", None))
+    limits = limits or connection_limits(getattr(service, "config", None))
     if proxy_headers is None:
         proxy_headers = service is None
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
