@@ -205,3 +205,17 @@ def test_sqlite_errors_become_actionable_messages(tmp_path):
     assert "read-only" in str(ro) and "--neuron.state_path" in str(ro)
     full = _explain(sqlite3.OperationalError("database or disk is full"), tmp_path / "s.db", "x")
     assert "free space" in str(full)
+
+
+def test_weight_settings_are_kept_bounded_with_the_last_success(tmp_path):
+    path = tmp_path / "state.db"
+    with ValidatorState(path) as state:
+        state.record_weights(0, 100, {0: 1.0}, True, "ok")
+        for i in range(30):  # a long run of failures keeps the last success
+            state.record_weights(1 + i, 200 + i, {1: 1.0}, False, "rate limited", keep=10)
+        assert state.last_weights().block == 100
+        for i in range(30):
+            state.record_weights(40 + i, 300 + i, {2: 1.0}, True, "ok", keep=10)
+        assert state.last_weights().block == 329
+    rows = sqlite3.connect(path).execute("SELECT block FROM weights ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == list(range(320, 330))

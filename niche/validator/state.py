@@ -35,6 +35,8 @@ DEFAULT_ROOT = Path("~/.niche/validator")
 LEGACY_DEFAULT_PATH = Path("~/.niche/validator/state.sqlite")
 """The default before state files were keyed by network, netuid and hotkey."""
 APPLICATION_ID = 0x4E494348  # "NICH": marks the file as ours
+KEEP_WEIGHT_ROWS = 1000
+"""Weight settings kept (about two weeks at one every 20 minutes)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -414,13 +416,22 @@ class ValidatorState:
             raise _explain(exc, self.path, f"saving round {round_index}") from exc
 
     def record_weights(self, round_index: int, block: int, weights: dict[int, float],
-                       success: bool, message: str) -> None:
-        try:
-            with_tx(self._conn, lambda c: c.execute(
+                       success: bool, message: str, keep: int = KEEP_WEIGHT_ROWS) -> None:
+        """One weight setting; only the last `keep` are kept (and the last that succeeded):
+        a validator setting weights every 20 minutes for a year would otherwise keep ~26,000
+        rows of every uid's weight, which the dashboard reads on every refresh."""
+        def record(c: sqlite3.Connection) -> None:
+            c.execute(
                 "INSERT INTO weights (round, block, uids, weights, success, message, ts) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (round_index, block, json.dumps(list(weights)), json.dumps(list(weights.values())),
-                 int(success), message, time.time())))
+                 int(success), message, time.time()))
+            c.execute("DELETE FROM weights WHERE id <= (SELECT MAX(id) FROM weights) - ? AND "
+                      "id != COALESCE((SELECT MAX(id) FROM weights WHERE success=1), -1)",
+                      (keep,))
+
+        try:
+            with_tx(self._conn, record)
         except sqlite3.Error as exc:
             raise _explain(exc, self.path, "recording weights") from exc
 
