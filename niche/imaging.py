@@ -42,6 +42,7 @@ ENCODE_FORMATS: tuple[str, ...] = ("PNG", "WEBP", rawimage.FORMAT)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTPUT_FORMATS: tuple[str, ...] = ("PNG", "WEBP", "JPEG")
 """What `encode_as` writes for users (the gateway's output_format); answers are PNG."""
+TOO_BIG_TO_DECODE = "image too large to decode here: send a smaller image"
 
 try:  # fpng: a fast PNG writer (SSE4.1); optional so a platform without its wheel still runs
     from fpng import fpng_ext as _fpng
@@ -182,7 +183,7 @@ def bytes_to_image(data: bytes, *, field: str = "image",
         except rawimage.BadRawImage as exc:
             raise InvalidRequest(f"{rawimage.FORMAT}: {exc}", field=field) from None
         except MemoryError:
-            raise InvalidRequest("image too large to decode here", field=field) from None
+            raise InvalidRequest(TOO_BIG_TO_DECODE, field=field) from None
     pillow_formats = [f for f in limits.formats if f != rawimage.FORMAT]
     if not pillow_formats:
         raise InvalidRequest(f"not an image in an accepted format "
@@ -206,19 +207,63 @@ def bytes_to_image(data: bytes, *, field: str = "image",
                 raise InvalidRequest(f"{width}x{height} exceeds {limits.max_pixels} pixels",
                                      field=field)
             if getattr(img, "n_frames", 1) != 1:
-                raise InvalidRequest("animated images are not accepted", field=field)
+                raise InvalidRequest("animated images are not accepted: send a single still "
+                                     "frame", field=field)
             img.load()
             rgb = _to_rgb(img, field)
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidRequest("decompression bomb refused", field=field) from None
+    except MemoryError:
+        raise InvalidRequest(TOO_BIG_TO_DECODE, field=field) from None
     except UnidentifiedImageError:
+        sniffed = _sniff_format(data)
+        if sniffed in pillow_formats:  # its signature, then nothing Pillow reads: damaged
+            raise InvalidRequest(_undecodable(sniffed, data, "its header does not parse"),
+                                 field=field) from None
         raise InvalidRequest(f"not an image in an accepted format "
                              f"({', '.join(limits.formats)})", field=field) from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise InvalidRequest(f"corrupt image: {type(exc).__name__}", field=field) from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise InvalidRequest(_undecodable(_sniff_format(data), data,
+                                         "its image data does not decode"),
+                             field=field) from None
     return rgb
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG or WEBP by the file's signature alone (what a damaged file still shows):
+    a failed decode then names the format the sender chose rather than blaming it."""
+    if data[:8] == PNG_SIGNATURE:
+        return "PNG"
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _cut_short(fmt: str | None, data: bytes) -> bool:
+    """Whether a `fmt` file ends before its container does (no PNG IEND chunk, no JPEG
+    end-of-image marker, fewer bytes than the WebP RIFF header declares): an upload or a
+    download cut off, which the sender fixes by sending the whole file."""
+    if fmt == "PNG":
+        return data.rfind(b"IEND") < 0
+    if fmt == "JPEG":
+        return data.rfind(b"\xff\xd9") < 0
+    if fmt == "WEBP":
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
+    return False
+
+
+def _undecodable(fmt: str | None, data: bytes, why: str) -> str:
+    """One line for a file Pillow could not decode: which format, truncated or damaged, and
+    what to do (never Pillow's exception text: it names Python objects, not the file)."""
+    kind = f"{fmt} file" if fmt else "image file"
+    if _cut_short(fmt, data):
+        return (f"the {kind} is truncated or corrupt (it ends before its image data does): "
+                "send the whole file")
+    return f"the {kind} is corrupt ({why}): re-save it as PNG, WebP or JPEG and send that"
 
 
 def _to_rgb(img: Image.Image, field: str) -> Image.Image:
@@ -230,8 +275,9 @@ def _to_rgb(img: Image.Image, field: str) -> Image.Image:
         img = img.convert("RGBA")
     try:
         rgb = img.convert("RGB")  # a plain Image (one copy; RGB stays RGB), not the file
-    except (ValueError, OSError) as exc:
-        raise InvalidRequest(f"unsupported image mode {mode}: {exc}", field=field) from None
+    except (ValueError, OSError):
+        raise InvalidRequest(f"unsupported image mode {mode}: re-save it as 8-bit RGB",
+                             field=field) from None
     rgb.info = {}  # nothing but pixels leaves the decoder
     return rgb
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.errors
 import email.message
 import email.parser
 import email.policy
@@ -91,12 +92,21 @@ def _head_ends(part: bytes) -> bool:
 
 
 def parse_form(content_type: str | None, body: bytes) -> Form:
-    """Fields and files of a multipart body; a body that is not one is a 400."""
-    _check_shape(_boundary(content_type), body)
+    """Fields and files of a multipart body; a body that is not one is a 400, and so is one
+    cut off before its closing boundary (else its last part, often the image, would be
+    taken cut short and the fields after it reported missing)."""
+    boundary = _boundary(content_type)
+    _check_shape(boundary, body)
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    shown = shown_name(boundary.decode("latin-1"))
     if not message.is_multipart():
-        raise bad_request("malformed multipart body (no parts)", code="invalid_body")
+        raise bad_request(f"malformed multipart body: no part starts with the boundary "
+                          f'"--{shown}" that the Content-Type header names', code="invalid_body")
+    if any(isinstance(d, email.errors.CloseBoundaryNotFoundDefect) for d in message.defects):
+        raise bad_request(f'the form body is incomplete: it ends without the closing boundary '
+                          f'"--{shown}--" (was the upload cut off?); send the whole form',
+                          code="invalid_body")
     form = Form()
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
