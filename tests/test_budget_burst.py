@@ -174,7 +174,7 @@ def test_a_model_without_budget_left_is_429_with_retry_after(tmp_path):
     error = caught.value
     assert error.status == 429 and error.code == "capacity_exhausted"
     assert error.headers["Retry-After"] == "10"  # one token at 6/min
-    assert error.headers["x-ratelimit-remaining-requests"] == "0"
+    assert error.headers["x-niche-capacity-remaining-requests"] == "0"
 
 
 def test_n_images_from_a_one_miner_model_queue_for_its_slot(tmp_path, tiny_engine, tiny_root):

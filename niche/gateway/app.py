@@ -3,12 +3,13 @@ or not), the models, url answers, the playground page and health. Prometheus met
 not here: `niche gateway serve --metrics.port` serves them on a local port."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -20,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from niche.errors import one_line
 from niche.gateway.access_log import AccessLog
 from niche.gateway.errors import (
+    CLIENT_CLOSED,
     ClientGone,
     GatewayError,
     bad_request,
@@ -30,6 +32,7 @@ from niche.gateway.errors import (
 )
 from niche.gateway.forms import MAX_IMAGE_BYTES, MB, form_fields, one_image, read_form
 from niche.gateway.keys import ApiKey, InFlight
+from niche.gateway.router import CAPACITY_HEADERS, cancel_all
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
 from niche.gateway.service import Gateway, GatewayConfig, Job
 from niche.protocol import PipelineKind
@@ -38,6 +41,7 @@ from niche.transport import BodyTooLarge, read_capped, within
 PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 VARIATION_PROMPT = "a variation of the image"
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+T = TypeVar("T")
 
 
 def api_key(request: Request) -> ApiKey:
@@ -83,9 +87,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     async def keyed_error(request: Request, exc: Exception) -> Response:
         """OpenAI's error body; an answer to a request with a valid key carries the key's
-        standing (`x-ratelimit-*`), as every other answer does."""
+        standing (`x-ratelimit-*`), as every other answer does: the key's, whatever else the
+        error carries (the subnet's capacity is `x-niche-capacity-*`)."""
         assert isinstance(exc, GatewayError)
-        exc.headers = {**quota_headers(getattr(request.state, "key", None)), **exc.headers}
+        exc.headers = {**exc.headers, **quota_headers(getattr(request.state, "key", None))}
         return await gateway_error_handler(request, exc)
 
     app.add_exception_handler(GatewayError, keyed_error)
@@ -98,7 +103,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(gateway.config.cors_origins),
                            allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"],
                            expose_headers=["x-niche-seeds", "x-niche-miners", "Retry-After",
-                                           *EXPOSED_QUOTA_HEADERS], max_age=600)
+                                           *EXPOSED_QUOTA_HEADERS, *CAPACITY_HEADERS],
+                           max_age=600)
     app.add_middleware(AccessLog)
     app.state.gateway = gateway
     app.state.inflight = InFlight(gateway.config.max_inflight_per_key)
@@ -108,11 +114,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:
             body = _parse(fields)
             model = body.model if body.model in gateway.catalog.specs else "-"
+            if body.stream and body.response_format == "url":
+                raise bad_request("response_format: a stream sends b64_json images; drop "
+                                  "response_format=url", "response_format")
+            job = await gateway.prepare(key, body)
             if body.stream:
-                if body.response_format == "url":
-                    raise bad_request("response_format: a stream sends b64_json images; "
-                                      "drop response_format=url", "response_format")
-                job = await gateway.prepare(key, body)
                 gateway.metrics.requests.labels(model, "200").inc()
                 return StreamingResponse(
                     _stream(gateway, job, event, str(request.base_url), request),
@@ -120,9 +126,15 @@ def create_app(gateway: Gateway) -> FastAPI:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                              "x-niche-seeds": ",".join(str(s) for s in job.seeds),
                              **job.quota.headers()})
-            answer, headers = await gateway.generate(key, body, str(request.base_url))
+            with gateway.billing(job) as bill:
+                answer, headers = await _unless_gone(
+                    request, gateway.generate(job, str(request.base_url)))
+                bill.sent = len(answer.data)
         except GatewayError as exc:
             gateway.metrics.requests.labels(model, str(exc.status)).inc()
+            raise
+        except ClientGone:
+            gateway.metrics.requests.labels(model, str(CLIENT_CLOSED)).inc()
             raise
         request.state.miners = headers.get("x-niche-miners", "-")
         gateway.metrics.requests.labels(model, "200").inc()
@@ -233,36 +245,60 @@ async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
                   request: Request) -> AsyncIterator[bytes]:
     """Server-sent events the openai client reads: one `<event>.completed` per image as it
     arrives (with niche's fields), `: ...` comments as progress while miners work, and an
-    `error` event (the OpenAI error body) if an image fails; undelivered images are given
-    back to the quota, whatever ends the stream."""
-    n, sent, miners, ended = len(job.params), 0, [], False
+    `error` event (the OpenAI error body) if an image fails; the key pays for the images
+    sent only, whatever ends the stream (`Gateway.billing`)."""
+    n, miners, ended = len(job.params), [], False
     yield f": niche: {n} image{'s' if n != 1 else ''} asked of the miners\n\n".encode()
+    with gateway.billing(job) as bill:
+        try:
+            async for got in gateway.deliver(job, heartbeat=gateway.config.stream_heartbeat):
+                if got is None:
+                    yield f": waiting for miners, {bill.sent} of {n} images done\n\n".encode()
+                    continue
+                index, item = got
+                data = await gateway.image_data(item, job.request, base_url)
+                miners.append(str(data.miner_uid))
+                bill.sent += 1
+                payload = {"type": f"{event}.completed", "b64_json": data.b64_json,
+                           "created_at": int(time.time()), "size": job.size,
+                           "quality": "auto", "background": "opaque",
+                           "output_format": job.request.output_format,
+                           "usage": job.usage(1).model_dump(), "index": index,
+                           **data.model_dump(exclude={"b64_json", "url", "revised_prompt"})}
+                yield f"event: {event}.completed\ndata: {json.dumps(payload)}\n\n".encode()
+            gateway.finished(job, bill.sent)
+            ended = True
+        except GatewayError as exc:
+            bill.refusal = exc
+            request.state.stream_error = exc.status
+            yield f"event: error\ndata: {json.dumps(exc.body())}\n\n".encode()
+            ended = True
+        finally:
+            request.state.miners = ",".join(miners) or "-"
+            if not ended:  # the client hung up (or the server stopped) mid-stream
+                request.state.stream_abandoned = f"{bill.sent} of {n} images sent"
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result while the client still waits for it. A client that hangs up (its
+    body was read: the next ASGI message is `http.disconnect`) has `work` cancelled at once,
+    so no miner is asked for it any more, and is `ClientGone` (a 499 line, its undelivered
+    images refunded), as is one gone by the time the answer is ready: nobody would read it."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hang_up(request))
     try:
-        async for got in gateway.deliver(job, heartbeat=gateway.config.stream_heartbeat):
-            if got is None:
-                yield f": waiting for miners, {sent} of {n} images done\n\n".encode()
-                continue
-            index, item = got
-            data = await gateway.image_data(item, job.request, base_url)
-            miners.append(str(data.miner_uid))
-            sent += 1
-            payload = {"type": f"{event}.completed", "b64_json": data.b64_json,
-                       "created_at": int(time.time()), "size": job.size, "quality": "auto",
-                       "background": "opaque", "output_format": job.request.output_format,
-                       "usage": job.usage(1).model_dump(), "index": index,
-                       **data.model_dump(exclude={"b64_json", "url", "revised_prompt"})}
-            yield f"event: {event}.completed\ndata: {json.dumps(payload)}\n\n".encode()
-        gateway.finished(job, sent)
-        ended = True
-    except GatewayError as exc:
-        request.state.stream_error = exc.status
-        yield f"event: error\ndata: {json.dumps(exc.body())}\n\n".encode()
-        ended = True
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        request.state.miners = ",".join(miners) or "-"
-        if not ended:  # the client hung up (or the server stopped) mid-stream
-            request.state.stream_abandoned = f"{sent} of {n} images sent"
-        gateway.keys.refund(job.key, n - sent)
+        await cancel_all({task, gone})
+    if task.cancelled() or await request.is_disconnected():
+        raise ClientGone()
+    return task.result()
+
+
+async def _hang_up(request: Request) -> None:
+    """Returns when the client closes its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _body(request: Request, config: GatewayConfig) -> bytes:

@@ -194,7 +194,14 @@ class KeyStore:
                       "DO UPDATE SET images = images + excluded.images", (key.id, day, images))
         return self._quota(key, tokens, used + images, now)
 
-    def refund(self, key: ApiKey, images: int) -> None:
+    def refund(self, key: ApiKey, images: int, *, request: bool = False) -> None:
+        """Give back `images` of today's quota and, with `request`, the request `admit`
+        took from the key's bucket (a refusal the caller did not cause costs it nothing)."""
+        if request:
+            now = self._clock()
+            with self._lock:
+                tokens = min(float(key.per_minute), self._tokens(key, now) + 1.0)
+                self._buckets[key.id] = (tokens, now)
         if images <= 0:
             return
         with self.db.tx() as c:

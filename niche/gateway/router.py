@@ -27,8 +27,9 @@ Budgets: each miner's `Candidate.rate` (requests per minute left after the valid
 challenges, see directory.py) is a token bucket here and its `concurrency` the most
 requests in flight there; the router never sends past either. When no miner serving the
 model has budget left, or every one asked refused for load (429/503), the user gets 429
-with Retry-After and x-ratelimit-* headers: the subnet is saturated, which is not a
-failure (502 is kept for miners that failed)."""
+`capacity_exhausted` with Retry-After and the subnet's figures (`x-niche-capacity-*`; the
+`x-ratelimit-*` headers are the caller's key's): the subnet is saturated, which is not a
+failure (502 is kept for miners that failed), and not the caller's doing (not charged)."""
 from __future__ import annotations
 
 import asyncio
@@ -59,6 +60,11 @@ REFUSED = {
 }
 """The gateway's own advice for each field a miner may blame (its text is never relayed)."""
 
+
+CAPACITY_HEADERS = tuple(f"x-niche-capacity-{what}-requests"
+                         for what in ("limit", "remaining", "reset"))
+"""A `capacity_exhausted` answer's figures for the model's miners, named apart from the
+`x-ratelimit-*` headers, which always describe the caller's key."""
 
 BUSY_STATUSES = (429, 503)
 """A miner's refusals for load: it is saturated, not failing."""
@@ -253,16 +259,17 @@ class Router:
         budget.tokens = min(budget.tokens, 0.0)
 
     def saturated(self, model: str, pool: list[Candidate], wait: float) -> GatewayError:
-        """429 for a model whose miners have no budget left, with when to retry."""
+        """429 for a model whose miners have no budget left, with when to retry and, when
+        the miners advertise rates, the requests per minute they take from this gateway."""
         seconds = max(1, math.ceil(min(wait, 60.0)))
-        limit = sum(c.rate for c in pool if c.rate is not None and math.isfinite(c.rate))
+        rates = [c.rate for c in pool if c.rate is not None and math.isfinite(c.rate)]
+        limit, remaining, reset = CAPACITY_HEADERS
+        figures = {limit: f"{round(sum(rates), 1):g}"} if rates else {}
         return GatewayError(
             429, f"every miner serving {model} is at capacity; retry in {seconds}s",
             type=RATE_LIMIT, code="capacity_exhausted",
-            headers={"Retry-After": str(seconds),
-                     "x-ratelimit-limit-requests": str(int(limit)),
-                     "x-ratelimit-remaining-requests": "0",
-                     "x-ratelimit-reset-requests": f"{seconds}s"})
+            headers={"Retry-After": str(seconds), **figures, remaining: "0",
+                     reset: f"{seconds}s"})
 
     def order(self, model: str) -> list[Candidate]:
         """Miners serving `model` in the order to try: a draw weighted by score (without

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,24 @@ class Job:
 
     def usage(self, images: int) -> Usage:
         return Usage(images=images, steps=images * int(self.params[0].steps or 0))
+
+
+@dataclass
+class Bill:
+    """A charged job's tally (`Gateway.billing`): the images the client was sent, and the
+    refusal that ended the job, if one did."""
+
+    sent: int = 0
+    refusal: GatewayError | None = None
+
+
+def not_the_callers(refusal: GatewayError, request: ImagesRequest) -> bool:
+    """A refusal made before any miner was asked, so its request is given back too: the
+    subnet saturated (429 `capacity_exhausted`) or no miner serving the model (503). A
+    request miners worked on (502 all failed, 504 past the deadline) keeps counting against
+    the key's rate: a request that makes every miner fail must not be free to repeat."""
+    del request  # what it asked does not change whose refusal it was
+    return refusal.code in ("capacity_exhausted", "no_miner_available")
 
 
 EARLY_REFRESH = 5.0
@@ -243,27 +262,38 @@ class Gateway:
                 if task.done() and not task.cancelled():
                     task.exception()
 
-    async def generate(self, key: ApiKey, request: ImagesRequest, base_url: str
-                       ) -> tuple[ImagesResponse, dict[str, str]]:
-        """All `n` images or an error (and the quota given back)."""
-        job = await self.prepare(key, request)
+    async def generate(self, job: Job, base_url: str) -> tuple[ImagesResponse, dict[str, str]]:
+        """All `n` images of a charged job, or the first error (the others cancelled); the
+        caller settles the key's bill (`billing`), as it alone knows what was sent."""
         got: dict[int, Delivered] = {}
-        try:
-            async for event in self.deliver(job):
-                if event is not None:
-                    got[event[0]] = event[1]
-        except GatewayError:
-            self.keys.refund(key, request.n)
-            raise
+        async for event in self.deliver(job):
+            if event is not None:
+                got[event[0]] = event[1]
         delivered = [got[i] for i in range(len(job.params))]
-        data = [await self.image_data(item, request, base_url) for item in delivered]
+        data = [await self.image_data(item, job.request, base_url) for item in delivered]
         self.finished(job, len(data))
         headers = {"x-niche-seeds": ",".join(str(s) for s in job.seeds),
                    "x-niche-miners": ",".join(str(d.candidate.target.uid) for d in delivered),
                    **job.quota.headers()}
         return ImagesResponse(created=int(time.time()), data=data,
-                              output_format=request.output_format, size=job.size,
+                              output_format=job.request.output_format, size=job.size,
                               usage=job.usage(len(data))), headers
+
+    @contextlib.contextmanager
+    def billing(self, job: Job) -> Iterator[Bill]:
+        """The job's bill, settled however the block ends (an answer, a refusal, a client
+        that hung up, the gateway stopping): the key pays for the `bill.sent` images only,
+        the rest of the quota charged up front goes back, and so does the request when the
+        refusal was not the caller's doing (`not_the_callers`)."""
+        bill = Bill()
+        try:
+            yield bill
+        except GatewayError as exc:
+            bill.refusal = exc
+            raise
+        finally:
+            refused = bill.refusal is not None and not_the_callers(bill.refusal, job.request)
+            self.keys.refund(job.key, len(job.params) - bill.sent, request=refused)
 
     def finished(self, job: Job, images: int) -> None:
         self.metrics.images.labels(job.model).inc(images)
