@@ -346,3 +346,80 @@ def test_an_image_that_is_not_the_decode_fails_the_decode_check(tiny_engine, che
     for image in (blurred, noisy):
         verdict = checker.check(params, None, chain, [0], dtype="float32", answer=image)
         assert not verdict.passed and "decoded x_8 is not the answer" in verdict.reason
+
+
+def _graded(image):
+    """R+12, B-12: the image check's similarity measures read brightness only."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.int16).copy()
+    pixels[..., 0] += 12
+    pixels[..., 2] -= 12
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_a_graded_decode_fails_against_its_own_decode(tiny_engine_bf16, checker):
+    """The decode of x_N in the declared dtype is bit-exact: the honest decode colour graded
+    passes the image check's thresholds (meant for a float32 regeneration against a
+    bfloat16 miner) but is no answer."""
+    params = req("flux-schnell")
+    answer, states = tiny_engine_bf16.generate_with_states(params)
+    chain = step_cheats.as_chain(states)
+    assert checker.check(params, None, chain, [0], dtype="bfloat16", answer=answer).passed
+    graded = _graded(answer)
+    assert checker.verifier.judge("flux-schnell", answer, graded).passed  # the old check
+    verdict = checker.check(params, None, chain, [0], dtype="bfloat16", answer=graded)
+    assert not verdict.passed and "psnr 28." in verdict.reason
+    assert "against its own decode < 35 dB" in verdict.reason
+
+
+def _smooth_1024():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8))
+    return small.resize((1024, 1024), Image.BICUBIC), rng
+
+
+def test_the_decode_gap_catches_marks_and_pastes_but_not_noise_at_1024():
+    """At 1024x1024 a pasted picture (1 % of the area), a faint text watermark (alpha 0.15)
+    and a colour grade are found; rounding-sized noise (sigma 2 levels, far above a
+    half-precision decode's) is not."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from niche.validator.steps import decode_gap
+
+    image, rng = _smooth_1024()
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 2.0, (1024, 1024, 3))
+    assert decode_gap(image, Image.fromarray(np.clip(np.round(noisy), 0, 255)
+                                             .astype(np.uint8))) is None
+    pasted = image.copy()
+    pasted.paste(Image.fromarray(rng.integers(0, 256, (102, 102, 3)).astype(np.uint8)),
+                 (0, 0))
+    assert "psnr" in decode_gap(image, pasted)
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    font = ImageFont.load_default(size=73)
+    ImageDraw.Draw(overlay).text((102, 512), "miner42.ai", fill=(255, 255, 255, 38), font=font)
+    marked = Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
+    assert "block at" in decode_gap(image, marked)
+    assert "psnr 28." in decode_gap(image, _graded(image))
+
+
+def test_the_decode_gap_reads_every_block_up_to_the_border():
+    import numpy as np
+    from PIL import Image
+
+    from niche.validator.steps import decode_gap
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 190, (70, 70, 3)).astype(np.uint8)  # not a multiple of 16
+    assert decode_gap(Image.fromarray(base), Image.fromarray(base.copy())) is None
+    corner = base.astype(np.int16)
+    corner[67:, 67:] += 90  # 3x3 in the last, partial, block: the whole image stays > 35 dB
+    gap = decode_gap(Image.fromarray(base),
+                     Image.fromarray(np.clip(corner, 0, 255).astype(np.uint8)))
+    assert gap is not None and "block at (54, 54)" in gap
+    assert "size" in decode_gap(Image.fromarray(base), Image.fromarray(base[:64, :64]))
