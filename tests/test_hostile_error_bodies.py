@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-import threading
 
 import pytest
 
@@ -24,6 +23,7 @@ from niche.protocol import StatesCommitment
 from niche.validator.client import MinerClient, QueryStatus
 from niche.wire import STATES_MEDIA_TYPE
 from tests.miner_support import make_request
+from tests.raw_miner import RawMiner
 
 DEEP = {
     "3000 [": b"[" * 3000,
@@ -36,39 +36,18 @@ COMMITMENT = StatesCommitment(shape=[1, 4, 8, 8], sha256=[hashlib.sha256(b"x").h
                               compute_dtype="float32")
 
 
-class _FixedMiner:
+class _FixedMiner(RawMiner):
     """Answers every request with `status`, `media` and `body`, then closes."""
 
     def __init__(self, status: int, body: bytes, media: str = "application/json"):
         self.head = (f"HTTP/1.1 {status} X\r\nContent-Type: {media}\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n"
                      "Date: Mon, 07 Dec 2026 12:00:00 GMT\r\n\r\n").encode()
-        self.body, self.requests = body, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.body = body
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    seen = b""
-                    while b"\r\n\r\n" not in seen:
-                        seen += conn.recv(65536)
-                    self.requests += 1
-                    conn.sendall(self.head + self.body)
-                except OSError:
-                    pass
-
-    def __enter__(self) -> _FixedMiner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.sock.close()
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(self.head + self.body)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import re
 import socket
-import threading
 
 import pytest
 from PIL import Image
@@ -26,6 +25,7 @@ from niche.states import BadState, decode_state, decode_state_bytes
 from niche.validator.client import MinerClient, QueryResult, QueryStatus
 from niche.wire import ANSWER_MEDIA_TYPE, STATES_MEDIA_TYPE, pack_answer
 from tests.miner_support import make_request
+from tests.raw_miner import RawMiner
 
 HASHES = [hashlib.sha256(b"x").hexdigest()] * 2
 IMPOSSIBLE = {
@@ -91,38 +91,22 @@ def test_an_answer_committing_to_an_impossible_shape_is_refused(tmp_path, binary
     assert "state shape" in result.reason and "\n" not in result.reason
 
 
-class _FloodingMiner:
+class _FloodingMiner(RawMiner):
     """Answers every states request with a chunked body of `total` bytes, counting what it
     managed to send before the validator hung up."""
 
     def __init__(self, total: int):
         self.total, self.sent = total, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    while b"\r\n\r\n" not in conn.recv(65536):
-                        pass
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: " + STATES_MEDIA_TYPE.encode()
-                                 + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    block = bytes(1 << 20)
-                    while self.sent < self.total:
-                        conn.sendall(b"%x\r\n" % len(block) + block + b"\r\n")
-                        self.sent += len(block)
-                    conn.sendall(b"0\r\n\r\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: " + STATES_MEDIA_TYPE.encode()
+                     + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        block = bytes(1 << 20)
+        while self.sent < self.total:
+            conn.sendall(b"%x\r\n" % len(block) + block + b"\r\n")
+            self.sent += len(block)
+        conn.sendall(b"0\r\n\r\n")
 
 
 def test_a_states_fetch_reads_no_more_than_the_largest_real_state(tmp_path):
