@@ -103,12 +103,11 @@ class Bill:
     refusal: GatewayError | None = None
 
 
-def not_the_callers(refusal: GatewayError, request: ImagesRequest) -> bool:
+def not_the_callers(refusal: GatewayError) -> bool:
     """A refusal made before any miner was asked, so its request is given back too: the
     subnet saturated (429 `capacity_exhausted`) or no miner serving the model (503). A
     request miners worked on (502 all failed, 504 past the deadline) keeps counting against
     the key's rate: a request that makes every miner fail must not be free to repeat."""
-    del request  # what it asked does not change whose refusal it was
     return refusal.code in ("capacity_exhausted", "no_miner_available")
 
 
@@ -292,7 +291,7 @@ class Gateway:
             bill.refusal = exc
             raise
         finally:
-            refused = bill.refusal is not None and not_the_callers(bill.refusal, job.request)
+            refused = bill.refusal is not None and not_the_callers(bill.refusal)
             self.keys.refund(job.key, len(job.params) - bill.sent, request=refused)
 
     def finished(self, job: Job, images: int) -> None:
