@@ -4,8 +4,9 @@ id, latency and the miners that answered, e.g.
 
 A plain ASGI wrapper (not a BaseHTTPMiddleware), so a streamed answer is timed to its last
 byte and an unhandled exception is logged as the 500 the server sends. A stream that ended
-early says so: `200 (stream error 504)` (a warning) or `200 (stream abandoned, 1 of 4
-images sent)` when the client hung up."""
+early says so: `200 (stream error 504)` (a warning; a refusal such as 429 is at info, as
+its plain answer is) or `200 (stream abandoned, 1 of 4 images sent)` when the client hung
+up."""
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,9 @@ class AccessLog:
             extra, abandoned = state.get("stream_error"), state.get("stream_abandoned")
             shown = f"{status} (stream error {extra})" if extra \
                 else f"{status} (stream abandoned, {abandoned})" if abandoned else str(status)
-            level = logging.WARNING if status >= 500 or extra else logging.INFO
+            # a failure of ours or the miners' warns; a refusal, even mid-stream (a saturated
+            # subnet's 429), is a normal answer to the caller
+            level = logging.WARNING if max(status, extra or 0) >= 500 else logging.INFO
             log.log(level, "%s %s %s key=%s %.3fs miners=%s", scope.get("method", "-"),
                     scope.get("path", "-"), shown, state.get("key_id", "-"),
                     time.monotonic() - started, state.get("miners", "-"))
