@@ -37,7 +37,7 @@ from niche.errors import ConfigError
 from niche.models.engine import ImageEngine
 from niche.models.kernels import DEFAULT_ATTENTION, attention_problem
 from niche.protocol import GenerationParams, first_validation_error
-from niche.validator.verify import Verifier, VerifyConfig
+from niche.validator.verify import Verifier, VerifyConfig, psnr
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 INTERPOLATIONS = ("geometric", "step")
@@ -71,18 +71,19 @@ def step_error(x_k: torch.Tensor, x_next_claimed: torch.Tensor,
     return diff / update
 
 
-def decode_gap(decoded: PIL.Image.Image, answer: PIL.Image.Image) -> str | None:
+def decode_gap(decoded: PIL.Image.Image, answer: PIL.Image.Image,
+               whole_psnr: float | None = None) -> str | None:
     """Why `answer` is not `decoded` (the same-dtype decode of its x_N), or None: the whole
-    image under DECODE_PSNR_FLOOR, or any 16x16 block (edge blocks flush with the border)
-    under DECODE_BLOCK_PSNR_FLOOR."""
+    image under DECODE_PSNR_FLOOR (`whole_psnr` when the image check measured it already),
+    or any 16x16 block (edge blocks flush with the border) under DECODE_BLOCK_PSNR_FLOOR."""
+    if decoded.size != answer.size:
+        return f"size {answer.size}, decoded {decoded.size}"
+    whole = psnr(decoded, answer) if whole_psnr is None else whole_psnr
+    if whole < DECODE_PSNR_FLOOR:
+        return f"psnr {whole:.1f} dB against its own decode < {DECODE_PSNR_FLOOR:.0f} dB"
     a = np.asarray(decoded.convert("RGB"), dtype=np.float64)
     b = np.asarray(answer.convert("RGB"), dtype=np.float64)
-    if a.shape != b.shape:
-        return f"size {answer.size}, decoded {decoded.size}"
     squared = ((a - b) ** 2).sum(axis=2)
-    psnr = _psnr(float(squared.mean()) / 3)
-    if psnr < DECODE_PSNR_FLOOR:
-        return f"psnr {psnr:.1f} dB against its own decode < {DECODE_PSNR_FLOOR:.0f} dB"
     side = min(DECODE_BLOCK, *squared.shape)
     sums = np.pad(squared.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     height, width = squared.shape
@@ -91,16 +92,13 @@ def decode_gap(decoded: PIL.Image.Image, answer: PIL.Image.Image) -> str | None:
     y0, x0 = np.meshgrid(ys, xs, indexing="ij")
     block = (sums[y0 + side, x0 + side] - sums[y0, x0 + side] - sums[y0 + side, x0]
              + sums[y0, x0])
-    worst = _psnr(float(block.max()) / (side * side * 3))
+    mse = float(block.max()) / (side * side * 3)
+    worst = math.inf if mse <= 0 else 10 * math.log10(255.0 ** 2 / mse)
     if worst < DECODE_BLOCK_PSNR_FLOOR:
         k = np.unravel_index(int(block.argmax()), block.shape)
         return (f"block at ({int(x0[k])}, {int(y0[k])}) {worst:.1f} dB against its own "
                 f"decode < {DECODE_BLOCK_PSNR_FLOOR:.0f} dB")
     return None
-
-
-def _psnr(mse: float) -> float:
-    return math.inf if mse <= 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 @dataclass(frozen=True)
@@ -413,7 +411,7 @@ class StepChecker:
             if not judged.passed:  # similarity AND PSNR: a cheaper decoder is no answer
                 return StepVerdict(False, errors, thresholds,
                                    f"decoded x_{n} is not the answer ({judged.reason})")
-            gap = decode_gap(decoded, answer) if dtype is not None else None
+            gap = decode_gap(decoded, answer, judged.psnr) if dtype is not None else None
             if gap:  # the same decode, in the same dtype: post-processing shows here
                 return StepVerdict(False, errors, thresholds,
                                    f"decoded x_{n} is not the answer ({gap})")

@@ -168,6 +168,11 @@ def _psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 100.0 if mse <= 1e-12 else float(10.0 * np.log10(1.0 / mse))
 
 
+def psnr(reference: Image.Image, candidate: Image.Image) -> float:
+    """PSNR in dB of two images of one size, as `compare` measures it."""
+    return _psnr(_rgb8(reference), _rgb8(candidate))
+
+
 def compare(reference: Image.Image, candidate: Image.Image) -> Comparison:
     """Similarity of a candidate to the reference; 0 when the sizes differ.
 
