@@ -75,12 +75,8 @@ class ClockOffsets:
 
 
 def _says_stale(body: bytes) -> bool:
-    """The miner's error answer names `stale_request` (niche's ErrorResponse). Read by
-    pydantic's bounded parser: the body is the miner's, and `json.loads` of 3,000 `[` raises
-    RecursionError, which would end the caller's request as the validator's own failure."""
+    """The miner's error answer names `stale_request` (niche's ErrorResponse)."""
     if len(body) > 4096:
         return False
-    try:
-        return ErrorResponse.model_validate_json(body).reason == "stale_request"
-    except ValueError:  # pydantic's ValidationError too: not JSON, too deep, another shape
-        return False
+    error = ErrorResponse.read(body)
+    return error is not None and error.reason == "stale_request"

@@ -278,6 +278,16 @@ class ErrorResponse(BaseModel):
     field: str | None = None
     """The request field at fault, when one is (e.g. "image", "params.width")."""
 
+    @classmethod
+    def read(cls, body: bytes) -> ErrorResponse | None:
+        """A peer's error body, or None for any other bytes. pydantic's parser is bounded:
+        `json.loads` of 3,000 `[` raises RecursionError, which would end the reader's own
+        request as its failure instead of the sender's answer."""
+        try:
+            return cls.model_validate_json(body)
+        except ValueError:  # pydantic's ValidationError too: not JSON, too deep, another shape
+            return None
+
 
 NO_STATES = "-"
 """The states digest signed by an answer that commits to no states."""

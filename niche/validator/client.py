@@ -350,11 +350,9 @@ class MinerClient:
         result.http_status = status
         if status != 200:
             result.status = QueryStatus.HTTP_ERROR
-            try:
-                result.error = ErrorResponse.model_validate_json(raw)
-                result.reason = f"{status} {result.error.reason}: {result.error.detail}"[:300]
-            except (ValidationError, ValueError):
-                result.reason = f"HTTP {status}"
+            result.error = ErrorResponse.read(raw)
+            result.reason = (f"{status} {result.error.reason}: {result.error.detail}"[:300]
+                             if result.error is not None else f"HTTP {status}")
             return result
         # Decoding a big PNG is CPU work: off the event loop, unless the answer is small and
         # so is what it may decode to (a thread round trip costs more on a busy box).
@@ -696,10 +694,8 @@ class StatesFetch(OneLineReason):
 
 def _error_reason(raw: bytes) -> str:
     """The `reason` of a miner's error body (ErrorResponse), or "-"."""
-    try:
-        return ErrorResponse.model_validate_json(raw).reason[:60] or "-"
-    except (ValidationError, ValueError):
-        return "-"
+    error = ErrorResponse.read(raw)
+    return (error.reason[:60] if error is not None else "") or "-"
 
 
 def _read_binary_states(raw: bytes, request_id: str, commitment: StatesCommitment,
