@@ -126,7 +126,7 @@ def lossy_webp(data: bytes) -> bool:
     """Whether `data` is a WebP other than the simple lossless kind (a "VP8L" bitstream and
     nothing else) that `encode_image` writes: lossy, or extended with alpha or metadata. An
     answer in it is not the pixels the model made, whatever it looks like."""
-    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and data[12:16] != b"VP8L"
+    return sniff_format(data) == "WEBP" and data[12:16] != b"VP8L"
 
 
 def to_png(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
@@ -218,22 +218,23 @@ def bytes_to_image(data: bytes, *, field: str = "image",
     except MemoryError:
         raise InvalidRequest(TOO_BIG_TO_DECODE, field=field) from None
     except UnidentifiedImageError:
-        sniffed = _sniff_format(data)
+        sniffed = sniff_format(data)
         if sniffed in pillow_formats:  # its signature, then nothing Pillow reads: damaged
             raise InvalidRequest(_undecodable(sniffed, data, "its header does not parse"),
                                  field=field) from None
         raise InvalidRequest(f"not an image in an accepted format "
                              f"({', '.join(limits.formats)})", field=field) from None
     except (OSError, ValueError, SyntaxError, EOFError):
-        raise InvalidRequest(_undecodable(_sniff_format(data), data,
+        raise InvalidRequest(_undecodable(sniff_format(data), data,
                                          "its image data does not decode"),
                              field=field) from None
     return rgb
 
 
-def _sniff_format(data: bytes) -> str | None:
-    """PNG, JPEG or WEBP by the file's signature alone (what a damaged file still shows):
-    a failed decode then names the format the sender chose rather than blaming it."""
+def sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG or WEBP by the file's signature alone (what a damaged file still shows),
+    else None: a failed decode names the format the sender chose rather than blaming it,
+    and a binary answer's bytes are checked against the format its header declares."""
     if data[:8] == PNG_SIGNATURE:
         return "PNG"
     if data[:3] == b"\xff\xd8\xff":

@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from niche import rawimage
+from niche.imaging import sniff_format
 from niche.protocol import (
     MAX_STATE_ELEMENTS,
     MAX_STATES_PER_FETCH,
@@ -162,11 +163,9 @@ def unpack_answer(body: bytes, *, max_image_bytes: int = MAX_ANSWER_IMAGE_BYTES
 
 
 def _looks_like(data: bytes, fmt: str) -> bool:
-    if fmt == "png":
-        return data[:8] == b"\x89PNG\r\n\x1a\n"
     if fmt == rawimage.WIRE_NAME:
         return rawimage.looks_like(data)
-    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return sniff_format(data) == fmt.upper()  # png or webp
 
 
 def answer_accept(image_formats: tuple[str, ...]) -> str:

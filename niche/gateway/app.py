@@ -35,6 +35,7 @@ from niche.gateway.keys import ApiKey, InFlight
 from niche.gateway.router import CAPACITY_HEADERS, cancel_all
 from niche.gateway.schemas import ImagesRequest, ModelCard, ModelList
 from niche.gateway.service import Gateway, GatewayConfig, Job
+from niche.imaging import sniff_format
 from niche.protocol import PipelineKind
 from niche.transport import BodyTooLarge, read_capped, within
 
@@ -234,11 +235,7 @@ EXPOSED_QUOTA_HEADERS = [f"x-ratelimit-{what}-{unit}" for what in ("limit", "rem
 
 def _format(data: bytes) -> str:
     """The format of an image the gateway itself wrote (png, webp or jpeg)."""
-    if data[8:12] == b"WEBP":
-        return "webp"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    return "png"
+    return (sniff_format(data) or "PNG").lower()
 
 
 async def _stream(gateway: Gateway, job: Job, event: str, base_url: str,
