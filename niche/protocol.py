@@ -266,8 +266,15 @@ class InfoResponse(_Strict):
     requests_per_minute: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     """Generate requests a caller may send per minute (0: no limit; None: not said, an
     older miner); with `stake_proportional`, the budget of a caller holding all validator
-    stake, shared by stake. A validator and its gateway (one hotkey) share it."""
+    stake, shared by stake. A validator and its gateway (one hotkey) share it; the bucket
+    holds `requests_per_minute / RATE_BURST_DIVISOR` of them."""
     stake_proportional: bool = False
+
+
+RATE_BURST_DIVISOR = 6.0
+"""A miner's token bucket holds its requests per minute / 6 (ten seconds of them, at least
+one request): the miner enforces it (`RateLimiter`); validators and gateways mirror it to
+stay within it."""
 
 
 class ErrorResponse(BaseModel):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from niche.chain.base import Chain, ChainError
-from niche.protocol import InfoResponse
+from niche.protocol import RATE_BURST_DIVISOR, InfoResponse
 from niche.sqlite_files import connect_read_only
 from niche.validator.client import InfoResult, MinerClient, MinerTarget, QueryStatus
 from niche.validator.pacing import HEADROOM, caller_rate
@@ -145,11 +145,13 @@ def organic_rate(info: InfoResponse, stake_share: float, rounds_per_minute: floa
 
 def organic_burst(info: InfoResponse, stake_share: float) -> float:
     """Requests the gateway may send a miner at once: the miner's bucket for our hotkey
-    (rate / 6, as niche/miner/limits.py) less the challenges a round sends at once."""
+    (rate / RATE_BURST_DIVISOR, as the miner holds it) less the challenges a round sends at
+    once."""
     rpm = caller_rate(info, stake_share)
     if rpm is None:
         return math.inf
-    return max(1.0, HEADROOM * rpm / 6.0 - min(info.concurrency, CHALLENGES_PER_ROUND))
+    return max(1.0, HEADROOM * rpm / RATE_BURST_DIVISOR
+               - min(info.concurrency, CHALLENGES_PER_ROUND))
 
 
 class MinerDirectory:

@@ -47,7 +47,7 @@ import aiohttp
 from niche.gateway.directory import Candidate, MinerDirectory
 from niche.gateway.errors import RATE_LIMIT, SERVER_ERROR, GatewayError, bad_request
 from niche.gateway.metrics import GatewayMetrics
-from niche.protocol import GenerateRequest, GenerationParams
+from niche.protocol import RATE_BURST_DIVISOR, GenerateRequest, GenerationParams
 from niche.validator.client import MinerClient, QueryResult, QueryStatus
 
 USER_FIELDS = ("prompt", "negative_prompt", "image", "params.prompt", "params.negative_prompt")
@@ -198,7 +198,7 @@ class Router:
 
     # ------------------------------------------------------------------ budgets
     def _bucket(self, c: Candidate, now: float) -> _Budget:
-        capacity = max(1.0, min((c.rate or 0.0) / 6.0, c.burst))
+        capacity = max(1.0, min((c.rate or 0.0) / RATE_BURST_DIVISOR, c.burst))
         budget = self._budgets.get(c.target.hotkey)
         if budget is None:
             budget = self._budgets[c.target.hotkey] = _Budget(capacity, now)

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from niche.protocol import RATE_BURST_DIVISOR
+
 
 class Refusal(Exception):
     """A request refused by policy: HTTP `status`, stable `reason`, human `detail`."""
@@ -65,7 +67,7 @@ class RateLimiter:
             return True  # disabled
         rate = self.rate_for(stake_share) / 60.0
         capacity = self.burst if self.burst is not None else max(1.0, self.rate_for(
-            stake_share) / 6.0)
+            stake_share) / RATE_BURST_DIVISOR)
         now = self._clock()
         with self._lock:
             tokens, last = self._buckets.pop(hotkey, (capacity, now))

@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Callable
 
-from niche.protocol import InfoResponse
+from niche.protocol import RATE_BURST_DIVISOR, InfoResponse
 
 DEFAULT_MINER_RATE = 60.0
 """Requests per minute assumed of a miner that does not say (the miner's default)."""
@@ -45,8 +45,9 @@ def paced_interval(requests: int, rate: float | None) -> float:
 
 class RateBudgets:
     """This validator's copy of each miner's token bucket for its hotkey (a miner refills
-    `rate / 60` a second up to `max(1, rate / 6)`; ours refills HEADROOM of that): a miner is
-    never sent more than it advertised, even when its rate is far below the others' (the
+    `rate / 60` a second up to `max(1, rate / RATE_BURST_DIVISOR)`; ours refills HEADROOM
+    of that): a miner is never sent more than it advertised, even when its rate is far
+    below the others' (the
     rounds are paced to the median miner; one miner advertising 1 request a minute must not
     slow every round to a minute)."""
 
@@ -59,7 +60,7 @@ class RateBudgets:
         if rate is None:
             return None
         now = self._clock()
-        capacity = max(1.0, HEADROOM * rate / 6.0)
+        capacity = max(1.0, HEADROOM * rate / RATE_BURST_DIVISOR)
         tokens, last = self._buckets.get(hotkey, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * HEADROOM * rate / 60.0)
         self._buckets[hotkey] = (tokens, now)
