@@ -9,6 +9,8 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from urllib.parse import urlparse
 
 import httpx
@@ -149,6 +151,19 @@ def test_a_trickled_body_gets_408_in_openai_shape(gw):
     assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 5
     error = json.loads(body)["error"]
     assert error["code"] == "body_timeout" and f"{BODY_TIMEOUT:g}s" in error["message"]
+
+
+def test_a_client_still_uploading_past_the_size_cap_reads_the_413(gw):
+    """urllib (like requests) writes its whole body before reading: the 413 comes first,
+    and the gateway's staged close lets the client read it instead of a reset."""
+    cap = GatewayConfig().max_body_bytes
+    request = urllib.request.Request(gw.base_url + "/images/edits", data=b"a" * (cap + 1),
+                                     headers={**_auth(gw), "Content-Type": "multipart/form-"
+                                              f"data; boundary={BOUNDARY}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"]["code"] == "body_too_large"
 
 
 def test_a_key_cannot_hold_more_than_its_in_flight_cap(gw):

@@ -37,6 +37,7 @@ from niche.errors import NicheError
 from niche.miner.direct_routes import DirectRoutes
 from niche.miner.limits import FetchSlots, PeerSlots, Refusal, add_count
 from niche.miner.service import MinerService, short
+from niche.miner.staged_close import StagedCloseTransport
 from niche.protocol import (
     GENERATE_PATH,
     INFO_PATH,
@@ -374,6 +375,11 @@ class ConnectionLimits:
     the connection closes. httptools has no bound of its own, and uvicorn keeps every header
     in memory: a peer sending one endless header grew a process by 185 MB and slowed every
     other request 100-fold until the header deadline. Signed requests take ~1.5 KiB."""
+    linger: float = 5.0
+    """Seconds a connection closed while its request body is still arriving (a 408, 413 or
+    400 sent before the whole body) half-closes and drains before it closes: closing at once
+    resets the connection and a client still uploading never reads the answer
+    (staged_close). 0: close at once."""
     exempt: frozenset[str] = frozenset()
     """Peer addresses `per_peer` does not count: trusted reverse proxies, whose one address
     carries every user (the proxy bounds its own clients)."""
@@ -443,7 +449,9 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
       the connection, freeing the answer's memory;
     - with `limits.json_overload`, a request over `limits.total` gets a one-line JSON 503;
     - a cap on each request head's bytes (`limits.max_head_bytes`): a longer head gets a
-      JSON 431 and the connection closes.
+      JSON 431 and the connection closes;
+    - a staged close (`limits.linger`) when a connection closes while its request body is
+      still arriving, so that the client reads the answer instead of a reset.
     `base` reports a complete request head through `_head_received` (see the two
     subclasses below). One class per server: `_peers` is that server's count."""
     overloaded = limits.body(503, *OVERLOADED)
@@ -502,7 +510,14 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
             self._deadline = None
             idle = self.cycle is None or self.cycle.response_complete
             if idle and self._awaiting_headers and not self.transport.is_closing():
-                self.transport.close()
+                self.transport.close_now()  # no answer to protect: no staged close
+
+        def _peer_may_send(self) -> bool:
+            """Whether the request's body is still arriving (closing now would reset the
+            connection under the client's upload). A refused head (431, 400) is not drained:
+            a head over the cap is broken or hostile, and reading on would serve its sender."""
+            return (not self._awaiting_headers and self.cycle is not None
+                    and self.cycle.more_body)
 
         def connection_made(self, transport) -> None:
             peer = peer_key(transport.get_extra_info("peername"))
@@ -515,7 +530,8 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
             if peer is not None:
                 self._peer = peer
                 add_count(self._peers, peer, 1)
-            super().connection_made(transport)
+            super().connection_made(StagedCloseTransport(transport, self.loop,
+                                                         self._peer_may_send, limits.linger))
             self._arm()
 
         def on_response_complete(self) -> None:
@@ -552,6 +568,8 @@ def _with_header_deadline(base: type, limits: ConnectionLimits) -> type:
             for timer in (self._deadline, self._stall):
                 if timer is not None:
                     timer.cancel()
+            if isinstance(self.transport, StagedCloseTransport):
+                self.transport.cancel()
             if self._peer is not None:
                 add_count(self._peers, self._peer, -1)
                 self._peer = None
