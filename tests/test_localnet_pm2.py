@@ -114,56 +114,12 @@ def _pm2() -> str:
 
 
 @pytest.mark.slow
-def test_pm2_starts_localnet_until_weights_are_set(tmp_path, tiny_root):
-    from niche.chain.local import LocalChain
-
-    pm2 = _pm2()
-    niche = Path(sys.executable).with_name("niche")
-    env = dict(os.environ, PM2_HOME=str(tmp_path / "pm2home"), LOCALNET_DIR=str(tmp_path / "ln"),
-               LOCALNET_MINERS="2", NICHE_BIN=str(niche), NICHE_TINY_DIR=str(tiny_root))
-    config = REPO / "configs" / "pm2" / "localnet.config.js"
-
-    def pm2_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([pm2, *args], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    try:
-        started = pm2_run("start", str(config))
-        assert started.returncode == 0, started.stderr + started.stdout
-        listing = json.loads(pm2_run("jlist").stdout)
-        names = sorted(app["name"] for app in listing)
-        assert names == ["localnet-gateway", "localnet-miner1", "localnet-miner2",
-                         "localnet-validator1"]
-
-        chain_file = tmp_path / "ln" / "chain.sqlite"
-        deadline = time.monotonic() + 300
-        history: list = []
-        while time.monotonic() < deadline:
-            chain = LocalChain(chain_file)
-            try:
-                history = chain.weights_history(1)
-            finally:
-                chain.close()
-            if history:
-                break
-            time.sleep(2)
-        logs = "\n".join(p.read_text(errors="replace")[-2000:]
-                         for p in (tmp_path / "ln" / "logs").glob("localnet-*.log"))
-        assert history, f"no weights on the local chain within 300 s; pm2 logs:\n{logs}"
-        assert abs(sum(history[-1]["weights"]) - 1.0) < 1e-6
-        apps = json.loads(pm2_run("jlist").stdout)
-        statuses = {app["name"]: app["pm2_env"]["status"] for app in apps}
-        assert statuses["localnet-miner1"] == "online" and statuses["localnet-miner2"] == "online"
-    finally:
-        pm2_run("delete", "all")
-        pm2_run("kill")
-
-
-@pytest.mark.slow
-def test_pm2_restart_and_delete_keep_the_prepared_localnet(tmp_path, tiny_root):
-    """The config header's own usage: `pm2 restart <config>` keeps the chain, state, logs,
-    ports and gateway key and brings the apps back online (they set weights again on the same
-    chain); `pm2 delete <config>` removes the apps without preparing again."""
+def test_pm2_starts_restarts_and_deletes_the_localnet(tmp_path, tiny_root):
+    """`pm2 start <config>` brings up the validator, two miners and the gateway until weights
+    are on the local chain; then the config header's own usage: `pm2 restart <config>` keeps
+    the chain, state, logs, ports and gateway key and brings the apps back online (they set
+    weights again on the same chain); `pm2 delete <config>` removes the apps without
+    preparing again."""
     from niche.chain.local import LocalChain
 
     pm2 = _pm2()
@@ -171,7 +127,7 @@ def test_pm2_restart_and_delete_keep_the_prepared_localnet(tmp_path, tiny_root):
     workdir = tmp_path / "ln"
     env = {k: v for k, v in os.environ.items() if k not in LOCALNET_VARS}
     env.update(PM2_HOME=str(tmp_path / "pm2home"), LOCALNET_DIR=str(workdir),
-               LOCALNET_MINERS="1", NICHE_BIN=str(niche), NICHE_TINY_DIR=str(tiny_root))
+               LOCALNET_MINERS="2", NICHE_BIN=str(niche), NICHE_TINY_DIR=str(tiny_root))
 
     def pm2_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         done = subprocess.run([pm2, *args], env=env, capture_output=True, text=True,
@@ -200,7 +156,11 @@ def test_pm2_restart_and_delete_keep_the_prepared_localnet(tmp_path, tiny_root):
 
     try:
         pm2_run("start", str(CONFIG))
+        assert sorted(apps()) == ["localnet-gateway", "localnet-miner1", "localnet-miner2",
+                                  "localnet-validator1"]
         wait_for("weights on the local chain", lambda: bool(weights()))
+        assert abs(sum(weights()[-1]["weights"]) - 1.0) < 1e-6
+        assert all(a["pm2_env"]["status"] == "online" for a in apps().values())
         plan = (workdir / "plan.json").read_text()
         chain_inode = (workdir / "chain.sqlite").stat().st_ino
         before = weights()
