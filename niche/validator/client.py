@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import certifi
@@ -65,6 +65,7 @@ from niche.protocol import (
 )
 from niche.states import BadState, decode_state, decode_state_bytes
 from niche.transport import BodyTooLarge, read_capped, within
+from niche.validator.own_faults import describe, local_os_error
 from niche.wire import (
     ANSWER_MEDIA_TYPE,
     BINARY_SINCE,
@@ -97,6 +98,9 @@ class QueryStatus(str, Enum):
     BAD_SIGNATURE = "bad_signature"
     INVALID_IMAGE = "invalid_image"
     ERROR = "error"
+    VALIDATOR_ERROR = "validator_error"
+    """This validator could not make the request (its signer, its own resources): never
+    the miner's failure (own_faults)."""
 
     def __str__(self) -> str:
         return self.value
@@ -146,6 +150,7 @@ class InfoResult(OneLineReason):
         return self.status is QueryStatus.OK
 
 
+R = TypeVar("R", QueryResult, InfoResult)
 TargetLike = MinerTarget | tuple | Any
 
 
@@ -171,6 +176,24 @@ class _OwnFailure(Exception):
 
 
 log = logging.getLogger("niche.validator")
+
+
+def _raise_if_own(exc: BaseException) -> None:
+    """`exc` as `_OwnFailure` when this machine's resources made it (own_faults)."""
+    own = local_os_error(exc)
+    if own is not None:
+        raise _OwnFailure(describe(own)) from exc
+
+
+def _unless_own(result: R, exc: BaseException) -> R:
+    """`result` as VALIDATOR_ERROR when `exc` was this validator's own failure."""
+    own = local_os_error(exc)
+    if isinstance(exc, _OwnFailure) or own is not None:
+        result.status = QueryStatus.VALIDATOR_ERROR
+        result.reason = f"validator error: {describe(own) if own is not None else exc}"[:300]
+        log.warning("uid %d: not asked for this validator's own failure: %s (not scored)",
+                    result.uid, result.reason)
+    return result
 
 ENDPOINT_LOOKUP_TIMEOUT = 5.0
 """Seconds a states fetch waits for the chain to say where a miner that cannot be reached
@@ -340,10 +363,10 @@ class MinerClient:
             result.latency = time.monotonic() - started
             result.status = QueryStatus.UNREACHABLE
             result.reason = f"{type(exc).__name__}: {exc}"[:300]
-            return result
+            return _unless_own(result, exc)
         except Exception as exc:  # signing problems, odd URLs: still a result
             result.status, result.reason = QueryStatus.ERROR, f"{type(exc).__name__}: {exc}"
-            return result
+            return _unless_own(result, exc)
         finally:
             if own:
                 await http.close()
@@ -478,6 +501,8 @@ class MinerClient:
                         return part
                     states.update(part.states)
         except _OwnFailure as exc:  # the validator's side, not the miner's
+            log.warning("uid %d: states not fetched for this validator's own failure: %s "
+                        "(the audit does not count)", t.uid, exc)
             return StatesFetch({}, f"validator error: {exc}"[:300], validator_error=True)
         except Exception as exc:  # raised by what the miner sent: a dodge must not be free
             log.warning("uid %d: reading its states answer raised %s: counted as a failed "
@@ -538,11 +563,13 @@ class MinerClient:
             except asyncio.TimeoutError:
                 fault = f"states not sent within {timeout:.3g}s"
             except _AWAY as exc:  # refused, reset, cut short, garbled: the miner is away
+                _raise_if_own(exc)
                 fault = f"{type(exc).__name__}: {exc}"[:200]
                 url = await self._moved_to(t, url)
             except (BodyTooLarge, _Undecodable) as exc:
                 return StatesFetch({}, str(exc))
             except (aiohttp.ClientError, ValueError) as exc:  # its endpoint is unusable
+                _raise_if_own(exc)
                 return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:200], unavailable=True)
             else:
                 if status == 200:
@@ -626,10 +653,10 @@ class MinerClient:
         except aiohttp.ClientError as exc:
             result.status = QueryStatus.UNREACHABLE
             result.reason = f"{type(exc).__name__}: {exc}"[:300]
-            return result
+            return _unless_own(result, exc)
         except Exception as exc:
             result.reason = f"{type(exc).__name__}: {exc}"[:300]
-            return result
+            return _unless_own(result, exc)
         finally:
             result.latency = time.monotonic() - started
             if own:

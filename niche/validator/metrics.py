@@ -23,7 +23,7 @@ class ValidatorMetrics:
                               ["outcome"], registry=self.registry)
         self.failures = Counter("niche_validator_failures", "Failures on the validator's side "
                                 "(chain unreachable, set_weights refused, audit crashed, "
-                                "permit lost)",
+                                "permit lost, a round no miner could be asked in)",
                                 ["kind"], registry=self.registry)
         self.weights_set = Counter("niche_validator_weights_set", "set_weights calls by result",
                                    ["result"], registry=self.registry)

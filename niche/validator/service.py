@@ -62,6 +62,7 @@ from niche.validator.checks import DUPLICATE, AnswerIndex, fingerprint, shape_pr
 from niche.validator.client import MinerClient, QueryResult, as_target
 from niche.validator.metrics import ValidatorMetrics
 from niche.validator.organic import MIN_DRAW, OrganicItem, OrganicQueue, QueueError
+from niche.validator.own_faults import VALIDATOR_ERROR, round_fault
 from niche.validator.pacing import RateBudgets, caller_rate, paced_interval
 from niche.validator.prompts import PromptSource
 from niche.validator.scoring import OK, Outcome, ScoreBook, ScoringConfig
@@ -179,6 +180,8 @@ class Validator:
         state.record_round_interval(config.round_interval)  # the gateway's first guess
         self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")
         self.permit_missing: str | None = None
+        self.own_fault: str | None = None
+        """Why the last round was not scored (own_faults.round_fault), None when it was."""
         """Why rounds are being skipped (the permit was lost mid-run), None while it is held."""
         self.exit_code = 0
         self.seed = config.seed if config.seed is not None else secrets.randbits(63)
@@ -341,6 +344,31 @@ class Validator:
         self.permit_missing = problem
         return problem is not None
 
+    def _own_fault(self, candidates: list[Neuron],
+                   answered: dict[int, tuple[Challenge, QueryResult]],
+                   outcomes: dict[int, Outcome], round_index: int) -> bool:
+        """True when every miner asked this round failed in a way that says this machine is
+        cut off (own_faults.round_fault): the round is not scored, every score stays, and
+        its index moves on (the next round's challenges are new). One WARNING when such
+        rounds start, one INFO when they end."""
+        asked = []
+        for neuron in candidates:
+            if neuron.uid in answered:
+                result = answered[neuron.uid][1]
+                asked.append((result.status.value,
+                              result.error.reason if result.error is not None else ""))
+            elif neuron.uid in outcomes:  # its /v1/info failed, or it serves nothing we ask
+                asked.append((outcomes[neuron.uid].status, ""))
+        fault = round_fault(asked)
+        if fault is not None and self.own_fault is None:
+            log.warning("round %d not scored, nor the next ones like it: %s", round_index,
+                        fault)
+            self.metrics.failures.labels("own_fault").inc()
+        elif fault is None and self.own_fault is not None:
+            log.info("round %d: miners answer again; rounds are scored", round_index)
+        self.own_fault = fault
+        return fault is not None
+
     # ------------------------------------------------------------------ one round
     async def run_round(self) -> RoundReport:
         started = time.monotonic()
@@ -369,6 +397,13 @@ class Validator:
                                                status=scoring.NO_MODEL,
                                                reason="no pipeline this validator can ask")
         answered, probed = await self._query(challenges, probes, candidates)
+        if self._own_fault(candidates, answered, outcomes, round_index):
+            # no scores; the index moves on, so the next round's challenges are new
+            self.state.save_round(round_index, self.book, [], {},
+                                  keep_answer_rounds=self.config.answer_memory_rounds)
+            return RoundReport(round_index, metagraph.block, [], {},
+                               weights_message=f"round not scored: {self.own_fault}",
+                               seconds=time.monotonic() - started, scores=self.book.scores())
         self._must_audit = set()
         fresh = self._cheap_checks(challenges, answered, outcomes, round_index)
         valid_probes = self._probe_checks(probed, round_index, fresh)
@@ -380,6 +415,11 @@ class Validator:
             if uid in outcomes and outcomes[uid].audit_passed is not False:
                 outcomes[uid] = replace(outcomes[uid], organic=passed)
         final = list(outcomes.values())
+        own = [o.uid for o in final if o.status == VALIDATOR_ERROR]
+        if own:
+            log.warning("round %d: uids %s not scored: this validator failed to ask them "
+                        "(see the warnings above)", round_index, own)
+            final = [o for o in final if o.status != VALIDATOR_ERROR]
         if self._stop.is_set():  # stopped mid-round: miners stopping beside us lose nothing
             spared = [o for o in final if o.status in STOP_FAULTS]
             if spared:
