@@ -198,3 +198,21 @@ def test_a_miner_this_validator_failed_to_ask_is_not_scored(tmp_path, tiny_engin
     assert validator.book.scores().get(net.uids["miner2"], 0.0) == 0.0  # never charged
     assert all(r.outcomes and "not scored" not in r.weights_message for r in validator.reports)
     net.chain.close()
+
+
+def test_a_node_raises_its_open_file_limit_to_the_hard_one():
+    """Under a shell's `ulimit -Sn 256`, every long-running command starts with the hard
+    limit as its soft one (run_exiting_cleanly_on_sigterm)."""
+    script = ("import resource; from niche.commands.startup import raise_open_file_limit; "
+              "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
+    done = subprocess.run(["bash", "-c", f'ulimit -Sn 256 && "{sys.executable}" -c "{script}"'],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == 256:
+        pytest.skip("the hard limit is 256 here: nothing to raise")
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    assert done.stdout.split(")", 1)[0] == f"(256, {wanted}"
+    assert done.stdout.strip().endswith(f"({wanted}, {hard})")

@@ -9,10 +9,34 @@ import threading
 from collections.abc import Callable, Iterator
 
 
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """The soft limit on open files up to the hard one: a node holds a socket per peer (a
+    validator asks up to 64 miners at once, audits beside, a gateway serves 1024), and
+    Linux's default soft limit of 1024 ran a validator out mid-round. Returns (before,
+    after), None where the platform has no such limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, wanted
+
+
 def run_exiting_cleanly_on_sigterm(body: Callable[[argparse.Namespace], int],
                                    args: argparse.Namespace, logger: str) -> int:
     """SIGTERM while starting (loading models can take minutes) is a clean exit 0 too; the
-    running neuron installs its own handlers, which finish the work in hand."""
+    running neuron installs its own handlers, which finish the work in hand. The open-file
+    limit is raised first (`raise_open_file_limit`)."""
+    limits = raise_open_file_limit()
+    if limits is not None and limits[1] != limits[0]:
+        logging.getLogger(logger).debug("open files: soft limit %d -> %d", *limits)
     if threading.current_thread() is not threading.main_thread():
         return body(args)
 
