@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from niche.validator.scoring import ScoringConfig
+from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig
 from niche.validator.state import StateError, ValidatorState, _explain
 
 
@@ -76,3 +76,27 @@ def test_reading_scores_from_a_closed_state_is_a_state_error(tmp_path):
     with pytest.raises(StateError, match="reading scores failed"):
         state.load_book(ScoringConfig())
     state.close()  # closing twice is harmless
+
+
+def test_a_damaged_page_is_refused_in_one_line(tmp_path):
+    """SQLite's integrity report spans several lines ('*** in database main ***', 'On tree
+    page 2 cell 5: ...'): the refusal is still one line, naming what it found."""
+
+    path = tmp_path / "state.sqlite"
+    with ValidatorState(path) as state:
+        book = ScoreBook(ScoringConfig())
+        for r in range(3):
+            outcomes = [Outcome(uid, f"5m{uid}", "kolors", status="ok") for uid in range(30)]
+            book.apply(r, outcomes, {uid: 0.5 for uid in range(30)})
+            state.save_round(r, book, outcomes, {uid: 0.5 for uid in range(30)})
+    conn = sqlite3.connect(path)
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='meta'").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:  # the meta table's page: its cell pointers overwritten
+        f.seek((root - 1) * 4096 + 8)
+        f.write(b"\xff" * 64)
+    with pytest.raises(StateError) as refused:
+        ValidatorState(path)
+    message = str(refused.value)
+    assert "\n" not in message and "integrity check failed (" in message
+    assert "move the file aside" in message

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from niche import file_lock
-from niche.errors import ConfigError, NicheError
+from niche.errors import ConfigError, NicheError, one_line
 from niche.file_lock import lock_path
 from niche.sqlite_files import connect_read_only
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
@@ -254,10 +254,11 @@ class ValidatorState:
             raise StateError(f"validator state {self.path}: the file is an SQLite database "
                              "but not a niche validator state; move it aside or pass another "
                              "--neuron.state_path")
-        check = c.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise StateError(f"validator state {self.path}: integrity check failed ({check}); "
-                             "move the file aside to start fresh")
+        check = str(c.execute("PRAGMA quick_check").fetchone()[0])
+        if check != "ok":  # SQLite's report spans lines: joined into one
+            found = "; ".join(line.strip() for line in check.splitlines() if line.strip())
+            raise StateError(f"validator state {self.path}: integrity check failed "
+                             f"({one_line(found)[:300]}); move the file aside to start fresh")
         if self.read_only:
             if not tables:
                 raise StateError(f"validator state {self.path}: no validator has written it "
