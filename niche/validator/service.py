@@ -434,7 +434,7 @@ class Validator:
         await self._record_organic()  # after the round is saved: see _record_organic
         report = RoundReport(round_index, metagraph.block, final, rewards,
                              seconds=time.monotonic() - started, scores=self.book.scores())
-        self._maybe_set_weights(report)
+        self._maybe_set_weights(report, metagraph)
         report.seconds = time.monotonic() - started
         self.metrics.round_done(round_index, final, report.seconds)
         return report
@@ -894,7 +894,8 @@ class Validator:
                                                   f"{result.verdict}: {result.reason}",
                                             answers=weight)
 
-    def _maybe_set_weights(self, report: RoundReport) -> None:
+    def _maybe_set_weights(self, report: RoundReport, metagraph: Metagraph | None = None
+                           ) -> None:
         netuid = self.config.netuid
         try:  # the round is already persisted: a chain outage here only delays the weights
             block = self.chain.current_block()
@@ -936,6 +937,20 @@ class Validator:
         report.weights_message = fallback + result.message
         if result.success:
             self.last_weights_block = result.block
+        elif metagraph is not None:
+            self._adopt_chain_weights_block(metagraph)
+
+    def _adopt_chain_weights_block(self, metagraph: Metagraph) -> None:
+        """After a refused set_weights: the chain's own record of this hotkey's last update
+        (its rate limit counts from it) when it is newer than the state file's. Weights that
+        landed just before a kill -9, never recorded, made every later round try again and
+        be refused for the whole rate-limit window."""
+        neuron = metagraph.by_hotkey(self.hotkey)
+        if neuron is None or neuron.last_update <= (self.last_weights_block or -1):
+            return
+        log.info("the chain has this validator's last update at block %d (after the state "
+                 "file's record): next weights counted from there", neuron.last_update)
+        self.last_weights_block = neuron.last_update
 
     # ------------------------------------------------------------------ logging
     def format_report(self, report: RoundReport) -> str:

@@ -3,8 +3,8 @@ reasons, recent answer fingerprints and the last weights.
 
 Each round is written in ONE transaction (WAL journal) and then checkpointed into the main
 file, so a validator killed at any moment restarts from the last complete round, and the
-file alone (without its -wal) holds every saved round; a read-only, full or corrupt file is reported in one
-actionable line and the existing content is never half-overwritten.
+file alone (without its -wal) holds every saved round; a read-only, full or corrupt file is
+reported in one actionable line and the existing content is never half-overwritten.
 
 One writer per file: the writer holds an exclusive flock on `<state>.lock` while it is open
 (two validators on one file would each rewrite the scores and exclusions, un-excluding the
