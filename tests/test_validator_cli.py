@@ -1,6 +1,10 @@
 """`niche validator` flags and start-up refusals: one line, no traceback, no model loaded."""
 from __future__ import annotations
 
+import errno
+import sqlite3
+import subprocess
+
 import pytest
 
 from niche.chain.local import LocalChain
@@ -97,3 +101,55 @@ def test_unregistered_validator_refuses_before_loading_models(tmp_path, capsys, 
     assert main(_validator_argv(tmp_path, 1)) != 0
     assert "engine spy: models would load here" in capsys.readouterr().err
     assert [b["models"] for b in engine_spy.built] == [["flux-schnell", "kolors"]]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 32 MiB tmpfs at tmp_path/full (root and mount(8) needed: skipped otherwise)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _fill(folder) -> None:
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def test_a_full_disk_is_one_line_before_the_models_load(tmp_path, full_disk, capsys,
+                                                        engine_spy):
+    """pm2 restarted a validator on a full disk every 10 s, each time loading the models
+    before its first write failed (exit 1): now the write comes first, exit 2 (held)."""
+    wallet = create_wallet("v", "h", tmp_path / "w")
+    chain = LocalChain(tmp_path / "c.db", create=True)
+    chain.create_subnet(1)
+    chain.register(1, wallet, stake=10.0)
+    chain.close()
+    argv = _validator_argv(tmp_path, 1)
+    argv[argv.index("--neuron.state_path") + 1] = str(full_disk / "s.db")
+    assert main(argv) == 1  # the control: a state file is made, start-up reaches the models
+    assert "engine spy" in capsys.readouterr().err and len(engine_spy.built) == 1
+    # a reader (the dashboard, the gateway) keeps the file's -wal and -shm in place, so it
+    # still opens on the full disk, as a killed validator's file does
+    reader = sqlite3.connect(full_disk / "s.db")
+    try:
+        reader.execute("SELECT count(*) FROM meta").fetchone()
+        _fill(full_disk)
+        assert main(argv) == 2
+    finally:
+        reader.close()
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "engine spy" not in err and "Traceback" not in err
+    assert len(engine_spy.built) == 1  # no model loaded this time

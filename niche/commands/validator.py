@@ -277,7 +277,12 @@ def _run(args: argparse.Namespace) -> int:
     from niche.commands.engine_args import engine_from_args
     from niche.validator.client import MinerClient
     from niche.validator.service import Validator, version_key
-    from niche.validator.state import ValidatorState, default_state_path, legacy_state_notice
+    from niche.validator.state import (
+        ValidatorState,
+        default_state_path,
+        legacy_state_notice,
+        require_free_space,
+    )
 
     with configuration_errors():
         wallet = wallet_from_args(args)
@@ -299,6 +304,10 @@ def _run(args: argparse.Namespace) -> int:
             state = ValidatorState(config.state_path)
             try:
                 state.bind(chain.network, config.netuid, hotkey)
+                # its disk and first write now, not after minutes of loading: a full disk
+                # is one line and exit 2 here, not a model reload per pm2 restart
+                require_free_space(config.state_path)
+                state.record_round_interval(config.round_interval)
             except BaseException:
                 state.close()
                 raise

@@ -131,6 +131,26 @@ class StateError(NicheError):
     """The state file cannot be used; the message says what to do."""
 
 
+MIN_FREE_BYTES = 16 * 1024 * 1024
+"""Free space a validator starts with beside its state file: a round of 64 miners writes
+~50 KB; on a full disk each pm2 restart would load the models again before the first
+save failed."""
+
+
+def require_free_space(path: Path | str, minimum: int = MIN_FREE_BYTES) -> None:
+    """StateError unless the filesystem holding `path` has `minimum` bytes free for it."""
+    folder = Path(path).expanduser().parent
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # no such folder yet (created on open), or no statvfs
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < minimum:
+        raise StateError(f"validator state {path}: only {free // 1024} KiB free on its disk "
+                         f"(the disk is full or nearly; {minimum // (1024 * 1024)} MiB "
+                         "needed): free space there, or pass another --neuron.state_path")
+
+
 @dataclass(frozen=True)
 class Answer:
     """Fingerprint of one accepted image, kept to catch replays of earlier answers."""
