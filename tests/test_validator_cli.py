@@ -43,6 +43,14 @@ def test_flags_build_the_config(tmp_path):
     (["--neuron.emission_share", "sdxl=1"], "not in --models"),
     (["--neuron.emission_share", "kolors"], "MODEL=VALUE"),
     (["--verify.threshold", "kolors=high"], "not a number"),
+    (["--verify.threshold", "flux-schnell=2"], "a similarity is in (0, 1]"),
+    (["--verify.threshold", "kolors=97"], "97 % is 0.97"),
+    (["--verify.threshold", "kolors=-1"], "a similarity is in (0, 1]"),
+    (["--verify.threshold", "kolors=0"], "a similarity is in (0, 1]"),
+    (["--verify.threshold", "kolors=nan"], "a similarity is in (0, 1]"),
+    (["--verify.threshold", "flux-schnel=0.9"], "'flux-schnel' is not one of --models"),
+    (["--models", "kolors", "--verify.threshold", "flux-schnell=0.9"], "not one of --models"),
+    (["--verify.threshold", "kolors/controlnet=0.9"], "unknown pipeline 'controlnet'"),
     (["--neuron.sample_size", "0"], "sample_size"),
 ])
 def test_bad_flags_are_one_line_errors(extra, message, capsys):

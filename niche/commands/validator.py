@@ -23,6 +23,29 @@ def _pairs(values, flag: str, cast=float) -> dict:
     return out
 
 
+def _thresholds(args: argparse.Namespace) -> dict[str, float]:
+    """--verify.threshold, each checked: a similarity above 1 fails every honest miner (the
+    audit excludes them for 50 rounds), one at or below 0 passes any image, and a key naming
+    no model asked is a typo that would change nothing."""
+    from niche.errors import ConfigError
+    from niche.protocol import PipelineKind
+
+    pipelines = [p.value for p in PipelineKind]
+    thresholds = _pairs(args.verify_threshold, "--verify.threshold")
+    for key, value in thresholds.items():
+        model, _, pipeline = key.partition("/")
+        if model not in args.models:
+            raise ConfigError(f"--verify.threshold {key}: {model!r} is not one of --models "
+                              f"({' '.join(args.models)})")
+        if pipeline and pipeline not in pipelines:
+            raise ConfigError(f"--verify.threshold {key}: unknown pipeline {pipeline!r} "
+                              f"(one of {', '.join(pipelines)})")
+        if not 0 < value <= 1:
+            raise ConfigError(f"--verify.threshold {key}={value:g}: a similarity is in (0, 1] "
+                              "(97 % is 0.97; the calibrated defaults are in docs/scoring.md)")
+    return thresholds
+
+
 def add_validator_args(parser: argparse.ArgumentParser) -> None:
     from niche.commands.chain_args import add_chain_args, add_wallet_args
 
@@ -80,8 +103,9 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                         "FILE`; default: the calibrated bands, docs/step-check.md)")
     n.add_argument("--verify.threshold", dest="verify_threshold", nargs="*",
                    metavar="MODEL[/PIPELINE]=T",
-                   help="similarity an audited image needs, per model or model/pipeline "
-                        "(default: calibrated per model and pipeline; see docs/scoring.md)")
+                   help="similarity in (0, 1] an audited image needs, per model or "
+                        "model/pipeline, e.g. kolors=0.97 (default: calibrated per model and "
+                        "pipeline; see docs/scoring.md)")
     m = parser.add_argument_group("models")
     m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
                    help="models this validator challenges (default: flux-schnell kolors)")
@@ -208,8 +232,7 @@ def build_config(args: argparse.Namespace):
         scoring=scoring,
         audit=audit, wait_for_permit=args.wait_for_permit, permit_poll=args.permit_poll,
         keep_running_when_deregistered=args.keep_running_deregistered,
-        verify=VerifyConfig.with_overrides(
-            _pairs(args.verify_threshold, "--verify.threshold")),
+        verify=VerifyConfig.with_overrides(_thresholds(args)),
         step_thresholds=(StepThresholds.from_file(args.verify_step_bands)
                          if getattr(args, "verify_step_bands", None) else StepThresholds()))
 
