@@ -41,6 +41,56 @@ def immediate_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connecti
         raise
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+VALIDATOR_STATE_ID = 0x4E494348  # "NICH"
+GATEWAY_DB_ID = 0x4E475759  # "NGWY"
+ORGANIC_QUEUE_ID = 0x4E515545  # "NQUE"
+"""`PRAGMA application_id` marks of niche's SQLite files, so that one given where another
+belongs is refused before anything is written to it."""
+
+
+def is_sqlite(path: Path) -> bool:
+    """Whether `path` starts with SQLite's header (read-only; False when unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def identity(path: Path) -> tuple[int, set[str]]:
+    """(application_id, table names) of an existing SQLite file, read-only."""
+    conn = connect_read_only(path, timeout=10.0)
+    try:
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")
+            if not row[0].startswith("sqlite_")}
+    finally:
+        conn.close()
+    return app_id, tables
+
+
+def describe(app_id: int, tables: set[str]) -> str:
+    """What a SQLite file seems to be, for a refusal that names the file's real use."""
+    if app_id == VALIDATOR_STATE_ID:
+        return "a niche validator state file (--neuron.state_path)"
+    if app_id == GATEWAY_DB_ID:
+        return "a niche gateway database (--gateway.db)"
+    if app_id == ORGANIC_QUEUE_ID or (app_id == 0 and tables == {"organic"}):
+        return "a niche organic audit queue (--gateway.organic_queue)"
+    if tables == {"states"}:
+        return "a niche miner states store (--states.path)"
+    if {"subnets", "neurons"} <= tables:
+        return "a niche localnet chain file (--localnet.path)"
+    if {"uids", "exclusions", "history"} <= tables:
+        return "a niche validator state file (--neuron.state_path)"
+    if app_id:
+        return f"another application's SQLite database (application_id {app_id:#x})"
+    return f"another SQLite database (tables: {', '.join(sorted(tables))})"
+
+
 def connect_read_only(path: Path | str, timeout: float = 5.0) -> sqlite3.Connection:
     """Another process's SQLite file, read-only (`mode=ro`): never writes, never takes a
     write lock. The path is URI-quoted (a `?`, `#` or `%` in it is part of the name). A WAL

@@ -23,6 +23,7 @@ from cli_support import NICHE, ROOT, one_line_error
 from gateway_support import make_chain
 from miner_support import NETUID, MinerProcess, build_net
 
+from niche import sqlite_files
 from niche.errors import ConfigError
 from niche.gateway import db as gateway_db
 from niche.gateway.db import GatewayDB
@@ -88,7 +89,7 @@ def test_other_sqlite_files_are_refused_naming_what_they_seem_to_be(tmp_path):
         message = str(caught.value)
         assert str(path) in message and seems in message and "\n" not in message, message
         assert path.read_bytes() == before, path
-    assert gateway_db.VALIDATOR_APPLICATION_ID == VALIDATOR_ID  # the same as the validator's
+    assert sqlite_files.VALIDATOR_STATE_ID == VALIDATOR_ID  # the same as the validator's
     assert gateway_db.APPLICATION_ID != VALIDATOR_ID
 
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 from niche.imaging import encode_b64
 from niche.protocol import GenerateRequest, GenerateResponse, GenerationParams
+from niche.sqlite_files import ORGANIC_QUEUE_ID
 from niche.validator.client import MinerClient, MinerTarget
-from niche.validator.organic import OrganicQueue
+from niche.validator.organic import OrganicQueue, QueueError
 from niche.validator.scoring import ScoringConfig
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
@@ -42,18 +43,22 @@ def _statuses(path) -> list[str]:
 
 def test_a_corrupt_queue_is_moved_aside_and_a_fresh_one_starts(tmp_path, caplog):
     path = tmp_path / "organic.sqlite"
-    garbage = b"garbagegarbage!!" * 512
+    OrganicQueue(path, signer=SIGNER).close()
+    # a queue whose pages are damaged past SQLite's 100-byte header
+    garbage = path.read_bytes()[:100] + b"garbagegarbage!!" * 512
     path.write_bytes(garbage)
     caplog.set_level(logging.WARNING, logger="niche.validator")
     queue = OrganicQueue(path, signer=SIGNER)
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("organic.sqlite.corrupt-")]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("organic.sqlite.corrupt-")
+             and not p.name.endswith(("-wal", "-shm"))]
     assert len(aside) == 1 and aside[0].read_bytes() == garbage  # kept, not deleted
     assert "is not a usable database" in caplog.text and aside[0].name in caplog.text
     assert queue.submit(*_row("after-corruption"), 0.1)
     assert _statuses(path) == ["pending"]
     # the other process opening it next finds the fresh queue, moves nothing
     OrganicQueue(path, signer=SIGNER).close()
-    assert len([p for p in tmp_path.iterdir() if ".corrupt-" in p.name]) == 1
+    assert len([p for p in tmp_path.iterdir() if ".corrupt-" in p.name
+                and not p.name.endswith(("-wal", "-shm"))]) == 1
 
 
 def test_a_queue_deleted_while_open_is_reopened_by_both_sides(tmp_path, caplog):
@@ -156,3 +161,49 @@ def test_organic_verdicts_are_written_after_the_round_is_saved(tmp_path, tiny_en
             assert _validator(net, tmp_path, queue_path, tiny_engine, state).run() == 0
         assert _statuses(queue_path) == ["claimed", "passed"]
     net.chain.close()
+
+
+def _names(folder) -> list[str]:
+    """The files in `folder` but SQLite's -wal/-shm (a read-only look at a WAL file makes
+    them)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(("-wal", "-shm")))
+
+
+def test_a_file_that_is_not_a_queue_is_refused_untouched(tmp_path):
+    """A mistyped --gateway.organic_queue or --neuron.organic_queue wrote the queue's table
+    into a validator's state file or the chain file, and moved a hotkey file aside."""
+    from niche.chain.local import LocalChain
+
+    hotkey = tmp_path / "hotkey-copy"
+    hotkey.write_text('{"secretPhrase": "not a database", "ss58Address": "5abc"}')
+    state = tmp_path / "state.sqlite"
+    ValidatorState(state).close()
+    chain = tmp_path / "chain.db"
+    LocalChain(chain, create=True).close()
+    other = tmp_path / "notes.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    for path, seems in ((hotkey, "is not a SQLite file"),
+                        (state, "a niche validator state file"),
+                        (chain, "a niche localnet chain file"),
+                        (other, "another SQLite database (tables: notes)")):
+        before = _names(tmp_path), path.read_bytes()
+        with pytest.raises(QueueError) as refused:
+            OrganicQueue(path, signer=SIGNER)
+        message = str(refused.value)
+        assert seems in message and "nothing was written" in message and "\n" not in message
+        assert (_names(tmp_path), path.read_bytes()) == before  # nothing moved or written
+
+
+def test_a_queue_from_before_the_mark_is_adopted(tmp_path):
+    path = tmp_path / "organic.sqlite"
+    queue = OrganicQueue(path, signer=SIGNER)
+    assert queue.submit(*_row("kept-row-1"), 0.1)
+    queue.close()
+    with sqlite3.connect(path) as db:  # as a release before the mark wrote it
+        db.execute("PRAGMA application_id=0")
+    queue = OrganicQueue(path, signer=SIGNER)
+    queue.close()
+    assert _statuses(path) == ["pending"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == ORGANIC_QUEUE_ID

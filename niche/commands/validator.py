@@ -331,6 +331,10 @@ def _run(args: argparse.Namespace) -> int:
                 # is one line and exit 2 here, not a model reload per pm2 restart
                 require_free_space(config.state_path)
                 state.record_round_interval(config.round_interval)
+                if config.organic_queue is not None:
+                    from niche.validator.organic import check_queue_file
+
+                    check_queue_file(config.organic_queue)
             except BaseException:
                 state.close()
                 raise

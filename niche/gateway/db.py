@@ -15,10 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from niche.errors import ConfigError
-from niche.sqlite_files import connect_read_only, immediate_transaction, open_shared
+from niche.sqlite_files import (
+    GATEWAY_DB_ID,
+    connect_read_only,
+    describe,
+    identity,
+    immediate_transaction,
+    open_shared,
+)
 
-APPLICATION_ID = 0x4E475759  # "NGWY": marks the file as a niche gateway database
-VALIDATOR_APPLICATION_ID = 0x4E494348  # niche.validator.state.APPLICATION_ID ("NICH")
+APPLICATION_ID = GATEWAY_DB_ID
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -35,47 +41,31 @@ _TABLES = frozenset({"keys", "usage", "images"})
 _KEY_COLUMNS = ["id", "name", "hash", "created", "revoked", "per_minute", "per_day"]
 
 
-def _seems(app_id: int, tables: set[str]) -> str:
-    """What a SQLite file that is not a gateway database seems to be, for the refusal."""
-    if app_id == VALIDATOR_APPLICATION_ID:
-        return "a niche validator state file (--neuron.state_path)"
-    if tables == {"states"}:
-        return "a niche miner states store (--states.path)"
-    if "organic" in tables:
-        return "a gateway/validator organic audit queue (--gateway.organic_queue)"
-    if {"subnets", "neurons"} <= tables:
-        return "a niche localnet chain file (--localnet.path)"
-    if {"uids", "exclusions", "history"} <= tables:
-        return "a niche validator state file (--neuron.state_path)"
-    if app_id:
-        return f"another application's SQLite database (application_id {app_id:#x})"
-    return f"another SQLite database (tables: {', '.join(sorted(tables))})"
-
-
 def _check_file(path: Path) -> None:
     """Refuse (ConfigError, one line) an existing SQLite file that is not a gateway
     database; read-only, writes nothing. A missing or empty file, a gateway database and
     one written before the application_id mark pass."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    conn = connect_read_only(path, timeout=10.0)
-    try:
-        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
-        tables = {row[0] for row in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table'")
-            if not row[0].startswith("sqlite_")}
-        if app_id == APPLICATION_ID:
-            return
-        if app_id == 0 and not tables:
-            return  # an empty database: made ours on open
-        if app_id == 0 and "keys" in tables and tables <= _TABLES and [
-                row[1] for row in conn.execute("PRAGMA table_info(keys)")] == _KEY_COLUMNS:
-            return  # written by a release before the mark: adopted on open
-    finally:
-        conn.close()
-    raise ConfigError(f"--gateway.db {path} is {_seems(app_id, tables)}, not a gateway "
+    app_id, tables = identity(path)
+    if app_id == APPLICATION_ID:
+        return
+    if app_id == 0 and not tables:
+        return  # an empty database: made ours on open
+    if app_id == 0 and "keys" in tables and tables <= _TABLES and _key_columns(path) == \
+            _KEY_COLUMNS:
+        return  # written by a release before the mark: adopted on open
+    raise ConfigError(f"--gateway.db {path} is {describe(app_id, tables)}, not a gateway "
                       "database: nothing was written to it; pass the --gateway.db the gateway "
                       "uses (default ~/.niche/gateway/gateway.sqlite)")
+
+
+def _key_columns(path: Path) -> list[str]:
+    conn = connect_read_only(path, timeout=10.0)
+    try:
+        return [row[1] for row in conn.execute("PRAGMA table_info(keys)")]
+    finally:
+        conn.close()
 
 
 class GatewayDB:

@@ -39,7 +39,16 @@ from niche.imaging import (
     to_b64,
 )
 from niche.protocol import GenerateRequest, GenerateResponse
-from niche.sqlite_files import corrupt, immediate_transaction, move_aside, open_shared
+from niche.sqlite_files import (
+    ORGANIC_QUEUE_ID,
+    corrupt,
+    describe,
+    identity,
+    immediate_transaction,
+    is_sqlite,
+    move_aside,
+    open_shared,
+)
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerTarget, QueryResult, QueryStatus
 
@@ -116,8 +125,10 @@ class OrganicQueue:
         self._conn, self._file = self._open()
 
     def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
-        """A connection to the queue file and the file's (device, inode); a corrupt file is
-        moved aside (`<name>.corrupt-<time>`) and a fresh queue started."""
+        """A connection to the queue file and the file's (device, inode); a corrupt queue is
+        moved aside (`<name>.corrupt-<time>`) and a fresh one started. Another file at the
+        path is refused before anything is written or moved (`check_queue_file`)."""
+        check_queue_file(self.path)
         try:
             try:
                 conn = _connect(self.path)
@@ -248,11 +259,37 @@ class OrganicQueue:
             self._conn.close()
 
 
+def check_queue_file(path: Path | str) -> None:
+    """QueueError (one line) when `path` holds something other than an organic audit queue:
+    a mistyped --gateway.organic_queue or --neuron.organic_queue once wrote the queue's table
+    into a validator's state file or the chain file, and moved a hotkey file given there
+    aside as "corrupt". Read-only. A missing or empty file, a queue (marked, or from before
+    the mark) and a queue whose pages are damaged (moved aside on open) pass."""
+    path = Path(path).expanduser()
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    if not is_sqlite(path):
+        raise QueueError(f"organic audit queue {path} is not a SQLite file: nothing was "
+                         "written to it or moved; pass the queue's own path (the gateway's "
+                         "--gateway.organic_queue, the validator's --neuron.organic_queue)")
+    try:
+        app_id, tables = identity(path)
+    except sqlite3.DatabaseError:
+        return  # a damaged queue: _open moves it aside
+    if app_id == ORGANIC_QUEUE_ID or (app_id == 0 and tables <= {"organic"}):
+        return
+    raise QueueError(f"organic audit queue {path} is {describe(app_id, tables)}: nothing "
+                     "was written to it; pass the queue's own path (the gateway's "
+                     "--gateway.organic_queue, the validator's --neuron.organic_queue)")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    """The shared connection, the schema of this release in place."""
+    """The shared connection, the schema of this release in place, the file marked."""
     conn = open_shared(path, _SCHEMA)
     try:
         _add_missing_columns(conn)
+        if int(conn.execute("PRAGMA application_id").fetchone()[0]) != ORGANIC_QUEUE_ID:
+            conn.execute(f"PRAGMA application_id={ORGANIC_QUEUE_ID}")
     except sqlite3.Error:
         conn.close()
         raise

@@ -29,7 +29,7 @@ from pathlib import Path
 from niche import file_lock
 from niche.errors import ConfigError, NicheError, one_line
 from niche.file_lock import lock_path
-from niche.sqlite_files import connect_read_only
+from niche.sqlite_files import VALIDATOR_STATE_ID, connect_read_only
 from niche.validator.scoring import Outcome, ScoreBook, ScoringConfig, UidScore
 
 log = logging.getLogger("niche.validator")
@@ -38,7 +38,7 @@ SCHEMA_VERSION = 1
 DEFAULT_ROOT = Path("~/.niche/validator")
 LEGACY_DEFAULT_PATH = Path("~/.niche/validator/state.sqlite")
 """The default before state files were keyed by network, netuid and hotkey."""
-APPLICATION_ID = 0x4E494348  # "NICH": marks the file as ours
+APPLICATION_ID = VALIDATOR_STATE_ID  # marks the file as ours
 KEEP_WEIGHT_ROWS = 1000
 """Weight settings kept (about two weeks at one every 20 minutes)."""
 
