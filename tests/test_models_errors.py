@@ -92,3 +92,17 @@ def test_protocol_rejects_unknown_pipeline_names():
 
     with pytest.raises(ValidationError):
         GenerationParams(model="kolors", pipeline="inpaint", prompt="x", seed=1)
+
+
+def test_an_unknown_model_names_the_known_ones(tmp_path, monkeypatch):
+    from niche.models.spec import load_spec
+
+    with pytest.raises(ConfigError) as caught:
+        load_spec("flux-schnel")
+    assert "unknown model 'flux-schnel': choose from " in str(caught.value)
+    assert "flux-schnell" in str(caught.value) and "kolors" in str(caught.value)
+    monkeypatch.setenv("NICHE_MODELS_CONFIG_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError) as caught:
+        load_spec("flux-schnell")
+    assert "no model configs in" in str(caught.value) and "NICHE_MODELS_CONFIG_DIR" in \
+        str(caught.value)

@@ -6,6 +6,7 @@ what to do instead.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,10 +33,17 @@ def _check_key(keyfile, what: str, wallet_desc: str, create_hint: str,
                interactive: bool) -> None:
     if not keyfile.exists_on_device():
         raise ChainError(f"{what} of {wallet_desc} is missing ({keyfile.path}): {create_hint}")
+    if os.path.isdir(keyfile.path):
+        raise ChainError(f"{what} {keyfile.path} is a folder, not a key file: {create_hint}")
     if not keyfile.is_readable():
         raise ChainError(f"{what} file {keyfile.path} is not readable by this user: fix its "
                          "permissions")
-    if keyfile.is_encrypted() and not interactive and not _password_in_env(keyfile):
+    try:
+        encrypted = keyfile.is_encrypted()
+    except OSError as exc:
+        raise ChainError(f"{what} file {keyfile.path} cannot be read ({exc.strerror or exc}): "
+                         f"{create_hint}") from None
+    if encrypted and not interactive and not _password_in_env(keyfile):
         raise ChainError(
             f"{what} {keyfile.path} is password-protected and this run is non-interactive: use "
             f"an unencrypted {what} (regenerate it without a password, e.g. `btcli wallet "

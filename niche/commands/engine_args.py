@@ -21,6 +21,26 @@ if TYPE_CHECKING:
 
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def check_threads(args: argparse.Namespace) -> None:
+    """NICHE_NUM_THREADS checked before the models load (ConfigError when it is not a
+    whole number >= 1), as --num-threads is by argparse."""
+    if getattr(args, "num_threads", None) is None:
+        from niche.models.engine import default_threads
+
+        default_threads()
+
+
 def add_engine_args(group: argparse._ActionsContainer) -> None:
     """--model-path | --tiny, --model-dir, --device, --dtype, --memory-mode, --num-threads,
     --engine.fast. One default dtype everywhere (the model config's): `niche generate`
@@ -43,10 +63,11 @@ def add_engine_args(group: argparse._ActionsContainer) -> None:
                             "serve: bfloat16 for FLUX, float16 for Kolors)")
     group.add_argument("--memory-mode", dest="memory_mode", default=None, choices=MEMORY_MODES,
                        help="GPU memory strategy (default: the model's)")
-    group.add_argument("--num-threads", dest="num_threads", type=int, default=None,
+    group.add_argument("--num-threads", dest="num_threads", type=positive_int, default=None,
                        help="torch CPU threads (default: the checkpoint's hint, else "
                             "min(4, cores)); miners and validators must agree on CPU")
-    group.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
+    group.add_argument("--threads", dest="num_threads", type=positive_int,
+                       help=argparse.SUPPRESS)
     group.add_argument("--quant", dest="quants", action="append", default=[],
                        metavar="MODEL=QUANT",
                        help="a FLUX model's weight storage: none, fp8, gguf-q8, gguf-q4, "

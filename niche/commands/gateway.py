@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -164,6 +165,21 @@ def run_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_signer(chain, netuid: int, hotkey: str, log: logging.Logger) -> None:
+    """Miners answer only registered hotkeys (with a validator permit, unless a miner allows
+    others): a gateway signing with another one would pass its operator's mistake to every
+    API user as a 502. Unregistered: exit 3, as the miner and validator; no permit: a
+    WARNING (a miner may run --blacklist.allow_non_validators)."""
+    from niche.chain.registration import permit_problem
+
+    neuron = chain.metagraph(netuid).require(hotkey, "gateway")
+    problem = permit_problem(neuron, netuid)
+    if problem is not None:
+        log.warning("gateway hotkey %s: %s; miners refuse requests signed without a validator "
+                    "permit (403) unless they allow non-validators: sign with your "
+                    "validator's hotkey", hotkey, problem)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from niche.commands.startup import run_exiting_cleanly_on_sigterm
 
@@ -180,8 +196,6 @@ def _validator_state(args: argparse.Namespace, network: str, hotkey: str) -> Pat
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from niche.commands.chain_args import wallet_from_args
     from niche.commands.logging_args import setup_logging_from_args
     from niche.commands.metrics_args import metrics_server_from_args
@@ -214,8 +228,13 @@ def _serve(args: argparse.Namespace) -> int:
     # port are the operator's configuration (exit 2, which pm2 does not restart)
     with configuration_errors():
         wallet = wallet_from_args(args)
+        from niche.commands.startup import check_distinct_ports
+
+        check_distinct_ports(("--gateway.port", args.port),
+                             ("--metrics.port", getattr(args, "metrics_port", None)))
     chain = open_chain(args, args.netuid)
     try:
+        _check_signer(chain, args.netuid, wallet.hotkey.ss58_address, log)
         with configuration_errors():  # a busy port: before the key database is created
             sock = bind_socket(args.ip, args.port, port_flag="--gateway.port")
         metrics = None

@@ -64,7 +64,7 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
                      "generate's (default 240; 0 disables)")
     lim.add_argument("--queue.max_size", dest="queue_max_size", type=int, default=16,
                      help="requests waiting for the GPU before 503 (default 16)")
-    lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=float,
+    lim.add_argument("--metagraph.refresh", dest="metagraph_refresh", type=positive_seconds,
                      default=60.0, help="seconds between metagraph refreshes (default 60)")
     st = parser.add_argument_group("states (kept for the validators' audits)")
     st.add_argument("--states.path", dest="states_path", type=Path, default=None,
@@ -116,6 +116,32 @@ def setup_logging(args: argparse.Namespace) -> None:
     setup_logging_from_args(args, "niche-miner")
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: seconds > 0 (0 would read the metagraph in a tight loop)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _ss58s(values, flag: str) -> tuple[str, ...]:
+    """Each value an SS58 address (a typo would allow no one and say nothing)."""
+    from bittensor.sp_core import ss58_decode
+
+    from niche.errors import ConfigError
+
+    for value in values:
+        try:
+            ss58_decode(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{flag}: {value!r} is not an SS58 hotkey address ({exc})"
+                              ) from None
+    return tuple(values)
+
+
 def config_from_args(args: argparse.Namespace):
     from niche.errors import ConfigError
     from niche.miner.service import MinerConfig
@@ -157,7 +183,7 @@ def config_from_args(args: argparse.Namespace):
             raise ConfigError(f"--localnet.cheat: choose from {', '.join(CHEATS)}")
     return MinerConfig(
         netuid=args.netuid, min_stake=args.min_stake,
-        allow_hotkeys=tuple(args.allow_hotkeys or ()),
+        allow_hotkeys=_ss58s(args.allow_hotkeys or (), "--blacklist.allow_hotkeys"),
         allow_non_validators=args.allow_non_validators,
         requests_per_minute=args.requests_per_minute,
         stake_proportional_rate=args.stake_proportional,
@@ -271,6 +297,12 @@ def _serve_miner(args: argparse.Namespace, config, wallet, chain, log: logging.L
     from niche.models.variants import check_models
 
     with configuration_errors():
+        from niche.commands.engine_args import check_threads
+        from niche.commands.startup import check_distinct_ports
+
+        check_distinct_ports(("--axon.port", args.axon_port),
+                             ("--metrics.port", getattr(args, "metrics_port", None)))
+        check_threads(args)
         bind_socket(args.axon_ip, args.axon_port).close()
         from niche.commands.metrics_args import check_metrics_port
 

@@ -29,6 +29,21 @@ def raise_open_file_limit() -> tuple[int, int] | None:
     return soft, wanted
 
 
+def check_distinct_ports(*ports: tuple[str, int | None]) -> None:
+    """ConfigError when two of (flag, port) name the same port: each is free on its own, so
+    the process itself would find the second busy, after minutes of loading."""
+    from niche.errors import ConfigError
+
+    seen: dict[int, str] = {}
+    for flag, port in ports:
+        if not port:
+            continue
+        if port in seen:
+            raise ConfigError(f"{flag} {port} is the same port as {seen[port]}: give each its "
+                              "own")
+        seen[port] = flag
+
+
 def run_exiting_cleanly_on_sigterm(body: Callable[[argparse.Namespace], int],
                                    args: argparse.Namespace, logger: str) -> int:
     """SIGTERM while starting (loading models can take minutes) is a clean exit 0 too; the

@@ -279,8 +279,17 @@ def _run(args: argparse.Namespace) -> int:
     # of model loading: flags, ports, models, wallet and hotkey, chain file and subnet.
     with configuration_errors():
         config = build_config(args)
+        from niche.commands.engine_args import check_threads
         from niche.commands.metrics_args import check_metrics_port
+        from niche.commands.startup import check_distinct_ports
 
+        check_distinct_ports(("--metrics.port", getattr(args, "metrics_port", None)),
+                             ("--dashboard.port", getattr(args, "dashboard_port", None)))
+        check_threads(args)
+        if config.prompts_file is not None:  # a bad file: one line now, not after loading
+            from niche.validator.prompts import PromptSource
+
+            PromptSource.from_file(config.prompts_file)
         check_metrics_port(args)  # a busy port: one line now, not after the models load
         if getattr(args, "dashboard_port", None) is not None:
             from niche.local_server import check_port_free

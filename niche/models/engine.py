@@ -50,7 +50,14 @@ def default_threads(hint: int | None = None) -> int:
     add contention at that size), else min(4, cores). Bits match only at equal counts."""
     env = os.environ.get("NICHE_NUM_THREADS")
     if env:
-        return max(1, int(env))
+        try:
+            threads = int(env)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ConfigError(f"NICHE_NUM_THREADS={env!r}: expected a whole number >= 1 "
+                              "(or unset it for the default)")
+        return threads
     if hint:
         return hint
     return max(1, min(4, os.cpu_count() or 1))

@@ -130,7 +130,11 @@ def load_spec(name: str, directory: Path | None = None,
     """The spec for `name`, with `model_dir/niche_model.yaml` overrides merged in when present."""
     path = config_dir(directory) / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown model '{name}' (no {path})")
+        known = available_models(directory)
+        if not known:
+            raise ConfigError(f"unknown model '{name}': no model configs in "
+                              f"{config_dir(directory)} (check NICHE_MODELS_CONFIG_DIR)")
+        raise ConfigError(f"unknown model '{name}': choose from {', '.join(known)}")
     data = _read_yaml(path)
     if model_dir is not None and (Path(model_dir) / OVERRIDE_FILE).is_file():
         override = _read_yaml(Path(model_dir) / OVERRIDE_FILE)

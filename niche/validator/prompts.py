@@ -86,6 +86,9 @@ class PromptSource:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read prompt file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"prompt file {path} is not UTF-8 text (byte {exc.start}): "
+                              "save it as UTF-8, one prompt per line") from None
         lines = []
         for line in text.splitlines():
             line = line.strip()

@@ -193,8 +193,8 @@ def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
         hint = "the file or its folder is read-only; fix permissions or pass another " \
                "--neuron.state_path"
     elif "disk is full" in text or "disk i/o" in text:
-        hint = "the disk is full or failing; free space (the file still holds the last " \
-               "complete round)"
+        hint = "the disk is full or failing; free space: the file still holds every round " \
+               "saved before"
     elif "not a database" in text or "malformed" in text or "corrupt" in text:
         hint = "the file is not a valid niche state database; move it aside to start fresh"
     elif "locked" in text or "busy" in text:
