@@ -106,3 +106,23 @@ def test_an_unknown_model_names_the_known_ones(tmp_path, monkeypatch):
         load_spec("flux-schnell")
     assert "no model configs in" in str(caught.value) and "NICHE_MODELS_CONFIG_DIR" in \
         str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeros"])
+def test_a_damaged_weights_file_says_so_and_how_to_fetch_it_again(tiny_root, tmp_path,
+                                                                   damage):
+    """A half-downloaded or garbled safetensors file got the loader's bare words."""
+    import shutil
+
+    from niche.models.engine import Engine
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_root / "flux-schnell", root / "flux-schnell")
+    weights = next((root / "flux-schnell" / "transformer").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "cut" else b"\0" * len(data))
+    with pytest.raises(ConfigError) as caught:
+        Engine(models=["flux-schnell"], model_root=root, device="cpu")
+    message = str(caught.value)
+    assert "truncated or corrupt" in message and "fetch it with `niche models download" in \
+        message and "\n" not in message, message

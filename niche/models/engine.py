@@ -498,7 +498,21 @@ def load_error(name: str, spec: ModelSpec, folder: Path | None, exc: BaseExcepti
                 f"{fetch_advice(name, folder)}")
     text = str(exc).strip()
     first = text.splitlines()[0] if text else repr(exc)
+    if _looks_damaged(text):
+        return (f"cannot load model {name} from {where}: {first} (a weights file looks "
+                f"truncated or corrupt, e.g. an interrupted download; "
+                f"{fetch_advice(name, folder)})")
     return f"cannot load model {name} from {where}: {first}"
+
+
+def _looks_damaged(text: str) -> bool:
+    """Whether a loader's message says a weights file is unreadable (safetensors' header
+    or length checks, torch's unpickler), as a cut-short or garbled download is."""
+    lowered = text.lower()
+    return any(sign in lowered for sign in (
+        "unable to load weights", "safetensor", "header too large", "header too small",
+        "incomplete metadata", "invalid header", "eof", "unexpected end", "corrupt",
+        "invalid load key", "not a zip file", "failed to read"))
 
 
 def _restrict(spec: ModelSpec, wanted: Sequence[str]) -> ModelSpec:
