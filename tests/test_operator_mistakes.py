@@ -128,3 +128,20 @@ def test_an_allowed_hotkey_that_is_not_an_address(cli, net):
     done = _miner(cli, net, "--blacklist.allow_hotkeys", "notanss58")
     assert "'notanss58' is not an SS58 hotkey address" in one_line_error(done)
     _not_loaded(done)
+
+
+def test_a_gateway_given_another_validators_state_or_another_file(cli, net):
+    from niche.validator.state import ValidatorState
+
+    theirs = net / "their-state.sqlite"
+    with ValidatorState(theirs) as state:
+        state.bind("localnet", 1, "5SomeOtherValidatorHotkey")
+    args = ["gateway", "serve", *_chain(net, "validator"), "--models", "flux-schnell",
+            "--gateway.port", str(free_port()), "--gateway.db", str(net / "gw2.sqlite")]
+    done = cli(*args, "--gateway.validator_state", str(theirs))
+    line = one_line_error(done)
+    assert "belongs to network localnet, netuid 1, hotkey 5SomeOtherValidatorHotkey" in line
+    chain = net / "chain.db"  # not a validator state at all
+    done = cli(*args, "--gateway.validator_state", str(chain))
+    assert "not a niche validator state" in one_line_error(done)
+    assert not (net / "gw2.sqlite").exists()

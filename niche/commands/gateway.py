@@ -195,6 +195,25 @@ def _validator_state(args: argparse.Namespace, network: str, hotkey: str) -> Pat
     return default_state_path(network, args.netuid, hotkey).expanduser()
 
 
+def _check_validator_state(path: Path, network: str, netuid: int, hotkey: str) -> None:
+    """The validator state the gateway routes by must be its own validator's (the one
+    signing with the same hotkey claims the gateway's organic audit rows): another file, or
+    another hotkey's, is one line and exit 2. A missing file is the validator not started
+    yet (a WARNING while it is missing, in the directory)."""
+    from niche.errors import ConfigError
+    from niche.validator.state import ValidatorState
+
+    if not path.exists():
+        return
+    with ValidatorState(path, read_only=True) as state:
+        owner = state.identity
+    if owner is not None and owner != (network, netuid, hotkey):
+        raise ConfigError(f"--gateway.validator_state {path} belongs to network {owner[0]}, "
+                          f"netuid {owner[1]}, hotkey {owner[2]}, not this gateway's "
+                          f"({network}, {netuid}, {hotkey}): pass the state file of the "
+                          "validator that signs with the gateway's hotkey")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from niche.commands.chain_args import wallet_from_args
     from niche.commands.logging_args import setup_logging_from_args
@@ -235,6 +254,10 @@ def _serve(args: argparse.Namespace) -> int:
     chain = open_chain(args, args.netuid)
     try:
         _check_signer(chain, args.netuid, wallet.hotkey.ss58_address, log)
+        state_path = _validator_state(args, chain.network, wallet.hotkey.ss58_address)
+        with configuration_errors():
+            _check_validator_state(state_path, chain.network, args.netuid,
+                                   wallet.hotkey.ss58_address)
         with configuration_errors():  # a busy port: before the key database is created
             sock = bind_socket(args.ip, args.port, port_flag="--gateway.port")
         metrics = None
@@ -242,8 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
             gateway = build_gateway(
                 chain, wallet, args.netuid, models=list(args.models),
                 db_path=Path(args.db).expanduser(), queue_path=Path(args.queue).expanduser(),
-                validator_state=_validator_state(args, chain.network,
-                                                 wallet.hotkey.ss58_address),
+                validator_state=state_path,
                 model_root=args.model_path, config=config, hedge_after=args.hedge_after)
             metrics = metrics_server_from_args(args, gateway.metrics.registry)
             server = uvicorn_server(create_app(gateway),
