@@ -115,6 +115,24 @@ def test_list_variables_are_split_and_extra_args_pass_any_flag():
     assert validator.models == ["kolors", "flux-schnell"]
 
 
+@pytest.mark.parametrize("config,variable", [("miner.config.js", "MODELS"),
+                                              ("validator.config.js", "MODEL"),
+                                              ("gateway.config.js", "MODEL")])
+def test_the_other_configs_name_for_the_models_is_not_dropped(config, variable):
+    """MODEL is the miner's variable and MODELS the validator's: the other spelling was
+    silently dropped, and the app ran with the default models."""
+    app = _load(config, NETUID="5", **{variable: "kolors"})
+    assert build_parser().parse_args(app["args"]).models == ["kolors"]
+
+
+def test_both_spellings_of_the_models_flag_work():
+    parser = build_parser()
+    assert parser.parse_args(["miner", "--netuid", "1", "--models", "kolors"]).models == [
+        "kolors"]
+    assert parser.parse_args(["validator", "--netuid", "1", "--model", "kolors"]).models == [
+        "kolors"]
+
+
 def test_configuration_errors_and_deregistration_are_not_restarted():
     for config in ("miner.config.js", "validator.config.js"):
         assert _load(config, NETUID="1")["stop_exit_codes"] == [2, 3]

@@ -19,6 +19,7 @@ const args = argsFromEnv(["gateway", "serve"], [
   ["GATEWAY_PUBLIC_URL", "--gateway.public_url"],
   ["CORS_ORIGINS", "--gateway.cors_origins", "list"],
   ["MODELS", "--models", "list"],
+  ["MODEL", "--models", "list"], // the miner's name for it
   ["MODEL_PATH", "--model-path"],
   ["METRICS_PORT", "--metrics.port"],
   ["METRICS_HOST", "--metrics.host"],

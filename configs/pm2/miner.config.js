@@ -13,6 +13,7 @@ const args = argsFromEnv("miner", [
   ["AXON_PORT", "--axon.port"],
   ["AXON_EXTERNAL_IP", "--axon.external_ip"],
   ["MODEL", "--model", "list"],
+  ["MODELS", "--model", "list"], // the validator's and gateway's name for it
   ["MIN_STAKE", "--blacklist.min_stake"],
   ["ALLOW_HOTKEYS", "--blacklist.allow_hotkeys", "list"],
   ["REQUESTS_PER_MINUTE", "--limits.requests_per_minute"],

@@ -9,6 +9,7 @@ const name = `niche-validator-${env("WALLET_NAME", "default")}-${env("WALLET_HOT
 const args = argsFromEnv("validator", [
   ...COMMON_FLAGS,
   ["MODELS", "--models", "list"],
+  ["MODEL", "--models", "list"], // the miner's name for it
   ["SAMPLE_SIZE", "--neuron.sample_size"],
   ["AUDIT_FRACTION", "--neuron.audit_fraction"],
   ["AUDIT_STEPS", "--neuron.audit_steps"],

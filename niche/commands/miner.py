@@ -26,7 +26,7 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     axon.add_argument("--axon.external_ip", dest="axon_external_ip", default=None,
                       help="IP published on chain (required when --axon.ip is 0.0.0.0/::)")
     m = parser.add_argument_group("models")
-    m.add_argument("--model", dest="models", nargs="+", default=["flux-schnell"],
+    m.add_argument("--model", "--models", dest="models", nargs="+", default=["flux-schnell"],
                    help="model(s) to serve (default flux-schnell)")
     from niche.commands.engine_args import add_backend_args, add_engine_args
 

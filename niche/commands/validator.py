@@ -107,7 +107,8 @@ def add_validator_args(parser: argparse.ArgumentParser) -> None:
                         "model/pipeline, e.g. kolors=0.97 (default: calibrated per model and "
                         "pipeline; see docs/scoring.md)")
     m = parser.add_argument_group("models")
-    m.add_argument("--models", nargs="+", default=["flux-schnell", "kolors"],
+    m.add_argument("--models", "--model", dest="models", nargs="+",
+                   default=["flux-schnell", "kolors"],
                    help="models this validator challenges (default: flux-schnell kolors)")
     from niche.commands.engine_args import add_engine_args
 
