@@ -131,14 +131,21 @@ def test_a_round_is_the_validators_fault_only_when_every_miner_points_here(asked
     assert (round_fault(asked) is not None) is skipped
 
 
-def test_a_validator_clock_two_hours_off_scores_nobody_and_says_why(tmp_path, tiny_engine,
-                                                                     caplog):
+def _three_miners(tmp_path, tiny_engine, rounds: int) -> tuple:
+    """A chain with three FLUX.1-schnell miners' engines and a validator config of
+    `rounds` rounds auditing every answer."""
     net = make_chain(tmp_path, miners=3)
     engines = {f"miner{i}": Only(tiny_engine, "flux-schnell") for i in (1, 2, 3)}
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=4,
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=rounds, seed=4,
                              state_path=tmp_path / "v.sqlite", round_interval=0,
                              audit_fraction=1.0,
                              scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    return net, engines, config
+
+
+def test_a_validator_clock_two_hours_off_scores_nobody_and_says_why(tmp_path, tiny_engine,
+                                                                     caplog):
+    net, engines, config = _three_miners(tmp_path, tiny_engine, rounds=1)
     caplog.set_level(logging.INFO, logger="niche.validator")
     with running_miners(net, engines):
         with ValidatorState(config.state_path) as state:  # one round on a good clock
@@ -180,12 +187,7 @@ class _FailingFor(ClockOffsets):
 
 
 def test_a_miner_this_validator_failed_to_ask_is_not_scored(tmp_path, tiny_engine):
-    net = make_chain(tmp_path, miners=3)
-    engines = {f"miner{i}": Only(tiny_engine, "flux-schnell") for i in (1, 2, 3)}
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=2, seed=4,
-                             state_path=tmp_path / "v.sqlite", round_interval=0,
-                             audit_fraction=1.0,
-                             scoring=ScoringConfig(model_shares={"flux-schnell": 1.0}))
+    net, engines, config = _three_miners(tmp_path, tiny_engine, rounds=2)
     client = MinerClient(net.validator)
     unlucky = net.wallets["miner2"].hotkey.ss58_address
     client.clock_offsets = _FailingFor(unlucky)
