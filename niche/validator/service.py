@@ -180,9 +180,9 @@ class Validator:
         state.record_round_interval(config.round_interval)  # the gateway's first guess
         self.registration = RegistrationWatch(self.hotkey, config.netuid, "validator")
         self.permit_missing: str | None = None
+        """Why rounds are being skipped (the permit was lost mid-run), None while it is held."""
         self.own_fault: str | None = None
         """Why the last round was not scored (own_faults.round_fault), None when it was."""
-        """Why rounds are being skipped (the permit was lost mid-run), None while it is held."""
         self.exit_code = 0
         self.seed = config.seed if config.seed is not None else secrets.randbits(63)
         self._audit_rng = np.random.default_rng(secrets.randbits(128))
