@@ -21,24 +21,16 @@ if TYPE_CHECKING:
 
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (a usage error, exit 2, otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def check_threads(args: argparse.Namespace) -> None:
-    """NICHE_NUM_THREADS checked before the models load (ConfigError when it is not a
-    whole number >= 1), as --num-threads is by argparse."""
-    if getattr(args, "num_threads", None) is None:
+    """--num-threads, or NICHE_NUM_THREADS without it, checked before the models load:
+    ConfigError (one line) unless a whole number >= 1."""
+    threads = getattr(args, "num_threads", None)
+    if threads is None:
         from niche.models.engine import default_threads
 
         default_threads()
+    elif threads < 1:
+        raise ConfigError(f"--num-threads must be at least 1, not {threads}")
 
 
 def add_engine_args(group: argparse._ActionsContainer) -> None:
@@ -63,11 +55,10 @@ def add_engine_args(group: argparse._ActionsContainer) -> None:
                             "serve: bfloat16 for FLUX, float16 for Kolors)")
     group.add_argument("--memory-mode", dest="memory_mode", default=None, choices=MEMORY_MODES,
                        help="GPU memory strategy (default: the model's)")
-    group.add_argument("--num-threads", dest="num_threads", type=positive_int, default=None,
+    group.add_argument("--num-threads", dest="num_threads", type=int, default=None,
                        help="torch CPU threads (default: the checkpoint's hint, else "
                             "min(4, cores)); miners and validators must agree on CPU")
-    group.add_argument("--threads", dest="num_threads", type=positive_int,
-                       help=argparse.SUPPRESS)
+    group.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
     group.add_argument("--quant", dest="quants", action="append", default=[],
                        metavar="MODEL=QUANT",
                        help="a FLUX model's weight storage: none, fp8, gguf-q8, gguf-q4, "
@@ -154,6 +145,7 @@ def engine_kwargs_from_args(args: argparse.Namespace, models: Sequence[str], *,
                             memory_mode: str | None = None, dtype: str | None = None
                             ) -> dict[str, Any]:
     """`Engine`'s keyword arguments from the flags (what every Ray replica is built with)."""
+    check_threads(args)
     dirs = model_dirs_from_args(args)
     unknown = sorted(set(dirs) - set(models))
     if unknown:
