@@ -85,9 +85,13 @@ def test_a_bad_thread_count_in_the_environment(cli, net, value):
     _not_loaded(done)
 
 
-def test_a_bad_thread_count_flag(cli, net):
-    done = _miner(cli, net, "--num-threads", "-3")
-    assert "--num-threads must be at least 1, not -3" in one_line_error(done)
+@pytest.mark.parametrize("flags,said", [
+    (["--num-threads", "-3"], "--num-threads must be at least 1, not -3"),
+    (["--blacklist.allow_hotkeys", "notanss58"], "'notanss58' is not an SS58 hotkey address"),
+], ids=["threads", "allow-hotkeys"])
+def test_a_bad_miner_flag(cli, net, flags, said):
+    done = _miner(cli, net, *flags)
+    assert said in one_line_error(done)
     _not_loaded(done)
 
 
@@ -123,12 +127,6 @@ def test_a_metagraph_refresh_of_zero(cli, net):
     for value in ("0", "-1", "inf", "soon"):
         done = _miner(cli, net, "--metagraph.refresh", value)
         assert done.returncode == 2 and "expected seconds > 0" in done.stderr
-
-
-def test_an_allowed_hotkey_that_is_not_an_address(cli, net):
-    done = _miner(cli, net, "--blacklist.allow_hotkeys", "notanss58")
-    assert "'notanss58' is not an SS58 hotkey address" in one_line_error(done)
-    _not_loaded(done)
 
 
 def test_a_gateway_given_another_validators_state_or_another_file(cli, net):
