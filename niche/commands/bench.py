@@ -105,6 +105,7 @@ class ModelResult:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from niche.commands.engine_args import check_threads
     from niche.models.spec import MEMORY_MODES, available_models
 
     if args.runs < 1:
@@ -117,8 +118,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if mode not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, "
                               f"not {mode!r}")
-    if args.num_threads is not None and args.num_threads < 1:
-        raise ConfigError(f"--num-threads must be at least 1, not {args.num_threads}")
+    check_threads(args)
 
 
 def _check_device(args: argparse.Namespace) -> None:
