@@ -65,6 +65,7 @@ from niche.protocol import (
 )
 from niche.states import BadState, decode_state, decode_state_bytes
 from niche.transport import BodyTooLarge, read_capped, within
+from niche.validator.own_faults import VALIDATOR_ERROR as OWN_FAILURE
 from niche.validator.own_faults import describe, local_os_error
 from niche.wire import (
     ANSWER_MEDIA_TYPE,
@@ -98,7 +99,7 @@ class QueryStatus(str, Enum):
     BAD_SIGNATURE = "bad_signature"
     INVALID_IMAGE = "invalid_image"
     ERROR = "error"
-    VALIDATOR_ERROR = "validator_error"
+    VALIDATOR_ERROR = OWN_FAILURE
     """This validator could not make the request (its signer, its own resources): never
     the miner's failure (own_faults)."""
 
