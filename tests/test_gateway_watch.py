@@ -117,6 +117,20 @@ def test_a_watched_attempt_refused_for_load_gets_the_short_pause():
     assert router._budgets["5busy"].busy_until > time.monotonic()
 
 
+def test_the_gateways_own_failure_cools_no_miner():
+    """Out of file descriptors on the gateway (the client's VALIDATOR_ERROR) says nothing of
+    the miner: the image goes to the next miner and the first is not cooled for 30 s."""
+    first, second = _miner(1, "5first"), _miner(2, "5second")
+    router = _router([first, second], {"5first": _after(0.01, QueryStatus.VALIDATOR_ERROR),
+                                       "5second": _after(0.05)})
+
+    async def main():
+        return await router.generate(PARAMS, None, time.monotonic() + 10)
+
+    assert asyncio.run(main()).candidate is second
+    assert not router.cooling(first)
+
+
 def test_watching_stays_within_the_hung_miners_slots_and_ends():
     hostile, honest = _miner(1, "5hostile", 4), _miner(2, "5honest", 64)
     router = _router([hostile, honest], {"5hostile": _hang(), "5honest": _after(0.2)},

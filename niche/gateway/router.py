@@ -489,12 +489,15 @@ class Router:
         """What an ended attempt says of its miner, and what that costs it: "delivered" (its
         time teaches its pace), "refused" (a field of the user's blamed: no fault of the
         miner's yet), "busy" (refused for load: a short pause, not a cooldown), "failed"
-        (cooled down) or "cut" (a timeout before its late time: the client's short
-        deadline, not the miner's fair time, so nobody is blamed)."""
+        (cooled down), "cut" (a timeout before its late time: the client's short
+        deadline, not the miner's fair time, so nobody is blamed) or "own" (the gateway's
+        own failure, e.g. out of file descriptors: the miner was never fairly asked)."""
         candidate = attempt.candidate
         if result.ok:  # `_ask` made an unusable answer INVALID_RESPONSE
             self.observe(candidate, params, result.latency)
             return "delivered"
+        if result.status is QueryStatus.VALIDATOR_ERROR:
+            return "own"
         if _blamed_field(result) is not None:
             return "refused"
         if result.http_status in BUSY_STATUSES:
