@@ -43,7 +43,7 @@ from niche.imaging import ImageLimits, decode_image, encode_image, image_sha256,
 from niche.miner.limits import PriorityGate, RateLimiter, Refusal, inflight_cap, unless_gone
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
-from niche.models.deadline import request_deadline
+from niche.models.deadline import DeadlinePassed, request_deadline, stop_at
 from niche.models.memory import is_out_of_memory, memory_advice, release_cached_memory
 from niche.protocol import (
     MAX_IMAGE_B64_CHARS,
@@ -471,8 +471,10 @@ class MinerService:
         left = None if deadline is None else deadline - self.clock()
         with request_deadline(left) if left is not None else contextlib.nullcontext():
             if hashes is not None:  # the states are hashed while the next steps run
+                on_state = hashes.add if deadline is None else stop_at(
+                    deadline, self.clock, hashes.add)  # a late answer is read by nobody
                 result, states = cast("StreamsStates", self.engine).generate_with_states(
-                    params, image, on_state=hashes.add)
+                    params, image, on_state=on_state)
             else:
                 result, states = self.engine.generate_with_states(params, image)
         seconds = time.perf_counter() - started
@@ -546,6 +548,12 @@ class MinerService:
         except EngineUnavailable as exc:
             log.warning("request %s refused: %s", request.request_id, exc)
             raise Refusal(503, "replicas_unavailable", str(exc)) from None
+        except DeadlinePassed as exc:
+            log.warning("request %s from %s stopped: %s (timeout %gs); the GPU goes to the "
+                        "next request", request.request_id, short(caller), exc,
+                        request.timeout)
+            raise Refusal(504, "deadline_passed", f"{exc} (timeout {request.timeout:g}s); "
+                          "the generation was stopped") from None
         except Exception as exc:
             if is_out_of_memory(exc):  # one line, not a traceback; the next request may fit
                 release_cached_memory()
