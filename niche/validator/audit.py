@@ -37,6 +37,7 @@ from niche.models.kernels import DEFAULT_ATTENTION
 from niche.models.memory import is_out_of_memory
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
+from niche.validator.own_faults import MIN_MINERS
 from niche.validator.steps import StepChecker, choose_steps, states_needed
 from niche.validator.verify import Verifier
 
@@ -120,6 +121,9 @@ class AuditResult:
     """With `unavailable`: the miner refused this validator itself (401 / 403 on the
     states fetch). Unavailable, unless the round finds the validator at fault
     (`forgive_refusals`)."""
+    cut_off: bool = False
+    """With `unavailable`: no HTTP answer to the fetch (timed out, connection failed).
+    Unavailable, unless every fetch of the batch was so (`forgive_outage`)."""
 
     @property
     def verdict(self) -> str:
@@ -140,6 +144,8 @@ class FetchBudget:
     def __init__(self, seconds: float):
         self.seconds, self.spent = seconds, 0.0
         self.turn = asyncio.Lock()
+        self.cut_off = False
+        """The miner's last fetch got no HTTP answer (what spent the budget, if it is spent)."""
 
     def left(self) -> float:
         return self.seconds - self.spent
@@ -187,6 +193,34 @@ def forgive_refusals(results: list[AuditResult], hotkeys: list[str],
     log.warning("states fetches refused by %d miner(s) left unaudited, not charged: %s "
                 "(check this validator's permit, stake and clock)", len(refused), why[:200])
     return [unaudited(f"{r.reason} (the validator's fault: {why[:120]})") if r.refused else r
+            for r in results]
+
+
+def forgive_outage(results: list[AuditResult], hotkeys: list[str], *,
+                   coldkeys: Mapping[str, str] | None = None,
+                   hosts: Mapping[str, str] | None = None) -> list[AuditResult]:
+    """`results` (of the answers of miners `hotkeys`, in order) with the fetches that got no
+    HTTP answer left unaudited (no verdict, no charge) when every fetch of the batch failed
+    so and they span at least `own_faults.MIN_MINERS` operators (the fewest of distinct
+    hotkeys, coldkeys and hosts): this validator's network was down, as the round's queries
+    judge it (`own_faults.round_fault`). One fetch answered, or one HTTP refusal, and the
+    network worked: the cut-off ones stay unavailable. A miner cannot make the others'
+    fetches fail, so no dodge is forgiven for its doing."""
+    if len(hotkeys) != len(results):
+        raise ValueError(f"{len(hotkeys)} hotkeys for {len(results)} results")
+    fetched = [(h, r) for h, r in zip(hotkeys, results, strict=True)
+               if not (r.unaudited or r.unverifiable)]  # those never reached the wire
+    if not fetched or not all(r.unavailable and r.cut_off for _, r in fetched):
+        return results
+    cut = {h for h, _ in fetched}
+    operators = min(len(cut), len({(coldkeys or {}).get(h, h) for h in cut}),
+                    len({(hosts or {}).get(h, h) for h in cut}))
+    if operators < MIN_MINERS:
+        return results
+    why = (f"all {len(fetched)} states fetches of {operators} miners got no answer: this "
+           "validator's network")
+    log.warning("%s; left unaudited, not charged (check this machine's connection)", why)
+    return [unaudited(f"{r.reason} ({why})") if r.unavailable and r.cut_off else r
             for r in results]
 
 
@@ -272,15 +306,17 @@ class Auditor:
         if left <= 0:
             return AuditResult(False, 0.0, f"states: not sent: this miner's other audited "
                                f"answers used the round's {budget.seconds:.0f}s for states",
-                               unavailable=True)
+                               unavailable=True, cut_off=budget.cut_off)
         started = time.monotonic()
         try:
-            return await self._fetch(challenge, result, target, plan, timeout=left)
+            fetched = await self._fetch(challenge, result, target, plan, timeout=left)
         except Exception as exc:  # noqa: BLE001 - ours: no miner pays for it
             return unaudited(f"validator error while fetching: "
                              f"{type(exc).__name__}: {exc}"[:300])
         finally:
             budget.spend(time.monotonic() - started)
+        budget.cut_off = isinstance(fetched, AuditResult) and fetched.cut_off
+        return fetched
 
     async def _fetch(self, challenge: Challenge, result: QueryResult, target: MinerTarget,
                      plan: list[int], timeout: float | None = None
@@ -300,7 +336,7 @@ class Auditor:
             return unaudited(f"states: {fetch.reason}")
         if fetch.unavailable:
             return AuditResult(False, 0.0, f"states: {fetch.reason}", unavailable=True,
-                               refused=fetch.refused)
+                               refused=fetch.refused, cut_off=fetch.cut_off)
         if not fetch.ok:
             return AuditResult(False, 0.0, f"states: {fetch.reason}")
         return fetch.states

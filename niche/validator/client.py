@@ -547,6 +547,7 @@ class MinerClient:
         cap = len(chunk) * (elements * 4 * 4 // 3 + 256) + 64 * 1024
         attempts = 0
         auth_refused = False  # the last try was a 401
+        cut_off = True  # no HTTP answer yet
         url = t.url or ""
         while True:
             attempts += 1
@@ -555,8 +556,9 @@ class MinerClient:
             if left <= 0:
                 return StatesFetch({}, f"states not sent within {timeout:.3g}s "
                                        f"({attempts - 1} tries)", unavailable=True,
-                                   refused=auth_refused)
+                                   refused=auth_refused, cut_off=cut_off)
             auth_refused = False
+            cut_off = True
             try:
                 status, media, raw = await within(
                     self._exchange(http, "POST", url, STATES_PATH, body, t.hotkey, cap,
@@ -573,6 +575,7 @@ class MinerClient:
                 _raise_if_own(exc)
                 return StatesFetch({}, f"{type(exc).__name__}: {exc}"[:200], unavailable=True)
             else:
+                cut_off = False
                 if status == 200:
                     if media == STATES_MEDIA_TYPE and version < BINARY_SINCE:
                         return StatesFetch({}, f"binary states in protocol {version}")
@@ -597,7 +600,7 @@ class MinerClient:
             left = deadline - time.monotonic()
             if left <= retry_delay:
                 return StatesFetch({}, f"{fault} ({attempts} tries)", unavailable=True,
-                                   refused=auth_refused)
+                                   refused=auth_refused, cut_off=cut_off)
             await asyncio.sleep(min(retry_delay * attempts, left - retry_delay))
 
     async def query_many(
@@ -714,6 +717,9 @@ class StatesFetch(OneLineReason):
     unavailable: bool = False
     validator_error: bool = False
     refused: bool = False
+    cut_off: bool = False
+    """With `unavailable`: no HTTP answer at all (timed out, connection failed), as when this
+    validator's own network is down; the batch decides whose fault (`audit.forgive_outage`)."""
 
     @property
     def ok(self) -> bool:

@@ -44,6 +44,7 @@ from niche.validator.audit import (
     AuditConfig,
     Auditor,
     AuditResult,
+    forgive_outage,
     forgive_refusals,
     unaudited,
 )
@@ -746,7 +747,8 @@ class Validator:
         order = self._secret_order(len(items))  # a miner's fetches come one after another:
         try:  # the first must not say which answer is the scored one
             results = self._forgiven(_unshuffled(order, await self.auditor.audit(
-                [items[i] for i in order], self._audit_rng)), [t.hotkey for _, _, t in items])
+                [items[i] for i in order], self._audit_rng)), [t.hotkey for _, _, t in items],
+                neurons)
         except Exception as exc:  # OUR failure (e.g. out of memory): no miner pays for it
             self.metrics.failures.labels("audit").inc()
             log.error("audit failed on the validator's side, answers left unaudited this "
@@ -803,7 +805,7 @@ class Validator:
         try:
             results = self._forgiven(await self.auditor.audit(
                 [(i.challenge, i.result, i.target) for i in auditable], self._audit_rng),
-                [i.target.hotkey for i in auditable])
+                [i.target.hotkey for i in auditable], metagraph.neurons)
         except Exception as exc:  # OUR failure: no miner pays for it, the rows say why
             log.error("organic audit failed on the validator's side: %s: %s",
                       type(exc).__name__, exc)
@@ -857,11 +859,20 @@ class Validator:
         """A permutation of range(n) from the audit's secret randomness."""
         return [int(i) for i in self._audit_rng.permutation(n)]
 
-    def _forgiven(self, results: list[AuditResult], hotkeys: list[str]
-                  ) -> list[AuditResult]:
-        """`audit.forgive_refusals` with this validator's standing on the chain now (read
-        only when a miner refused it): a permit lost since the round began, or several
-        miners refusing at once, is the validator's fault, not the miners'."""
+    def _forgiven(self, results: list[AuditResult], hotkeys: list[str],
+                  neurons: Sequence[Neuron]) -> list[AuditResult]:
+        """`audit.forgive_outage` (operators counted on the round's metagraph, `neurons`),
+        then `audit.forgive_refusals` with this validator's standing on the chain now (read
+        only when a miner refused it): this machine's network down during the audit, a
+        permit lost since the round began, or several miners refusing at once, is the
+        validator's fault, not the miners'."""
+        before = results
+        results = forgive_outage(results, hotkeys,
+                                 coldkeys={n.hotkey: n.coldkey for n in neurons},
+                                 hosts={n.hotkey: n.endpoint.ip for n in neurons
+                                        if n.endpoint})
+        if results is not before:
+            self.metrics.failures.labels("own_fault").inc()
         if not any(r.refused for r in results):
             return results
         try:
