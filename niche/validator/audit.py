@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from niche.models.kernels import DEFAULT_ATTENTION
+from niche.models.kernels import DEFAULT_ATTENTION, KernelUnavailable
 from niche.models.memory import is_out_of_memory
 from niche.validator.challenges import Challenge
 from niche.validator.client import MinerClient, MinerTarget, QueryResult
@@ -349,24 +349,43 @@ class Auditor:
             declared = result.response.states.kernels if result.response is not None and \
                 result.response.states is not None else {}
             attention = declared.get("attention", DEFAULT_ATTENTION)
-            if attention != DEFAULT_ATTENTION and not is_out_of_memory(exc):
-                # the backend the miner chose does not run this recomputation here: its
-                # choice, not our failure (else declaring one would freeze its score)
+            if attention != DEFAULT_ATTENTION and not is_out_of_memory(exc) and (
+                    isinstance(exc, KernelUnavailable) or await asyncio.to_thread(
+                        self._runs_on_default, challenge, result, states, plan)):
+                # the backend the miner chose does not run this recomputation here, while
+                # the default one does: its choice, not our failure (else declaring one
+                # would freeze its score)
                 return AuditResult(False, 0.0, f"cannot reproduce the declared attention "
                                    f"backend {attention}: {type(exc).__name__}: "
                                    f"{str(exc)[:160]}", unverifiable=True)
-            # OUR failure (out of memory, a bug): no miner pays for it
+            # OUR failure (out of memory, a bug, the device failing on any backend): no
+            # miner pays for it
             log.error("audit of %s failed on the validator's side: %s: %s",
                       challenge.request_id, type(exc).__name__, exc)
             return unaudited(f"validator error: {type(exc).__name__}: {exc}"[:300])
 
+    def _runs_on_default(self, challenge: Challenge, answer: QueryResult,
+                         states: dict[int, torch.Tensor], plan: list[int]) -> bool:
+        """Whether the same recomputation runs here on the default attention backend (its
+        verdict aside): when it does not either, the failure was this validator's."""
+        try:
+            self._check(challenge, answer, states, plan, kernels={})
+        except Exception as exc:  # noqa: BLE001 - the question is whether it raises
+            log.warning("the audit of %s fails here on the default attention backend too "
+                        "(%s): the validator's failure", challenge.request_id,
+                        type(exc).__name__)
+            return False
+        return True
+
     def _check(self, challenge: Challenge, answer: QueryResult,
-               states: dict[int, torch.Tensor], plan: list[int]) -> AuditResult:
+               states: dict[int, torch.Tensor], plan: list[int],
+               kernels: Mapping[str, str] | None = None) -> AuditResult:
+        """The step check of `answer` on its declared kernels (`kernels`: others instead)."""
         assert answer.response is not None and answer.response.states is not None
         commitment = answer.response.states
         verdict = self.steps.check(challenge.params, challenge.image, states, plan,
                                    dtype=commitment.compute_dtype, answer=answer.image,
-                                   kernels=commitment.kernels)
+                                   kernels=commitment.kernels if kernels is None else kernels)
         if not verdict.passed:
             return AuditResult(False, 0.0, f"step check: {verdict.reason}", verdict.errors)
         worst = max((verdict.errors[k] / verdict.thresholds[k] for k in verdict.errors
