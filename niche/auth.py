@@ -156,7 +156,7 @@ def _clock_gap(headers: Mapping[str, str]) -> str:
                "")
     try:
         gap = int(raw) / 1e9 - time.time()
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or more digits than a float holds
         return ""
     return (f" (the signer's clock is {abs(gap):.1f}s {'ahead of' if gap > 0 else 'behind'} "
             "this miner's: check NTP on both)")

@@ -12,6 +12,7 @@ import httpx
 from bittensor import http_auth
 from miner_support import StubEngine, make_request, module_net, running_miner, signed_post
 
+from niche.auth import sign_request
 from niche.protocol import ErrorResponse
 from niche.validator.client import MinerClient, MinerTarget
 
@@ -291,3 +292,44 @@ def test_a_request_signed_before_a_restart_is_refused_after_it(net, tmp_path):
     assert error.reason == "stale_request" and "before this miner started" in error.detail
     assert fresh.status_code == 200
     assert len(engine.calls) == 2  # the first answer and the fresh one, never the replay
+
+
+# ----------------------------------------------------------------------------- odd callers
+def test_a_nonce_longer_than_a_float_is_a_stale_request_not_a_500(net, caplog):
+    """Anyone can send a validator's public hotkey with a 400-digit nonce: the stale-request
+    refusal's clock note must not overflow into a 500 and a traceback per request."""
+    with running_miner(net, StubEngine()) as m:
+        for nonce in ("1" + "0" * 400, "-1" + "0" * 400):
+            headers = {http_auth.HEADER_VERSION: "1",
+                       http_auth.HEADER_HOTKEY: net.wallets["hi"].hotkey.ss58_address,
+                       http_auth.HEADER_NONCE: nonce,
+                       http_auth.HEADER_SIGNATURE: "0x" + "00" * 64,
+                       http_auth.HEADER_RECEIVER: m.hotkey, "Content-Type": "application/json"}
+            for path, body in (("/v1/generate", _body()), ("/v1/states", b"{}")):
+                resp = httpx.post(m.url + path, content=body, headers=headers, timeout=10)
+                assert resp.status_code == 401, (path, resp.text)
+                assert _one_line_error(resp.text).reason == "stale_request"
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
+
+
+def test_a_caller_gone_mid_upload_is_not_an_internal_error(net, caplog):
+    """A validator past its timeout, or a dropped link, during the body: one log line, a 499
+    in the metrics, no 500 and no traceback; the miner serves on."""
+    with running_miner(net, StubEngine()) as m:
+        for path in ("/v1/generate", "/v1/states"):
+            body = _body() if path == "/v1/generate" else b'{"request_id": "x", "indices": [1]}'
+            signed = sign_request(net.wallets["hi"], method="POST", path=path, body=body,
+                                  receiver=m.hotkey)
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in signed.items()) + "\r\n").encode()
+            with socket.create_connection(("127.0.0.1", m.server.port)) as sock:
+                sock.sendall(head + body[:20])
+                time.sleep(0.3)
+        time.sleep(0.5)
+        metrics = httpx.get(m.metrics_url + "/metrics", timeout=10).text
+        assert signed_post(m, net.wallets["hi"], _body()).status_code == 200
+    assert 'niche_miner_requests_total{status="499"} 1.0' in metrics, metrics
+    assert 'reason="internal_error"' not in metrics and 'status="500"' not in metrics
+    assert 'niche_miner_state_fetches_total{status="499"} 1.0' in metrics
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text

@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from niche import __version__
@@ -60,6 +61,10 @@ from niche.wire import (
 )
 
 log = logging.getLogger("niche.miner")
+
+BODY_CUT = "the client disconnected before its request body arrived"
+"""A caller gone mid-upload (a validator past its timeout, a dropped link): its own doing,
+answered into the void as 499, one log line, never a 500 with a traceback."""
 
 STATES_BODY_BYTES = 4096
 """A StatesRequest is a request id and at most 8 indices."""
@@ -197,6 +202,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
             except asyncio.TimeoutError:
                 raise Refusal(408, "body_timeout", f"body not received within "
                               f"{config.body_timeout:g}s") from None
+            except ClientDisconnect:
+                raise Refusal(499, "client_gone", BODY_CUT) from None
             caller_key, neuron = service.authenticate(
                 headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
@@ -260,6 +267,8 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
                 raise Refusal(413, "body_too_large", str(exc)) from None
             except asyncio.TimeoutError:
                 raise Refusal(408, "body_timeout", "body not received in time") from None
+            except ClientDisconnect:
+                raise Refusal(499, "client_gone", BODY_CUT) from None
             caller_key, _ = service.authenticate(
                 headers, body, method=request.method, path=_request_target(request))
             caller = short(caller_key)
