@@ -208,3 +208,61 @@ def test_a_client_that_hangs_up_on_a_stream_pays_alike(gw, caplog):
     assert [r.getMessage().split(" key=")[0] for r in _access_lines(caplog, key_id)] == \
         ["POST /v1/images/generations 200 (stream abandoned, 0 of 2 images sent)"]
     assert _standing(gw, secret)["x-ratelimit-remaining-images"] == str(PER_DAY)
+
+
+def _bomb_png() -> bytes:
+    """A small PNG (a few KB) of 4096x4096 flat pixels: 48 MB once decoded."""
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (9, 9, 9)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def test_a_key_pays_one_request_for_each_refusal_and_none_is_decoded_past_its_rate(
+        gw, monkeypatch):
+    """The key's request is taken before its body is read: a 400 (its own bad field) and a
+    413 (its own upload) cost one request each, as the docs say, and a key with none left
+    gets its 429 without the gateway decoding its upload."""
+    secret, _, client = _key(gw, "pays-refusals")
+    auth = {"Authorization": f"Bearer {secret}"}
+    bad = httpx.post(gw.base_url + "/images/generations", headers=auth, timeout=30,
+                     json={"model": MODEL, "prompt": "x", "size": "65x64"})
+    assert bad.status_code == 400 and bad.headers["x-ratelimit-remaining-requests"] == "2"
+    huge = httpx.post(gw.base_url + "/images/edits", headers=auth, timeout=60,
+                      files={"image": ("a.png", b"\x89PNG" + b"\0" * (40 << 20), "image/png")},
+                      data={"model": MODEL, "prompt": "x"})
+    assert huge.status_code == 413 and huge.headers["x-ratelimit-remaining-requests"] == "1"
+    client.images.generate(model=MODEL, prompt="a blue square", size="64x64")
+    decoded = []
+    catalog = type(gw.gateway.catalog)  # frozen: counted on its class
+    real = catalog.check_image
+    monkeypatch.setattr(catalog, "check_image",
+                        lambda self, *a, **kw: decoded.append(1) or real(self, *a, **kw))
+    bomb = _bomb_png()
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.images.edit(model=MODEL, prompt="x", image=("bomb.png", bomb, "image/png"))
+        assert caught.value.code == "rate_limit_exceeded", caught.value.message
+    assert decoded == []  # refused before the body was read, let alone decoded
+
+
+def test_more_images_than_the_whole_daily_quota_says_so_without_retry_after(gw):
+    secret, _ = gw.gateway.keys.create("small-day", per_minute=PER_MINUTE, per_day=3)
+    client = openai.OpenAI(api_key=secret, base_url=gw.base_url, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.images.generate(model=MODEL, prompt="x", size="64x64", n=4)
+    assert caught.value.code == "insufficient_quota"
+    assert "more than this key's whole daily quota of 3" in caught.value.message
+    assert "retry-after" not in caught.value.response.headers  # no wait makes it fit
+    assert caught.value.response.headers["x-ratelimit-remaining-images"] == "3"
+
+
+@pytest.mark.parametrize("path", ["/images/generations/", "/models/"])
+def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect(gw, path):
+    method = httpx.post if path.startswith("/images") else httpx.get
+    resp = method(gw.base_url + path, headers={"Authorization": f"Bearer {gw.key}"},
+                  timeout=30, follow_redirects=False)
+    assert resp.status_code == 404, resp.status_code
+    assert resp.json()["error"]["message"]

@@ -63,8 +63,11 @@ def optional_key(request: Request) -> ApiKey | None:
 async def key_slot(request: Request, key: Annotated[ApiKey, Depends(api_key)]
                    ) -> AsyncIterator[ApiKey]:
     """The caller's key, holding one of its in-flight slots until the answer is sent (a
-    stream's last byte included), or a 429 when the key has too many open."""
+    stream's last byte included), with one request taken from its per-minute bucket before
+    the body is read (an upload, a decode, a refusal of it all count); or a 429 when the key
+    has too many open or no request left."""
     with request.app.state.inflight.hold(key):
+        request.app.state.gateway.keys.take_request(key)
         yield key
 
 
@@ -81,8 +84,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         finally:
             await gateway.stop()
 
+    # no redirect_slashes: a 307 to "/v1/images/generations" built from the Host header
+    # (always http) would answer a trailing slash without a body; a JSON 404 says it
     app = FastAPI(title="niche gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, redirect_slashes=False)
     def quota_headers(key: ApiKey | None) -> dict[str, str]:
         return gateway.keys.quota(key).headers() if key is not None else {}
 

@@ -81,6 +81,15 @@ class Quota:
                 "x-ratelimit-reset-images": _span(self.images_reset)}
 
 
+@dataclass(frozen=True)
+class Charge:
+    """Images taken from one day's quota: the key's standing after, and the day (UTC) they
+    count against, where a refund must go even after midnight."""
+
+    quota: Quota
+    day: str
+
+
 class KeyStore:
     def __init__(self, db: GatewayDB, clock: Callable[[], float] = time.time):
         self.db = db
@@ -156,11 +165,10 @@ class KeyStore:
             tokens = self._tokens(key, now)
         return self._quota(key, tokens, self.used_today(key.id), now)
 
-    def admit(self, key: ApiKey, images: int) -> Quota:
-        """Take one request from the key's bucket and `images` from today's quota, or 429
-        (with Retry-After and the `x-ratelimit-*` headers). The quota is charged up front
-        (so parallel requests cannot overrun it) and what was not delivered is given back
-        with `refund`."""
+    def take_request(self, key: ApiKey) -> None:
+        """Take one request from the key's bucket, or 429 (with Retry-After and the
+        `x-ratelimit-*` headers). Taken before the body is read or any image decoded, so a
+        key out of requests cannot keep the gateway decoding uploads."""
         now = self._clock()
         with self._lock:
             tokens = self._tokens(key, now)
@@ -173,8 +181,21 @@ class KeyStore:
                                    code="rate_limit_exceeded",
                                    headers={"Retry-After": str(max(1, math.ceil(wait))),
                                             **headers})
-            tokens -= 1.0
-            self._buckets[key.id] = (tokens, now)
+            self._buckets[key.id] = (tokens - 1.0, now)
+
+    def charge_images(self, key: ApiKey, images: int) -> Charge:
+        """Take `images` from today's quota, or 429. Charged up front (so parallel requests
+        cannot overrun it); what was not delivered is given back with `refund`, to the day
+        it was charged to."""
+        now = self._clock()
+        with self._lock:
+            tokens = self._tokens(key, now)
+        if images > key.per_day:  # no wait makes it fit: say so, with no Retry-After
+            raise GatewayError(
+                429, f"asked for {images} images, more than this key's whole daily quota of "
+                     f"{key.per_day}; ask for at most {key.per_day} per request (or use a "
+                     "key with a larger quota)", type=INSUFFICIENT_QUOTA,
+                code="insufficient_quota", param="n")
         day = _day(now)
         with self.db.tx() as c:
             row = c.execute("SELECT images FROM usage WHERE key_id=? AND day=?",
@@ -192,11 +213,13 @@ class KeyStore:
                     headers={"Retry-After": str(max(1, math.ceil(wait))), **quota.headers()})
             c.execute("INSERT INTO usage VALUES (?, ?, ?) ON CONFLICT (key_id, day) "
                       "DO UPDATE SET images = images + excluded.images", (key.id, day, images))
-        return self._quota(key, tokens, used + images, now)
+        return Charge(self._quota(key, tokens, used + images, now), day)
 
-    def refund(self, key: ApiKey, images: int, *, request: bool = False) -> None:
-        """Give back `images` of today's quota and, with `request`, the request `admit`
-        took from the key's bucket (a refusal the caller did not cause costs it nothing)."""
+    def refund(self, key: ApiKey, images: int, *, request: bool = False,
+               day: str | None = None) -> None:
+        """Give back `images` of the quota of `day` (the day they were charged to; None:
+        today) and, with `request`, the request `take_request` took from the key's bucket
+        (a refusal the caller did not cause costs it nothing)."""
         if request:
             now = self._clock()
             with self._lock:
@@ -206,7 +229,7 @@ class KeyStore:
             return
         with self.db.tx() as c:
             c.execute("UPDATE usage SET images = MAX(0, images - ?) WHERE key_id=? AND day=?",
-                      (images, key.id, _day(self._clock())))
+                      (images, key.id, day or _day(self._clock())))
 
 
 class InFlight:

@@ -85,6 +85,8 @@ class Job:
     quota: Quota
     started: float
     deadline: float
+    day: str
+    """The day (UTC) its images were charged to, where undelivered ones go back."""
 
     @property
     def size(self) -> str:
@@ -207,8 +209,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ one request
     async def prepare(self, key: ApiKey, request: ImagesRequest) -> Job:
-        """Everything checked and the quota charged, before any miner is asked: a bad
-        request or an exhausted key costs no miner work."""
+        """Everything checked and the images charged, before any miner is asked: a bad
+        request or an exhausted key costs no miner work. The key's request was taken
+        before its body was read (`KeyStore.take_request`)."""
         started = time.monotonic()
         spec = self.catalog.spec(request.model)
         if request.partial_images:
@@ -227,13 +230,15 @@ class Gateway:
         if request.image:
             await asyncio.to_thread(self.catalog.check_image, spec, request.image)
         if not self.directory.serving(spec.name):
+            self.keys.refund(key, 0, request=True)  # not the caller's doing (not_the_callers)
             raise GatewayError(503, f"no miner serves {spec.name} right now; retry later "
                                     "(GET /v1/models lists what is served)",
                                type=SERVER_ERROR, code="no_miner_available")
-        quota = self.keys.admit(key, request.n)
+        charge = self.keys.charge_images(key, request.n)
         deadline = started + (request.timeout or default_deadline(
             spec, all_params[0], self.config.deadline))
-        return Job(key, request, spec.name, seeds, all_params, quota, started, deadline)
+        return Job(key, request, spec.name, seeds, all_params, charge.quota, started, deadline,
+                   charge.day)
 
     async def deliver(self, job: Job, heartbeat: float | None = None
                       ) -> AsyncIterator[tuple[int, Delivered] | None]:
@@ -292,7 +297,8 @@ class Gateway:
             raise
         finally:
             refused = bill.refusal is not None and not_the_callers(bill.refusal)
-            self.keys.refund(job.key, len(job.params) - bill.sent, request=refused)
+            self.keys.refund(job.key, len(job.params) - bill.sent, request=refused,
+                             day=job.day)
 
     def finished(self, job: Job, images: int) -> None:
         self.metrics.images.labels(job.model).inc(images)
