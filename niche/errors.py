@@ -43,3 +43,12 @@ class ConfigError(NicheError):
 class EngineUnavailable(NicheError):
     """No engine replica could serve a call within its deadline (a replica died and none
     took over in time); the miner answers 503 and keeps serving."""
+
+    reason = "replicas_unavailable"
+    """The 503's reason a miner answers with."""
+
+
+class ModelsLoading(EngineUnavailable):
+    """The miner's models are still loading (after a start or restart)."""
+
+    reason = "loading"

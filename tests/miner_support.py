@@ -261,6 +261,11 @@ class MinerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        self.spawn()
+        self.wait_healthy()
+
+    def spawn(self) -> None:
+        """Start the process and return at once (its models load in the background)."""
         argv = [NICHE, "miner", "--netuid", str(NETUID), "--subtensor.network", "localnet",
                 "--localnet.path", str(self.root / "chain.db"), "--wallet.name", "miner",
                 "--wallet.hotkey", "hot", "--wallet.path", str(self.root / "wallets"),
@@ -270,6 +275,9 @@ class MinerProcess:
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+
+    def wait_healthy(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

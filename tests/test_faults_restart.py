@@ -9,14 +9,18 @@ between an answer and its audit."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 from miner_support import MinerProcess
 
 from niche.chain.local import LocalChain
 from niche.chain.wallets import create_wallet
 from niche.devnet.localnet.supervisor import free_port
+from niche.validator.audit import AuditConfig
 from niche.validator.client import MinerClient
 from niche.validator.service import Validator, ValidatorConfig
 from niche.validator.state import ValidatorState
@@ -102,3 +106,74 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
     assert "states caller=" in log and "status=200" in log.split("listening on")[-1], log
     if skew:
         assert "status=401 stale_request" in log.split("listening on")[-1], log
+
+
+LOAD_SECONDS = 25.0
+"""The restarted miner's loading time: longer than the validator's states budget below."""
+FETCH_SECONDS = 15.0
+
+
+class SlowLoadClient(MinerClient):
+    """The validator's client; its first states fetch follows a SIGKILL of the miner and a
+    restart whose models take LOAD_SECONDS to load. The fetch starts at once, as a
+    validator's does: the restarted miner must serve the states while it loads."""
+
+    def __init__(self, wallet, miner: MinerProcess):
+        super().__init__(wallet)
+        self.miner, self.restarts = miner, 0
+
+    async def fetch_states(self, target, request_id, *args, **kwargs):
+        if self.restarts == 0:
+            self.restarts += 1
+            await asyncio.to_thread(self.miner.wait_written, request_id)
+            self.miner.kill()
+            self.miner.env.update({
+                "PYTHONPATH": os.pathsep.join(filter(None, [
+                    str(Path(__file__).parent / "slow_load"), os.environ.get("PYTHONPATH")])),
+                "NICHE_TEST_LOAD_SECONDS": str(LOAD_SECONDS)})
+            self.miner.spawn()
+        return await super().fetch_states(target, request_id, *args, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_restarted_miner_serves_its_states_while_its_models_load(tmp_path, tiny_engine):
+    """Loading FLUX.1-dev and Kolors takes minutes; a validator gives 30 s (here 15) for an
+    audited answer's states. The restarted miner serves them from disk meanwhile, answers
+    generate and info with 503 `loading`, and its audit passes."""
+    wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(NETUID, max_validators=4)
+    chain.register(NETUID, wallets["validator"], stake=100.0)
+    uid = chain.register(NETUID, wallets["miner"])
+    port = free_port()
+    miner = MinerProcess(tmp_path, port, tmp_path / "miner-states.sqlite")
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
+                             state_path=tmp_path / "state.db", audit_fraction=1.0,
+                             epoch_length=1000, round_interval=0, info_timeout=5.0,
+                             audit=AuditConfig(fetch_timeout=FETCH_SECONDS))
+    state = ValidatorState(config.state_path)
+    client = SlowLoadClient(wallets["validator"], miner)
+    validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
+    try:
+        miner.start()
+        started = time.monotonic()
+        report = asyncio.run(validator.run_round())
+        audited_in = time.monotonic() - started
+        loading = {path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+                   for path in ("/v1/info", "/healthz")}
+        miner.wait_healthy()  # then the loaded miner takes the same port over
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/info", timeout=10)
+    finally:
+        miner.kill()
+        state.close()
+        chain.close()
+    outcome = {o.uid: o for o in report.outcomes}[uid]
+    table = validator.format_report(report)
+    assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    assert audited_in < LOAD_SECONDS  # the states came before the models
+    assert loading["/v1/info"].status_code == 503
+    assert loading["/v1/info"].json()["reason"] == "loading"
+    assert loading["/healthz"].status_code == 503
+    assert info.status_code == 200 and info.json()["models"]
+    log = miner.log.read_text().split("listening on")[1]  # the restarted process's
+    assert "while the models load" in log and "states caller=" in log, log

@@ -285,15 +285,12 @@ def _check_states(config, log: logging.Logger):
 
 def _serve_miner(args: argparse.Namespace, config, wallet, chain, log: logging.Logger) -> int:
     from niche.commands.engine_args import (
-        backend_engine_from_args,
         model_dirs_from_args,
         model_root_from_args,
         quants_from_args,
     )
     from niche.commands.startup import configuration_errors
-    from niche.miner.server import bind_socket, serve
-    from niche.miner.service import MinerService
-    from niche.models.engine import ImageEngine, resolve_device
+    from niche.miner.server import bind_socket
     from niche.models.variants import check_models
 
     with configuration_errors():
@@ -303,16 +300,33 @@ def _serve_miner(args: argparse.Namespace, config, wallet, chain, log: logging.L
         check_distinct_ports(("--axon.port", args.axon_port),
                              ("--metrics.port", getattr(args, "metrics_port", None)))
         check_threads(args)
-        bind_socket(args.axon_ip, args.axon_port).close()
         from niche.commands.metrics_args import check_metrics_port
 
         check_metrics_port(args)  # a busy --metrics.port too
         # a quantized variant that does not verify at its model's reference is refused here
         check_models(args.models, model_root_from_args(args), model_dirs_from_args(args),
                      quants_from_args(args))
+        sock = bind_socket(args.axon_ip, args.axon_port)  # kept: served while loading too
+    try:
+        return _load_and_serve(args, config, wallet, chain, sock, log)
+    finally:
+        sock.close()
+
+
+def _load_and_serve(args: argparse.Namespace, config, wallet, chain, sock,
+                    log: logging.Logger) -> int:
+    """Load the models (the answers' states kept on disk served meanwhile on `sock`, so a
+    restart between an answer and its audit costs nothing), then serve on `sock`."""
+    from niche.commands.engine_args import backend_engine_from_args
+    from niche.miner.loading import states_while_loading
+    from niche.miner.server import serve
+    from niche.miner.service import MinerService
+    from niche.models.engine import ImageEngine, resolve_device
+
     log.info("loading %s on %s (%s backend)", ", ".join(args.models),
              resolve_device(args.device), args.engine_backend)
-    engine: ImageEngine = backend_engine_from_args(args, args.models)
+    with states_while_loading(sock, wallet, config, chain):
+        engine: ImageEngine = backend_engine_from_args(args, args.models)
     if args.localnet_cheat:
         from niche.devnet.localnet.cheats import CheatingEngine
 
@@ -330,7 +344,8 @@ def _serve_miner(args: argparse.Namespace, config, wallet, chain, log: logging.L
         log.info("runtime: %s", describe(service.runtime))
         log.info("miner %s (uid %d) serving %s", wallet.hotkey.ss58_address,
                  service.check_registered().uid, ", ".join(args.models))
-        return serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip)
+        return serve(service, args.axon_ip, args.axon_port, external_ip=args.axon_external_ip,
+                     sock=sock)
     finally:
         if metrics is not None:
             metrics.close()

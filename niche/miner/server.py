@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from niche import __version__
 from niche.auth import AuthFailure
-from niche.errors import NicheError
+from niche.errors import EngineUnavailable, NicheError
 from niche.miner.direct_routes import DirectRoutes
 from niche.miner.limits import FetchSlots, PeerSlots, Refusal, add_count
 from niche.miner.service import MinerService, short
@@ -300,7 +300,10 @@ def create_app(service: MinerService, *, refresh_metagraph: bool = True) -> Fast
 
     @app.get(INFO_PATH, response_model=InfoResponse)
     async def info():
-        answer = await asyncio.to_thread(service.info)  # the replicas' states: an RPC on Ray
+        try:
+            answer = await asyncio.to_thread(service.info)  # the replicas' states: Ray's RPC
+        except EngineUnavailable as exc:  # models still loading (miner.loading)
+            return _error(503, exc.reason, str(exc))
         return JSONResponse(answer.model_dump(mode="json"))
 
     @app.get("/healthz", responses={503: {"description": "not ok: deregistered, no replica "
@@ -673,11 +676,12 @@ def stop_on_signals(server, logger: logging.Logger | None = None) -> Iterator[No
             signal.signal(sig, old)
 
 
-def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None = None
-          ) -> int:
-    """Bind, publish the endpoint on chain, then serve until SIGINT/SIGTERM (exit code 0)
-    or a deregistration (service.exit_code, DEREGISTERED_EXIT_CODE). Returns the code."""
-    sock = bind_socket(ip, port)
+def serve(service: MinerService, ip: str, port: int, *, external_ip: str | None = None,
+          sock: socket.socket | None = None) -> int:
+    """Bind (unless `sock` is bound already: the one the loading miner served), publish the
+    endpoint on chain, then serve until SIGINT/SIGTERM (exit code 0) or a deregistration
+    (service.exit_code, DEREGISTERED_EXIT_CODE). Returns the code."""
+    sock = sock if sock is not None else bind_socket(ip, port)
     actual_port = sock.getsockname()[1]
     public_ip = external_ip or ip
     try:

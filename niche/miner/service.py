@@ -274,6 +274,8 @@ class MinerService:
         """(ok, why not) for /healthz."""
         if self.registration.reason is not None:
             return False, self.registration.reason
+        if getattr(self.engine, "loading", False):
+            return False, "loading its models"
         overdue = self.gate.overdue()
         if overdue > self.config.stuck_after:
             return False, (f"a generation has run {overdue:.0f}s past its request's timeout: "
@@ -459,7 +461,7 @@ class MinerService:
             reason = "invalid_image" if exc.field == "image" else "invalid_request"
             raise Refusal(400, reason, str(exc), field=exc.field) from None
         except EngineUnavailable as exc:  # the Ray backend checks requests on a replica
-            raise Refusal(503, "replicas_unavailable", str(exc)) from None
+            raise Refusal(503, exc.reason, str(exc)) from None
 
     def _work(self, params: GenerationParams, image: PIL.Image.Image | None, request_id: str,
               caller: str, version: int, deadline: float | None = None,
@@ -547,7 +549,7 @@ class MinerService:
             seconds, data, digest, commitment, signature = await answered
         except EngineUnavailable as exc:
             log.warning("request %s refused: %s", request.request_id, exc)
-            raise Refusal(503, "replicas_unavailable", str(exc)) from None
+            raise Refusal(503, exc.reason, str(exc)) from None
         except DeadlinePassed as exc:
             log.warning("request %s from %s stopped: %s (timeout %gs); the GPU goes to the "
                         "next request", request.request_id, short(caller), exc,
