@@ -15,7 +15,7 @@ from miner_support import (
     signed_post,
 )
 
-from niche.miner.limits import PriorityGate, RateLimiter, Refusal
+from niche.miner.limits import PriorityGate, RateLimiter, Refusal, Work
 from niche.miner.service import MinerConfig, MinerService
 from niche.protocol import ErrorResponse
 
@@ -153,7 +153,9 @@ def test_busy_gpu_serves_biggest_stake_first_over_http(net):
 def test_request_that_cannot_start_in_time_is_refused_at_once(net):
     engine = StubEngine()
     with running_miner(net, engine) as m:
-        m.service.gate.record(60.0)  # recent generations took 60 s: a 20 s request cannot fit
+        p = engine.resolve(make_request().params)  # recent ones of this work took 60 s:
+        m.service.gate.record(60.0, Work.of(p.model, p.width, p.height, p.steps,
+                                            p.pipeline.value))  # a 20 s request: no
         engine.hold()
         holder = threading.Thread(target=signed_post, args=(
             m, net.wallets["hi"], make_request("long", timeout=300.0).model_dump_json().encode()))
@@ -208,3 +210,53 @@ def test_a_cancelled_generate_holds_the_gpu_until_its_work_ends(net):
         asyncio.run(scenario())
     finally:
         service.close()
+
+
+DEV = Work.of("flux-dev", 1024, 1024, 28)
+SCHNELL = Work.of("flux-schnell", 1024, 1024, 4)
+
+
+def test_a_multi_model_miner_judges_each_request_by_its_own_models_pace():
+    """FLUX.1-dev takes 26 s, FLUX.1-schnell 3.7 s on this miner: a schnell challenge with
+    a 24 s timeout fits whether the GPU is idle or running a dev generation with 13 s left,
+    and is not refused by dev's pace (it was, with one median over every model)."""
+    async def scenario():
+        clock = Clock()
+        gate = PriorityGate(max_queue=4, clock=clock)
+        for _ in range(5):
+            gate.record(26.0, DEV)
+        # schnell never measured yet: admitted (its pace is learnt from this one)
+        assert await gate.acquire(10, clock.t + 24, SCHNELL) == 0.0
+        clock.t += 3.7
+        gate.release(3.7, SCHNELL)
+        assert gate.estimate(SCHNELL) == pytest.approx(3.7)
+        assert gate.estimate(DEV) == pytest.approx(26.0)
+        # idle: admitted at once
+        assert await gate.acquire(10, clock.t + 24, SCHNELL) == 0.0
+        clock.t += 3.7
+        gate.release(3.7, SCHNELL)
+        # a dev generation running, 13 s left: 13 + 3.7 fits in 24
+        assert await gate.acquire(10, clock.t + 600, DEV) == 0.0
+        clock.t += 13.0
+        waiter = asyncio.create_task(gate.acquire(10, clock.t + 24, SCHNELL))
+        await asyncio.sleep(0)
+        assert gate.depth == 1 and gate.expected_wait(10) == pytest.approx(13.0 + 3.7)
+        # a dev request behind them with the same 24 s does not fit: refused at once
+        with pytest.raises(Refusal) as refused:
+            await gate.acquire(10, clock.t + 24, DEV)
+        assert refused.value.reason == "cannot_start_in_time"
+        clock.t += 13.0
+        gate.release(26.0, DEV)
+        assert await waiter > 0
+
+    asyncio.run(scenario())
+
+
+def test_the_pace_scales_with_the_requests_work():
+    """Seconds per pixel-step: a 512x512 request of a model measured at 1024x1024 is
+    expected to take a quarter of the time."""
+    gate = PriorityGate()
+    gate.record(8.0, Work.of("kolors", 1024, 1024, 30))
+    assert gate.estimate(Work.of("kolors", 512, 512, 30)) == pytest.approx(2.0)
+    assert gate.estimate(Work.of("kolors", 1024, 1024, 15)) == pytest.approx(4.0)
+    assert gate.estimate(Work.of("flux-dev", 1024, 1024, 28)) is None  # never measured

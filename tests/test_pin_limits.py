@@ -471,8 +471,9 @@ def test_gate_with_two_slots_runs_two_and_estimates_per_slot():
         waiters = [asyncio.ensure_future(gate.acquire(5.0, 200.0)) for _ in range(3)]
         await asyncio.sleep(0)
         assert gate.depth == 3
-        # three ahead with stake >= 5 over two slots: one more estimate (3 // 2 = 1)
-        assert gate.expected_wait(5.0) == 3.0 + 4.0
+        # three ahead with stake >= 5 over two slots freeing at +3 and +4 s: they start
+        # at +3, +4 and +7 (4 s each), so the next slot frees at +8
+        assert gate.expected_wait(5.0) == 8.0
         gate.release(2.0)  # one slot frees: one waiter starts, still two running
         await asyncio.sleep(0)
         assert gate.running == 2 and gate.depth == 2 and gate.estimate() == 2.0

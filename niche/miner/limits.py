@@ -169,12 +169,32 @@ class FetchSlots:
 
 
 # ----------------------------------------------------------------------------- the queue
+@dataclass(frozen=True)
+class Work:
+    """What a generation's time grows with: its model (each has its own pace) and its
+    pixel-steps. A multi-model miner's FLUX.1-schnell challenge is not judged by the time
+    its FLUX.1-dev generations take."""
+
+    kind: str = ""
+    units: float = 1.0
+
+    @classmethod
+    def of(cls, model: str, width: int | None, height: int | None, steps: int | None,
+           pipeline: str = "") -> Work:
+        """A generation of `model` (through `pipeline`: a ControlNet's steps cost more than
+        text-to-image's) of width x height pixels in `steps` steps."""
+        return cls(f"{model}/{pipeline}" if pipeline else model,
+                   float(max(1, (width or 1) * (height or 1) * (steps or 1))))
+
+
 @dataclass(order=True)
 class _Waiter:
     priority: float
     seq: int
     deadline: float = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    work: Work | None = field(default=None, compare=False)
+    """What its generation is (its time: the gate's estimate of it, as it stands)."""
     timer: asyncio.TimerHandle | None = field(default=None, compare=False)
 
 
@@ -191,13 +211,16 @@ class PriorityGate:
         self.initial_estimate = initial_estimate
         self.slots = slots
         """Generations at once: 1 per GPU; an engine with N replicas has N."""
+        self._history = history
         self._durations: deque[float] = deque(maxlen=history)
+        self._paces: dict[str, deque[float]] = {}
+        """Recent seconds per unit of work, per kind (model)."""
         self._clock = clock
         self._heap: list[_Waiter] = []
         self._seq = itertools.count()
         self.running = 0
-        self._runs: deque[tuple[float, float]] = deque()
-        """(start, deadline) of the running generations, oldest first."""
+        self._runs: deque[tuple[float, float, Work | None]] = deque()
+        """(start, deadline, work) of the running generations, oldest first."""
 
     @property
     def busy(self) -> bool:
@@ -209,44 +232,67 @@ class PriorityGate:
         """Requests waiting (not counting the one running)."""
         return sum(1 for w in self._heap if not w.future.done())
 
-    def estimate(self) -> float | None:
-        """Typical generation seconds: median of recent ones (None before any is known)."""
+    def estimate(self, work: Work | None = None) -> float | None:
+        """Typical generation seconds: for `work`, its kind's recent pace times its units;
+        without, the median of recent generations of any kind (None before any is known,
+        and for a kind never measured: admitted until it is)."""
+        if work is not None:
+            paces = self._paces.get(work.kind)
+            if paces:
+                return statistics.median(paces) * work.units
+            return self.initial_estimate
         if self._durations:
             return statistics.median(self._durations)
         return self.initial_estimate
 
-    def record(self, seconds: float) -> None:
-        self._durations.append(max(0.0, float(seconds)))
+    def record(self, seconds: float, work: Work | None = None) -> None:
+        seconds = max(0.0, float(seconds))
+        self._durations.append(seconds)
+        if work is not None:
+            self._paces.setdefault(work.kind, deque(maxlen=self._history)).append(
+                seconds / max(work.units, 1e-9))
 
     def expected_wait(self, stake: float) -> float:
-        """Seconds until a new request with `stake` would start, by the current estimate."""
-        est = self.estimate() or 0.0
+        """Seconds until a new request with `stake` would start: the slots played forward
+        by the estimates of what runs and of each waiter ahead of it (as much stake or more,
+        in the queue's order), each taking the slot that frees first."""
         if not self.busy:
             return 0.0
-        ahead = sum(1 for w in self._heap if not w.future.done() and -w.priority >= stake)
-        remaining = max(0.0, est - (self._clock() - self._runs[0][0]))
-        return remaining + (ahead // self.slots) * est
+        now = self._clock()
+        free = sorted(max(0.0, self._seconds(work) - (now - start))
+                      for start, _, work in self._runs)
+        free = (free + [0.0] * self.slots)[:self.slots]
+        heapq.heapify(free)
+        for waiter in sorted(w for w in self._heap if not w.future.done()
+                             and -w.priority >= stake):
+            heapq.heappush(free, heapq.heappop(free) + self._seconds(waiter.work))
+        return free[0]
+
+    def _seconds(self, work: Work | None) -> float:
+        return self.estimate(work) or 0.0
 
     def overdue(self) -> float:
         """Seconds the most overdue running generation is past its request's deadline (0
         when none is): far past it, the engine is hung rather than slow."""
         now = self._clock()
-        return max([0.0, *(now - deadline for _, deadline in self._runs)])
+        return max([0.0, *(now - deadline for _, deadline, _ in self._runs)])
 
-    async def acquire(self, stake: float, deadline: float) -> float:
-        """Wait for the slot; returns seconds waited. `deadline` is on this gate's clock.
+    async def acquire(self, stake: float, deadline: float, work: Work | None = None
+                      ) -> float:
+        """Wait for the slot; returns seconds waited. `deadline` is on this gate's clock;
+        `work`: what the generation is (its time is estimated from its kind's pace).
 
         Raises Refusal(429) when the request cannot finish by its deadline (at once, or
         later while it waits), Refusal(503) when the queue is full of waiters with as much
         stake or more (a lower-stake waiter gives up its place, with that 503)."""
         start = self._clock()
-        est = self.estimate() or 0.0
+        est = self.estimate(work) or 0.0
         if not self.busy and self.depth == 0:
             if start + est > deadline:
                 raise Refusal(429, "cannot_finish_in_time",
                               f"generation takes ~{est:.1f}s, timeout is "
                               f"{max(0.0, deadline - start):.1f}s")
-            self._start(deadline)
+            self._start(deadline, work)
             return 0.0
         displaced = self._displaced_by(stake) if self.depth >= self.max_queue else None
         wait = self.expected_wait(stake)
@@ -258,7 +304,7 @@ class PriorityGate:
             self._drop(displaced, Refusal(503, "queue_full", "displaced from the full queue "
                                           "by a request with more stake"))
         waiter = _Waiter(-float(stake), next(self._seq), deadline,
-                         asyncio.get_running_loop().create_future())
+                         asyncio.get_running_loop().create_future(), work)
         heapq.heappush(self._heap, waiter)
         self._arm(waiter)
         try:
@@ -299,7 +345,7 @@ class PriorityGate:
     def _arm(self, waiter: _Waiter) -> None:
         """Wake at the last moment `waiter` could still start and finish by its deadline: a
         waiter leaves the queue then (429), not only when the running generation ends."""
-        left = waiter.deadline - (self.estimate() or 0.0) - self._clock()
+        left = waiter.deadline - self._seconds(waiter.work) - self._clock()
         waiter.timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expire,
                                                              waiter)
 
@@ -307,23 +353,23 @@ class PriorityGate:
         waiter.timer = None
         if waiter.future.done():
             return
-        if self._clock() + (self.estimate() or 0.0) >= waiter.deadline:
+        if self._clock() + self._seconds(waiter.work) >= waiter.deadline:
             self._drop(waiter, _deadline_passed())
         else:  # woke early (the estimate shrank, or an injected clock): wait again
             self._arm(waiter)
 
-    def _start(self, deadline: float) -> None:
+    def _start(self, deadline: float, work: Work | None) -> None:
         self.running += 1
-        self._runs.append((self._clock(), deadline))
+        self._runs.append((self._clock(), deadline, work))
 
-    def release(self, seconds: float | None) -> None:
-        """A running generation ended (`seconds` it took, None if it never ran)."""
+    def release(self, seconds: float | None, work: Work | None = None) -> None:
+        """A running generation ended (`seconds` it took, None if it never ran; `work`:
+        what it was, the pace its kind is estimated by)."""
         if seconds is not None:
-            self.record(seconds)
+            self.record(seconds, work)
         self.running = max(0, self.running - 1)
         if self._runs:
             self._runs.popleft()
-        est = self.estimate() or 0.0
         while self._heap:
             waiter = heapq.heappop(self._heap)
             if waiter.timer is not None:
@@ -331,10 +377,10 @@ class PriorityGate:
             if waiter.future.done():
                 continue
             now = self._clock()
-            if now + est > waiter.deadline:
+            if now + self._seconds(waiter.work) > waiter.deadline:
                 waiter.future.set_exception(_deadline_passed())
                 continue
-            self._start(waiter.deadline)
+            self._start(waiter.deadline, waiter.work)
             waiter.future.set_result(None)
             return
 

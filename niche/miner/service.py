@@ -40,7 +40,14 @@ from niche.chain.publish import publish_endpoint
 from niche.chain.registration import DEREGISTERED_EXIT_CODE, RegistrationWatch
 from niche.errors import EngineUnavailable, InvalidRequest
 from niche.imaging import ImageLimits, decode_image, encode_image, image_sha256, to_b64
-from niche.miner.limits import PriorityGate, RateLimiter, Refusal, inflight_cap, unless_gone
+from niche.miner.limits import (
+    PriorityGate,
+    RateLimiter,
+    Refusal,
+    Work,
+    inflight_cap,
+    unless_gone,
+)
 from niche.miner.metrics import MinerMetrics
 from niche.miner.state_store import StateStore
 from niche.models.deadline import DeadlinePassed, request_deadline, stop_at
@@ -497,7 +504,7 @@ class MinerService:
 
     def _run_work(self, params: GenerationParams, image: PIL.Image.Image | None,
                   request: GenerateRequest, caller: str, deadline: float,
-                  image_format: str) -> asyncio.Future:
+                  image_format: str, kind: Work | None = None) -> asyncio.Future:
         """`_work` on the GPU thread; the future of its result on this loop. The gate slot
         is released when the work ends, whatever becomes of the future (a cancelled
         handler does not free a GPU that is still busy). One callback on the loop settles
@@ -508,7 +515,7 @@ class MinerService:
         def settle(work: Future) -> None:  # on the loop
             error = None if work.cancelled() else work.exception()
             ok = not work.cancelled() and error is None
-            self.gate.release(work.result()[0] if ok else None)
+            self.gate.release(work.result()[0] if ok else None, kind)
             self.metrics.busy.set(self.gate.running)
             if answered.done():  # the handler was cancelled
                 return
@@ -538,13 +545,16 @@ class MinerService:
         params, image = await self.prepare(request)
         stake = neuron.stake if neuron is not None else 0.0
         deadline = self.clock() + request.timeout
+        kind = Work.of(params.model, params.width, params.height, params.steps,
+                       params.pipeline.value)
         if gone is not None and (self.gate.busy or self.gate.depth):
-            waited = await unless_gone(self.gate.acquire(stake, deadline), gone)
+            waited = await unless_gone(self.gate.acquire(stake, deadline, kind), gone)
         else:
-            waited = await self.gate.acquire(stake, deadline)
+            waited = await self.gate.acquire(stake, deadline, kind)
         self.metrics.queue_seconds.observe(waited)
         self.metrics.busy.set(self.gate.running)
-        answered = self._run_work(params, image, request, caller, deadline, image_format)
+        answered = self._run_work(params, image, request, caller, deadline, image_format,
+                                  kind)
         try:
             seconds, data, digest, commitment, signature = await answered
         except EngineUnavailable as exc:
