@@ -86,6 +86,11 @@ class AuditConfig:
     states 600 s by default (`--states.ttl`), less the round's answer time. An answer the
     audit reaches later is `unaudited` (the validator was too slow, no miner pays for it)
     instead of a 404 counted against an honest miner as unavailable."""
+    states_ttl: float = 600.0
+    """Seconds miners keep an answer's states (their --states.ttl default): a fetch starts
+    no later than this after the answer arrived (`QueryResult.answered_at`) less
+    `fetch_timeout` and a margin, so it ends before the miner drops them (an organic answer
+    queued minutes before its audit is reached later, not earlier, than a challenge)."""
     parallel_fetches: int = 8
     """Answers whose states are fetched or held at once: a 28-step FLUX.1-dev audit at
     1024x1024 holds 12-14 MiB of states until its check is done, so 256 answers fetched at
@@ -152,6 +157,11 @@ class FetchBudget:
 
     def spend(self, seconds: float) -> None:
         self.spent += seconds
+
+
+TTL_MARGIN = 5.0
+"""Seconds kept between the end of a states fetch and the miner's drop of the states (clocks,
+the answer's own transfer)."""
 
 
 def unaudited(reason: str) -> AuditResult:
@@ -302,6 +312,13 @@ class Auditor:
             return unaudited(f"the audit reached this answer {self.config.states_kept:.0f}s "
                              "after it began, past the miners' states keep time (audit fewer "
                              "answers per round: --neuron.sample_size, --neuron.audit_fraction)")
+        if result.answered_at is not None:
+            age = time.time() - result.answered_at
+            if age > self.config.states_ttl - self.config.fetch_timeout - TTL_MARGIN:
+                return unaudited(f"the audit reached this answer {age:.0f}s after it was "
+                                 f"given: too close to the miners' {self.config.states_ttl:.0f}s "
+                                 "states keep time to fetch them (audit fewer answers per "
+                                 "round, or queue organic answers for less long)")
         left = budget.left()
         if left <= 0:
             return AuditResult(False, 0.0, f"states: not sent: this miner's other audited "

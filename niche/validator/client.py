@@ -128,6 +128,9 @@ class QueryResult(OneLineReason):
     image: Image.Image | None = None
     image_bytes: bytes | None = None
     error: ErrorResponse | None = None
+    answered_at: float | None = None
+    """Wall-clock time (time.time()) the answer arrived: the miner keeps its states for
+    --states.ttl from about then, which bounds when an audit may still fetch them."""
 
     @property
     def ok(self) -> bool:
@@ -348,6 +351,7 @@ class MinerClient:
                 self._exchange(http, "POST", t.url, GENERATE_PATH, body, t.hotkey, cap,
                                accept), max(0.001, limit))
             result.latency = time.monotonic() - started
+            result.answered_at = time.time()
         except asyncio.TimeoutError:
             result.latency = time.monotonic() - started
             result.status, result.reason = QueryStatus.TIMEOUT, f"no answer within {limit:.1f}s"

@@ -205,7 +205,8 @@ class OrganicQueue:
             unsigned = _let_go(c, now, "queued by an older gateway: signer unknown",
                                "status=? AND signer=''", (PENDING,))
             _delete_verdicts(c, now - VERDICTS_KEPT_SECONDS)
-            rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency, draw "
+            rows = c.execute("SELECT id, uid, hotkey, url, request, response, latency, draw, "
+                             "created "
                              "FROM organic WHERE status=? AND signer=? ORDER BY id LIMIT ?",
                              (PENDING, self.signer, max(0, limit))).fetchall()
             c.executemany("UPDATE organic SET status=?, claimed=? WHERE id=?",
@@ -323,7 +324,8 @@ def _delete_verdicts(conn: sqlite3.Connection, created_before: float) -> None:
 
 
 def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
-          response_json: str, latency: float | None, draw: float) -> OrganicItem | str:
+          response_json: str, latency: float | None, draw: float, created: float | None
+          ) -> OrganicItem | str:
     """The Auditor's view of a queued row, or why the row cannot be audited."""
     try:
         request = GenerateRequest.model_validate_json(request_json)
@@ -342,7 +344,7 @@ def _item(item_id: int, uid: int, hotkey: str, url: str, request_json: str,
                           image_b64=request.image)
     result = QueryResult(uid, hotkey, QueryStatus.OK, latency=latency,
                          request_id=request.request_id, response=answer, image=image,
-                         image_bytes=data)
+                         image_bytes=data, answered_at=created)  # queued as it arrived
     return OrganicItem(int(item_id), challenge, result, MinerTarget(uid, hotkey, url or None),
                        draw=min(1.0, max(float(draw), MIN_DRAW)))
 
