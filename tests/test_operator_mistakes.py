@@ -87,8 +87,9 @@ def test_a_bad_thread_count_in_the_environment(cli, net, value):
 
 @pytest.mark.parametrize("flags,said", [
     (["--num-threads", "-3"], "--num-threads must be at least 1, not -3"),
+    (["--num-threads", "10000"], "--num-threads 10000 is more than"),
     (["--blacklist.allow_hotkeys", "notanss58"], "'notanss58' is not an SS58 hotkey address"),
-], ids=["threads", "allow-hotkeys"])
+], ids=["threads", "too-many-threads", "allow-hotkeys"])
 def test_a_bad_miner_flag(cli, net, flags, said):
     done = _miner(cli, net, *flags)
     assert said in one_line_error(done)
@@ -144,3 +145,46 @@ def test_a_gateway_given_another_validators_state_or_another_file(cli, net):
     done = cli(*args, "--gateway.validator_state", str(chain))
     assert "not a niche validator state" in one_line_error(done)
     assert not (net / "gw2.sqlite").exists()
+
+
+@pytest.mark.parametrize("command", ["miner", "generate", "bench"])
+def test_a_device_torch_does_not_know(cli, net, command):
+    """--device tpu was a torch RuntimeError traceback and exit 1 once the models loaded
+    (under pm2: restarted every 10 s)."""
+    if command == "miner":
+        done = _miner(cli, net, "--device", "tpu")
+    elif command == "generate":
+        done = cli("generate", "--tiny", "--model", "kolors", "--prompt", "x", "--seed", "7",
+                   "--out", str(net / "g.png"), "--device", "cuda:abc")
+    else:
+        done = cli("bench", "--tiny", "--device", "tpu")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "argument --device" in done.stderr and "is not a device niche runs on" in done.stderr
+    _not_loaded(done)
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "x"])
+def test_a_bench_seed_outside_the_protocols_range(cli, seed):
+    done = cli("bench", "--tiny", "--seed", seed)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "argument --seed" in done.stderr
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--name", "a\nb"], "printable characters"),
+    (["--name", "x\x1b[31mred"], "printable characters"),
+    (["--name", "   "], "not only blanks"),
+    (["--name", "ok", "--per-day", "99999999999999999999999"], "--per-day must be in 1.."),
+    (["--name", "ok", "--per-minute", str(2**70)], "--per-minute must be in 1.."),
+], ids=["newline", "escape", "blank", "huge-day", "huge-minute"])
+def test_a_gateway_key_with_a_bad_name_or_limit(cli, tmp_path, flags, said):
+    db = tmp_path / "gateway.sqlite"
+    done = cli("gateway", "keys", "create", *flags, "--gateway.db", str(db))
+    assert said in one_line_error(done)
+
+
+def test_a_localnet_with_more_neurons_than_uids(cli, tmp_path):
+    done = cli("localnet", "--miners", "64", "--workdir", str(tmp_path / "ln"),
+               "--prepare-only")
+    assert "run at most 63 miners" in one_line_error(done)
+    assert not (tmp_path / "ln" / "chain.sqlite").exists()

@@ -30,6 +30,20 @@ if TYPE_CHECKING:
 PROMPT = "a lighthouse on a rocky coast at dusk, detailed, photograph"
 
 
+
+def seed_value(text: str) -> int:
+    """--seed's type: a whole number in the protocol's range (usage and one line, exit 2,
+    before any model loads)."""
+    from niche.protocol import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..{MAX_SEED}")
+    return value
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="measure and verify this box's generation before registering",
@@ -46,7 +60,8 @@ def register(subparsers) -> None:
                    help="memory modes to compare on GPU: gpu model-offload sequential-offload "
                         "(default: --memory-mode, else the model's); one run on CPU")
     p.add_argument("--prompt", default=PROMPT, help="the request's prompt")
-    p.add_argument("--seed", type=int, default=1234, help="the request's seed (default 1234)")
+    p.add_argument("--seed", type=seed_value, default=1234,
+                   help="the request's seed, 0..2**32-1 (default 1234)")
     p.add_argument("--reference-memory-mode", default="model-offload",
                    help="memory mode of the reference engine on GPU (default "
                         "model-offload: it sits beside the benched one)")

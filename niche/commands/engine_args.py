@@ -8,6 +8,8 @@ the flags must mean the same thing everywhere.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,28 @@ def check_threads(args: argparse.Namespace) -> None:
         default_threads()
     elif threads < 1:
         raise ConfigError(f"--num-threads must be at least 1, not {threads}")
+    elif threads > max_threads():
+        raise ConfigError(f"--num-threads {threads} is more than {max_threads()} (4 per core of "
+                          f"this machine's {os.cpu_count() or 1}): torch runs best on one "
+                          "thread per core; leave it out for the default")
+
+
+def max_threads() -> int:
+    """The most CPU threads an engine may be given: a few per core (a typo of 10000 would
+    start 10000 threads and wedge the box)."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d{1,3})?)")
+
+
+def device_name(value: str) -> str:
+    """--device's type: auto, cpu, mps, cuda or cuda:N (argparse: usage and one line, exit
+    2), checked before any model loads."""
+    if not DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device niche runs on: auto, cpu, "
+                                         "cuda or cuda:N (mps on a Mac)")
+    return value
 
 
 def add_engine_args(group: argparse._ActionsContainer) -> None:
@@ -48,7 +72,7 @@ def add_engine_args(group: argparse._ActionsContainer) -> None:
                        metavar="MODEL=PATH",
                        help="one model's own checkpoint folder (repeatable); overrides "
                             "--model-path for that model")
-    group.add_argument("--device", default="auto",
+    group.add_argument("--device", default="auto", type=device_name,
                        help="torch device: auto (cuda when available, else cpu), cpu, cuda[:N]")
     group.add_argument("--dtype", default=None, choices=DTYPES,
                        help="weights dtype (default: the model config's `dtype`, what miners "

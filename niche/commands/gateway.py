@@ -124,12 +124,19 @@ def _keys(args: argparse.Namespace, create: bool = True):
     return KeyStore(GatewayDB(Path(args.db).expanduser(), create=create))
 
 
+MAX_PER_MINUTE = 1_000_000
+MAX_PER_DAY = 1_000_000_000
+"""Limits past any subnet's capacity (a larger number is a typo, and SQLite's integers end
+at 2**63)."""
+
+
 def run_keys_create(args: argparse.Namespace) -> int:
     from niche.errors import ConfigError
 
-    for flag, value in (("--per-minute", args.per_minute), ("--per-day", args.per_day)):
-        if value < 1:  # before the key database is opened (or created)
-            raise ConfigError(f"{flag} must be >= 1, not {value}")
+    for flag, value, most in (("--per-minute", args.per_minute, MAX_PER_MINUTE),
+                              ("--per-day", args.per_day, MAX_PER_DAY)):
+        if not 1 <= value <= most:  # before the key database is opened (or created)
+            raise ConfigError(f"{flag} must be in 1..{most}, not {value}")
     store = _keys(args)
     secret, key = store.create(args.name, args.per_minute, args.per_day)
     db = str(store.db.path)

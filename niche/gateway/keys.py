@@ -100,8 +100,9 @@ class KeyStore:
     # ------------------------------------------------------------------ admin
     def create(self, name: str, per_minute: int = 60, per_day: int = 1000) -> tuple[str, ApiKey]:
         """A new key: the secret is returned once and never stored."""
-        if not name or len(name) > 64:
-            raise InvalidRequest("1 to 64 characters", field="name")
+        if not name.strip() or len(name) > 64 or not name.isprintable():
+            raise InvalidRequest("1 to 64 printable characters, not only blanks (no newline "
+                                 "or control characters)", field="name")
         if per_minute < 1 or per_day < 1:
             raise InvalidRequest("rate and quota must be >= 1", field="per_minute")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)

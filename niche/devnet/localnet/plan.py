@@ -66,6 +66,10 @@ def _chain_and_wallet_args(plan_chain: str, netuid: int, wallet_path: Path, name
     ]
 
 
+LOCALNET_UIDS = 64
+"""The local subnet's uids (LocalChain.create_subnet's max_uids): miners and validators."""
+
+
 def check_arguments(*, miners: int, validators: int, models: Sequence[str],
                     cheats: Sequence[str], rounds: int | None, audit_fraction: float) -> None:
     """ConfigError (exit 2) for a localnet that cannot run as asked, before anything is
@@ -74,6 +78,10 @@ def check_arguments(*, miners: int, validators: int, models: Sequence[str],
 
     if miners < 1 or validators < 1:
         raise ConfigError("localnet needs at least one miner and one validator")
+    if miners + validators > LOCALNET_UIDS:
+        raise ConfigError(f"--miners {miners} and --validators {validators} need "
+                          f"{miners + validators} uids; the local subnet has {LOCALNET_UIDS}: "
+                          f"run at most {LOCALNET_UIDS - validators} miners")
     unknown = sorted(set(models) - set(available_models()))
     if unknown:
         raise ConfigError(f"--models: unknown {unknown}; known: {available_models()}")
