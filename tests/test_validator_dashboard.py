@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -115,6 +116,43 @@ def test_missing_state_and_busy_port_are_one_line(tmp_path, capsys):
         state.unlink()  # moved away under a running dashboard: the page says why
         gone = httpx.get(dashboard.url + "api/state", timeout=10)
         assert gone.status_code == 503 and "no validator state at" in gone.json()["error"]
+    finally:
+        dashboard.close()
+
+
+@pytest.mark.parametrize("kind", ["other-program", "not-sqlite", "empty"])
+def test_a_file_that_is_not_a_validator_state_is_refused_at_start(tmp_path, capsys, kind):
+    path = tmp_path / "other.sqlite"
+    if kind == "other-program":
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+        db.commit()
+        db.close()
+    elif kind == "not-sqlite":
+        path.write_bytes(b"this is a text file, not a database\n" * 200)
+    else:
+        path.write_bytes(b"")
+    assert main(["validator", "dashboard", "--state", str(path), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], err
+
+
+def test_a_damaged_state_still_gets_an_answer_not_a_dropped_connection(tmp_path):
+    """A state whose round counter is not a number (a damaged or hand-edited file): the
+    page's API answers 503 with the reason; it never drops the connection."""
+    state = tmp_path / "state.sqlite"
+    ValidatorState(state).close()
+    db = sqlite3.connect(state)
+    db.execute("UPDATE meta SET value='not-a-number' WHERE key='round'")
+    if not db.execute("SELECT 1 FROM meta WHERE key='round'").fetchone():
+        db.execute("INSERT INTO meta VALUES ('round', 'not-a-number')")
+    db.commit()
+    db.close()
+    dashboard = start_dashboard(state, 0)
+    try:
+        answer = httpx.get(dashboard.url + "api/state", timeout=10)
+        assert answer.status_code == 503 and "ValueError" in answer.json()["error"]
+        assert httpx.get(dashboard.url + "healthz", timeout=10).text == "ok\n"
     finally:
         dashboard.close()
 

@@ -167,7 +167,7 @@ def register(subparsers) -> None:
 def _dashboard(args: argparse.Namespace) -> int:
     import threading
 
-    from niche.validator.dashboard import start_dashboard
+    from niche.validator.dashboard import check_state, start_dashboard
     from niche.validator.state import find_state_file
 
     path = args.state.expanduser() if args.state else find_state_file()
@@ -176,6 +176,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
                           "--neuron.state_path")
+    check_state(path)
     dashboard = start_dashboard(path, args.port, args.host, port_flag="--port")
     print(f"dashboard of {path} on {dashboard.url} (Ctrl-C stops it)", flush=True)
     try:
