@@ -90,8 +90,8 @@ def round_summary(validator: ProcessPlan, round_index: int, names: dict[str, str
     audited = sum(1 for r in rows if r[3])
     failed = [f"{names.get(r[0], r[0][:8])}: {r[2] or r[1]}" for r in rows
               if r[1] != "ok" or r[4] == 0]
-    line = f"{validator.name} round {round_index + 1}: {ok}/{len(rows)} answered, " \
-           f"{audited} audited"
+    line = f"{validator.name} round {round_index}: {ok}/{len(rows)} answered, " \
+           f"{audited} audited"  # numbered as the dashboard and `validator status` do
     return line + (f"; zero for {'; '.join(failed)}" if failed else "; all passed")
 
 
@@ -133,10 +133,12 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
 
                 say(localnet_keys_line(proc.args))
             names = {p.hotkey: p.name for p in plan.processes}
-            last = [0] * len(validators)
-            goal = f"/{plan.rounds}" if plan.rounds else ""
+            # --keep resumes a workdir: rounds done before are neither replayed nor counted
+            # against this run's --rounds, which each validator runs on top of them
+            last = [_rounds_done(v) for v in validators]
+            goals = [f"/{first + plan.rounds}" if plan.rounds else "" for first in last]
             say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
-                f"{v.name} 0{goal}" for v in validators))
+                f"{v.name} {d}{g}" for v, d, g in zip(validators, last, goals, strict=True)))
             while True:
                 sup.check()
                 done = [_rounds_done(v) for v in validators]
@@ -145,7 +147,8 @@ def run(plan: LocalnetPlan, *, say: Callable[[str], None] = print,
                         for index in range(before, now):
                             say("  " + round_summary(validator, index, names))
                     say(f"[{time.monotonic() - started:5.0f}s] rounds done: " + ", ".join(
-                        f"{v.name} {d}{goal}" for v, d in zip(validators, done, strict=False)))
+                        f"{v.name} {d}{g}" for v, d, g in zip(validators, done, goals,
+                                                               strict=True)))
                     last = done
                 if plan.rounds and not sup.running(only_expected_to_exit=True):
                     break
