@@ -229,10 +229,10 @@ def test_an_unreachable_miner_is_unavailable_not_a_cheat(production_engine, tmp_
 @pytest.mark.parametrize("model", list(PRODUCTION_STEPS))
 def test_honest_kernel_variants_pass_every_step_at_production_n(production_engine, tiny_root,
                                                                tmp_path, model):
-    """At 28 / 30 steps in the production dtype: another thread count, a fused batch of 2 and
-    a declared math attention backend recompute bit-exactly. The same math chain declared as
-    the default fails for FLUX.1-dev (that is why backends are declared); float16 Kolors'
-    bands are wide enough to hold it (docs/step-check.md)."""
+    """At 28 / 30 steps in the production dtype: another thread count and a declared math
+    attention backend recompute bit-exactly, a fused batch of 2 too or well inside the bands.
+    The same math chain declared as the default fails for FLUX.1-dev (that is why backends
+    are declared); float16 Kolors' bands are wide enough to hold it (docs/step-check.md)."""
     from niche.devnet import step_cheats
     from niche.validator.steps import StepChecker
 
@@ -255,7 +255,14 @@ def test_honest_kernel_variants_pass_every_step_at_production_n(production_engin
     for name, (states, kernels) in variants.items():
         verdict = checker.check(params, None, step_cheats.as_chain(states), steps,
                                 dtype=dtype, kernels=kernels)
-        assert verdict.passed and max(verdict.errors.values()) == 0.0, (name, verdict.reason)
+        worst = max(verdict.errors[k] / verdict.thresholds[k] for k in verdict.errors)
+        if name == "fused batch" and dtype != "float32":
+            # a half-precision GEMM of batch 2 may take another kernel than batch 1 on CPUs
+            # with AVX512-FP16 / AMX (Sapphire Rapids: up to 0.15 of Kolors' float16 thresholds,
+            # at steps 25-29): an honest fused batch passes well inside them, bit-exact or not
+            assert verdict.passed and worst <= 0.25, (name, worst, verdict.reason)
+        else:
+            assert verdict.passed and worst == 0.0, (name, worst, verdict.reason)
     math_states = variants["math declared"][0]
     undeclared = checker.check(params, None, step_cheats.as_chain(math_states), steps,
                                dtype=dtype, kernels={})
