@@ -66,6 +66,22 @@ class SkewedClient(RestartingClient):
             return await super()._exchange(*args, **kwargs)
 
 
+def _one_miner_subnet(tmp_path, **validator_config):
+    """A chain with a validator and one registered miner (a `niche miner` process, not
+    started), the validator's config (one round, every answer audited) and state."""
+    wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
+    chain = LocalChain(tmp_path / "chain.db", create=True)
+    chain.create_subnet(NETUID, max_validators=4)
+    chain.register(NETUID, wallets["validator"], stake=100.0)
+    uid = chain.register(NETUID, wallets["miner"])
+    miner = MinerProcess(tmp_path, free_port(), tmp_path / "miner-states.sqlite")
+    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
+                             state_path=tmp_path / "state.db", audit_fraction=1.0,
+                             epoch_length=1000, round_interval=0, info_timeout=5.0,
+                             **validator_config)
+    return wallets, chain, uid, miner, config, ValidatorState(config.state_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("skew", "moved"), [(0.0, False), (5.0, False), (0.0, True)])
 def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine,
@@ -74,17 +90,7 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
     401 to the first fetches, which the validator signs again and retries (a refusal that
     re-signing cures is a fault of availability, never a cheat). moved: the miner comes
     back on another port, which it publishes: the fetch follows it there."""
-    wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(NETUID, max_validators=4)
-    chain.register(NETUID, wallets["validator"], stake=100.0)
-    uid = chain.register(NETUID, wallets["miner"])
-    port = free_port()
-    miner = MinerProcess(tmp_path, port, tmp_path / "miner-states.sqlite")
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
-                             state_path=tmp_path / "state.db", audit_fraction=1.0,
-                             epoch_length=1000, round_interval=0, info_timeout=5.0)
-    state = ValidatorState(config.state_path)
+    wallets, chain, uid, miner, config, state = _one_miner_subnet(tmp_path)
     client = SkewedClient(wallets["validator"], miner, skew, moved)
     validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
     try:
@@ -140,18 +146,9 @@ def test_a_restarted_miner_serves_its_states_while_its_models_load(tmp_path, tin
     """Loading FLUX.1-dev and Kolors takes minutes; a validator gives 30 s (here 15) for an
     audited answer's states. The restarted miner serves them from disk meanwhile, answers
     generate and info with 503 `loading`, and its audit passes."""
-    wallets = {n: create_wallet(n, "hot", tmp_path / "wallets") for n in ("validator", "miner")}
-    chain = LocalChain(tmp_path / "chain.db", create=True)
-    chain.create_subnet(NETUID, max_validators=4)
-    chain.register(NETUID, wallets["validator"], stake=100.0)
-    uid = chain.register(NETUID, wallets["miner"])
-    port = free_port()
-    miner = MinerProcess(tmp_path, port, tmp_path / "miner-states.sqlite")
-    config = ValidatorConfig(netuid=NETUID, models=("flux-schnell",), rounds=1, seed=5,
-                             state_path=tmp_path / "state.db", audit_fraction=1.0,
-                             epoch_length=1000, round_interval=0, info_timeout=5.0,
-                             audit=AuditConfig(fetch_timeout=FETCH_SECONDS))
-    state = ValidatorState(config.state_path)
+    wallets, chain, uid, miner, config, state = _one_miner_subnet(
+        tmp_path, audit=AuditConfig(fetch_timeout=FETCH_SECONDS))
+    port = miner.port
     client = SlowLoadClient(wallets["validator"], miner)
     validator = Validator(config, chain, wallets["validator"], tiny_engine, client, state)
     try:
