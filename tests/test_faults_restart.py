@@ -82,6 +82,14 @@ def _one_miner_subnet(tmp_path, **validator_config):
     return wallets, chain, uid, miner, config, ValidatorState(config.state_path)
 
 
+def _audit_passed(validator: Validator, report, uid: int) -> str:
+    """The round's table, once `uid`'s answer is checked to be ok, audited and passed."""
+    outcome = {o.uid: o for o in report.outcomes}[uid]
+    table = validator.format_report(report)
+    assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    return table
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("skew", "moved"), [(0.0, False), (5.0, False), (0.0, True)])
 def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path, tiny_engine,
@@ -101,10 +109,8 @@ def test_a_miner_killed_and_restarted_before_the_audit_is_not_excluded(tmp_path,
         miner.kill()
         state.close()
         chain.close()
-    outcome = {o.uid: o for o in report.outcomes}[uid]
-    table = validator.format_report(report)
+    table = _audit_passed(validator, report, uid)
     assert client.restarts == 1
-    assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
     assert report.rewards[uid] > 0 and validator.book.scores()[uid] > 0, table
     assert not validator.book.is_excluded(wallets["miner"].hotkey.ss58_address, 1)
     log = miner.log.read_text()
@@ -164,9 +170,7 @@ def test_a_restarted_miner_serves_its_states_while_its_models_load(tmp_path, tin
         miner.kill()
         state.close()
         chain.close()
-    outcome = {o.uid: o for o in report.outcomes}[uid]
-    table = validator.format_report(report)
-    assert outcome.status == "ok" and outcome.audited and outcome.audit_passed, table
+    _audit_passed(validator, report, uid)
     assert audited_in < LOAD_SECONDS  # the states came before the models
     assert loading["/v1/info"].status_code == 503
     assert loading["/v1/info"].json()["reason"] == "loading"
