@@ -68,6 +68,18 @@ def test_a_two_model_miner_is_challenged_on_both(tmp_path, tiny_engine, caplog):
     said = [r.getMessage() for r in caplog.records if f"uid {uid} serves" in r.getMessage()]
     assert said == [f"uid {uid} serves flux-schnell, kolors; scored on flux-schnell "
                     "(share 0.5), kolors (share 0.5)"]  # once, not every round
+    # a restarted validator splits the miner's score over both groups from its first
+    # weights, before it has asked the miner again
+    chain = LocalChain(tmp_path / "chain.db")
+    try:
+        with ValidatorState(config.state_path) as again:
+            restarted = Validator(config, chain, wallets["validator"], tiny_engine,
+                                  MinerClient(wallets["validator"]), again)
+            assert restarted._scored_on == {uid: ("flux-schnell", "kolors")}
+            again._conn.execute("UPDATE meta SET value='{not json' WHERE key='scored_on'")
+            assert again.load_scored_on(restarted.book) == {}  # damaged: relearnt
+    finally:
+        chain.close()
 
 
 def test_a_two_model_miner_is_weighted_in_both_groups():

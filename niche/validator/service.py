@@ -229,8 +229,9 @@ class Validator:
         self._must_audit: set[str] = set()
         """Request ids of this round's answers that look like an earlier answer: audited
         whatever the audit fraction draws."""
-        self._scored_on: dict[int, tuple[str, ...]] = {}
-        """uid -> the models it is scored on (logged when it changes)."""
+        self._scored_on: dict[int, tuple[str, ...]] = state.load_scored_on(self.book)
+        """uid -> the models it is scored on (logged when it changes; kept in the state, so
+        the first weights after a restart split a multi-model miner's score alike)."""
         self.reports: list[RoundReport] = []
         """The last few rounds' reports (newest last), for status pages and tests."""
 
@@ -431,7 +432,8 @@ class Validator:
         self.book.apply(round_index, final, rewards)
         self.answers.prune(round_index - self.config.answer_memory_rounds)
         self.state.save_round(round_index, self.book, final, rewards, fresh,
-                              keep_answer_rounds=self.config.answer_memory_rounds)
+                              keep_answer_rounds=self.config.answer_memory_rounds,
+                              scored_on=self._scored_on)
         await self._record_organic()  # after the round is saved: see _record_organic
         report = RoundReport(round_index, metagraph.block, final, rewards,
                              seconds=time.monotonic() - started, scores=self.book.scores())

@@ -22,7 +22,7 @@ import re
 import sqlite3
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,7 +203,8 @@ def _explain(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
         hint = "cannot open the file; check that its folder exists and is writable"
     else:
         hint = "sqlite error"
-    return StateError(f"validator state {path}: {doing} failed: {exc} ({hint})")
+    return StateError(f"validator state {path}: {doing} failed: {one_line(str(exc))[:300]} "
+                      f"({hint})")  # SQLite's text may span lines (a damaged schema's)
 
 
 def _take_writer_lock(path: Path) -> Path:
@@ -375,6 +376,20 @@ class ValidatorState:
         except sqlite3.Error as exc:
             raise _explain(exc, self.path, "reading scores") from exc
 
+    def load_scored_on(self, book: ScoreBook) -> dict[int, tuple[str, ...]]:
+        """The models each miner was scored on when the last round was saved, for the uids
+        still held by the same hotkey in `book` (empty for a state without them)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key='scored_on'").fetchone()
+        try:
+            saved = json.loads(row[0]) if row else {}
+            return {int(uid): tuple(str(m) for m in models)
+                    for uid, (hotkey, models) in saved.items()
+                    if int(uid) in book.uids and book.uids[int(uid)].hotkey == hotkey}
+        except (ValueError, TypeError, AttributeError):  # a damaged value: relearnt in rounds
+            log.warning("validator state %s: the models miners are scored on are unreadable; "
+                        "relearnt as miners are asked", self.path)
+            return {}
+
     def recent_answers(self, since_round: int) -> list[Answer]:
         rows = self._conn.execute(
             "SELECT sha256, phash, uid, round FROM answers WHERE round >= ?", (since_round,))
@@ -405,8 +420,11 @@ class ValidatorState:
     # ------------------------------------------------------------------ writing
     def save_round(self, round_index: int, book: ScoreBook, outcomes: Sequence[Outcome],
                    rewards: dict[int, float], answers: Iterable[Answer] = (),
-                   keep_answer_rounds: int = 1000, keep_history_rounds: int = 10000) -> None:
-        """Persist a finished round atomically; afterwards `round_index` is round_index + 1."""
+                   keep_answer_rounds: int = 1000, keep_history_rounds: int = 10000,
+                   scored_on: Mapping[int, Sequence[str]] | None = None) -> None:
+        """Persist a finished round atomically; afterwards `round_index` is round_index + 1.
+        `scored_on`: the models each miner is scored on (several: its score is split across
+        their weight groups), kept so a restarted validator's first weights split alike."""
         now = time.time()
         c = self._conn
         try:
@@ -433,6 +451,10 @@ class ValidatorState:
                 c.execute("DELETE FROM history WHERE round < ?",
                           (round_index - keep_history_rounds,))
                 c.execute("UPDATE meta SET value=? WHERE key='round'", (str(round_index + 1),))
+                if scored_on is not None:
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('scored_on', ?)", (json.dumps(
+                        {str(uid): [book.uids[uid].hotkey, list(models)]
+                         for uid, models in scored_on.items() if uid in book.uids}),))
                 c.execute("COMMIT")
             except BaseException:
                 _rollback(c)
