@@ -171,12 +171,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     from niche.validator.state import find_state_file
 
     path = args.state.expanduser() if args.state else find_state_file()
-    if not path.is_file():
-        from niche.errors import ConfigError
-
-        raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
-                          "--neuron.state_path")
-    check_state(path)
+    check_state(path)  # missing, not SQLite, another program's: one line, as status says
     dashboard = start_dashboard(path, args.port, args.host, port_flag="--port")
     print(f"dashboard of {path} on {dashboard.url} (Ctrl-C stops it)", flush=True)
     try:

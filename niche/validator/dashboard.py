@@ -10,7 +10,6 @@ operator's view, not a service.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from typing import Any
 
 from niche.errors import ConfigError
 from niche.local_server import DEFAULT_HOST, LocalServer, binding
-from niche.sqlite_files import VALIDATOR_STATE_ID, connect_read_only
+from niche.sqlite_files import connect_read_only
 
 log = logging.getLogger("niche.dashboard")
 
@@ -53,41 +52,18 @@ def latency_summary(latencies: Sequence[float]) -> dict[str, Any] | None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """The state file read-only, or ConfigError (one line) when it is missing, not SQLite,
-    or another program's database."""
     if not path.is_file():
         raise ConfigError(f"no validator state at {path}: give --state (the validator's "
                           "--neuron.state_path)")
-    db = None
-    try:
-        db = connect_read_only(path, timeout=2.0)
-        app_id = db.execute("PRAGMA application_id").fetchone()[0]
-        tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'"
-                            ).fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        if db is not None:
-            db.close()
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise
-        raise ConfigError(f"{path} is not a readable SQLite file ({exc}): give --state the "
-                          "validator's --neuron.state_path") from None
-    if not tables:
-        db.close()
-        raise ConfigError(f"validator state {path}: no validator has written it yet")
-    if app_id != VALIDATOR_STATE_ID:
-        db.close()
-        raise ConfigError(f"{path} is an SQLite database but not a niche validator state: "
-                          "give --state the validator's --neuron.state_path")
-    return db
+    return connect_read_only(path, timeout=2.0)
 
 
 def check_state(path: Path | str) -> None:
-    """ConfigError now (one line, exit 2) when `path` exists but cannot be this dashboard's
-    state file; a file not written yet is waited for (the page says so)."""
-    path = Path(path).expanduser()
-    if path.exists():
-        with contextlib.suppress(sqlite3.OperationalError), contextlib.closing(_connect(path)):
-            pass  # locked by a writer for now: the page says so if it stays locked
+    """ConfigError now (one line, exit 2) when `path` is not a validator state this page can
+    show, as `niche validator status` refuses it (`status.open_given_state`)."""
+    from niche.validator.status import open_given_state
+
+    open_given_state(Path(path)).close()
 
 
 def first_id(db: sqlite3.Connection, round_index: int) -> int:

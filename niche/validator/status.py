@@ -12,18 +12,24 @@ from niche.validator.scoring import ScoringConfig
 from niche.validator.state import StateError, ValidatorState
 
 
-def read_status(path: Path) -> dict[str, Any]:
-    """The state file's summary as plain data (`--json` prints it as is)."""
+def open_given_state(path: Path) -> ValidatorState:
+    """The state file a reader's --state names, read-only; ConfigError (one line, exit 2)
+    when it is missing, not SQLite, another program's file or damaged."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"no validator state at {path}: pass --state with the validator's "
                           "--neuron.state_path")
     try:
-        state = ValidatorState(path, read_only=True)
+        return ValidatorState(path, read_only=True)
     except StateError as exc:  # said for the validator: here the file comes from --state
         raise ConfigError(str(exc).replace("pass another --neuron.state_path",
                                            "pass another --state")) from None
-    with state:
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """The state file's summary as plain data (`--json` prints it as is)."""
+    path = Path(path).expanduser()
+    with open_given_state(path) as state:
         rounds = state.round_index
         book = state.load_book(ScoringConfig())
         weights = state.last_weights()
