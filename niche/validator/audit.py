@@ -176,6 +176,14 @@ put the fault on the validator: several miners refusing it at once is about the 
 its answers are in the batch, is that miner's unavailability."""
 
 
+def count_operators(hotkeys: set[str], coldkeys: Mapping[str, str] | None,
+                    hosts: Mapping[str, str] | None) -> int:
+    """How many operators `hotkeys` are at least: the fewest of distinct hotkeys, coldkeys
+    and hosts (several hotkeys of one coldkey or one box are one miner)."""
+    return min(len(hotkeys), len({(coldkeys or {}).get(h, h) for h in hotkeys}),
+               len({(hosts or {}).get(h, h) for h in hotkeys}))
+
+
 def forgive_refusals(results: list[AuditResult], hotkeys: list[str],
                      own_problem: str | None, *, coldkeys: Mapping[str, str] | None = None,
                      hosts: Mapping[str, str] | None = None) -> list[AuditResult]:
@@ -191,9 +199,7 @@ def forgive_refusals(results: list[AuditResult], hotkeys: list[str],
     if not refused:
         return results
     refusing = {h for h, r in zip(hotkeys, results, strict=True) if r.refused}
-    operators = min(len(refusing),
-                    len({(coldkeys or {}).get(h, h) for h in refusing}),
-                    len({(hosts or {}).get(h, h) for h in refusing}))
+    operators = count_operators(refusing, coldkeys, hosts)
     miners = set(hotkeys)
     if own_problem is None and not (operators >= REFUSALS_FOR_FAULT
                                     and 2 * operators > len(miners)):
@@ -222,9 +228,7 @@ def forgive_outage(results: list[AuditResult], hotkeys: list[str], *,
                if not (r.unaudited or r.unverifiable)]  # those never reached the wire
     if not fetched or not all(r.unavailable and r.cut_off for _, r in fetched):
         return results
-    cut = {h for h, _ in fetched}
-    operators = min(len(cut), len({(coldkeys or {}).get(h, h) for h in cut}),
-                    len({(hosts or {}).get(h, h) for h in cut}))
+    operators = count_operators({h for h, _ in fetched}, coldkeys, hosts)
     if operators < MIN_MINERS:
         return results
     why = (f"all {len(fetched)} states fetches of {operators} miners got no answer: this "

@@ -164,6 +164,13 @@ class RoundReport:
     """EMA scores right after this round."""
 
 
+def _operators(neurons: Sequence[Neuron]) -> dict[str, dict[str, str]]:
+    """Each hotkey's coldkey and host on the metagraph, which `audit.count_operators`
+    counts operators by (the `coldkeys=` and `hosts=` of the forgive_* rules)."""
+    return {"coldkeys": {n.hotkey: n.coldkey for n in neurons},
+            "hosts": {n.hotkey: n.endpoint.ip for n in neurons if n.endpoint}}
+
+
 class Validator:
     """Owns one round at a time; all collaborators are passed in (tests build real ones)."""
 
@@ -869,10 +876,7 @@ class Validator:
         permit lost since the round began, or several miners refusing at once, is the
         validator's fault, not the miners'."""
         before = results
-        results = forgive_outage(results, hotkeys,
-                                 coldkeys={n.hotkey: n.coldkey for n in neurons},
-                                 hosts={n.hotkey: n.endpoint.ip for n in neurons
-                                        if n.endpoint})
+        results = forgive_outage(results, hotkeys, **_operators(neurons))
         if results is not before:
             self.metrics.failures.labels("own_fault").inc()
         if not any(r.refused for r in results):
@@ -886,10 +890,7 @@ class Validator:
         neuron = metagraph.by_hotkey(self.hotkey)
         problem = ("this validator's hotkey is not registered" if neuron is None
                    else permit_problem(neuron, self.config.netuid))
-        return forgive_refusals(
-            results, hotkeys, problem,
-            coldkeys={n.hotkey: n.coldkey for n in metagraph.neurons},
-            hosts={n.hotkey: n.endpoint.ip for n in metagraph.neurons if n.endpoint})
+        return forgive_refusals(results, hotkeys, problem, **_operators(metagraph.neurons))
 
     def _organic_unpaid(self, item: OrganicItem, result: AuditResult,
                         outcomes: dict[int, Outcome]) -> None:
