@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 PROMPT = "a lighthouse on a rocky coast at dusk, detailed, photograph"
 
 
-
 def seed_value(text: str) -> int:
     """--seed's type: a whole number in the protocol's range (usage and one line, exit 2,
     before any model loads)."""
@@ -43,6 +42,7 @@ def seed_value(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{value} is not in 0..{MAX_SEED}")
     return value
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
